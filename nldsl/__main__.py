@@ -1,0 +1,5 @@
+import sys
+
+from nldsl.cli import main
+
+sys.exit(main())

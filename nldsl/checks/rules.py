@@ -1,0 +1,479 @@
+"""The checker: level-frequency consistency and compatibility rules over the IR.
+
+Each rule is a function registered under its code in ``RULES``; it receives the model (or
+optimizer) and a :class:`Checker` that knows the source spans, and reports through it. All
+rules run, so a file's diagnostics come out together.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import networkx as nx
+
+from nldsl.diagnostics import Diagnostic, suggest
+from nldsl.graph import block_names, endpoint_nodes, level_node, memory_node, speed_key
+from nldsl.ir import models as M
+from nldsl.ir.lower import BLOCK_BUILTINS, BLOCK_COMBINATORS, OPT_BUILTINS, OPT_FUNCTIONS
+
+
+class Checker:
+    def __init__(self, file: str, spans: dict, known_optimizers: dict[str, str]):
+        self.file = file
+        self.spans = spans
+        self.known_optimizers = known_optimizers
+        self.diags: list[Diagnostic] = []
+
+    def span(self, *keys: tuple):
+        for k in keys:
+            s = self.spans.get(k)
+            if s is not None:
+                return s
+        return None
+
+    def report(self, code: str, message: str, *keys: tuple, help: str | None = None, notes=()):
+        self.diags.append(Diagnostic.at(code, message, self.span(*keys), help=help, file=self.file,
+                                        notes=notes))
+
+
+ModelRule = Callable[[M.Model, Checker], None]
+RULES: dict[str, list[tuple[str, Callable]]] = {}  # code -> [(applies to, rule)]
+
+
+def rule(code: str, applies_to: str = "model"):
+    def register(fn):
+        RULES.setdefault(code, []).append((applies_to, fn))
+        return fn
+    return register
+
+
+def _levels(owner) -> dict[str, M.Level]:
+    return {lv.name: lv for lv in owner.levels}
+
+
+def _memory_keys(owner, mem: M.Memory, field: str | None = None) -> tuple[tuple, ...]:
+    """Source keys for a memory (CMS members point at their chain)."""
+    keys = []
+    if isinstance(owner, M.Model):
+        for c in owner.cms:
+            if mem in c.memories:
+                if field:
+                    keys.append((owner.name, "cms", c.name, field))
+                keys.append((owner.name, "cms", c.name))
+    if field:
+        keys.append((owner.name, "memory", mem.name, field))
+    keys.append((owner.name, "memory", mem.name))
+    keys.append((owner.name,))
+    return tuple(keys)
+
+
+# ---- levels and frequencies ----------------------------------------------------------------
+
+
+@rule("NL101")
+@rule("NL101", "optimizer")
+def unknown_levels(owner, ck: Checker):
+    levels = _levels(owner)
+    for mem in owner.memories:
+        if mem.level not in levels:
+            ck.report("NL101", f"memory `{mem.name}` is in level `{mem.level}`, which is not defined",
+                      (owner.name, "memory", mem.name, "level"), help=suggest(mem.level, levels, "levels"))
+        if mem.generators and mem.generators not in levels:
+            ck.report("NL101", f"`generators {mem.generators}` names a level that is not defined",
+                      (owner.name, "memory", mem.name, "generators"),
+                      help=suggest(mem.generators, levels, "levels"))
+    for c in getattr(owner, "cms", ()):
+        for ln in c.levels:
+            if ln not in levels:
+                ck.report("NL101", f"CMS `{c.name}` lists level `{ln}`, which is not defined",
+                          (owner.name, "cms", c.name, "levels", ln), (owner.name, "cms", c.name),
+                          help=suggest(ln, levels, "levels"))
+
+
+def _transfer_levels(owner: M.Model, name: str) -> list[M.Level]:
+    levels = _levels(owner)
+    if name in levels:
+        return [levels[name]]
+    out = []
+    for mem in owner.all_memories():
+        if mem.name == name and mem.level in levels:
+            out.append(levels[mem.level])
+    for c in owner.cms:
+        if c.name == name:
+            out += [levels[m.level] for m in c.memories if m.level in levels]
+    return out
+
+
+def _describe(lv: M.Level) -> str:
+    return f"`{lv.name}` ({lv.clock} every {lv.period})"
+
+
+@rule("NL104")
+def init_from_slower(owner: M.Model, ck: Checker):
+    for i, t in enumerate(owner.transfers):
+        if t.kind != "init":
+            continue
+        for src in _transfer_levels(owner, t.source):
+            for dst in _transfer_levels(owner, t.target):
+                if not speed_key(src) > speed_key(dst):
+                    ck.report("NL104", f"`{t.source}` cannot meta-learn the initial state of `{t.target}`: "
+                              f"{_describe(src)} is not slower than {_describe(dst)}",
+                              (owner.name, "transfer", i, "source"),
+                              help=f"write the transfer from a slower level, e.g. `transfer "
+                              f"{_slowest_name(owner)} -> {t.target} : init`")
+                    break
+
+
+def _slowest_name(owner: M.Model) -> str:
+    return max(owner.levels, key=speed_key).name if owner.levels else "outer"
+
+
+@rule("NL105")
+def generate_from_slower(owner: M.Model, ck: Checker):
+    for i, t in enumerate(owner.transfers):
+        if t.kind != "generate":
+            continue
+        for src in _transfer_levels(owner, t.source):
+            for dst in _transfer_levels(owner, t.target):
+                same = speed_key(src) == speed_key(dst)
+                if speed_key(src) < speed_key(dst):
+                    ck.report("NL105", f"{_describe(src)} updates faster than {_describe(dst)}, so it "
+                              f"cannot generate `{t.target}`", (owner.name, "transfer", i, "source"),
+                              help="generation goes from a slower level to a faster one; for a faster "
+                              "level feeding a slower one use `condition`")
+                    return
+                if same and not t.self_referential:
+                    ck.report("NL105", f"`{t.source}` generating `{t.target}` at the same frequency is "
+                              "self-referential and must be declared", (owner.name, "transfer", i, "kind"),
+                              help="write `generate(self=true)`")
+                    return
+
+
+@rule("NL106")
+def same_frequency_cycles(owner: M.Model, ck: Checker):
+    """A dependency cycle whose members all share one frequency cannot be ordered."""
+    dep = nx.DiGraph()
+    index = {}
+    for i, t in enumerate(owner.transfers):
+        if t.kind in ("init", "backprop") or t.self_referential:
+            continue
+        for a in endpoint_nodes(owner, t.source):
+            for b in endpoint_nodes(owner, t.target):
+                dep.add_edge(a, b)
+                index.setdefault((a, b), i)
+    levels = _levels(owner)
+    mem_level = {memory_node(m.name): m.level for m in owner.all_memories()}
+
+    def freq(node: str):
+        name = mem_level.get(node) or node.split(":", 1)[1]
+        lv = levels.get(name)
+        return speed_key(lv) if lv else None
+
+    reported = set()
+    for cycle in nx.simple_cycles(dep, length_bound=8):
+        if cycle[0] == cycle[-1] and len(cycle) == 1 and (cycle[0], cycle[0]) in index:
+            t = owner.transfers[index[(cycle[0], cycle[0])]]
+            if t.kind == "generate":
+                continue  # reported as NL105
+        keys = {freq(n) for n in cycle}
+        if len(keys) != 1 or None in keys:
+            continue
+        edges = list(zip(cycle, cycle[1:] + cycle[:1]))
+        last = max(index[e] for e in edges)
+        if last in reported:
+            continue
+        reported.add(last)
+        names = " -> ".join(n.split(":", 1)[1] for n in cycle + cycle[:1])
+        ck.report("NL106", f"dependency cycle at one frequency: {names}",
+                  (owner.name, "transfer", last, "source"),
+                  help="remove one direction of the cycle, or make it `generate(self=true)` if it is "
+                  "self-referential")
+
+
+@rule("NL107")
+def cms_divisibility(owner: M.Model, ck: Checker):
+    levels = _levels(owner)
+    for c in owner.cms:
+        chain = [levels[n] for n in c.levels if n in levels]
+        for fast, slow in zip(chain, chain[1:]):
+            if fast.clock == slow.clock and slow.period > fast.period and slow.period % fast.period:
+                ck.report("NL107", f"in CMS `{c.name}`, the period of `{slow.name}` ({slow.period}) is not "
+                          f"a multiple of the period of `{fast.name}` ({fast.period})",
+                          (owner.name, "level", slow.name, "period"),
+                          help=f"use a multiple of {fast.period}, such as {fast.period * max(1, round(slow.period / fast.period))}")
+
+
+def _context(owner: M.Model):
+    ctx = owner.param("context")
+    return ctx if isinstance(ctx, int) and not isinstance(ctx, bool) else None
+
+
+def _partial(owner: M.Model) -> str:
+    p = owner.param("partial")
+    return p.name if isinstance(p, M.Ref) else "strict"
+
+
+@rule("NL108")
+def context_multiple(owner: M.Model, ck: Checker):
+    ctx = _context(owner)
+    if ctx is None or _partial(owner) != "strict":
+        return
+    for lv in owner.levels:
+        if lv.clock == "tokens" and lv.period <= ctx and ctx % lv.period:
+            ck.report("NL108", f"context {ctx} is not a multiple of the period of `{lv.name}` ({lv.period})",
+                      (owner.name, "level", lv.name, "period"),
+                      help="set `partial = carry` (or `flush`) in the model, or pick a context that is a "
+                      f"multiple of {lv.period}")
+
+
+@rule("NL109")
+def never_updates(owner: M.Model, ck: Checker):
+    ctx = _context(owner)
+    if ctx is None:
+        return
+    for lv in owner.levels:
+        if lv.clock == "tokens" and lv.period > ctx and lv.scope == "sequence":
+            ck.report("NL109", f"level `{lv.name}` updates every {lv.period} tokens but a sequence has "
+                      f"{ctx}: its state resets before it ever updates", (owner.name, "level", lv.name, "period"),
+                      help=f"add `carry` to keep its state across calls: `level {lv.name} : tokens every "
+                      f"{lv.period} carry`")
+
+
+@rule("NL110")
+def transfer_endpoints(owner: M.Model, ck: Checker):
+    names = {lv.name for lv in owner.levels} | {m.name for m in owner.memories} | {c.name for c in owner.cms}
+    for i, t in enumerate(owner.transfers):
+        for end, key in ((t.source, "source"), (t.target, "target")):
+            if end not in names:
+                ck.report("NL110", f"transfer {key} `{end}` is not a level or memory of `{owner.name}`",
+                          (owner.name, "transfer", i, key), help=suggest(end, names, "levels and memories"))
+
+
+@rule("NL111")
+def backprop_needs_differentiable(owner: M.Model, ck: Checker):
+    for i, t in enumerate(owner.transfers):
+        if t.kind != "backprop":
+            continue
+        targets = [m for m in owner.all_memories() if m.name == t.target or m.level == t.target]
+        for c in owner.cms:
+            if c.name == t.target:
+                targets += list(c.memories)
+        for m in targets:
+            if m.writes == "detached":
+                ck.report("NL111", f"backprop into `{m.name}` needs differentiable writes, but `{m.name}` "
+                          "has `writes detached`", (owner.name, "transfer", i, "target"),
+                          help=f"set `writes differentiable` on `{m.name}`, or use another kind of transfer")
+                break
+
+
+@rule("NL112")
+def empty_levels(owner: M.Model, ck: Checker):
+    used = {m.level for m in owner.all_memories()} | {m.generators for m in owner.memories if m.generators}
+    for lv in owner.levels:
+        if lv.clock == "tokens" and lv.name not in used:
+            ck.report("NL112", f"level `{lv.name}` holds no memory", (owner.name, "level", lv.name, "name"),
+                      help="put a memory in it, list it in a CMS chain, or remove it")
+
+
+@rule("NL113")
+def cms_order(owner: M.Model, ck: Checker):
+    levels = _levels(owner)
+    for c in owner.cms:
+        chain = [levels[n] for n in c.levels if n in levels]
+        for lv in chain:
+            if lv.clock != "tokens":
+                ck.report("NL113", f"CMS `{c.name}` lists `{lv.name}`, which counts {lv.clock}",
+                          (owner.name, "cms", c.name, "levels", lv.name),
+                          help="CMS levels are in-context levels: `tokens every N`")
+                return
+        for fast, slow in zip(chain, chain[1:]):
+            if slow.period <= fast.period:
+                ck.report("NL113", f"CMS `{c.name}` lists `{slow.name}` (every {slow.period}) after "
+                          f"`{fast.name}` (every {fast.period}); list levels fastest first",
+                          (owner.name, "cms", c.name, "levels", slow.name),
+                          help="order: " + ", ".join(x.name for x in sorted(chain, key=speed_key)))
+                return
+
+
+@rule("NL114", "optimizer")
+def optimizer_clock(owner: M.Optimizer, ck: Checker):
+    for lv in owner.levels:
+        if lv.clock != "steps":
+            ck.report("NL114", f"optimizer level `{lv.name}` counts {lv.clock}; optimizer levels count steps",
+                      (owner.name, "level", lv.name, "clock"),
+                      help=f"write `level {lv.name} : steps every {lv.period}`")
+
+
+@rule("NL115")
+def meta_init_needs_transfer(owner: M.Model, ck: Checker):
+    targets = {t.target for t in owner.transfers if t.kind == "init"}
+    for mem in owner.memories:
+        if mem.init and mem.init.kind == "meta" and mem.name not in targets and mem.level not in targets:
+            ck.report("NL115", f"`{mem.name}` has a meta-learned initial state but no level learns it",
+                      (owner.name, "memory", mem.name, "init"), (owner.name, "memory", mem.name),
+                      help=f"add `transfer {_slowest_name(owner)} -> {mem.level} : init`")
+
+
+# ---- memories --------------------------------------------------------------------------------
+
+
+@rule("NL201", "optimizer")
+def optimizer_structures(owner: M.Optimizer, ck: Checker):
+    for mem in owner.memories:
+        if mem.structure.kind == "attention":
+            ck.report("NL201", f"optimizer memory `{mem.name}` cannot be attention: it compresses the "
+                      "gradient stream", (owner.name, "memory", mem.name, "structure"),
+                      help="use `elementwise`, `linear` or `mlp`")
+
+
+@rule("NL202")
+@rule("NL202", "optimizer")
+def rule_fits_structure(owner, ck: Checker):
+    for mem in owner.all_memories():
+        if mem.structure.kind != "elementwise":
+            continue
+        if mem.rule and mem.rule.kind in ("dgd", "omega"):
+            ck.report("NL202", f"rule `{mem.rule.kind}` needs a matrix memory, but `{mem.name}` is elementwise",
+                      *_memory_keys(owner, mem, "rule"), help="use a `linear` or `mlp` memory, or `rule gd`")
+        if mem.precondition and mem.precondition.kind == "newton_schulz":
+            ck.report("NL202", f"Newton-Schulz orthogonalises a matrix, but `{mem.name}` is elementwise",
+                      *_memory_keys(owner, mem, "precondition"),
+                      help="use a `linear` memory (one matrix per parameter), or drop the preconditioner")
+
+
+@rule("NL203")
+@rule("NL203", "optimizer")
+def rule_fits_objective(owner, ck: Checker):
+    for mem in owner.all_memories():
+        if mem.rule and mem.rule.kind == "dgd" and mem.objective and mem.objective.kind not in ("l2", "dot"):
+            ck.report("NL203", f"delta gradient descent needs the `l2` or `dot` objective, not "
+                      f"`{mem.objective.kind}`", *_memory_keys(owner, mem, "rule"),
+                      help="set `objective l2`, or use `rule gd`")
+
+
+@rule("NL204")
+def dimensions(owner: M.Model, ck: Checker):
+    dim, heads = owner.param("dim"), owner.param("heads")
+    if isinstance(dim, int) and isinstance(heads, int) and heads > 0 and dim % heads:
+        ck.report("NL204", f"`dim` ({dim}) does not split evenly into {heads} heads",
+                  (owner.name, "param", "heads"), (owner.name, "param", "dim"),
+                  help=f"use a head count that divides {dim}")
+        return
+    for mem in owner.memories:
+        if isinstance(dim, int) and mem.heads and dim % mem.heads:
+            ck.report("NL204", f"`dim` ({dim}) does not split evenly into the {mem.heads} heads of `{mem.name}`",
+                      (owner.name, "memory", mem.name, "heads"), help=f"use a head count that divides {dim}")
+
+
+# ---- models and optimizers --------------------------------------------------------------------
+
+
+@rule("NL301")
+def block_names_exist(owner: M.Model, ck: Checker):
+    if owner.block is None:
+        return
+    known = {m.name for m in owner.memories} | {c.name for c in owner.cms} | set(BLOCK_BUILTINS)
+
+    def walk(v):
+        if isinstance(v, M.Ref):
+            if v.name not in known:
+                ck.report("NL301", f"the block uses `{v.name}`, which is not a memory, CMS chain or builtin",
+                          (owner.name, "block", v.name), (owner.name, "block"),
+                          help=suggest(v.name, known, "names"))
+        elif isinstance(v, M.Call):
+            if v.func not in BLOCK_COMBINATORS and v.func not in BLOCK_BUILTINS:
+                ck.report("NL301", f"the block calls `{v.func}`, which is not a combinator",
+                          (owner.name, "block", "call", v.func), (owner.name, "block"),
+                          help=suggest(v.func, BLOCK_COMBINATORS + BLOCK_BUILTINS, "combinators"))
+            for a in v.args:
+                walk(a)
+            for _, a in v.kwargs:
+                if not isinstance(a, (int, float)):
+                    walk(a)
+        elif isinstance(v, M.Op):
+            if v.op not in ("->", "+"):
+                ck.report("NL301", f"the block uses the operator `{v.op}`; blocks compose with `->` and "
+                          "`sum(...)`", (owner.name, "block"))
+                return
+            for a in v.args:
+                walk(a)
+        else:
+            ck.report("NL301", "a block composes names, not literal values", (owner.name, "block"),
+                      help="for example `block = residual(norm -> attn) -> residual(norm -> mlp)`")
+
+    walk(owner.block)
+
+
+@rule("NL302")
+def unused_memories(owner: M.Model, ck: Checker):
+    used = set(block_names(owner.block))
+    used |= {t.source for t in owner.transfers if t.kind in ("condition", "context", "generate")}
+    for mem in owner.memories:
+        if mem.name not in used:
+            ck.report("NL302", f"memory `{mem.name}` is never used by the block", (owner.name, "memory", mem.name),
+                      help=f"add it to `block = ...`, or remove it")
+    for c in owner.cms:
+        if c.name not in used:
+            ck.report("NL302", f"CMS `{c.name}` is never used by the block", (owner.name, "cms", c.name),
+                      help="add it to `block = ...`, or remove it")
+
+
+@rule("NL304")
+def optimizer_exists(owner: M.Model, ck: Checker):
+    if owner.optimizer is None or owner.optimizer.startswith("file:"):
+        return
+    if owner.optimizer not in ck.known_optimizers:
+        ck.report("NL304", f"`{owner.optimizer}` is not an optimizer defined here or in an included file",
+                  (owner.name, "optimizer"), help=suggest(owner.optimizer, ck.known_optimizers, "optimizers"))
+
+
+def _names(v) -> Iterator[M.Ref]:
+    if isinstance(v, M.Ref):
+        yield v
+    elif isinstance(v, M.Call):
+        for a in v.args:
+            yield from _names(a)
+        for _, a in v.kwargs:
+            yield from _names(a)
+    elif isinstance(v, M.Op):
+        for a in v.args:
+            yield from _names(a)
+
+
+def _calls(v) -> Iterator[M.Call]:
+    if isinstance(v, M.Call):
+        yield v
+        for a in v.args:
+            yield from _calls(a)
+    elif isinstance(v, M.Op):
+        for a in v.args:
+            yield from _calls(a)
+
+
+@rule("NL307", "optimizer")
+def optimizer_names(owner: M.Optimizer, ck: Checker):
+    known = {k for k, _ in owner.params} | {m.name for m in owner.memories} | set(OPT_BUILTINS)
+    exprs = [(owner.update, (owner.name, "update"), "update")]
+    for m in owner.memories:
+        for field in (m.input, m.lr.value if m.lr else None, m.retention.value if m.retention else None,
+                      m.momentum.beta if m.momentum else None):
+            if field is not None:
+                exprs.append((field, (owner.name, "memory", m.name, "ref"), m.name))
+    for value, key, where in exprs:
+        for ref in _names(value):
+            if ref.name not in known:
+                ck.report("NL307", f"`{ref.name}` in `{where}` is not a parameter, memory or builtin of "
+                          f"`{owner.name}`", key + (ref.name,), key, help=suggest(ref.name, known, "names"))
+        for call in _calls(value):
+            if call.func not in OPT_FUNCTIONS:
+                ck.report("NL307", f"`{call.func}` is not a function optimizer expressions can use",
+                          key, help=suggest(call.func, OPT_FUNCTIONS, "functions"))
+
+
+def run(ir: M.SpecIR, ck: Checker) -> list[Diagnostic]:
+    for owners, kind in ((ir.models, "model"), (ir.optimizers, "optimizer")):
+        for owner in owners:
+            for code in sorted(RULES):
+                for applies_to, fn in RULES[code]:
+                    if applies_to == kind:
+                        fn(owner, ck)
+    return ck.diags
