@@ -89,7 +89,8 @@ def build(owner: M.Model | M.Optimizer) -> nx.DiGraph:
                 node = add_memory(comp, generated_for=mem.name, input=inp) if gen_level else None
                 if node is None:
                     continue
-                g.add_edge(node, memory_node(mem.name), kind="generate", input=inp, implied=True,
+                # the memory is conditioned on its generators' outputs (paper Eq. 25)
+                g.add_edge(node, memory_node(mem.name), kind="condition", input=inp, implied=True,
                            self_referential=False)
                 if mem.signal == "self":
                     g.add_edge(node, node, kind="generate", implied=True, self_referential=True)

@@ -86,10 +86,20 @@ def to_mermaid(g: nx.DiGraph) -> str:
 
 
 def layout(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
-    """Rows by frequency rank (fastest on top); within a row, levels first, then memories."""
+    """Rows by frequency rank (fastest on top); in a row, each level then the memories it holds."""
     rows: dict[int, list[str]] = {}
+    placed: set[str] = set()
     for n in _sorted_nodes(g):
-        rows.setdefault(g.nodes[n].get("rank", 99), []).append(n)
+        if g.nodes[n]["kind"] != "level":
+            continue
+        row = rows.setdefault(g.nodes[n].get("rank", 99), [])
+        row.append(n)
+        held = sorted(v for _, v, d in g.out_edges(n, data=True) if d.get("kind") == "holds")
+        row.extend(held)
+        placed.update([n, *held])
+    for n in _sorted_nodes(g):
+        if n not in placed:
+            rows.setdefault(g.nodes[n].get("rank", 99), []).append(n)
     pos = {}
     for row, r in enumerate(sorted(rows)):
         names = rows[r]
@@ -110,8 +120,12 @@ def to_png(g: nx.DiGraph, path: str) -> None:
     height = max([-y for _, y in pos.values()] + [0]) + 1.5
     fig, ax = plt.subplots(figsize=(max(6.0, width * 2.4), max(3.0, height * 1.6)))
     ax.set_axis_off()
+    for row_y in sorted({y for _, y in pos.values()}):  # one band per frequency
+        ax.axhspan(row_y - 0.32, row_y + 0.32, color="#f4f6fa" if int(row_y) % 2 else "#fbfbfd", zorder=0)
     for u, v, d in _sorted_edges(g):
         kind = d.get("kind", "")
+        if kind == "holds":  # membership is shown by placing memories beside their level
+            continue
         style, color = EDGE_STYLE.get(kind, ("solid", "black"))
         color = {"gray50": "#888888"}.get(color, color)
         ls = {"dotted": ":", "dashed": "--"}.get(style, "-")

@@ -453,9 +453,12 @@ def _calls(v) -> Iterator[M.Call]:
 def optimizer_names(owner: M.Optimizer, ck: Checker):
     known = {k for k, _ in owner.params} | {m.name for m in owner.memories} | set(OPT_BUILTINS)
     exprs = [(owner.update, (owner.name, "update"), "update")]
+    for k, v in owner.params:  # parameters computed each step (g = grad + weight_decay * param)
+        if isinstance(v, (M.Ref, M.Call, M.Op)):
+            exprs.append((v, (owner.name, "param", k), k))
     for m in owner.memories:
         for field in (m.input, m.lr.value if m.lr else None, m.retention.value if m.retention else None,
-                      m.momentum.beta if m.momentum else None):
+                      m.momentum.beta if m.momentum else None, m.init.value if m.init else None):
             if field is not None:
                 exprs.append((field, (owner.name, "memory", m.name, "ref"), m.name))
     for value, key, where in exprs:

@@ -38,7 +38,7 @@ LRS = ("constant", "gate")
 SOURCES = ("static", "generated")
 SIGNALS = ("values", "self", "surprise")
 WRITES = ("differentiable", "detached")
-INITS = ("zeros", "random", "meta", "pretrained")
+INITS = ("zeros", "random", "meta", "pretrained", "constant", "first")
 CMS_VARIANTS = ("sequential", "nested", "independent")
 AGGREGATES = ("sum", "weighted")
 INPUT_NAMES = ("k", "v", "q", "eta", "alpha")
@@ -48,8 +48,8 @@ MAX_INT = 2**31 - 1
 # Builtin names usable in a block and in optimizer expressions.
 BLOCK_BUILTINS = ("norm", "rmsnorm", "layernorm", "mlp", "swiglu", "identity")
 BLOCK_COMBINATORS = ("residual", "sum", "gate")
-OPT_BUILTINS = ("grad", "param", "step")
-OPT_FUNCTIONS = ("sqrt", "abs", "sign", "newton_schulz", "max", "min", "clamp")
+OPT_BUILTINS = ("grad", "param", "step", "rows", "cols")
+OPT_FUNCTIONS = ("sqrt", "abs", "sign", "newton_schulz", "max", "min", "clamp", "where")
 
 
 def _is_num(x) -> bool:
@@ -589,6 +589,11 @@ class Lowerer:
                                help='write `pretrained("mlp.safetensors")`')
                 return None
             return M.Init(kind="pretrained", path=args[0].value)
+        if kind == "constant":
+            if len(args) != 1 or kwargs:
+                self.ctx.error("NL006", "`constant` takes one value", e.span, help="write `init constant(0.0)`")
+                return None
+            return self._constant_value(args[0], env, lambda k, v: M.Init(kind="constant", value=v))
         if isinstance(e, A.Call):
             self.ctx.error("NL006", f"`{kind}` takes no arguments", e.span)
             return None

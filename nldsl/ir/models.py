@@ -148,8 +148,13 @@ class Inputs(Node):
 
 
 class Init(Node):
-    kind: Literal["zeros", "random", "meta", "pretrained"]
+    """The state before the first write: zeros, random, meta-learned by a slower level, a
+    pretrained MLP (CMS ad-hoc level stacking), a constant, or the first input itself (how
+    torch.optim.SGD starts its momentum buffer)."""
+
+    kind: Literal["zeros", "random", "meta", "pretrained", "constant", "first"]
     path: Optional[str] = None  # pretrained: a safetensors file
+    value: Optional[Value] = None  # constant
 
 
 class Memory(Node):

@@ -68,8 +68,9 @@ def memory_props(m: M.Memory, *, skip: tuple[str, ...] = ()) -> list[A.Prop]:
     if m.writes:
         props.append(("writes", _name(m.writes)))
     if m.init:
-        props.append(("init", _call("pretrained", A.String(m.init.path)) if m.init.kind == "pretrained"
-                      else _name(m.init.kind)))
+        init = m.init
+        props.append(("init", _call("pretrained", A.String(init.path)) if init.kind == "pretrained" else
+                      _call("constant", to_expr(init.value)) if init.kind == "constant" else _name(init.kind)))
     for key in ("heads", "qk_norm", "conv"):
         v = getattr(m, key)
         if v is not None:

@@ -198,6 +198,9 @@ class _ToAst(Transformer):
     def update(self, meta, c):
         return self._stmt(A.Update(c[0], span=self._sp(meta), spans={"expr": c[0].span}), meta)
 
+    def word(self, meta, c):
+        return c[0]
+
     def path(self, meta, c):
         return A.Path(tuple(str(x) for x in c), span=self._sp(meta))
 
