@@ -117,17 +117,31 @@ def _head(s) -> str:
     raise TypeError(f"cannot print {s!r}")
 
 
-def _block(out: list[str], head: str, children, closing, depth: int, trailing: str | None):
+ONE_LINE = 100  # short ablations without comments print on one line
+
+
+def _line(out: list, code: str, trailing: str | None) -> None:
+    """A line of code; a trailing comment is kept apart so runs of them can be aligned."""
+    out.append((code, trailing) if trailing else code)
+
+
+def _block(out: list, head: str, children, closing, depth: int, trailing: str | None,
+           inline: bool = False):
     pad = INDENT * depth
     if not children and not closing:
-        out.append(f"{pad}{head} {{}}" + (f"  {trailing}" if trailing else ""))
+        _line(out, f"{pad}{head} {{}}", trailing)
         return
+    if inline and not closing and all(not c.trivia.comments and not c.trivia.trailing for c in children):
+        text = f"{pad}{head} {{ " + "; ".join(_head(c) for c in children) + " }"
+        if len(text) <= ONE_LINE and len(children) <= 3:
+            _line(out, text, trailing)
+            return
     out.append(f"{pad}{head} {{")
     for i, ch in enumerate(children):
         _stmt(out, ch, depth + 1, first=(i == 0))
     for c in closing:
         out.append(f"{INDENT * (depth + 1)}{c}")
-    out.append(f"{pad}}}" + (f"  {trailing}" if trailing else ""))
+    _line(out, f"{pad}}}", trailing)
 
 
 def _stmt(out: list[str], s, depth: int, first: bool = False, force_blank: bool = False):
@@ -140,23 +154,44 @@ def _stmt(out: list[str], s, depth: int, first: bool = False, force_blank: bool 
     if isinstance(s, (A.Model, A.Optimizer)):
         _block(out, _head(s), s.stmts, s.closing, depth, trivia.trailing)
     elif isinstance(s, A.Ablation):
-        _block(out, _head(s), s.edits, s.closing, depth, trivia.trailing)
+        _block(out, _head(s), s.edits, s.closing, depth, trivia.trailing, inline=True)
     elif isinstance(s, (A.Memory, A.Cms)) and s.body is not None:
         _block(out, _head(s), s.body.props, s.body.closing, depth, trivia.trailing)
     else:
-        out.append(f"{pad}{_head(s)}" + (f"  {trivia.trailing}" if trivia.trailing else ""))
+        _line(out, f"{pad}{_head(s)}", trivia.trailing)
+
+
+def _align(out: list) -> list[str]:
+    """Aligns the trailing comments of consecutive lines at the same indentation (as gofmt)."""
+    lines: list[str] = []
+    i = 0
+    while i < len(out):
+        if not isinstance(out[i], tuple):
+            lines.append(out[i])
+            i += 1
+            continue
+        j = i
+        indent = len(out[i][0]) - len(out[i][0].lstrip())
+        while (j < len(out) and isinstance(out[j], tuple)
+               and len(out[j][0]) - len(out[j][0].lstrip()) == indent):
+            j += 1
+        width = max(len(code) for code, _ in out[i:j])
+        lines.extend(f"{code.ljust(width)}  {comment}" for code, comment in out[i:j])
+        i = j
+    return lines
 
 
 def format_file(f: A.File) -> str:
-    out: list[str] = []
+    out: list = []
     prev = None
     for i, item in enumerate(f.items):
-        blocky = isinstance(item, (A.Model, A.Optimizer, A.Ablation))
-        force = prev is not None and (blocky or isinstance(prev, (A.Model, A.Optimizer, A.Ablation)))
+        # models and optimizers always stand apart; includes and ablations keep the user's spacing
+        force = prev is not None and (isinstance(item, (A.Model, A.Optimizer))
+                                      or isinstance(prev, (A.Model, A.Optimizer)))
         _stmt(out, item, 0, first=(i == 0), force_blank=force)
         prev = item
     if f.closing:
         if out:
             out.append("")
         out.extend(f.closing)
-    return "\n".join(out) + "\n" if out else ""
+    return "\n".join(_align(out)) + "\n" if out else ""

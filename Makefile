@@ -1,0 +1,33 @@
+# nldsl: set-up and the two commands the README opens with.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test check fmt clean
+
+# torch first and pinned: an open range would pull a multi-GB CUDA build
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# the main job: check every shipped spec, then draw Hope's level graph
+demo: setup
+	$(BIN)/nldsl check specs/*.nl
+	$(BIN)/nldsl graph specs/hope.nl -o hope.png
+	@echo "level graph of Hope written to hope.png"
+
+test: setup
+	$(BIN)/python -m pytest
+
+check: setup
+	$(BIN)/nldsl check specs/*.nl
+	$(BIN)/nldsl fmt --check specs/*.nl
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info hope.png
