@@ -1,0 +1,256 @@
+"""Model IR -> a planned codegen context where every decision is made.
+
+The plan says which runtime layer implements each memory (and with which constants), which
+modules each block owns, and the exact lines of the block's forward pass. The template only
+prints it. A combination the checker accepts but the compiler cannot build yet is reported
+here as a diagnostic at the spec's text (code NL401), never as an error inside torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nldsl.diagnostics import Diagnostic
+from nldsl.graph import block_names, speed_key
+from nldsl.ir import models as M
+from nldsl.ir.lower import BLOCK_BUILTINS
+
+
+class Unsupported(Exception):
+    def __init__(self, diagnostics: list[Diagnostic]):
+        super().__init__("; ".join(d.message for d in diagnostics))
+        self.diagnostics = diagnostics
+
+
+@dataclass
+class Submodule:
+    attr: str
+    ctor: str  # Python source built only from identifiers and repr'd literals
+    origin: str  # "file:line" of the spec text it comes from
+    doc: str = ""
+
+
+@dataclass
+class BlockPlan:
+    class_name: str
+    expr: str  # the block expression, printed from the IR
+    submodules: list[Submodule] = field(default_factory=list)
+    forward: list[str] = field(default_factory=list)
+    stateful: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelPlan:
+    class_name: str
+    doc: str
+    spec_file: str
+    params: list[tuple[str, str]]  # (name, repr of default)
+    levels: list[tuple[str, str, int, str, str]]
+    block: BlockPlan
+    origin: str
+    optimizer: str | None = None
+
+
+def _repr(v) -> str:
+    """Literals reach generated code only through repr."""
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return repr(v)
+    if isinstance(v, tuple):
+        return repr(tuple(v))
+    raise TypeError(f"not a literal: {v!r}")
+
+
+class Planner:
+    def __init__(self, model: M.Model, spans: dict, file: str, display_file: str):
+        self.model = model
+        self.spans = spans
+        self.file = file
+        self.display = display_file
+        self.problems: list[Diagnostic] = []
+        self.levels = {lv.name: lv for lv in model.levels}
+
+    def origin(self, *key) -> str:
+        span = self.spans.get(key)
+        return f"{self.display}:{span.line}" if span else self.display
+
+    def unsupported(self, message: str, key: tuple, help: str | None = None):
+        self.problems.append(Diagnostic.at("NL401", message, self.spans.get(key), help=help, file=self.file))
+
+    # -- memories -------------------------------------------------------------------------------
+    def heads_arg(self, mem: M.Memory) -> str:
+        return "config.heads" if mem.heads == self.model.param("heads") else _repr(mem.heads)
+
+    def memory_ctor(self, mem: M.Memory) -> str | None:
+        key = (self.model.name, "memory", mem.name)
+        level = self.levels.get(mem.level)
+        if level is None:
+            return None
+        scope = level.scope
+        if mem.structure.kind == "attention":
+            return (f"AttentionMemory(config.dim, {self.heads_arg(mem)}, window={_repr(mem.structure.window)}, "
+                    f"qk_norm={_repr(mem.qk_norm)}, scope={_repr(scope)})")
+        if mem.structure.kind == "linear":
+            return self.linear_ctor(mem, level, key)
+        self.unsupported(f"the compiler cannot build `{mem.structure.kind}` memories yet (`{mem.name}`)",
+                         key + ("structure",), help="deep (mlp) memories arrive with the deep-memory compiler")
+        return None
+
+    def _rate(self, kind: str, value) -> str | None:
+        if kind in ("none",):
+            return "None"
+        if kind == "gate":
+            return "'gate'"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return _repr(float(value))
+        return None
+
+    def linear_ctor(self, mem: M.Memory, level: M.Level, key: tuple) -> str | None:
+        obj, rule = mem.objective.kind, mem.rule.kind
+        momentum, retention = mem.momentum.kind, mem.retention.kind
+        period, read = level.period, mem.read
+        if mem.inputs.generated():
+            self.unsupported(f"generated inputs ({', '.join(mem.inputs.generated())}) of the linear memory "
+                             f"`{mem.name}` are not compiled yet", key + ("inputs",))
+            return None
+        if mem.precondition.kind != "none":
+            self.unsupported(f"a preconditioned in-context memory (`{mem.name}`) is not compiled yet",
+                             key + ("precondition",))
+            return None
+        if mem.signal != "values":
+            self.unsupported(f"signal `{mem.signal}` for the linear memory `{mem.name}` is not compiled yet",
+                             key + ("signal",))
+            return None
+        if level.clock != "tokens":
+            self.unsupported(f"`{mem.name}` learns in context but its level `{level.name}` counts steps",
+                             key + ("level",), help="put in-context memories in a `tokens` level")
+            return None
+        op = None
+        if obj == "dot" and rule == "gd" and momentum == "none":
+            op = "linear_attention"  # the Hebbian gradient does not depend on the state: any period
+            if read == "anchor" and period == 1:
+                self.unsupported(f"`read anchor` (read before write) for the linear memory `{mem.name}` is not "
+                                 "compiled yet", key + ("read",), help="use `read running` (y_t = M_t q_t, Eq. 16)")
+                return None
+        elif obj == "l2" and rule == "gd" and momentum == "none" and period == 1 and read == "running":
+            op = "gated_delta_rule" if retention != "none" else "delta_rule"
+        if op is None:
+            self.unsupported(f"the linear memory `{mem.name}` (objective {obj}, rule {rule}, momentum "
+                             f"{momentum}, period {period}, read {read}) has no compiled op yet", key,
+                             help="supported now: Hebbian (objective dot) and per-token delta rules")
+            return None
+        lr = self._rate(mem.lr.kind, mem.lr.value)
+        ret = self._rate(retention, mem.retention.value)
+        mom = self._rate(momentum, mem.momentum.beta)
+        if None in (lr, ret, mom):
+            self.unsupported(f"`{mem.name}` uses a learning rate, retention or momentum that is not a number",
+                             key + ("lr",))
+            return None
+        init = mem.init.kind
+        if init not in ("zeros", "meta", "random"):
+            self.unsupported(f"initial state `{init}` of `{mem.name}` is not compiled yet", key + ("init",))
+            return None
+        return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, lr={lr}, retention={ret}, "
+                f"momentum={mom}, chunk_size={period!r}, qk_norm={_repr(mem.qk_norm)}, conv={_repr(mem.conv)}, "
+                f"init={_repr(init)}, detach={_repr(mem.writes == 'detached')}, scope={_repr(level.scope)})")
+
+    # -- the block --------------------------------------------------------------------------------
+    def block(self) -> BlockPlan:
+        from nldsl.ir.values import to_expr
+        from nldsl.syntax.printer import expr as print_expr
+
+        bp = BlockPlan(class_name=f"{self.model.name}Block", expr=print_expr(to_expr(self.model.block)))
+        mems = {m.name: m for m in self.model.memories}
+        cms = {c.name: c for c in self.model.cms}
+        counters: dict[str, int] = {}
+        used: set[str] = set()
+
+        def fresh(prefix: str) -> str:
+            n = counters.get(prefix, 0)
+            counters[prefix] = n + 1
+            return f"{prefix}_{n}"
+
+        def emit(v, lines: list[str], depth: int):
+            if isinstance(v, M.Ref):
+                name = v.name
+                if name in ("norm", "rmsnorm", "layernorm"):
+                    attr = fresh("norm")
+                    bp.submodules.append(Submodule(attr, f"make_norm({name!r}, config.dim)",
+                                                   self.origin(self.model.name, "block")))
+                    lines.append(f"h = self.{attr}(h)")
+                elif name in ("swiglu", "mlp"):
+                    attr = fresh(name)
+                    ctor = "SwiGLU(config.dim)" if name == "swiglu" else "MLP(config.dim)"
+                    bp.submodules.append(Submodule(attr, ctor, self.origin(self.model.name, "block")))
+                    lines.append(f"h = self.{attr}(h)")
+                elif name == "identity":
+                    pass
+                elif name in mems:
+                    if name in used:
+                        self.unsupported(f"`{name}` appears twice in the block; each memory keeps one state",
+                                         (self.model.name, "block", name), help="define a second memory")
+                        return
+                    used.add(name)
+                    ctor = self.memory_ctor(mems[name])
+                    if ctor is None:
+                        return
+                    bp.submodules.append(Submodule(name, ctor, self.origin(self.model.name, "memory", name)))
+                    bp.stateful.append(name)
+                    lines.append(f"h, new[{name!r}] = self.{name}(h, state.get({name!r}))")
+                elif name in cms:
+                    self.unsupported(f"CMS chains (`{name}`) are not compiled yet", (self.model.name, "cms", name),
+                                     help="the continuum memory system arrives with the deep-memory compiler")
+                return
+            if isinstance(v, M.Op) and v.op == "->":
+                for a in v.args:
+                    emit(a, lines, depth)
+                return
+            if isinstance(v, M.Call) and v.func == "residual":
+                var = f"r{depth}"
+                lines.append(f"{var} = h")
+                for a in v.args:
+                    emit(a, lines, depth + 1)
+                lines.append(f"h = {var} + h")
+                return
+            if isinstance(v, M.Call) and v.func in ("sum", "gate"):
+                src = f"x{depth}"
+                lines.append(f"{src} = h")
+                outs = []
+                for i, a in enumerate(v.args):
+                    lines.append(f"h = {src}")
+                    emit(a, lines, depth + 1)
+                    out = f"b{depth}_{i}"
+                    lines.append(f"{out} = h")
+                    outs.append(out)
+                if v.func == "sum":
+                    lines.append("h = " + " + ".join(outs))
+                elif len(outs) == 2:
+                    lines.append(f"h = {outs[0]} * torch.sigmoid({outs[1]})")
+                else:
+                    self.unsupported("`gate(a, b)` takes two branches", (self.model.name, "block"))
+                return
+            if isinstance(v, M.Call) and v.func in ("mlp", "swiglu"):
+                attr = fresh(v.func)
+                kwargs = {k: x for k, x in v.kwargs}
+                exp = kwargs.get("expansion")
+                args = "" if exp is None else f", expansion={_repr(float(exp))}"
+                ctor = f"SwiGLU(config.dim{args})" if v.func == "swiglu" else f"MLP(config.dim{args})"
+                bp.submodules.append(Submodule(attr, ctor, self.origin(self.model.name, "block")))
+                lines.append(f"h = self.{attr}(h)")
+                return
+            self.unsupported("this part of the block is not compiled yet", (self.model.name, "block"))
+
+        lines: list[str] = []
+        emit(self.model.block, lines, 0)
+        bp.forward = lines
+        return bp
+
+    def plan(self) -> ModelPlan:
+        block = self.block()
+        if self.problems:
+            raise Unsupported(self.problems)
+        levels = sorted(self.model.levels, key=speed_key)
+        params = [(k, _repr(v)) for k, v in self.model.params
+                  if isinstance(v, (bool, int, float)) or isinstance(v, tuple)]
+        return ModelPlan(
+            class_name=self.model.name, doc=self.model.doc, spec_file=self.display, params=params,
+            levels=[(lv.name, lv.clock, lv.period, lv.scope, lv.read) for lv in levels], block=block,
+            origin=self.origin(self.model.name), optimizer=self.model.optimizer)

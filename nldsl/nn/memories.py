@@ -1,0 +1,174 @@
+"""In-context memories as layers: projections and gates around the runtime ops.
+
+Each layer maps ``x [B, T, D] -> y [B, T, D]`` and carries its fast state in a dict of tensors
+(never Parameters): ``forward(x, state) -> (y, new_state)``. The slow parts (projections,
+gate projections, meta-learned initial states) are Parameters of the outer level.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nldsl.runtime.delta_rule import delta_rule, gated_delta_rule
+from nldsl.runtime.linear_attention import linear_attention
+from nldsl.nn.layers import ShortConv, rotary
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    B, T, D = x.shape
+    return x.view(B, T, heads, D // heads)
+
+
+class _Gate(nn.Module):
+    """A per-head scalar gate in (0, 1): sigmoid of a projection of the input (eta_t, alpha_t)."""
+
+    def __init__(self, dim: int, heads: int, bias: float):
+        super().__init__()
+        self.proj = nn.Linear(dim, heads)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.constant_(self.proj.bias, bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # the logit; callers choose sigmoid or logsigmoid
+        return self.proj(x)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class AttentionMemory(nn.Module):
+    """Softmax attention as a non-parametric memory (paper Eq. 62-63): the KV cache is its state.
+
+    Causal, optional sliding ``window``, rotary positions counted along the stream, so a
+    stream split across calls gives the same outputs as one call.
+    """
+
+    def __init__(self, dim: int, heads: int, *, window: int | None = None, qk_norm: str = "none",
+                 scope: str = "sequence", impl: str = "sdpa"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.dim, self.heads, self.window, self.qk_norm, self.scope, self.impl = dim, heads, window, qk_norm, scope, impl
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor, state: dict | None = None) -> tuple[Tensor, dict]:
+        B, T, _ = x.shape
+        pos0 = 0 if state is None else int(state["position"])
+        positions = torch.arange(pos0, pos0 + T, device=x.device)
+        q, k, v = (_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qk_norm == "l2":
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k = rotary(q, positions), rotary(k, positions)
+        cache = None if state is None else state["cache"]
+        o, cache = runtime.softmax_attention(q, k, v, window=self.window, kv_cache=cache,
+                                             output_final_state=True, impl=self.impl)
+        y = self.o_proj(o.reshape(B, T, self.dim))
+        return y, {"cache": cache, "position": torch.tensor(pos0 + T)}
+
+    def new_sequence(self, state):
+        return state if self.scope == "carry" else None
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, window={self.window}, scope={self.scope}"
+
+
+class LinearMemory(nn.Module):
+    """A matrix memory that learns in context: the linear-memory family of the paper.
+
+    ``op`` is the runtime op the compiler chose from the spec's objective, rule, momentum and
+    retention: ``linear_attention`` (dot objective, Hebbian), ``delta_rule`` / ``gated_delta_rule``
+    (L2 objective, per-token GD), ``titans_linear`` (L2 with momentum or mini-batch chunks),
+    ``dgd`` (delta gradient descent), ``omega_rule`` (sliding window of cached inputs).
+
+    ``lr`` / ``retention`` / ``momentum``: ``"gate"`` (a per-token, per-head gate from a
+    projection of the input), a float (a constant), or ``None`` (absent).
+    """
+
+    def __init__(self, dim: int, heads: int, *, op: str, lr, retention=None, momentum=None,
+                 chunk_size: int = 1, qk_norm: str = "none", conv: int = 0, init: str = "zeros",
+                 detach: bool = False, window: int | None = None, scope: str = "sequence",
+                 impl: str = "chunked"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.op, self.lr, self.retention, self.momentum = op, lr, retention, momentum
+        self.chunk_size, self.qk_norm, self.detach, self.window = chunk_size, qk_norm, detach, window
+        self.scope, self.impl, self.init = scope, impl, init
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.conv = nn.ModuleList([ShortConv(dim, conv) for _ in range(3)]) if conv else None
+        # gates start at moderate values: learning rate ~0.5, retention ~0.95, momentum ~0.5
+        self.lr_gate = _Gate(dim, heads, 0.0) if lr == "gate" else None
+        self.retention_gate = _Gate(dim, heads, _logit(0.95)) if retention == "gate" else None
+        self.momentum_gate = _Gate(dim, heads, 0.0) if momentum == "gate" else None
+        shape = (heads, self.head_dim, self.head_dim)
+        if init == "meta":  # the outer level meta-learns the initial state (paper Eq. 28)
+            self.initial_state = nn.Parameter(torch.zeros(shape))
+        elif init == "random":
+            self.register_buffer("initial_state", torch.randn(shape) * self.head_dim ** -0.5)
+        else:
+            self.initial_state = None
+
+    # -- gates -------------------------------------------------------------------------------
+    def _rate(self, gate: _Gate | None, const, x: Tensor, log: bool = False):
+        if gate is not None:
+            logit = gate(x)
+            return F.logsigmoid(logit) if log else torch.sigmoid(logit)
+        if const is None:
+            return None
+        B, T, _ = x.shape
+        value = torch.full((B, T, self.heads), float(const), dtype=x.dtype, device=x.device)
+        return value.clamp_min(1e-30).log() if log else value
+
+    def forward(self, x: Tensor, state: dict | None = None) -> tuple[Tensor, dict]:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        new: dict = {}
+        if self.conv is not None:
+            conv_state = (None, None, None) if state is None else state["conv"]
+            outs = [c(t, s) for c, t, s in zip(self.conv, (q, k, v), conv_state)]
+            (q, cq), (k, ck), (v, cv) = outs
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+            new["conv"] = (cq, ck, cv)
+        q, k, v = _heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads)
+        if self.qk_norm == "l2":
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if state is not None:
+            S0 = state["S"]
+        elif self.initial_state is not None:
+            S0 = self.initial_state.unsqueeze(0).expand(B, *self.initial_state.shape).to(x.dtype)
+        else:
+            S0 = None
+        lr = self._rate(self.lr_gate, self.lr, x)
+        write_k, write_v = (k.detach(), v.detach()) if self.detach else (k, v)
+        common = dict(initial_state=S0, output_final_state=True, impl=self.impl)
+        if self.op == "linear_attention":
+            g = self._rate(self.retention_gate, self.retention, x, log=True)
+            vv = write_v * lr.unsqueeze(-1) if lr is not None else write_v
+            o, S = linear_attention(q, write_k, vv, g=g, **common)
+        elif self.op == "delta_rule":
+            o, S = delta_rule(q, write_k, write_v, lr, **common)
+        elif self.op == "gated_delta_rule":
+            g = self._rate(self.retention_gate, self.retention, x, log=True)
+            o, S = gated_delta_rule(q, write_k, write_v, lr, g, **common)
+        else:
+            raise ValueError(f"LinearMemory: unknown op {self.op!r}")
+        new["S"] = S
+        y = self.o_proj(o.reshape(B, T, self.dim))
+        return y, new
+
+    def new_sequence(self, state):
+        return state if self.scope == "carry" else None
+
+    def extra_repr(self) -> str:
+        return (f"op={self.op}, heads={self.heads}, lr={self.lr}, retention={self.retention}, "
+                f"momentum={self.momentum}, chunk={self.chunk_size}, init={self.init}, scope={self.scope}")

@@ -1,0 +1,142 @@
+"""The skeleton every compiled model shares: embedding, a stack of blocks, norm, head, and
+the state that carries in-context memories across calls.
+
+A generated model subclasses :class:`NSAMModel` and supplies its block class; the block's
+``forward(x, state) -> (x, state)`` applies the spec's composition of memories.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    name: str
+    clock: str
+    period: int
+    scope: str
+    read: str
+
+    def __str__(self) -> str:
+        extra = " carry" if self.scope == "carry" else ""
+        return f"{self.name}: {self.clock} every {self.period}, read {self.read}{extra}"
+
+
+class ModelState(NamedTuple):
+    """In-context state of every memory, per layer; ``tokens`` counts the stream so far.
+
+    Tensors only (never Parameters). Pass it back to ``model(ids, state=...)`` to continue
+    the stream exactly; use :meth:`NSAMModel.new_sequence` at a sequence boundary to reset
+    the sequence-scoped levels while ``carry`` levels keep learning.
+    """
+
+    layers: tuple[dict[str, Any], ...]
+    tokens: int
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor
+    state: ModelState
+
+
+@dataclass
+class Config:
+    """The model's hyperparameters after keyword overrides (what the blocks are built from)."""
+
+    vocab: int
+    dim: int
+    heads: int
+    layers: int
+    context: int
+    extra: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(name)
+
+
+def map_state(state, fn):
+    """Applies ``fn`` to every tensor in a nested state (dicts, tuples, lists, NamedTuples)."""
+    if isinstance(state, Tensor):
+        return fn(state)
+    if isinstance(state, dict):
+        return {k: map_state(v, fn) for k, v in state.items()}
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return type(state)(*(map_state(v, fn) for v in state))
+    if isinstance(state, (tuple, list)):
+        return type(state)(map_state(v, fn) for v in state)
+    return state
+
+
+class NSAMModel(nn.Module):
+    """embedding -> ``layers`` x block -> RMSNorm -> head. Subclasses set ``levels``."""
+
+    levels: tuple[LevelInfo, ...] = ()
+    spec_file: str = ""
+    spec_hash: str = ""
+
+    def __init__(self, config: Config, block_cls: type[nn.Module]):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab, config.dim)
+        self.blocks = nn.ModuleList([block_cls(config, i) for i in range(config.layers)])
+        self.norm = nn.RMSNorm(config.dim, eps=1e-6)
+        self.head = nn.Linear(config.dim, config.vocab, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.head.weight, std=0.02)
+
+    def forward(self, input_ids: Tensor, state: ModelState | None = None) -> ModelOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        if state is not None and len(state.layers) != len(self.blocks):
+            raise ValueError(f"state has {len(state.layers)} layers, the model has {len(self.blocks)}")
+        x = self.embed(input_ids)
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, None if state is None else state.layers[i])
+            new_layers.append(s)
+        logits = self.head(self.norm(x))
+        tokens = (state.tokens if state is not None else 0) + input_ids.shape[1]
+        return ModelOutput(logits, ModelState(tuple(new_layers), tokens))
+
+    def new_sequence(self, state: ModelState | None) -> ModelState | None:
+        """The state for a new sequence: sequence-scoped levels reset, ``carry`` levels kept."""
+        if state is None:
+            return None
+        layers = []
+        for block, s in zip(self.blocks, state.layers):
+            kept = {}
+            for name, sub in (s or {}).items():
+                module = getattr(block, name, None)
+                reset = getattr(module, "new_sequence", None)
+                value = reset(sub) if reset is not None else None
+                if value is not None:
+                    kept[name] = value
+            layers.append(kept)
+        return ModelState(tuple(layers), 0)
+
+    @staticmethod
+    def detach_state(state: ModelState | None) -> ModelState | None:
+        """The same state cut from the autograd graph (for truncated backprop over a stream)."""
+        if state is None:
+            return None
+        return map_state(state, lambda t: t.detach())
+
+    def extra_repr(self) -> str:
+        lines = [f"spec={self.spec_file!r}", "levels (fastest first):"]
+        lines += [f"  {lv}" for lv in self.levels]
+        return "\n".join(lines)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def count_tokens(state: ModelState | None) -> int:
+    return 0 if state is None else state.tokens
