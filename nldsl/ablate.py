@@ -180,10 +180,7 @@ def _edit_body(t: _Target, i: int, s, rest: list[str], op: str, value, span, kin
         else:
             values = value.items if isinstance(value, A.Tuple) and prop == "levels" else (value,)
             new = A.Prop(prop, tuple(values))
-            if idx is None:
-                if op == "set":
-                    raise EditError(f"`{s.name}.{prop}` is not set (it has its default)", span,
-                                    help=f"to set it use `+{s.name}.{prop} = VALUE`")
+            if idx is None:  # every property has a default, so `=` may set one not written
                 props.append(new)
             else:
                 if op == "add":

@@ -13,9 +13,12 @@ The graph is derived from the IR every time; it is never the source of truth.
 """
 from __future__ import annotations
 
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from nldsl.ir import models as M
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 CLOCK_RANK = {"tokens": 0, "steps": 1}
 
@@ -55,7 +58,9 @@ def block_names(value) -> list[str]:
     return out
 
 
-def build(owner: M.Model | M.Optimizer) -> nx.DiGraph:
+def build(owner: M.Model | M.Optimizer) -> "nx.DiGraph":
+    import networkx as nx  # imported here: `nldsl check` needs it only for cycle detection
+
     g = nx.DiGraph(name=owner.name, kind="model" if isinstance(owner, M.Model) else "optimizer")
     levels = {lv.name: lv for lv in owner.levels}
     ranked = sorted(levels.values(), key=speed_key)

@@ -32,7 +32,8 @@ class Code:
     @property
     def group(self) -> str:
         return {"0": "Syntax and names", "1": "Levels and frequencies",
-                "2": "Memories: structure, objective, rule", "3": "Models, optimizers, ablations"}[self.code[2]]
+                "2": "Memories: structure, objective, rule", "3": "Models, optimizers, ablations",
+                "4": "Compiler"}[self.code[2]]
 
 
 _TABLE = [
@@ -247,11 +248,20 @@ _TABLE = [
          _model(_BASE + "  memory mem in fast : linear\n" + _BLOCK) + "ablation slower { fast.every = 32 }\n"),
     Code("NL307", "error", "optimizer expression uses an unknown name",
          "Optimizer expressions may use the optimizer's parameters and memories, `grad`, `param`, "
-         "`step`, and the functions `sqrt`, `abs`, `sign`, `newton_schulz`, `max`, `min`, `clamp`.",
+         "`step`, `rows`, `cols`, and the functions `sqrt`, `abs`, `sign`, `newton_schulz`, `max`, `min`, "
+         "`clamp`, `where`.",
          "optimizer Sgd {\n  lr = 0.1\n  level step : steps every 1\n"
          "  memory m in step : elementwise { objective dot }\n  update = mm\n}\n",
          "optimizer Sgd {\n  lr = 0.1\n  level step : steps every 1\n"
          "  memory m in step : elementwise { objective dot }\n  update = m\n}\n"),
+
+    Code("NL401", "error", "the compiler cannot build this yet",
+         "The spec is valid, but the code generator has no implementation for this combination "
+         "(for example an objective whose closed-form update no runtime op implements). `nldsl "
+         "compile` reports it at the spec's text before any code runs; `nldsl check` does not.",
+         _model(_BASE + "  memory mem in fast : linear { objective l1 }\n" + _BLOCK),
+         _model(_BASE.replace("every 16", "every 1 read running")
+                + "  memory mem in fast : linear { objective l2 }\n" + _BLOCK)),
 ]
 
 CODES: dict[str, Code] = {c.code: c for c in _TABLE}

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-import networkx as nx
-
 from nldsl.diagnostics import Diagnostic, suggest
 from nldsl.graph import block_names, endpoint_nodes, level_node, memory_node, speed_key
 from nldsl.ir import models as M
@@ -115,11 +113,13 @@ def init_from_slower(owner: M.Model, ck: Checker):
         for src in _transfer_levels(owner, t.source):
             for dst in _transfer_levels(owner, t.target):
                 if not speed_key(src) > speed_key(dst):
+                    slower = [lv for lv in owner.levels if speed_key(lv) > speed_key(dst)]
+                    help = (f"write the transfer from a slower level, e.g. `transfer "
+                            f"{max(slower, key=speed_key).name} -> {t.target} : init`" if slower else
+                            "add an outer level (`level pretrain : steps every 1`) and transfer from it")
                     ck.report("NL104", f"`{t.source}` cannot meta-learn the initial state of `{t.target}`: "
                               f"{_describe(src)} is not slower than {_describe(dst)}",
-                              (owner.name, "transfer", i, "source"),
-                              help=f"write the transfer from a slower level, e.g. `transfer "
-                              f"{_slowest_name(owner)} -> {t.target} : init`")
+                              (owner.name, "transfer", i, "source"), help=help)
                     break
 
 
@@ -151,6 +151,8 @@ def generate_from_slower(owner: M.Model, ck: Checker):
 @rule("NL106")
 def same_frequency_cycles(owner: M.Model, ck: Checker):
     """A dependency cycle whose members all share one frequency cannot be ordered."""
+    import networkx as nx
+
     dep = nx.DiGraph()
     index = {}
     for i, t in enumerate(owner.transfers):
@@ -169,7 +171,11 @@ def same_frequency_cycles(owner: M.Model, ck: Checker):
         return speed_key(lv) if lv else None
 
     reported = set()
+    cycles = []
     for cycle in nx.simple_cycles(dep, length_bound=8):
+        start = cycle.index(min(cycle))  # a canonical rotation: messages must not depend on hashing
+        cycles.append(cycle[start:] + cycle[:start])
+    for cycle in sorted(cycles):
         if cycle[0] == cycle[-1] and len(cycle) == 1 and (cycle[0], cycle[0]) in index:
             t = owner.transfers[index[(cycle[0], cycle[0])]]
             if t.kind == "generate":

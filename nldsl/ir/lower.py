@@ -279,6 +279,9 @@ class Lowerer:
             if key in s.spans:
                 self.ctx.spans[(owner, "level", s.name, key)] = s.spans[key]
         self.ctx.spans[(owner, "level", s.name)] = s.spans.get("name")
+        if s.scope is not None and s.scope not in SCOPES:
+            self.ctx.error("NL006", f"`{s.scope}` is not a level scope", s.spans.get("scope") or s.spans.get("name"),
+                           help=suggest(s.scope, SCOPES, "scopes"))
         scope = "carry" if s.scope == "carry" else "sequence"
         return M.Level(name=s.name, clock=clock, period=period or 1, scope=scope,
                        read=read or "anchor")
@@ -792,17 +795,17 @@ class Lowerer:
                     continue
                 self.ctx.spans[(owner, "optimizer")] = s.spans.get("expr")
                 optimizer = self._optimizer_ref(s.expr)
-        # Known parameters: required ones must be present, defaults are made visible.
-        given = dict(params)
+        # Known parameters: required ones must be written, defaults are made visible.
+        written = {s.name for s in m.stmts if isinstance(s, A.Param)}
         for pname, (required, default, desc) in MODEL_PARAMS.items():
-            if pname not in given and pname not in {p[0] for p in params}:
-                if required:
-                    if not any(self.ctx.spans.get((owner, "param", pname)) for _ in [0]):
-                        self.ctx.error("NL303", f"model `{m.name}` does not set `{pname}` ({desc})",
-                                       m.spans.get("name"), help=f"add `{pname} = ...` to the model")
-                elif default is not None:
-                    params.append((pname, default))
-        if "partial" not in given:
+            if pname in written:
+                continue
+            if required:
+                self.ctx.error("NL303", f"model `{m.name}` does not set `{pname}` ({desc})",
+                               m.spans.get("name"), help=f"add `{pname} = ...` to the model")
+            else:
+                params.append((pname, default))
+        if "partial" not in written:
             params.append(("partial", M.Ref(name="strict")))
         if block is None:
             self.ctx.error("NL303", f"model `{m.name}` has no `block`", m.spans.get("name"),

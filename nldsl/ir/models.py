@@ -61,8 +61,10 @@ class Level(Node):
 
     ``scope``: ``sequence`` resets the level's state at each new sequence; ``carry`` keeps it
     across calls (learning continues at deployment). ``read``: ``anchor`` reads the state as of
-    the last update boundary; ``running`` lets token t see the writes of earlier tokens of its
-    chunk (gradients still taken at the chunk-start state).
+    the last update boundary (the chunk-start state; with period 1, read-before-write: M_{t-1});
+    ``running`` lets token t see the writes of the tokens of its chunk up to and including its
+    own (with period 1, read-after-write: M_t). Gradients are taken at the chunk-start state
+    in both modes.
     """
 
     name: str

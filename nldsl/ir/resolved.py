@@ -98,8 +98,13 @@ def _model(m: M.Model) -> A.Model:
     for c in m.cms:
         props = [A.Prop("levels", tuple(_name(x) for x in c.levels))]
         if c.memories:
-            props.append(A.Prop("structure", (structure(c.memories[0].structure),)))
-            props += memory_props(c.memories[0])
+            first = c.memories[0]
+            props.append(A.Prop("structure", (structure(first.structure),)))
+            # members may read differently (each defaults to its level's mode): write `read`
+            # only when they agree
+            reads = {m.read for m in c.memories}
+            skip = ("inputs", "generators", "heads", "qk_norm", "conv") + (() if len(reads) == 1 else ("read",))
+            props += memory_props(first, skip=skip)
         if c.aggregate:
             props.append(A.Prop("aggregate", (_name(c.aggregate),)))
         stmts.append(A.Cms(c.name, c.variant, A.Body(tuple(props))))

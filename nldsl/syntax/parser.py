@@ -34,8 +34,10 @@ def grammar_text() -> str:
 
 @lru_cache(maxsize=1)
 def get_parser() -> Lark:
+    # cache=True keeps the built tables in the temp folder (keyed by the grammar's hash), so
+    # `nldsl check` does not pay for building and strict-checking the grammar on every run.
     return Lark(grammar_text(), parser="lalr", strict=True, propagate_positions=True,
-                maybe_placeholders=True, start="start")
+                maybe_placeholders=True, start="start", cache=True)
 
 
 # ---- tree -> AST --------------------------------------------------------------------------
