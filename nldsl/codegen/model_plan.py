@@ -124,18 +124,29 @@ class Planner:
                              key + ("level",), help="put in-context memories in a `tokens` level")
             return None
         op = None
-        if obj == "dot" and rule == "gd" and momentum == "none":
+        if momentum in ("delta", "deep"):
+            self.unsupported(f"`momentum {momentum}` in the in-context memory `{mem.name}` is not compiled yet",
+                             key + ("momentum",))
+            return None
+        if rule == "omega":
+            op = "omega_rule" if obj == "l2" and momentum == "none" and period == 1 and read == "running" else None
+        elif rule == "dgd":
+            op = "dgd" if obj == "l2" and momentum == "none" else None
+        elif obj == "dot" and momentum == "none":
             op = "linear_attention"  # the Hebbian gradient does not depend on the state: any period
-            if read == "anchor" and period == 1:
-                self.unsupported(f"`read anchor` (read before write) for the linear memory `{mem.name}` is not "
-                                 "compiled yet", key + ("read",), help="use `read running` (y_t = M_t q_t, Eq. 16)")
+            if read == "anchor":
+                self.unsupported(f"`read anchor` for the Hebbian memory `{mem.name}` is not compiled yet",
+                                 key + ("read",), help="use `read running` (y_t = M_t q_t, Eq. 16)")
                 return None
-        elif obj == "l2" and rule == "gd" and momentum == "none" and period == 1 and read == "running":
+        elif obj == "l2" and momentum == "none" and period == 1 and read == "running":
             op = "gated_delta_rule" if retention != "none" else "delta_rule"
+        elif obj == "l2":
+            op = "titans_linear"  # momentum, mini-batch chunks (gradients at the anchor) or anchor reads
         if op is None:
             self.unsupported(f"the linear memory `{mem.name}` (objective {obj}, rule {rule}, momentum "
                              f"{momentum}, period {period}, read {read}) has no compiled op yet", key,
-                             help="supported now: Hebbian (objective dot) and per-token delta rules")
+                             help="compiled now: Hebbian (dot), delta/gated delta, Titans-linear, DGD "
+                             "and Omega memories with the l2 objective")
             return None
         lr = self._rate(mem.lr.kind, mem.lr.value)
         ret = self._rate(retention, mem.retention.value)
@@ -148,9 +159,25 @@ class Planner:
         if init not in ("zeros", "meta", "random"):
             self.unsupported(f"initial state `{init}` of `{mem.name}` is not compiled yet", key + ("init",))
             return None
+        shared = self.kv_source(mem)
+        if shared is not None:
+            src = next(m for m in self.model.memories if m.name == shared)
+            if mem.heads != 1 and mem.heads != src.heads:
+                self.unsupported(f"`{mem.name}` shares the keys and values of `{shared}`: give it "
+                                 f"`heads 1` or the same heads as `{shared}` ({src.heads})", key + ("heads",))
+                return None
         return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, lr={lr}, retention={ret}, "
                 f"momentum={mom}, chunk_size={period!r}, qk_norm={_repr(mem.qk_norm)}, conv={_repr(mem.conv)}, "
-                f"init={_repr(init)}, detach={_repr(mem.writes == 'detached')}, scope={_repr(level.scope)})")
+                f"init={_repr(init)}, detach={_repr(mem.writes == 'detached')}, "
+                f"window={_repr(mem.rule.window)}, read={_repr(read)}, shared_kv={shared is not None}, "
+                f"scope={_repr(level.scope)})")
+
+    def kv_source(self, mem: M.Memory) -> str | None:
+        """The attention whose keys and values ``mem`` uses (`transfer attn -> mem : context`)."""
+        attention = {m.name for m in self.model.memories if m.structure.kind == "attention"}
+        sources = [t.source for t in self.model.transfers
+                   if t.kind == "context" and t.target == mem.name and t.source in attention]
+        return sources[0] if sources else None
 
     # -- the block --------------------------------------------------------------------------------
     def block(self) -> BlockPlan:
@@ -194,7 +221,18 @@ class Planner:
                         return
                     bp.submodules.append(Submodule(name, ctor, self.origin(self.model.name, "memory", name)))
                     bp.stateful.append(name)
-                    lines.append(f"h, new[{name!r}] = self.{name}(h, state.get({name!r}))")
+                    source = self.kv_source(mems[name]) if mems[name].structure.kind == "linear" else None
+                    if name in kv_providers:
+                        lines.append(f"h, new[{name!r}], kv_{name} = self.{name}(h, state.get({name!r}), "
+                                     "return_kv=True)")
+                    elif source is not None:
+                        if source not in used:
+                            self.unsupported(f"`{name}` reads the keys and values of `{source}`, which the "
+                                             "block applies later", (self.model.name, "block", name))
+                            return
+                        lines.append(f"h, new[{name!r}] = self.{name}(h, state.get({name!r}), kv=kv_{source})")
+                    else:
+                        lines.append(f"h, new[{name!r}] = self.{name}(h, state.get({name!r}))")
                 elif name in cms:
                     self.unsupported(f"CMS chains (`{name}`) are not compiled yet", (self.model.name, "cms", name),
                                      help="the continuum memory system arrives with the deep-memory compiler")
@@ -238,6 +276,7 @@ class Planner:
                 return
             self.unsupported("this part of the block is not compiled yet", (self.model.name, "block"))
 
+        kv_providers = {self.kv_source(m) for m in self.model.memories if m.structure.kind == "linear"} - {None}
         lines: list[str] = []
         emit(self.model.block, lines, 0)
         bp.forward = lines

@@ -165,6 +165,7 @@ class Lowerer:
     def __init__(self, ctx: Ctx, known_optimizers: dict[str, str] | None = None):
         self.ctx = ctx
         self.known_optimizers = {} if known_optimizers is None else known_optimizers  # name -> file
+        self.file_doc: tuple[str, str] | None = None  # (first block, the file's header comments)
 
     # -- files --
     def file(self, f: A.File, includes: tuple[str, ...]) -> M.SpecIR:
@@ -179,6 +180,9 @@ class Lowerer:
                                    help=f"the first definition is at line {seen[item.name].line}; rename one")
                     continue
                 seen[item.name] = span
+        # the file's header comments document its first model or optimizer
+        first = next((it for it in f.items if isinstance(it, (A.Model, A.Optimizer))), None)
+        self.file_doc = (first.name, _doc(f.items[0].trivia)) if first is not None and f.items else None
         local_opts = [it.name for it in f.items if isinstance(it, A.Optimizer)]
         for name in local_opts:
             self.known_optimizers.setdefault(name, self.ctx.file)
@@ -812,9 +816,16 @@ class Lowerer:
                            help="add `block = ...`, for example `block = residual(norm -> attn) -> residual(norm -> mlp)`")
         order = list(MODEL_PARAMS) + ["partial"]
         params.sort(key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order)))
-        return M.Model(name=m.name, doc=_doc(m.trivia), params=tuple(params),
+        return M.Model(name=m.name, doc=self._doc_of(m), params=tuple(params),
                        levels=tuple(levels.values()), memories=tuple(memories), cms=tuple(cms_list),
                        transfers=tuple(transfers), block=block, optimizer=optimizer)
+
+    def _doc_of(self, block) -> str:
+        own = _doc(block.trivia)
+        file_doc = self.file_doc
+        if file_doc and file_doc[0] == block.name and (not own or own == file_doc[1]):
+            return file_doc[1]
+        return own
 
     def _block_spans(self, owner: str, e: A.Expr) -> None:
         for n in names_in(e):
@@ -868,7 +879,7 @@ class Lowerer:
         if update is None:
             self.ctx.error("NL303", f"optimizer `{o.name}` has no `update`", o.spans.get("name"),
                            help="add `update = ...`, for example `update = m / (sqrt(v) + eps)`")
-        return M.Optimizer(name=o.name, doc=_doc(o.trivia), params=tuple(params),
+        return M.Optimizer(name=o.name, doc=self._doc_of(o), params=tuple(params),
                            levels=tuple(levels.values()), memories=tuple(memories), update=update)
 
 

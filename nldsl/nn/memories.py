@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nldsl.runtime.delta_rule import delta_rule, gated_delta_rule
-from nldsl.runtime.linear_attention import linear_attention
+from nldsl import runtime
 from nldsl.nn.layers import ShortConv, rotary
 
 
@@ -57,19 +56,23 @@ class AttentionMemory(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, state: dict | None = None) -> tuple[Tensor, dict]:
+    def forward(self, x: Tensor, state: dict | None = None, return_kv: bool = False):
+        """``(y, state)``, or ``(y, state, (k, v))`` with the projected keys and values (before
+        rotary positions) for a memory conditioned on this attention's context (Eq. 21, 27)."""
         B, T, _ = x.shape
-        pos0 = 0 if state is None else int(state["position"])
+        pos0 = 0 if state is None else state["position"]
         positions = torch.arange(pos0, pos0 + T, device=x.device)
         q, k, v = (_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.qk_norm == "l2":
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        shared = (k, v)
         q, k = rotary(q, positions), rotary(k, positions)
         cache = None if state is None else state["cache"]
         o, cache = runtime.softmax_attention(q, k, v, window=self.window, kv_cache=cache,
                                              output_final_state=True, impl=self.impl)
         y = self.o_proj(o.reshape(B, T, self.dim))
-        return y, {"cache": cache, "position": torch.tensor(pos0 + T)}
+        new = {"cache": cache, "position": pos0 + T}
+        return (y, new, shared) if return_kv else (y, new)
 
     def new_sequence(self, state):
         return state if self.scope == "carry" else None
@@ -93,18 +96,22 @@ class LinearMemory(nn.Module):
     def __init__(self, dim: int, heads: int, *, op: str, lr, retention=None, momentum=None,
                  chunk_size: int = 1, qk_norm: str = "none", conv: int = 0, init: str = "zeros",
                  detach: bool = False, window: int | None = None, scope: str = "sequence",
-                 impl: str = "chunked"):
+                 read: str = "running", shared_kv: bool = False, impl: str = "chunked"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.op, self.lr, self.retention, self.momentum = op, lr, retention, momentum
         self.chunk_size, self.qk_norm, self.detach, self.window = chunk_size, qk_norm, detach, window
-        self.scope, self.impl, self.init = scope, impl, init
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.scope, self.impl, self.init, self.read = scope, impl, init, read
+        # shared_kv: keys and values come from another memory's context (AdaTransformer, Eq. 21)
+        # and the input itself is the query: y = M_t x, with no projections of its own
+        self.shared_kv = shared_kv
+        if not shared_kv:
+            self.q_proj = nn.Linear(dim, dim, bias=False)
+            self.k_proj = nn.Linear(dim, dim, bias=False)
+            self.v_proj = nn.Linear(dim, dim, bias=False)
+            self.o_proj = nn.Linear(dim, dim, bias=False)
         self.conv = nn.ModuleList([ShortConv(dim, conv) for _ in range(3)]) if conv else None
         # gates start at moderate values: learning rate ~0.5, retention ~0.95, momentum ~0.5
         self.lr_gate = _Gate(dim, heads, 0.0) if lr == "gate" else None
@@ -112,7 +119,9 @@ class LinearMemory(nn.Module):
         self.momentum_gate = _Gate(dim, heads, 0.0) if momentum == "gate" else None
         shape = (heads, self.head_dim, self.head_dim)
         if init == "meta":  # the outer level meta-learns the initial state (paper Eq. 28)
-            self.initial_state = nn.Parameter(torch.zeros(shape))
+            # starts like a linear layer's weight when it is the whole map (shared_kv), else at 0
+            self.initial_state = nn.Parameter(torch.randn(shape) * self.head_dim ** -0.5 if shared_kv
+                                              else torch.zeros(shape))
         elif init == "random":
             self.register_buffer("initial_state", torch.randn(shape) * self.head_dim ** -0.5)
         else:
@@ -129,9 +138,15 @@ class LinearMemory(nn.Module):
         value = torch.full((B, T, self.heads), float(const), dtype=x.dtype, device=x.device)
         return value.clamp_min(1e-30).log() if log else value
 
-    def forward(self, x: Tensor, state: dict | None = None) -> tuple[Tensor, dict]:
+    def forward(self, x: Tensor, state: dict | None = None,
+                kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict]:
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.shared_kv:
+            if kv is None:
+                raise ValueError("this memory reads another memory's keys and values: pass kv=(k, v)")
+            q, k, v = x, kv[0].reshape(B, T, self.dim), kv[1].reshape(B, T, self.dim)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         new: dict = {}
         if self.conv is not None:
             conv_state = (None, None, None) if state is None else state["conv"]
@@ -151,20 +166,36 @@ class LinearMemory(nn.Module):
         lr = self._rate(self.lr_gate, self.lr, x)
         write_k, write_v = (k.detach(), v.detach()) if self.detach else (k, v)
         common = dict(initial_state=S0, output_final_state=True, impl=self.impl)
+        if self.shared_kv:
+            common["scale"] = 1.0  # y = M x exactly, as the MLP it replaces
         if self.op == "linear_attention":
             g = self._rate(self.retention_gate, self.retention, x, log=True)
             vv = write_v * lr.unsqueeze(-1) if lr is not None else write_v
-            o, S = linear_attention(q, write_k, vv, g=g, **common)
+            o, S = runtime.linear_attention(q, write_k, vv, g=g, **common)
         elif self.op == "delta_rule":
-            o, S = delta_rule(q, write_k, write_v, lr, **common)
+            o, S = runtime.delta_rule(q, write_k, write_v, lr, **common)
         elif self.op == "gated_delta_rule":
             g = self._rate(self.retention_gate, self.retention, x, log=True)
-            o, S = gated_delta_rule(q, write_k, write_v, lr, g, **common)
+            o, S = runtime.gated_delta_rule(q, write_k, write_v, lr, g, **common)
+        elif self.op == "titans_linear":  # Titans' symbols: alpha forgets (1 - retention)
+            keep = self._rate(self.retention_gate, self.retention, x)
+            forget = 0.0 if keep is None else 1 - keep
+            mom = self._rate(self.momentum_gate, self.momentum, x)
+            o, S = runtime.titans_linear(q, write_k, write_v, lr, 0.0 if mom is None else mom, forget,
+                                         chunk_size=self.chunk_size, read=self.read, **common)
+        elif self.op == "dgd":
+            keep = self._rate(self.retention_gate, self.retention, x)
+            o, S = runtime.dgd(q, write_k, write_v, lr, 1.0 if keep is None else keep,
+                               chunk_size=self.chunk_size, read=self.read, **common)
+        elif self.op == "omega_rule":
+            keep = self._rate(self.retention_gate, self.retention, x)
+            o, S = runtime.omega_rule(q, write_k, write_v, lr, 1.0 if keep is None else keep,
+                                      window=self.window, **common)
         else:
             raise ValueError(f"LinearMemory: unknown op {self.op!r}")
         new["S"] = S
-        y = self.o_proj(o.reshape(B, T, self.dim))
-        return y, new
+        y = o.reshape(B, T, self.dim)
+        return (y if self.shared_kv else self.o_proj(y)), new
 
     def new_sequence(self, state):
         return state if self.scope == "carry" else None
