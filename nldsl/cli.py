@@ -151,6 +151,29 @@ def cmd_graph(args) -> int:
     return EXIT_OK
 
 
+def cmd_compile(args) -> int:
+    from nldsl.diagnostics import SpecError
+
+    try:
+        from nldsl.codegen import write_package
+    except ImportError as e:  # torch or jinja2 missing
+        raise UsageError(f"compiling needs {e.name}: install it (torch: pip install torch==2.13.0)") from None
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    try:
+        _analyze(args.file)  # readable? (a usage error, not a diagnostic)
+        paths = write_package(args.file, out)
+    except SpecError as e:
+        _print_diagnostics(e.diagnostics, e.sources or {}, "text")
+        return EXIT_DIAGNOSTICS
+    except PermissionError as e:
+        raise UsageError(f"{out}: cannot write ({e.strerror})") from None
+    for p in paths:
+        print(f"wrote {p}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_explain(args) -> int:
     from nldsl.checks.codes import CODES, explain
 
@@ -191,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=("dot", "mmd", "mermaid", "png"))
     g.add_argument("--name", help="the model or optimizer to draw (default: the first)")
     g.set_defaults(func=cmd_graph)
+
+    k = sub.add_parser("compile", help="generate the PyTorch package of a spec")
+    k.add_argument("file", metavar="FILE")
+    k.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    k.set_defaults(func=cmd_compile)
 
     e = sub.add_parser("explain", help="explain a diagnostic code")
     e.add_argument("code", metavar="CODE")

@@ -1,0 +1,248 @@
+"""Optimizer memories: one write = one gradient step on the memory's objective.
+
+A memory ``m`` of a compiled optimizer compresses a stream ``x`` (the gradient by default).
+Each write is one step of gradient descent on its objective ``L(m; x)`` with step size
+``lr`` and retention ``alpha`` (Nested Learning, Eq. 33-37 and App. B)::
+
+    m <- alpha * m - lr * dL/dm(m; x)
+
+=========  ===============================  =====================================
+objective  L(m; x)                          write
+=========  ===============================  =====================================
+dot        -<m, x>                          m <- alpha m + lr x      (Hebbian / momentum)
+l2         1/2 ||m - x||^2                  m <- (alpha - lr) m + lr x   (an EMA when alpha = 1)
+l1         ||m - x||_1                      m <- alpha m - lr sign(m - x)
+lp(p)      1/p ||m - x||_p^p                m <- alpha m - lr |m - x|^(p-1) sign(m - x)
+huber(d)   sum huber_d(m - x)               m <- alpha m - lr clamp(m - x, -d, d)
+=========  ===============================  =====================================
+
+With a *key* ``k`` the memory is read as ``m * k`` (elementwise), and the objectives above
+compare ``m * k`` with ``x``: the gradient gains a factor ``k``. With ``l2``, key ``g`` and
+value 1 this is the elementwise delta momentum ``m <- m (alpha - lr g^2) + lr g``.
+
+``rule dgd`` on a matrix memory is the delta rule with the stream as key and the identity
+as value (Eq. 48-49, ``P = I``): ``L = 1/2 ||m x^T - I||^2`` gives
+``m <- alpha m - lr m x^T x + lr x``.
+
+The write of the common cases uses the fused foreach op torch.optim uses for the same
+arithmetic (``lerp`` for an EMA, ``mul`` + ``addcmul`` for ``beta v + (1 - beta) g^2``), so a
+compiled Adam rounds like torch's. Everything here works on a group's parameters at once:
+``states`` is the list of their optimizer-state dicts.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from nldsl.optim.tensorlist import Scalars, TensorList, _axpy, _is_one, as_tensor_list, is_number
+
+OBJECTIVES = ("dot", "l2", "l1", "lp", "huber")
+
+
+def chunk_key(name: str) -> str:
+    """State key of the partial chunk sum of a slow memory (a level with period > 1)."""
+    return f"{name}.chunk_sum"
+
+
+def cache_key(index: int) -> str:
+    """State key of the ``index``-th amortised slow value (computed once per chunk)."""
+    return f"slow.{index}"
+
+
+def tensors(states: Sequence[dict], key: str) -> list[Tensor]:
+    return [s[key] for s in states]
+
+
+def read(states: Sequence[dict], name: str, *, bias_decay: float | None = None,
+         writes: Scalars | None = None) -> TensorList:
+    """The state of memory ``name`` for each parameter.
+
+    ``bias_decay=d`` reads ``m / (1 - d ** n)`` with ``n`` the number of writes so far (how
+    torch.optim.Adam corrects the bias of a zero-initialised EMA); before the first write the
+    state is read as it is.
+    """
+    out = TensorList(tensors(states, name))
+    if bias_decay is None:
+        return out
+    if writes is None:
+        raise ValueError(f"bias correction of memory {name!r} needs the number of writes")
+    den = Scalars((1 - bias_decay ** n) if n > 0 else 1 for n in writes)
+    if any(v == 0 for v in den):
+        raise ValueError(f"bias correction of memory {name!r} divides by 1 - {bias_decay!r} ** n = 0; "
+                         "its effective decay must be below 1")
+    return out / den
+
+
+def _as_list(x, like: TensorList) -> TensorList:
+    return as_tensor_list(x, like)
+
+
+def write(states: Sequence[dict], name: str, x, *, objective: str = "l2", lr: float = 1.0,
+          retention: float = 1.0, decay: float | None = None, rule: str = "gd", key=None,
+          p: float | None = None, delta: float | None = None, first: bool = False,
+          writes: Scalars | None = None) -> None:
+    """One write of memory ``name`` with input ``x`` for every parameter of ``states``.
+
+    ``decay`` is the factor on the old state for ``dot`` (= retention) and ``l2``
+    (= retention - lr); the compiler passes it written from the spec's own expressions
+    (``betas[1]`` rather than ``1 - (1 - betas[1])``) so the rounding matches torch.
+    ``first=True`` (``init first``) makes the first write store ``x`` itself, as
+    torch.optim.SGD starts its momentum buffer; ``writes`` counts writes including this one.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}")
+    if not states:
+        return
+    m = TensorList(tensors(states, name))
+    x = _as_list(x, m)
+    if first:
+        if writes is None:
+            raise ValueError("`init first` needs the number of writes")
+        new = [i for i, n in enumerate(writes) if n == 1]
+        if new:
+            vals = x.take(new).values()
+            for i, v in zip(new, vals):
+                states[i][name].copy_(v)
+            rest = [i for i, n in enumerate(writes) if n != 1]
+            if not rest:
+                return
+            states = [states[i] for i in rest]
+            m = m.take(rest)
+            x = x.take(rest)
+            key = key.take(rest) if isinstance(key, TensorList) else key
+    if rule == "dgd":
+        _write_delta_matrix(m.a, x, objective=objective, lr=lr, retention=retention)
+        return
+    if rule != "gd":
+        raise ValueError(f"unknown rule {rule!r}")
+    if key is not None:
+        _write_keyed(m.a, x, _as_list(key, m), objective=objective, lr=lr, retention=retention, p=p,
+                     delta=delta)
+        return
+    if objective in ("dot", "l2"):
+        if decay is None:
+            decay = retention if objective == "dot" else retention - lr
+        _write_linear(m.a, x, objective=objective, lr=lr, retention=retention, decay=decay)
+        return
+    _write_generic(m.a, x, objective=objective, lr=lr, retention=retention, p=p, delta=delta)
+
+
+def _write_linear(m: list[Tensor], x: TensorList, *, objective: str, lr, retention, decay) -> None:
+    # l2 with retention 1 and an input that is a plain tensor: an EMA, m + lr (x - m): lerp
+    if objective == "l2" and retention == 1 and x.kind in ("plain", "sum"):
+        torch._foreach_lerp_(m, x.values(), lr)
+        return
+    if not _is_one(decay):
+        torch._foreach_mul_(m, decay)
+    _axpy(m, x, lr)
+
+
+def objective_gradient(objective: str, diff: Tensor, *, p: float | None = None,
+                       delta: float | None = None) -> Tensor:
+    """dL/d(prediction) for ``diff = prediction - target`` (``dot`` is handled apart)."""
+    if objective == "l2":
+        return diff
+    if objective == "l1":
+        return torch.sign(diff)
+    if objective == "lp":
+        if p is None:
+            raise ValueError("objective lp needs its exponent p")
+        return diff.abs().pow(p - 1) * torch.sign(diff)
+    if objective == "huber":
+        d = 1.0 if delta is None else delta
+        return diff.clamp(-d, d)
+    raise ValueError(f"objective {objective!r} has no residual gradient")
+
+
+def _write_generic(m: list[Tensor], x: TensorList, *, objective, lr, retention, p, delta) -> None:
+    for mi, xi in zip(m, x.values()):
+        g = objective_gradient(objective, mi - xi, p=p, delta=delta)
+        if retention != 1:
+            mi.mul_(retention)
+        mi.sub_(g, alpha=lr)
+
+
+def _write_keyed(m: list[Tensor], x: TensorList, k: TensorList, *, objective, lr, retention, p,
+                 delta) -> None:
+    for mi, xi, ki in zip(m, x.values(), k.values()):
+        if objective == "dot":
+            g = -(ki * xi)
+        else:
+            g = objective_gradient(objective, mi * ki - xi, p=p, delta=delta) * ki
+        if retention != 1:
+            mi.mul_(retention)
+        mi.sub_(g, alpha=lr)
+
+
+def _write_delta_matrix(m: list[Tensor], x: TensorList, *, objective, lr, retention) -> None:
+    """Delta momentum on each parameter's ``(shape[0], -1)`` matrix (Eq. 49 with P = I)."""
+    if objective not in ("l2", "dot"):
+        raise ValueError(f"the delta rule needs the l2 or dot objective, not {objective!r}")
+    for mi, xi in zip(m, x.values()):
+        if mi.ndim < 2:
+            raise ValueError(f"the delta rule needs a matrix, got a parameter of shape {tuple(mi.shape)}")
+        m2 = mi.reshape(mi.shape[0], -1)
+        k2 = xi.reshape(xi.shape[0], -1)
+        if objective == "l2":
+            rows, cols = m2.shape
+            # m k^T k: associate the cheaper way round (r x r or c x c intermediate)
+            erase = (m2 @ k2.T) @ k2 if rows <= cols else m2 @ (k2.T @ k2)
+        if retention != 1:
+            m2.mul_(retention)
+        if objective == "l2":
+            m2.sub_(erase, alpha=lr)
+        m2.add_(k2, alpha=lr)
+        if m2.data_ptr() != mi.data_ptr():  # reshape copied (non-contiguous state)
+            mi.copy_(m2.reshape(mi.shape))
+
+
+# ---- slow levels: chunk sums and boundaries ----------------------------------------------------
+
+
+def accumulate(states: Sequence[dict], name: str, x) -> None:
+    """Adds this step's input to the partial chunk sum of a slow memory (kept in the state,
+    so a ``state_dict`` taken mid-chunk continues exactly)."""
+    acc = tensors(states, chunk_key(name))
+    x = _as_list(x, TensorList(acc))
+    _axpy(acc, x, 1)
+
+
+def boundaries(clock: Scalars, period: int) -> list[int]:
+    """Positions of the parameters whose step count ends a chunk of ``period`` steps."""
+    return [i for i, t in enumerate(clock) if t % period == 0]
+
+
+def write_chunk(states: Sequence[dict], name: str, **kwargs) -> None:
+    """The boundary write of a slow memory: one write with the chunk's summed input, then the
+    sum restarts from zero."""
+    if not states:
+        return
+    sums = TensorList(tensors(states, chunk_key(name)))
+    write(states, name, sums, **kwargs)
+    torch._foreach_zero_(sums.a)
+
+
+def subset(states: Sequence[dict], idx: Sequence[int]) -> list[dict]:
+    return [states[i] for i in idx]
+
+
+def store(states: Sequence[dict], key: str, value: TensorList) -> None:
+    """Stores one tensor per parameter under ``key`` (amortised slow values)."""
+    for s, t in zip(states, value.values()):
+        s[key] = t if t._base is None else t.clone()
+
+
+def missing(states: Sequence[dict], key: str) -> list[int]:
+    return [i for i, s in enumerate(states) if key not in s]
+
+
+def zeros(p: Tensor) -> Tensor:
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def full(p: Tensor, value) -> Tensor:
+    if not is_number(value):
+        raise TypeError(f"a constant initial state must be a number, got {value!r}")
+    return torch.full_like(p, value, memory_format=torch.preserve_format)

@@ -1,0 +1,248 @@
+"""Shared plumbing for the runtime memory ops: argument checks, impl dispatch, chunk layout.
+
+Everything here is op-independent. The maths of each op lives in its own module.
+
+Layout conventions (flash-linear-attention's):
+
+* ``q, k``: ``[B, T, H, K]``; ``v``: ``[B, T, H, V]``; per-token gates: ``[B, T, H]``.
+* the recurrent state of one head is a ``[K, V]`` matrix ``S``; the op reads
+  ``o_t = scale * S_t^T q_t`` (a row vector ``q_t S_t``).
+* internally the chunked paths work on ``[B, H, N, C, ...]`` (N chunks of C tokens).
+
+Precision: states are kept in ``promote(input dtypes, float32)``: bf16/fp16 inputs get a float32
+state, float64 stays float64. Outputs are cast back to ``q.dtype``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "MemoryOutput",
+    "dispatch",
+    "check_qkv",
+    "check_gate",
+    "check_state",
+    "compute_dtype",
+    "resolve_scale",
+    "check_chunk_size",
+    "to_chunks",
+    "from_chunks",
+    "segment_products",
+    "segment_products_log",
+]
+
+
+class MemoryOutput(NamedTuple):
+    """What every runtime op returns: ``(o, final_state)``.
+
+    ``o`` has the shape of ``v`` (``[B, T, H, V]``) and ``q``'s dtype. ``final_state`` is None
+    unless ``output_final_state=True``; its type is op-specific (a ``[B, H, K, V]`` tensor for
+    the plain linear memories, a small NamedTuple where more than the matrix must be carried for
+    an exact continuation of the stream).
+    """
+
+    o: Tensor
+    final_state: Any
+
+
+# --------------------------------------------------------------------------------------------
+# impl dispatch (no silent fallback)
+# --------------------------------------------------------------------------------------------
+
+def dispatch(op: str, impl: str, impls: Mapping[str, Callable[..., MemoryOutput]]):
+    """Return the implementation ``impls[impl]`` of ``op``, or raise a ValueError that names the
+    valid choices. ``"triton"`` gets its own message: no Triton kernel exists yet for these ops,
+    and we never fall back to another implementation behind the caller's back."""
+    if impl in impls:
+        return impls[impl]
+    valid = ", ".join(repr(name) for name in impls)
+    if impl == "triton":
+        raise ValueError(
+            f"{op}: no Triton kernel exists yet for this op (valid impl values: {valid}); "
+            "pass one of those explicitly"
+        )
+    raise ValueError(f"{op}: unknown impl {impl!r}; valid impl values: {valid}")
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__}"
+
+
+def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
+    """Check ``q, k: [B, T, H, K]`` and ``v: [B, T, H, V]``; return ``(B, T, H, K, V)``."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {_describe(x)}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"{op}: {name} must have shape [B, T, H, D] (4 dims), got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(
+            f"{op}: q and k must have the same shape [B, T, H, K], got {tuple(q.shape)} and "
+            f"{tuple(k.shape)}"
+        )
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"{op}: v must have shape [B, T, H, V] with the B, T, H of q {tuple(q.shape[:3])}, "
+            f"got {tuple(v.shape)}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, T, H, K = q.shape
+    if T < 1:
+        raise ValueError(f"{op}: the sequence must hold at least one token (T={T})")
+    return B, T, H, K, v.shape[-1]
+
+
+def check_gate(op: str, name: str, x: Any, B: int, T: int, H: int, like: Tensor) -> Tensor:
+    """A per-token, per-head scalar (``[B, T, H]``). A Python number is accepted as a constant and
+    broadcast (no gradient flows to it)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        # at least float32, so a constant like 0.3 is not rounded to bf16 on its way in
+        dt = torch.promote_types(like.dtype, torch.float32)
+        return torch.full((B, T, H), float(x), dtype=dt, device=like.device)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor of shape [B, T, H] or a number, got {_describe(x)}")
+    if tuple(x.shape) != (B, T, H):
+        raise ValueError(f"{op}: {name} must have shape [B, T, H] = {(B, T, H)}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
+    if x.device != like.device:
+        raise ValueError(f"{op}: {name} is on {x.device} but q is on {like.device}")
+    return x
+
+
+def check_state(op: str, name: str, x: Any, shape: Sequence[int], like: Tensor) -> Tensor:
+    """A state tensor of an exact shape, on ``like``'s device."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor of shape {tuple(shape)}, got {_describe(x)}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
+    if x.device != like.device:
+        raise ValueError(f"{op}: {name} is on {x.device} but q is on {like.device}")
+    return x
+
+
+def compute_dtype(*xs: Any) -> torch.dtype:
+    """The dtype the state is kept in: the promotion of the inputs' dtypes with float32."""
+    dt = torch.float32
+    for x in xs:
+        if isinstance(x, Tensor):
+            dt = torch.promote_types(dt, x.dtype)
+    return dt
+
+
+def resolve_scale(op: str, scale: float | None, K: int) -> float:
+    if scale is None:
+        return K ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a number or None (= K ** -0.5), got {_describe(scale)}")
+    return float(scale)
+
+
+def check_chunk_size(op: str, chunk_size: Any, name: str = "chunk_size") -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: {name} must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+# --------------------------------------------------------------------------------------------
+# chunk layout
+# --------------------------------------------------------------------------------------------
+
+def to_chunks(x: Tensor, C: int, dtype: torch.dtype) -> Tensor:
+    """``[B, T, H, *rest]`` -> ``[B, H, N, C, *rest]`` in ``dtype``, zero-padding T up to N*C.
+
+    Zero padding is only used where a padded token is an exact no-op for the op at hand (the
+    callers say why); it never changes the real tokens' outputs because every op is causal.
+    """
+    B, T, H = x.shape[:3]
+    rest = x.shape[3:]
+    N = -(-T // C)
+    pad = N * C - T
+    x = x.to(dtype)
+    if pad:
+        x = F.pad(x, (0, 0) * len(rest) + (0, 0, 0, pad))  # pad dim 1 (T) only
+    x = x.reshape(B, N, C, H, *rest)
+    # [B, N, C, H, *rest] -> [B, H, N, C, *rest]
+    return x.permute(0, 3, 1, 2, *range(4, 4 + len(rest))).contiguous()
+
+
+def from_chunks(x: Tensor, T: int) -> Tensor:
+    """``[B, H, N, C, *rest]`` -> ``[B, T, H, *rest]`` (drops the padding)."""
+    B, H, N, C = x.shape[:4]
+    rest = x.shape[4:]
+    x = x.permute(0, 2, 3, 1, *range(4, 4 + len(rest))).reshape(B, N * C, H, *rest)
+    return x[:, :T]
+
+
+def segment_products(a: Tensor) -> Tensor:
+    """Products of a multiplicative gate over every segment of a chunk.
+
+    ``a``: ``[..., C]`` (the gates of steps 1..C). Returns ``P``: ``[..., C+1, C+1]`` with
+    ``P[t, j] = prod_{l=j+1}^{t} a_l`` for ``0 <= j <= t <= C`` (so ``P[t, t] = 1``; index 0 is the
+    chunk start, ``P[t, 0]`` the product from the chunk start to step t) and 0 above the
+    diagonal. Computed with a cumulative product, not through logarithms, so gates that are
+    exactly 0 (a momentum switched off, a memory wiped) are exact and differentiable.
+    """
+    C = a.shape[-1]
+    a_ext = F.pad(a, (1, 0), value=1.0)  # a_ext[0] = 1: the chunk start is not a step
+    idx = torch.arange(C + 1, device=a.device)
+    later = idx[None, :] > idx[:, None]  # [j, t]: t > j
+    E = torch.where(later, a_ext.unsqueeze(-2), torch.ones((), dtype=a.dtype, device=a.device))
+    R = torch.cumprod(E, dim=-1)  # R[j, t] = prod_{l=j+1}^{t} a_l (t >= j), 1 for t < j
+    return R.transpose(-1, -2) * (~later).to(a.dtype)  # keep P[t, j] for j <= t
+
+
+def segment_products_log(g: Tensor) -> Tensor:
+    """As :func:`segment_products` for a gate given in log space (``a = exp(g)``, fla's ``g``):
+    ``P[t, j] = exp(sum_{l=j+1}^{t} g_l)``, computed as ``exp(b_t - b_j)`` of the chunk-local
+    cumulative sums, masked *before* the exponential so the upper triangle cannot overflow."""
+    b = F.pad(g.cumsum(-1), (1, 0))  # b_0 = 0 at the chunk start
+    C1 = b.shape[-1]
+    idx = torch.arange(C1, device=g.device)
+    lower = idx[:, None] >= idx[None, :]  # [t, j]
+    diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~lower, float("-inf"))
+    return diff.exp()
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """``(I + A)^{-1}`` for strictly lower-triangular ``A`` (only ``A``'s strict lower triangle is
+    read). Forward: one batched triangular solve against the identity. Backward: the closed form
+    ``dA = -T^T dT T^T`` (two matmuls), much cheaper than differentiating through the solve."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor) -> Tensor:
+        C = A.shape[-1]
+        eye = torch.eye(C, dtype=A.dtype, device=A.device).expand(A.shape)
+        T = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+        ctx.save_for_backward(T)
+        return T
+
+    @staticmethod
+    def backward(ctx, grad_T: Tensor) -> Tensor:
+        (T,) = ctx.saved_tensors
+        Tt = T.transpose(-1, -2)
+        return -(Tt @ grad_T @ Tt).tril(-1)
+
+
+def unit_lower_inverse(A: Tensor) -> Tensor:
+    """``(I + strict_lower(A))^{-1}``, batched over leading dims, differentiable (see
+    :class:`_UnitLowerInverse`). This is the ``T`` of the UT transform used by the delta-rule
+    family's chunked paths."""
+    return _UnitLowerInverse.apply(A)

@@ -1,0 +1,430 @@
+r"""The Continuum Memory System (NL section 7.1, Eq. 70-74; section 7.3).
+
+A CMS is ``n`` MLP blocks ``MLP^(1) .. MLP^(n)`` with periods ``C_1, .., C_n`` (fastest first, the
+order of Fig. 5). Block l's weights are constant inside each of its chunks (``C_l`` consecutive
+tokens from the start of the stream) and, at the end of every chunk, take one step on the sum of
+its per-token gradients over exactly that chunk, all evaluated at the chunk-start weights
+(Eq. 71 with the sum over the chunk's C_l tokens):
+
+    theta_l <- theta_l - sum_{t in chunk} eta_{l,t} grad_theta L_l(theta_l^{chunk start}; t)
+
+Reads always use the chunk-start weights (``read anchor``; the paper's definition). A ``running``
+read is not offered: with the ``surprise`` signal propagated through the chain it would make a
+token's read depend on its own write (use :func:`nldsl.runtime.deep_memory.mlp_memory` per level for
+running-read memories with given targets).
+
+Each block is ``M(x) = x + W_L act(... act(W_1 x))`` (``residual``), weights ``[d_out, d_in]`` in
+application order (see :mod:`nldsl.runtime.deep_memory`), shared by the batch (``[d_out, d_in]``:
+meta-learned Parameters or a pretrained MLP's weights, section 7.3) or per sequence
+(``[B, d_out, d_in]``). The state is always per sequence.
+
+Variants (``variant=``):
+
+* ``"sequential"`` (Eq. 70, 73): ``y = MLP^(n)(...MLP^(1)(x))``; every initial state is an
+  argument (meta-learned by the outer level through backprop).
+* ``"nested"`` (Eq. 72): the same chain, and block l is re-initialised to its initial weights
+  ``params[l]`` at every chunk boundary of the next slower block l+1, i.e. after every
+  ``C_{l+1} / C_l`` of its own chunks (the slower level's context is the faster level's episode;
+  the update block l would take at that boundary is discarded). Periods must divide each other.
+  The slowest block never resets.
+* ``"independent"`` (Eq. 74, head-wise): every block reads the same input,
+  ``y = sum_l w_l MLP^(l)(x)`` with ``agg_weights`` ``w`` (a ``[n]`` tensor, e.g. learnable; None = 1).
+
+Signal (``signal=``), i.e. what ``L_l`` is (``eta_{l,t}`` = ``lr``):
+
+* ``"values"``: ``target`` (one ``[B, T, D_out]`` tensor for every block, or one per block) is
+  regressed: ``L_l = 1/2 ||y_l - target_l||^2`` (``objective="l2"``) or ``-<y_l, target_l>``
+  (``"dot"``).
+* ``"self"``: the block regresses its own transform of the given values,
+  ``target_l = MLP^(l)_anchor(values_l)`` (``target`` holds the values, NL Eq. 87).
+* ``"surprise"``: the local surprise signal of an outer objective, ``L_l = <y_l, delta_l>`` (its
+  gradient at the block output is ``delta_l``; ``objective`` is ignored). ``delta`` is either one
+  tensor per block (``delta_l = dL/dy_l`` computed by the caller, e.g. from a first forward pass)
+  or a single ``[B, T, D]`` tensor: the surprise at the *chain output*, which the op propagates to
+  every block output through the downstream blocks at their current weights (exact local
+  surprise ``delta_l = J_{l+1}^T .. J_n^T delta``, NL section 3.3's "knowledge transfer via
+  backpropagation"; for ``independent``, ``delta_l = w_l delta``).
+
+``lr = 0`` leaves every block exactly at its initial weights: the CMS is then the static
+(pretrained) MLP chain (section 7.3). State (:class:`CmsState`): per block the current weights,
+the pending gradient sum of the current chunk and the offset inside it, so a stream split
+anywhere continues exactly. ``return_info=True`` adds a :class:`CmsInfo` with every block's
+output and the positions at which each block updated / was reset (probing the periods).
+
+Differentiability as in :mod:`nldsl.runtime.deep_memory`: writes are differentiable by default;
+``detach=True`` makes them constants (first-order "meta + delta": gradients still reach x, the
+aggregation weights and, straight through, the starting weights).
+
+Implementations: ``"reference"`` (token loop, inner gradients by ``torch.func.grad`` of the
+per-token objective, the chain-output surprise by differentiating ``<y, delta>`` through the
+whole chain) and ``"chunked"`` (a loop over the pieces between consecutive level boundaries;
+every piece is a static MLP chain batched over its tokens, with a closed-form backward whose
+rank-1 per-token gradients are summed by one matmul per layer).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from nldsl.runtime._common import compute_dtype, dispatch
+from nldsl.runtime.deep_memory import (
+    ACTIVATIONS,
+    activation,
+    check_layers,
+    mlp_backward,
+    mlp_forward,
+    output_error,
+)
+
+__all__ = ["cms_chain", "CmsState", "CmsInfo", "CmsOutput"]
+
+_OP = "cms_chain"
+
+
+class CmsState(NamedTuple):
+    """weights: per block, the current (chunk-start) weights ``[B, d_out, d_in]`` per layer;
+    grad_sum: per block, ``sum eta_t grad_t`` over the consumed tokens of the current chunk;
+    offset: per block, tokens of its current chunk already consumed."""
+
+    weights: tuple
+    grad_sum: tuple
+    offset: tuple
+
+
+class CmsInfo(NamedTuple):
+    """outputs: every block's output ``[B, T, D]``; updates / resets: per block, the token
+    indices (0-based, within this call) after which the block stepped / was re-initialised."""
+
+    outputs: tuple
+    updates: tuple
+    resets: tuple
+
+
+class CmsOutput(NamedTuple):
+    o: Tensor
+    final_state: Optional[CmsState]
+    info: Optional[CmsInfo]
+
+
+def _per_level(name: str, x, n: int, required: bool):
+    if x is None:
+        if required:
+            raise ValueError(f"{_OP}: this signal needs {name}")
+        return None
+    if isinstance(x, Tensor):
+        return [x] * n
+    x = list(x)
+    if len(x) != n:
+        raise ValueError(f"{_OP}: {name} must be one tensor or one per level ({n}), got {len(x)}")
+    return x
+
+
+def cms_chain(
+    x: Tensor,
+    params: Sequence[Sequence[Tensor]],
+    *,
+    periods: Sequence[int],
+    lr,
+    variant: str = "sequential",
+    signal: str = "surprise",
+    delta=None,
+    target=None,
+    objective: str = "l2",
+    agg_weights: Optional[Tensor] = None,
+    activation: str = "gelu",
+    residual: bool = True,
+    detach: bool = False,
+    initial_state: Optional[CmsState] = None,
+    output_final_state: bool = False,
+    return_info: bool = False,
+    impl: str = "chunked",
+) -> CmsOutput:
+    """Run a CMS over ``x [B, T, D]`` (see the module docstring).
+
+    Args:
+        params: per block, its weights in application order (``[d_out, d_in]`` or
+            ``[B, d_out, d_in]``); the initial state (and the reset value of ``nested``).
+        periods: per block, its chunk size C_l (fastest first).
+        lr: one number / ``[B, T]`` tensor for every block, or one per block.
+        variant: ``"sequential"``, ``"nested"`` or ``"independent"``.
+        signal: ``"values"``, ``"self"`` or ``"surprise"``; ``delta`` / ``target`` as described.
+        objective: ``"l2"`` or ``"dot"`` (values / self signals).
+        agg_weights: ``[n]`` weights of the independent variant's sum (None = plain sum).
+        detach: writes are constants for autograd.
+        initial_state: a :class:`CmsState` to continue a stream.
+        impl: ``"chunked"`` (default) or ``"reference"``.
+
+    Returns:
+        ``CmsOutput(o [B, T, D_out] in x's dtype, final_state or None, info or None)``.
+    """
+    fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference})
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        raise ValueError(f"{_OP}: x must be a [B, T, D] tensor")
+    B, T, D = x.shape
+    n = len(params)
+    if n < 1 or len(periods) != n:
+        raise ValueError(f"{_OP}: need one entry of periods per block ({n} blocks, {len(periods)} periods)")
+    periods = tuple(periods)
+    for p in periods:
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise ValueError(f"{_OP}: periods must be positive ints, got {periods}")
+    if variant not in ("sequential", "nested", "independent"):
+        raise ValueError(f"{_OP}: variant must be 'sequential', 'nested' or 'independent', got {variant!r}")
+    if variant == "nested" and any(periods[i + 1] % periods[i] for i in range(n - 1)):
+        raise ValueError(f"{_OP}: the nested variant needs each period to divide the next, got {periods}")
+    if signal not in ("values", "self", "surprise"):
+        raise ValueError(f"{_OP}: signal must be 'values', 'self' or 'surprise', got {signal!r}")
+    if objective not in ("l2", "dot"):
+        raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{_OP}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+    d_in = D
+    for l, ws in enumerate(params):
+        d_out = ws[-1].shape[-2]
+        check_layers(f"{_OP} (block {l})", list(ws), d_in if variant != "independent" else D, d_out, residual, 0)
+        if variant != "independent":
+            d_in = d_out
+    if variant == "independent" and len({ws[-1].shape[-2] for ws in params}) != 1:
+        raise ValueError(f"{_OP}: the independent variant sums the blocks: they need one output dim")
+
+    single_delta = signal == "surprise" and isinstance(delta, Tensor)
+    deltas = _per_level("delta", delta, n, signal == "surprise")
+    targets = _per_level("target", target, n, signal in ("values", "self"))
+    lrs = _per_level("lr", lr if isinstance(lr, (list, tuple)) else [lr] * n, n, True)
+
+    dt = compute_dtype(x, *(w for ws in params for w in ws), *(d for d in deltas or [] if isinstance(d, Tensor)),
+                       *(t for t in targets or [] if isinstance(t, Tensor)), agg_weights)
+    etas = []
+    for l, e in enumerate(lrs):
+        if isinstance(e, (int, float)) and not isinstance(e, bool):
+            etas.append(torch.full((B, T), float(e), dtype=dt, device=x.device))
+        elif isinstance(e, Tensor):
+            e = e.to(dt)
+            if e.dim() == 3 and e.shape[-1] == 1:
+                e = e.squeeze(-1)
+            if tuple(e.shape) != (B, T):
+                raise ValueError(f"{_OP}: lr of block {l} must be a number or a [B, T] tensor, got {tuple(e.shape)}")
+            etas.append(e)
+        else:
+            raise TypeError(f"{_OP}: lr of block {l} must be a number or a [B, T] tensor")
+
+    def batched(W: Tensor) -> Tensor:
+        W = W.to(dt)
+        return W.unsqueeze(0).expand(B, *W.shape) if W.dim() == 2 else W
+
+    init = [[batched(W) for W in ws] for ws in params]
+    if initial_state is not None:
+        if not isinstance(initial_state, CmsState) or len(initial_state.weights) != n:
+            raise TypeError(f"{_OP}: initial_state must be a CmsState with {n} blocks")
+        ws = [[W.to(dt) for W in lw] for lw in initial_state.weights]
+        gs = [[G.to(dt) for G in lg] for lg in initial_state.grad_sum]
+        offs = list(initial_state.offset)
+        for l, o in enumerate(offs):
+            if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o < periods[l]:
+                raise ValueError(f"{_OP}: initial_state.offset[{l}] must be an int in [0, {periods[l]}), got {o!r}")
+    else:
+        ws = [list(lw) for lw in init]
+        gs = [[torch.zeros_like(W) for W in lw] for lw in ws]
+        offs = [0] * n
+
+    xs = x.to(dt)
+    deltas = None if deltas is None else [d.to(dt) for d in deltas]
+    targets = None if targets is None else [t.to(dt) for t in targets]
+    agg = None if agg_weights is None else agg_weights.to(dt)
+    st = None
+    if detach:
+        st = [[W - W.detach() for W in lw] for lw in ws]
+        ws = [[W.detach() for W in lw] for lw in ws]
+        gs = [[G.detach() for G in lg] for lg in gs]
+        init = [[W.detach() for W in lw] for lw in init]
+        etas = [e.detach() for e in etas]
+        deltas = None if deltas is None else [d.detach() for d in deltas]
+        targets = None if targets is None else [t.detach() for t in targets]
+
+    cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective,
+               act=activation, residual=residual, detach=detach, periods=periods)
+    y, ws, gs, offs, outputs, updates, resets = fn(xs, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg)
+    state = None
+    if output_final_state:
+        state = CmsState(tuple(tuple(lw) for lw in ws), tuple(tuple(lg) for lg in gs), tuple(offs))
+    info = None
+    if return_info:
+        info = CmsInfo(tuple(o.to(x.dtype) for o in outputs), tuple(tuple(u) for u in updates),
+                       tuple(tuple(r) for r in resets))
+    return CmsOutput(y.to(x.dtype), state, info)
+
+
+def _read_weights(ws, st):
+    if st is None:
+        return ws
+    return [[W + S for W, S in zip(lw, ls)] for lw, ls in zip(ws, st)]
+
+
+def _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets):
+    """Advance every block by L tokens (the piece ended at token t + L - 1); apply updates and
+    nested resets at the boundaries reached."""
+    periods = cfg["periods"]
+    n = len(ws)
+    hit = [False] * n
+    for l in range(n):
+        offs[l] += L
+        if offs[l] == periods[l]:
+            ws[l] = [W - G for W, G in zip(ws[l], gs[l])]
+            gs[l] = [torch.zeros_like(G) for G in gs[l]]
+            offs[l] = 0
+            hit[l] = True
+            updates[l].append(t + L - 1)
+    if cfg["variant"] == "nested":
+        for l in range(n - 1):
+            if hit[l + 1]:
+                ws[l] = list(init[l])
+                gs[l] = [torch.zeros_like(G) for G in gs[l]]
+                offs[l] = 0
+                resets[l].append(t + L - 1)
+
+
+def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
+    periods, act, residual = cfg["periods"], cfg["act"], cfg["residual"]
+    variant, signal = cfg["variant"], cfg["signal"]
+    n = len(ws)
+    B, T, _ = x.shape
+    ys, outs = [], [[] for _ in range(n)]
+    updates, resets = [[] for _ in range(n)], [[] for _ in range(n)]
+    t = 0
+    while t < T:
+        L = min(T - t, min(periods[l] - offs[l] for l in range(n)))
+        sl = slice(t, t + L)
+        rws = _read_weights(ws, st)
+        # forward through the blocks with their (constant) chunk-start weights
+        inp, fw = x[:, sl], []
+        for l in range(n):
+            y, hs, ins = mlp_forward(rws[l], inp, act, residual)
+            fw.append((y, hs, ins))
+            outs[l].append(y)
+            if variant != "independent":
+                inp = y
+        if variant == "independent":
+            out = sum((fw[l][0] if agg is None else agg[l] * fw[l][0]) for l in range(n))
+        else:
+            out = fw[-1][0]
+        ys.append(out)
+        if cfg["detach"]:
+            fw = [(y.detach(), [h.detach() for h in hs], [a.detach() for a in ins]) for y, hs, ins in fw]
+        # errors at every block output, then per-layer errors
+        errs = [None] * n
+        if signal == "surprise" and cfg["single_delta"]:
+            d = deltas[0][:, sl]
+            if variant == "independent":
+                for l in range(n):
+                    e = d if agg is None else agg[l] * d
+                    errs[l] = mlp_backward(ws[l], fw[l][1], e, act)
+            else:
+                for l in range(n - 1, -1, -1):
+                    errs[l] = mlp_backward(ws[l], fw[l][1], d, act)
+                    if l:
+                        d = errs[l][0] @ ws[l][0] + (d if residual else 0)
+        else:
+            for l in range(n):
+                if signal == "surprise":
+                    eps = deltas[l][:, sl]
+                else:
+                    tgt = targets[l][:, sl]
+                    if signal == "self":
+                        tgt = mlp_forward(ws[l], tgt, act, residual)[0]
+                    eps = output_error(fw[l][0], tgt, cfg["objective"])
+                errs[l] = mlp_backward(ws[l], fw[l][1], eps, act)
+        # accumulate sum_t eta_t e_t a_t^T (one matmul per layer)
+        for l in range(n):
+            e_t = etas[l][:, sl].unsqueeze(-1)
+            gs[l] = [G + (e_t * e).transpose(-1, -2) @ a for G, e, a in zip(gs[l], errs[l], fw[l][2])]
+        _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets)
+        t += L
+    outputs = [torch.cat(o, dim=1) for o in outs]
+    return torch.cat(ys, dim=1), ws, gs, offs, outputs, updates, resets
+
+
+# --------------------------------------------------------------------------------------------
+# reference: token by token, inner gradients by torch.func
+# --------------------------------------------------------------------------------------------
+
+def _apply1(ws, x, act, residual):
+    a = x
+    for i, W in enumerate(ws):
+        a = W @ a
+        if i < len(ws) - 1:
+            a = activation(a, act)
+    return a + x if residual else a
+
+
+def _local_loss(ws, x, tgt, *, objective, act, residual):
+    y = _apply1(ws, x, act, residual)
+    if objective == "l2":
+        return 0.5 * ((y - tgt) ** 2).sum()
+    return -(y * tgt).sum()
+
+
+def _chain_surprise(all_ws, x, d, agg, *, variant, act, residual):
+    if variant == "independent":
+        y = 0
+        for l, ws in enumerate(all_ws):
+            yl = _apply1(ws, x, act, residual)
+            y = y + (yl if agg is None else agg[l] * yl)
+    else:
+        y = x
+        for ws in all_ws:
+            y = _apply1(ws, y, act, residual)
+    return (y * d).sum()
+
+
+def _reference(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
+    act, residual, variant, signal = cfg["act"], cfg["residual"], cfg["variant"], cfg["signal"]
+    n = len(ws)
+    B, T, _ = x.shape
+    ys, outs = [], [[] for _ in range(n)]
+    updates, resets = [[] for _ in range(n)], [[] for _ in range(n)]
+    local = torch.func.vmap(torch.func.grad(functools.partial(
+        _local_loss, objective="dot" if signal == "surprise" else cfg["objective"], act=act, residual=residual)))
+    joint = torch.func.vmap(
+        torch.func.grad(functools.partial(_chain_surprise, variant=variant, act=act, residual=residual)),
+        in_dims=(0, 0, 0, None),
+    )
+    for t in range(T):
+        rws = _read_weights(ws, st)
+        inp, ins = x[:, t], []
+        ylist = []
+        for l in range(n):
+            src = inp if variant != "independent" else x[:, t]
+            ins.append(src)
+            y = torch.vmap(functools.partial(_apply1, act=act, residual=residual))(tuple(rws[l]), src)
+            ylist.append(y)
+            outs[l].append(y)
+            inp = y
+        if variant == "independent":
+            ys.append(sum((ylist[l] if agg is None else agg[l] * ylist[l]) for l in range(n)))
+        else:
+            ys.append(ylist[-1])
+        if cfg["detach"]:
+            ins = [a.detach() for a in ins]
+        if signal == "surprise" and cfg["single_delta"]:
+            grads = joint(tuple(tuple(lw) for lw in ws), x[:, t].detach() if cfg["detach"] else x[:, t],
+                          deltas[0][:, t], agg.detach() if (agg is not None and cfg["detach"]) else agg)
+        else:
+            grads = []
+            for l in range(n):
+                if signal == "surprise":
+                    tgt = -deltas[l][:, t]                       # <y, delta> = -<y, -delta>
+                else:
+                    tgt = targets[l][:, t]
+                    if signal == "self":
+                        tgt = torch.vmap(functools.partial(_apply1, act=act, residual=residual))(tuple(ws[l]), tgt)
+                grads.append(local(tuple(ws[l]), ins[l], tgt))
+        for l in range(n):
+            e = etas[l][:, t, None, None]
+            gs[l] = [G + e * g for G, g in zip(gs[l], grads[l])]
+        _boundaries(1, t, ws, gs, offs, init, cfg, updates, resets)
+    outputs = [torch.stack(o, dim=1) for o in outs]
+    return torch.stack(ys, dim=1), ws, gs, offs, outputs, updates, resets

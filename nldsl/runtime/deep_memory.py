@@ -1,0 +1,603 @@
+r"""Deep (MLP) associative memories trained in context by gradient steps (Titans / NL section 6).
+
+One memory per head: a small MLP on ``D``-dimensional vectors,
+
+    M(x) = x + W_L act( ... act(W_2 act(W_1 x)) ... )        (residual=True; depth L >= 1)
+
+with the weights given **in application order**: ``params[0]`` is the input-side matrix
+(``[d_1, K]``; the paper's ``W_2`` in Eq. 89 ``M(x) = x + W_1 s(W_2 x)``), ``params[-1]`` the
+output-side one (``[V, d_{L-1}]``, the paper's ``W_1``). No biases (Eq. 89 has none). ``residual``
+needs ``K == V``. Activations: gelu (exact erf), silu, relu, tanh, identity.
+
+Objective on a pair (k_t, v_t), per token (``objective=``):
+
+* ``"l2"``:  ``1/2 ||M(k_t) - v_t||^2``   (gradient at the output ``M(k_t) - v_t``; the 1/2 is the
+  convention of Eq. 93 and of :func:`nldsl.runtime.dgd`, so a depth-1 non-residual memory with
+  ``rule="dgd"`` is exactly that op's matrix memory)
+* ``"dot"``: ``-<M(k_t), v_t>``           (gradient at the output ``-v_t``; the Hebbian memory of
+  Eq. 64; with ``v = -delta`` this is the local-surprise objective ``<M(k), delta>`` of section 3)
+
+Signal (``signal=``): ``"values"``: the target is ``v_t`` as given; ``"self"``: the memory
+generates its own target ``v^_t = M_a(v_t)`` from the anchor state (NL Eq. 87; v must then have
+the input dim K). The inner gradient treats the target as a constant; the outer gradient flows
+through it (unless ``detach``).
+
+Update per token t (all per sequence and head; ``g_{i,t} = grad_{W_i} L(M_a; k_t, v_t)`` is taken
+at the **anchor** state ``M_a``, the state at the start of t's chunk):
+
+    u_{i,t} = -eta_t g_{i,t}                            (a rank-1 matrix: -eta_t e_{i,t} a_{i,t}^T)
+    R_{i,t} = u_{i,t}                                   (no momentum)
+    R_{i,t} = S_{i,t} = beta_t S_{i,t-1} + u_{i,t}      (momentum: Titans Eq. 9-10, NL signs)
+    rule="gd":  W_{i,t} = alpha_t W_{i,t-1} + R_{i,t}
+    rule="dgd": W_{1,t} = W_{1,t-1} (alpha_t I - eta_t k_t k_t^T) + R_{1,t}     (input-side matrix)
+                W_{i,t} = alpha_t W_{i,t-1} + R_{i,t}                          (i > 1)
+
+``alpha`` is the retention (keep) factor (None = 1, no decay), ``beta_momentum`` the momentum
+decay (None = no momentum buffer at all). The DGD erase multiplies the *running* state
+``W_{t-1}`` (as printed in Eq. 90) while the gradient uses the anchor; it acts on the input-side
+matrix because that is the only one whose input is ``k_t`` (paper-equations.md section 12 item 4,
+the choice of specs/hope.nl). With ``chunk_size=1`` everything is the exact per-token recurrence.
+
+Chunks and reads. Tokens are grouped in chunks of ``chunk_size`` consecutive tokens from the start
+of the stream. ``read="anchor"``: token t reads ``o_t = M_a(scale q_t)`` (read-before-write; with
+C=1 this is ``M_{t-1}``, NL Eq. 86/90). ``read="running"``: token t reads the state after its own
+write, ``M_t`` (the anchor plus the writes of the tokens of its chunk up to t: Titans' mini-batch
+dual form; with C=1, ``M_t``). ``scale`` defaults to 1 (an MLP memory is nonlinear, so the
+``K ** -0.5`` query scaling of the linear ops is not a neutral default).
+
+State (:class:`DeepMemoryState`): the current weights, the anchor weights, the momentum buffers
+and the offset inside the current chunk, all batched per sequence ``[B, H, d_out, d_in]`` (never
+shared across the batch, never Parameters). A partial chunk at the end of a call is carried
+(anchor + offset), so splitting a stream anywhere and passing the state back is exactly one pass.
+
+Differentiability. By default writes are differentiable: outer gradients flow through every
+inner update into the initial weights (meta-learned ``params``), k, v, eta, alpha, beta and q
+(second order through the inner gradients). ``detach=True`` makes the writes constants for
+autograd ("meta + delta", first order): the read weights are ``W_base + (W_t - W_base).detach()``,
+so outer gradients reach q and, straight through, the call's starting weights, but nothing flows
+through any write (k, v, eta, alpha, beta get no gradient). Pass ``params.detach()`` to block
+the initial weights as well.
+
+Implementations (``impl=``):
+
+* ``"reference"``: an explicit token loop; the inner gradients come from ``torch.func.grad`` of the
+  per-token loss (independent of the closed-form backward the chunked path uses).
+* ``"chunked"`` (default): a Python loop over chunks only. Per chunk, the gradients of all C
+  tokens at the anchor come from a closed-form backward of the MLP batched over
+  batch x heads x tokens. Each per-token gradient of a layer is rank-1 (``e a^T``), so momentum and
+  retention become scalar coefficient matrices over the chunk (products of gates via
+  :func:`segment_products`: ``W_t = A_t W_0 + m_t S_0 + sum_j c[t, j] u_j``), and the DGD erase is
+  solved for the whole chunk by a unit lower-triangular system (the UT transform of the delta
+  rule, see below). Running reads never build a weight per token: ``W_t z = A_t W_0 z + m_t S_0 z
+  + sum_j c[t, j] (a_j . z) (-eta_j e_j) (+ DGD term)``, i.e. masked ``[C, C]`` matmuls. For a
+  layer ``[d_out, d_in]`` and chunk C this keeps ``C (C + d_out + d_in)`` numbers per head instead
+  of the ``C d_out d_in`` of a weight copy per token (d=32, hidden 128, C=64: ~15k vs ~262k floats
+  per head and layer, 17x less; and nothing is stored per token for the end-of-chunk state).
+  Only the anchor weights of each chunk are kept (autograd needs them for the backward).
+
+DGD inside a chunk. Write ``X`` for the input-side matrix, chunk start ``X_0`` (the running state
+the chunk enters with), ``P[t, j] = prod_{l=j+1}^t alpha_l``. Since
+``X_t = alpha_t X_{t-1} + h_t k_t^T + R_t`` with ``h_t = -eta_t X_{t-1} k_t``, unrolling gives
+``X_t = P[t,0] X_0 + m_t S_0 + sum_{j<=t} (c[t,j] u_j + P[t,j] h_j k_j^T)``; the ``h_j`` solve
+
+    (I + diag(eta) (P[t-1, j] k_t . k_j)_{j<t}) h
+        = -diag(eta) (P[t-1, 0] K X_0^T + m_{t-1} K S_0^T + (c[t-1, j] k_t . k_j)_{j<t} U)
+
+with ``U = (-eta_j e_j)_j``: one batched triangular solve per chunk.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nldsl.runtime._common import (
+    MemoryOutput,
+    check_chunk_size,
+    compute_dtype,
+    dispatch,
+    segment_products,
+    unit_lower_inverse,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "DeepMemoryState",
+    "mlp_memory",
+    "mlp_apply",
+    "activation",
+    "activation_grad",
+]
+
+_OP = "mlp_memory"
+ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+class DeepMemoryState(NamedTuple):
+    """The carried state of :func:`mlp_memory` (all tensors ``[B, H, d_out, d_in]`` per layer).
+
+    weights: the current (running) weights; anchor: the weights the current chunk's gradients
+    are taken at (== weights when ``offset == 0``); momentum: the momentum buffers (None when
+    the op runs without momentum); offset: tokens of the current chunk already consumed.
+    """
+
+    weights: tuple
+    anchor: tuple
+    momentum: Optional[tuple]
+    offset: int
+
+
+# --------------------------------------------------------------------------------------------
+# activations and the MLP (batched: weights [N, d_out, d_in], inputs [N, L, d_in])
+# --------------------------------------------------------------------------------------------
+
+def activation(x: Tensor, name: str) -> Tensor:
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "silu":
+        return F.silu(x)
+    if name == "relu":
+        return F.relu(x)
+    if name == "tanh":
+        return torch.tanh(x)
+    if name == "identity":
+        return x
+    raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+
+
+def activation_grad(x: Tensor, name: str) -> Tensor:
+    """d act / dx, written out so that it is itself differentiable (second-order outer grads)."""
+    if name == "gelu":
+        return 0.5 * (1.0 + torch.erf(x * _SQRT1_2)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    if name == "silu":
+        s = torch.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    if name == "relu":
+        return (x > 0).to(x.dtype)
+    if name == "tanh":
+        return 1.0 - torch.tanh(x) ** 2
+    if name == "identity":
+        return torch.ones_like(x)
+    raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+
+
+def mlp_forward(ws: Sequence[Tensor], x: Tensor, act: str, residual: bool):
+    """``(y, hidden pre-activations, per-layer inputs)`` of the MLP on ``x [N, L, d_in]``."""
+    hs, ins = [], []
+    a = x
+    y = x
+    for i, W in enumerate(ws):
+        ins.append(a)
+        h = a @ W.transpose(-1, -2)
+        if i < len(ws) - 1:
+            hs.append(h)
+            a = activation(h, act)
+        else:
+            y = h
+    if residual:
+        y = y + x
+    return y, hs, ins
+
+
+def mlp_apply(ws: Sequence[Tensor], x: Tensor, act: str = "gelu", residual: bool = True) -> Tensor:
+    """``M(x)`` for weights ``[..., d_out, d_in]`` (application order) and ``x [..., L, d_in]``."""
+    return mlp_forward(ws, x, act, residual)[0]
+
+
+def mlp_backward(ws: Sequence[Tensor], hs: Sequence[Tensor], eps: Tensor, act: str) -> list[Tensor]:
+    """Errors ``e_i = dL/d(pre-activation of layer i)`` for an output gradient ``eps``; the weight
+    gradient of layer i for one token is ``e_i a_i^T`` (``a_i`` = the layer's input)."""
+    n = len(ws)
+    es: list = [None] * n
+    d = eps
+    es[n - 1] = d
+    for i in range(n - 1, 0, -1):
+        d = (d @ ws[i]) * activation_grad(hs[i - 1], act)
+        es[i - 1] = d
+    return es
+
+
+def output_error(y: Tensor, target: Tensor, objective: str) -> Tensor:
+    if objective == "l2":
+        return y - target
+    if objective == "dot":
+        return -target
+    raise ValueError(f"unknown objective {objective!r}; valid: 'l2', 'dot'")
+
+
+# --------------------------------------------------------------------------------------------
+# one chunk (or a piece of one) of writes and reads: the engine shared with self_modifying.py
+# --------------------------------------------------------------------------------------------
+
+def _lower_ones(L: int, like: Tensor) -> Tensor:
+    return torch.ones(L + 1, L + 1, dtype=like.dtype, device=like.device).tril()
+
+
+def chunk_step(
+    ws: Sequence[Tensor],
+    ms: Optional[Sequence[Tensor]],
+    anchor: Sequence[Tensor],
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    alpha: Optional[Tensor],
+    beta: Optional[Tensor],
+    q: Optional[Tensor],
+    *,
+    objective: str,
+    signal: str,
+    rule: str,
+    act: str,
+    residual: bool,
+    read: str,
+    st: Optional[Sequence[Tensor]] = None,
+):
+    """Run L <= C consecutive tokens that share one anchor.
+
+    ws/ms: running weights/momentum entering the piece (``[N, do, di]``); anchor: the anchor
+    weights; k ``[N, L, K]``, v ``[N, L, *]``, eta/alpha/beta ``[N, L]`` (alpha/beta may be None),
+    q ``[N, L, K]`` or None (no read). ``st``: straight-through terms added to the read weights
+    (detach mode). Returns ``(o or None, ws_end, ms_end)``.
+    """
+    L = k.shape[1]
+    # gradients of all L tokens at the anchor (closed-form backward, batched)
+    y, hs, ins = mlp_forward(anchor, k, act, residual)
+    target = mlp_forward(anchor, v, act, residual)[0] if signal == "self" else v
+    es = mlp_backward(anchor, hs, output_error(y, target, objective), act)
+    Us = [-eta.unsqueeze(-1) * e for e in es]                      # u_j = U_j a_j^T
+
+    # gate coefficients over the piece (index 0 = piece start, see segment_products)
+    Pa = segment_products(alpha) if alpha is not None else _lower_ones(L, k)
+    Da, A = Pa[..., 1:, 1:], Pa[..., 1:, 0]                        # P[t, j], P[t, 0]
+    if ms is not None:
+        Pb = segment_products(beta)
+        Db, Bv = Pb[..., 1:, 1:], Pb[..., 1:, 0]
+        Q = Pa @ Pb
+        c, c_prev = Q[..., 1:, 1:], Q[..., :-1, 1:]                # sum_j P_a[t,j] P_b[j,l]
+        m = (Da @ Bv.unsqueeze(-1)).squeeze(-1)                   # coefficient of S_0 in W_t
+        m_prev = F.pad(m[..., :-1], (1, 0))
+    else:
+        c, c_prev = Da, Pa[..., :-1, 1:]
+
+    # per layer: the write terms as (coefficient [.., L, L], left vectors [N, L, do]) pairs,
+    # all with right vectors ins[i]
+    pairs = []
+    for i, a in enumerate(ins):
+        pr = [(c, Us[i])]
+        if rule == "dgd" and i == 0:
+            KK = a @ a.transpose(-1, -2)                           # k_t . k_j
+            rhs = Pa[..., :-1, 0].unsqueeze(-1) * (a @ ws[0].transpose(-1, -2)) + (c_prev * KK) @ Us[0]
+            if ms is not None:
+                rhs = rhs + m_prev.unsqueeze(-1) * (a @ ms[0].transpose(-1, -2))
+            e_col = eta.unsqueeze(-1)
+            Tinv = unit_lower_inverse(e_col * (Pa[..., :-1, 1:] * KK))
+            h = Tinv @ (-e_col * rhs)
+            pr.append((Da, h))
+        pairs.append(pr)
+
+    def coef_last(coef: Tensor) -> Tensor:
+        return coef[..., -1, :].unsqueeze(-1)                      # [.., L, 1]
+
+    # end-of-piece state
+    ws_end, ms_end = [], None
+    A_last = A[..., -1].unsqueeze(-1).unsqueeze(-1)
+    for i, a in enumerate(ins):
+        W = A_last * ws[i]
+        for coef, left in pairs[i]:
+            W = W + (coef_last(coef) * left).transpose(-1, -2) @ a
+        if ms is not None:
+            W = W + m[..., -1].unsqueeze(-1).unsqueeze(-1) * ms[i]
+        ws_end.append(W)
+    if ms is not None:
+        B_last = Bv[..., -1].unsqueeze(-1).unsqueeze(-1)
+        ms_end = [B_last * ms[i] + (coef_last(Db) * Us[i]).transpose(-1, -2) @ a for i, a in enumerate(ins)]
+
+    # reads
+    o = None
+    if q is not None:
+        if read == "anchor":
+            rw = anchor if st is None else [w + s for w, s in zip(anchor, st)]
+            o = mlp_forward(rw, q, act, residual)[0]
+        else:
+            z = q
+            n = len(ins)
+            for i, a in enumerate(ins):
+                pre = A.unsqueeze(-1) * (z @ ws[i].transpose(-1, -2))
+                za = z @ a.transpose(-1, -2)                       # a_j . z_t   [N, L, L]
+                for coef, left in pairs[i]:
+                    pre = pre + (coef * za) @ left
+                if ms is not None:
+                    pre = pre + m.unsqueeze(-1) * (z @ ms[i].transpose(-1, -2))
+                if st is not None:
+                    pre = pre + z @ st[i].transpose(-1, -2)
+                z = activation(pre, act) if i < n - 1 else pre
+            o = z + q if residual else z
+    return o, ws_end, ms_end
+
+
+# --------------------------------------------------------------------------------------------
+# argument handling
+# --------------------------------------------------------------------------------------------
+
+def _gate(name: str, x, B: int, T: int, H: int, like: Tensor) -> Tensor:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return torch.full((B, T, H), float(x), dtype=like.dtype, device=like.device)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{_OP}: {name} must be a [B, T, H] tensor or a number, got {type(x).__name__}")
+    if x.dim() == 4 and x.shape[-1] == 1:
+        x = x.squeeze(-1)
+    if tuple(x.shape) != (B, T, H):
+        raise ValueError(f"{_OP}: {name} must have shape [B, T, H] = {(B, T, H)}, got {tuple(x.shape)}")
+    return x
+
+
+def check_layers(op: str, ws: Sequence[Tensor], d_in: int, d_out: int, residual: bool, lead: int):
+    """Check a weight chain ``[..., d_1, d_in], ..., [..., d_out, d_{L-1}]`` with ``lead`` or
+    ``lead + 1`` leading dims (shared or per batch)."""
+    if not isinstance(ws, (list, tuple)) or len(ws) < 1:
+        raise TypeError(f"{op}: params must be a non-empty sequence of weight tensors (application order)")
+    prev = d_in
+    for i, W in enumerate(ws):
+        if not isinstance(W, Tensor) or W.dim() not in (lead + 2, lead + 3):
+            raise ValueError(f"{op}: params[{i}] must be a tensor with {lead + 2} or {lead + 3} dims")
+        if W.shape[-1] != prev:
+            raise ValueError(
+                f"{op}: params[{i}] has input dim {W.shape[-1]}, expected {prev} (weights are "
+                "[d_out, d_in] in application order)"
+            )
+        prev = W.shape[-2]
+    if prev != d_out:
+        raise ValueError(f"{op}: the last layer has output dim {prev}, expected {d_out}")
+    if residual and d_in != d_out:
+        raise ValueError(f"{op}: residual=True needs input dim == output dim, got {d_in} and {d_out}")
+
+
+def _to_heads(W: Tensor, B: int, H: int, dt) -> Tensor:
+    """[H, do, di] or [B, H, do, di] -> [B*H, do, di]."""
+    W = W.to(dt)
+    if W.dim() == 3:
+        W = W.unsqueeze(0).expand(B, *W.shape)
+    return W.reshape(B * H, W.shape[-2], W.shape[-1])
+
+
+def _from_heads(W: Tensor, B: int, H: int) -> Tensor:
+    return W.reshape(B, H, W.shape[-2], W.shape[-1])
+
+
+def mlp_memory(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta,
+    alpha=None,
+    beta_momentum=None,
+    *,
+    params: Optional[Sequence[Tensor]] = None,
+    chunk_size: int,
+    read: str = "anchor",
+    objective: str = "l2",
+    rule: str = "gd",
+    signal: str = "values",
+    activation: str = "gelu",
+    residual: bool = True,
+    scale: float = 1.0,
+    detach: bool = False,
+    initial_state: Optional[DeepMemoryState] = None,
+    output_final_state: bool = False,
+    impl: str = "chunked",
+) -> MemoryOutput:
+    """An MLP memory per head, written by in-context gradient steps (see the module docstring).
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (``[B, T, H, K]`` with ``signal="self"``).
+        eta: step size ``[B, T, H]`` or a number. alpha: retention ``[B, T, H]``, a number, or None
+            (no decay). beta_momentum: momentum decay ``[B, T, H]``, a number, or None (no
+            momentum). Gates that multiply (alpha, beta) may be 0 exactly.
+        params: initial weights in application order, each ``[H, d_out, d_in]`` (shared by the
+            batch, e.g. meta-learned Parameters) or ``[B, H, d_out, d_in]``. Required unless
+            ``initial_state`` is given (which then takes precedence).
+        chunk_size: C, the anchor period (part of the semantics).
+        read: ``"anchor"`` or ``"running"``. objective: ``"l2"`` or ``"dot"``. rule: ``"gd"`` or
+            ``"dgd"``. signal: ``"values"`` or ``"self"``.
+        activation, residual: the MLP's. scale: multiplies q before the read (default 1).
+        detach: writes are constants for autograd (first-order "meta + delta").
+        initial_state: a :class:`DeepMemoryState` to continue a stream.
+        output_final_state: return the :class:`DeepMemoryState`.
+        impl: ``"chunked"`` (default) or ``"reference"``.
+
+    Returns:
+        ``MemoryOutput(o [B, T, H, V] in q's dtype, final_state or None)``.
+    """
+    fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference})
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"{_OP}: {name} must be a [B, T, H, D] tensor")
+    B, T, H, K = q.shape
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{_OP}: q, k must be [B, T, H, K] and v [B, T, H, V] with the same B, T, H")
+    C = check_chunk_size(_OP, chunk_size)
+    if read not in ("anchor", "running"):
+        raise ValueError(f"{_OP}: read must be 'anchor' or 'running', got {read!r}")
+    if objective not in ("l2", "dot"):
+        raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
+    if rule not in ("gd", "dgd"):
+        raise ValueError(f"{_OP}: rule must be 'gd' or 'dgd', got {rule!r}")
+    if signal not in ("values", "self"):
+        raise ValueError(f"{_OP}: signal must be 'values' or 'self', got {signal!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{_OP}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if signal == "self" and v.shape[-1] != K:
+        raise ValueError(f"{_OP}: signal='self' feeds v to the memory: v needs the key dim {K}")
+
+    if initial_state is not None:
+        if not isinstance(initial_state, DeepMemoryState):
+            raise TypeError(f"{_OP}: initial_state must be a DeepMemoryState")
+        off = initial_state.offset
+        if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off < C:
+            raise ValueError(f"{_OP}: initial_state.offset must be an int in [0, {C}), got {off!r}")
+        base = initial_state.weights
+    else:
+        if params is None:
+            raise ValueError(f"{_OP}: pass params (the initial weights) or initial_state")
+        base = tuple(params)
+        off = 0
+    V = base[-1].shape[-2]
+    check_layers(_OP, base, K, V, residual, 1)
+    if V != v.shape[-1] and signal == "values":
+        raise ValueError(f"{_OP}: the memory outputs {V} dims but v has {v.shape[-1]}")
+
+    eta = _gate("eta", eta, B, T, H, q)
+    alpha = None if alpha is None else _gate("alpha", alpha, B, T, H, q)
+    beta = None if beta_momentum is None else _gate("beta_momentum", beta_momentum, B, T, H, q)
+    dt = compute_dtype(q, k, v, eta, alpha, beta, *base)
+
+    def seq(x):  # [B, T, H, *] -> [B*H, T, *]
+        x = x.to(dt)
+        return x.transpose(1, 2).reshape(B * H, T, *x.shape[3:])
+
+    ws = [_to_heads(W, B, H, dt) for W in base]
+    if initial_state is not None:
+        anchor = [_to_heads(W, B, H, dt) for W in initial_state.anchor]
+        if beta is not None:
+            ms = (
+                [_to_heads(M, B, H, dt) for M in initial_state.momentum]
+                if initial_state.momentum is not None
+                else [torch.zeros_like(W) for W in ws]
+            )
+        else:
+            ms = None
+    else:
+        anchor = list(ws)
+        ms = [torch.zeros_like(W) for W in ws] if beta is not None else None
+
+    qs, ks, vs, es = seq(q) * scale, seq(k), seq(v), seq(eta)
+    al = None if alpha is None else seq(alpha)
+    be = None if beta is None else seq(beta)
+    st = None
+    if detach:
+        st = [W - W.detach() for W in ws]
+        ws = [W.detach() for W in ws]
+        anchor = [W.detach() for W in anchor]
+        ms = None if ms is None else [M.detach() for M in ms]
+        ks, vs, es = ks.detach(), vs.detach(), es.detach()
+        al = None if al is None else al.detach()
+        be = None if be is None else be.detach()
+
+    cfg = dict(objective=objective, signal=signal, rule=rule, act=activation, residual=residual, read=read)
+    o, ws, anchor, ms, off = fn(qs, ks, vs, es, al, be, ws, anchor, ms, off, C, cfg, st)
+    o = o.reshape(B, H, T, -1).transpose(1, 2).to(q.dtype)
+    state = None
+    if output_final_state:
+        state = DeepMemoryState(
+            tuple(_from_heads(W, B, H) for W in ws),
+            tuple(_from_heads(W, B, H) for W in anchor),
+            None if ms is None else tuple(_from_heads(M, B, H) for M in ms),
+            off,
+        )
+    return MemoryOutput(o, state)
+
+
+# --------------------------------------------------------------------------------------------
+# implementations (inputs already [N, T, *] in the compute dtype)
+# --------------------------------------------------------------------------------------------
+
+def segment_lengths(T: int, offsets_periods) -> list[int]:
+    """Lengths of the consecutive pieces of a T-token call that cross no chunk boundary of any
+    of the ``(offset, period)`` clocks."""
+    offs = [o for o, _ in offsets_periods]
+    lens = []
+    t = 0
+    while t < T:
+        L = min([T - t] + [C - o for o, (_, C) in zip(offs, offsets_periods)])
+        lens.append(L)
+        offs = [(o + L) % C for o, (_, C) in zip(offs, offsets_periods)]
+        t += L
+    return lens
+
+
+def split_time(x: Optional[Tensor], lens: list[int]):
+    """Split ``[N, T, ...]`` along time once (one SplitBackward node instead of a slice per
+    piece, whose backward would allocate a full-length gradient every time)."""
+    if x is None:
+        return [None] * len(lens)
+    return list(x.split(lens, dim=1))
+
+
+def _chunked(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st):
+    lens = segment_lengths(q.shape[1], [(off, C)])
+    pieces = zip(*(split_time(z, lens) for z in (q, k, v, eta, alpha, beta)))
+    outs = []
+    for L, (qp, kp, vp, ep, ap, bp) in zip(lens, pieces):
+        if off == 0:
+            anchor = ws
+        o, ws, ms = chunk_step(ws, ms, anchor, kp, vp, ep, ap, bp, qp, st=st, **cfg)
+        outs.append(o)
+        off = (off + L) % C
+    if off == 0:
+        anchor = ws
+    return torch.cat(outs, dim=1), ws, anchor, ms, off
+
+
+def _single_loss(ws, x, target, *, objective, act, residual):
+    """Per-token loss for one sequence-head (weights [do, di], x [di]) for torch.func.grad."""
+    a = x
+    for i, W in enumerate(ws):
+        a = W @ a
+        if i < len(ws) - 1:
+            a = activation(a, act)
+    y = a + x if residual else a
+    if objective == "l2":
+        return 0.5 * ((y - target) ** 2).sum()
+    return -(y * target).sum()
+
+
+def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st):
+    act, residual, rule, read = cfg["act"], cfg["residual"], cfg["rule"], cfg["read"]
+    loss = functools.partial(_single_loss, objective=cfg["objective"], act=act, residual=residual)
+    grad_fn = torch.func.vmap(torch.func.grad(loss))
+    ws, anchor = tuple(ws), tuple(anchor)
+    ms = None if ms is None else tuple(ms)
+    T = q.shape[1]
+    outs = []
+
+    def read_with(weights, x):
+        if st is not None:
+            weights = [w + s for w, s in zip(weights, st)]
+        return mlp_forward(weights, x.unsqueeze(1), act, residual)[0].squeeze(1)
+
+    for t in range(T):
+        if off == 0:
+            anchor = ws
+        kt, vt = k[:, t], v[:, t]
+        if cfg["signal"] == "self":
+            vt = mlp_forward(anchor, vt.unsqueeze(1), act, residual)[0].squeeze(1)
+        grads = grad_fn(anchor, kt, vt)
+        if read == "anchor":
+            outs.append(read_with(anchor, q[:, t]))
+        e = eta[:, t, None, None]
+        a = 1.0 if alpha is None else alpha[:, t, None, None]
+        new_ws, new_ms = [], []
+        for i, (W, g) in enumerate(zip(ws, grads)):
+            r = -e * g
+            if ms is not None:
+                r = beta[:, t, None, None] * ms[i] + r
+                new_ms.append(r)
+            if rule == "dgd" and i == 0:
+                W = a * W - e * (W @ kt.unsqueeze(-1)) * kt.unsqueeze(-2) + r
+            else:
+                W = a * W + r
+            new_ws.append(W)
+        ws = tuple(new_ws)
+        ms = tuple(new_ms) if ms is not None else None
+        if read == "running":
+            outs.append(read_with(ws, q[:, t]))
+        off = (off + 1) % C
+    if off == 0:
+        anchor = ws
+    return torch.stack(outs, dim=1), ws, anchor, ms, off

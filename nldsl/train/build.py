@@ -1,0 +1,206 @@
+"""From a spec (or a hand-written model file) to a model instance and its optimizer.
+
+``build_model(spec_path, overrides)`` compiles the spec with ``nldsl.compile`` and
+instantiates its model class with keyword overrides. A ``.py`` file is accepted as well
+(``path/to/model.py`` or ``path/to/model.py:ClassName``): it is imported and its
+:class:`~nldsl.nn.model.NSAMModel` subclass is used, which lets a user train a hand-written
+model with the same loop (and the tests do not depend on the compiler).
+
+Every failure is raised as :class:`BuildError` with a message meant for the user; a spec with
+errors raises ``nldsl.SpecError`` (its diagnostics render at the spec's text).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class BuildError(Exception):
+    """The model or optimizer cannot be built; the message says why, for the user."""
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"dim=64"`` -> ``("dim", 64)``: Python literals (int, float, bool, None, tuples, quoted
+    strings) are parsed; anything else stays a string (``act=gelu`` -> ``"gelu"``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise BuildError(f"override {text!r} is not of the form key=value (for example dim=64)")
+    raw = raw.strip()
+    lowered = {"true": True, "false": False, "none": None, "null": None}
+    if raw.lower() in lowered:
+        return key, lowered[raw.lower()]
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
+
+
+def parse_overrides(items) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or ():
+        k, v = parse_override(item)
+        out[k] = v
+    return out
+
+
+def _import_py(path: Path):
+    name = f"nldsl_user_model_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise BuildError(f"{path}: cannot import this file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise BuildError(f"{path}: importing it failed: {type(e).__name__}: {e}") from e
+    return module
+
+
+def _compile_spec(path: Path):
+    import nldsl
+
+    compile_fn = getattr(nldsl, "compile", None)
+    if compile_fn is None:
+        raise BuildError(
+            f"{path}: this install of nldsl has no model compiler yet (nldsl.compile is missing), "
+            "so specs cannot be trained; a hand-written model file works meanwhile: "
+            "nldsl run path/to/model.py:ClassName")
+    return compile_fn(str(path))  # nldsl.SpecError propagates: the caller renders diagnostics
+
+
+def model_classes(module) -> list[type]:
+    """The NSAMModel subclasses a module defines, in definition order."""
+    from nldsl.nn.model import NSAMModel
+
+    out = []
+    for value in vars(module).values():
+        if (inspect.isclass(value) and issubclass(value, NSAMModel) and value is not NSAMModel
+                and value.__module__ == module.__name__):
+            out.append(value)
+    return out
+
+
+def resolve_class(spec: str, name: str | None = None):
+    """The model class for ``spec`` (``file.nl``, ``file.py`` or ``file.py:Class``)."""
+    path_text, cls_name = spec, name
+    if ":" in spec and not Path(spec).exists():
+        path_text, _, suffix = spec.rpartition(":")
+        cls_name = cls_name or suffix
+    path = Path(path_text)
+    if not path.exists():
+        raise BuildError(f"{path}: no such file")
+    if path.is_dir():
+        raise BuildError(f"{path}: is a directory, not a spec file")
+    module = _import_py(path) if path.suffix == ".py" else _compile_spec(path)
+    classes = model_classes(module)
+    if cls_name:
+        for c in classes:
+            if c.__name__ == cls_name:
+                return c
+        have = ", ".join(c.__name__ for c in classes) or "none"
+        raise BuildError(f"{path} has no model named {cls_name!r} (models: {have})")
+    if not classes:
+        raise BuildError(f"{path} defines no model (an optimizer-only spec cannot be trained)")
+    return classes[0]
+
+
+def accepted_keywords(cls) -> list[str] | None:
+    """The keyword arguments the model class takes, or None when it takes ``**kwargs``."""
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return None
+    names = []
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+    return names
+
+
+def instantiate(cls, overrides: dict[str, Any]):
+    """``cls(**overrides)`` with the failure explained: an unknown key (with did-you-mean) or a
+    size the model cannot be built at (``dim`` not divisible by ``heads``, ...)."""
+    from nldsl.diagnostics import suggest
+
+    accepted = accepted_keywords(cls)
+    if accepted is not None:
+        for key in overrides:
+            if key not in accepted:
+                raise BuildError(f"{cls.__name__} has no setting {key!r}; "
+                                 f"{suggest(key, accepted, 'settings')}")
+    shown = " ".join(f"{k}={v!r}" for k, v in overrides.items()) or "its spec's values"
+    try:
+        return cls(**overrides)
+    except Exception as e:  # the model rejects this size: say which and why, never a traceback
+        raise BuildError(f"cannot build {cls.__name__} with {shown}: {e}") from e
+
+
+def model_info(model, overrides: dict[str, Any]) -> dict[str, Any]:
+    cls = type(model)
+    cfg = getattr(model, "config", None)
+    return {
+        "class": cls.__name__,
+        "spec_file": getattr(cls, "spec_file", "") or "",
+        "spec_hash": getattr(cls, "spec_hash", "") or "",
+        "optimizer": getattr(cls, "optimizer", None),
+        "levels": [str(lv) for lv in getattr(cls, "levels", ())],
+        "overrides": dict(overrides),
+        "vocab": getattr(cfg, "vocab", None),
+        "dim": getattr(cfg, "dim", None),
+        "layers": getattr(cfg, "layers", None),
+        "context": getattr(cfg, "context", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def build_model(spec_path: str, overrides: dict[str, Any] | None = None, *, name: str | None = None):
+    """``(model, info)`` for the spec's model class built with keyword ``overrides``."""
+    overrides = dict(overrides or {})
+    cls = resolve_class(str(spec_path), name)
+    model = instantiate(cls, overrides)
+    return model, model_info(model, overrides)
+
+
+# -- optimizer ---------------------------------------------------------------------------------
+def optimizer_class(name: str | None):
+    """The optimizer class for the spec's ``optimizer = NAME``.
+
+    Switching to compiled optimizer specs is this one function: return
+    ``nldsl.compile("specs/adam.nl").AdamW`` (same constructor as torch.optim.AdamW).
+    Names without a torch counterpart fall back to AdamW, and the caller says so.
+    """
+    import torch
+
+    table = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD,
+             "Adagrad": torch.optim.Adagrad, "AdaGrad": torch.optim.Adagrad}
+    if name in table:
+        return table[name], True
+    return torch.optim.AdamW, name is None
+
+
+def make_optimizer(model, name: str | None, lr: float, weight_decay: float):
+    """The spec's optimizer over ``model``'s parameters; weight decay only on matrices."""
+    cls, exact = optimizer_class(name)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs: dict[str, Any] = {"lr": lr}
+    if cls.__name__ == "SGD":
+        kwargs["momentum"] = 0.9
+    opt = cls([g for g in groups if g["params"]], **kwargs)
+    used = cls.__name__
+    note = None if exact else (f"the spec's optimizer {name!r} is not available as a compiled "
+                               f"optimizer yet; training with torch.optim.AdamW")
+    return opt, used, note

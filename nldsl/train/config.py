@@ -1,0 +1,95 @@
+"""The settings of one training run, and the presets that fill what the user did not set."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+
+# What a preset sets. Explicit flags and key=value overrides always win over a preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # small enough to train and evaluate a model on a 2-core CPU in a few minutes, large enough
+    # that attention-like memories learn 8-pair MQAR well above chance in a few hundred steps
+    "cpu-demo": {
+        "model": {"dim": 64, "layers": 2},
+        "seq_len": 128, "batch": 32, "steps": 400, "lr": 3e-3, "warmup": 40,
+        "pairs": 8, "eval_every": 50, "eval_seqs": 256, "log_every": 10,
+    },
+    # the spec's own sizes and context; for a GPU
+    "full": {
+        "model": {},
+        "seq_len": None, "batch": 64, "steps": 5000, "lr": 1e-3, "warmup": 250,
+        "pairs": 32, "eval_every": 250, "eval_seqs": 1024, "log_every": 25,
+    },
+}
+
+
+@dataclass
+class RunConfig:
+    spec: str
+    model: str | None = None  # the model class, when the spec defines several
+    overrides: dict = field(default_factory=dict)  # keyword arguments of the model class
+    task: str = "mqar"
+    phases: str | None = None  # continual: comma-separated phases (mqar:A,mqar:B,lm)
+    pairs: int = 8
+    needles: int = 1
+    data: str | None = None
+    seq_len: int | None = 128  # None: the model's context
+    batch: int = 32  # global batch (split across ranks)
+    steps: int = 400
+    lr: float = 3e-3
+    warmup: int | None = None  # None: min(100, steps // 10)
+    schedule: str | None = None  # cosine | constant; None: cosine (constant for continual)
+    min_lr: float = 0.1  # the cosine schedule ends at min_lr * lr
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    eval_every: int = 50
+    eval_seqs: int = 256
+    log_every: int = 10
+    ckpt_every: int | None = None  # None: every evaluation
+    keep: int = 2
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    out: str = "runs/run"
+    resume: bool = False
+    carry_state: bool = False
+    segments: int = 6
+    fsdp: bool = False
+    time_limit: float | None = None  # seconds; stop (and evaluate, save) after this long
+    threads: int | None = None  # CPU threads of torch (None: torch's default)
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    plot: bool = True
+    preset: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # settings that must be the same to resume a run (the data and the model depend on them)
+    IDENTITY = ("model", "overrides", "task", "phases", "pairs", "needles", "data", "seq_len",
+                "batch", "lr", "warmup", "schedule", "min_lr", "weight_decay", "clip", "seed", "dtype")
+
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else min(100, self.steps // 10)
+
+    def schedule_name(self) -> str:
+        return self.schedule or ("constant" if self.task == "continual" else "cosine")
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    """Learning rate for step ``step`` (0-based): linear warmup, then cosine (or constant)."""
+    import math
+
+    warm = cfg.warmup_steps()
+    if warm > 0 and step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule_name() == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - warm) / max(1, cfg.steps - warm))
+    return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))

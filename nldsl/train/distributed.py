@@ -1,0 +1,134 @@
+"""Many processes: ``nldsl run --nproc N`` re-invokes the same command under
+``torch.distributed.run`` (torchrun), one process per rank; DDP (or FSDP with ``--fsdp``) over
+the model.
+
+What is synchronised: the gradients of nn.Parameters, which are exactly the outer level's
+(step-clock) memories; a compiled model carries every in-context (token-clock) state in
+tensors passed through ``forward``, never in Parameters, so those states stay per sequence and
+per rank. Every rank generates the same global batch from ``(seed, step)`` and trains on its
+own slice; the loss is scaled so the averaged gradient equals the gradient of the global
+batch's mean loss, whatever the number of ranks.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+LAUNCHED_ENV = "NLDSL_LAUNCHED"
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            tdist.all_reduce(t)
+        return t
+
+    def broadcast_object(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        if self.enabled:
+            tdist.barrier()
+
+    def close(self):
+        if self.enabled and tdist.is_initialized():
+            try:
+                tdist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def in_launched_child() -> bool:
+    return os.environ.get(LAUNCHED_ENV) == "1" and int(os.environ.get("WORLD_SIZE", "1")) >= 1
+
+
+def init(device: str) -> Dist:
+    """Joins the process group torchrun set up (WORLD_SIZE > 1); a no-op for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(local)
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend=backend)
+    return Dist(rank, world, local, backend)
+
+
+def find_unused(model, vocab: int, device) -> bool:
+    """Whether some parameters get no gradient (DDP must then be told); one tiny dry run."""
+    ids = torch.zeros(1, 8, dtype=torch.long, device=device)
+    out = model(ids)
+    logits = out[0] if isinstance(out, tuple) else out.logits
+    logits.float().sum().backward()
+    unused = any(p.requires_grad and p.grad is None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
+def wrap(model, dist: Dist, device, fsdp: bool):
+    """DDP or FSDP over ``model`` (already on its device). Returns (wrapped, kind)."""
+    if not dist.enabled:
+        return model, "single"
+    if fsdp:
+        import warnings
+
+        from torch.distributed.fsdp import fully_shard
+
+        # the loop never modifies a model output in place, so this FSDP2 warning does not apply
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+
+        for block in getattr(model, "blocks", []):
+            fully_shard(block)
+        fully_shard(model)
+        return model, "fsdp"
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    vocab = getattr(getattr(model, "config", None), "vocab", 256)
+    unused = find_unused(model, vocab, device)
+    ids = [dist.local_rank] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids, find_unused_parameters=unused), "ddp"
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """Runs ``python -m nldsl.run_cmd ARGV`` in ``nproc`` processes under torchrun; returns its
+    exit status (0 when every rank finished)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "nldsl.run_cmd", *argv]
+    env = dict(os.environ)
+    env[LAUNCHED_ENV] = "1"
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.Popen(cmd, env=env)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # the ranks got the same SIGINT: let them save and exit
+            continue

@@ -1,0 +1,204 @@
+"""cms_chain: chunked == reference for every variant and signal, gradients, exact streaming,
+update cadence probed on the state, nested resets, lr 0 == the static (pretrained) MLP chain."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from nldsl.runtime.cms import CmsState, cms_chain
+from nldsl.runtime.deep_memory import mlp_apply
+from rtdeep_helpers import assert_close, cms_inputs, grads, requires_grad
+
+PERIODS = (2, 6, 12)
+LRS = (0.03, 0.02, 0.01)
+VARIANTS = ("sequential", "nested", "independent")
+
+
+def signal_kwargs(x, signal, single):
+    if signal == "surprise":
+        return {"delta": x["delta"] if single else x["targets"]}
+    return {"target": x["targets"][0] if single else x["targets"], "objective": "l2"}
+
+
+def run(x, impl, variant="sequential", signal="surprise", single=True, periods=PERIODS, lr=LRS, **kw):
+    kw = {**signal_kwargs(x, signal, single), **kw}
+    return cms_chain(
+        x["x"], x["params"], periods=periods, lr=lr, variant=variant, signal=signal,
+        agg_weights=x["agg"] if variant == "independent" else None, impl=impl,
+        output_final_state=True, return_info=True, **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "variant,signal,single",
+    list(itertools.product(VARIANTS, ("values", "self", "surprise"), (True, False))),
+)
+def test_chunked_matches_reference(variant, signal, single):
+    x = cms_inputs(T=29)
+    ref = run(x, "reference", variant, signal, single)
+    fast = run(x, "chunked", variant, signal, single)
+    assert_close(fast.o, ref.o)
+    assert_close(fast.final_state, ref.final_state)
+    assert fast.final_state.offset == ref.final_state.offset == tuple(29 % p for p in PERIODS)
+    assert fast.info.updates == ref.info.updates and fast.info.resets == ref.info.resets
+    assert_close(fast.info.outputs, ref.info.outputs)
+
+
+def test_dot_objective_and_non_dividing_periods():
+    x = cms_inputs(T=23)
+    for variant in ("sequential", "independent"):
+        ref = run(x, "reference", variant, "values", False, periods=(2, 3, 5), objective="dot")
+        fast = run(x, "chunked", variant, "values", False, periods=(2, 3, 5), objective="dot")
+        assert_close(fast, ref)
+    with pytest.raises(ValueError, match="divide"):
+        run(x, "chunked", "nested", periods=(2, 3, 5))
+
+
+def test_sequence_shorter_than_every_period():
+    x = cms_inputs(T=1)
+    for impl in ("reference", "chunked"):
+        out = run(x, impl)
+        assert out.info.updates == ((), (), ())
+        assert_close(out.final_state.weights, [[w.expand(2, *w.shape) for w in lw] for lw in x["params"]])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_agree(variant):
+    x = requires_grad(cms_inputs(T=14))
+    lr = [torch.full((2, 14), v, dtype=torch.float64, requires_grad=True) for v in LRS]
+    wrt = [x["x"], x["params"], x["delta"], lr] + ([x["agg"]] if variant == "independent" else [])
+    for signal in ("surprise", "values"):
+        ref = run(x, "reference", variant, signal, True, lr=lr)
+        fast = run(x, "chunked", variant, signal, True, lr=lr)
+        w = wrt if signal == "surprise" else wrt[:2] + [x["targets"][0], lr] + wrt[4:]
+        g_fast = grads(fast.o, w)
+        assert_close(g_fast, grads(ref.o, w), atol=1e-9, what=f"o {signal}")
+        assert_close(grads(fast.final_state.weights[0][0], w), grads(ref.final_state.weights[0][0], w),
+                     atol=1e-9, what=f"state {signal}")
+        assert all(g.abs().sum() > 0 for g in g_fast[:3])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_split_stream_equals_one_pass(variant, impl):
+    x = cms_inputs(T=29)
+    full = run(x, impl, variant)
+    for splits in ([1, 28], [5, 7, 1, 16], [13, 13, 3]):
+        outs, state, t = [], None, 0
+        for n in splits:
+            sl = slice(t, t + n)
+            o, state, _ = cms_chain(
+                x["x"][:, sl], x["params"], periods=PERIODS, lr=LRS, variant=variant,
+                signal="surprise", delta=x["delta"][:, sl],
+                agg_weights=x["agg"] if variant == "independent" else None,
+                initial_state=state, output_final_state=True, impl=impl,
+            )
+            outs.append(o)
+            t += n
+        assert_close(torch.cat(outs, 1), full.o, what=str(splits))
+        assert_close(state, full.final_state, what=str(splits))
+
+
+@pytest.mark.parametrize("variant", ["sequential", "independent"])
+def test_each_level_updates_exactly_at_its_period(variant):
+    """Feed the stream one token per call and probe every level's weights: they change exactly
+    after tokens t with (t + 1) % C_l == 0 and never between, while the pending gradient sum
+    grows inside the chunk."""
+    T = 25
+    x = cms_inputs(T=T)
+    state = None
+    prev = [[w.expand(2, *w.shape) for w in lw] for lw in x["params"]]
+    for t in range(T):
+        _, state, info = cms_chain(
+            x["x"][:, t:t + 1], x["params"], periods=PERIODS, lr=LRS, variant=variant,
+            signal="surprise", delta=x["delta"][:, t:t + 1],
+            agg_weights=x["agg"] if variant == "independent" else None,
+            initial_state=state, output_final_state=True, return_info=True,
+        )
+        for l, C in enumerate(PERIODS):
+            changed = any(not torch.equal(a, b) for a, b in zip(prev[l], state.weights[l]))
+            boundary = (t + 1) % C == 0
+            assert changed == boundary, (l, t)
+            assert info.updates[l] == ((0,) if boundary else ())
+            assert state.offset[l] == (t + 1) % C
+            pending = any(g.abs().sum() > 0 for g in state.grad_sum[l])
+            assert pending == (not boundary)
+        prev = [list(lw) for lw in state.weights]
+    # one call: the recorded update positions are the period multiples
+    info = run(x, "chunked", variant).info
+    for l, C in enumerate(PERIODS):
+        assert info.updates[l] == tuple(range(C - 1, T, C))
+
+
+def test_nested_resets_faster_levels():
+    T = 24
+    x = cms_inputs(T=T)
+    out = run(x, "chunked", "nested")
+    assert out.info.resets[0] == tuple(range(5, T, 6))     # level 0 resets at level 1's boundaries
+    assert out.info.resets[1] == tuple(range(11, T, 12))
+    assert out.info.resets[2] == ()                        # the slowest never resets
+    # at T = 24 (a boundary of every level) levels 0 and 1 are back at their initial weights
+    for l in (0, 1):
+        assert_close(out.final_state.weights[l], [w.expand(2, *w.shape) for w in x["params"][l]])
+    assert not torch.allclose(out.final_state.weights[2][0], x["params"][2][0])
+    # between resets the nested chain behaves like the sequential one
+    seq = run(x, "chunked", "sequential")
+    assert_close(out.o[:, :6], seq.o[:, :6])
+    assert not torch.allclose(out.o[:, 6:], seq.o[:, 6:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lr_zero_is_the_static_pretrained_mlp(variant):
+    x = cms_inputs(T=31)
+    out = run(x, "chunked", variant, lr=0.0)
+    h = x["x"]
+    if variant == "independent":
+        static = sum(x["agg"][l] * mlp_apply(x["params"][l], h) for l in range(3))
+    else:
+        for lw in x["params"]:
+            h = mlp_apply(lw, h)
+        static = h
+    assert_close(out.o, static, atol=1e-13, rtol=0)
+    for lw, pw in zip(out.final_state.weights, x["params"]):  # the weights never moved
+        for a, b in zip(lw, pw):
+            assert torch.equal(a, b.expand_as(a))
+    assert_close(run(x, "reference", variant, lr=0.0).o, out.o)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batch_invariance(variant):
+    x = cms_inputs(T=17)
+    full = run(x, "chunked", variant)
+    for b in range(2):
+        xb = dict(x, x=x["x"][b:b + 1], delta=x["delta"][b:b + 1])
+        one = run(xb, "chunked", variant)
+        assert_close(one.o, full.o[b:b + 1])
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_detach(impl):
+    x = requires_grad(cms_inputs(T=14))
+    live = run(x, impl)
+    det = run(x, impl, detach=True)
+    assert_close(det.o, live.o)
+    gx, gd, *gW = grads(det.o, [x["x"], x["delta"], x["params"]])
+    assert torch.count_nonzero(gd) == 0                    # no gradient through the writes
+    assert gx.abs().sum() > 0 and all(g.abs().sum() > 0 for g in gW)
+    gW_live = grads(live.o, x["params"])
+    assert not all(torch.allclose(a, b) for a, b in zip(gW, gW_live))
+    assert grads(live.o, [x["delta"]])[0].abs().sum() > 0
+
+
+def test_errors():
+    x = cms_inputs(T=4)
+    with pytest.raises(ValueError, match="needs delta"):
+        cms_chain(x["x"], x["params"], periods=PERIODS, lr=0.1, signal="surprise")
+    with pytest.raises(ValueError, match="one entry of periods"):
+        cms_chain(x["x"], x["params"], periods=(2, 4), lr=0.1, delta=x["delta"])
+    with pytest.raises(ValueError, match="valid impl"):
+        cms_chain(x["x"], x["params"], periods=PERIODS, lr=0.1, delta=x["delta"], impl="triton")
+    bad = CmsState(tuple(tuple(lw) for lw in x["params"]), tuple(tuple(lw) for lw in x["params"]), (0, 9, 0))
+    with pytest.raises(ValueError, match="offset"):
+        cms_chain(x["x"], x["params"], periods=PERIODS, lr=0.1, delta=x["delta"], initial_state=bad)

@@ -1,0 +1,156 @@
+"""self_modifying_titans: chunked == reference (both chunk sizes, static/generated inputs, both
+read modes), gradients, exact streaming with the convolution's state, batch invariance, detach."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nldsl.runtime.self_modifying import causal_conv1d, self_modifying_titans
+from rtdeep_helpers import B, D, H, assert_close, gen, grads, rand, randn, requires_grad, selfmod_params
+
+
+def inputs(T, seed=0, generated=("k", "v", "q", "eta", "alpha"), Bn=B):
+    g = gen(seed)
+    x = {
+        "x": randn(g, Bn, T, H, D),
+        "params": selfmod_params(g, generated),
+        "conv": randn(g, H, D, 4, scale=0.5),
+        "beta": rand(g, Bn, T, H, lo=0.0, hi=0.6),
+        "static": {
+            "q": randn(g, Bn, T, H, D), "k": randn(g, Bn, T, H, D), "v": randn(g, Bn, T, H, D),
+            "eta_logits": randn(g, Bn, T, H), "alpha_logits": randn(g, Bn, T, H),
+        },
+    }
+    return x
+
+
+def run(x, impl, *, momentum=True, chunk_size=4, gen_chunk_size=3, **kw):
+    static = {}
+    for n, key in (("k", "k"), ("v", "v"), ("q", "q"), ("eta", "eta_logits"), ("alpha", "alpha_logits")):
+        if n not in x["params"] and not (n == "alpha" and kw.get("retention", True) is False):
+            static[key] = x["static"][key]
+    return self_modifying_titans(
+        x["x"], params=x["params"], chunk_size=chunk_size, gen_chunk_size=gen_chunk_size,
+        beta_momentum=x["beta"] if momentum else None, eta_scale=0.05, alpha_bias=3.0,
+        conv_weight=x["conv"], impl=impl, output_final_state=True, **static, **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "read,rule,momentum", list(itertools.product(("anchor", "running"), ("dgd", "gd"), (True, False)))
+)
+def test_chunked_matches_reference(read, rule, momentum):
+    x = inputs(T=19)
+    for Cm, Cg in ((1, 1), (4, 3), (8, 2), (32, 32)):
+        ref = run(x, "reference", read=read, rule=rule, momentum=momentum, chunk_size=Cm, gen_chunk_size=Cg)
+        fast = run(x, "chunked", read=read, rule=rule, momentum=momentum, chunk_size=Cm, gen_chunk_size=Cg)
+        assert_close(fast.o, ref.o, what=f"o {Cm},{Cg}")
+        assert_close(fast.final_state, ref.final_state, what=f"state {Cm},{Cg}")
+        assert (fast.final_state.offset_gen, fast.final_state.offset_memory) == (19 % Cg, 19 % Cm)
+
+
+@pytest.mark.parametrize("generated", [("k", "v", "eta", "alpha"), ("v",), ("k", "q", "eta"), ()])
+def test_static_inputs(generated):
+    x = inputs(T=13, seed=1, generated=generated)
+    for retention in (True, False):
+        if not retention and "alpha" in generated:
+            continue
+        ref = run(x, "reference", retention=retention, read="running")
+        fast = run(x, "chunked", retention=retention, read="running")
+        assert_close(fast, ref)
+
+
+def test_gradients_agree():
+    x = requires_grad(inputs(T=11, seed=2))
+    eta_bias = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    wrt = [x["x"], x["conv"], x["beta"], x["params"], eta_bias]
+    for read in ("anchor", "running"):
+        ref = run(x, "reference", read=read, eta_bias=eta_bias)
+        fast = run(x, "chunked", read=read, eta_bias=eta_bias)
+        g_fast = grads(fast.o, wrt)
+        assert_close(g_fast, grads(ref.o, wrt), atol=1e-9, what=read)
+        assert all(g.abs().sum() > 0 for g in g_fast)      # every memory's initial state is meta-learned
+        w_state = [x["params"]["k"], x["params"]["alpha"]]
+        assert_close(grads(fast.final_state.weights["memory"][0], w_state),
+                     grads(ref.final_state.weights["memory"][0], w_state), atol=1e-9)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_split_stream_equals_one_pass(impl):
+    x = inputs(T=21, seed=3)
+    full = run(x, impl, chunk_size=6, gen_chunk_size=4)
+    for splits in ([1, 20], [5, 2, 9, 5], [10, 11]):
+        outs, state, t = [], None, 0
+        for n in splits:
+            sl = slice(t, t + n)
+            o, state = self_modifying_titans(
+                x["x"][:, sl], params=x["params"], chunk_size=6, gen_chunk_size=4,
+                beta_momentum=x["beta"][:, sl], eta_scale=0.05, alpha_bias=3.0, conv_weight=x["conv"],
+                initial_state=state, output_final_state=True, impl=impl,
+            )
+            outs.append(o)
+            t += n
+        assert_close(torch.cat(outs, 1), full.o, what=str(splits))
+        assert_close(state, full.final_state, what=str(splits))
+
+
+def test_batch_invariance():
+    x = inputs(T=12, seed=4)
+    full = run(x, "chunked")
+    for b in range(2):
+        xb = dict(x, x=x["x"][b:b + 1], beta=x["beta"][b:b + 1])
+        one = run(xb, "chunked")
+        assert_close(one.o, full.o[b:b + 1])
+        assert_close(one.final_state.weights["k"], [w[b:b + 1] for w in full.final_state.weights["k"]])
+
+
+def test_first_token_is_the_initial_memory():
+    """Read-before-write: token 0 reads M_memory,0(q_0) with q_0 = M_q,0(conv(x)_0) normalised."""
+    x = inputs(T=5, seed=5)
+    o = run(x, "chunked").o
+    xc, _ = causal_conv1d(x["x"], x["conv"])
+    W2, W1 = x["params"]["q"]
+    z = xc[:, 0]                                            # [B, H, D]
+    q0 = z + torch.einsum("hdj,bhj->bhd", W1, F.gelu(torch.einsum("hjd,bhd->bhj", W2, z)))
+    q0 = F.normalize(q0, dim=-1)
+    M2, M1 = x["params"]["memory"]
+    y0 = q0 + torch.einsum("hdj,bhj->bhd", M1, F.gelu(torch.einsum("hjd,bhd->bhj", M2, q0)))
+    assert_close(o[:, 0], y0)
+
+
+def test_causal_conv_streams():
+    g = gen(6)
+    xx, w = randn(g, 2, 9, H, D), randn(g, H, D, 4)
+    y, _ = causal_conv1d(xx, w)
+    y1, s = causal_conv1d(xx[:, :4], w)
+    y2, _ = causal_conv1d(xx[:, 4:], w, s)
+    assert_close(torch.cat([y1, y2], 1), y)
+    assert_close(y[:, 0], xx[:, 0] * w[..., -1])           # causal: only the current input
+
+
+def test_detach():
+    x = requires_grad(inputs(T=10, seed=7))
+    live = run(x, "chunked")
+    for impl in ("chunked", "reference"):
+        det = run(x, impl, detach=True)
+        assert_close(det.o, live.o)
+        p = x["params"]
+        g_k, g_eta, g_mem, g_q, g_beta = (grads(det.o, [t]) for t in (p["k"], p["eta"], p["memory"], p["q"], x["beta"]))
+        for g in g_k + g_eta + g_beta:                      # only used by writes: no gradient
+            assert torch.count_nonzero(g) == 0
+        for g in g_mem + g_q:                              # the output path, straight through
+            assert g.abs().sum() > 0
+
+
+def test_errors():
+    x = inputs(T=4, seed=8)
+    with pytest.raises(ValueError, match="exactly one source"):
+        self_modifying_titans(x["x"], params=x["params"], chunk_size=2, gen_chunk_size=2, q=x["static"]["q"])
+    params = {k: v for k, v in x["params"].items() if k != "k"}
+    with pytest.raises(ValueError, match="exactly one source"):
+        self_modifying_titans(x["x"], params=params, chunk_size=2, gen_chunk_size=2)
+    with pytest.raises(ValueError, match="valid impl"):
+        run(x, "triton")

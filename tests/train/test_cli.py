@@ -1,0 +1,124 @@
+"""``nldsl run`` on the command line: arguments, presets, messages and exit codes."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+from nldsl import run_cmd
+
+SMALL = ["--steps", "4", "--batch", "8", "--seq-len", "32", "--pairs", "4", "--eval-every", "2",
+         "--eval-seqs", "8", "--log-every", "1", "--no-progress", "--no-plot", "--threads", "1"]
+
+
+def run(argv, capsys):
+    code = run_cmd.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_run_with_overrides_anywhere(tmp_path, capsys):
+    out = tmp_path / "r"
+    code, stdout, err = run([TINY, "dim=32", *SMALL, "layers=1", "--out", out, "heads=2"], capsys)
+    assert code == 0, err
+    assert "TinyAttention on mqar (4 pairs): 4 steps" in stdout and "final accuracy" in stdout
+    cfg = json.loads((out / "run.json").read_text())["config"]
+    assert cfg["overrides"] == {"dim": 32, "layers": 1, "heads": 2}
+    assert cfg["preset"] == "cpu-demo" and cfg["steps"] == 4
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_registered_under_a_parent_parser(tmp_path):
+    """How nldsl/cli.py registers it: build_subparser(sub); args.func(args)."""
+    parser = argparse.ArgumentParser(prog="nldsl")
+    sub = parser.add_subparsers(dest="command")
+    run_cmd.build_subparser(sub)
+    args = parser.parse_args(["run", TINY, "--steps", "3", "dim=32", "--out", str(tmp_path / "x"), "heads=2"])
+    assert args.func is run_cmd.main_run
+    assert args.overrides == ["dim=32", "heads=2"] and args.steps == 3
+
+
+def test_preset_defaults_and_explicit_flags_win():
+    p = argparse.ArgumentParser()
+    run_cmd.add_arguments(p)
+    cfg = run_cmd.config_from_args(p.parse_intermixed_args([TINY, "--device", "cpu", "--out", "/nonexistent/x"]))
+    assert (cfg.preset, cfg.steps, cfg.seq_len, cfg.batch, cfg.pairs) == ("cpu-demo", 400, 128, 32, 8)
+    assert cfg.overrides == {"dim": 64, "layers": 2}
+    cfg = run_cmd.config_from_args(p.parse_intermixed_args(
+        [TINY, "--preset", "full", "--steps", "7", "dim=48", "--out", "/nonexistent/x"]))
+    assert (cfg.steps, cfg.seq_len, cfg.overrides) == (7, None, {"dim": 48})
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--task", "mqr"], "unknown task 'mqr'; did you mean `mqar`?"),
+    (["--task", "lm", "--data", "/no/such/file.txt"], "--data /no/such/file.txt: no such file"),
+    (["dim=30", "heads=4"], "cannot build TinyAttention with dim=30 layers=2 heads=4: dim 30 is not divisible by heads 4"),
+    (["dim"], "override 'dim' is not of the form key=value"),
+    (["--steps", "0"], "--steps must be at least 1"),
+])
+def test_bad_input_is_a_clear_message(tmp_path, capsys, extra, words):
+    code, stdout, err = run([TINY, *SMALL, "--out", tmp_path / "r", *extra], capsys)
+    assert code == 2
+    assert words in err and "Traceback" not in err
+
+
+def test_missing_spec_and_unwritable_out(tmp_path, capsys):
+    code, _, err = run([tmp_path / "nope.nl", *SMALL, "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "no such file" in err
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    code, _, err = run([TINY, *SMALL, "--out", blocker / "r"], capsys)
+    assert code == 2 and "cannot write to the output folder" in err
+
+
+def test_an_existing_run_is_never_overwritten_silently(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run([TINY, *SMALL, "--out", out, "dim=32", "heads=2"], capsys)[0] == 0
+    before = (out / "metrics.jsonl").read_text()
+    code, _, err = run([TINY, *SMALL, "--out", out, "dim=32", "heads=2"], capsys)
+    assert code == 2 and "already holds a run" in err and "--resume" in err
+    assert (out / "metrics.jsonl").read_text() == before
+    code, _, err = run([TINY, *SMALL, "--steps", "6", "--out", out, "dim=32", "heads=2", "--resume"], capsys)
+    assert code == 0, err
+    assert "resuming from" in err
+    code, _, _ = run([TINY, *SMALL, "--out", out, "dim=32", "heads=2", "--overwrite"], capsys)
+    assert code == 0
+
+
+def test_default_out_folders_do_not_collide(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert run([TINY, *SMALL, "dim=32", "heads=2"], capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tiny_model-mqar", "tiny_model-mqar-2"]
+
+
+def test_spec_errors_render_diagnostics(tmp_path, capsys):
+    import nldsl
+
+    if not hasattr(nldsl, "compile"):
+        pytest.skip("no model compiler in this checkout")
+    bad = tmp_path / "bad.nl"
+    bad.write_text("model M {\n  dim = \n}\n")
+    code, _, err = run([bad, *SMALL, "--out", tmp_path / "r"], capsys)
+    assert code == 1 and "bad.nl:" in err and "Traceback" not in err
+
+
+def test_without_a_compiler_the_message_says_so(monkeypatch, tmp_path):
+    import nldsl
+    from nldsl.train.build import BuildError, build_model
+
+    monkeypatch.delattr(nldsl, "compile", raising=False)
+    spec = tmp_path / "m.nl"
+    spec.write_text("model M { dim = 8 }\n")
+    with pytest.raises(BuildError, match="no model compiler yet"):
+        build_model(str(spec), {})
+
+
+def test_nan_exit_code_and_message(tmp_path, capsys):
+    code, _, err = run([TINY, *SMALL, "--out", tmp_path / "r", "--lr", "1e30", "--clip", "0",
+                        "dim=32", "heads=2"], capsys)
+    assert code == 1
+    assert "stopped: the" in err and "last finite loss" in err

@@ -1,0 +1,45 @@
+"""``nldsl run --nproc 2``: DDP (and FSDP) over 2 CPU processes with gloo give the loss curve
+of one process with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, small
+from nldsl.train import train
+
+ARGS = ["--steps", "4", "--batch", "8", "--seq-len", "32", "--pairs", "4", "--eval-every", "2",
+        "--eval-seqs", "8", "--log-every", "1", "--no-progress", "--no-plot", "--threads", "1",
+        "--lr", "3e-3", "--warmup", "2", "dim=32", "layers=1", "heads=2"]
+
+
+def _losses(out: Path):
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, mode):
+    one = train(small(tmp_path / "one", steps=4, eval_every=2, eval_seqs=8), quiet=True)
+    out = tmp_path / mode
+    cmd = [sys.executable, "-m", "nldsl.run_cmd", TINY, *ARGS, "--nproc", "2", "--out", str(out)]
+    if mode == "fsdp":
+        cmd.append("--fsdp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"2 processes ({mode})" in p.stderr
+    assert p.stdout.count("final accuracy") == 1  # only rank 0 reports
+    assert _losses(out) == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    assert json.loads((out / "results.json").read_text())["final"]["acc"] == pytest.approx(one.final["acc"])
+    # the checkpoint of a 2-process run is the same as a one-process checkpoint
+    from nldsl.train import checkpoint as ckpt
+
+    w2 = ckpt.load_checkpoint(ckpt.find_latest(out / "checkpoints")[0])[0]
+    w1 = ckpt.load_checkpoint(Path(one.checkpoint))[0]
+    assert set(w1) == set(w2)
+    assert all((w1[k] - w2[k]).abs().max() < 1e-5 for k in w1)

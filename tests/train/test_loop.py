@@ -1,0 +1,222 @@
+"""The training loop: determinism, resume, checkpoints, and every bad-input path."""
+from __future__ import annotations
+
+import errno
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nldsl.train import RunError, train
+from nldsl.train import checkpoint as ckpt
+from nldsl.train.report import format_table
+
+
+def losses(res):
+    return [r["loss"] for r in res.rows]
+
+
+def test_same_seed_same_loss_curve(tiny_cfg, tmp_path):
+    a = train(tiny_cfg(out=str(tmp_path / "a")), quiet=True)
+    b = train(tiny_cfg(out=str(tmp_path / "b")), quiet=True)
+    c = train(tiny_cfg(out=str(tmp_path / "c"), seed=1), quiet=True)
+    assert a.exit_code == 0 and len(losses(a)) == 8
+    assert losses(a) == losses(b)
+    assert losses(a) != losses(c)
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(rows[0]) and "acc" in rows[3]
+
+
+def test_resume_gives_the_uninterrupted_result(tiny_cfg, tmp_path):
+    full = train(tiny_cfg(out=str(tmp_path / "full"), steps=10, eval_every=5), quiet=True)
+    first = train(tiny_cfg(out=str(tmp_path / "split"), steps=10, eval_every=5), (_interrupt_at(5),), quiet=True)
+    assert first.exit_code == 130 and first.step == 5
+    rest = train(tiny_cfg(out=str(tmp_path / "split"), steps=10, eval_every=5, resume=True), quiet=True)
+    assert rest.exit_code == 0 and rest.step == 10
+    assert abs(losses(rest)[-1] - losses(full)[-1]) < 1e-6
+    assert losses(rest) == pytest.approx(losses(full), abs=1e-6)  # the whole curve, from the jsonl
+    assert rest.final["acc"] == pytest.approx(full.final["acc"])
+    w_full = ckpt.load_checkpoint(Path(full.checkpoint))[0]
+    w_rest = ckpt.load_checkpoint(Path(rest.checkpoint))[0]
+    assert all(torch.equal(w_full[k], w_rest[k]) for k in w_full)
+
+
+def _interrupt_at(k):
+    def cb(step, ctx):
+        if step == k:
+            raise KeyboardInterrupt
+    return cb
+
+
+def test_ctrl_c_saves_and_exits_130(tiny_cfg):
+    res = train(tiny_cfg(eval_every=100, steps=20), (_interrupt_at(3),), quiet=True)
+    assert res.exit_code == 130 and res.status == "interrupted"
+    assert "interrupted at step 3" in res.message and "--resume" in res.message
+    folder, meta = ckpt.find_latest(Path(res.out) / "checkpoints")
+    assert meta["step"] == 3 and folder.name == "step_0000003"
+    assert (Path(res.out) / "results.json").exists()
+    assert "interrupted" in json.loads((Path(res.out) / "results.json").read_text())["status"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg):
+    def poison(step, ctx):
+        if step == 6:
+            with torch.no_grad():
+                for p in ctx.model.parameters():
+                    p.fill_(float("nan"))
+
+    res = train(tiny_cfg(steps=10, eval_every=4), (poison,), quiet=True)
+    assert res.exit_code == 1 and res.status == "diverged"
+    assert "at step 7" in res.message and "last finite loss" in res.message and "at step 6" in res.message
+    assert "step_0000004" in res.message
+    folder, meta = ckpt.find_latest(Path(res.out) / "checkpoints")
+    assert meta["step"] == 4
+    weights = ckpt.load_checkpoint(folder)[0]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert [r["step"] for r in res.rows][-1] == 6  # the metrics up to the last good step are kept
+
+
+def test_disk_full_while_saving(tiny_cfg, monkeypatch):
+    real = ckpt._write_bytes
+    calls = {"n": 0}
+
+    def full_after_first_checkpoint(path, data):
+        if "step_0000008" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_bytes", full_after_first_checkpoint)
+    res = train(tiny_cfg(steps=12, eval_every=4), quiet=True)
+    assert res.exit_code == 2 and res.status == "io_error"
+    assert "No space left on device" in res.message and "step_0000004" in res.message
+    root = Path(res.out) / "checkpoints"
+    assert not list(root.glob(".tmp-*"))  # no half-written checkpoint left behind
+    folder, meta = ckpt.find_latest(root)
+    assert meta["step"] == 4 and (root / "latest").read_text().strip() == "step_0000004"
+    ckpt.load_checkpoint(folder)  # loads and verifies
+
+
+def test_crash_mid_write_never_leaves_a_broken_checkpoint(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    sd = {"w": torch.ones(3)}
+    ckpt.save_checkpoint(root, 1, sd, {}, {"config": {}})
+
+    def dies(path, data):
+        if path.name == ckpt.STATE_FILE:
+            raise RuntimeError("power cut")  # not an OSError: a crash in the middle of the write
+        path.write_bytes(data[: len(data) // 2])
+
+    monkeypatch.setattr(ckpt, "_write_bytes", dies)
+    with pytest.raises(RuntimeError):
+        ckpt.save_checkpoint(root, 2, {"w": torch.zeros(3)}, {}, {"config": {}})
+    monkeypatch.undo()
+    folder, meta = ckpt.find_latest(root)
+    assert meta["step"] == 1 and torch.equal(ckpt.load_checkpoint(folder)[0]["w"], sd["w"])
+    # a damaged newest folder and a broken pointer are skipped
+    ckpt.save_checkpoint(root, 3, {"w": torch.full((3,), 3.0)}, {}, {"config": {}})
+    (root / "step_0000003" / ckpt.MODEL_FILE).write_bytes(b"garbage")
+    assert ckpt.find_latest(root)[1]["step"] == 1
+    (root / "latest").write_text("step_9999999\n")
+    assert ckpt.find_latest(root)[1]["step"] == 1
+
+
+def test_checkpoints_keep_the_last_two(tiny_cfg):
+    res = train(tiny_cfg(steps=8, eval_every=2), quiet=True)
+    names = sorted(p.name for p in (Path(res.out) / "checkpoints").glob("step_*"))
+    assert names == ["step_0000006", "step_0000008"]
+
+
+def test_unwritable_output_folder(tiny_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RunError) as e:
+        train(tiny_cfg(out=str(blocker / "run")), quiet=True)
+    assert e.value.code == 2 and "cannot write to the output folder" in str(e.value)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_model_that_cannot_be_built_at_this_size(tiny_cfg):
+    with pytest.raises(RunError, match=r"cannot build TinyAttention with dim=30 .*heads=4.*not divisible"):
+        train(tiny_cfg(overrides={"dim": 30, "heads": 4}), quiet=True)
+    with pytest.raises(RunError, match="has no setting 'dimm'; did you mean `dim`"):
+        train(tiny_cfg(overrides={"dimm": 32}), quiet=True)
+
+
+def test_resume_with_other_settings_is_refused(tiny_cfg):
+    train(tiny_cfg(steps=4), quiet=True)
+    with pytest.raises(RunError, match="different settings.*lr"):
+        train(tiny_cfg(steps=8, lr=1e-2, resume=True), quiet=True)
+    with pytest.raises(RunError, match="no complete checkpoint"):
+        train(tiny_cfg(out=tiny_cfg().out + "-empty", resume=True), quiet=True)
+
+
+def test_streaming_evaluation_carries_state(tiny_cfg):
+    res = train(tiny_cfg(steps=2, carry_state=True, segments=3), quiet=True)
+    s = res.stream
+    assert s["segments"] == 3 and set(s["modes"]) == {"carry", "reset"}
+    carry, reset = s["modes"]["carry"], s["modes"]["reset"]
+    # the first call starts from no state either way; later calls differ only through the state
+    assert carry[0]["loss"] == pytest.approx(reset[0]["loss"], rel=1e-6)
+    assert carry[1]["loss"] != pytest.approx(reset[1]["loss"], rel=1e-6)
+    assert "streaming evaluation" in format_table(res)
+
+
+def test_streaming_with_a_carry_level(tmp_path):
+    from conftest import TINY_REC, small
+
+    res = train(small(tmp_path / "r", spec=TINY_REC, overrides={}, steps=2, carry_state=True, segments=2,
+                      seq_len=16, pairs=2), quiet=True)
+    assert set(res.stream["modes"]) == {"carry", "reset", "new_sequence"}
+
+
+def test_streaming_matches_one_pass():
+    """Feeding a stream in segments with the state passed back equals one call (the model)."""
+    from conftest import HERE  # noqa: F401
+    from nldsl.train.build import build_model
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    model, _ = build_model(TINY, {"dim": 32, "layers": 2, "heads": 2})
+    model.double()
+    ids = torch.randint(0, 256, (2, 48))
+    whole = model(ids).logits
+    state, parts = None, []
+    for s in range(3):
+        out = model(ids[:, 16 * s:16 * (s + 1)], state=state)
+        parts.append(out.logits)
+        state = out.state
+    assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-10)
+
+
+def test_continual_reports_forgetting(tiny_cfg):
+    res = train(tiny_cfg(task="continual", phases="mqar:A,mqar:B", steps=8, eval_every=100), quiet=True)
+    c = res.continual
+    assert c["phases"] == ["mqar:A", "mqar:B"] and len(c["after"]) == 2
+    assert len(c["after"][0]) == 1 and len(c["after"][1]) == 2
+    table = format_table(res)
+    assert "continual learning" in table and "forgetting" in table
+
+
+def test_lm_task_reports_bits_per_byte(tiny_cfg):
+    res = train(tiny_cfg(task="lm", steps=3, eval_every=3, eval_seqs=8), quiet=True)
+    assert res.metric == "bpb" and 4 < res.final["bpb"] < 9
+
+
+def test_bfloat16_and_float64(tiny_cfg, tmp_path):
+    a = train(tiny_cfg(out=str(tmp_path / "bf"), dtype="bfloat16", steps=3, eval_every=3), quiet=True)
+    b = train(tiny_cfg(out=str(tmp_path / "f64"), dtype="float64", steps=3, eval_every=3), quiet=True)
+    assert a.exit_code == b.exit_code == 0
+    assert all(math.isfinite(x) for x in losses(a) + losses(b))
+
+
+def test_outputs_table_and_plot(tiny_cfg):
+    res = train(tiny_cfg(plot=True, carry_state=True, segments=2), quiet=True)
+    out = Path(res.out)
+    for name in ("metrics.jsonl", "results.json", "curves.png", "run.json"):
+        assert (out / name).exists(), name
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    table = format_table(res)
+    assert "TinyAttention on mqar (4 pairs)" in table and "final accuracy" in table and "chance" in table
