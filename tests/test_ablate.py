@@ -344,7 +344,8 @@ def test_includes_outside_the_spec_folder_are_rewritten(capsys, tmp_path):
     (tmp_path / "proj" / "parts" / "opt.nl").write_text(
         'optimizer Sgd {\n  lr = 0.1\n  level step : steps every 1\n'
         '  memory m in step : vector { input grad; objective dot; rule gd }\n  update = m\n}\n')
-    text = (Path(TITANS).read_text().replace('include "adam.nl"', 'include "../shared/adam.nl"\ninclude "parts/opt.nl"'))
+    text = Path(TITANS).read_text().replace('include "adam.nl"',
+                                            'include "../shared/adam.nl"\ninclude "parts/opt.nl"')
     (tmp_path / "proj" / "t.nl").write_text(text)
     assert analyze_file(tmp_path / "proj" / "t.nl").ok
     rc, out, err = ablate(capsys, tmp_path / "proj" / "t.nl", "mem.conv=2", "-o", tmp_path / "out" / "deep")
@@ -506,6 +507,32 @@ def test_registers_as_a_subcommand(capsys):
     assert parser.parse_args(["ablate", HOPE]).run is None
 
 
+def test_through_cli_main(capsys, monkeypatch, tmp_path):
+    """Through ``nldsl.cli.main``, registered the way cli.py does it (or already registered)."""
+    from nldsl import cli
+
+    def registered(parser) -> bool:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return "ablate" in sub.choices
+
+    if not registered(cli.build_parser()):
+        plain = cli.build_parser
+
+        def build_parser():
+            p = plain()
+            ablate_cmd.build_subparser(next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)))
+            return p
+
+        monkeypatch.setattr(cli, "build_parser", build_parser)
+    assert cli.main(["ablate", HOPE, "@no_dgd", "--dry-run", "--show-diff"]) == 0
+    assert "  + Hope.titans.rule = gd" in capsys.readouterr().out
+    assert cli.main(["ablate", HOPE, "titans.rulee=gd", "-o", str(tmp_path / "o")]) == 2
+    assert "did you mean `rule`?" in capsys.readouterr().err
+    assert cli.main(["ablate", TITANS, "mem.rule=3", "-o", str(tmp_path / "o")]) == 1
+    assert cli.main(["ablate", TITANS, "mem.conv=2,4", "-o", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "001_conv=4" / "spec.nl").is_file() and not (tmp_path / "o" / "000_rule=3").exists()
+
+
 def test_run_without_the_training_command(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "nldsl.train", None)  # `import nldsl.train` fails
     rc, out, err = ablate(capsys, HOPE, "@no_cms", "@no_dgd", "-o", tmp_path / "o", "--run", "--task", "mqar")
@@ -529,7 +556,8 @@ def test_run_writes_the_summary(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(ablate_cmd, "_load_runner", lambda: None)
     monkeypatch.setattr(ablate_cmd, "_run_variant", fake_run)
     out_dir = tmp_path / "o"
-    rc, out, err = ablate(capsys, HOPE, "@no_cms", "@no_dgd", "-o", out_dir, "--run", "--task", "mqar", "--steps", "200")
+    rc, out, err = ablate(capsys, HOPE, "@no_cms", "@no_dgd", "-o", out_dir,
+                          "--run", "--task", "mqar", "--steps", "200")
     assert rc == 0, err
     assert [c[1] for c in calls] == [["--task", "mqar", "--steps", "200"]] * 2
     assert calls[0][0] == out_dir / "000_@no_cms" / "spec.nl" and calls[0][2] == out_dir / "000_@no_cms" / "run"

@@ -95,6 +95,8 @@ def read_choice(ctx: Ctx, e: A.Expr, choices, what: str, aliases: dict | None = 
 
 def read_number(ctx: Ctx, e: A.Expr, env: dict, what: str, *, integer=False, positive=False,
                 minimum=None, code="NL006") -> int | float | None:
+    if isinstance(e, A.Number) and isinstance(e.value, float) and not math.isfinite(e.value):
+        return None  # a literal that overflows is reported once, by Lowerer.file
     try:
         v = fold(e, env)
     except NotConstant as nc:
@@ -169,6 +171,10 @@ class Lowerer:
 
     # -- files --
     def file(self, f: A.File, includes: tuple[str, ...]) -> M.SpecIR:
+        for n in _numbers(f):  # a literal that overflows to inf is not a number (NL008)
+            if isinstance(n.value, float) and not math.isfinite(n.value):
+                self.ctx.error("NL008", f"`{n.text}` is too large to be a number", n.span,
+                               help="use a finite number")
         models, optimizers, ablations = [], [], []
         seen: dict[str, A.Span] = {}
         for item in f.items:
@@ -881,6 +887,21 @@ class Lowerer:
                            help="add `update = ...`, for example `update = m / (sqrt(v) + eps)`")
         return M.Optimizer(name=o.name, doc=self._doc_of(o), params=tuple(params),
                            levels=tuple(levels.values()), memories=tuple(memories), update=update)
+
+
+def _numbers(node):
+    """Every number literal of a syntax tree (positions and comments skipped)."""
+    import dataclasses
+
+    if isinstance(node, A.Number):
+        yield node
+    elif isinstance(node, tuple):
+        for x in node:
+            yield from _numbers(x)
+    elif dataclasses.is_dataclass(node) and not isinstance(node, (A.Span, A.Trivia)):
+        for fld in dataclasses.fields(node):
+            if fld.compare:
+                yield from _numbers(getattr(node, fld.name))
 
 
 def _doc(trivia: A.Trivia) -> str:

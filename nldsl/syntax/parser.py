@@ -64,6 +64,8 @@ def _unquote(text: str) -> str:
 
 def _number(text: str) -> int | float:
     if re.fullmatch(r"\d+", text):
+        if len(text) > 4000:  # beyond Python's int-from-text limit, and far out of range anyway
+            return float("inf")
         return int(text)
     return float(text)
 
@@ -254,6 +256,8 @@ class _Attacher:
         self.lines = text.split("\n")
         self.extent = extent
         self.comments = _comments(text)
+        # braces inside comments and strings are not structure: look for them in `code`
+        self.code = _COMMENT_OR_STRING.sub(lambda m: " " * len(m.group()), text)
 
     def line_of(self, pos: int) -> int:
         return self.text.count("\n", 0, pos) + 1
@@ -294,14 +298,14 @@ class _Attacher:
         """Recursively attaches comments inside container statements."""
         if isinstance(ch, (A.Model, A.Optimizer, A.Ablation)):
             s, e = self.extent[id(ch)]
-            brace = self.text.index("{", s)
+            brace = self.code.index("{", s)
             kids = tuple(self.node(k) for k in (ch.edits if isinstance(ch, A.Ablation) else ch.stmts))
             kids, closing = self.attach(kids, brace + 1, e - 1, self.line_of(brace))
             field = "edits" if isinstance(ch, A.Ablation) else "stmts"
             return replace(ch, **{field: kids, "closing": closing})
         if isinstance(ch, (A.Memory, A.Cms)) and ch.body is not None:
             s, e = self.extent[id(ch)]
-            brace = self.text.index("{", self._body_start(ch, s))
+            brace = self.code.index("{", self._body_start(ch, s))
             props, closing = self.attach(ch.body.props, brace + 1, e - 1, self.line_of(brace))
             new = replace(ch, body=replace(ch.body, props=props, closing=closing))
             self.extent[id(new)] = (s, e)
@@ -315,7 +319,7 @@ class _Attacher:
         s, e = self.extent[id(ch)]
         depth = 0
         for i in range(e - 1, s - 1, -1):
-            c = self.text[i]
+            c = self.code[i]
             if c == "}":
                 depth += 1
             elif c == "{":

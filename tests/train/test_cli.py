@@ -46,10 +46,12 @@ def test_preset_defaults_and_explicit_flags_win():
     run_cmd.add_arguments(p)
     cfg = run_cmd.config_from_args(p.parse_intermixed_args([TINY, "--device", "cpu", "--out", "/nonexistent/x"]))
     assert (cfg.preset, cfg.steps, cfg.seq_len, cfg.batch, cfg.pairs) == ("cpu-demo", 400, 128, 32, 8)
-    assert cfg.overrides == {"dim": 64, "layers": 2}
+    assert cfg.overrides == {"dim": 64, "layers": 2} and cfg.time_limit == 240
     cfg = run_cmd.config_from_args(p.parse_intermixed_args(
         [TINY, "--preset", "full", "--steps", "7", "dim=48", "--out", "/nonexistent/x"]))
-    assert (cfg.steps, cfg.seq_len, cfg.overrides) == (7, None, {"dim": 48})
+    assert (cfg.steps, cfg.seq_len, cfg.overrides, cfg.time_limit) == (7, None, {"dim": 48}, None)
+    cfg = run_cmd.config_from_args(p.parse_intermixed_args([TINY, "--steps", "9", "--out", "/nonexistent/x"]))
+    assert cfg.time_limit is None  # the demo's time budget holds only while the preset picks the steps
 
 
 @pytest.mark.parametrize("extra, words", [
