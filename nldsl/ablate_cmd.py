@@ -98,10 +98,14 @@ def _with_run_tail(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+DESCRIPTION = ("Generate variants of a spec (its named ablations, and sweeps of command-line "
+               "overrides), check each one with the full checker, and write each as a spec of its own.")
+
+
 def build_subparser(sub) -> argparse.ArgumentParser:
     """Registers ``ablate`` on the CLI's subparsers (``sub = parser.add_subparsers(...)``)."""
     p = sub.add_parser("ablate", help="generate and check variants of a spec (named ablations, sweeps)",
-                       description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                       description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=main_ablate)
@@ -110,7 +114,7 @@ def build_subparser(sub) -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     """``nldsl ablate`` on its own: parses ``argv`` and returns the exit code."""
-    p = argparse.ArgumentParser(prog="nldsl ablate", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="nldsl ablate", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     _with_run_tail(p)
@@ -547,7 +551,8 @@ def summary_markdown(rows: list[dict], title: str = "Ablation summary") -> str:
     """A markdown table, one row per variant: variant, overrides, status, then each metric."""
     names = _metric_names(rows)
     head = ["#", "variant", "overrides", "status"] + names
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---"] + ["---:"] * len(names)) + "|"]
+    rule = "|" + "|".join(["---"] * 4 + ["---:"] * len(names)) + "|"
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", rule]
     for i, r in enumerate(rows):
         cells = [str(r.get("index", i)), f"`{r['variant']}`", _overrides_text(r).replace("|", "\\|") or "-",
                  str(r.get("status", "ok"))]

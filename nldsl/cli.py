@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     k.set_defaults(func=cmd_compile)
 
+    from nldsl import ablate_cmd
+
+    ablate_cmd.build_subparser(sub)
+
     e = sub.add_parser("explain", help="explain a diagnostic code")
     e.add_argument("code", metavar="CODE")
     e.set_defaults(func=cmd_explain)

@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice)")
     o.add_argument("--model", dest="model_name", metavar="NAME", help="the model block, when a spec has several")
     o.add_argument("--time-limit", type=float, dest="time_limit", metavar="SECONDS",
-                   help="stop after this long (then evaluate and save)")
+                   help="stop training after this long, then evaluate and save (0: no limit; "
+                        "cpu-demo: 240 unless --steps is given)")
     e = p.add_argument_group("evaluation and output")
     e.add_argument("--eval-every", type=int, dest="eval_every")
     e.add_argument("--eval-seqs", type=int, dest="eval_seqs", help="held-out sequences per evaluation")
@@ -150,6 +151,10 @@ def config_from_args(args):
 
     if args.resume and args.overwrite:
         raise _Usage("--resume and --overwrite contradict each other")
+    if args.time_limit is not None:
+        time_limit = args.time_limit if args.time_limit > 0 else None
+    else:  # the preset's budget holds only while the user left the number of steps to it
+        time_limit = preset.get("time_limit") if args.steps is None else None
     out = Path(args.out) if args.out else _default_out(args.spec, args.task, args.resume)
     cfg = RunConfig(
         spec=args.spec, model=args.model_name, overrides=model_kw, task=args.task.strip().lower(),
@@ -159,7 +164,7 @@ def config_from_args(args):
         eval_every=pick("eval_every"), eval_seqs=pick("eval_seqs"), log_every=pick("log_every"),
         ckpt_every=args.ckpt_every, keep=args.keep, seed=args.seed, device=args.device,
         dtype=args.dtype, out=str(out), resume=args.resume, carry_state=args.carry_state,
-        segments=args.segments, fsdp=args.fsdp, time_limit=args.time_limit, threads=args.threads,
+        segments=args.segments, fsdp=args.fsdp, time_limit=time_limit, threads=args.threads,
         progress=args.progress, plot=args.plot, preset=preset_name)
     for name in ("steps", "batch", "eval_every", "log_every", "eval_seqs", "segments", "pairs"):
         v = getattr(cfg, name)

@@ -33,7 +33,6 @@ from nldsl.syntax.printer import expr as print_expr
 
 MAX_RANGE = 10_000  # values one range() may produce
 NAME_LIMIT = 100  # characters of a variant directory name (longer names end in a hash)
-SWEEP_FUNCS = ("range", "choice")
 
 # what the calls a path can reach into accept (for did-you-mean on a path's last segment;
 # the checker remains the judge of the values)

@@ -81,12 +81,11 @@ def register_block_kind(kind: BlockKind) -> None:
 
 
 def _load_kinds() -> None:
+    """Imports the modules that register the block kinds (each calls register_block_kind)."""
     import importlib
-    import importlib.util
 
     for name in KIND_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
+        importlib.import_module(name)
 
 
 @dataclass
@@ -126,9 +125,8 @@ def _module_doc(ctx: SpecContext, classes: list[dict], blocks: list) -> str:
 def generate(analysis) -> Generated:
     """The module for a checked spec (an :class:`~nldsl.spec.Analysis` without errors)."""
     from nldsl import __version__
-    from nldsl.codegen import model as _model  # noqa: F401 - registers models
-    from nldsl.codegen import optimizer as _optimizer  # noqa: F401 - registers optimizers
 
+    _load_kinds()
     if not analysis.ok or analysis.ir is None:
         raise SpecError(analysis.diagnostics, analysis.sources)
     ctx = _context(analysis)

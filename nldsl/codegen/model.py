@@ -36,5 +36,6 @@ register_block_kind(BlockKind(
     name="model", blocks=lambda ir: ir.models, plan=_plan, template="model.py.j2",
     imports=("import torch", "from torch import nn",
              "from nldsl.nn.layers import MLP, SwiGLU, make_norm",
+             "from nldsl.nn.deep import CmsChain, DeepMemory, SelfModifyingTitans",
              "from nldsl.nn.memories import AttentionMemory, LinearMemory",
              "from nldsl.nn.model import Config, LevelInfo, NSAMModel")))

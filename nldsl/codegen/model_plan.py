@@ -90,9 +90,94 @@ class Planner:
                     f"qk_norm={_repr(mem.qk_norm)}, scope={_repr(scope)})")
         if mem.structure.kind == "linear":
             return self.linear_ctor(mem, level, key)
-        self.unsupported(f"the compiler cannot build `{mem.structure.kind}` memories yet (`{mem.name}`)",
-                         key + ("structure",), help="deep (mlp) memories arrive with the deep-memory compiler")
+        if mem.structure.kind == "mlp":
+            return self.deep_ctor(mem, level, key)
+        self.unsupported(f"the compiler cannot build `{mem.structure.kind}` memories in a model (`{mem.name}`)",
+                         key + ("structure",))
         return None
+
+    def _mlp_args(self, s: M.Structure) -> str:
+        return (f"depth={_repr(s.depth)}, expansion={_repr(float(s.expansion))}, residual={_repr(s.residual)}, "
+                f"activation={_repr(s.activation)}")
+
+    def deep_ctor(self, mem: M.Memory, level: M.Level, key: tuple) -> str | None:
+        """An MLP memory: Titans' deep memory, or self-modifying Titans when inputs are generated."""
+        obj, rule, period = mem.objective.kind, mem.rule.kind, level.period
+        problems = []
+        if obj not in ("l2", "dot"):
+            problems.append(("objective", f"objective `{obj}`"))
+        if rule not in ("gd", "dgd"):
+            problems.append(("rule", f"rule `{rule}`"))
+        if mem.momentum.kind in ("delta", "deep"):
+            problems.append(("momentum", f"`momentum {mem.momentum.kind}`"))
+        if mem.precondition.kind != "none":
+            problems.append(("precondition", "a preconditioner"))
+        if mem.init.kind not in ("meta", "random"):
+            problems.append(("init", f"initial state `{mem.init.kind}`"))
+        for field, what in problems:
+            self.unsupported(f"{what} in the deep memory `{mem.name}` is not compiled yet", key + (field,))
+        if problems:
+            return None
+        mom = self._rate(mem.momentum.kind, mem.momentum.beta)
+        common = (f"objective={obj!r}, rule={rule!r}, momentum={mom}, read={_repr(mem.read)}, "
+                  f"qk_norm={_repr(mem.qk_norm)}, conv={_repr(mem.conv)}, detach={_repr(mem.writes == 'detached')}, "
+                  f"scope={_repr(level.scope)}")
+        generated = mem.inputs.generated()
+        if generated:
+            gen_level = self.levels.get(mem.generators)
+            if mem.structure.depth != 2:
+                self.unsupported(f"self-modifying memories are 2-layer MLPs (Eq. 89); `{mem.name}` has depth "
+                                 f"{mem.structure.depth}", key + ("structure",))
+                return None
+            if mem.signal != "self":
+                self.unsupported(f"`{mem.name}` has generated inputs: it learns from the values it generates "
+                                 "itself (`signal self`, Eq. 87)", key + ("signal",))
+                return None
+            if mem.retention.kind == "constant" or mem.lr.kind != "gate":
+                self.unsupported(f"`{mem.name}`: self-modifying Titans takes `lr gate` and `retention gate` or "
+                                 "`none`", key + ("lr",))
+                return None
+            s = mem.structure
+            return (f"SelfModifyingTitans(config.dim, {self.heads_arg(mem)}, generated={tuple(generated)!r}, "
+                    f"chunk_size={period!r}, gen_chunk_size={gen_level.period!r}, "
+                    f"expansion={_repr(float(s.expansion))}, residual={_repr(s.residual)}, "
+                    f"activation={_repr(s.activation)}, retention={mem.retention.kind != 'none'}, {common})")
+        if mem.signal != "values":
+            self.unsupported(f"signal `{mem.signal}` of the deep memory `{mem.name}` without generated inputs "
+                             "is not compiled yet", key + ("signal",))
+            return None
+        lr = self._rate(mem.lr.kind, mem.lr.value)
+        ret = self._rate(mem.retention.kind, mem.retention.value)
+        return (f"DeepMemory(config.dim, {self.heads_arg(mem)}, {self._mlp_args(mem.structure)}, lr={lr}, "
+                f"retention={ret}, chunk_size={period!r}, init={_repr(mem.init.kind)}, {common})")
+
+    def cms_ctor(self, c: M.Cms) -> str | None:
+        key = (self.model.name, "cms", c.name)
+        first = c.memories[0] if c.memories else None
+        if first is None:
+            return None
+        problems = []
+        if first.lr.kind != "constant" or not isinstance(first.lr.value, (int, float)):
+            problems.append(("lr", "a learning rate that is not a constant number"))
+        if first.rule.kind != "gd" or first.momentum.kind != "none" or first.retention.kind != "none":
+            problems.append(("rule", "a rule other than plain gd (no momentum, no retention)"))
+        if any(m.read != "anchor" for m in c.memories):
+            problems.append(("read", "`read running` (a block's weights are constant inside its chunk, Eq. 71)"))
+        if first.init.kind not in ("meta", "random"):
+            problems.append(("init", f"initial state `{first.init.kind}`"))
+        if first.objective.kind not in ("l2", "dot"):
+            problems.append(("objective", f"objective `{first.objective.kind}`"))
+        for field, what in problems:
+            self.unsupported(f"CMS `{c.name}`: {what} is not compiled yet", key + (field,), key)
+        if problems:
+            return None
+        periods = tuple(self.levels[n].period for n in c.levels)
+        scopes = tuple(self.levels[n].scope for n in c.levels)
+        s = first.structure
+        return (f"CmsChain(config.dim, periods={periods!r}, scopes={scopes!r}, variant={c.variant!r}, "
+                f"expansion={_repr(float(s.expansion))}, depth={_repr(s.depth)}, residual={_repr(s.residual)}, "
+                f"activation={_repr(s.activation)}, lr={_repr(float(first.lr.value))}, signal={_repr(first.signal)}, "
+                f"objective={_repr(first.objective.kind)}, detach={_repr(first.writes == 'detached')})")
 
     def _rate(self, kind: str, value) -> str | None:
         if kind in ("none",):
@@ -234,8 +319,17 @@ class Planner:
                     else:
                         lines.append(f"h, new[{name!r}] = self.{name}(h, state.get({name!r}))")
                 elif name in cms:
-                    self.unsupported(f"CMS chains (`{name}`) are not compiled yet", (self.model.name, "cms", name),
-                                     help="the continuum memory system arrives with the deep-memory compiler")
+                    if name in used:
+                        self.unsupported(f"`{name}` appears twice in the block; each memory keeps one state",
+                                         (self.model.name, "block", name))
+                        return
+                    used.add(name)
+                    ctor = self.cms_ctor(cms[name])
+                    if ctor is None:
+                        return
+                    bp.submodules.append(Submodule(name, ctor, self.origin(self.model.name, "cms", name)))
+                    bp.stateful.append(name)
+                    lines.append(f"h, new[{name!r}] = self.{name}(h, state.get({name!r}))")
                 return
             if isinstance(v, M.Op) and v.op == "->":
                 for a in v.args:

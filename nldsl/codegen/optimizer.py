@@ -129,18 +129,6 @@ def _refs(v) -> list[str]:
     return []
 
 
-def _calls(v):
-    if isinstance(v, M.Call):
-        yield v
-        for a in v.args:
-            yield from _calls(a)
-        for _, a in v.kwargs:
-            yield from _calls(a)
-    elif isinstance(v, M.Op):
-        for a in v.args:
-            yield from _calls(a)
-
-
 def show(v: M.Value) -> str:
     """A spec expression printed canonically (from the IR: identifiers, numbers, operators)."""
     return printer.expr(to_expr(v))
@@ -767,7 +755,7 @@ class OptimizerPlanner:
             else:
                 code = "rt.zeros(p)"
             lines = [f"state[{literal(mem.name)}] = {code}"]
-            if self.is_slow(mem.name):
+            if self.is_slow(mem.name):  # the key nldsl.optim.memory.chunk_key gives
                 lines.append(f"state[{literal(mem.name + '.chunk_sum')}] = rt.zeros(p)")
             stmts.append(Stmt(f"{self.where(key)}  memory {mem.name}: init {init}", lines))
         pre = [f"{self.namer.name(n)} = group[{literal(n)}]" for n in self.hyper if n in res.hyper_used]
@@ -782,6 +770,7 @@ class OptimizerPlanner:
             if c.value == v:
                 return c.index
         i = len(self.caches)
+        # state key "slow.{i}": what nldsl.optim.memory.cache_key(i) gives
         c = Cache(index=i, key=f"slow.{i}", value=v, levels=levels, method=f"_slow_{i}",
                   local=self.namer.fresh(f"slow_{i}"), comment=comment)
         self.caches.append(c)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -91,11 +92,69 @@ class NSAMModel(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.head.weight, std=0.02)
 
-    def forward(self, input_ids: Tensor, state: ModelState | None = None) -> ModelOutput:
+    def forward(self, input_ids: Tensor, state: ModelState | None = None,
+                labels: Tensor | None = None) -> ModelOutput:
+        """``labels`` (the next tokens, ``-100`` to ignore) let memories that learn from the
+        outer objective's local surprise (``signal surprise``, paper Eq. 8) write in context.
+
+        The surprise is ``delta_t = dl_t / dh_t``: the derivative of token t's loss at the top of
+        the residual stream (before the final norm and the head, which act per token), the
+        signal every such memory adds its output to (a first-order local surprise, computed
+        exactly and per token, so it does not depend on how a stream is split into calls). The
+        stream is processed in segments on the chunk grid of the fastest such memory; after
+        each segment the memories write with its surprise before the next one reads.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         if state is not None and len(state.layers) != len(self.blocks):
             raise ValueError(f"state has {len(state.layers)} layers, the model has {len(self.blocks)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        learners = [m for m in self.modules() if getattr(m, "surprise", False) is True]
+        if labels is None or not learners:
+            logits, _, state = self._forward(input_ids, state)
+            return ModelOutput(logits, state)
+        period = min(min(m.periods) for m in learners)
+        pos = 0 if state is None else state.tokens
+        T = input_ids.shape[1]
+        cuts = [0]
+        while cuts[-1] < T:  # segments end on the fastest surprise level's chunk grid
+            cuts.append(min(T, cuts[-1] + period - (pos + cuts[-1]) % period))
+        logits = []
+        for a, b in zip(cuts, cuts[1:]):
+            tape: list = []
+            for m in learners:
+                m.tape = tape
+            try:
+                seg_logits, hidden, state = self._forward(input_ids[:, a:b], state)
+            finally:
+                for m in learners:
+                    m.tape = None
+            delta = self.surprise(hidden, labels[:, a:b])
+            written = {id(module): module.learn(x, before, delta) for module, x, _, before in tape}
+            layers = []
+            for block, layer_state in zip(self.blocks, state.layers):
+                layer_state = dict(layer_state)
+                for name, module in block.named_children():
+                    if id(module) in written:
+                        layer_state[name] = written[id(module)]
+                layers.append(layer_state)
+            state = ModelState(tuple(layers), state.tokens)
+            logits.append(seg_logits)
+        return ModelOutput(torch.cat(logits, dim=1), state)
+
+    def surprise(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """``dl_t/dh_t`` for each token's next-token loss, at the top of the residual stream."""
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_(True)
+            logits = self.head(self.norm(h))
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+            (delta,) = torch.autograd.grad(loss, h)
+        return delta.detach()
+
+    def _forward(self, input_ids: Tensor, state: ModelState | None):
+        """``(logits, hidden before the final norm, new state)``."""
         x = self.embed(input_ids)
         new_layers = []
         for i, block in enumerate(self.blocks):
@@ -103,7 +162,7 @@ class NSAMModel(nn.Module):
             new_layers.append(s)
         logits = self.head(self.norm(x))
         tokens = (state.tokens if state is not None else 0) + input_ids.shape[1]
-        return ModelOutput(logits, ModelState(tuple(new_layers), tokens))
+        return logits, x, ModelState(tuple(new_layers), tokens)
 
     def new_sequence(self, state: ModelState | None) -> ModelState | None:
         """The state for a new sequence: sequence-scoped levels reset, ``carry`` levels kept."""
@@ -136,7 +195,3 @@ class NSAMModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-
-@torch.no_grad()
-def count_tokens(state: ModelState | None) -> int:
-    return 0 if state is None else state.tokens

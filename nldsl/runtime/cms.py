@@ -77,6 +77,8 @@ from nldsl.runtime.deep_memory import (
     mlp_backward,
     mlp_forward,
     output_error,
+    segment_lengths,
+    split_time,
 )
 
 __all__ = ["cms_chain", "CmsState", "CmsInfo", "CmsOutput"]
@@ -294,13 +296,16 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
     B, T, _ = x.shape
     ys, outs = [], [[] for _ in range(n)]
     updates, resets = [[] for _ in range(n)], [[] for _ in range(n)]
+    lens = segment_lengths(T, list(zip(offs, periods)))
+    xp = split_time(x, lens)
+    ep = [split_time(e, lens) for e in etas]
+    dp = None if deltas is None else [split_time(d, lens) for d in deltas]
+    tp = None if targets is None else [split_time(tg, lens) for tg in targets]
     t = 0
-    while t < T:
-        L = min(T - t, min(periods[l] - offs[l] for l in range(n)))
-        sl = slice(t, t + L)
+    for j, L in enumerate(lens):
         rws = _read_weights(ws, st)
         # forward through the blocks with their (constant) chunk-start weights
-        inp, fw = x[:, sl], []
+        inp, fw = xp[j], []
         for l in range(n):
             y, hs, ins = mlp_forward(rws[l], inp, act, residual)
             fw.append((y, hs, ins))
@@ -317,7 +322,7 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
         # errors at every block output, then per-layer errors
         errs = [None] * n
         if signal == "surprise" and cfg["single_delta"]:
-            d = deltas[0][:, sl]
+            d = dp[0][j]
             if variant == "independent":
                 for l in range(n):
                     e = d if agg is None else agg[l] * d
@@ -330,16 +335,16 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
         else:
             for l in range(n):
                 if signal == "surprise":
-                    eps = deltas[l][:, sl]
+                    eps = dp[l][j]
                 else:
-                    tgt = targets[l][:, sl]
+                    tgt = tp[l][j]
                     if signal == "self":
                         tgt = mlp_forward(ws[l], tgt, act, residual)[0]
                     eps = output_error(fw[l][0], tgt, cfg["objective"])
                 errs[l] = mlp_backward(ws[l], fw[l][1], eps, act)
         # accumulate sum_t eta_t e_t a_t^T (one matmul per layer)
         for l in range(n):
-            e_t = etas[l][:, sl].unsqueeze(-1)
+            e_t = ep[l][j].unsqueeze(-1)
             gs[l] = [G + (e_t * e).transpose(-1, -2) @ a for G, e, a in zip(gs[l], errs[l], fw[l][2])]
         _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets)
         t += L

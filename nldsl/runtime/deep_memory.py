@@ -167,8 +167,17 @@ def activation_grad(x: Tensor, name: str) -> Tensor:
     raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
 
 
-def mlp_forward(ws: Sequence[Tensor], x: Tensor, act: str, residual: bool):
-    """``(y, hidden pre-activations, per-layer inputs)`` of the MLP on ``x [N, L, d_in]``."""
+def _add_residual(y: Tensor, x: Tensor, residual) -> Tensor:
+    """``y + x`` where ``residual`` is True, per row where it is a ``[N]`` 0/1 mask (memories of
+    different kinds stacked along the batch axis)."""
+    if isinstance(residual, Tensor):
+        return y + residual.view(-1, *([1] * (x.dim() - 1))) * x
+    return y + x if residual else y
+
+
+def mlp_forward(ws: Sequence[Tensor], x: Tensor, act: str, residual):
+    """``(y, hidden pre-activations, per-layer inputs)`` of the MLP on ``x [N, L, d_in]``;
+    ``residual``: a bool or a per-row ``[N]`` mask."""
     hs, ins = [], []
     a = x
     y = x
@@ -180,9 +189,7 @@ def mlp_forward(ws: Sequence[Tensor], x: Tensor, act: str, residual: bool):
             a = activation(h, act)
         else:
             y = h
-    if residual:
-        y = y + x
-    return y, hs, ins
+    return _add_residual(y, x, residual), hs, ins
 
 
 def mlp_apply(ws: Sequence[Tensor], x: Tensor, act: str = "gelu", residual: bool = True) -> Tensor:
@@ -234,16 +241,18 @@ def chunk_step(
     signal: str,
     rule: str,
     act: str,
-    residual: bool,
+    residual,
     read: str,
     st: Optional[Sequence[Tensor]] = None,
+    read_rows: Optional[slice] = None,
 ):
     """Run L <= C consecutive tokens that share one anchor.
 
     ws/ms: running weights/momentum entering the piece (``[N, do, di]``); anchor: the anchor
     weights; k ``[N, L, K]``, v ``[N, L, *]``, eta/alpha/beta ``[N, L]`` (alpha/beta may be None),
-    q ``[N, L, K]`` or None (no read). ``st``: straight-through terms added to the read weights
-    (detach mode). Returns ``(o or None, ws_end, ms_end)``.
+    q ``[N, L, K]`` or None (no read). ``residual``: a bool or a per-row ``[N]`` mask. ``st``:
+    straight-through terms added to the read weights (detach mode). ``read_rows``: read only
+    these rows (q then has only them). Returns ``(o or None, ws_end, ms_end)``.
     """
     L = k.shape[1]
     # gradients of all L tokens at the anchor (closed-form backward, batched)
@@ -301,23 +310,36 @@ def chunk_step(
     # reads
     o = None
     if q is not None:
+        rr = read_rows if read_rows is not None else slice(None)
+        per_row = lambda z: None if z is None else z[rr]  # noqa: E731
+        res = residual[rr] if isinstance(residual, Tensor) else residual
+        st_r = None if st is None else [per_row(z) for z in st]
         if read == "anchor":
-            rw = anchor if st is None else [w + s for w, s in zip(anchor, st)]
-            o = mlp_forward(rw, q, act, residual)[0]
+            rw = [per_row(w) for w in anchor]
+            if st_r is not None:
+                rw = [w + z for w, z in zip(rw, st_r)]
+            o = mlp_forward(rw, q, act, res)[0]
         else:
+            # coefficient matrices carry a row axis only when their gates do
+            gate_row = (lambda z: z[rr]) if alpha is not None else (lambda z: z)  # noqa: E731
+            mom_row = (lambda z: z[rr]) if (alpha is not None or ms is not None) else (lambda z: z)  # noqa: E731
+            A_r = gate_row(A)
+            m_r = None if ms is None else m[rr]
             z = q
             n = len(ins)
             for i, a in enumerate(ins):
-                pre = A.unsqueeze(-1) * (z @ ws[i].transpose(-1, -2))
-                za = z @ a.transpose(-1, -2)                       # a_j . z_t   [N, L, L]
-                for coef, left in pairs[i]:
-                    pre = pre + (coef * za) @ left
+                a_r = a[rr]
+                pre = A_r.unsqueeze(-1) * (z @ ws[i][rr].transpose(-1, -2))
+                za = z @ a_r.transpose(-1, -2)                     # a_j . z_t   [N, L, L]
+                for j, (coef, left) in enumerate(pairs[i]):
+                    coef_r = mom_row(coef) if j == 0 else gate_row(coef)
+                    pre = pre + (coef_r * za) @ left[rr]
                 if ms is not None:
-                    pre = pre + m.unsqueeze(-1) * (z @ ms[i].transpose(-1, -2))
-                if st is not None:
-                    pre = pre + z @ st[i].transpose(-1, -2)
+                    pre = pre + m_r.unsqueeze(-1) * (z @ ms[i][rr].transpose(-1, -2))
+                if st_r is not None:
+                    pre = pre + z @ st_r[i].transpose(-1, -2)
                 z = activation(pre, act) if i < n - 1 else pre
-            o = z + q if residual else z
+            o = _add_residual(z, q, res)
     return o, ws_end, ms_end
 
 

@@ -31,15 +31,16 @@ Implementations (``impl=``):
       D[t, j] = exp(b_t - b_j)
 
   so ``U' = U - W S_0`` with ``U = T V``, ``W = T diag(Gamma) K``,
-  ``T = (I + strict_lower(...))^{-1} diag(beta)`` (the UT transform, one triangular solve per
-  chunk, batched over all chunks). Then
+  ``T = (I + strict_lower(...))^{-1} diag(beta)`` (the UT transform: one batched triangular
+  solve against the identity for all chunks at once, with a closed-form backward). Then
 
       o = scale * ( diag(Gamma) Q S_0 + ((Q K^T) * D * causal) U' )
       S_C = Gamma_C S_0 + (K * exp(b_C - b))^T U'
 
-  The solve and all intra-chunk products are batched matmuls; one Python loop over the chunks
-  carries ``S`` (two small matmuls per chunk). Padded tokens (``k = v = 0, beta = 0, g = 0``) are
-  exact no-ops.
+  All intra-chunk products are batched matmuls over every chunk; one Python loop over the
+  chunks carries ``S`` (two small matmuls per chunk). Padded tokens (``k = v = 0, beta = 0,
+  g = 0``) are exact no-ops. The fla naming of these pieces: ``W``/``U`` are ``w``/``u`` of
+  ``recompute_w_u_fwd``, the loop is ``chunk_delta_h``, the read is ``chunk_fwd_o``.
 """
 from __future__ import annotations
 

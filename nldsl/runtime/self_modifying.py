@@ -70,6 +70,8 @@ from nldsl.runtime.deep_memory import (
     check_layers,
     chunk_step,
     mlp_forward,
+    segment_lengths,
+    split_time,
 )
 
 __all__ = ["self_modifying_titans", "SelfModifyingState", "causal_conv1d", "GENERATED"]
@@ -300,101 +302,116 @@ def _normalize(t, cfg):
     return F.normalize(t, dim=-1) if cfg["qk_norm"] else t
 
 
-def _groups(cfg):
-    """Same-shaped generating memories, stacked in one chunk_step call."""
-    out = []
-    vec = [n for n in cfg["gen"] if n in _VEC]
-    sca = [n for n in cfg["gen"] if n in _SCA]
-    if vec:
-        out.append((vec, cfg["residual"]))
-    if sca:
-        out.append((sca, False))
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # chunked
 # --------------------------------------------------------------------------------------------
 
-def _cat(d, names):
-    return [torch.cat([d[n][i] for n in names], dim=0) for i in range(len(d[names[0]]))]
+def _plan(ws, cfg):
+    """Stack every memory with the same hidden widths into one group (generating memories first,
+    M_memory last): one chunk_step per piece for all of them. Scalar memories (M_eta, M_alpha)
+    get their output matrix zero-padded to D rows (the padded outputs and targets are exactly 0,
+    so their gradients and rows stay 0) and a residual mask of 0."""
+    groups: dict = {}
+    for n in cfg["gen"] + ["memory"]:
+        key = tuple(W.shape[-2] for W in ws[n][:-1])
+        groups.setdefault(key, []).append(n)
+    return list(groups.values())
 
 
-def _split(stacked, names, N):
-    return {n: [W[j * N:(j + 1) * N] for W in stacked] for j, n in enumerate(names)}
+def _stack(d, names, D):
+    def pad(W, n):
+        return F.pad(W, (0, 0, 0, D - W.shape[-2])) if n in _SCA else W
+    L = len(d[names[0]])
+    return [torch.cat([pad(d[n][i], n) if i == L - 1 else d[n][i] for n in names], dim=0) for i in range(L)]
+
+
+def _unstack(stacked, names, N):
+    out = {}
+    for j, n in enumerate(names):
+        ws = [W[j * N:(j + 1) * N] for W in stacked]
+        if n in _SCA:
+            ws[-1] = ws[-1][:, :1]
+        out[n] = ws
+    return out
 
 
 def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
     act, detach = cfg["act"], cfg["detach"]
     xs = inputs["x"]
-    N, T, _ = xs.shape
-    groups = _groups(cfg)
-    # group states stay stacked along the batch axis for the whole call
-    G = {}
-    for names, res in groups + [(["memory"], cfg["residual"])]:
-        key = tuple(names)
-        G[key] = dict(
-            names=names, res=res, ws=_cat(ws, names), anchor=_cat(anchor, names),
-            ms=None if ms is None else _cat(ms, names), st=None if st is None else _cat(st, names),
-        )
-    mem = G[("memory",)]
+    N, T, D = xs.shape
+    G = []
+    for names in _plan(ws, cfg):
+        res_rows = [cfg["residual"] if n in _VEC + ("memory",) else False for n in names]
+        residual = (res_rows[0] if len(set(res_rows)) == 1 else
+                    torch.tensor(res_rows, dtype=xs.dtype, device=xs.device).repeat_interleave(N))
+        n_gen = sum(n != "memory" for n in names)
+        G.append(dict(
+            names=names, n_gen=n_gen, has_mem="memory" in names, residual=residual,
+            ws=_stack(ws, names, D), anchor=_stack(anchor, names, D),
+            ms=None if ms is None else _stack(ms, names, D), st=None if st is None else _stack(st, names, D),
+        ))
     off_g, off_m = offs
     Cg, Cm = cfg["Cg"], cfg["Cm"]
+
+    def re_anchor(g, gen_rows: bool, mem_rows: bool):
+        cut = g["n_gen"] * N
+        if gen_rows and (mem_rows or not g["has_mem"]) or mem_rows and g["n_gen"] == 0:
+            g["anchor"] = g["ws"]
+        elif gen_rows and g["n_gen"]:
+            g["anchor"] = [torch.cat([w[:cut], a[cut:]]) for w, a in zip(g["ws"], g["anchor"])]
+        elif mem_rows and g["has_mem"]:
+            g["anchor"] = [torch.cat([a[:cut], w[cut:]]) for w, a in zip(g["ws"], g["anchor"])]
+
     ys = []
-    t = 0
-    while t < T:
-        if off_g == 0:
-            for key, g in G.items():
-                if key != ("memory",):
-                    g["anchor"] = g["ws"]
-        if off_m == 0:
-            mem["anchor"] = mem["ws"]
-        L = min(Cg - off_g, Cm - off_m, T - t)
-        sl = slice(t, t + L)
-        xt = xs[:, sl]
+    lens = segment_lengths(T, [(off_g, Cg), (off_m, Cm)])
+    parts = {n: split_time(z, lens) for n, z in inputs.items()}
+    for j, L in enumerate(lens):
+        for g in G:
+            re_anchor(g, off_g == 0, off_m == 0)
+        xt = parts["x"][j]
         # generated inputs, read at the generating memories' anchor
-        got = {n: inputs[n][:, sl] for n in ("k", "v", "q", "eta", "alpha") if n in inputs}
-        for key, g in G.items():
-            if key == ("memory",):
+        got = {n: parts[n][j] for n in ("k", "v", "q", "eta", "alpha") if n in parts}
+        for g in G:
+            if not g["n_gen"]:
                 continue
-            rw = g["anchor"] if g["st"] is None else [w + s for w, s in zip(g["anchor"], g["st"])]
-            out = mlp_forward(rw, xt.repeat(len(key), 1, 1), act, g["res"])[0]
-            for j, n in enumerate(key):
-                o = out[j * N:(j + 1) * N]
-                got[n] = o.squeeze(-1) if n in _SCA else o
+            cut = g["n_gen"] * N
+            rw = [w[:cut] for w in g["anchor"]]
+            if g["st"] is not None:
+                rw = [w + s[:cut] for w, s in zip(rw, g["st"])]
+            res = g["residual"][:cut] if isinstance(g["residual"], Tensor) else g["residual"]
+            out = mlp_forward(rw, xt.repeat(g["n_gen"], 1, 1), act, res)[0]
+            for i, n in enumerate(g["names"][:g["n_gen"]]):
+                o = out[i * N:(i + 1) * N]
+                got[n] = o[..., 0] if n in _SCA else o
         k_, v_, q_ = _normalize(got["k"], cfg), got["v"], _normalize(got["q"], cfg)
         eta, alpha = _gates(got["eta"], got.get("alpha"), cfg)
-        beta = inputs["beta"][:, sl] if "beta" in inputs else None
+        beta = parts["beta"][j] if "beta" in parts else None
         if detach:
             k_, v_, eta = k_.detach(), v_.detach(), eta.detach()
             alpha = None if alpha is None else alpha.detach()
             beta = None if beta is None else beta.detach()
-        for key, g in G.items():
-            r = len(key)
+        for g in G:
+            r = len(g["names"])
             rep = lambda z: None if z is None else z.repeat(r, *([1] * (z.dim() - 1)))  # noqa: E731
             o, g["ws"], g["ms"] = chunk_step(
                 g["ws"], g["ms"], g["anchor"], rep(k_), rep(v_), rep(eta), rep(alpha), rep(beta),
-                q_ if key == ("memory",) else None,
+                q_ if g["has_mem"] else None,
                 objective=cfg["objective"], signal="self", rule=cfg["rule"], act=act,
-                residual=g["res"], read=cfg["read"], st=g["st"],
+                residual=g["residual"], read=cfg["read"], st=g["st"],
+                read_rows=slice(g["n_gen"] * N, (g["n_gen"] + 1) * N),
             )
-            if key == ("memory",):
+            if g["has_mem"]:
                 ys.append(o)
-        t += L
         off_g = (off_g + L) % Cg
         off_m = (off_m + L) % Cm
-    if off_g == 0:
-        for key, g in G.items():
-            if key != ("memory",):
-                g["anchor"] = g["ws"]
-    if off_m == 0:
-        mem["anchor"] = mem["ws"]
+    for g in G:
+        re_anchor(g, off_g == 0, off_m == 0)
     ws_o, an_o, ms_o = {}, {}, ({} if ms is not None else None)
-    for g in G.values():
-        ws_o.update(_split(g["ws"], g["names"], N))
-        an_o.update(_split(g["anchor"], g["names"], N))
+    for g in G:
+        ws_o.update(_unstack(g["ws"], g["names"], N))
+        an_o.update(_unstack(g["anchor"], g["names"], N))
         if ms is not None:
-            ms_o.update(_split(g["ms"], g["names"], N))
+            ms_o.update(_unstack(g["ms"], g["names"], N))
     return torch.cat(ys, dim=1), ws_o, an_o, ms_o, (off_g, off_m)
 
 

@@ -15,12 +15,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"dim": 64, "layers": 2},
         "seq_len": 128, "batch": 32, "steps": 400, "lr": 3e-3, "warmup": 40,
         "pairs": 8, "eval_every": 50, "eval_seqs": 256, "log_every": 10,
+        # the demo's budget: training stops after 4 minutes at the latest, then evaluates
+        # (only when --steps is not given; --time-limit 0 turns it off)
+        "time_limit": 240.0,
     },
     # the spec's own sizes and context; for a GPU
     "full": {
         "model": {},
         "seq_len": None, "batch": 64, "steps": 5000, "lr": 1e-3, "warmup": 250,
         "pairs": 32, "eval_every": 250, "eval_seqs": 1024, "log_every": 25,
+        "time_limit": None,
     },
 }
 

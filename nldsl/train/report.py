@@ -137,11 +137,20 @@ def plot_run(res, path: Path) -> None:
     keys = sorted({k for r in ev for k in r if k.startswith("phase") and k.endswith(("_acc", "_bpb"))})
     if keys:
         names = (res.continual or {}).get("phases", [])
+        twin = None
         for k in keys:
             j = int(k[5:].split("_")[0])
             pts = [(r["step"], r[k]) for r in ev if k in r]
-            ax.plot(*zip(*pts), "o-", label=names[j] if j < len(names) else k, markersize=3)
-        ax.legend(fontsize=8)
+            target = ax
+            if k.endswith("_bpb") and m != "bpb":  # bits per byte on their own axis
+                twin = twin or ax.twinx()
+                twin.set_ylabel("bits/byte")
+                target = twin
+            target.plot(*zip(*pts), "o-" if target is ax else "s--", markersize=3,
+                        label=names[j] if j < len(names) else k)
+        lines = ax.get_lines() + (twin.get_lines() if twin else [])
+        ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
+        ax.set_title("each phase's task, evaluated throughout", fontsize=9)
     elif ev:
         ax.plot([r["step"] for r in ev], [r.get(m) for r in ev], "o-")
     if res.chance and m == "acc":

@@ -6,7 +6,6 @@ import builtins
 import inspect
 import io
 import keyword
-import linecache
 import re
 import shutil
 import tokenize

@@ -154,3 +154,13 @@ def test_errors():
         self_modifying_titans(x["x"], params=params, chunk_size=2, gen_chunk_size=2)
     with pytest.raises(ValueError, match="valid impl"):
         run(x, "triton")
+
+
+def test_memories_of_different_widths():
+    """M_memory wider than the generating memories (two stacks inside the chunked path)."""
+    x = inputs(T=14, seed=9)
+    g = gen(10)
+    x["params"]["memory"] = (randn(g, H, 24, D, scale=0.15), randn(g, H, D, 24, scale=0.15))
+    x["params"]["eta"] = (randn(g, H, 12, D, scale=0.15), randn(g, H, 1, 12, scale=0.15))
+    for read in ("anchor", "running"):
+        assert_close(run(x, "chunked", read=read), run(x, "reference", read=read))

@@ -1,0 +1,249 @@
+"""Deep memories as layers: a Titans MLP memory, self-modifying Titans, and the CMS chain.
+
+The slow parts (projections, gate projections, the memories' meta-learned initial weights)
+are Parameters of the outer level; the fast weights live in the state returned by
+``forward(x, state) -> (y, state)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nldsl.nn.layers import ShortConv
+from nldsl.nn.memories import _Gate, _heads, _logit
+from nldsl.runtime.cms import CmsState, cms_chain
+from nldsl.runtime.deep_memory import mlp_memory
+from nldsl.runtime.self_modifying import self_modifying_titans
+
+
+def _mlp_weights(heads: int, d_in: int, hidden: int, d_out: int, depth: int, residual: bool):
+    """Initial MLP weights in application order, ``[heads, d_out, d_in]`` each; with a residual
+    the last layer starts at zero so the memory starts as the identity map."""
+    dims = [d_in] + [hidden] * (depth - 1) + [d_out]
+    ws = []
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        w = torch.randn(heads, b, a) * a ** -0.5
+        if residual and i == len(dims) - 2:
+            w.zero_()
+        ws.append(nn.Parameter(w))
+    return nn.ParameterList(ws)
+
+
+class DeepMemory(nn.Module):
+    """An MLP memory trained in context (Titans' long-term memory, paper section 8.1)."""
+
+    def __init__(self, dim: int, heads: int, *, depth: int = 2, expansion: float = 4.0,
+                 residual: bool = True, activation: str = "gelu", objective: str = "l2",
+                 rule: str = "gd", lr="gate", retention=None, momentum=None, chunk_size: int = 1,
+                 read: str = "anchor", qk_norm: str = "none", conv: int = 0, detach: bool = False,
+                 init: str = "meta", scope: str = "sequence", impl: str = "chunked"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.objective, self.rule, self.lr, self.retention, self.momentum = objective, rule, lr, retention, momentum
+        self.chunk_size, self.read, self.qk_norm, self.detach = chunk_size, read, qk_norm, detach
+        self.scope, self.impl, self.activation, self.residual = scope, impl, activation, residual
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.conv = nn.ModuleList([ShortConv(dim, conv) for _ in range(3)]) if conv else None
+        self.lr_gate = _Gate(dim, heads, _logit(0.1)) if lr == "gate" else None
+        self.retention_gate = _Gate(dim, heads, _logit(0.99)) if retention == "gate" else None
+        self.momentum_gate = _Gate(dim, heads, _logit(0.5)) if momentum == "gate" else None
+        hidden = max(1, int(self.head_dim * expansion))
+        self.weights = _mlp_weights(heads, self.head_dim, hidden, self.head_dim, depth, residual)
+        if init != "meta":  # a fixed random start: not learned by the outer level
+            self.weights.requires_grad_(False)
+
+    def _rate(self, gate, const, x):
+        if gate is not None:
+            return torch.sigmoid(gate(x))
+        return None if const is None else float(const)
+
+    def forward(self, x: Tensor, state=None):
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv_state = None
+        if self.conv is not None:
+            prev = (None, None, None) if state is None else state["conv"]
+            outs = [c(t, s) for c, t, s in zip(self.conv, (q, k, v), prev)]
+            (q, cq), (k, ck), (v, cv) = outs
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+            conv_state = (cq, ck, cv)
+        q, k, v = _heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads)
+        if self.qk_norm == "l2":
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        lr = self._rate(self.lr_gate, self.lr, x)
+        o, mem_state = mlp_memory(
+            q, k, v, lr, self._rate(self.retention_gate, self.retention, x),
+            self._rate(self.momentum_gate, self.momentum, x), params=list(self.weights),
+            chunk_size=self.chunk_size, read=self.read, objective=self.objective, rule=self.rule,
+            activation=self.activation, residual=self.residual, detach=self.detach,
+            initial_state=None if state is None else state["memory"], output_final_state=True,
+            impl=self.impl)
+        y = self.o_proj(o.reshape(B, T, self.dim))
+        return y, {"memory": mem_state, "conv": conv_state}
+
+    def new_sequence(self, state):
+        return state if self.scope == "carry" else None
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.heads}, objective={self.objective}, rule={self.rule}, chunk={self.chunk_size}, "
+                f"read={self.read}, scope={self.scope}")
+
+
+class SelfModifyingTitans(nn.Module):
+    """Self-modifying (deep self-referential) Titans, paper Eq. 86-91 (and Hope, Eq. 94-96).
+
+    ``generated`` lists the inputs produced by memories updated in context (k, v, q, eta,
+    alpha); the others come from static projections of the outer level.
+    """
+
+    def __init__(self, dim: int, heads: int, *, generated: tuple[str, ...], chunk_size: int,
+                 gen_chunk_size: int, expansion: float = 1.0, residual: bool = True,
+                 activation: str = "gelu", objective: str = "l2", rule: str = "dgd", momentum=None,
+                 retention: bool = True, read: str = "anchor", qk_norm: str = "l2", conv: int = 4,
+                 detach: bool = False, scope: str = "sequence", impl: str = "chunked"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        # without retention alpha is fixed at 1: nothing generates it
+        self.generated = tuple(g for g in generated if g != "alpha" or retention)
+        self.chunk_size, self.gen_chunk_size = chunk_size, gen_chunk_size
+        self.objective, self.rule, self.momentum, self.retention = objective, rule, momentum, retention
+        self.read, self.qk_norm, self.detach, self.scope, self.impl = read, qk_norm, detach, scope, impl
+        self.activation, self.residual = activation, residual
+        D = self.head_dim
+        hidden = max(1, int(D * expansion))
+        self.in_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.memories = nn.ModuleDict({"memory": _mlp_weights(heads, D, hidden, D, 2, residual)})
+        for name in self.generated:
+            d_out = 1 if name in ("eta", "alpha") else D
+            self.memories[name] = _mlp_weights(heads, D, hidden, d_out, 2, residual and d_out == D)
+        for name in ("q", "k", "v"):
+            if name not in self.generated:
+                self.add_module(f"{name}_proj", nn.Linear(dim, dim, bias=False))
+        self.eta_gate = None if "eta" in self.generated else _Gate(dim, heads, -2.0)
+        self.alpha_gate = None if ("alpha" in self.generated or not retention) else _Gate(dim, heads, 4.0)
+        self.momentum_gate = _Gate(dim, heads, 0.0) if momentum == "gate" else None
+        # learnable squashing of the generated rates: small steps and near-full retention at first
+        self.eta_bias = nn.Parameter(torch.tensor(-2.0))
+        self.alpha_bias = nn.Parameter(torch.tensor(4.0))
+        self.conv_weight = nn.Parameter(self._conv_init(heads, D, conv)) if conv else None
+
+    @staticmethod
+    def _conv_init(heads, D, width):
+        w = torch.randn(heads, D, width) * 0.02
+        w[..., -1] += 1.0  # starts near the identity
+        return w
+
+    def forward(self, x: Tensor, state=None):
+        B, T, _ = x.shape
+        h = _heads(self.in_proj(x), self.heads)
+        static = {}
+        for name in ("q", "k", "v"):
+            if name not in self.generated:
+                static[name] = _heads(getattr(self, f"{name}_proj")(x), self.heads)
+        beta = None
+        if self.momentum_gate is not None:
+            beta = torch.sigmoid(self.momentum_gate(x))
+        elif isinstance(self.momentum, (int, float)) and not isinstance(self.momentum, bool):
+            beta = float(self.momentum)
+        params = {name: list(ws) for name, ws in self.memories.items()}
+        y, new = self_modifying_titans(
+            h, params=params, chunk_size=self.chunk_size, gen_chunk_size=self.gen_chunk_size,
+            eta_logits=None if self.eta_gate is None else self.eta_gate(x),
+            alpha_logits=None if self.alpha_gate is None else self.alpha_gate(x),
+            beta_momentum=beta, eta_bias=self.eta_bias, alpha_bias=self.alpha_bias,
+            retention=self.retention, conv_weight=self.conv_weight, qk_norm=self.qk_norm == "l2",
+            rule=self.rule, objective=self.objective, read=self.read, activation=self.activation,
+            residual=self.residual, detach=self.detach, initial_state=state, output_final_state=True,
+            impl=self.impl, **static)
+        return self.o_proj(y.reshape(B, T, self.dim)), new
+
+    def new_sequence(self, state):
+        return state if self.scope == "carry" else None
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.heads}, generated={self.generated}, chunk={self.chunk_size}, "
+                f"gen_chunk={self.gen_chunk_size}, rule={self.rule}, read={self.read}")
+
+
+class CmsChain(nn.Module):
+    """The Continuum Memory System (paper section 7.1): MLP blocks at periods C_1 | C_2 | ...
+
+    With ``signal="surprise"`` the blocks learn from the outer objective's local surprise
+    ``delta = dL/dy`` at their output: :meth:`forward` reads (anchor weights) and
+    :meth:`learn` writes, given the surprise the model computed for the segment.
+    """
+
+    surprise = True
+
+    def __init__(self, dim: int, *, periods: tuple[int, ...], scopes: tuple[str, ...],
+                 variant: str = "sequential", expansion: float = 4.0, depth: int = 2,
+                 residual: bool = True, activation: str = "gelu", lr: float = 0.01,
+                 signal: str = "surprise", objective: str = "l2", detach: bool = True,
+                 impl: str = "chunked"):
+        super().__init__()
+        self.dim, self.periods, self.scopes, self.variant = dim, tuple(periods), tuple(scopes), variant
+        self.activation, self.residual, self.lr, self.signal = activation, residual, lr, signal
+        self.objective, self.detach, self.impl = objective, detach, impl
+        self.surprise = signal == "surprise"
+        hidden = int(dim * expansion)
+        self.blocks = nn.ModuleList(
+            [_mlp_weights(1, dim, hidden, dim, depth, residual) for _ in periods])
+        for ws in self.blocks:  # a residual MLP block: starts near the identity, not at it
+            with torch.no_grad():
+                ws[-1].normal_(0.0, hidden ** -0.5 * 0.1)
+        self.agg = nn.Parameter(torch.ones(len(periods)) / len(periods)) if variant == "independent" else None
+        self.tape: list | None = None  # set by the model while it collects surprise signals
+
+    def _params(self):
+        return [[w[0] for w in ws] for ws in self.blocks]
+
+    def _run(self, x, state, delta, target=None):
+        return cms_chain(x, self._params(), periods=self.periods, lr=self.lr, variant=self.variant,
+                         signal=self.signal, delta=delta, target=target, objective=self.objective,
+                         agg_weights=self.agg, activation=self.activation, residual=self.residual,
+                         detach=self.detach, initial_state=state, output_final_state=True, impl=self.impl)
+
+    def forward(self, x: Tensor, state=None):
+        """Reads with the blocks' chunk-start weights. A surprise-driven chain writes nothing
+        here (zero surprise: the chunk grid still advances); the model calls :meth:`learn`
+        with the surprise of the segment when it has labels."""
+        if self.signal == "surprise":
+            y, new, _ = self._run(x, state, torch.zeros_like(x))
+            if self.tape is not None:
+                self.tape.append((self, x, y, state))
+            return y, new
+        y, new, _ = self._run(x, state, None, target=x)
+        return y, new
+
+    def learn(self, x: Tensor, state, delta: Tensor):
+        """The state after writing a segment whose output surprise is ``delta``."""
+        return self._run(x, state, delta.detach())[1]
+
+    def new_sequence(self, state):
+        """Blocks of sequence-scoped levels restart from their initial weights; blocks of
+        ``carry`` levels keep what they learned."""
+        if state is None or all(s == "sequence" for s in self.scopes):
+            return None
+        weights, sums, offsets = list(state.weights), list(state.grad_sum), list(state.offset)
+        for i, scope in enumerate(self.scopes):
+            if scope == "sequence":
+                like = weights[i]
+                weights[i] = tuple(w[0].to(c.dtype).unsqueeze(0).expand_as(c)
+                                   for w, c in zip(self.blocks[i], like))
+                sums[i] = tuple(torch.zeros_like(g) for g in sums[i])
+                offsets[i] = 0
+        return CmsState(tuple(weights), tuple(sums), tuple(offsets))
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant}, periods={self.periods}, signal={self.signal}, lr={self.lr}"

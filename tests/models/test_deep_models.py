@@ -1,0 +1,116 @@
+"""Deep memories, CMS, self-modifying Titans and Hope compiled from their specs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import nldsl
+from tests.models.test_compile_models import copy_task, variant
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = ROOT / "specs"
+SMALL = dict(dim=16, heads=2, layers=2, vocab=32)
+DEEP = {"hope": "Hope", "cms": "HopeAttention", "titans": "Titans"}
+
+
+def build(spec: str, path: Path | None = None, **overrides):
+    mod = nldsl.compile(path or SPECS / f"{spec}.nl")
+    return getattr(mod, DEEP[spec])(**{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize("spec", sorted(DEEP))
+def test_forward_backward_with_surprise(spec):
+    torch.manual_seed(0)
+    model = build(spec)
+    ids = torch.randint(0, 32, (2, 40))
+    out = model(ids, labels=ids.roll(-1, 1))
+    out.logits.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    trained = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert any("initial" in n or "weights" in n or "memories" in n or "blocks" in n for n in trained)
+
+
+@pytest.mark.parametrize("spec", sorted(DEEP))
+@pytest.mark.parametrize("split", [5, 16, 33])
+def test_stream_split_equals_one_pass(spec, split):
+    torch.manual_seed(0)
+    model = build(spec).double()
+    ids = torch.randint(0, 32, (2, 45))
+    labels = ids.roll(-1, 1)
+    full = model(ids, labels=labels).logits
+    first = model(ids[:, :split], labels=labels[:, :split])
+    second = model(ids[:, split:], state=first.state, labels=labels[:, split:])
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("spec", sorted(DEEP))
+def test_batch_invariance(spec):
+    torch.manual_seed(0)
+    model = build(spec).double()
+    ids = torch.randint(0, 32, (3, 21))
+    labels = ids.roll(-1, 1)
+    together = model(ids, labels=labels).logits
+    alone = torch.cat([model(ids[i:i + 1], labels=labels[i:i + 1]).logits for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-9, atol=1e-9)
+
+
+def test_cms_levels_write_only_at_their_periods():
+    """Probe the state: each CMS level's weights change exactly at its chunk boundaries."""
+    torch.manual_seed(0)
+    model = build("cms", layers=1).double()
+    chain = model.blocks[0].chain
+    ids = torch.randint(0, 32, (1, 80))
+    labels = ids.roll(-1, 1)
+    state, history = None, []
+    for t in range(80):  # one token per call: the state after every token
+        state = model(ids[:, t:t + 1], state=state, labels=labels[:, t:t + 1]).state
+        history.append([w[0].clone() for w in state.layers[0]["chain"].weights])
+    for level, period in enumerate(chain.periods):
+        changed = [t + 1 for t in range(1, 80) if not torch.equal(history[t][level], history[t - 1][level])]
+        assert all(n % period == 0 for n in changed), (period, changed)
+        if period <= 80:
+            assert changed == list(range(period, 81, period))[: len(changed)] and changed
+
+
+def test_cms_with_zero_learning_rate_is_the_static_mlp(tmp_path):
+    """A CMS with lr 0 never moves from its (pretrained) initial blocks: outputs do not depend on
+    the surprise it sees."""
+    path = variant(tmp_path, "cms", "frozen")
+    torch.manual_seed(0)
+    model = build("cms", path=path).double()
+    ids = torch.randint(0, 32, (2, 40))
+    with_surprise = model(ids, labels=ids.roll(-1, 1)).logits
+    without = model(ids).logits
+    torch.testing.assert_close(with_surprise, without, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ablation", ["no_dgd", "no_momentum", "no_weight_decay", "no_cms", "static_k",
+                                      "static_v", "static_q"])
+def test_table6_ablations_compile_and_run(tmp_path, ablation):
+    torch.manual_seed(0)
+    model = build("hope", path=variant(tmp_path, "hope", ablation))
+    ids = torch.randint(0, 32, (2, 24))
+    out = model(ids, labels=ids.roll(-1, 1))
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("spec", sorted(DEEP))
+def test_loss_falls_on_copy_task(spec):
+    torch.manual_seed(0)
+    model = build(spec, vocab=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(30):
+        seq = copy_task(16, 8, 16, gen)
+        inputs, targets = seq[:, :-1], seq[:, 1:]
+        logits = model(inputs, labels=targets).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, 7:].reshape(-1, 16), targets[:, 7:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.99 * first, losses
