@@ -22,7 +22,7 @@ default: on a shared 2-core machine this is the most repeatable setting). After 
 call (whose memory is measured) it repeats the measurement ``--reps`` times (1 for a reference
 projected to exceed ``--budget`` s) and keeps the best by ``--clock`` (``cpu``: the worker's CPU
 time, least disturbed by other processes; ``wall``). Memory: (1) "saved MB" (chunked only): the bytes
-of every tensor autograd saves for the backward (``saved_tensors_hooks``; deterministic, the
+of the distinct storages autograd saves for the backward (``saved_tensors_hooks``; deterministic, the
 activations a training step must hold; torch.func, which the references use for their inner
 gradients, refuses these hooks); (2) "peak MB": the highest resident set size sampled every
 millisecond during the first call minus the resident size before it.
@@ -119,10 +119,13 @@ class RssSampler:
 def once(fn, impl, leaves, count_saved=False):
     import torch
 
-    saved = [0]
+    saved, seen = [0], set()
 
     def pack(t):
-        saved[0] += t.numel() * t.element_size()
+        key = (t.untyped_storage().data_ptr(), t.dtype)  # one storage saved twice counts once
+        if key not in seen:
+            seen.add(key)
+            saved[0] += t.untyped_storage().nbytes()
         return t
 
     for t in leaves:

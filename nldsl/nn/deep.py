@@ -52,7 +52,8 @@ class DeepMemory(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.conv = nn.ModuleList([ShortConv(dim, conv) for _ in range(3)]) if conv else None
-        self.lr_gate = _Gate(dim, heads, _logit(0.1)) if lr == "gate" else None
+        # a chunk applies up to chunk_size steps taken at one anchor: start with small steps
+        self.lr_gate = _Gate(dim, heads, _logit(0.01)) if lr == "gate" else None
         self.retention_gate = _Gate(dim, heads, _logit(0.99)) if retention == "gate" else None
         self.momentum_gate = _Gate(dim, heads, _logit(0.5)) if momentum == "gate" else None
         hidden = max(1, int(self.head_dim * expansion))
@@ -130,11 +131,12 @@ class SelfModifyingTitans(nn.Module):
         for name in ("q", "k", "v"):
             if name not in self.generated:
                 self.add_module(f"{name}_proj", nn.Linear(dim, dim, bias=False))
-        self.eta_gate = None if "eta" in self.generated else _Gate(dim, heads, -2.0)
+        self.eta_gate = None if "eta" in self.generated else _Gate(dim, heads, -4.6)
         self.alpha_gate = None if ("alpha" in self.generated or not retention) else _Gate(dim, heads, 4.0)
         self.momentum_gate = _Gate(dim, heads, 0.0) if momentum == "gate" else None
-        # learnable squashing of the generated rates: small steps and near-full retention at first
-        self.eta_bias = nn.Parameter(torch.tensor(-2.0))
+        # learnable squashing of the generated rates: small steps (eta = softplus(-4.6) ~ 0.01,
+        # a chunk applies many steps taken at one anchor) and near-full retention at first
+        self.eta_bias = nn.Parameter(torch.tensor(-4.6))
         self.alpha_bias = nn.Parameter(torch.tensor(4.0))
         self.conv_weight = nn.Parameter(self._conv_init(heads, D, conv)) if conv else None
 

@@ -33,6 +33,8 @@ __all__ = [
     "from_chunks",
     "segment_products",
     "segment_products_log",
+    "unit_lower_inverse",
+    "ut_apply",
 ]
 
 
@@ -246,3 +248,36 @@ def unit_lower_inverse(A: Tensor) -> Tensor:
     :class:`_UnitLowerInverse`). This is the ``T`` of the UT transform used by the delta-rule
     family's chunked paths."""
     return _UnitLowerInverse.apply(A)
+
+
+class _UTApply(torch.autograd.Function):
+    """``X = (I + strict_lower(A))^{-1} R``: the UT transform applied to right-hand sides ``R``.
+
+    Forward: the inverse ``T`` by one batched triangular solve against the identity, then one
+    matmul. Backward in closed form from the saved ``T`` and ``X`` (``dR = T^T dX``,
+    ``dA = -strict_lower(dR X^T)``): two matmuls, where differentiating an inverse and then a
+    product would take four, and differentiating a solve needs another (slow) solve.
+    """
+
+    @staticmethod
+    def forward(ctx, A: Tensor, R: Tensor) -> Tensor:
+        C = A.shape[-1]
+        eye = torch.eye(C, dtype=A.dtype, device=A.device).expand(A.shape)
+        T = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+        X = T @ R
+        ctx.save_for_backward(T, X)
+        return X
+
+    @staticmethod
+    def backward(ctx, grad_X: Tensor):
+        T, X = ctx.saved_tensors
+        grad_R = T.transpose(-1, -2) @ grad_X
+        grad_A = -(grad_R @ X.transpose(-1, -2)).tril(-1)
+        return grad_A, grad_R
+
+
+def ut_apply(A: Tensor, R: Tensor) -> Tensor:
+    """``(I + strict_lower(A))^{-1} R`` batched over leading dims, differentiable in ``A`` and
+    ``R`` (see :class:`_UTApply`); only ``A``'s strict lower triangle is read. The UT transform
+    of the delta-rule family's chunked paths."""
+    return _UTApply.apply(A, R)

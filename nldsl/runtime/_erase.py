@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nldsl.runtime._common import segment_products, unit_lower_inverse
+from nldsl.runtime._common import segment_products, ut_apply
 
 __all__ = ["erase_chunks"]
 
@@ -85,10 +85,10 @@ def erase_chunks(
     else:
         prev_vv, prev0_v = prev, prev0
     gk = gf * kf
-    Tinv = unit_lower_inverse((gk @ kf.transpose(-1, -2)) * prev_vv)
-    U = Tinv @ (gf * vf)
-    W0 = Tinv @ (gk * prev0_v.unsqueeze(-1))
-    Wa = Tinv @ gk if anchor_term else None
+    rhs = [gf * vf, gk * prev0_v.unsqueeze(-1)] + ([gk] if anchor_term else [])
+    sol = ut_apply((gk @ kf.transpose(-1, -2)) * prev_vv, torch.cat(rhs, dim=-1))  # one UT transform
+    U, W0 = sol[..., :Vd], sol[..., Vd:Vd + K]
+    Wa = sol[..., Vd + K:] if anchor_term else None
     if anchor_term and anchor is None:
         W0, Wa = W0 + Wa, None                                   # S_a = S_0 in every chunk
     end = (kf * per_virtual(P[..., -1:, 1:]).transpose(-1, -2)).transpose(-1, -2)  # [K, Cc]

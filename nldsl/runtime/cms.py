@@ -45,7 +45,15 @@ Signal (``signal=``), i.e. what ``L_l`` is (``eta_{l,t}`` = ``lr``):
   surprise ``delta_l = J_{l+1}^T .. J_n^T delta``, NL section 3.3's "knowledge transfer via
   backpropagation"; for ``independent``, ``delta_l = w_l delta``).
 
-``lr = 0`` leaves every block exactly at its initial weights: the CMS is then the static
+Using the surprise signal in training: the outer gradient needs the outputs first. Either pass
+the chain-output surprise once (the op propagates it, causally, at the weights each token was
+read with), or take two passes: (1) run with ``lr=0`` (or ``detach``) and ``return_info=True``,
+(2) ``delta_l = torch.autograd.grad(loss, info.outputs)``, (3) run again from the same state
+with ``delta=[delta_l]`` to take the steps and carry the new state.
+
+Pretrained blocks (section 7.3): the weights are in ``nn.Linear.weight`` layout, so an MLP
+``fc2(act(fc1(x)))`` without biases is ``(fc1.weight, fc2.weight)`` (``residual=False`` unless
+the block adds its input). ``lr = 0`` leaves every block exactly at its initial weights: the CMS is then the static
 (pretrained) MLP chain (section 7.3). State (:class:`CmsState`): per block the current weights,
 the pending gradient sum of the current chunk and the offset inside it, so a stream split
 anywhere continues exactly. ``return_info=True`` adds a :class:`CmsInfo` with every block's

@@ -72,7 +72,7 @@ Implementations (``impl=``):
   + sum_j c[t, j] (a_j . z) (-eta_j e_j) (+ DGD term)``, i.e. masked ``[C, C]`` matmuls. For a
   layer ``[d_out, d_in]`` and chunk C this keeps ``C (C + d_out + d_in)`` numbers per head instead
   of the ``C d_out d_in`` of a weight copy per token (d=32, hidden 128, C=64: ~15k vs ~262k floats
-  per head and layer, 17x less; and nothing is stored per token for the end-of-chunk state).
+  per head and layer, 18x less; and nothing is stored per token for the end-of-chunk state).
   Only the anchor weights of each chunk are kept (autograd needs them for the backward).
 
 DGD inside a chunk. Write ``X`` for the input-side matrix, chunk start ``X_0`` (the running state

@@ -211,8 +211,11 @@ def self_modifying_titans(
         if not isinstance(initial_state, SelfModifyingState):
             raise TypeError(f"{_OP}: initial_state must be a SelfModifyingState")
         if set(initial_state.weights) != set(names):
-            raise ValueError(f"{_OP}: initial_state holds memories {sorted(initial_state.weights)}, expected {sorted(names)}")
-        for nm, off, C in (("offset_gen", initial_state.offset_gen, Cg), ("offset_memory", initial_state.offset_memory, Cm)):
+            raise ValueError(
+                f"{_OP}: initial_state holds memories {sorted(initial_state.weights)}, expected {sorted(names)}"
+            )
+        offsets = (("offset_gen", initial_state.offset_gen, Cg), ("offset_memory", initial_state.offset_memory, Cm))
+        for nm, off, C in offsets:
             if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off < C:
                 raise ValueError(f"{_OP}: initial_state.{nm} must be an int in [0, {C}), got {off!r}")
         base = {n: tuple(initial_state.weights[n]) for n in names}

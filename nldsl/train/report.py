@@ -130,7 +130,6 @@ def plot_run(res, path: Path) -> None:
         ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_yscale("log")
     ax.legend()
     ax.set_title(f"{res.info.get('class', '')} on {res.task}", fontsize=9)
     ax = axes[1]
@@ -154,7 +153,9 @@ def plot_run(res, path: Path) -> None:
     elif ev:
         ax.plot([r["step"] for r in ev], [r.get(m) for r in ev], "o-")
     if res.chance and m == "acc":
-        ax.axhline(res.chance, color="gray", ls="--", lw=1, label="chance")
+        ax.axhline(res.chance, color="gray", ls="--", lw=1)
+        ax.annotate("chance", (0.01, res.chance), xycoords=("axes fraction", "data"), fontsize=7,
+                    color="gray", va="bottom")
     ax.set_xlabel("step")
     ax.set_ylabel(METRIC_NAMES.get(m, m))
     if res.stream:

@@ -1,7 +1,8 @@
 """A tiny hand-written NSAMModel for the training tests (no compiler needed).
 
 ``TinyAttention``: pre-norm residual blocks of causal softmax attention (torch SDPA, rotary
-positions counted along the stream, the KV cache as its in-context state) and a GELU MLP.
+positions counted along the stream, the KV cache as its in-context state) and a GELU MLP;
+``conv=4`` puts a short causal convolution before the attention (as Hope's q/k/v have).
 ``TinyRecurrent``: a per-channel gated linear recurrence (state carried across calls) and a
 GELU MLP; one level of its state ``carry``s across sequences.
 """
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nldsl.nn.layers import MLP, rotary
+from nldsl.nn.layers import MLP, ShortConv, rotary
 from nldsl.nn.model import Config, LevelInfo, NSAMModel
 
 
@@ -43,18 +44,25 @@ class _Attention(nn.Module):
 
 
 class AttnBlock(nn.Module):
+    """rmsnorm -> [short causal conv] -> attention, residual; rmsnorm -> MLP, residual."""
+
     def __init__(self, config: Config, index: int):
         super().__init__()
         self.n1, self.n2 = nn.RMSNorm(config.dim), nn.RMSNorm(config.dim)
+        self.conv = ShortConv(config.dim, config.conv) if config.conv else None
         self.attn = _Attention(config.dim, config.heads)
         self.mlp = MLP(config.dim, 2.0)
 
     def forward(self, x, state=None):
         state = state or {}
-        a, s = self.attn(self.n1(x), state.get("attn"))
+        new = {}
+        h = self.n1(x)
+        if self.conv is not None:
+            h, new["conv"] = self.conv(h, state.get("conv"))
+        a, new["attn"] = self.attn(h, state.get("attn"))
         x = x + a
         x = x + self.mlp(self.n2(x))
-        return x, {"attn": s}
+        return x, new
 
 
 class TinyAttention(NSAMModel):
@@ -64,8 +72,9 @@ class TinyAttention(NSAMModel):
               LevelInfo("fast", "tokens", 1, "sequence", "running"))
     optimizer = "AdamW"
 
-    def __init__(self, *, vocab=256, dim=64, heads=4, layers=2, context=128):
-        super().__init__(Config(vocab=vocab, dim=dim, heads=heads, layers=layers, context=context), AttnBlock)
+    def __init__(self, *, vocab=256, dim=64, heads=4, layers=2, context=128, conv=0):
+        super().__init__(Config(vocab=vocab, dim=dim, heads=heads, layers=layers, context=context,
+                                extra={"conv": conv}), AttnBlock)
 
 
 class _Recurrence(nn.Module):
