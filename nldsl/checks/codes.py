@@ -183,8 +183,8 @@ _TABLE = [
 
     Code("NL201", "error", "property does not apply to this memory",
          "Attention is a non-parametric memory: it has no objective, rule, learning rate or "
-         "retention. Optimizer memories have no k/v/q inputs, and `aggregate` applies to "
-         "independent CMS chains only.",
+         "retention. An optimizer memory compresses the gradient stream, so it cannot be "
+         "attention, and `aggregate` applies to independent CMS chains only.",
          _model(_BASE + "  memory mem in fast : attention { objective l2 }\n" + _BLOCK),
          _model(_BASE + "  memory mem in fast : attention\n" + _BLOCK)),
     Code("NL202", "error", "rule does not fit the memory's structure",

@@ -489,7 +489,9 @@ class Lowerer:
         if kind not in RULES:
             hint = " (momentum and newton_schulz have their own properties)" if kind in (
                 "momentum", "newton_schulz", "delta_momentum") else ""
-            self.ctx.error("NL006", f"`{kind}` is not a learning rule{hint}", e.span,
+            from nldsl.syntax.printer import expr as printed
+
+            self.ctx.error("NL006", f"`{kind or printed(e)}` is not a learning rule{hint}", e.span,
                            help=suggest(kind or "", RULES, "rules"))
             return None
         check_no_args(self.ctx, args, kind, e.span)

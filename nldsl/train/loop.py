@@ -56,7 +56,8 @@ class RunResult:
     info: dict = field(default_factory=dict)
     task: str = ""
     metric: str = "acc"
-    chance: float | None = None
+    chance: float | None = None  # guessing among all possible answers
+    context_chance: float | None = None  # guessing among the candidates in the context
     rows: list = field(default_factory=list)  # the metrics.jsonl rows
     final: dict = field(default_factory=dict)  # the last evaluation
     stream: dict | None = None  # per-segment metrics of the streaming evaluation
@@ -125,10 +126,14 @@ def _scored_logits(model, batch: Batch, device, amp):
     return sel, targets[mask], out
 
 
-def _sums(sel, tgt) -> tuple[torch.Tensor, torch.Tensor]:
+def _sums(sel, tgt) -> torch.Tensor:
+    """[summed cross-entropy, correct predictions, scored tokens] in float64."""
+    if sel.dtype in (torch.bfloat16, torch.float16):
+        sel = sel.float()
     ce = F.cross_entropy(sel, tgt, reduction="sum")
     correct = (sel.argmax(-1) == tgt).sum()
-    return ce, correct
+    return torch.stack([ce.double(), correct.double(), torch.tensor(float(tgt.numel()), device=ce.device,
+                                                                    dtype=torch.float64)])
 
 
 def _metrics(ce: float, correct: float, count: float) -> dict:
@@ -145,8 +150,7 @@ def evaluate(model, batches: list[Batch], dist: D.Dist, device, amp) -> dict:
     try:
         for b in batches:
             sel, tgt, _ = _scored_logits(model, b.shard(dist.rank, dist.world), device, amp)
-            ce, correct = _sums(sel, tgt)
-            acc += torch.stack([ce.double(), correct.double(), torch.tensor(float(tgt.numel()), device=device, dtype=torch.float64)])
+            acc += _sums(sel, tgt)
     finally:
         model.train(was)
     dist.all_reduce_(acc)
@@ -191,11 +195,8 @@ def stream_evaluate(model, task, dist: D.Dist, device, amp, n: int, segments: in
                     out = model(inputs, state=state)
                 state = out[1] if isinstance(out, tuple) else out.state
                 mask = targets != IGNORE
-                sel, tgt = _logits(out)[mask].float(), targets[mask]
-                if tgt.numel():
-                    ce, correct = _sums(sel, tgt)
-                    sums[s] += torch.stack([ce.double(), correct.double(),
-                                            torch.tensor(float(tgt.numel()), dtype=torch.float64, device=device)])
+                if mask.any():
+                    sums[s] += _sums(_logits(out)[mask], targets[mask])
             dist.all_reduce_(sums)
             result[mode] = [_metrics(*row) for row in sums.tolist()]
     finally:
@@ -361,8 +362,8 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
             "phases": task.phase_names, "metrics": [p.metric for p in task.phases], "after": []}
 
     res = RunResult(EXIT_OK, "ok", None, start, out, info=info, task=task.describe(),
-                    metric=task.metric, chance=task.chance(), device=str(device), dtype=cfg.dtype,
-                    world=dist.world, notes=notes, continual=continual)
+                    metric=task.metric, chance=task.chance(), context_chance=task.context_chance(),
+                    device=str(device), dtype=cfg.dtype, world=dist.world, notes=notes, continual=continual)
     res.rows = metrics.rows
     if dist.main:
         try:
@@ -407,20 +408,23 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
         if saved_at[0] == step:
             return
         if kind == "fsdp":
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
+            from torch.distributed.checkpoint import state_dict as dcp
 
-            o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            msd, osd = get_model_state_dict(wrapped, options=o), get_optimizer_state_dict(wrapped, opt, options=o)
+            o = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+            msd = dcp.get_model_state_dict(wrapped, options=o)
+            osd = dcp.get_optimizer_state_dict(wrapped, opt, options=o)
         else:
             msd, osd = D.unwrap(wrapped).state_dict(), opt.state_dict()
         err = None
         if dist.main:
             try:
                 metrics.sync()
-                res.checkpoint = str(ckpt.save_checkpoint(ck_root, step, msd, osd, state_json(step), cfg.keep))
-            except (ckpt.CheckpointError, OSError) as e:
-                err = str(e) if isinstance(e, ckpt.CheckpointError) else f"cannot write to {out}: {e.strerror or e}"
+                folder = ckpt.save_checkpoint(ck_root, step, msd, osd, state_json(step), cfg.keep)
+                res.checkpoint = str(folder)
+            except ckpt.CheckpointError as e:
+                err = str(e)
+            except OSError as e:
+                err = f"cannot write to {out}: {e.strerror or e}"
         err = dist.broadcast_object(err)
         if err:
             raise _IOFailure(err)
@@ -467,7 +471,8 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
                 if not math.isfinite(loss_value):
                     raise _Diverged(f"the loss is {loss_value} at step {step + 1}")
                 (ce * (dist.world / max(count, 1))).backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+                max_norm = cfg.clip if cfg.clip > 0 else float("inf")
+                gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), max_norm)
                 gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
                 if not math.isfinite(gnorm):
                     opt.zero_grad(set_to_none=True)
@@ -542,7 +547,8 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
                                    f"{res.checkpoint}; continue with --resume")
                 except _IOFailure as e:
                     res.status, res.exit_code = "io_error", EXIT_IO
-                    res.message = f"interrupted at step {step}, and {e}; the last good checkpoint is {_latest(ck_root)}"
+                    res.message = (f"interrupted at step {step}, and {e}; the last good checkpoint is "
+                                   f"{_latest(ck_root)}")
                 except KeyboardInterrupt:
                     res.message = (f"interrupted again while saving; the last complete checkpoint is "
                                    f"{_latest(ck_root)}")
@@ -559,6 +565,8 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
             if stop_reason == "time_limit":
                 res.status = "time_limit"
                 res.message = f"stopped at step {step} after the --time-limit of {cfg.time_limit:g} s"
+            if not res.final and step > 0:  # nothing left to train (a finished run resumed)
+                res.final = {"step": step, **eval_now(step)}
             if cfg.carry_state:
                 n = max(dist.world, min(cfg.batch, 64) // dist.world * dist.world)
                 try:

@@ -10,6 +10,7 @@ def results_dict(res) -> dict:
     return {
         "status": res.status, "exit_code": res.exit_code, "message": res.message, "step": res.step,
         "model": res.info, "task": res.task, "metric": res.metric, "chance": res.chance,
+        "context_chance": res.context_chance,
         "final": res.final, "stream": res.stream, "continual": res.continual,
         "checkpoint": res.checkpoint, "elapsed_s": res.elapsed, "tokens_per_s": res.tokens_per_s,
         "device": res.device, "dtype": res.dtype, "world": res.world, "notes": res.notes,
@@ -54,11 +55,18 @@ def format_table(res) -> str:
     if evals:
         rows = [[str(r["step"]), _fmt(r.get("loss_avg", r["loss"])), _fmt(r["eval_loss"]), _fmt(r.get(m), m)]
                 for r in _pick(evals, 10)]
-        out += ["  " + x for x in _table(["step", "train loss", "eval loss", METRIC_NAMES.get(m, m)], rows)]
+        col = METRIC_NAMES.get(m, m)
+        if res.continual:
+            col += f" ({res.continual['phases'][0]})"
+        out += ["  " + x for x in _table(["step", "train loss", "eval loss", col], rows)]
     if res.final and m in res.final:
-        fin = f"final {METRIC_NAMES.get(m, m)}: {res.final[m]:.4f}"
+        when = "final" if res.final.get("step") == res.step else f"last evaluated (step {res.final.get('step')})"
+        fin = f"{when} {METRIC_NAMES.get(m, m)}: {res.final[m]:.4f}"
         if res.chance:
-            fin += f" (chance {res.chance:.4f})"
+            fin += f" (chance {res.chance:.4f}"
+            if res.context_chance:
+                fin += f"; a random value from the context: {res.context_chance:.4f}"
+            fin += ")"
         fin += f", eval loss {res.final.get('eval_loss', float('nan')):.4f}"
         if res.tokens_per_s:
             fin += f", {res.tokens_per_s:,.0f} tokens/s"
@@ -75,7 +83,7 @@ def format_table(res) -> str:
         out += ["  " + x for x in _table(header, rows)]
         forget = forgetting(c)
         if forget:
-            out.append("forgetting (best after its own phase minus at the end; bits/byte: increase): "
+            out.append("forgetting (right after its own phase minus at the end; bits/byte: the increase): "
                        + ", ".join(f"{names[j]} {v:+.3f}" for j, v in forget.items()))
     if res.stream:
         s = res.stream

@@ -12,7 +12,7 @@ prediction is scored. Tasks:
   Keys and values come from disjoint token ranges. Metric: recall accuracy on the queries.
 * ``lm``: byte-level language modelling on the Python standard library's own source (sorted,
   capped, held-out split by file), or ``--data FILE``. Metric: bits per byte.
-* ``niah``: a haystack of filler tokens, needle(s) ``[NEEDLE, key, value]`` at random depths,
+* ``niah``: a haystack of random tokens, needle(s) ``[NEEDLE, key, value]`` at random depths,
   ``[QUERY, key]`` at the end; the target is the value. Metric: retrieval accuracy.
 * ``continual``: phases trained one after the other (default MQAR over key set A, then over a
   disjoint key set B, then LM); after each phase every phase so far is evaluated, so the
@@ -87,6 +87,12 @@ class Task:
         return self.sample(generator(self.seed, 0, STREAM_SALT), n, segments * seg_len)
 
     def chance(self) -> float | None:
+        """Accuracy of guessing uniformly among all possible answers."""
+        return None
+
+    def context_chance(self) -> float | None:
+        """Accuracy of guessing among the answers present in the sequence (what a model that
+        learned the format, but not the association, gets)."""
         return None
 
     def describe(self) -> str:
@@ -177,6 +183,9 @@ class MQAR(Task):
 
     def chance(self):
         return 1.0 / (self.value_hi - self.value_lo)
+
+    def context_chance(self):
+        return 1.0 / self.pairs
 
     def describe(self):
         ks = f", keys {self.key_set}" if self.key_set else ""
@@ -316,8 +325,8 @@ class LM(Task):
 
 # ----------------------------------------------------------------------------------------------
 class NIAH(Task):
-    """Needle in a haystack. Vocab: 0 filler-free pad, 1 NEEDLE, 2 QUERY, then keys, values and
-    haystack tokens in three disjoint ranges."""
+    """Needle in a haystack. Vocab: 0 unused, 1 NEEDLE, 2 QUERY, then key and value ranges; the
+    haystack draws from every token but the markers (keys and values appear as distractors)."""
 
     name = "niah"
     NEEDLE, QUERY = 1, 2
@@ -327,17 +336,18 @@ class NIAH(Task):
         if vocab < 16:
             raise TaskError(f"niah needs a vocabulary of at least 16 tokens, the model has {vocab}")
         self.needles = needles
-        span = (vocab - 3) // 4
+        span = (vocab - 3) // 2
         self.key_lo, self.key_hi = 3, 3 + span
         self.value_lo, self.value_hi = 3 + span, 3 + 2 * span
-        self.hay_lo, self.hay_hi = 3 + 2 * span, vocab
         if needles < 1 or needles > span:
             raise TaskError(f"niah needs between 1 and {span} needles, got {needles}")
         if seq_len < 5 * needles + 4:
             raise TaskError(f"niah with {needles} needle(s) needs --seq-len of at least {5 * needles + 4}")
 
     def _fill(self, g, n, T):
-        return torch.randint(self.hay_lo, self.hay_hi, (n, T), generator=g)
+        """Haystack: any token but the two markers, so keys and values also occur as
+        distractors and only the marker says where the needle is."""
+        return torch.randint(3, self.vocab, (n, T), generator=g)
 
     def _needles(self, g, n):
         keys = torch.rand(n, self.key_hi - self.key_lo, generator=g).argsort(1)[:, :self.needles] + self.key_lo
@@ -452,6 +462,9 @@ class Continual(Task):
 
     def chance(self):
         return self.phases[0].chance()
+
+    def context_chance(self):
+        return self.phases[0].context_chance()
 
     def describe(self):
         return "continual (" + " -> ".join(self.phase_names) + ")"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from train_support import TINY
 from nldsl import run_cmd
 
 SMALL = ["--steps", "4", "--batch", "8", "--seq-len", "32", "--pairs", "4", "--eval-every", "2",
@@ -124,3 +124,33 @@ def test_nan_exit_code_and_message(tmp_path, capsys):
                         "dim=32", "heads=2"], capsys)
     assert code == 1
     assert "stopped: the" in err and "last finite loss" in err
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_real_ctrl_c_saves_and_exits_130(tmp_path, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from nldsl.train import checkpoint as ckpt
+
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "nldsl.run_cmd", TINY, *SMALL, "--steps", "100000", "--eval-every", "1000",
+           "--out", str(out), "dim=32", "layers=1", "heads=2"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    p.send_signal(getattr(signal, sig))
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-2000:]
+    assert "interrupted at step" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    folder, meta = ckpt.find_latest(out / "checkpoints")
+    assert meta["step"] >= 3
+    assert len(metrics.read_text().splitlines()) == meta["step"]  # log rows up to the saved step

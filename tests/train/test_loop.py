@@ -165,7 +165,7 @@ def test_streaming_evaluation_carries_state(tiny_cfg):
 
 
 def test_streaming_with_a_carry_level(tmp_path):
-    from conftest import TINY_REC, small
+    from train_support import TINY_REC, small
 
     res = train(small(tmp_path / "r", spec=TINY_REC, overrides={}, steps=2, carry_state=True, segments=2,
                       seq_len=16, pairs=2), quiet=True)
@@ -174,9 +174,8 @@ def test_streaming_with_a_carry_level(tmp_path):
 
 def test_streaming_matches_one_pass():
     """Feeding a stream in segments with the state passed back equals one call (the model)."""
-    from conftest import HERE  # noqa: F401
     from nldsl.train.build import build_model
-    from conftest import TINY
+    from train_support import TINY
 
     torch.manual_seed(0)
     model, _ = build_model(TINY, {"dim": 32, "layers": 2, "heads": 2})
@@ -230,3 +229,9 @@ def test_a_small_model_learns_mqar(tiny_cfg):
     evals = [r for r in res.rows if "acc" in r]
     assert res.final["acc"] > 10 * res.chance
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
+
+
+def test_progress_bar_shows_loss_and_throughput(tiny_cfg, capsys):
+    train(tiny_cfg(progress=True, steps=4), quiet=False)
+    err = capsys.readouterr().err
+    assert "TinyAttention mqar" in err and "4/4" in err and "tok/s=" in err and "loss=" in err
