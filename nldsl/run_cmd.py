@@ -18,6 +18,8 @@ from pathlib import Path
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 FROM_CONFIG = "--from-config"
 
+DESCRIPTION = ("Train and evaluate a spec's model on an embedded task (mqar, lm, niah, continual), "
+               "on one CPU, one GPU or many processes.")
 EPILOG = """\
 examples:
   nldsl run specs/hope.nl                        train Hope on MQAR (cpu-demo preset on a CPU)
@@ -73,8 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", choices=DEVICES)
     o.add_argument("--dtype", default="float32", choices=DTYPES)
-    o.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice)")
-    o.add_argument("--model", dest="model_name", metavar="NAME", help="the model block, when a spec has several")
+    o.add_argument("--threads", type=int,
+                   help="CPU threads per process (cpu-demo: half the cores, 1 to 4; full: torch's choice)")
+    o.add_argument("--model", dest="model_name", metavar="NAME",
+                   help="the model block to train, when a spec has several")
     o.add_argument("--time-limit", type=float, dest="time_limit", metavar="SECONDS",
                    help="stop training after this long, then evaluate and save (0: no limit; "
                         "cpu-demo: 240 unless --steps is given)")
@@ -100,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_subparser(sub) -> argparse.ArgumentParser:
     """Registers ``run`` on the CLI's subparsers (``sub = parser.add_subparsers(...)``)."""
     p = sub.add_parser("run", help="train and evaluate a spec's model on an embedded task",
-                       description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                       description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=main_run)
@@ -133,7 +137,7 @@ def config_from_args(args):
     import torch
 
     from nldsl.train.build import BuildError, parse_overrides
-    from nldsl.train.config import PRESETS, RunConfig
+    from nldsl.train.config import PRESETS, RunConfig, preset_threads
 
     try:
         overrides = parse_overrides(args.overrides)
@@ -164,7 +168,8 @@ def config_from_args(args):
         eval_every=pick("eval_every"), eval_seqs=pick("eval_seqs"), log_every=pick("log_every"),
         ckpt_every=args.ckpt_every, keep=args.keep, seed=args.seed, device=args.device,
         dtype=args.dtype, out=str(out), resume=args.resume, carry_state=args.carry_state,
-        segments=args.segments, fsdp=args.fsdp, time_limit=time_limit, threads=args.threads,
+        segments=args.segments, fsdp=args.fsdp, time_limit=time_limit,
+        threads=args.threads if args.threads is not None else preset_threads(preset.get("threads")),
         progress=args.progress, plot=args.plot, preset=preset_name)
     for name in ("steps", "batch", "eval_every", "log_every", "eval_seqs", "segments", "pairs"):
         v = getattr(cfg, name)
@@ -320,6 +325,8 @@ def _launch(cfg, nproc: int) -> int:
     except (RunError, BuildError, TaskError) as e:
         _err(str(e))
         return EXIT_USAGE
+    if cfg.threads and device.type == "cpu":  # the ranks share the cores
+        cfg.threads = max(1, min(cfg.threads, (os.cpu_count() or 1) // nproc))
     launch_file = out / "launch.json"
     results = out / "results.json"
     try:
@@ -329,7 +336,12 @@ def _launch(cfg, nproc: int) -> int:
     except OSError as e:
         _err(f"cannot write to the output folder {out}: {e.strerror or e}")
         return EXIT_USAGE
-    rc = D.launch([FROM_CONFIG, str(launch_file)], nproc)
+    pid_dir = out / ".ranks"
+    shutil.rmtree(pid_dir, ignore_errors=True)
+    try:
+        rc = D.launch([FROM_CONFIG, str(launch_file)], nproc, pid_dir)
+    finally:
+        shutil.rmtree(pid_dir, ignore_errors=True)
     try:
         status = json.loads(results.read_text())
         return int(status.get("exit_code", EXIT_USAGE))
@@ -346,10 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) == 2 and argv[0] == FROM_CONFIG:  # a rank started by --nproc
         from nldsl.train.config import RunConfig
 
+        from nldsl.train.distributed import record_pid
+
+        record_pid()
         cfg = RunConfig.from_dict(json.loads(Path(argv[1]).read_text()))
         try:
             return run_config(cfg, child=True)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # before or after training: nothing to save
+            if os.environ.get("RANK", "0") == "0":
+                print("nldsl: interrupted", file=sys.stderr)
+                _child_status(cfg, EXIT_INTERRUPTED, "interrupted")
             return EXIT_OK
     parser = argparse.ArgumentParser(prog="nldsl run", description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -31,8 +31,6 @@ __all__ = [
     "check_chunk_size",
     "to_chunks",
     "from_chunks",
-    "chunk_major",
-    "from_chunk_major",
     "segment_products",
     "segment_products_log",
     "unit_lower_inverse",
@@ -185,28 +183,6 @@ def to_chunks(x: Tensor, C: int, dtype: torch.dtype) -> Tensor:
     x = x.reshape(B, N, C, H, *rest)
     # [B, N, C, H, *rest] -> [B, H, N, C, *rest]
     return x.permute(0, 3, 1, 2, *range(4, 4 + len(rest))).contiguous()
-
-
-def chunk_major(x: Tensor, C: int, dtype: torch.dtype) -> Tensor:
-    """``[B, T, H, *rest]`` -> ``[N, B*H, C, *rest]`` in ``dtype`` (zero-padded like
-    :func:`to_chunks`): chunk-major, so that one chunk of every sequence is a contiguous slice."""
-    B, T, H = x.shape[:3]
-    rest = x.shape[3:]
-    N = -(-T // C)
-    pad = N * C - T
-    x = x.to(dtype)
-    if pad:
-        x = F.pad(x, (0, 0) * len(rest) + (0, 0, 0, pad))
-    x = x.reshape(B, N, C, H, *rest).permute(1, 0, 3, 2, *range(4, 4 + len(rest)))
-    return x.reshape(N, B * H, C, *rest)
-
-
-def from_chunk_major(x: Tensor, B: int, H: int, T: int) -> Tensor:
-    """``[N, B*H, C, *rest]`` -> ``[B, T, H, *rest]`` (drops the padding)."""
-    N, _, C = x.shape[:3]
-    rest = x.shape[3:]
-    x = x.reshape(N, B, H, C, *rest).permute(1, 0, 3, 2, *range(4, 4 + len(rest)))
-    return x.reshape(B, N * C, H, *rest)[:, :T]
 
 
 def from_chunks(x: Tensor, T: int) -> Tensor:

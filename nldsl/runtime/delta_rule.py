@@ -55,11 +55,11 @@ from nldsl.runtime._common import (
     check_state,
     compute_dtype,
     dispatch,
-    chunk_major,
-    from_chunk_major,
+    from_chunks,
     resolve_scale,
     segment_products_log,
-
+    to_chunks,
+    ut_apply,
 )
 
 __all__ = ["delta_rule", "gated_delta_rule"]
@@ -144,106 +144,46 @@ def _chunked(q, k, v, beta, g, scale, S, dt, C):
     T = q.shape[1]
     C = min(C, T)
     B, H, K, V = S.shape
-    # chunk-major layout [N, B*H, C, D]: chunk n's slice is contiguous for the state pass
-    qc, kc, vc = (chunk_major(x, C, dt) for x in (q, k, v))
-    bc = chunk_major(beta.unsqueeze(-1), C, dt)                        # [N, BH, C, 1]
+    # [B*H, N, C, D]: (batch, head) flattened so the per-chunk products are 3-D (baddbmm).
+    qc, kc, vc = (to_chunks(x, C, dt).flatten(0, 1) for x in (q, k, v))
+    bc = to_chunks(beta.unsqueeze(-1), C, dt).flatten(0, 1)        # [B*H, N, C, 1]
+    N = qc.shape[1]
+    kb = kc * bc
+    kkt = kb @ kc.transpose(-1, -2)                           # beta_t k_t . k_j
+    qs = qc * scale
+    qkt = qs @ kc.transpose(-1, -2)
     if g is None:
-        gates = (None, None, None, None)
+        w_rhs = kb
+        to_end = chunk_decay = from_start = None
+        qkt = qkt.tril_()                                     # causal (incl. the diagonal)
     else:
-        P = segment_products_log(chunk_major(g.unsqueeze(-1), C, dt).squeeze(-1))
-        gates = (P[..., 1:, 0].unsqueeze(-1),    # Gamma_t = exp(b_t)           [N, BH, C, 1]
-                 P[..., 1:, 1:],                 # D[t, j] = exp(b_t - b_j)     [N, BH, C, C]
-                 P[..., -1, 1:].unsqueeze(-1),   # exp(b_C - b_j)               [N, BH, C, 1]
-                 P[..., -1:, :1])                # Gamma_C                      [N, BH, 1, 1]
-    o, S = _ChunkedDelta.apply(qc * scale, kc, vc, bc, *gates, S.reshape(B * H, K, V))
-    return from_chunk_major(o, B, H, T), S.view(B, H, K, V)
-
-
-class _ChunkedDelta(torch.autograd.Function):
-    """The WY/UT chunked (gated) delta rule over all chunks, with a hand-written backward.
-
-    Inputs are chunk-major ``[N, BH, C, D]`` (``q`` already scaled); the gate factors
-    ``Gamma, D, to_end, Gamma_C`` come precomputed (autograd takes their gradients back to
-    ``g``), or are all None for the plain delta rule. Why by hand: the backward then needs one
-    reverse loop with two small products per chunk, and every other product is batched over all
-    chunks, with no autograd graph per chunk and no per-step stacking.
-
-    Forward (per chunk, see the module docstring):
-        X = [U | W] = T [beta v | beta Gamma k],   T = (I + strict_lower((beta k k^T) * D))^{-1}
-        u' = U - W S_0,    o = (Gamma q) S_0 + ((q k^T) * D) u',
-        S_C = Gamma_C S_0 + (to_end k)^T u'
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, beta, gam, D, to_end, gam_c, S0):
-        N, BH, C, K = q.shape
-        V = v.shape[-1]
-        kt = k.transpose(-1, -2)
-        kb = k * beta
-        A_raw = kb @ kt
-        A = A_raw if D is None else A_raw * D
-        eye = torch.eye(C, dtype=q.dtype, device=q.device).expand(A.shape)
-        Tm = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
-        X = Tm @ torch.cat([v * beta, kb if gam is None else kb * gam], dim=-1)
-        U, W = X[..., :V], X[..., V:]
-        Aq_raw = q @ kt
-        Aq = Aq_raw.tril() if D is None else Aq_raw * D
-        qg = q if gam is None else q * gam
-        ke_t = (k if to_end is None else k * to_end).transpose(-1, -2)
-        starts = q.new_empty(N, BH, K, V)
-        news = q.new_empty(N, BH, C, V)
-        S = S0
-        for n in range(N):  # inter-chunk state pass
-            starts[n] = S
-            torch.baddbmm(U[n], W[n], S, alpha=-1, out=news[n])      # u' = U - W S_0
-            S = torch.baddbmm(S if gam_c is None else gam_c[n] * S, ke_t[n], news[n])
-        o = torch.baddbmm((qg @ starts).flatten(0, 1), Aq.flatten(0, 1), news.flatten(0, 1))
-        ctx.save_for_backward(q, k, v, beta, gam, D, to_end, gam_c, A_raw, Aq_raw, Tm, X, starts, news)
-        return o.view(N, BH, C, V), S
-
-    @staticmethod
-    def backward(ctx, do, dS_end):
-        q, k, v, beta, gam, D, to_end, gam_c, A_raw, Aq_raw, Tm, X, starts, news = ctx.saved_tensors
-        N, BH, C, K = q.shape
-        V = v.shape[-1]
-        W = X[..., V:]
-        Aq = Aq_raw.tril() if D is None else Aq_raw * D
-        qg = q if gam is None else q * gam
-        ke = k if to_end is None else k * to_end
-        # batched parts of the output's gradient
-        dAq = do @ news.transpose(-1, -2)                            # d(Aq)
-        du_o = Aq.transpose(-1, -2) @ do                             # du' from the read
-        dS_o = qg.transpose(-1, -2) @ do                             # dS_0 from the read
-        dqg = do @ starts.transpose(-1, -2)
-        # reverse state pass: du'_n and the gradient reaching each chunk's end state
-        dnews = torch.empty_like(news)
-        dends = torch.empty_like(starts)
-        dS = dS_end if dS_end is not None else starts.new_zeros(starts.shape[1:])
-        for n in range(N - 1, -1, -1):
-            dends[n] = dS
-            torch.baddbmm(du_o[n], ke[n], dS, out=dnews[n])
-            dS_prev = dS if gam_c is None else gam_c[n] * dS
-            dS = torch.baddbmm(dS_prev + dS_o[n], W[n].transpose(-1, -2), dnews[n], alpha=-1)
-        dS0 = dS
-        # batched: state-pass products, then the UT transform, then the elementwise inputs
-        dke = news @ dends.transpose(-1, -2)
-        dgam_c = None if gam_c is None else (starts * dends).sum((-1, -2), keepdim=True)
-        dX = torch.cat([dnews, -(dnews @ starts.transpose(-1, -2))], dim=-1)   # [dU | dW]
-        dR = Tm.transpose(-1, -2) @ dX
-        dA = -(dR @ X.transpose(-1, -2)).tril(-1)
-        dRv, dRw = dR[..., :V], dR[..., V:]
-        dAk = dA if D is None else dA * D                            # d(beta k k^T)
-        dAqk = dAq.tril() if D is None else dAq * D                  # d(q k^T)
-        kb = k * beta
-        dkb = dAk @ k + (dRw if gam is None else dRw * gam)
-        dk = dAk.transpose(-1, -2) @ kb + dAqk.transpose(-1, -2) @ q + dkb * beta
-        dk = dk + (dke if to_end is None else dke * to_end)
-        dq = dAqk @ k + (dqg if gam is None else dqg * gam)
-        dv = dRv * beta
-        dbeta = (v * dRv).sum(-1, keepdim=True) + (k * dkb).sum(-1, keepdim=True)
-        dgam = dD = dto_end = None
-        if gam is not None:
-            dgam = (kb * dRw).sum(-1, keepdim=True) + (q * dqg).sum(-1, keepdim=True)
-            dD = dA * A_raw + dAq * Aq_raw
-            dto_end = (k * dke).sum(-1, keepdim=True)
-        return dq, dk, dv, dbeta, dgam, dD, dto_end, dgam_c, dS0
+        P = segment_products_log(to_chunks(g.unsqueeze(-1), C, dt).squeeze(-1).flatten(0, 1))
+        within = P[..., 1:, 1:]                                # exp(b_t - b_j), 0 above the diagonal
+        from_start = P[..., 1:, 0].unsqueeze(-1)               # exp(b_t)
+        to_end = P[..., -1, 1:].unsqueeze(-1)                  # exp(b_C - b_j)
+        chunk_decay = P[..., -1, 0, None, None]                # exp(b_C)
+        kkt = kkt * within
+        qkt = qkt * within                                     # causal through `within`
+        w_rhs = kb * from_start
+    # UT transform: T = (I + strict_lower(kkt))^{-1}, then U = T (beta V) and W = T (beta Gamma K)
+    # in one product (ut_apply has a closed-form backward, cheaper than autograd's).
+    UW = ut_apply(kkt, torch.cat([vc * bc, w_rhs], dim=-1))
+    U, W = UW[..., :V], UW[..., V:]
+    k_end = kc if to_end is None else kc * to_end
+    # unbind (not U[:, n]): its backward is one stack, where N selects would each
+    # materialise a zero tensor of the full size.
+    U, W, k_end_t = U.unbind(1), W.unbind(1), k_end.transpose(-1, -2).unbind(1)
+    decays = None if chunk_decay is None else chunk_decay.unbind(1)
+    S = S.reshape(B * H, K, V)
+    starts, news = [], []
+    for n in range(N):  # inter-chunk state pass
+        starts.append(S)
+        u = torch.baddbmm(U[n], W[n], S, alpha=-1)              # U' = U - W S_0
+        news.append(u)
+        S = torch.baddbmm(S if decays is None else decays[n] * S, k_end_t[n], u)
+    starts = torch.stack(starts, dim=1)
+    news = torch.stack(news, dim=1)
+    q_start = qs if from_start is None else qs * from_start
+    o = torch.baddbmm((q_start @ starts).flatten(0, 1), qkt.flatten(0, 1), news.flatten(0, 1))
+    o = o.view(B, H, N, C, V)
+    return from_chunks(o, T), S.view(B, H, K, V)

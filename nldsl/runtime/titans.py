@@ -41,7 +41,9 @@ Implementations (``impl=``), both taking the same ``chunk_size`` (they compute t
       M_t = Pb[t,0] M_0 + (Pb Pe)[t,0]' S_0 - sum_j (Pb Pe)[t,j] theta_j k_j e_j^T
 
   where ``(Pb Pe)[t,0]' = sum_{i=1}^t Pb[t,i] Pe[i,0]``. The intra-chunk parts are batched
-  matmuls over all chunks; one Python loop carries ``(M, S)`` across chunks.
+  matmuls over all chunks; one Python loop carries ``(M, S)`` across chunks. (So with
+  ``chunk_size = 1`` this path is a per-token loop too: the exact per-token Titans rule is a
+  second-order recurrence with no cheaper chunked form here.)
 """
 from __future__ import annotations
 

@@ -15,11 +15,13 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
 
 LAUNCHED_ENV = "NLDSL_LAUNCHED"
+PID_DIR_ENV = "NLDSL_RANK_PIDS"
 
 
 @dataclass
@@ -118,17 +120,69 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def launch(argv: list[str], nproc: int) -> int:
+def launch(argv: list[str], nproc: int, pid_dir: Path | None = None) -> int:
     """Runs ``python -m nldsl.run_cmd ARGV`` in ``nproc`` processes under torchrun; returns its
-    exit status (0 when every rank finished)."""
+    exit status (0 when every rank finished).
+
+    torchrun runs in its own session, so a Ctrl-C at the terminal reaches only this process,
+    which passes it on to the ranks themselves (their pids are in ``pid_dir``): they finish the
+    step, save and exit cleanly, and torchrun ends without a stack trace of its own. SIGTERM is
+    passed on the same way.
+    """
+    import signal
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "nldsl.run_cmd", *argv]
     env = dict(os.environ)
     env[LAUNCHED_ENV] = "1"
+    if pid_dir is not None:
+        env[PID_DIR_ENV] = str(pid_dir)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(cmd, env=env)
-    while True:
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(sig):
+        pids = []
+        for f in sorted(Path(pid_dir).glob("*.pid")) if pid_dir is not None else []:
+            try:
+                pids.append(int(f.read_text()))
+            except (OSError, ValueError):
+                pass
+        sent = False
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                sent = True
+            except OSError:
+                pass
+        if not sent:  # the ranks have not started yet: stop the whole group
+            try:
+                os.killpg(proc.pid, sig)
+            except OSError:
+                pass
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):  # explicit: a shell may have set SIGINT to ignore
         try:
-            return proc.wait()
-        except KeyboardInterrupt:  # the ranks got the same SIGINT: let them save and exit
-            continue
+            old[sig] = signal.signal(sig, lambda signum, frame: forward(signum))
+        except (ValueError, OSError):
+            pass
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                forward(signal.SIGINT)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def record_pid() -> None:
+    """A rank started by :func:`launch` leaves its pid where the launcher can signal it."""
+    d = os.environ.get(PID_DIR_ENV)
+    if d:
+        try:
+            Path(d).mkdir(parents=True, exist_ok=True)
+            (Path(d) / f"rank{os.environ.get('RANK', '0')}.pid").write_text(str(os.getpid()))
+        except OSError:
+            pass

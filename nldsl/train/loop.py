@@ -324,7 +324,8 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
         folder, _ = found
         weights, extra, resume_meta = ckpt.load_checkpoint(folder)
         old = RunConfig.from_dict(resume_meta.get("config", {}))
-        diff = [k for k in RunConfig.IDENTITY if getattr(old, k) != getattr(cfg, k)]
+        same = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 (tuples read back as lists)
+        diff = [k for k in RunConfig.IDENTITY if same(getattr(old, k)) != same(getattr(cfg, k))]
         if resume_meta.get("spec_hash", "") != info.get("spec_hash", ""):
             diff.append("spec (the spec file changed)")
         if diff:
@@ -339,6 +340,9 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
         if start > cfg.steps:
             raise RunError(f"--resume: the checkpoint is at step {start}, past --steps {cfg.steps}", EXIT_IO)
         _say(dist, quiet, f"resuming from {folder} (step {start})")
+        if old.steps != cfg.steps:
+            _say(dist, quiet, f"note: --steps changed from {old.steps} to {cfg.steps}; the learning-rate "
+                              f"schedule follows the new total")
 
     model.to(device=device, dtype=parts.param_dtype)
     model.train()
@@ -452,12 +456,18 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
     all_time, all_tokens = 0.0, 0
     ctx = SimpleNamespace(model=wrapped, optimizer=opt, cfg=cfg, step=step, loss=None)
     stop_reason = None
+    stopper = _SoftStop(lambda msg: _say(dist, quiet, msg) if bar is None else bar.write(msg))
+    in_step = False  # between a step's first change to the weights and its metrics row
     try:
         try:
+            stopper.install()
             while step < cfg.steps:
+                if stopper.agreed(dist):
+                    raise KeyboardInterrupt
                 ctx.step = step
                 for cb in callbacks:
                     cb(step, ctx)
+                in_step = True
                 t0 = time.perf_counter()
                 lr = lr_at(cfg, step)
                 for g in opt.param_groups:
@@ -527,6 +537,7 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
                         post[task.metric] = f"{res.final[task.metric]:.3f}"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
+                in_step = False
                 if step % ckpt_every == 0 or phase_end or step == cfg.steps or timed_out:
                     save(step)
                 if timed_out:
@@ -536,9 +547,11 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
                 bar.close()
                 bar = None
             res.status, res.exit_code = "interrupted", EXIT_INTERRUPTED
-            if kind == "fsdp":
-                res.message = (f"interrupted at step {step}; FSDP runs do not save on Ctrl-C "
-                               f"(the last checkpoint is {_latest(ck_root)})")
+            if in_step:  # a second Ctrl-C in the middle of a step: its weights may be half-updated
+                res.message = (f"interrupted in the middle of step {step + 1}; not saving a half-finished "
+                               f"step; the last checkpoint is {_latest(ck_root)}")
+            elif kind == "fsdp" and not stopper.requested:
+                res.message = (f"interrupted at step {step}; the last checkpoint is {_latest(ck_root)}")
             else:
                 try:
                     opt.zero_grad(set_to_none=True)
@@ -574,6 +587,7 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
                 except TaskError as e:
                     res.notes.append(f"streaming evaluation skipped: {e}")
     finally:
+        stopper.uninstall()
         if bar is not None:
             bar.close()
         metrics.close()
@@ -585,6 +599,55 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
     if dist.main:
         _write_outputs(res, cfg)
     return res
+
+
+class _SoftStop:
+    """Ctrl-C (SIGINT) or SIGTERM during training: the current step finishes, its metrics are
+    written, a checkpoint is saved, and the run exits 130. A second signal stops at once (without
+    saving a half-finished step). Ranks agree on the step they stop at."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, say):
+        self.say, self.requested, self._old = say, False, {}
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("stopping after this step, then saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self._old[sig] = signal.signal(sig, self._handler)
+                except (ValueError, OSError):
+                    pass
+
+    def uninstall(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError):
+                pass
+        self._old = {}
+
+    def agreed(self, dist: D.Dist) -> bool:
+        if not dist.enabled:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0],
+                            device="cuda" if dist.backend == "nccl" else "cpu")
+        dist.all_reduce_(flag)
+        return bool(flag.item() > 0)
 
 
 def _latest(root: Path) -> str:

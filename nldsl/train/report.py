@@ -60,7 +60,8 @@ def format_table(res) -> str:
             col += f" ({res.continual['phases'][0]})"
         out += ["  " + x for x in _table(["step", "train loss", "eval loss", col], rows)]
     if res.final and m in res.final:
-        when = "final" if res.final.get("step") == res.step else f"last evaluated (step {res.final.get('step')})"
+        at = res.final.get("step")
+        when = "final" if at == res.step else f"last evaluated (step {at})"
         fin = f"{when} {METRIC_NAMES.get(m, m)}: {res.final[m]:.4f}"
         if res.chance:
             fin += f" (chance {res.chance:.4f}"

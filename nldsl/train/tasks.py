@@ -138,7 +138,8 @@ class MQAR(Task):
                             f"the key range has {hi - lo} (vocab {vocab})")
         if seq_len < 4 * pairs:
             raise TaskError(f"mqar with {pairs} pairs needs a sequence of at least {4 * pairs} tokens "
-                            f"({2 * pairs} for the pairs, {2 * pairs} for the queries); got --seq-len {seq_len}")
+                            f"({2 * pairs} for the pairs, {2 * pairs} for the queries); "
+                            f"got --seq-len {seq_len}")
 
     def _pairs(self, g, n):
         nkeys = self.key_hi - self.key_lo
@@ -244,8 +245,7 @@ def stdlib_corpus(cap: int = STDLIB_CAP) -> tuple[Tensor, Tensor, dict]:
     tr, he = b"".join(train), b"".join(held)
     info = {"source": "python stdlib", "files": nfiles, "bytes": total, "train_bytes": len(tr),
             "heldout_bytes": len(he), "sha256": digest.hexdigest()[:16]}
-    out = (torch.frombuffer(bytearray(tr), dtype=torch.uint8).clone(),
-           torch.frombuffer(bytearray(he), dtype=torch.uint8).clone(), info)
+    out = (_bytes(tr), _bytes(he), info)
     _CORPUS_CACHE[cap] = out
     return out
 
@@ -265,9 +265,11 @@ def file_corpus(path: str) -> tuple[Tensor, Tensor, dict]:
     tr, he = data[:cut], data[cut:]
     info = {"source": str(path), "bytes": len(data), "train_bytes": len(tr), "heldout_bytes": len(he),
             "sha256": hashlib.sha256(data).hexdigest()[:16]}
-    return (torch.frombuffer(bytearray(tr), dtype=torch.uint8).clone() if tr else torch.zeros(0, dtype=torch.uint8),
-            torch.frombuffer(bytearray(he), dtype=torch.uint8).clone() if he else torch.zeros(0, dtype=torch.uint8),
-            info)
+    return _bytes(tr), _bytes(he), info
+
+
+def _bytes(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
 
 
 class LM(Task):
@@ -350,7 +352,8 @@ class NIAH(Task):
         return torch.randint(3, self.vocab, (n, T), generator=g)
 
     def _needles(self, g, n):
-        keys = torch.rand(n, self.key_hi - self.key_lo, generator=g).argsort(1)[:, :self.needles] + self.key_lo
+        order = torch.rand(n, self.key_hi - self.key_lo, generator=g).argsort(1)
+        keys = order[:, :self.needles] + self.key_lo
         values = torch.randint(self.value_lo, self.value_hi, (n, self.needles), generator=g)
         return keys, values
 

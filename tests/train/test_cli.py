@@ -47,6 +47,7 @@ def test_preset_defaults_and_explicit_flags_win():
     cfg = run_cmd.config_from_args(p.parse_intermixed_args([TINY, "--device", "cpu", "--out", "/nonexistent/x"]))
     assert (cfg.preset, cfg.steps, cfg.seq_len, cfg.batch, cfg.pairs) == ("cpu-demo", 400, 128, 32, 8)
     assert cfg.overrides == {"dim": 64, "layers": 2} and cfg.time_limit == 240
+    assert 1 <= cfg.threads <= 4
     cfg = run_cmd.config_from_args(p.parse_intermixed_args(
         [TINY, "--preset", "full", "--steps", "7", "dim=48", "--out", "/nonexistent/x"]))
     assert (cfg.steps, cfg.seq_len, cfg.overrides, cfg.time_limit) == (7, None, {"dim": 48}, None)

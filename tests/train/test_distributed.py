@@ -43,3 +43,32 @@ def test_two_processes_match_one(tmp_path, mode):
     w1 = ckpt.load_checkpoint(Path(one.checkpoint))[0]
     assert set(w1) == set(w2)
     assert all((w1[k] - w2[k]).abs().max() < 1e-5 for k in w1)
+
+
+def test_ctrl_c_under_nproc_saves_once_and_exits_130(tmp_path):
+    """Ctrl-C reaches the launcher; the ranks finish the step, rank 0 saves, no stack traces."""
+    import signal
+    import time
+
+    from nldsl.train import checkpoint as ckpt
+
+    out = tmp_path / "r"
+    args = [a for a in ARGS]
+    args[args.index("--steps") + 1] = "100000"
+    cmd = [sys.executable, "-m", "nldsl.run_cmd", TINY, *args, "--eval-every", "1000", "--nproc", "2",
+           "--out", str(out)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.count("saved a checkpoint at step") == 1
+    folder, meta = ckpt.find_latest(out / "checkpoints")
+    assert len(metrics.read_text().splitlines()) == meta["step"] >= 3
+    assert not (out / ".ranks").exists()
