@@ -1,13 +1,20 @@
 """Training and evaluation of compiled models: embedded tasks, the loop, checkpoints, many
 processes. ``nldsl run`` (``nldsl/run_cmd.py``) is the command line over this package.
 
-Importing ``nldsl.train`` imports torch.
+The names below load on first use, so ``nldsl --help`` and ``nldsl check`` never import torch.
 """
-from nldsl.train.build import BuildError, build_model, make_optimizer, optimizer_class
-from nldsl.train.config import PRESETS, RunConfig, lr_at
-from nldsl.train.loop import RunError, RunResult, evaluate, stream_evaluate, train
-from nldsl.train.tasks import TASKS, Batch, TaskError, make_task
+import importlib
 
-__all__ = ["BuildError", "Batch", "PRESETS", "RunConfig", "RunError", "RunResult", "TASKS", "TaskError",
-           "build_model", "evaluate", "lr_at", "make_optimizer", "make_task", "optimizer_class",
-           "stream_evaluate", "train"]
+_EXPORTS = {
+    "BuildError": "build", "build_model": "build", "make_optimizer": "build", "optimizer_class": "build",
+    "PRESETS": "config", "RunConfig": "config", "lr_at": "config",
+    "RunError": "loop", "RunResult": "loop", "evaluate": "loop", "stream_evaluate": "loop", "train": "loop",
+    "TASKS": "tasks", "Batch": "tasks", "TaskError": "tasks", "make_task": "tasks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"nldsl.train.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'nldsl.train' has no attribute {name!r}")
