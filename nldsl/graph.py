@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nldsl.ir import models as M
+from nldsl.ir.values import walk
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -38,24 +39,9 @@ def memory_node(name: str) -> str:
 
 def block_names(value) -> list[str]:
     """Names used in a block expression, in order of first use."""
-    out: list[str] = []
-
-    def walk(v):
-        if isinstance(v, M.Ref):
-            if v.name not in out:
-                out.append(v.name)
-        elif isinstance(v, M.Call):
-            for a in v.args:
-                walk(a)
-            for _, a in v.kwargs:
-                walk(a)
-        elif isinstance(v, M.Op):
-            for a in v.args:
-                walk(a)
-
-    if value is not None:
-        walk(value)
-    return out
+    if value is None:
+        return []
+    return list(dict.fromkeys(v.name for v in walk(value) if isinstance(v, M.Ref)))
 
 
 def build(owner: M.Model | M.Optimizer) -> "nx.DiGraph":

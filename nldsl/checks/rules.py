@@ -6,12 +6,13 @@ rules run, so a file's diagnostics come out together.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 from nldsl.diagnostics import Diagnostic, suggest
 from nldsl.graph import block_names, endpoint_nodes, level_node, memory_node, speed_key
 from nldsl.ir import models as M
 from nldsl.ir.lower import BLOCK_BUILTINS, BLOCK_COMBINATORS, OPT_BUILTINS, OPT_FUNCTIONS
+from nldsl.ir.values import walk
 
 
 class Checker:
@@ -432,29 +433,6 @@ def optimizer_exists(owner: M.Model, ck: Checker):
                   (owner.name, "optimizer"), help=suggest(owner.optimizer, ck.known_optimizers, "optimizers"))
 
 
-def _names(v) -> Iterator[M.Ref]:
-    if isinstance(v, M.Ref):
-        yield v
-    elif isinstance(v, M.Call):
-        for a in v.args:
-            yield from _names(a)
-        for _, a in v.kwargs:
-            yield from _names(a)
-    elif isinstance(v, M.Op):
-        for a in v.args:
-            yield from _names(a)
-
-
-def _calls(v) -> Iterator[M.Call]:
-    if isinstance(v, M.Call):
-        yield v
-        for a in v.args:
-            yield from _calls(a)
-    elif isinstance(v, M.Op):
-        for a in v.args:
-            yield from _calls(a)
-
-
 @rule("NL307", "optimizer")
 def optimizer_names(owner: M.Optimizer, ck: Checker):
     known = {k for k, _ in owner.params} | {m.name for m in owner.memories} | set(OPT_BUILTINS)
@@ -468,11 +446,11 @@ def optimizer_names(owner: M.Optimizer, ck: Checker):
             if field is not None:
                 exprs.append((field, (owner.name, "memory", m.name, "ref"), m.name))
     for value, key, where in exprs:
-        for ref in _names(value):
+        for ref in (x for x in walk(value) if isinstance(x, M.Ref)):
             if ref.name not in known:
                 ck.report("NL307", f"`{ref.name}` in `{where}` is not a parameter, memory or builtin of "
                           f"`{owner.name}`", key + (ref.name,), key, help=suggest(ref.name, known, "names"))
-        for call in _calls(value):
+        for call in (x for x in walk(value) if isinstance(x, M.Call)):
             if call.func not in OPT_FUNCTIONS:
                 ck.report("NL307", f"`{call.func}` is not a function optimizer expressions can use",
                           key, help=suggest(call.func, OPT_FUNCTIONS, "functions"))

@@ -30,7 +30,7 @@ from nldsl.codegen.errors import CodegenError
 from nldsl.codegen.naming import Namer
 from nldsl.codegen.render import docstring, literal
 from nldsl.ir import models as M
-from nldsl.ir.values import to_expr, to_value
+from nldsl.ir.values import to_expr, to_value, walk
 from nldsl.syntax import ast as A
 from nldsl.syntax import printer
 
@@ -199,7 +199,7 @@ class OptimizerPlanner:
                           help="rename the parameter")
             if name in self.memories:
                 self.fail(f"`{name}` is both a parameter and a memory", key, help="rename one of them")
-            if isinstance(value, M.Text) or any(isinstance(x, M.Text) for x in _walk(value)):
+            if isinstance(value, M.Text) or any(isinstance(x, M.Text) for x in walk(value)):
                 self.fail(f"parameter `{name}` is a string; optimizer values are numbers, booleans or "
                           "tuples", key)
             try:
@@ -784,18 +784,6 @@ class OptimizerPlanner:
         c.body = [Stmt(None, res.lines())]
         c.result = result
         return i
-
-
-def _walk(v):
-    yield v
-    if isinstance(v, M.Call):
-        for a in v.args:
-            yield from _walk(a)
-        for _, a in v.kwargs:
-            yield from _walk(a)
-    elif isinstance(v, M.Op):
-        for a in v.args:
-            yield from _walk(a)
 
 
 class _Recording:

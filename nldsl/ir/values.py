@@ -128,6 +128,19 @@ def fold(e: A.Expr, env: dict[str, object]):
     raise NotConstant()
 
 
+def walk(v: M.Value):
+    """Every part of an IR value, itself first (pre-order; call keywords included)."""
+    yield v
+    if isinstance(v, M.Call):
+        for a in v.args:
+            yield from walk(a)
+        for _, a in v.kwargs:
+            yield from walk(a)
+    elif isinstance(v, M.Op):
+        for a in v.args:
+            yield from walk(a)
+
+
 def names_in(e: A.Expr):
     """Every ``Name`` in an expression (function names of calls excluded), with its node."""
     if isinstance(e, A.Name):

@@ -99,10 +99,6 @@ def test_default_out_folders_do_not_collide(tmp_path, capsys, monkeypatch):
 
 
 def test_spec_errors_render_diagnostics(tmp_path, capsys):
-    import nldsl
-
-    if not hasattr(nldsl, "compile"):
-        pytest.skip("no model compiler in this checkout")
     bad = tmp_path / "bad.nl"
     bad.write_text("model M {\n  dim = \n}\n")
     code, _, err = run([bad, *SMALL, "--out", tmp_path / "r"], capsys)
