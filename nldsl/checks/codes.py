@@ -209,6 +209,16 @@ _TABLE = [
          _model(_BASE + "  memory mem in fast : linear\n" + _BLOCK,
                 "  vocab = 256; dim = 64; heads = 4; layers = 2; context = 64\n")),
 
+    Code("NL205", "error", "memory needs a key",
+         "An optimizer memory with a `key` learns to map the key to its `input` (the value). An `mlp` "
+         "memory is such a map (deep momentum, Eq. 50: it is trained on the gradient u and read at "
+         "`m(grad)`), and `rule dgd` erases along the key (delta momentum, Eq. 48-49): both need "
+         "`key EXPR`.",
+         "optimizer Deep {\n  lr = 0.01\n  level step : steps every 1\n"
+         "  memory m in step : mlp(depth=2) { input 1; objective dot }\n  update = lr * m(grad)\n}\n",
+         "optimizer Deep {\n  lr = 0.01\n  level step : steps every 1\n"
+         "  memory m in step : mlp(depth=2) { key grad; input 1; objective dot }\n  update = lr * m(grad)\n}\n"),
+
     Code("NL301", "error", "block uses an unknown name",
          "A block composes the model's memories and CMS chains with builtins (`norm`, `rmsnorm`, "
          "`layernorm`, `mlp`, `swiglu`, `identity`) and combinators (`residual(...)`, `sum(...)`, "
@@ -248,12 +258,22 @@ _TABLE = [
          _model(_BASE + "  memory mem in fast : linear\n" + _BLOCK) + "ablation slower { fast.every = 32 }\n"),
     Code("NL307", "error", "optimizer expression uses an unknown name",
          "Optimizer expressions may use the optimizer's parameters and memories, `grad`, `param`, "
-         "`step`, `rows`, `cols`, and the functions `sqrt`, `abs`, `sign`, `newton_schulz`, `max`, `min`, "
-         "`clamp`, `where`.",
+         "`step`, `rows`, `cols`, the functions `sqrt`, `abs`, `sign`, `newton_schulz`, `max`, `min`, "
+         "`clamp`, `where`, and a memory applied to a query (`m(grad)`).",
          "optimizer Sgd {\n  lr = 0.1\n  level step : steps every 1\n"
          "  memory m in step : elementwise { objective dot }\n  update = mm\n}\n",
          "optimizer Sgd {\n  lr = 0.1\n  level step : steps every 1\n"
          "  memory m in step : elementwise { objective dot }\n  update = m\n}\n"),
+    Code("NL308", "error", "memory read does not fit its structure",
+         "An optimizer expression reads a memory by name (its state: an `elementwise` or `linear` "
+         "memory is shaped like the parameter) or applies it to one query, `m(q)` (an `elementwise` "
+         "memory gives m * q, an `mlp` memory its output at q). An `mlp` memory's state is its "
+         "weights, so it is only read applied; a `linear` memory applied to a query would give a "
+         "rows x rows matrix, so it is only read by name.",
+         "optimizer Deep {\n  lr = 0.01\n  level step : steps every 1\n"
+         "  memory m in step : mlp(depth=2) { key grad; input 1; objective dot }\n  update = lr * m\n}\n",
+         "optimizer Deep {\n  lr = 0.01\n  level step : steps every 1\n"
+         "  memory m in step : mlp(depth=2) { key grad; input 1; objective dot }\n  update = lr * m(grad)\n}\n"),
 
     Code("NL401", "error", "the compiler cannot build this yet",
          "The spec is valid, but the code generator has no implementation for this combination "

@@ -357,6 +357,24 @@ def rule_fits_objective(owner, ck: Checker):
                       help="set `objective l2`, or use `rule gd`")
 
 
+@rule("NL205", "optimizer")
+def optimizer_keys(owner: M.Optimizer, ck: Checker):
+    """An MLP maps keys to values and the delta rule erases along the key: both need one."""
+    for mem in owner.memories:
+        if mem.key is not None:
+            continue
+        if mem.structure.kind == "mlp":
+            ck.report("NL205", f"`{mem.name}` is an MLP memory without a `key`: an MLP maps keys to "
+                      "values, so its objective has nothing to read it at",
+                      (owner.name, "memory", mem.name, "structure"), (owner.name, "memory", mem.name),
+                      help="add `key grad` (deep momentum, Eq. 50: the memory is trained on the "
+                      "gradient u = grad)")
+        elif mem.rule is not None and mem.rule.kind == "dgd" and mem.structure.kind != "elementwise":  # else NL202
+            ck.report("NL205", f"rule `dgd` erases along the memory's key, but `{mem.name}` has no `key`",
+                      (owner.name, "memory", mem.name, "rule"), (owner.name, "memory", mem.name),
+                      help="add `key grad` (delta momentum, Eq. 48-49), or use `rule gd`")
+
+
 @rule("NL204")
 def dimensions(owner: M.Model, ck: Checker):
     dim, heads = owner.param("dim"), owner.param("heads")
@@ -433,27 +451,56 @@ def optimizer_exists(owner: M.Model, ck: Checker):
                   (owner.name, "optimizer"), help=suggest(owner.optimizer, ck.known_optimizers, "optimizers"))
 
 
-@rule("NL307", "optimizer")
-def optimizer_names(owner: M.Optimizer, ck: Checker):
-    known = {k for k, _ in owner.params} | {m.name for m in owner.memories} | set(OPT_BUILTINS)
-    exprs = [(owner.update, (owner.name, "update"), "update")]
+def _optimizer_exprs(owner: M.Optimizer) -> list[tuple[M.Value, tuple, str]]:
+    """(expression, source key, where) of every expression an optimizer computes with."""
+    exprs = [(owner.update, (owner.name, "update"), "update")] if owner.update is not None else []
     for k, v in owner.params:  # parameters computed each step (g = grad + weight_decay * param)
         if isinstance(v, (M.Ref, M.Call, M.Op)):
             exprs.append((v, (owner.name, "param", k), k))
     for m in owner.memories:
-        for field in (m.input, m.lr.value if m.lr else None, m.retention.value if m.retention else None,
+        for field in (m.input, m.key, m.lr.value if m.lr else None, m.retention.value if m.retention else None,
                       m.momentum.beta if m.momentum else None, m.init.value if m.init else None):
             if field is not None:
                 exprs.append((field, (owner.name, "memory", m.name, "ref"), m.name))
-    for value, key, where in exprs:
+    return exprs
+
+
+@rule("NL307", "optimizer")
+def optimizer_names(owner: M.Optimizer, ck: Checker):
+    memories = {m.name for m in owner.memories}
+    known = {k for k, _ in owner.params} | memories | set(OPT_BUILTINS)
+    for value, key, where in _optimizer_exprs(owner):
         for ref in (x for x in walk(value) if isinstance(x, M.Ref)):
             if ref.name not in known:
                 ck.report("NL307", f"`{ref.name}` in `{where}` is not a parameter, memory or builtin of "
                           f"`{owner.name}`", key + (ref.name,), key, help=suggest(ref.name, known, "names"))
         for call in (x for x in walk(value) if isinstance(x, M.Call)):
-            if call.func not in OPT_FUNCTIONS:
+            if call.func not in OPT_FUNCTIONS and call.func not in memories:  # m(q): NL308
                 ck.report("NL307", f"`{call.func}` is not a function optimizer expressions can use",
-                          key, help=suggest(call.func, OPT_FUNCTIONS, "functions"))
+                          key + ("call", call.func), key,
+                          help=suggest(call.func, OPT_FUNCTIONS + tuple(sorted(memories)), "functions"))
+
+
+@rule("NL308", "optimizer")
+def memory_reads(owner: M.Optimizer, ck: Checker):
+    """A memory is read by name (its state) or applied to a query (`m(grad)`), as its structure allows."""
+    structures = {m.name: m.structure.kind for m in owner.memories}
+    for value, key, where in _optimizer_exprs(owner):
+        for call in (x for x in walk(value) if isinstance(x, M.Call) and x.func in structures):
+            kind = structures[call.func]
+            if len(call.args) != 1 or call.kwargs:
+                ck.report("NL308", f"`{call.func}(...)` applies the memory to one query, not "
+                          f"{len(call.args) + len(call.kwargs)} arguments", key + ("call", call.func), key,
+                          help=f"write `{call.func}(grad)`")
+            elif kind == "linear":
+                ck.report("NL308", f"`{call.func}` is a `linear` memory: applied to a query it gives a "
+                          "rows x rows matrix, not an update shaped like the parameter",
+                          key + ("call", call.func), key, help=f"read its state by name: `{call.func}`")
+        for ref in (x for x in walk(value) if isinstance(x, M.Ref)):
+            if structures.get(ref.name) == "mlp":
+                ck.report("NL308", f"`{ref.name}` in `{where}` is an MLP memory: its state is the MLP's "
+                          "weights, which have no value shaped like the parameter",
+                          key + (ref.name,), key, help=f"apply it to a query: `{ref.name}(grad)`")
 
 
 def run(ir: M.SpecIR, ck: Checker) -> list[Diagnostic]:

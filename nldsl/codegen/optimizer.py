@@ -16,6 +16,12 @@ Semantics compiled (see ``specs/*.nl`` for the paper's optimizers written this w
 * A function call of the update (or of a per-step value) that depends only on slow memories
   and constants - ``newton_schulz(M2)`` in M3 - is computed once per chunk, stored in the
   state, and read back every step (amortised).
+* A memory with a ``key`` learns to map the key to its ``input`` (the value): an elementwise
+  memory predicts ``m * key``, a linear one ``m key^T`` (the delta rule of Eq. 48-49), an
+  ``mlp`` memory is one small MLP per coordinate (:class:`nldsl.optim.deep.CoordinateMLP`,
+  deep momentum, Eq. 50). ``m(q)`` in an expression applies a memory to a query: ``m * q``
+  for an elementwise memory, the MLP's output at ``q`` for an MLP memory, read after the
+  memory's write of this step (Eq. 50 reads ``m_{i+1}(u_i)``).
 * ``update`` is subtracted: ``param <- param - update``.
 
 Anything the runtime does not implement is refused here with an ``NL401`` diagnostic at the
@@ -112,10 +118,11 @@ def literal_value(v: M.Value):
 
 
 def _refs(v) -> list[str]:
+    """Names ``v`` reads, including the function of a call (``m`` in ``m(grad)``)."""
     if isinstance(v, M.Ref):
         return [v.name]
     if isinstance(v, M.Call):
-        out = []
+        out = [v.func]
         for a in v.args:
             out += _refs(a)
         for _, a in v.kwargs:
@@ -149,6 +156,7 @@ class OptimizerPlanner:
         self.caches: list[Cache] = []
         self.uses_ns = False
         self.uses_delta = False
+        self.mlps: dict[str, str] = {}  # MLP memory -> the code building its structure
         self._kinds: dict[str, str] = {}
         self._visiting: set[str] = set()
 
@@ -229,26 +237,25 @@ class OptimizerPlanner:
         if mem.level not in self.levels:
             self.fail(f"memory `{mem.name}` is in level `{mem.level}`, which is not defined", k + ("level",))
         s = mem.structure.kind
-        if s == "mlp":
-            self.fail(f"memory `{mem.name}` is an `mlp` (deep momentum); the compiler supports "
-                      "`elementwise` and `linear` optimizer memories", k + ("structure",), k,
-                      help="use `elementwise` or `linear`; specs/deep_momentum.nl documents the planned "
-                      "semantics")
-        if s not in ("elementwise", "linear"):
+        if s not in ("elementwise", "linear", "mlp"):
             self.fail(f"memory `{mem.name}` cannot be `{s}` in an optimizer", k + ("structure",), k)
         rule = mem.rule.kind if mem.rule else "gd"
+        if mem.key is not None:
+            self.check_keyed(mem, rule)
+        elif s == "mlp":  # the checker reports it (NL205); a plan must never get this far
+            self.fail(f"memory `{mem.name}` is an MLP memory without a `key`", k + ("structure",), k,
+                      help="add `key grad`")
         if rule == "omega":
             self.fail(f"memory `{mem.name}`: rule `omega` is not supported in optimizers", k + ("rule",), k,
-                      help="use `rule gd`, or `rule dgd` on a `linear` memory (delta momentum)")
+                      help="use `rule gd`, or a `linear` memory with a `key` (delta momentum)")
         if rule == "dgd":
             if s != "linear":
                 self.fail(f"memory `{mem.name}`: rule `dgd` needs a `linear` memory", k + ("rule",), k)
             if mem.objective.kind not in ("l2", "dot"):
                 self.fail(f"memory `{mem.name}`: rule `dgd` needs the `l2` or `dot` objective", k + ("rule",), k)
-            if mem.bias_correction:
-                self.fail(f"memory `{mem.name}`: bias correction is not defined for rule `dgd`",
-                          k + ("bias_correction",), k)
-            self.uses_delta = True
+            if mem.key is None:
+                self.fail(f"memory `{mem.name}`: rule `dgd` erases along the memory's key, and it has none",
+                          k + ("rule",), k, help="add `key grad`")
         if mem.momentum is not None and mem.momentum.kind != "none":
             self.fail(f"memory `{mem.name}`: a momentum on an optimizer memory is not supported",
                       k + ("momentum",), k, help="write the momentum as a memory of its own")
@@ -278,6 +285,50 @@ class OptimizerPlanner:
         if init == "first" and level.period > 1 and mem.bias_correction:
             self.fail(f"memory `{mem.name}`: `init first` with bias correction is not supported",
                       k + ("init",), k)
+
+    def check_keyed(self, mem: M.Memory, rule: str) -> None:
+        """What a memory with a key (or an MLP memory, which needs one) can be compiled with."""
+        k = (self.opt.name, "memory", mem.name)
+        s = mem.structure.kind
+        if self.levels[mem.level].period > 1:
+            self.fail(f"memory `{mem.name}` has a key but its level `{mem.level}` writes once per chunk; "
+                      "a chunk sums its inputs, and a keyed objective needs each step's key with its value",
+                      k + ("key",), k, help=f"put `{mem.name}` in a level of period 1")
+        if mem.init is not None and mem.init.kind == "first":
+            self.fail(f"memory `{mem.name}`: `init first` stores the first input, which a keyed memory "
+                      "predicts rather than stores", k + ("init",), k, help="remove `init first`")
+        if mem.bias_correction:
+            self.fail(f"memory `{mem.name}`: bias correction is defined for memories without a key",
+                      k + ("bias_correction",), k)
+        if s == "linear" and mem.objective.kind not in ("l2", "dot"):
+            self.fail(f"memory `{mem.name}`: a linear memory with a key needs the `l2` or `dot` objective",
+                      k + ("objective",), k)
+        if s == "linear":
+            self.uses_delta = True
+        if s != "mlp":
+            return
+        st = mem.structure
+        if rule != "gd":
+            self.fail(f"memory `{mem.name}`: rule `{rule}` on an MLP memory is not supported (the paper "
+                      "does not say which weight delta gradient descent's erase multiplies)",
+                      k + ("rule",), k, help="use `rule gd`")
+        if mem.precondition is not None and mem.precondition.kind != "none":
+            self.fail(f"memory `{mem.name}`: an MLP memory has no matrix state to precondition",
+                      k + ("precondition",), k, help="apply `newton_schulz(...)` to its output in the update")
+        init = mem.init.kind if mem.init else "zeros"
+        if init != "zeros":
+            self.fail(f"memory `{mem.name}`: an MLP memory starts from `init zeros` (its last layer zero, "
+                      f"see nldsl.optim.deep), not `{init}`", k + ("init",), k, help="remove `init`")
+        if not float(st.expansion).is_integer():
+            self.fail(f"memory `{mem.name}`: the MLP acts on each coordinate (input width 1), so its "
+                      f"`expansion` is its hidden width and must be a whole number, got {st.expansion:g}",
+                      k + ("structure",), k)
+        self.mlps[mem.name] = (f"rt.CoordinateMLP(depth={literal(st.depth)}, hidden={literal(int(st.expansion))}, "
+                               f"residual={literal(bool(st.residual))}, activation={literal(st.activation)})")
+
+    def mlp(self, name: str) -> str:
+        """The code of an MLP memory's structure object (a class attribute)."""
+        return f"self.mlp_memories[{literal(name)}]"
 
     # ---- kinds (pure: no code is emitted) ----
     def kind_of_name(self, name: str, key) -> str:
@@ -309,7 +360,7 @@ class OptimizerPlanner:
         if isinstance(v, M.Op):
             return _join("const", *(self.kind_of(a, key) for a in v.args))
         if isinstance(v, M.Call):
-            if v.func == "newton_schulz":
+            if v.func == "newton_schulz" or v.func in self.memories:
                 return "tensor"
             if v.func == "where":
                 return _join("const", *(self.kind_of(a, key) for a in v.args[1:]))
@@ -379,6 +430,8 @@ class OptimizerPlanner:
     def tr_call(self, v: M.Call, key, res) -> Expr:
         f = v.func
         kw = dict(v.kwargs)
+        if f in self.memories:
+            return self.tr_apply(v, key, res)
         if f in _UNARY_FUNCS:
             if len(v.args) != 1 or kw:
                 self.fail(f"`{f}` takes one argument", key)
@@ -432,6 +485,24 @@ class OptimizerPlanner:
             return Expr(f"rt.newton_schulz({', '.join(parts)})", "tensor")
         self.fail(f"`{f}` is not a function optimizer expressions can use", key)
 
+    def tr_apply(self, v: M.Call, key, res) -> Expr:
+        """``m(q)``: a memory applied to a query."""
+        mem = self.memories[v.func]
+        if len(v.args) != 1 or v.kwargs:
+            self.fail(f"`{v.func}(...)` applies the memory to one query", key)
+        q = self.tr(v.args[0], key, res)
+        kind = mem.structure.kind
+        if kind == "elementwise":
+            m = res.name(v.func, key)
+            return Expr(f"{m.wrap(MUL)} * {q.wrap(MUL + 1)}", "tensor", MUL)
+        if kind == "mlp":
+            if not isinstance(res, StepResolver):
+                self.fail(f"`{v.func}(...)` is computed each step and cannot be used here", key)
+            res.applied(v.func)
+            return Expr(f"{self.mlp(v.func)}.read(states, {literal(v.func)}, {q.code})", "tensor")
+        self.fail(f"`{v.func}` is a `{kind}` memory and cannot be applied to a query", key,
+                  help=f"read its state by name: `{v.func}`")
+
     # ---- memory reads, writes ----
     def mem_local(self, name: str) -> str:
         return self.namer.name(name)
@@ -464,13 +535,22 @@ class OptimizerPlanner:
         return code
 
     def write_kwargs(self, mem: M.Memory, res, key) -> list[str]:
-        out = [f"objective={literal(mem.objective.kind)}"]
+        out = []
+        if mem.key is not None:
+            k = self.tr(mem.key, key + ("ref",), res)
+            if k.kind == "const" and mem.structure.kind == "linear":
+                self.fail(f"memory `{mem.name}`: a linear memory's key is a matrix per parameter, not a "
+                          "number", key + ("key",), key)
+            out.append(f"key={k.code}")
+        out.append(f"objective={literal(mem.objective.kind)}")
         lr = self.written(mem, "lr", mem.lr.value) if mem.lr else 1.0
         out.append(f"lr={self.tr(lr, key, res).code}")
         if mem.retention is not None and mem.retention.kind == "constant":
             out.append(f"retention={self.tr(self.written(mem, 'retention', mem.retention.value), key, res).code}")
-        if mem.objective.kind in ("l2", "dot") and (mem.rule is None or mem.rule.kind == "gd"):
+        if mem.objective.kind in ("l2", "dot") and (mem.rule is None or mem.rule.kind == "gd") and mem.key is None:
             out.append(f"decay={self.tr(self.decay_value(mem), key, res).code}")
+        if mem.key is not None and mem.structure.kind == "linear":
+            out.append("structure='linear'")
         if mem.objective.kind == "lp":
             out.append(f"p={literal(mem.objective.p)}")
         if mem.objective.kind == "huber":
@@ -482,7 +562,10 @@ class OptimizerPlanner:
     def memory_comment(self, mem: M.Memory) -> str:
         lv = self.levels[mem.level]
         every = "every step" if lv.period == 1 else f"every {lv.period} steps"
-        bits = [f"objective {mem.objective.kind}"]
+        bits = [f"key {show(mem.key)}"] if mem.key is not None else []
+        if mem.structure.kind == "mlp":
+            bits.insert(0, "an MLP per coordinate")
+        bits.append(f"objective {mem.objective.kind}")
         if mem.rule is not None and mem.rule.kind != "gd":
             bits.append(f"rule {mem.rule.kind}")
         lr = self.written(mem, "lr", mem.lr.value) if mem.lr else 1.0
@@ -538,11 +621,16 @@ class OptimizerPlanner:
                                   [f"rt.accumulate(states, {literal(mem.name)}, {x.code})"])
                 else:
                     kws = self.write_kwargs(mem, step_res, key)
+                    if mem.key is not None and mem.structure.kind == "linear" and x.kind != "const":
+                        self.fail(f"memory `{mem.name}`: a linear memory with a key maps it to a multiple of "
+                                  "the identity (Eq. 48's P = x I), so its `input` must be a number",
+                                  key + ("input",), key, help="write `input 1` (P = I)")
                     if mem.init is not None and mem.init.kind == "first":
                         step_res.builtin("step")
                         kws += ["first=True", "writes=step"]
+                    writer = f"{self.mlp(mem.name)}.write" if mem.name in self.mlps else "rt.write"
                     w.stmt = Stmt(self.memory_comment(mem),
-                                  [f"rt.write(states, {literal(mem.name)}, {x.code}, {', '.join(kws)})"])
+                                  [f"{writer}(states, {literal(mem.name)}, {x.code}, {', '.join(kws)})"])
         # the update
         u = nodes[("U",)]
         ukey = (o.name, "update")
@@ -690,7 +778,7 @@ class OptimizerPlanner:
         if self.uses_ns:
             matrix_only = "Newton-Schulz orthogonalises each parameter as a matrix"
         elif self.uses_delta:
-            matrix_only = "the delta rule treats each parameter as a matrix"
+            matrix_only = "a linear memory with a key treats each parameter as a matrix"
         levels_doc = "; ".join(
             f"{lv.name} (every {lv.period} step{'s' if lv.period > 1 else ''}): "
             + (", ".join(m.name for m in o.memories if m.level == lv.name) or "no memories")
@@ -705,6 +793,10 @@ class OptimizerPlanner:
             "matrix_only": literal(matrix_only),
             "spec_literal": literal(self.where((o.name,))),
             "init": init_body,
+            "mlp_memories": [{"name": literal(n), "code": c,
+                              "comment": f"{self.where((o.name, 'memory', n))}  memory {n}: one MLP per coordinate, "
+                                         "its weights in the state (nldsl.optim.deep)"}
+                             for n, c in self.mlps.items()],
             "caches": [{"method": c.method, "comment": c.comment, "body": c.body, "result": c.result}
                        for c in self.caches],
             "prelude": prelude,
@@ -746,6 +838,11 @@ class OptimizerPlanner:
         for mem in o.memories:
             key = (o.name, "memory", mem.name)
             init = mem.init.kind if mem.init else "zeros"
+            if mem.name in self.mlps:
+                build = f"state.update({self.mlp(mem.name)}.initial_state({literal(mem.name)}, p))"
+                stmts.append(Stmt(f"{self.where(key)}  memory {mem.name}: an MLP per coordinate, its last layer "
+                                  "zero", [build]))
+                continue
             if init == "constant":
                 v = self.written(mem, "init", mem.init.value)
                 e = self.tr(v, key + ("init",), res)
@@ -818,6 +915,10 @@ class StepResolver:
 
     def builtin(self, name: str) -> None:
         self.builtins_used.add(name)
+
+    def applied(self, name: str) -> None:
+        """``name(q)`` of an MLP memory: computed after the memory's write of this step."""
+        self.dep(("W", name))
 
     def name(self, name: str, key) -> Expr:
         p = self.p

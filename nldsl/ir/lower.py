@@ -12,7 +12,7 @@ from typing import Callable
 
 from nldsl.diagnostics import Diagnostic, suggest
 from nldsl.ir import models as M
-from nldsl.ir.values import NotConstant, fold, names_in, to_value
+from nldsl.ir.values import NotConstant, calls_in, fold, names_in, to_value
 from nldsl.syntax import ast as A
 
 MODEL_PARAMS = {  # name -> (required, default, description)
@@ -403,6 +403,7 @@ class Lowerer:
                 retention=fields.get("retention", M.Retention(kind="none")),
                 lr=fields.get("lr", M.LearningRate(kind="constant", value=1.0)),
                 input=fields.get("input", M.Ref(name="grad")),
+                key=fields.get("key"),
                 bias_correction=fields.get("bias_correction", False),
                 init=fields.get("init", M.Init(kind="zeros")),
             )
@@ -440,7 +441,7 @@ class Lowerer:
             "init": self._p_init,
         }
         if in_optimizer:
-            h.update({"input": self._p_input, "bias_correction": self._p_bool})
+            h.update({"input": self._p_input, "key": self._p_input, "bias_correction": self._p_bool})
         else:
             h.update({"read": self._p_read, "signal": self._p_signal, "writes": self._p_writes})
             if not is_cms:
@@ -838,8 +839,6 @@ class Lowerer:
     def _block_spans(self, owner: str, e: A.Expr) -> None:
         for n in names_in(e):
             self.ctx.spans.setdefault((owner, "block", n.id), n.span)
-        from nldsl.ir.values import calls_in
-
         for c in calls_in(e):
             self.ctx.spans.setdefault((owner, "block", "call", c.func), c.span)
 
@@ -878,12 +877,16 @@ class Lowerer:
                 self.ctx.spans[(owner, "update")] = s.spans.get("expr")
                 for n in names_in(s.expr):
                     self.ctx.spans.setdefault((owner, "update", n.id), n.span)
+                for c in calls_in(s.expr):  # `m(grad)`: a memory applied to a query
+                    self.ctx.spans.setdefault((owner, "update", "call", c.func), c.span)
         for s in o.stmts:
             if isinstance(s, A.Memory) and s.body:
                 for p in s.body.props:
                     for v in p.values:
                         for n in names_in(v):
                             self.ctx.spans.setdefault((owner, "memory", s.name, "ref", n.id), n.span)
+                        for c in calls_in(v):
+                            self.ctx.spans.setdefault((owner, "memory", s.name, "ref", "call", c.func), c.span)
         if update is None:
             self.ctx.error("NL303", f"optimizer `{o.name}` has no `update`", o.spans.get("name"),
                            help="add `update = ...`, for example `update = m / (sqrt(v) + eps)`")

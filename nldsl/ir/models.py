@@ -184,7 +184,11 @@ class Memory(Node):
     heads: Optional[int] = None
     qk_norm: Optional[Literal["l2", "none"]] = None
     conv: Optional[int] = None  # causal depthwise convolution width on q/k/v, 0 = none
-    input: Optional[Value] = None  # optimizer memories: the stream compressed (grad, grad**2)
+    input: Optional[Value] = None  # optimizer memories: the stream compressed (grad, grad**2): the value
+    # optimizer memories: the key the memory associates with its input (None: no key, the state
+    # itself is compared with the input). Elementwise memories predict m * key, linear ones
+    # m key^T (the delta rule, Eq. 48-49), MLP memories m(key) (deep momentum, Eq. 50).
+    key: Optional[Value] = None
     bias_correction: Optional[bool] = None  # optimizer memories
 
 

@@ -53,6 +53,8 @@ def memory_props(m: M.Memory, *, skip: tuple[str, ...] = ()) -> list[A.Prop]:
         props.append(("retention", _constant(m.retention.kind, m.retention.value)))
     if m.lr:
         props.append(("lr", _constant(m.lr.kind, m.lr.value)))
+    if m.key is not None:
+        props.append(("key", to_expr(m.key)))
     if m.input is not None:
         props.append(("input", to_expr(m.input)))
     if m.bias_correction is not None:

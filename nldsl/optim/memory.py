@@ -16,13 +16,18 @@ lp(p)      1/p ||m - x||_p^p                m <- alpha m - lr |m - x|^(p-1) sign
 huber(d)   sum huber_d(m - x)               m <- alpha m - lr clamp(m - x, -d, d)
 =========  ===============================  =====================================
 
-With a *key* ``k`` the memory is read as ``m * k`` (elementwise), and the objectives above
-compare ``m * k`` with ``x``: the gradient gains a factor ``k``. With ``l2``, key ``g`` and
-value 1 this is the elementwise delta momentum ``m <- m (alpha - lr g^2) + lr g``.
+With a *key* ``k`` the input ``x`` is the value the memory maps ``k`` to, and the objectives
+compare the memory's prediction at ``k`` with ``x``:
 
-``rule dgd`` on a matrix memory is the delta rule with the stream as key and the identity
-as value (Eq. 48-49, ``P = I``): ``L = 1/2 ||m x^T - I||^2`` gives
-``m <- alpha m - lr m x^T x + lr x``.
+* an ``elementwise`` memory predicts ``m * k``: the gradient gains a factor ``k``. With
+  ``l2``, key ``g`` and value 1 this is the elementwise delta momentum
+  ``m <- m (alpha - lr g^2) + lr g`` (Eq. 48-49 with the association of App. B, Eq. 101);
+* a ``linear`` memory (each parameter as a ``(shape[0], -1)`` matrix) predicts ``m k^T``
+  against the value ``x I`` (``x`` a number; Eq. 48-49's ``P = x I``):
+  ``l2`` gives the delta rule ``m <- alpha m - lr (m k^T k - x k)``, ``dot``
+  ``m <- alpha m + lr x k``; ``rule dgd`` adds the erase along the key of delta gradient
+  descent, ``m <- m (alpha I - lr k^T k) - lr dL/dm`` (Eq. 57, as for model memories);
+* an ``mlp`` memory is :class:`nldsl.optim.deep.CoordinateMLP`.
 
 The write of the common cases uses the fused foreach op torch.optim uses for the same
 arithmetic (``lerp`` for an EMA, ``mul`` + ``addcmul`` for ``beta v + (1 - beta) g^2``), so a
@@ -81,19 +86,37 @@ def _as_list(x, like: TensorList) -> TensorList:
 
 def write(states: Sequence[dict], name: str, x, *, objective: str = "l2", lr: float = 1.0,
           retention: float = 1.0, decay: float | None = None, rule: str = "gd", key=None,
-          p: float | None = None, delta: float | None = None, first: bool = False,
-          writes: Scalars | None = None) -> None:
+          structure: str = "elementwise", p: float | None = None, delta: float | None = None,
+          first: bool = False, writes: Scalars | None = None) -> None:
     """One write of memory ``name`` with input ``x`` for every parameter of ``states``.
 
     ``decay`` is the factor on the old state for ``dot`` (= retention) and ``l2``
     (= retention - lr); the compiler passes it written from the spec's own expressions
     (``betas[1]`` rather than ``1 - (1 - betas[1])``) so the rounding matches torch.
+    ``key`` makes ``x`` the value the memory maps the key to; ``structure`` (``elementwise``
+    or ``linear``) says how a keyed memory predicts (see the module docstring).
     ``first=True`` (``init first``) makes the first write store ``x`` itself, as
     torch.optim.SGD starts its momentum buffer; ``writes`` counts writes including this one.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}")
+    if structure not in ("elementwise", "linear"):
+        raise ValueError(f"unknown structure {structure!r} (MLP memories are nldsl.optim.deep.CoordinateMLP)")
+    if rule not in ("gd", "dgd"):
+        raise ValueError(f"unknown rule {rule!r}")
+    if rule == "dgd" and (key is None or structure != "linear"):
+        raise ValueError("rule dgd erases along the key of a linear memory: it needs key= and structure='linear'")
     if not states:
+        return
+    if key is not None and structure == "linear":
+        if first:
+            raise ValueError("a keyed linear memory has no `init first`")
+        if not is_number(x):
+            raise ValueError(f"a linear memory keyed by a matrix maps it to a multiple of the identity, "
+                             f"so its value must be a number, got {type(x).__name__}")
+        m = TensorList(tensors(states, name))
+        _write_delta_matrix(m.a, _as_list(key, m), x, objective=objective, lr=lr, retention=retention,
+                            erase=rule == "dgd")
         return
     m = TensorList(tensors(states, name))
     x = _as_list(x, m)
@@ -112,11 +135,6 @@ def write(states: Sequence[dict], name: str, x, *, objective: str = "l2", lr: fl
             m = m.take(rest)
             x = x.take(rest)
             key = key.take(rest) if isinstance(key, TensorList) else key
-    if rule == "dgd":
-        _write_delta_matrix(m.a, x, objective=objective, lr=lr, retention=retention)
-        return
-    if rule != "gd":
-        raise ValueError(f"unknown rule {rule!r}")
     if key is not None:
         _write_keyed(m.a, x, _as_list(key, m), objective=objective, lr=lr, retention=retention, p=p,
                      delta=delta)
@@ -176,24 +194,27 @@ def _write_keyed(m: list[Tensor], x: TensorList, k: TensorList, *, objective, lr
         mi.sub_(g, alpha=lr)
 
 
-def _write_delta_matrix(m: list[Tensor], x: TensorList, *, objective, lr, retention) -> None:
-    """Delta momentum on each parameter's ``(shape[0], -1)`` matrix (Eq. 49 with P = I)."""
+def _write_delta_matrix(m: list[Tensor], k: TensorList, value, *, objective, lr, retention,
+                        erase: bool) -> None:
+    """One step on ``L(m) = obj(m k^T, value I)`` for each parameter's ``(shape[0], -1)``
+    matrix (Eq. 48-49), plus the erase ``-lr m k^T k`` of delta gradient descent if ``erase``."""
     if objective not in ("l2", "dot"):
-        raise ValueError(f"the delta rule needs the l2 or dot objective, not {objective!r}")
-    for mi, xi in zip(m, x.values()):
+        raise ValueError(f"a linear memory keyed by a matrix needs the l2 or dot objective, not {objective!r}")
+    for mi, ki in zip(m, k.values()):
         if mi.ndim < 2:
-            raise ValueError(f"the delta rule needs a matrix, got a parameter of shape {tuple(mi.shape)}")
+            raise ValueError(f"a keyed linear memory needs a matrix, got a parameter of shape {tuple(mi.shape)}")
         m2 = mi.reshape(mi.shape[0], -1)
-        k2 = xi.reshape(xi.shape[0], -1)
-        if objective == "l2":
-            rows, cols = m2.shape
-            # m k^T k: associate the cheaper way round (r x r or c x c intermediate)
-            erase = (m2 @ k2.T) @ k2 if rows <= cols else m2 @ (k2.T @ k2)
+        k2 = ki.reshape(ki.shape[0], -1)
+        rows, cols = m2.shape
+        # m k^T k: associate the cheaper way round (r x r or c x c intermediate)
+        mkk = (m2 @ k2.T) @ k2 if rows <= cols else m2 @ (k2.T @ k2)
+        times = (1 if objective == "l2" else 0) + (1 if erase else 0)  # l2's gradient holds m k^T k too
         if retention != 1:
             m2.mul_(retention)
-        if objective == "l2":
-            m2.sub_(erase, alpha=lr)
-        m2.add_(k2, alpha=lr)
+        if times:
+            m2.sub_(mkk, alpha=lr * times)
+        if value != 0:
+            m2.add_(k2, alpha=lr * value)  # -lr dL/dm's value part: + lr value k (l2 and dot alike)
         if m2.data_ptr() != mi.data_ptr():  # reshape copied (non-contiguous state)
             mi.copy_(m2.reshape(mi.shape))
 

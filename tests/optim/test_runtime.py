@@ -63,18 +63,38 @@ def test_keyed_l2_with_value_one_is_elementwise_delta_momentum():
         torch.testing.assert_close(s["m"], m * (0.9 - 0.1 * gi ** 2) + 0.1 * gi)
 
 
-def test_delta_rule_on_matrices():
+@pytest.mark.parametrize("objective,rule", [("l2", "gd"), ("dot", "gd"), ("l2", "dgd"), ("dot", "dgd")])
+def test_keyed_linear_memory_is_the_delta_rule_on_matrices(objective, rule):
+    """One step on obj(m k^T, value I), plus delta gradient descent's erase -lr m k^T k for dgd."""
     g = torch.Generator().manual_seed(2)
     for shape in [(3, 5), (5, 3), (2, 3, 2)]:
         m0 = torch.randn(shape, generator=g, dtype=torch.float64)
         k = torch.randn(shape, generator=g, dtype=torch.float64)
         states = [{"m": m0.clone()}]
-        write(states, "m", TensorList([k]), objective="l2", lr=0.1, retention=0.9, rule="dgd")
+        write(states, "m", 0.7, key=TensorList([k]), structure="linear", objective=objective, lr=0.1,
+              retention=0.9, rule=rule)
         m2, k2 = m0.reshape(shape[0], -1), k.reshape(shape[0], -1)
         mm = m2.clone().requires_grad_(True)
-        (0.5 * ((mm @ k2.T - torch.eye(shape[0], dtype=torch.float64)) ** 2).sum()).backward()
-        expected = (0.9 * m2 - 0.1 * mm.grad).reshape(shape)
+        target = 0.7 * torch.eye(shape[0], dtype=torch.float64)
+        pred = mm @ k2.T
+        loss = 0.5 * ((pred - target) ** 2).sum() if objective == "l2" else -(pred * target).sum()
+        loss.backward()
+        erase = m2 @ k2.T @ k2 if rule == "dgd" else 0
+        expected = (0.9 * m2 - 0.1 * erase - 0.1 * mm.grad).reshape(shape)
         torch.testing.assert_close(states[0]["m"], expected)
+
+
+def test_keyed_linear_memory_refuses_what_it_cannot_do():
+    k = TensorList([torch.ones(3, 4)])
+    states = [{"m": torch.zeros(3, 4)}]
+    with pytest.raises(ValueError, match="needs key="):
+        write(states, "m", k, objective="l2", rule="dgd")
+    with pytest.raises(ValueError, match="must be a number"):
+        write(states, "m", k, key=k, structure="linear", objective="l2")
+    with pytest.raises(ValueError, match="l2 or dot"):
+        write(states, "m", 1.0, key=k, structure="linear", objective="l1")
+    with pytest.raises(ValueError, match="needs a matrix"):
+        write([{"m": torch.zeros(4)}], "m", 1.0, key=TensorList([torch.ones(4)]), structure="linear")
 
 
 def test_init_first_and_bias_correction():
