@@ -59,6 +59,26 @@ def _repr(v) -> str:
     raise TypeError(f"not a literal: {v!r}")
 
 
+def linear_op(mem: M.Memory, level: M.Level) -> str | None:
+    """The runtime op of a linear in-context memory, from its objective, rule, momentum, retention,
+    period and read mode (None: no op computes it)."""
+    obj, rule, momentum = mem.objective.kind, mem.rule.kind, mem.momentum.kind
+    period, read = level.period, mem.read
+    if momentum in ("delta", "deep"):
+        return None
+    if rule == "omega":
+        return "omega_rule" if obj == "l2" and momentum == "none" and period == 1 and read == "running" else None
+    if rule == "dgd":
+        return "dgd" if obj == "l2" and momentum == "none" else None
+    if obj == "dot" and momentum == "none":
+        return "linear_attention"  # the Hebbian gradient does not depend on the state: any period
+    if obj == "l2" and momentum == "none" and period == 1 and read == "running":
+        return "gated_delta_rule" if mem.retention.kind != "none" else "delta_rule"
+    if obj == "l2":
+        return "titans_linear"  # momentum, mini-batch chunks (gradients at the anchor) or anchor reads
+    return None
+
+
 class Planner:
     def __init__(self, model: M.Model, spans: dict, file: str, display_file: str):
         self.model = model
@@ -208,25 +228,15 @@ class Planner:
             self.unsupported(f"`{mem.name}` learns in context but its level `{level.name}` counts steps",
                              key + ("level",), help="put in-context memories in a `tokens` level")
             return None
-        op = None
         if momentum in ("delta", "deep"):
             self.unsupported(f"`momentum {momentum}` in the in-context memory `{mem.name}` is not compiled yet",
                              key + ("momentum",))
             return None
-        if rule == "omega":
-            op = "omega_rule" if obj == "l2" and momentum == "none" and period == 1 and read == "running" else None
-        elif rule == "dgd":
-            op = "dgd" if obj == "l2" and momentum == "none" else None
-        elif obj == "dot" and momentum == "none":
-            op = "linear_attention"  # the Hebbian gradient does not depend on the state: any period
-            if read == "anchor":
-                self.unsupported(f"`read anchor` for the Hebbian memory `{mem.name}` is not compiled yet",
-                                 key + ("read",), help="use `read running` (y_t = M_t q_t, Eq. 16)")
-                return None
-        elif obj == "l2" and momentum == "none" and period == 1 and read == "running":
-            op = "gated_delta_rule" if retention != "none" else "delta_rule"
-        elif obj == "l2":
-            op = "titans_linear"  # momentum, mini-batch chunks (gradients at the anchor) or anchor reads
+        op = linear_op(mem, level)
+        if op == "linear_attention" and read == "anchor":
+            self.unsupported(f"`read anchor` for the Hebbian memory `{mem.name}` is not compiled yet",
+                             key + ("read",), help="use `read running` (y_t = M_t q_t, Eq. 16)")
+            return None
         if op is None:
             self.unsupported(f"the linear memory `{mem.name}` (objective {obj}, rule {rule}, momentum "
                              f"{momentum}, period {period}, read {read}) has no compiled op yet", key,

@@ -1,0 +1,337 @@
+"""Triton kernels generated from specs: ``kernels.py`` beside the generated model.
+
+A spec's kernels file is a list of *parts*, each a template under
+``codegen_templates/kernels/`` rendered with its own context (:class:`KernelPart`). This module
+plans the parts of the linear-memory family (one :class:`LinearKernelSpec` per memory: its rule,
+retention, gate transforms, chunk size and head sizes become constants of the kernels) and
+renders the file; other kernel families add parts the same way (see :data:`PART_PLANNERS`).
+
+* :func:`generate_kernels` -- a checked spec's kernels file (``None`` when no memory has a Triton
+  path); ``nldsl compile`` writes it as ``kernels.py``, :func:`nldsl.compile` loads it on first
+  use of ``impl='triton'``.
+* :func:`render_kernels` -- the file for any list of parts (deterministic: the same parts give
+  byte-identical text; the torch.library namespace is a hash of the rendered parts).
+* :func:`linear_kernel` -- one specialisation rendered and imported in process (cached): what the
+  runtime ops' ``impl='triton'`` and models built with other head sizes than their spec's use.
+
+Rendering needs jinja2 only; importing the rendered file needs triton.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from nldsl.codegen.naming import sanitize
+from nldsl.codegen.render import docstring, environment, header
+
+__all__ = ["GeneratedKernels", "KernelPart", "LinearKernelSpec", "PART_PLANNERS", "generate_kernels",
+           "linear_kernel", "linear_part", "render_kernels"]
+
+#: chunk sizes the linear kernels accept: powers of two (tl.dot tiles are >= 16)
+CHUNK_SIZES = (16, 32, 64, 128)
+RULES = ("hebbian", "delta", "dgd")
+GATE_KINDS = ("none", "const", "gate", "tensor")
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class LinearKernelSpec:
+    """What the linear-memory kernels are specialised to (every field becomes a constant).
+
+    * ``rule``: ``hebbian`` (``S_t = a_t S_{t-1} + c_t k_t v_t^T``), ``delta`` (erase on the
+      decayed state, Gated DeltaNet), ``dgd`` (Delta Gradient Descent with retention: erase and
+      gradient at the undecayed state, plus the gradient at the period's anchor).
+    * ``lr``: the step size ``c_t``. ``none`` (1), ``const`` (``lr_value``), ``gate`` (the kernels
+      take its logit and apply the sigmoid), ``tensor`` (the value).
+    * ``decay``: the retention ``a_t``. ``none``, ``const`` (``decay_value``, multiplicative),
+      ``gate`` (the kernels take its logit: ``log a_t = logsigmoid(logit)``), ``tensor`` (``log a_t``).
+    * ``qk_l2norm``: q and k are L2-normalised inside the kernels (and in their backward).
+    * ``head_k``, ``head_v``: head sizes; ``chunk``: tokens per chunk (a power of two, 16 to 128).
+    * ``period``, ``read`` (``dgd`` only): tokens between anchors (a power of two dividing
+      ``chunk``: 1 is the exact per-token rule) and ``running`` / ``anchor`` reads.
+    """
+
+    name: str
+    rule: str
+    head_k: int
+    head_v: int
+    lr: str = "none"
+    lr_value: float = 1.0
+    decay: str = "none"
+    decay_value: float = 1.0
+    qk_l2norm: bool = False
+    chunk: int = 64
+    period: int = 1
+    read: str = "running"
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"LinearKernelSpec {self.name!r}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        out = []
+        if not (isinstance(self.name, str) and self.name.isidentifier()):
+            out.append(f"name must be an identifier, got {self.name!r}")
+        if self.rule not in RULES:
+            out.append(f"rule must be one of {RULES}, got {self.rule!r}")
+        for field_name in ("lr", "decay"):
+            if getattr(self, field_name) not in GATE_KINDS:
+                out.append(f"{field_name} must be one of {GATE_KINDS}, got {getattr(self, field_name)!r}")
+        for field_name in ("head_k", "head_v"):
+            n = getattr(self, field_name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                out.append(f"{field_name} must be a positive int, got {n!r}")
+        if self.chunk not in CHUNK_SIZES:
+            out.append(f"chunk must be one of {CHUNK_SIZES} (tl.dot tiles are powers of two >= 16), got {self.chunk!r}")
+        for field_name in ("lr_value", "decay_value"):
+            x = getattr(self, field_name)
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                out.append(f"{field_name} must be a finite number, got {x!r}")
+        if self.decay == "const" and not (isinstance(self.decay_value, (int, float)) and 0 < self.decay_value <= 1):
+            out.append(f"decay_value must be in (0, 1], got {self.decay_value!r}")
+        if self.rule == "dgd":
+            if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1 \
+                    or self.period & (self.period - 1) or self.period > self.chunk:
+                out.append(f"period must be a power of two dividing chunk={self.chunk} (the kernels put each "
+                           f"anchor period inside one chunk), got {self.period!r}")
+            if self.read not in ("running", "anchor"):
+                out.append(f"read must be 'running' or 'anchor', got {self.read!r}")
+        elif self.read != "running" or self.period != 1:
+            out.append("period and read apply to the dgd rule only")
+        return out
+
+    def title(self) -> str:
+        rule = {"hebbian": "Hebbian (dot-product) memory", "delta": "delta rule",
+                "dgd": f"DGD with period {self.period}, {self.read} reads"}[self.rule]
+        bits = [rule]
+        if self.decay != "none":
+            bits.append({"const": f"constant retention {self.decay_value!r}", "gate": "retention gate (logit)",
+                         "tensor": "log retention"}[self.decay])
+        if self.lr != "none":
+            bits.append({"const": f"learning rate {self.lr_value!r}", "gate": "learning-rate gate (logit)",
+                         "tensor": "learning rate"}[self.lr])
+        if self.qk_l2norm:
+            bits.append("L2-normalised q, k")
+        bits.append(f"K={self.head_k}, V={self.head_v}, chunk {self.chunk}")
+        return ", ".join(bits)
+
+    def context(self, prefix: str, origin: str = "") -> dict:
+        """The template context of ``linear_memory.py.j2``."""
+        KP, VP = _pow2(self.head_k), _pow2(self.head_v)
+        BV = min(VP, 32)
+        return dict(
+            p=prefix, P=prefix.upper(), title=self.title(), origin=origin or "nldsl runtime",
+            rule=self.rule, lr=self.lr, lr_value=float(self.lr_value), decay=self.decay,
+            decay_value=float(self.decay_value),
+            log_decay=math.log(self.decay_value) if self.decay == "const" else 0.0,
+            qk_l2norm=self.qk_l2norm, K=self.head_k, V=self.head_v, KP=KP, VP=VP, BT=self.chunk,
+            NB=self.chunk // 16, BV=BV, NV=VP // BV, period=self.period, read=self.read,
+            spec=asdict(self),
+        )
+
+
+@dataclass(frozen=True)
+class KernelPart:
+    """One piece of a kernels file: ``template`` (under ``codegen_templates/kernels/``) rendered
+    with ``context``. ``exports`` lists ``(spec name, identifier)`` of the objects the part
+    defines that the generated model looks up (``KERNELS``); ``imports`` adds import lines."""
+
+    template: str
+    context: dict
+    exports: tuple[tuple[str, str], ...] = ()
+    imports: tuple[str, ...] = ()
+
+
+#: Suffixes a linear part appends to its prefix (the prefix is chosen so that none collides).
+_LINEAR_NAMES = ("", "_kkt", "_solve", "_wu", "_states", "_output", "_state_grads", "_chunk_grads", "_recurrent",
+                 "_chunk", "_chunk_bwd", "_step", "_states_of", "_chunk_backward", "_setup", "_backward")
+_FILE_NAMES = frozenset({"Optional", "torch", "triton", "tl", "wrap_triton", "LinearKernel", "acc_dtype", "define_op",
+                         "dot_precision", "is_interpreted", "NAMESPACE", "SPEC_SHA256", "KERNELS", "MISSING"})
+
+
+def _prefix(wanted: str, taken: set[str]) -> str:
+    """A lower-case identifier prefix whose derived names (and upper-case constants) are free."""
+    p = sanitize(wanted).lower()
+    while any(n in taken or n.lstrip("_") in taken for n in _names(p)):
+        p += "_"
+    taken.update(_names(p))
+    return p
+
+
+def _names(p: str) -> list[str]:
+    return [p + s for s in _LINEAR_NAMES] + [f"_{p}" + s for s in _LINEAR_NAMES] + [p.upper() + "_"]
+
+
+def linear_part(spec: LinearKernelSpec, export: str, *, origin: str = "", taken: set[str] | None = None) -> KernelPart:
+    taken = set(_FILE_NAMES) if taken is None else taken
+    prefix = _prefix(spec.name, taken)
+    return KernelPart("linear_memory.py.j2", spec.context(prefix, origin), exports=((export, prefix),))
+
+
+def render_kernels(parts: list[KernelPart], *, label: str, sha256: str, doc: str,
+                   missing: dict[str, str] | None = None) -> str:
+    """The text of a kernels file made of ``parts`` (see the module docstring)."""
+    from nldsl import __version__
+
+    env = _environment()
+    rendered = [env.get_template(f"kernels/{part.template}").render(**part.context).strip("\n") for part in parts]
+    digest = hashlib.sha256("\n".join([__version__, *rendered]).encode("utf-8")).hexdigest()
+    imports = list(dict.fromkeys(line for part in parts for line in part.imports))
+    source = env.get_template("kernels/kernels.py.j2").render(
+        header=header(__version__, label, sha256), doc=docstring(doc), namespace=f"nldsl_{digest[:16]}",
+        sha256=sha256, imports=imports, parts=rendered,
+        kernels=[e for part in parts for e in part.exports], missing=dict(sorted((missing or {}).items())),
+    )
+    try:
+        ast.parse(source)
+    except SyntaxError as e:  # a bug in a template, never in the user's spec
+        raise RuntimeError(f"nldsl generated invalid Python for the kernels of {label} (line {e.lineno}): {e.msg}") from e
+    return source
+
+
+def _block(text: str, width: int) -> str:
+    """A snippet (a macro's output) indented by ``width`` spaces, without trailing blank lines."""
+    pad = " " * width
+    return "\n".join(pad + line if line.strip() else "" for line in text.strip("\n").split("\n"))
+
+
+def _environment():
+    env = environment()
+    env.filters["block"] = _block
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# a spec's kernels
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class GeneratedKernels:
+    """A spec's kernels file: its text, and the memories left without kernels (and why)."""
+
+    source: str
+    exports: list[str]
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+#: Planners of kernel parts: ``planner(model, memory, level, ctx, taken) -> KernelPart | str | None``
+#: (a part; a reason the memory has no Triton path; or None: not this planner's kind of memory).
+PART_PLANNERS: list[Callable[..., Any]] = []
+
+
+def _linear_planner(model, mem, level, ctx, taken):
+    if mem.structure.kind != "linear":
+        return None
+    from nldsl.codegen.model_plan import linear_op
+
+    op = linear_op(mem, level)
+    rule = {"linear_attention": "hebbian", "delta_rule": "delta", "gated_delta_rule": "delta", "dgd": "dgd"}.get(op)
+    if rule is None:
+        return f"{op or 'this rule'} has no Triton kernel yet (kernels exist for the Hebbian, delta, gated delta and DGD rules)"
+
+    def rate(kind, value, what):
+        if kind == "gate":
+            return "gate", 1.0
+        if kind == "constant" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return "const", float(value)
+        if kind == "none":
+            return "none", 1.0
+        raise _NoKernel(f"its {what} ({kind}) is not a number or a gate")
+
+    try:
+        lr, lr_value = rate(mem.lr.kind, mem.lr.value, "learning rate")
+        decay, decay_value = rate(mem.retention.kind, mem.retention.value, "retention")
+    except _NoKernel as e:
+        return str(e)
+    if decay == "const" and not 0 < decay_value <= 1:
+        return f"its constant retention {decay_value!r} is not in (0, 1]"
+    heads = mem.heads or model.param("heads")
+    dim = model.param("dim")
+    shared = any(t.kind == "context" and t.target == mem.name for t in model.transfers)
+    head = dim if shared and mem.heads == 1 else dim // heads
+    period, read = (level.period, mem.read) if rule == "dgd" else (1, "running")
+    chunk = 64
+    if rule == "dgd" and (period & (period - 1) or period > chunk):
+        return f"its period {period} is not a power of two dividing the kernels' chunk of {chunk} tokens"
+    spec = LinearKernelSpec(name=f"{model.name}_{mem.name}", rule=rule, head_k=head, head_v=head, lr=lr,
+                            lr_value=lr_value, decay=decay, decay_value=decay_value,
+                            qk_l2norm=mem.qk_norm == "l2", chunk=chunk, period=period, read=read)
+    span = ctx.spans.get((model.name, "memory", mem.name))
+    origin = f"{ctx.label}:{span.line}" if span else ctx.label
+    return linear_part(spec, f"{model.name}.{mem.name}", origin=origin, taken=taken)
+
+
+class _NoKernel(Exception):
+    pass
+
+
+PART_PLANNERS.append(_linear_planner)
+
+
+def generate_kernels(analysis) -> GeneratedKernels | None:
+    """The kernels file of a checked spec, or None when none of its memories has a Triton path."""
+    from nldsl.codegen import _context
+    from nldsl.graph import block_names
+
+    ctx = _context(analysis)
+    parts, missing, taken = [], {}, set(_FILE_NAMES)
+    for model in analysis.ir.models:
+        levels = {lv.name: lv for lv in model.levels}
+        used = set(block_names(model.block))
+        for mem in model.memories:
+            if mem.name not in used or mem.structure.kind == "attention":
+                continue
+            for planner in PART_PLANNERS:
+                result = planner(model, mem, levels.get(mem.level), ctx, taken)
+                if isinstance(result, KernelPart):
+                    parts.append(result)
+                    break
+                if isinstance(result, str):
+                    missing[f"{model.name}.{mem.name}"] = result
+                    break
+            else:
+                missing[f"{model.name}.{mem.name}"] = f"{mem.structure.kind} memories have no Triton kernel yet"
+        for cms in model.cms:
+            if cms.name in used:
+                missing[f"{model.name}.{cms.name}"] = "CMS chains have no Triton kernel yet"
+    if not parts:
+        return None
+    names = ", ".join(name for part in parts for name, _ in part.exports)
+    doc = (f"Triton kernels generated from {ctx.label} for: {names}.\n\n"
+           "Each memory's rule, retention, gate transforms, chunk size and head sizes are constants of its\n"
+           "kernels. Chunkwise-parallel forward and backward (the backward recomputes the chunk states)\n"
+           "and a token-by-token kernel for decoding; states in float32 (float64 for float64 inputs).\n"
+           "Select them with the model's ``impl='triton'``; conventions: docs/kernels.md.")
+    source = render_kernels(parts, label=ctx.label, sha256=ctx.sha256, doc=doc, missing=missing)
+    return GeneratedKernels(source=source, exports=[n for part in parts for n, _ in part.exports], missing=missing)
+
+
+# --------------------------------------------------------------------------------------------
+# one specialisation, in process (runtime ops, other head sizes)
+# --------------------------------------------------------------------------------------------
+
+_RUNTIME: dict[LinearKernelSpec, Any] = {}
+
+
+def linear_kernel(spec: LinearKernelSpec):
+    """The :class:`~nldsl.runtime._triton.LinearKernel` of one specialisation, rendered and
+    imported in this process (cached; tracebacks show the generated lines)."""
+    if spec not in _RUNTIME:
+        from nldsl.codegen.loader import load_module
+        from nldsl.runtime._triton import require_triton
+
+        require_triton(spec.name)
+        key = hashlib.sha256(repr(spec).encode("utf-8")).hexdigest()
+        source = render_kernels([linear_part(spec, spec.name)], label="nldsl runtime", sha256=key,
+                                doc=f"Triton kernels for {spec.title()} (rendered in process).")
+        module = load_module(source, f"nldsl_kernels_{spec.name}_{key[:12]}",
+                             filename=f"<nldsl kernels:{spec.name}:{key[:12]}>")
+        _RUNTIME[spec] = module.KERNELS[spec.name]
+    return _RUNTIME[spec]
