@@ -2,9 +2,12 @@
 
     python benchmarks/bench_optim.py            # 12 matrices of 1024 x 4096 (50.3M parameters)
     python benchmarks/bench_optim.py --quick    # 12 matrices of 256 x 1024 (3.1M parameters)
+    python benchmarks/bench_optim.py --quick --deep-only   # deep momentum vs SGD momentum only
 
 Compares compiled Adam (specs/adam.nl) with torch.optim.Adam(foreach=True), compiled Muon
-(specs/muon.nl) with torch.optim.Muon, and reports M3's (specs/m3.nl) overhead over Muon.
+(specs/muon.nl) with torch.optim.Muon, reports M3's (specs/m3.nl) overhead over Muon, and
+deep momentum's (specs/deep_momentum.nl: an MLP of hidden width 8 per coordinate, its
+weights 16 numbers per parameter of state) over torch.optim.SGD with momentum.
 M3 is timed over whole chunks of its slow level, so the amortised Newton-Schulz of the
 slow momentum (once per chunk) is included in its mean step time. Gradients are fixed
 random tensors: an optimizer step's cost does not depend on their values.
@@ -68,7 +71,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--clock", choices=tuple(CLOCKS), default=None,
                     help="what to measure: process CPU time (default on CPU) or wall time (default on GPU)")
-    ap.add_argument("--skip-muon", action="store_true", help="only Adam (Newton-Schulz is slow on small CPUs)")
+    ap.add_argument("--skip-muon", action="store_true", help="no Muon and M3 (Newton-Schulz is slow on small CPUs)")
+    ap.add_argument("--skip-deep", action="store_true", help="no deep momentum")
+    ap.add_argument("--deep-only", action="store_true", help="only deep momentum vs SGD with momentum")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,7 +86,8 @@ def main(argv=None) -> None:
     print(f"device {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
           f"{args.matrices} matrices of {rows} x {cols} = {n_params / 1e6:.1f}M parameters, float32")
 
-    adam_mod, muon_mod, m3_mod = (compile_spec(SPECS / s) for s in ("adam.nl", "muon.nl", "m3.nl"))
+    adam_mod, muon_mod, m3_mod, deep_mod = (compile_spec(SPECS / s) for s in
+                                            ("adam.nl", "muon.nl", "m3.nl", "deep_momentum.nl"))
 
     def compare(title, contenders, warmup, reps, group=1):
         """Times the contenders in alternation (each on its own parameters), so load from
@@ -100,12 +106,21 @@ def main(argv=None) -> None:
             print(f"  {label:<34} {fmt(ts)} per step")
         return [min(ts) for _, _, ts in opts], [statistics.median(ts) for _, _, ts in opts]
 
-    mins, meds = compare("Adam (lr=1e-3, betas=(0.9, 0.999)):", [
-        ("torch.optim.Adam(foreach=True)", lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True)),
-        ("compiled Adam (specs/adam.nl)", lambda p: adam_mod.Adam(p, lr=1e-3))], 2, repeats * 3)
-    print(f"  compiled / torch: {mins[1] / mins[0]:.3f} (min), {meds[1] / meds[0]:.3f} (median)")
-    if args.skip_muon:
-        return
+    if not args.deep_only:
+        mins, meds = compare("Adam (lr=1e-3, betas=(0.9, 0.999)):", [
+            ("torch.optim.Adam(foreach=True)", lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True)),
+            ("compiled Adam (specs/adam.nl)", lambda p: adam_mod.Adam(p, lr=1e-3))], 2, repeats * 3)
+        print(f"  compiled / torch: {mins[1] / mins[0]:.3f} (min), {meds[1] / meds[0]:.3f} (median)")
+    if not (args.skip_muon or args.deep_only):
+        muon_and_m3(compare, muon_mod, m3_mod, repeats)
+    if not args.skip_deep:
+        mins, meds = compare("Deep momentum (an MLP per coordinate, depth 2, hidden 8) vs SGD momentum:", [
+            ("torch.optim.SGD(momentum=0.9)", lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, foreach=True)),
+            ("compiled DeepMomentum", lambda p: deep_mod.DeepMomentum(p, lr=0.01))], 1, repeats)
+        print(f"  DeepMomentum / torch.optim.SGD: {mins[1] / mins[0]:.1f} (min), {meds[1] / meds[0]:.1f} (median)")
+
+
+def muon_and_m3(compare, muon_mod, m3_mod, repeats: int) -> None:
     mins, meds = compare("Muon (lr=0.02, momentum=0.95, nesterov, 5 Newton-Schulz steps in bfloat16):", [
         ("torch.optim.Muon", lambda p: torch.optim.Muon(p, lr=0.02)),
         ("compiled Muon (specs/muon.nl)", lambda p: muon_mod.Muon(p, lr=0.02))], 1, repeats)

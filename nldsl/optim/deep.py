@@ -25,7 +25,8 @@ each coordinate's own step), with retention ``alpha`` on every weight::
     theta <- alpha theta - lr dL/dtheta,   L = sum_j obj(m_j(k_j), v_j)
 
 ``dot`` is ``-m(k) v``; ``l2``, ``l1``, ``lp``, ``huber`` compare ``m(k) - v`` as for the
-other memories. The gradient is taken by autograd through the forward pass.
+other memories. The gradient is taken by autograd through the forward pass, a chunk of ``CHUNK`` coordinates at a
+time so that the hidden activations stay small.
 
 The initial state (``init zeros``) makes the learned part ``f`` output zero: the last layer is
 zero, so the memory starts as the identity with ``residual`` and as zero without. The other
@@ -44,6 +45,8 @@ from torch import Tensor
 
 from nldsl.optim.memory import OBJECTIVES, objective_gradient
 from nldsl.optim.tensorlist import TensorList, as_tensor_list, is_number
+
+CHUNK = 1 << 16  # coordinates per pass: a pass's hidden activations stay in cache
 
 ACTIVATIONS = {
     "gelu": torch.nn.functional.gelu,
@@ -106,22 +109,42 @@ class CoordinateMLP:
         act = ACTIVATIONS[self.activation]
         a = x.unsqueeze(-1)  # (*S, 1): each coordinate's input vector
         for i, w in enumerate(weights):
-            a = (w * a.unsqueeze(-2)).sum(-1)  # (*S, out, in) @ (*S, in): a batch of tiny mat-vecs
+            if w.shape[-1] == 1:  # one input: a product, no sum
+                a = w.squeeze(-1) * a
+            else:  # (*S, out, in) @ (*S, in): a batch of tiny mat-vecs
+                a = (w * a.unsqueeze(-2)).sum(-1)
             if i < len(weights) - 1:
                 a = act(a)
         y = a.squeeze(-1)
         return x + y if self.residual else y
 
-    def _weights(self, state: dict, name: str) -> list[Tensor]:
-        return [state[k] for k in self.keys(name)]
+    def _flat_weights(self, state: dict, name: str) -> list[Tensor]:
+        """Each layer's weights as a ``(coordinates, out, in)`` view of the state."""
+        out = []
+        for k in self.keys(name):
+            w = state[k]
+            if not w.is_contiguous():  # a view must write through to the state
+                w = state[k] = w.contiguous()
+            out.append(w.view(-1, *w.shape[-2:]))
+        return out
+
+    def _like(self, states: Sequence[dict], name: str) -> TensorList:
+        """Tensors shaped like the parameters (to broadcast numbers to)."""
+        return TensorList([s[self.state_key(name, 0)][..., 0, 0] for s in states])
 
     def read(self, states: Sequence[dict], name: str, query) -> TensorList:
         """``m(query)`` for every parameter of ``states`` (the state as it is now)."""
         if not states:
             return TensorList([])
-        like = TensorList([s[self.state_key(name, 0)][..., 0, 0] for s in states])
-        q = as_tensor_list(query, like).values()
-        return TensorList([self.forward(self._weights(s, name), qi) for s, qi in zip(states, q)], owned=True)
+        out = []
+        for s, q in zip(states, as_tensor_list(query, self._like(states, name)).values()):
+            weights, flat = self._flat_weights(s, name), q.reshape(-1)
+            y = torch.empty_like(flat)
+            for lo in range(0, flat.numel(), CHUNK):
+                part = slice(lo, lo + CHUNK)
+                y[part] = self.forward([w[part] for w in weights], flat[part])
+            out.append(y.view(q.shape))
+        return TensorList(out, owned=True)
 
     def write(self, states: Sequence[dict], name: str, value, *, key, objective: str = "dot",
               lr: float = 1.0, retention: float = 1.0, p: float | None = None,
@@ -133,24 +156,27 @@ class CoordinateMLP:
             raise TypeError("an MLP memory's lr and retention are numbers")
         if not states:
             return
-        like = TensorList([s[self.state_key(name, 0)][..., 0, 0] for s in states])
+        like = self._like(states, name)
         keys = as_tensor_list(key, like).values()
         values = as_tensor_list(value, like).values()
         for s, k, v in zip(states, keys, values):
-            weights = self._weights(s, name)
-            with torch.enable_grad():
-                leaves = [w.detach().requires_grad_(True) for w in weights]
-                y = self.forward(leaves, k.detach())
-                if objective == "dot":
-                    dloss = -v
-                else:
-                    dloss = objective_gradient(objective, y.detach() - v, p=p, delta=delta)
-                grads = torch.autograd.grad(y, leaves, grad_outputs=dloss.to(y.dtype), allow_unused=True)
-            for w, g in zip(weights, grads):
-                if retention != 1:
-                    w.mul_(retention)
-                if g is not None:
-                    w.sub_(g, alpha=lr)
+            weights, k, v = self._flat_weights(s, name), k.reshape(-1), v.reshape(-1)
+            for lo in range(0, k.numel(), CHUNK):
+                part = slice(lo, lo + CHUNK)
+                chunk = [w[part] for w in weights]
+                with torch.enable_grad():
+                    leaves = [w.detach().requires_grad_(True) for w in chunk]
+                    y = self.forward(leaves, k[part].detach())
+                    if objective == "dot":
+                        dloss = -v[part]
+                    else:
+                        dloss = objective_gradient(objective, y.detach() - v[part], p=p, delta=delta)
+                    grads = torch.autograd.grad(y, leaves, grad_outputs=dloss.to(y.dtype), allow_unused=True)
+                for w, g in zip(chunk, grads):  # views: the state changes in place
+                    if retention != 1:
+                        w.mul_(retention)
+                    if g is not None:
+                        w.sub_(g, alpha=lr)
 
 
 __all__ = ["ACTIVATIONS", "CoordinateMLP"]

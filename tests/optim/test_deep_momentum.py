@@ -192,6 +192,20 @@ def test_state_dict_mid_run_equals_an_uninterrupted_run(compiled):
         assert torch.equal(x, y)
 
 
+def test_chunked_passes_equal_one_pass(compiled, monkeypatch):
+    """Large parameters are processed a chunk of coordinates at a time: chunk borders change
+    nothing (here chunks of 5 cut every tensor of the model, and the scalar stays whole)."""
+    import nldsl.optim.deep as deep
+
+    cls = compiled("deep_momentum.nl").DeepMomentum
+    whole, parts = Tiny(), Tiny()
+    train(whole, cls(whole.parameters(), lr=0.1, eta=0.5), steps=4)
+    monkeypatch.setattr(deep, "CHUNK", 5)
+    train(parts, cls(parts.parameters(), lr=0.1, eta=0.5), steps=4)
+    for x, y in zip(whole.parameters(), parts.parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def test_memory_state_shapes_follow_every_rank(compiled):
     model = Tiny()
     opt = compiled("deep_momentum.nl").DeepMomentum(model.parameters())
