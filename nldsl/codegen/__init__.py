@@ -175,13 +175,28 @@ def compile_spec(path: str | Path):
     gen = generate(analysis)
     key = gen.sha256 + ":" + gen.spec_name
     if key not in _LOADED:
+        kernels = _kernels(analysis)
+        if kernels is not None:  # imported on first use of impl='triton' (no triton needed before)
+            from nldsl.runtime._triton import register_kernel_source
+
+            register_kernel_source(gen.module_name, kernels.source, gen.filename[:-1] + ":kernels>")
         _LOADED[key] = load_module(gen.source, gen.module_name, filename=gen.filename)
     return _LOADED[key]
 
 
+def _kernels(analysis):
+    """The spec's Triton kernels file (see :mod:`nldsl.codegen.kernels`), or None."""
+    if not analysis.ir.models:
+        return None
+    from nldsl.codegen.kernels import generate_kernels
+
+    return generate_kernels(analysis)
+
+
 def write_package(path: str | Path, out_dir: str | Path) -> list[Path]:
     """Writes ``module.py``, ``spec.resolved.nl`` and ``manifest.json`` for a spec into
-    ``out_dir`` (atomically, only files whose content changed); returns the three paths."""
+    ``out_dir`` (atomically, only files whose content changed), and ``kernels.py`` (the
+    generated Triton kernels) when a memory of the spec has a Triton path; returns the paths."""
     from nldsl import __version__
     from nldsl.ir.resolved import resolved_tree
     from nldsl.spec import analyze_file
@@ -192,6 +207,9 @@ def write_package(path: str | Path, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     resolved = format_file(resolved_tree(analysis.ir, analysis.ast))
     files = {"module.py": gen.source, "spec.resolved.nl": resolved}
+    kernels = _kernels(analysis)
+    if kernels is not None:
+        files["kernels.py"] = kernels.source
     import hashlib
 
     manifest = {
@@ -199,6 +217,7 @@ def write_package(path: str | Path, out_dir: str | Path) -> list[Path]:
         "spec": gen.spec_name,
         "spec_sha256": gen.sha256,
         "module": "module.py",
+        **({"kernels": "kernels.py", "triton": kernels.exports} if kernels is not None else {}),
         "classes": [{**c, "hyperparameters": {k: list(v) if isinstance(v, tuple) else v
                                               for k, v in c["hyperparameters"].items()}}
                     for c in gen.classes],

@@ -169,9 +169,12 @@ def _names(p: str) -> list[str]:
     return [p + s for s in _LINEAR_NAMES] + [f"_{p}" + s for s in _LINEAR_NAMES] + [p.upper() + "_"]
 
 
-def linear_part(spec: LinearKernelSpec, export: str, *, origin: str = "", taken: set[str] | None = None) -> KernelPart:
+def linear_part(spec: LinearKernelSpec, export: str, *, origin: str = "", taken: set[str] | None = None,
+                prefix: str | None = None) -> KernelPart:
+    """The part of a kernels file for one linear memory; its identifiers start with ``prefix``
+    (default ``spec.name``; made unique against ``taken``, which it updates)."""
     taken = set(_FILE_NAMES) if taken is None else taken
-    prefix = _prefix(spec.name, taken)
+    prefix = _prefix(prefix or spec.name, taken)
     return KernelPart("linear_memory.py.j2", spec.context(prefix, origin), exports=((export, prefix),))
 
 
@@ -254,6 +257,8 @@ def _linear_planner(model, mem, level, ctx, taken):
         return f"its constant retention {decay_value!r} is not in (0, 1]"
     heads = mem.heads or model.param("heads")
     dim = model.param("dim")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (heads, dim)) or dim % heads:
+        return f"its head size (dim {dim!r} / heads {heads!r}) is not a positive integer"
     shared = any(t.kind == "context" and t.target == mem.name for t in model.transfers)
     head = dim if shared and mem.heads == 1 else dim // heads
     period, read = (level.period, mem.read) if rule == "dgd" else (1, "running")
@@ -265,7 +270,7 @@ def _linear_planner(model, mem, level, ctx, taken):
                             qk_l2norm=mem.qk_norm == "l2", chunk=chunk, period=period, read=read)
     span = ctx.spans.get((model.name, "memory", mem.name))
     origin = f"{ctx.label}:{span.line}" if span else ctx.label
-    return linear_part(spec, f"{model.name}.{mem.name}", origin=origin, taken=taken)
+    return linear_part(spec, f"{model.name}.{mem.name}", origin=origin, taken=taken, prefix=mem.name)
 
 
 class _NoKernel(Exception):

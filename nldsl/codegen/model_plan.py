@@ -265,7 +265,8 @@ class Planner:
                 f"momentum={mom}, chunk_size={period!r}, qk_norm={_repr(mem.qk_norm)}, conv={_repr(mem.conv)}, "
                 f"init={_repr(init)}, detach={_repr(mem.writes == 'detached')}, "
                 f"window={_repr(mem.rule.window)}, read={_repr(read)}, shared_kv={shared is not None}, "
-                f"scope={_repr(level.scope)})")
+                f"scope={_repr(level.scope)}, impl=config.impl, "
+                f"kernel=config.kernel({_repr(self.model.name + '.' + mem.name)}))")
 
     def kv_source(self, mem: M.Memory) -> str | None:
         """The attention whose keys and values ``mem`` uses (`transfer attn -> mem : context`)."""

@@ -96,7 +96,7 @@ class LinearMemory(nn.Module):
     def __init__(self, dim: int, heads: int, *, op: str, lr, retention=None, momentum=None,
                  chunk_size: int = 1, qk_norm: str = "none", conv: int = 0, init: str = "zeros",
                  detach: bool = False, window: int | None = None, scope: str = "sequence",
-                 read: str = "running", shared_kv: bool = False, impl: str = "chunked"):
+                 read: str = "running", shared_kv: bool = False, impl: str = "chunked", kernel=None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -117,6 +117,17 @@ class LinearMemory(nn.Module):
         self.lr_gate = _Gate(dim, heads, 0.0) if lr == "gate" else None
         self.retention_gate = _Gate(dim, heads, _logit(0.95)) if retention == "gate" else None
         self.momentum_gate = _Gate(dim, heads, 0.0) if momentum == "gate" else None
+        # impl='triton': the spec's generated kernels (a nldsl.runtime._triton.LinearKernel), which
+        # fuse the q/k normalisation and the gates' sigmoid / logsigmoid
+        self.kernel = None
+        if impl == "triton":
+            if kernel is None:
+                raise ValueError(f"LinearMemory(op={op!r}): impl='triton' needs the memory's generated kernels "
+                                 "(kernel=...)")
+            self.kernel = kernel.for_heads(self.head_dim, self.head_dim)
+            self._check_kernel()
+        elif kernel is not None:
+            raise ValueError(f"LinearMemory: kernel= is used with impl='triton' only (impl={impl!r})")
         shape = (heads, self.head_dim, self.head_dim)
         if init == "meta":  # the outer level meta-learns the initial state (paper Eq. 28)
             # starts like a linear layer's weight when it is the whole map (shared_kv), else at 0
@@ -126,6 +137,34 @@ class LinearMemory(nn.Module):
             self.register_buffer("initial_state", torch.randn(shape) * self.head_dim ** -0.5)
         else:
             self.initial_state = None
+
+    def _check_kernel(self) -> None:
+        """The kernels must implement this memory exactly (they come from the same spec)."""
+        spec = self.kernel.spec
+        rule = {"linear_attention": "hebbian", "delta_rule": "delta", "gated_delta_rule": "delta", "dgd": "dgd"}
+        want = {"rule": rule.get(self.op), "lr": self._kind(self.lr), "decay": self._kind(self.retention),
+                "qk_l2norm": self.qk_norm == "l2"}
+        if self.lr not in (None, "gate"):
+            want["lr_value"] = float(self.lr)
+        if self.retention not in (None, "gate"):
+            want["decay_value"] = float(self.retention)
+        if self.op == "dgd":
+            want.update(period=self.chunk_size, read=self.read)
+        wrong = {k: (spec[k], v) for k, v in want.items() if spec[k] != v}
+        if wrong:
+            raise ValueError(f"LinearMemory(op={self.op!r}): its Triton kernels do not match it ("
+                             + ", ".join(f"{k}: kernels {a!r}, memory {b!r}" for k, (a, b) in wrong.items()) + ")")
+
+    @staticmethod
+    def _kind(rate) -> str:
+        return "none" if rate is None else "gate" if rate == "gate" else "const"
+
+    def _run_kernel(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, S0, scale):
+        """The generated kernels on the raw q, k (normalised inside them) and the gates' logits."""
+        spec = self.kernel.spec
+        lr = self.lr_gate(x) if spec["lr"] == "gate" else None
+        g = self.retention_gate(x) if spec["decay"] == "gate" else None
+        return self.kernel(q, k, v, lr, g, scale=scale, initial_state=S0, output_final_state=True)
 
     # -- gates -------------------------------------------------------------------------------
     def _rate(self, gate: _Gate | None, const, x: Tensor, log: bool = False):
@@ -155,7 +194,7 @@ class LinearMemory(nn.Module):
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
             new["conv"] = (cq, ck, cv)
         q, k, v = _heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads)
-        if self.qk_norm == "l2":
+        if self.qk_norm == "l2" and self.kernel is None:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         if state is not None:
             S0 = state["S"]
@@ -163,11 +202,16 @@ class LinearMemory(nn.Module):
             S0 = self.initial_state.unsqueeze(0).expand(B, *self.initial_state.shape).to(x.dtype)
         else:
             S0 = None
-        lr = self._rate(self.lr_gate, self.lr, x)
         write_k, write_v = (k.detach(), v.detach()) if self.detach else (k, v)
         common = dict(initial_state=S0, output_final_state=True, impl=self.impl)
         if self.shared_kv:
             common["scale"] = 1.0  # y = M x exactly, as the MLP it replaces
+        if self.kernel is not None:
+            o, S = self._run_kernel(x, q, write_k, write_v, S0, common.get("scale"))
+            new["S"] = S
+            y = o.reshape(B, T, self.dim)
+            return (y if self.shared_kv else self.o_proj(y)), new
+        lr = self._rate(self.lr_gate, self.lr, x)
         if self.op == "linear_attention":
             g = self._rate(self.retention_gate, self.retention, x, log=True)
             vv = write_v * lr.unsqueeze(-1) if lr is not None else write_v

@@ -44,9 +44,19 @@ class ModelOutput(NamedTuple):
     state: ModelState
 
 
+#: what a model's ``impl=`` keyword accepts: the runtime's chunked PyTorch ops, or the spec's
+#: generated Triton kernels (attention always runs through torch's SDPA)
+MODEL_IMPLS = ("chunked", "triton")
+
+
 @dataclass
 class Config:
-    """The model's hyperparameters after keyword overrides (what the blocks are built from)."""
+    """The model's hyperparameters after keyword overrides (what the blocks are built from).
+
+    ``impl`` is how the in-context memories run (:data:`MODEL_IMPLS`); with ``"triton"``,
+    ``kernels`` says where the spec's generated kernels are: ``(module name, module file, spec
+    sha256)`` of the generated module (see :func:`nldsl.runtime._triton.spec_kernels`).
+    """
 
     vocab: int
     dim: int
@@ -54,12 +64,34 @@ class Config:
     layers: int
     context: int
     extra: dict = field(default_factory=dict)
+    impl: str = "chunked"
+    kernels: tuple | None = None
+
+    def __post_init__(self):
+        if self.impl not in MODEL_IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(map(repr, MODEL_IMPLS))}, got {self.impl!r}")
 
     def __getattr__(self, name):
         extra = self.__dict__.get("extra", {})
         if name in extra:
             return extra[name]
         raise AttributeError(name)
+
+    def kernel(self, name: str):
+        """The generated Triton kernels of the memory ``name`` (``Model.memory``) when ``impl`` is
+        ``"triton"``, else None. Raises (never falls back) when the memory has none."""
+        if self.impl != "triton":
+            return None
+        from nldsl.runtime._triton import spec_kernels
+
+        if self.kernels is None:
+            raise ValueError("impl='triton': this model was built without a generated module's kernels")
+        module = spec_kernels(*self.kernels)
+        if name in module.KERNELS:
+            return module.KERNELS[name]
+        reason = module.MISSING.get(name, "no kernel was generated for it")
+        raise ValueError(f"impl='triton': `{name}` has no Triton kernel: {reason}; build the model with "
+                         "impl='chunked'")
 
 
 def map_state(state, fn):
@@ -87,6 +119,8 @@ class NSAMModel(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab, config.dim)
         self.blocks = nn.ModuleList([block_cls(config, i) for i in range(config.layers)])
+        if config.impl != "chunked":
+            self._check_impl(config.impl)
         self.norm = nn.RMSNorm(config.dim, eps=1e-6)
         self.head = nn.Linear(config.dim, config.vocab, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -142,6 +176,21 @@ class NSAMModel(nn.Module):
             state = ModelState(tuple(layers), state.tokens)
             logits.append(seg_logits)
         return ModelOutput(torch.cat(logits, dim=1), state)
+
+    def _check_impl(self, impl: str) -> None:
+        """Every in-context memory runs with ``impl`` (no memory silently keeps another one)."""
+        from nldsl.nn.memories import AttentionMemory
+
+        memories = [(name, m) for name, m in self.blocks[0].named_children()
+                    if hasattr(m, "impl") and not isinstance(m, AttentionMemory)] if len(self.blocks) else []
+        others = [name for name, m in memories if m.impl != impl]
+        if others:
+            raise ValueError(f"impl={impl!r}: {', '.join(f'`{n}`' for n in others)} of {type(self).__name__} "
+                             f"cannot run with it (no {impl} implementation is compiled for "
+                             f"{'it' if len(others) == 1 else 'them'}); build the model with impl='chunked'")
+        if not memories:
+            raise ValueError(f"impl={impl!r}: {type(self).__name__} has no in-context memory to run with it "
+                             "(attention runs through torch's SDPA)")
 
     def surprise(self, hidden: Tensor, labels: Tensor) -> Tensor:
         """``dl_t/dh_t`` for each token's next-token loss, at the top of the residual stream."""

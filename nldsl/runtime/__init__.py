@@ -11,8 +11,12 @@ Every op follows flash-linear-attention's conventions so the two can be swapped:
   ``initial_state`` continues the stream exactly, wherever the split falls;
 * ``impl=`` picks the implementation, with no silent fallback: ``"reference"`` (token by token,
   the readable ground truth) and ``"chunked"`` (chunkwise-parallel, the default) for the linear
-  memories, ``"reference"`` and ``"sdpa"`` for softmax attention. Anything else, ``"triton"``
-  included (no kernels yet), raises ValueError naming the valid choices.
+  memories, ``"reference"`` and ``"sdpa"`` for softmax attention, and ``"triton"`` (kernels
+  generated from ``codegen_templates/kernels/``, see :mod:`nldsl.codegen.kernels`) for
+  :func:`linear_attention`, :func:`delta_rule`, :func:`gated_delta_rule` and :func:`dgd`.
+  ``"triton"`` runs on CUDA tensors, or on CPU under ``TRITON_INTERPRET=1`` (Triton's
+  interpreter: slow, for tests); anything an op does not implement raises ValueError naming
+  the valid choices, and a missing triton or GPU raises RuntimeError.
 * recurrent states are kept in float32 for lower-precision inputs (float64 stays float64).
 
 Ops (module docstrings carry the equations, sign conventions and paper references):
@@ -37,11 +41,11 @@ from nldsl.runtime.titans import TitansState, titans_linear
 
 #: The implementations each op accepts, the fast default first.
 IMPLS = {
-    "linear_attention": ("chunked", "reference"),
-    "delta_rule": ("chunked", "reference"),
-    "gated_delta_rule": ("chunked", "reference"),
+    "linear_attention": ("chunked", "reference", "triton"),
+    "delta_rule": ("chunked", "reference", "triton"),
+    "gated_delta_rule": ("chunked", "reference", "triton"),
     "titans_linear": ("chunked", "reference"),
-    "dgd": ("chunked", "reference"),
+    "dgd": ("chunked", "reference", "triton"),
     "omega_rule": ("chunked", "reference"),
     "softmax_attention": ("sdpa", "reference"),
 }

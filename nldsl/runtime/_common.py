@@ -57,8 +57,8 @@ class MemoryOutput(NamedTuple):
 
 def dispatch(op: str, impl: str, impls: Mapping[str, Callable[..., MemoryOutput]]):
     """Return the implementation ``impls[impl]`` of ``op``, or raise a ValueError that names the
-    valid choices. ``"triton"`` gets its own message: no Triton kernel exists yet for these ops,
-    and we never fall back to another implementation behind the caller's back."""
+    valid choices. ``"triton"`` gets its own message for ops that have no Triton kernel yet: we
+    never fall back to another implementation behind the caller's back."""
     if impl in impls:
         return impls[impl]
     valid = ", ".join(repr(name) for name in impls)

@@ -23,7 +23,7 @@ from torch import Tensor
 from nldsl.runtime._common import MemoryOutput, check_gate, check_qkv, check_state, resolve_scale
 
 __all__ = ["LinearKernel", "acc_dtype", "define_op", "dot_precision", "is_interpreted", "require_triton",
-           "register_kernel_source", "spec_kernels", "DECODE_MAX_TOKENS"]
+           "register_kernel_source", "runtime_kernel", "spec_kernels", "DECODE_MAX_TOKENS"]
 
 #: calls of at most this many tokens that need no gradient run the token-by-token kernel
 DECODE_MAX_TOKENS = 64
@@ -235,6 +235,28 @@ class LinearKernel:
         return MemoryOutput(o, DGDState(S, A, off_new))
 
 
+def runtime_kernel(op: str, rule: str, *, lr: str, decay: str, head_k: int, head_v: int, chunk_size: int,
+                   period: int = 1, read: str = "running") -> LinearKernel:
+    """The kernels behind ``impl='triton'`` of :mod:`nldsl.runtime`'s linear memories: the gates
+    come as tensors (``lr`` the step size, ``decay`` the log retention), nothing is fused.
+    Rendered and imported once per specialisation and process."""
+    require_triton(op)
+    from nldsl.codegen.kernels import CHUNK_SIZES, LinearKernelSpec, linear_kernel
+
+    if rule == "dgd":
+        if chunk_size & (chunk_size - 1) or chunk_size > 64:
+            raise ValueError(f"{op}: impl='triton' takes chunk_size (the anchor period) a power of two up to 64, "
+                             f"got {chunk_size}; impl='chunked' takes any")
+        chunk = 64
+    elif chunk_size in CHUNK_SIZES:
+        chunk = chunk_size
+    else:
+        raise ValueError(f"{op}: impl='triton' takes chunk_size in {CHUNK_SIZES} (the kernels' tiles are powers "
+                         f"of two >= 16), got {chunk_size}")
+    return linear_kernel(LinearKernelSpec(name=op, rule=rule, head_k=head_k, head_v=head_v, lr=lr, decay=decay,
+                                          chunk=chunk, period=period, read=read))
+
+
 # --------------------------------------------------------------------------------------------
 # finding a generated module's kernels
 # --------------------------------------------------------------------------------------------
@@ -263,10 +285,11 @@ def spec_kernels(module_name: str, module_file: str | None, spec_sha256: str):
         else:
             path = Path(module_file).with_name("kernels.py") if module_file and os.path.isfile(module_file) else None
             if path is None or not path.is_file():
-                where = f"beside {module_file}" if module_file and not str(module_file).startswith("<") else "in process"
+                where = f"no kernels.py beside {module_file}" if path is not None else "none generated"
                 raise RuntimeError(
-                    f"impl='triton': no Triton kernels found for {module_name} ({where}); `nldsl compile` writes "
-                    "kernels.py next to module.py for specs whose memories have a Triton path"
+                    f"impl='triton': no Triton kernels for {module_name} ({where}): kernels are generated for "
+                    "specs with linear memories under the Hebbian, delta, gated delta or DGD rule "
+                    "(`nldsl compile` writes them to kernels.py next to module.py)"
                 )
             source, filename = path.read_text(encoding="utf-8"), str(path)
         _LOADED[key] = load_module(source, key, filename=filename)

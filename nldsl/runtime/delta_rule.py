@@ -21,6 +21,8 @@ per-token step size, both ``[B, T, H]``: exactly fla's ``delta_rule`` / ``gated_
 Implementations (``impl=``):
 
 * ``"reference"``: the token-by-token recurrence, plain torch.
+* ``"triton"``: the generated Triton kernels (:mod:`nldsl.codegen.kernels`), the same chunkwise
+  form; ``chunk_size`` must be 16, 32, 64 or 128. CUDA tensors (or ``TRITON_INTERPRET=1``).
 * ``"chunked"``: the WY/UT chunkwise form (Yang et al. 2024; fla ``delta_rule/README.md``).
   Inside a chunk of C tokens starting from ``S_0``, with chunk-local cumulative log retention
   ``b_t`` and ``Gamma_t = exp(b_t)``, write ``S_t = Gamma_t S_0 + sum_{j<=t} exp(b_t - b_j) k_j u_j^T``.
@@ -84,8 +86,8 @@ def delta_rule(
             does not, so that it is a pure function of its inputs.)
         beta: step size ``[B, T, H]`` (or a number).
         scale, initial_state (``[B, H, K, V]``), output_final_state: as fla.
-        impl: ``"reference"`` or ``"chunked"``; chunk_size: chunked tile (results do not depend
-            on it; the reference ignores it).
+        impl: ``"reference"``, ``"chunked"`` or ``"triton"``; chunk_size: chunked tile (results do
+            not depend on it; the reference ignores it).
     """
     return _run("delta_rule", q, k, v, beta, None, scale, initial_state, output_final_state, impl, chunk_size)
 
@@ -120,7 +122,7 @@ def _run(op, q, k, v, beta, g, scale, initial_state, output_final_state, impl, c
         check_state(op, "initial_state", initial_state, (B, H, K, V), q)
     chunk_size = check_chunk_size(op, chunk_size)
     scale = resolve_scale(op, scale, K)
-    fn = dispatch(op, impl, {"reference": _reference, "chunked": _chunked})
+    fn = dispatch(op, impl, {"reference": _reference, "chunked": _chunked, "triton": _triton})
     dt = compute_dtype(q, k, v, beta, g, initial_state)
     S0 = q.new_zeros((B, H, K, V), dtype=dt) if initial_state is None else initial_state.to(dt)
     o, S = fn(q, k, v, beta.to(dt), None if g is None else g.to(dt), scale, S0, dt, chunk_size)
@@ -138,6 +140,15 @@ def _reference(q, k, v, beta, g, scale, S, dt, chunk_size):
         S = S + (bt[..., None] * kt)[..., :, None] * (vt - pred)[..., None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
     return torch.stack(outs, dim=1), S
+
+
+def _triton(q, k, v, beta, g, scale, S, dt, C):
+    from nldsl.runtime._triton import runtime_kernel
+
+    op = "delta_rule" if g is None else "gated_delta_rule"
+    kernel = runtime_kernel(op, "delta", lr="tensor", decay="none" if g is None else "tensor",
+                            head_k=k.shape[-1], head_v=v.shape[-1], chunk_size=C)
+    return kernel(q, k, v, beta, g, scale=scale, initial_state=S, output_final_state=True)
 
 
 def _chunked(q, k, v, beta, g, scale, S, dt, C):

@@ -39,6 +39,9 @@ back to continue the stream exactly, also mid-chunk. A plain ``[B, H, K, V]`` te
 Implementations (``impl=``; both take the same ``chunk_size``, which is part of the maths):
 
 * ``"reference"``: token by token, plain torch.
+* ``"triton"``: the generated Triton kernels (:mod:`nldsl.codegen.kernels`): the same chunkwise
+  form with every anchor period inside one 64-token chunk (so ``chunk_size`` is a power of two up
+  to 64), the retention taken in log space.
 * ``"chunked"``: the UT-transform engine of :mod:`nldsl.runtime._erase` over the chunk grid
   (head finishing an earlier chunk | whole chunks | tail). With ``chunk_size = 1`` the
   per-token rule above is run with 64-token compute tiles (same engine, ``gamma = 2 eta``,
@@ -102,7 +105,8 @@ def dgd(
         scale: query scale, default ``K ** -0.5``.
         initial_state: None, ``S_0`` ``[B, H, K, V]``, or a :class:`DGDState`.
         output_final_state: return a :class:`DGDState`.
-        impl: ``"reference"`` or ``"chunked"``.
+        impl: ``"reference"``, ``"chunked"`` or ``"triton"`` (the generated kernels; CUDA tensors
+            or ``TRITON_INTERPRET=1``; chunk_size a power of two up to 64).
         chunk_size: the anchor period (part of the semantics); 1 = exact per-token DGD.
         read: ``"running"`` or ``"anchor"`` (see the module docstring).
     """
@@ -113,7 +117,7 @@ def dgd(
     if read not in ("running", "anchor"):
         raise ValueError(f"{_OP}: read must be 'running' or 'anchor', got {read!r}")
     scale = resolve_scale(_OP, scale, K)
-    fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked})
+    fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked, "triton": _triton})
     shape = (B, H, K, V)
     if isinstance(initial_state, DGDState):
         check_state(_OP, "initial_state.memory", initial_state.memory, shape, q)
@@ -164,6 +168,16 @@ def _pieces(q, k, v, eta, alpha, dt, C):
     ec = to_chunks(eta.unsqueeze(-1), C, dt)                     # [B, H, N, C, 1]
     ac = 1 - to_chunks((1 - alpha).unsqueeze(-1), C, dt).squeeze(-1)  # pads with alpha = 1
     return qc, kc.unsqueeze(-2), vc.unsqueeze(-2), ec, ac
+
+
+def _triton(q, k, v, eta, alpha, scale, state, dt, C, read):
+    from nldsl.runtime._triton import runtime_kernel
+
+    kernel = runtime_kernel(_OP, "dgd", lr="tensor", decay="tensor", head_k=k.shape[-1], head_v=v.shape[-1],
+                            chunk_size=C, period=C, read=read)
+    # the kernels take the retention in log space (alpha = 0 becomes the smallest normal float)
+    log_alpha = alpha.clamp_min(torch.finfo(alpha.dtype).tiny).log()
+    return kernel(q, k, v, eta, log_alpha, scale=scale, initial_state=state, output_final_state=True)
 
 
 def _chunked(q, k, v, eta, alpha, scale, state, dt, C, read):

@@ -24,6 +24,7 @@ Both may be given; they multiply. ``decay=None, g=None`` is plain causal linear 
 Implementations (``impl=``):
 
 * ``"reference"``: the token-by-token recurrence above, plain torch, the readable ground truth.
+* ``"triton"``: the generated Triton kernels (:mod:`nldsl.codegen.kernels`), the same chunkwise form.
 * ``"chunked"``: chunkwise-parallel form. Per chunk of C tokens with chunk-local cumulative log
   retention ``b_t`` (``b_0 = 0`` at the chunk start, ``S_0`` the state entering the chunk):
 
@@ -82,7 +83,8 @@ def linear_attention(
         scale: query scale, default ``K ** -0.5``.
         initial_state: ``[B, H, K, V]`` or None (zeros). Gradients flow into it.
         output_final_state: return ``S_T`` (``[B, H, K, V]``, float32 or wider).
-        impl: ``"reference"`` (token by token) or ``"chunked"``.
+        impl: ``"reference"`` (token by token), ``"chunked"`` or ``"triton"`` (the generated
+            kernels; chunk_size 16, 32, 64 or 128; CUDA tensors or ``TRITON_INTERPRET=1``).
         chunk_size: tokens per chunk for ``"chunked"`` (an implementation detail: results do not
             depend on it; the reference ignores it).
 
@@ -99,7 +101,7 @@ def linear_attention(
         check_state(_OP, "initial_state", initial_state, (B, H, K, V), q)
     chunk_size = check_chunk_size(_OP, chunk_size)
     scale = resolve_scale(_OP, scale, K)
-    fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked})
+    fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked, "triton": _triton})
     dt = compute_dtype(q, k, v, g, initial_state)
     # One log-space gate (or None): a constant decay is folded into it.
     log_a = None
@@ -121,6 +123,14 @@ def _reference(q, k, v, log_a, scale, S, dt, chunk_size):
         S = S + k[:, t, :, :, None] * v[:, t, :, None, :]            # k_t v_t^T
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
     return torch.stack(outs, dim=1), S
+
+
+def _triton(q, k, v, log_a, scale, S, dt, C):
+    from nldsl.runtime._triton import runtime_kernel
+
+    kernel = runtime_kernel(_OP, "hebbian", lr="none", decay="none" if log_a is None else "tensor",
+                            head_k=k.shape[-1], head_v=v.shape[-1], chunk_size=C)
+    return kernel(q, k, v, None, log_a, scale=scale, initial_state=S, output_final_state=True)
 
 
 def _chunked(q, k, v, log_a, scale, S, dt, C):

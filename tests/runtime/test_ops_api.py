@@ -16,8 +16,9 @@ def test_unknown_impl_names_the_valid_ones(name):
     x = case.inputs(B=1, T=3)
     with pytest.raises(ValueError, match="unknown impl 'fast'.*'reference'"):
         case.call(x, "fast")
-    with pytest.raises(ValueError, match="no Triton kernel exists yet"):
-        case.call(x, "triton")
+    if "triton" not in rt.IMPLS.get(case.name, ()):  # the others' kernels: tests/kernels
+        with pytest.raises(ValueError, match="no Triton kernel exists yet"):
+            case.call(x, "triton")
 
 
 def test_impls_table_matches_the_ops():
