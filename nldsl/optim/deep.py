@@ -25,8 +25,8 @@ each coordinate's own step), with retention ``alpha`` on every weight::
     theta <- alpha theta - lr dL/dtheta,   L = sum_j obj(m_j(k_j), v_j)
 
 ``dot`` is ``-m(k) v``; ``l2``, ``l1``, ``lp``, ``huber`` compare ``m(k) - v`` as for the
-other memories. The gradient is taken by autograd through the forward pass, a chunk of ``CHUNK`` coordinates at a
-time so that the hidden activations stay small.
+other memories. The gradient is taken by autograd through the forward pass, a chunk of
+``CHUNK`` coordinates at a time so that the hidden activations stay small.
 
 The initial state (``init zeros``) makes the learned part ``f`` output zero: the last layer is
 zero, so the memory starts as the identity with ``residual`` and as zero without. The other
