@@ -22,7 +22,7 @@ from torch import Tensor
 
 from nldsl.runtime._common import MemoryOutput, check_gate, check_qkv, check_state, resolve_scale
 
-__all__ = ["LinearKernel", "acc_dtype", "define_op", "dot_precision", "is_interpreted", "require_triton",
+__all__ = ["LinearKernel", "acc_dtype", "contiguous", "define_op", "dot_precision", "is_interpreted", "require_triton",
            "register_kernel_source", "runtime_kernel", "spec_kernels", "DECODE_MAX_TOKENS"]
 
 #: calls of at most this many tokens that need no gradient run the token-by-token kernel
@@ -54,6 +54,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def contiguous(*tensors):
+    """The tensors made contiguous (None stays None): the kernels compute row offsets from shapes."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def is_interpreted(kernel: Any) -> bool:
@@ -209,7 +214,7 @@ class LinearKernel:
             if length == 0:
                 continue
             sl = slice(start, start + length)
-            qs, ks, vs = q[:, sl], k[:, sl], v[:, sl]
+            qs, ks, vs = (t[:, sl].contiguous() for t in (q, k, v))  # the kernels index contiguous rows
             shift = None
             if start == 0 and off:
                 shift = A0 if S is None else A0 - S.to(A0.dtype)
