@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test check fmt clean
 
-# torch first and pinned: an open range would pull a multi-GB CUDA build
+# torch first and pinned: an open range would pull a multi-GB CUDA build. Then the package with
+# triton: without a GPU the generated kernels' tests run in Triton's interpreter
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,triton]'
 	touch $(STAMP)
 
 setup: $(STAMP)
