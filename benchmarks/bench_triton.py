@@ -1,0 +1,185 @@
+"""Forward+backward time of nldsl's generated Triton kernels (delta rule, gated delta rule) against
+flash-linear-attention's chunk kernels and torch's SDPA causal attention.
+
+    python benchmarks/bench_triton.py                       # T in {2048, 8192, 32768}, bfloat16
+    python benchmarks/bench_triton.py --T 8192 --dtype float32 --heads 8
+
+On a GPU: for each T, B = max(1, --tokens // T) sequences of T tokens, H heads of size K = V
+(default 16 x 128, bfloat16), every input requiring grad. Each row is the median of
+``triton.testing.do_bench`` (which flushes the L2 cache between runs) over one forward, or one
+forward plus the backward of a fixed random projection of the output (``torch.autograd.grad``,
+so nothing accumulates). The nldsl rows are ``nldsl.runtime.delta_rule`` / ``gated_delta_rule``
+with ``impl='triton'`` and fla's rows ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` on the
+same inputs (keys L2-normalised, beta and the log retention computed outside, chunk 64); SDPA is
+``scaled_dot_product_attention(is_causal=True)`` on the same q, k, v. Peak memory is the highest
+allocation during one forward+backward minus what was allocated before it. The outputs of nldsl
+and fla are compared once per T (largest difference relative to the largest output).
+
+Without a GPU it says so and runs the interpreter correctness check only (TRITON_INTERPRET=1,
+float64, small shapes: the kernels' outputs and gradients against the chunked PyTorch path);
+interpreted kernels are not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768], help="sequence lengths")
+    p.add_argument("--tokens", type=int, default=32768, help="tokens per batch: B = max(1, tokens // T)")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--no-sdpa", action="store_true", help="skip softmax attention")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# without a GPU: correctness in Triton's interpreter
+# ----------------------------------------------------------------------------------------------
+
+def interpreter_check() -> int:
+    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined
+    import torch
+    import torch.nn.functional as F
+
+    import nldsl.runtime as rt
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, K, V = 2, 45, 2, 16, 16
+    x = {"q": torch.randn(B, T, H, K, generator=gen, dtype=torch.float64),
+         "k": F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=torch.float64), dim=-1),
+         "v": torch.randn(B, T, H, V, generator=gen, dtype=torch.float64),
+         "beta": torch.rand(B, T, H, generator=gen, dtype=torch.float64),
+         "g": -0.2 * torch.rand(B, T, H, generator=gen, dtype=torch.float64),
+         "S0": torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)}
+    ops = {"delta_rule": lambda x, impl: rt.delta_rule(x["q"], x["k"], x["v"], x["beta"], initial_state=x["S0"],
+                                                       output_final_state=True, impl=impl, chunk_size=16),
+           "gated_delta_rule": lambda x, impl: rt.gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"],
+                                                                   initial_state=x["S0"], output_final_state=True,
+                                                                   impl=impl, chunk_size=32)}
+    worst_all = 0.0
+    print(f"interpreter check: B={B} T={T} H={H} K={K} V={V} float64, triton vs chunked (outputs, final "
+          "state, every gradient)")
+    for name, op in ops.items():
+        errs = {}
+        outs = []
+        for impl in ("triton", "chunked"):
+            leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+            o, S = op(leaves, impl)
+            names = [n for n in leaves if name == "gated_delta_rule" or n != "g"]
+            grads = torch.autograd.grad(o.square().sum() + S.sum(), [leaves[n] for n in names])
+            outs.append((o, S, dict(zip(names, grads))))
+        (o1, s1, g1), (o2, s2, g2) = outs
+        errs["o"], errs["final state"] = (o1 - o2).abs().max().item(), (s1 - s2).abs().max().item()
+        errs.update({f"d{n}": (g1[n] - g2[n]).abs().max().item() for n in g1})
+        worst = max(errs.values())
+        worst_all = max(worst_all, worst)
+        print(f"  {name:17s} largest difference {worst:.2e}  ({', '.join(f'{k} {v:.1e}' for k, v in errs.items())})")
+    ok = worst_all < 1e-9
+    print("PASS" if ok else "FAIL", "(float64: differences must be rounding, < 1e-9)")
+    return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# on a GPU: timings
+# ----------------------------------------------------------------------------------------------
+
+def gpu_bench(args) -> int:
+    import torch
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    import nldsl.runtime as rt
+
+    dtype = getattr(torch, args.dtype)
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError as e:
+        chunk_delta_rule = chunk_gated_delta_rule = None
+        print(f"flash-linear-attention not importable ({e}); its rows are skipped")
+    H, D = args.heads, args.head_dim
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, H={H}, K=V={D}, "
+          f"B = max(1, {args.tokens} // T); median of triton.testing.do_bench")
+    header = f"{'T':>6} {'B':>3}  {'kernel':26s} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9}"
+    print(header)
+    print("-" * len(header))
+    summary = []
+    for T in args.T:
+        B = max(1, args.tokens // T)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32)
+
+        q, v = rand(B, T, H, D).to(dtype), rand(B, T, H, D).to(dtype)
+        k = F.normalize(rand(B, T, H, D), dim=-1).to(dtype)
+        beta = torch.sigmoid(rand(B, T, H)).to(dtype)
+        g = F.logsigmoid(4 + rand(B, T, H)).float()  # log retention, fla takes it in float32
+        do = rand(B, T, H, D).to(dtype)
+        inputs = [t.requires_grad_() for t in (q, k, v, beta, g)]
+        rows = {
+            "nldsl delta (triton)": lambda: rt.delta_rule(q, k, v, beta, impl="triton").o,
+            "nldsl gated delta (triton)": lambda: rt.gated_delta_rule(q, k, v, beta, g, impl="triton").o,
+        }
+        if chunk_delta_rule is not None:
+            rows["fla chunk_delta_rule"] = lambda: chunk_delta_rule(q, k, v, beta)[0]
+            rows["fla chunk_gated_delta_rule"] = lambda: chunk_gated_delta_rule(q, k, v, g, beta)[0]
+        if not args.no_sdpa:
+            qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+            rows["torch SDPA causal"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        results = {}
+        for name, fwd in rows.items():
+            out = fwd()
+            grad_out = do.transpose(1, 2) if name.startswith("torch") else do
+            used = [qt, kt, vt] if name.startswith("torch") else inputs
+
+            def fwd_bwd(fwd=fwd, grad_out=grad_out, used=used):
+                torch.autograd.grad(fwd(), used, grad_out, allow_unused=True)
+
+            fwd_bwd()
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            with torch.no_grad():
+                t_fwd = do_bench(fwd, return_mode="median")
+            t_all = do_bench(fwd_bwd, return_mode="median")
+            results[name] = (t_fwd, t_all, out.detach())
+            print(f"{T:>6} {B:>3}  {name:26s} {t_fwd:8.2f} {t_all:11.2f} {peak:9.0f}")
+        for ours, theirs in (("nldsl delta (triton)", "fla chunk_delta_rule"),
+                             ("nldsl gated delta (triton)", "fla chunk_gated_delta_rule")):
+            if theirs in results:
+                a, b = results[ours][2].float(), results[theirs][2].float()
+                diff = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+                ratio = results[ours][1] / results[theirs][1]
+                summary.append(f"T={T}: {ours} / {theirs} fwd+bwd = {ratio:.2f}x (target <= 1.25x); "
+                               f"outputs differ by {diff:.1e} of the largest")
+            if "torch SDPA causal" in results:
+                ratio = results[ours][1] / results["torch SDPA causal"][1]
+                summary.append(f"T={T}: {ours} / SDPA fwd+bwd = {ratio:.2f}x "
+                               f"({'faster' if ratio < 1 else 'slower'} than attention)")
+    print()
+    print("\n".join(summary))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_triton: no GPU is available, so nothing is timed (interpreted kernels are not timed); "
+              "running the interpreter correctness check instead.")
+        return interpreter_check()
+    return gpu_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
