@@ -115,6 +115,13 @@ class LinearKernel:
         return (f"LinearKernel({self.name!r}, rule={self.rule!r}, lr={s['lr']!r}, decay={s['decay']!r}, "
                 f"qk_l2norm={s['qk_l2norm']}, K={self.head_k}, V={self.head_v}, chunk={s['chunk']}{extra})")
 
+    # Kernels are immutable: copies share them, and a pickle rebuilds them from the specialisation.
+    def __deepcopy__(self, memo) -> "LinearKernel":
+        return self
+
+    def __reduce__(self):
+        return _rebuild, (self.spec,)
+
     def for_heads(self, head_k: int, head_v: int) -> "LinearKernel":
         """These kernels, or the same specialisation rendered for other head sizes (a model built
         with other ``dim`` / ``heads`` than its spec's)."""
@@ -238,6 +245,12 @@ class LinearKernel:
         else:  # the last piece is a partial period: its start state is the anchor
             A = piece_start if piece_start is not None else torch.zeros_like(S)
         return MemoryOutput(o, DGDState(S, A, off_new))
+
+
+def _rebuild(spec: Mapping[str, Any]) -> LinearKernel:
+    from nldsl.codegen.kernels import LinearKernelSpec, linear_kernel
+
+    return linear_kernel(LinearKernelSpec(**spec))
 
 
 def runtime_kernel(op: str, rule: str, *, lr: str, decay: str, head_k: int, head_v: int, chunk_size: int,

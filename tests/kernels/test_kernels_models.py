@@ -53,16 +53,31 @@ def model_class(mod):
 
 
 def _pair(cls, device, dtype, **kw):
+    """The same weights (rounded to ``dtype``) in a float64 chunked model and a triton one."""
     torch.manual_seed(0)
     chunked = cls(**kw).to(device=device, dtype=torch.float64)
     triton = cls(**kw, impl="triton").to(device=device, dtype=dtype)
     triton.load_state_dict(chunked.state_dict())
+    chunked.load_state_dict(triton.state_dict())
     return chunked, triton
 
 
-@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.fixture
+def full_float32():
+    """No TF32 in torch's own float32 matmuls and convolutions (the kernels follow the first)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# whole models in bfloat16 round in every layer, not only in the kernels (tested in bfloat16 above)
+MODEL_DEVICE_DTYPES = [(d, t) for d, t in DEVICE_DTYPES if t != torch.bfloat16]
+
+
+@pytest.mark.parametrize("device,dtype", MODEL_DEVICE_DTYPES)
 @pytest.mark.parametrize("spec", ["gated_deltanet", "linear_attention", "adatransformer", "dgd"])
-def test_compiled_model_triton_equals_chunked(spec, device, dtype, tmp_path):
+def test_compiled_model_triton_equals_chunked(spec, device, dtype, tmp_path, full_float32):
     """Logits, every parameter's gradient, and a stream split into calls (the decode kernel)."""
     if spec == "dgd":
         path = tmp_path / "dgdnet.nl"
@@ -144,6 +159,18 @@ def test_a_memory_without_kernels_is_named_with_the_reason(tmp_path):
     cls = model_class(nldsl.compile(path))
     with pytest.raises(RuntimeError, match="no Triton kernels for .*none generated"):
         cls(impl="triton")
+
+
+def test_models_with_kernels_copy_and_pickle():
+    import copy
+    import pickle
+
+    cls = model_class(nldsl.compile(SPECS / "deltanet.nl"))
+    model = cls(dim=32, heads=2, layers=1, vocab=64, impl="triton")
+    kernel = model.blocks[0].mem.kernel
+    assert copy.deepcopy(model).blocks[0].mem.kernel is kernel
+    again = pickle.loads(pickle.dumps(kernel))
+    assert again.spec == kernel.spec
 
 
 def test_unknown_model_impl():
