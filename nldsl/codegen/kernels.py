@@ -266,9 +266,12 @@ def _linear_planner(model, mem, level, ctx, taken):
     chunk = 64
     if rule == "dgd" and (period & (period - 1) or period > chunk):
         return f"its period {period} is not a power of two dividing the kernels' chunk of {chunk} tokens"
-    spec = LinearKernelSpec(name=f"{model.name}_{mem.name}", rule=rule, head_k=head, head_v=head, lr=lr,
-                            lr_value=lr_value, decay=decay, decay_value=decay_value,
-                            qk_l2norm=mem.qk_norm == "l2", chunk=chunk, period=period, read=read)
+    try:
+        spec = LinearKernelSpec(name=sanitize(f"{model.name}_{mem.name}"), rule=rule, head_k=head, head_v=head,
+                                lr=lr, lr_value=lr_value, decay=decay, decay_value=decay_value,
+                                qk_l2norm=mem.qk_norm == "l2", chunk=chunk, period=period, read=read)
+    except ValueError as e:  # the model still compiles; only its kernels are missing
+        return f"the kernels cannot be specialised to it ({e})"
     span = ctx.spans.get((model.name, "memory", mem.name))
     origin = f"{ctx.label}:{span.line}" if span else ctx.label
     return linear_part(spec, f"{model.name}.{mem.name}", origin=origin, taken=taken, prefix=mem.name)

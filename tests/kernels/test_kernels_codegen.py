@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import linecache
 import sys
 from pathlib import Path
 
