@@ -225,13 +225,15 @@ class GeneratedKernels:
     missing: dict[str, str] = field(default_factory=dict)
 
 
-#: Planners of kernel parts: ``planner(model, memory, level, ctx, taken) -> KernelPart | str | None``
-#: (a part; a reason the memory has no Triton path; or None: not this planner's kind of memory).
+#: Planners of kernel parts: ``planner(model, item, level, ctx, taken) -> KernelPart | str | None``
+#: for each memory (``nldsl.ir.models.Memory``, with its level) and CMS chain (``Cms``, level None)
+#: a model's block uses: a part; a reason it has no Triton path; or None (not this planner's kind).
+#: ``taken`` holds the identifiers already used in the file (see :func:`linear_part`).
 PART_PLANNERS: list[Callable[..., Any]] = []
 
 
 def _linear_planner(model, mem, level, ctx, taken):
-    if mem.structure.kind != "linear":
+    if getattr(mem, "structure", None) is None or mem.structure.kind != "linear":
         return None
     from nldsl.codegen.model_plan import linear_op
 
@@ -260,8 +262,7 @@ def _linear_planner(model, mem, level, ctx, taken):
     dim = model.param("dim")
     if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (heads, dim)) or dim % heads:
         return f"its head size (dim {dim!r} / heads {heads!r}) is not a positive integer"
-    shared = any(t.kind == "context" and t.target == mem.name for t in model.transfers)
-    head = dim if shared and mem.heads == 1 else dim // heads
+    head = dim // heads
     period, read = (level.period, mem.read) if rule == "dgd" else (1, "running")
     chunk = 64
     if rule == "dgd" and (period & (period - 1) or period > chunk):
@@ -294,22 +295,21 @@ def generate_kernels(analysis) -> GeneratedKernels | None:
     for model in analysis.ir.models:
         levels = {lv.name: lv for lv in model.levels}
         used = set(block_names(model.block))
-        for mem in model.memories:
-            if mem.name not in used or mem.structure.kind == "attention":
+        items = [m for m in model.memories if m.structure.kind != "attention"] + list(model.cms)
+        for item in items:
+            if item.name not in used:
                 continue
             for planner in PART_PLANNERS:
-                result = planner(model, mem, levels.get(mem.level), ctx, taken)
+                result = planner(model, item, levels.get(getattr(item, "level", None)), ctx, taken)
                 if isinstance(result, KernelPart):
                     parts.append(result)
                     break
                 if isinstance(result, str):
-                    missing[f"{model.name}.{mem.name}"] = result
+                    missing[f"{model.name}.{item.name}"] = result
                     break
             else:
-                missing[f"{model.name}.{mem.name}"] = f"{mem.structure.kind} memories have no Triton kernel yet"
-        for cms in model.cms:
-            if cms.name in used:
-                missing[f"{model.name}.{cms.name}"] = "CMS chains have no Triton kernel yet"
+                kind = f"{item.structure.kind} memories" if hasattr(item, "structure") else "CMS chains"
+                missing[f"{model.name}.{item.name}"] = f"{kind} have no Triton kernel yet"
     if not parts:
         return None
     names = ", ".join(name for part in parts for name, _ in part.exports)
