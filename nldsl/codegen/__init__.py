@@ -5,6 +5,10 @@ Pipeline (one direction): a checked :class:`~nldsl.spec.Analysis` -> one *plan* 
 shipped ``codegen_templates/`` folder -> one module's source -> ``ast.parse`` -> imported in
 process (:func:`compile_spec`) or written out (:func:`write_package`).
 
+A spec whose memories have a Triton path also gets a kernels file (:mod:`nldsl.codegen.kernels`):
+``kernels.py`` beside ``module.py``, or registered in process for the generated module, which
+imports it on first use of ``impl='triton'``.
+
 Kinds of blocks are registered in :data:`BLOCK_KINDS` (see :func:`register_block_kind`):
 each says how to find its blocks in the IR, how to plan one, and which template renders it.
 Optimizers are registered by :mod:`nldsl.codegen.optimizer`; models register the same way.
