@@ -77,7 +77,7 @@ def make(workload: str, T: int, seed: int = 0):
 
         def fn(impl):
             return self_modifying_titans(x, params=p, chunk_size=32, gen_chunk_size=8, beta_momentum=beta,
-                                         eta_scale=0.05, alpha_bias=3.0, conv_weight=conv, impl=impl).o
+                                         eta_max=0.05, alpha_bias=3.0, conv_weight=conv, impl=impl).o
 
         return fn, [x, conv, beta, *[w for ws in p.values() for w in ws]]
     if workload == "cms":

@@ -80,8 +80,9 @@ from torch import Tensor
 from nldsl.runtime._common import compute_dtype, dispatch
 from nldsl.runtime.deep_memory import (
     ACTIVATIONS,
-    activation,
     check_layers,
+    hidden,
+    hidden_act,
     mlp_backward,
     mlp_forward,
     output_error,
@@ -145,6 +146,7 @@ def cms_chain(
     objective: str = "l2",
     agg_weights: Optional[Tensor] = None,
     activation: str = "gelu",
+    hidden_norm: str = "none",
     residual: bool = True,
     detach: bool = False,
     initial_state: Optional[CmsState] = None,
@@ -256,7 +258,7 @@ def cms_chain(
         targets = None if targets is None else [t.detach() for t in targets]
 
     cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective,
-               act=activation, residual=residual, detach=detach, periods=periods)
+               act=hidden_act(hidden_norm, activation), residual=residual, detach=detach, periods=periods)
     y, ws, gs, offs, outputs, updates, resets = fn(xs, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg)
     state = None
     if output_final_state:
@@ -369,7 +371,7 @@ def _apply1(ws, x, act, residual):
     for i, W in enumerate(ws):
         a = W @ a
         if i < len(ws) - 1:
-            a = activation(a, act)
+            a = hidden(a, act)
     return a + x if residual else a
 
 

@@ -111,6 +111,9 @@ __all__ = [
     "mlp_apply",
     "activation",
     "activation_grad",
+    "hidden",
+    "hidden_act",
+    "hidden_backward",
 ]
 
 _OP = "mlp_memory"
@@ -167,6 +170,38 @@ def activation_grad(x: Tensor, name: str) -> Tensor:
     raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
 
 
+#: suffix of an activation name that L2-normalises the hidden activations (``hidden_norm="l2"``)
+L2 = "+l2"
+_NORM_EPS2 = 1e-12
+
+
+def hidden_act(hidden_norm: str, name: str) -> str:
+    """The internal name of a hidden map: the activation, L2-normalised with ``hidden_norm="l2"``."""
+    if hidden_norm not in ("none", "l2"):
+        raise ValueError(f"hidden_norm must be 'none' or 'l2', got {hidden_norm!r}")
+    return name + L2 if hidden_norm == "l2" else name
+
+
+def hidden(h: Tensor, act: str) -> Tensor:
+    """A hidden layer's output from its pre-activation: ``act(h)``, or ``act(h) / ||act(h)||``
+    (a smooth norm, ``sqrt(||u||^2 + 1e-12)``) when ``act`` ends in ``+l2``."""
+    if not act.endswith(L2):
+        return activation(h, act)
+    u = activation(h, act[:-len(L2)])
+    return u * torch.rsqrt((u * u).sum(-1, keepdim=True) + _NORM_EPS2)
+
+
+def hidden_backward(d: Tensor, h: Tensor, act: str) -> Tensor:
+    """dL/dh from dL/d(hidden(h)) ``d``, written out (differentiable: second-order outer grads)."""
+    if not act.endswith(L2):
+        return d * activation_grad(h, act)
+    base = act[:-len(L2)]
+    u = activation(h, base)
+    inv_r = torch.rsqrt((u * u).sum(-1, keepdim=True) + _NORM_EPS2)
+    n = u * inv_r
+    return (d - n * (n * d).sum(-1, keepdim=True)) * inv_r * activation_grad(h, base)
+
+
 def _add_residual(y: Tensor, x: Tensor, residual) -> Tensor:
     """``y + x`` where ``residual`` is True, per row where it is a ``[N]`` 0/1 mask (memories of
     different kinds stacked along the batch axis)."""
@@ -186,7 +221,7 @@ def mlp_forward(ws: Sequence[Tensor], x: Tensor, act: str, residual):
         h = a @ W.transpose(-1, -2)
         if i < len(ws) - 1:
             hs.append(h)
-            a = activation(h, act)
+            a = hidden(h, act)
         else:
             y = h
     return _add_residual(y, x, residual), hs, ins
@@ -205,7 +240,7 @@ def mlp_backward(ws: Sequence[Tensor], hs: Sequence[Tensor], eps: Tensor, act: s
     d = eps
     es[n - 1] = d
     for i in range(n - 1, 0, -1):
-        d = (d @ ws[i]) * activation_grad(hs[i - 1], act)
+        d = hidden_backward(d @ ws[i], hs[i - 1], act)
         es[i - 1] = d
     return es
 
@@ -338,7 +373,7 @@ def chunk_step(
                     pre = pre + m_r.unsqueeze(-1) * (z @ ms[i][rr].transpose(-1, -2))
                 if st_r is not None:
                     pre = pre + z @ st_r[i].transpose(-1, -2)
-                z = activation(pre, act) if i < n - 1 else pre
+                z = hidden(pre, act) if i < n - 1 else pre
             o = _add_residual(z, q, res)
     return o, ws_end, ms_end
 
@@ -407,6 +442,7 @@ def mlp_memory(
     rule: str = "gd",
     signal: str = "values",
     activation: str = "gelu",
+    hidden_norm: str = "none",
     residual: bool = True,
     scale: float = 1.0,
     detach: bool = False,
@@ -511,7 +547,8 @@ def mlp_memory(
         al = None if al is None else al.detach()
         be = None if be is None else be.detach()
 
-    cfg = dict(objective=objective, signal=signal, rule=rule, act=activation, residual=residual, read=read)
+    cfg = dict(objective=objective, signal=signal, rule=rule, act=hidden_act(hidden_norm, activation),
+               residual=residual, read=read)
     o, ws, anchor, ms, off = fn(qs, ks, vs, es, al, be, ws, anchor, ms, off, C, cfg, st)
     o = o.reshape(B, H, T, -1).transpose(1, 2).to(q.dtype)
     state = None
@@ -572,7 +609,7 @@ def _single_loss(ws, x, target, *, objective, act, residual):
     for i, W in enumerate(ws):
         a = W @ a
         if i < len(ws) - 1:
-            a = activation(a, act)
+            a = hidden(a, act)
     y = a + x if residual else a
     if objective == "l2":
         return 0.5 * ((y - target) ** 2).sum()

@@ -202,3 +202,13 @@ def test_errors():
     bad = CmsState(tuple(tuple(lw) for lw in x["params"]), tuple(tuple(lw) for lw in x["params"]), (0, 9, 0))
     with pytest.raises(ValueError, match="offset"):
         cms_chain(x["x"], x["params"], periods=PERIODS, lr=0.1, delta=x["delta"], initial_state=bad)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hidden_norm_matches_reference(variant):
+    x = cms_inputs(T=29)
+    for signal in ("values", "surprise"):
+        ref = run(x, "reference", variant, signal, False, hidden_norm="l2")
+        fast = run(x, "chunked", variant, signal, False, hidden_norm="l2")
+        assert_close(fast.o, ref.o)
+        assert_close(fast.final_state, ref.final_state)

@@ -230,3 +230,29 @@ def test_errors():
         mlp_memory(x["q"], x["k"], x["v"], 0.1, chunk_size=2, initial_state=bad)
     with pytest.raises(ValueError, match="input dim"):
         mlp_memory(x["q"], x["k"], x["v"], 0.1, chunk_size=2, params=list(reversed(x["params"])))
+
+
+@pytest.mark.parametrize("read", ["anchor", "running"])
+@pytest.mark.parametrize("rule", ["gd", "dgd"])
+def test_hidden_norm_matches_reference_with_gradients(read, rule):
+    """``hidden_norm="l2"``: the closed-form backward through the normalised hidden layer (and
+    the running read's coefficient form) equals torch.func's gradient of the same MLP."""
+    x = requires_grad(memory_inputs(T=13, seed=14, depth=3))
+    wrt = [x["q"], x["k"], x["v"], x["eta"], x["alpha"], x["beta"], x["params"]]
+    ref = run(x, "reference", read=read, rule=rule, chunk_size=4, hidden_norm="l2")
+    fast = run(x, "chunked", read=read, rule=rule, chunk_size=4, hidden_norm="l2")
+    assert_close(fast, ref)
+    assert_close(grads(fast.o, wrt), grads(ref.o, wrt), atol=1e-9)
+
+
+def test_hidden_norm_bounds_the_layer_inputs():
+    """Every hidden activation has unit norm, so scaling the input-side weights changes nothing
+    downstream of the normalisation (a read at the initial weights is scale invariant)."""
+    x = memory_inputs(T=6, seed=15)
+    W0, W1 = x["params"]
+    o1 = run(x, "chunked", chunk_size=16, hidden_norm="l2", activation="relu").o
+    x2 = dict(x, params=[W0 * 7.0, W1])
+    o2 = run(x2, "chunked", chunk_size=16, hidden_norm="l2", activation="relu").o
+    assert_close(o1, o2)  # relu is positively homogeneous: norm(relu(7 h)) = norm(relu(h))
+    with pytest.raises(ValueError, match="hidden_norm"):
+        run(x, "chunked", hidden_norm="layer")

@@ -34,7 +34,7 @@ def run(x, impl, *, momentum=True, chunk_size=4, gen_chunk_size=3, **kw):
             static[key] = x["static"][key]
     return self_modifying_titans(
         x["x"], params=x["params"], chunk_size=chunk_size, gen_chunk_size=gen_chunk_size,
-        beta_momentum=x["beta"] if momentum else None, eta_scale=0.05, alpha_bias=3.0,
+        beta_momentum=x["beta"] if momentum else None, eta_max=0.05, alpha_bias=3.0,
         conv_weight=x["conv"], impl=impl, output_final_state=True, **static, **kw,
     )
 
@@ -88,7 +88,7 @@ def test_split_stream_equals_one_pass(impl):
             sl = slice(t, t + n)
             o, state = self_modifying_titans(
                 x["x"][:, sl], params=x["params"], chunk_size=6, gen_chunk_size=4,
-                beta_momentum=x["beta"][:, sl], eta_scale=0.05, alpha_bias=3.0, conv_weight=x["conv"],
+                beta_momentum=x["beta"][:, sl], eta_max=0.05, alpha_bias=3.0, conv_weight=x["conv"],
                 initial_state=state, output_final_state=True, impl=impl,
             )
             outs.append(o)
@@ -164,3 +164,17 @@ def test_memories_of_different_widths():
     x["params"]["eta"] = (randn(g, H, 12, D, scale=0.15), randn(g, H, 1, 12, scale=0.15))
     for read in ("anchor", "running"):
         assert_close(run(x, "chunked", read=read), run(x, "reference", read=read))
+
+
+def test_v_norm_and_hidden_norm_match_reference_with_gradients():
+    """The stabilising options (unit values, unit hidden activations) keep chunked == reference,
+    gradients included, and do change the result."""
+    x = requires_grad(inputs(T=11, seed=7))
+    wrt = [x["x"], x["conv"], x["beta"], x["params"]]
+    for read in ("anchor", "running"):
+        ref = run(x, "reference", read=read, v_norm=True, hidden_norm="l2")
+        fast = run(x, "chunked", read=read, v_norm=True, hidden_norm="l2")
+        assert_close(fast, ref)
+        assert_close(grads(fast.o, wrt), grads(ref.o, wrt), atol=1e-9, what=read)
+    plain = run(x, "chunked", read="anchor")
+    assert (plain.o - run(x, "chunked", read="anchor", v_norm=True).o).abs().max() > 1e-6
