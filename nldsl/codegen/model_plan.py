@@ -140,7 +140,8 @@ class Planner:
             return None
         mom = self._rate(mem.momentum.kind, mem.momentum.beta)
         common = (f"objective={obj!r}, rule={rule!r}, momentum={mom}, read={_repr(mem.read)}, "
-                  f"qk_norm={_repr(mem.qk_norm)}, conv={_repr(mem.conv)}, detach={_repr(mem.writes == 'detached')}, "
+                  f"qk_norm={_repr(mem.qk_norm)}, v_norm={_repr(mem.v_norm)}, conv={_repr(mem.conv)}, "
+                  f"hidden_norm={_repr(mem.structure.norm)}, detach={_repr(mem.writes == 'detached')}, "
                   f"scope={_repr(level.scope)}")
         generated = mem.inputs.generated()
         if generated:
@@ -196,7 +197,8 @@ class Planner:
         s = first.structure
         return (f"CmsChain(config.dim, periods={periods!r}, scopes={scopes!r}, variant={c.variant!r}, "
                 f"expansion={_repr(float(s.expansion))}, depth={_repr(s.depth)}, residual={_repr(s.residual)}, "
-                f"activation={_repr(s.activation)}, lr={_repr(float(first.lr.value))}, signal={_repr(first.signal)}, "
+                f"activation={_repr(s.activation)}, hidden_norm={_repr(s.norm)}, lr={_repr(float(first.lr.value))}, "
+                f"signal={_repr(first.signal)}, "
                 f"objective={_repr(first.objective.kind)}, detach={_repr(first.writes == 'detached')})")
 
     def _rate(self, kind: str, value) -> str | None:
@@ -223,6 +225,10 @@ class Planner:
         if mem.signal != "values":
             self.unsupported(f"signal `{mem.signal}` for the linear memory `{mem.name}` is not compiled yet",
                              key + ("signal",))
+            return None
+        if mem.v_norm == "l2":
+            self.unsupported(f"`v_norm l2` for the linear memory `{mem.name}` is not compiled yet",
+                             key + ("v_norm",), help="normalised values are compiled for `mlp` memories")
             return None
         if level.clock != "tokens":
             self.unsupported(f"`{mem.name}` learns in context but its level `{level.name}` counts steps",

@@ -319,6 +319,9 @@ class OptimizerPlanner:
         if init != "zeros":
             self.fail(f"memory `{mem.name}`: an MLP memory starts from `init zeros` (its last layer zero, "
                       f"see nldsl.optim.deep), not `{init}`", k + ("init",), k, help="remove `init`")
+        if st.norm == "l2":
+            self.fail(f"memory `{mem.name}`: a per-coordinate MLP memory has no hidden vector to "
+                      "normalise (`norm=l2`)", k + ("structure",), k, help="remove `norm=l2`")
         if not float(st.expansion).is_integer():
             self.fail(f"memory `{mem.name}`: the MLP acts on each coordinate (input width 1), so its "
                       f"`expansion` is its hidden width and must be a whole number, got {st.expansion:g}",

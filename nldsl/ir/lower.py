@@ -323,8 +323,8 @@ class Lowerer:
         if kind == "vector":
             kind = "elementwise"
         if kind == "mlp":
-            check_kwargs(self.ctx, kwargs, ("depth", "expansion", "residual", "activation"), "mlp")
-            depth, expansion, residual, act = 2, 4.0, True, "gelu"
+            check_kwargs(self.ctx, kwargs, ("depth", "expansion", "residual", "activation", "norm"), "mlp")
+            depth, expansion, residual, act, norm = 2, 4.0, True, "gelu", "none"
             if "depth" in kwargs:
                 depth = read_number(self.ctx, kwargs["depth"].value, env, "`depth`", integer=True,
                                     minimum=1, code="NL204") or 2
@@ -336,8 +336,10 @@ class Lowerer:
                 residual = True if r is None else r
             if "activation" in kwargs:
                 act = read_choice(self.ctx, kwargs["activation"].value, ACTIVATIONS, "activation") or "gelu"
+            if "norm" in kwargs:
+                norm = read_choice(self.ctx, kwargs["norm"].value, ("none", "l2"), "hidden normalisation") or "none"
             return M.Structure(kind="mlp", depth=depth, expansion=float(expansion), residual=residual,
-                               activation=act)
+                               activation=act, norm=norm)
         if kind == "attention":
             check_kwargs(self.ctx, kwargs, ("window",), "attention")
             window = None
@@ -430,6 +432,7 @@ class Lowerer:
             init=fields.get("init", M.Init(kind=default_init)),
             heads=fields.get("heads", 1 if is_cms else (model_heads or 1)),
             qk_norm=fields.get("qk_norm", "none"),
+            v_norm=fields.get("v_norm", "none"),
             conv=fields.get("conv", 0),
         )
 
@@ -446,7 +449,8 @@ class Lowerer:
             h.update({"read": self._p_read, "signal": self._p_signal, "writes": self._p_writes})
             if not is_cms:
                 h.update({"inputs": self._p_inputs, "generators": self._p_generators,
-                          "heads": self._p_heads, "qk_norm": self._p_qk_norm, "conv": self._p_conv})
+                          "heads": self._p_heads, "qk_norm": self._p_qk_norm, "v_norm": self._p_v_norm,
+                          "conv": self._p_conv})
         return h
 
     def _one(self, p: A.Prop) -> A.Expr | None:
@@ -631,6 +635,10 @@ class Lowerer:
         e = self._one(p)
         return read_choice(self.ctx, e, ("l2", "none"), "q/k normalisation") if e is not None else None
 
+    def _p_v_norm(self, p, env, name):
+        e = self._one(p)
+        return read_choice(self.ctx, e, ("l2", "none"), "value normalisation") if e is not None else None
+
     def _p_generators(self, p, env, name):
         e = self._one(p)
         if e is None:
@@ -688,7 +696,7 @@ class Lowerer:
             variant = "sequential"
         props = s.body.props if s.body else ()
         level_names: list[str] = []
-        structure = M.Structure(kind="mlp", depth=2, expansion=4.0, residual=True, activation="gelu")
+        structure = M.Structure(kind="mlp", depth=2, expansion=4.0, residual=True, activation="gelu", norm="none")
         aggregate = "weighted" if variant == "independent" else None
         member_props = []
         for p in props:
@@ -710,7 +718,7 @@ class Lowerer:
                         self.ctx.error("NL202", f"a CMS chain is built from `mlp` blocks, not `{structure.kind}`",
                                        e.span, help="write `structure mlp(depth=2, expansion=4)`")
                         structure = M.Structure(kind="mlp", depth=2, expansion=4.0, residual=True,
-                                                activation="gelu")
+                                                activation="gelu", norm="none")
             elif p.name == "aggregate":
                 e = self._one(p)
                 if e is not None:

@@ -89,6 +89,7 @@ class Structure(Node):
     expansion: Optional[float] = None  # mlp: hidden width / input width
     residual: Optional[bool] = None  # mlp: M(x) = x + f(x)
     activation: Optional[Activation] = None  # mlp
+    norm: Optional[Literal["none", "l2"]] = None  # mlp: L2-normalise the hidden activations
     window: Optional[int] = None  # attention: sliding window (None: global causal)
 
 
@@ -183,6 +184,7 @@ class Memory(Node):
     init: Optional[Init] = None
     heads: Optional[int] = None
     qk_norm: Optional[Literal["l2", "none"]] = None
+    v_norm: Optional[Literal["l2", "none"]] = None  # L2-normalise the values (self-modifying memories)
     conv: Optional[int] = None  # causal depthwise convolution width on q/k/v, 0 = none
     input: Optional[Value] = None  # optimizer memories: the stream compressed (grad, grad**2): the value
     # optimizer memories: the key the memory associates with its input (None: no key, the state

@@ -23,7 +23,8 @@ def _call(func: str, *args, **kwargs) -> A.Call:
 def structure(s: M.Structure) -> A.Expr:
     if s.kind == "mlp":
         return _call("mlp", depth=to_expr(s.depth), expansion=to_expr(s.expansion),
-                     residual=A.Bool(bool(s.residual)), activation=_name(s.activation))
+                     residual=A.Bool(bool(s.residual)), activation=_name(s.activation),
+                     norm=_name(s.norm or "none"))
     if s.kind == "attention" and s.window is not None:
         return _call("attention", window=to_expr(s.window))
     return _name(s.kind)
@@ -73,7 +74,7 @@ def memory_props(m: M.Memory, *, skip: tuple[str, ...] = ()) -> list[A.Prop]:
         init = m.init
         props.append(("init", _call("pretrained", A.String(init.path)) if init.kind == "pretrained" else
                       _call("constant", to_expr(init.value)) if init.kind == "constant" else _name(init.kind)))
-    for key in ("heads", "qk_norm", "conv"):
+    for key in ("heads", "qk_norm", "v_norm", "conv"):
         v = getattr(m, key)
         if v is not None:
             props.append((key, _name(v) if isinstance(v, str) else to_expr(v)))
@@ -105,7 +106,7 @@ def _model(m: M.Model) -> A.Model:
             # members may read differently (each defaults to its level's mode): write `read`
             # only when they agree
             reads = {m.read for m in c.memories}
-            skip = ("inputs", "generators", "heads", "qk_norm", "conv") + (() if len(reads) == 1 else ("read",))
+            skip = ("inputs", "generators", "heads", "qk_norm", "v_norm", "conv") + (() if len(reads) == 1 else ("read",))
             props += memory_props(first, skip=skip)
         if c.aggregate:
             props.append(A.Prop("aggregate", (_name(c.aggregate),)))

@@ -39,7 +39,8 @@ class DeepMemory(nn.Module):
                  residual: bool = True, activation: str = "gelu", objective: str = "l2",
                  rule: str = "gd", lr="gate", retention=None, momentum=None, chunk_size: int = 1,
                  read: str = "anchor", qk_norm: str = "none", conv: int = 0, detach: bool = False,
-                 init: str = "meta", scope: str = "sequence", impl: str = "chunked"):
+                 init: str = "meta", scope: str = "sequence", v_norm: str = "none",
+                 hidden_norm: str = "none", impl: str = "chunked"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -47,13 +48,16 @@ class DeepMemory(nn.Module):
         self.objective, self.rule, self.lr, self.retention, self.momentum = objective, rule, lr, retention, momentum
         self.chunk_size, self.read, self.qk_norm, self.detach = chunk_size, read, qk_norm, detach
         self.scope, self.impl, self.activation, self.residual = scope, impl, activation, residual
+        self.v_norm, self.hidden_norm = v_norm, hidden_norm
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.conv = nn.ModuleList([ShortConv(dim, conv) for _ in range(3)]) if conv else None
-        # a chunk applies up to chunk_size steps taken at one anchor: start with small steps
-        self.lr_gate = _Gate(dim, heads, _logit(0.01)) if lr == "gate" else None
+        # a chunk applies up to chunk_size steps taken at one anchor: a gated step is bounded by
+        # 1 / chunk_size (the chunk's steps sum to at most 1) and starts at half that
+        self.lr_max = 1.0 / chunk_size
+        self.lr_gate = _Gate(dim, heads, 0.0) if lr == "gate" else None
         self.retention_gate = _Gate(dim, heads, _logit(0.99)) if retention == "gate" else None
         self.momentum_gate = _Gate(dim, heads, _logit(0.5)) if momentum == "gate" else None
         hidden = max(1, int(self.head_dim * expansion))
@@ -79,13 +83,17 @@ class DeepMemory(nn.Module):
         q, k, v = _heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads)
         if self.qk_norm == "l2":
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.v_norm == "l2":
+            v = F.normalize(v, dim=-1)
         lr = self._rate(self.lr_gate, self.lr, x)
+        if self.lr_gate is not None:
+            lr = lr * self.lr_max
         o, mem_state = mlp_memory(
             q, k, v, lr, self._rate(self.retention_gate, self.retention, x),
             self._rate(self.momentum_gate, self.momentum, x), params=list(self.weights),
             chunk_size=self.chunk_size, read=self.read, objective=self.objective, rule=self.rule,
-            activation=self.activation, residual=self.residual, detach=self.detach,
-            initial_state=None if state is None else state["memory"], output_final_state=True,
+            activation=self.activation, hidden_norm=self.hidden_norm, residual=self.residual,
+            detach=self.detach, initial_state=None if state is None else state["memory"], output_final_state=True,
             impl=self.impl)
         y = self.o_proj(o.reshape(B, T, self.dim))
         return y, {"memory": mem_state, "conv": conv_state}
@@ -109,7 +117,8 @@ class SelfModifyingTitans(nn.Module):
                  gen_chunk_size: int, expansion: float = 1.0, residual: bool = True,
                  activation: str = "gelu", objective: str = "l2", rule: str = "dgd", momentum=None,
                  retention: bool = True, read: str = "anchor", qk_norm: str = "l2", conv: int = 4,
-                 detach: bool = False, scope: str = "sequence", impl: str = "chunked"):
+                 detach: bool = False, scope: str = "sequence", v_norm: str = "none",
+                 hidden_norm: str = "none", eta_max: float | None = None, impl: str = "chunked"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -127,16 +136,21 @@ class SelfModifyingTitans(nn.Module):
         self.memories = nn.ModuleDict({"memory": _mlp_weights(heads, D, hidden, D, 2, residual)})
         for name in self.generated:
             d_out = 1 if name in ("eta", "alpha") else D
-            self.memories[name] = _mlp_weights(heads, D, hidden, d_out, 2, residual and d_out == D)
+            # not the identity at first: identical k = v = q would give zero errors, hence no writes
+            # and no outer gradient to tell them apart
+            self.memories[name] = _mlp_weights(heads, D, hidden, d_out, 2, False)
         for name in ("q", "k", "v"):
             if name not in self.generated:
                 self.add_module(f"{name}_proj", nn.Linear(dim, dim, bias=False))
-        self.eta_gate = None if "eta" in self.generated else _Gate(dim, heads, -4.6)
+        self.eta_gate = None if "eta" in self.generated else _Gate(dim, heads, 0.0)
         self.alpha_gate = None if ("alpha" in self.generated or not retention) else _Gate(dim, heads, 4.0)
         self.momentum_gate = _Gate(dim, heads, 0.0) if momentum == "gate" else None
-        # learnable squashing of the generated rates: small steps (eta = softplus(-4.6) ~ 0.01,
-        # a chunk applies many steps taken at one anchor) and near-full retention at first
-        self.eta_bias = nn.Parameter(torch.tensor(-4.6))
+        # learnable squashing of the generated rates: eta = eta_max * sigmoid(. + eta_bias), with
+        # eta_max = 1 / chunk_size by default, so that the steps a chunk takes at one anchor sum to
+        # at most 1 (starting at half that); near-full retention at first
+        self.v_norm, self.hidden_norm = v_norm, hidden_norm
+        self.eta_max = 1.0 / chunk_size if eta_max is None else eta_max
+        self.eta_bias = nn.Parameter(torch.tensor(0.0))
         self.alpha_bias = nn.Parameter(torch.tensor(4.0))
         self.conv_weight = nn.Parameter(self._conv_init(heads, D, conv)) if conv else None
 
@@ -163,8 +177,9 @@ class SelfModifyingTitans(nn.Module):
             h, params=params, chunk_size=self.chunk_size, gen_chunk_size=self.gen_chunk_size,
             eta_logits=None if self.eta_gate is None else self.eta_gate(x),
             alpha_logits=None if self.alpha_gate is None else self.alpha_gate(x),
-            beta_momentum=beta, eta_bias=self.eta_bias, alpha_bias=self.alpha_bias,
+            beta_momentum=beta, eta_max=self.eta_max, eta_bias=self.eta_bias, alpha_bias=self.alpha_bias,
             retention=self.retention, conv_weight=self.conv_weight, qk_norm=self.qk_norm == "l2",
+            v_norm=self.v_norm == "l2", hidden_norm=self.hidden_norm,
             rule=self.rule, objective=self.objective, read=self.read, activation=self.activation,
             residual=self.residual, detach=self.detach, initial_state=state, output_final_state=True,
             impl=self.impl, **static)
@@ -192,11 +207,11 @@ class CmsChain(nn.Module):
                  variant: str = "sequential", expansion: float = 4.0, depth: int = 2,
                  residual: bool = True, activation: str = "gelu", lr: float = 0.01,
                  signal: str = "surprise", objective: str = "l2", detach: bool = True,
-                 impl: str = "chunked"):
+                 hidden_norm: str = "none", impl: str = "chunked"):
         super().__init__()
         self.dim, self.periods, self.scopes, self.variant = dim, tuple(periods), tuple(scopes), variant
         self.activation, self.residual, self.lr, self.signal = activation, residual, lr, signal
-        self.objective, self.detach, self.impl = objective, detach, impl
+        self.objective, self.detach, self.impl, self.hidden_norm = objective, detach, impl, hidden_norm
         self.surprise = signal == "surprise"
         hidden = int(dim * expansion)
         self.blocks = nn.ModuleList(
@@ -213,7 +228,8 @@ class CmsChain(nn.Module):
     def _run(self, x, state, delta, target=None):
         return cms_chain(x, self._params(), periods=self.periods, lr=self.lr, variant=self.variant,
                          signal=self.signal, delta=delta, target=target, objective=self.objective,
-                         agg_weights=self.agg, activation=self.activation, residual=self.residual,
+                         agg_weights=self.agg, activation=self.activation, hidden_norm=self.hidden_norm,
+                         residual=self.residual,
                          detach=self.detach, initial_state=state, output_final_state=True, impl=self.impl)
 
     def forward(self, x: Tensor, state=None):
