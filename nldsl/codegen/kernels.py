@@ -2,17 +2,23 @@
 
 A spec's kernels file is a list of *parts*, each a template under
 ``codegen_templates/kernels/`` rendered with its own context (:class:`KernelPart`). This module
-plans the parts of the linear-memory family (one :class:`LinearKernelSpec` per memory: its rule,
-retention, gate transforms, chunk size and head sizes become constants of the kernels) and
-renders the file; other kernel families add parts the same way (see :data:`PART_PLANNERS`).
+plans the parts of two families and renders the file; others add parts the same way (see
+:data:`PART_PLANNERS`):
+
+* the linear memories (one :class:`LinearKernelSpec` per memory: its rule, retention, gate
+  transforms, chunk size and head sizes become constants of the kernels);
+* the deep memories: MLP memories (Titans, self-modifying Titans) and CMS chains get the fused
+  per-chunk gradient of a two-layer MLP (one :class:`MlpKernelSpec` per memory or chain: its
+  activation, residual, hidden normalisation, dims and token tile are constants).
 
 * :func:`generate_kernels` -- a checked spec's kernels file (``None`` when no memory has a Triton
   path); ``nldsl compile`` writes it as ``kernels.py``, :func:`nldsl.compile` loads it on first
   use of ``impl='triton'``.
 * :func:`render_kernels` -- the file for any list of parts (deterministic: the same parts give
   byte-identical text; the torch.library namespace is a hash of the rendered parts).
-* :func:`linear_kernel` -- one specialisation rendered and imported in process (cached): what the
-  runtime ops' ``impl='triton'`` and models built with other head sizes than their spec's use.
+* :func:`linear_kernel`, :func:`mlp_kernel` -- one specialisation rendered and imported in process
+  (cached): what the runtime ops' ``impl='triton'`` and models built with other head sizes than
+  their spec's use.
 
 Rendering needs jinja2 only; importing the rendered file needs triton.
 """
@@ -27,8 +33,8 @@ from typing import Any, Callable
 from nldsl.codegen.naming import sanitize
 from nldsl.codegen.render import docstring, environment, header
 
-__all__ = ["GeneratedKernels", "KernelPart", "LinearKernelSpec", "PART_PLANNERS", "generate_kernels",
-           "linear_kernel", "linear_part", "render_kernels"]
+__all__ = ["GeneratedKernels", "KernelPart", "LinearKernelSpec", "MlpKernelSpec", "PART_PLANNERS", "generate_kernels",
+           "linear_kernel", "linear_part", "mlp_kernel", "mlp_part", "mlp_tile", "render_kernels"]
 
 #: chunk sizes the linear kernels accept: powers of two (tl.dot tiles are >= 16)
 CHUNK_SIZES = (16, 32, 64, 128)
@@ -137,6 +143,83 @@ class LinearKernelSpec:
         )
 
 
+#: activations of the MLP kernels (those of nldsl.runtime.deep_memory)
+MLP_ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
+#: tokens per program of the MLP kernels: powers of two (tl.dot tiles are >= 16)
+MLP_TILES = (16, 32, 64)
+
+
+def mlp_tile(period: int) -> int:
+    """The token tile for chunks of ``period`` tokens: one program per chunk up to 64 tokens (a
+    longer chunk is split into tiles whose gradient sums are added)."""
+    return min(64, _pow2(period))
+
+
+@dataclass(frozen=True)
+class MlpKernelSpec:
+    """What the MLP memory kernel is specialised to (every field becomes a constant).
+
+    The memory is ``M(z) = z + W_out act(W_in z)`` per row (a sequence-head), weights in
+    application order: ``W_in [d_hidden, d_in]``, ``W_out [d_out, d_hidden]``; ``residual``
+    drops or keeps the ``z +`` (it needs ``d_in == d_out``), ``hidden_norm="l2"`` L2-normalises
+    the hidden activations across the hidden units. ``chunk``: tokens per program (a power of
+    two, 16 to 64; longer chunks take several programs).
+    """
+
+    name: str
+    d_in: int
+    d_hidden: int
+    d_out: int
+    activation: str = "gelu"
+    residual: bool = True
+    hidden_norm: str = "none"
+    chunk: int = 16
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"MlpKernelSpec {self.name!r}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        out = []
+        if not (isinstance(self.name, str) and self.name.isidentifier()):
+            out.append(f"name must be an identifier, got {self.name!r}")
+        for field_name in ("d_in", "d_hidden", "d_out"):
+            n = getattr(self, field_name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                out.append(f"{field_name} must be a positive int, got {n!r}")
+        if self.activation not in MLP_ACTIVATIONS:
+            out.append(f"activation must be one of {MLP_ACTIVATIONS}, got {self.activation!r}")
+        if not isinstance(self.residual, bool):
+            out.append(f"residual must be a bool, got {self.residual!r}")
+        elif self.residual and self.d_in != self.d_out:
+            out.append(f"residual=True needs d_in == d_out, got {self.d_in} and {self.d_out}")
+        if self.hidden_norm not in ("none", "l2"):
+            out.append(f"hidden_norm must be 'none' or 'l2', got {self.hidden_norm!r}")
+        if self.chunk not in MLP_TILES:
+            out.append(f"chunk must be one of {MLP_TILES} (tl.dot tiles are powers of two >= 16), got {self.chunk!r}")
+        return out
+
+    def title(self) -> str:
+        form = f"z + W_out {self.activation}(W_in z)" if self.residual else f"W_out {self.activation}(W_in z)"
+        norm = ", L2-normalised hidden" if self.hidden_norm == "l2" else ""
+        return (f"MLP memory {form}{norm}, K={self.d_in}, hidden={self.d_hidden}, V={self.d_out}, "
+                f"{self.chunk} tokens per program")
+
+    def context(self, prefix: str, origin: str = "") -> dict:
+        """The template context of ``mlp_grad.py.j2``."""
+        KP, VP = _pow2(self.d_in), _pow2(self.d_out)
+        BH = min(64, _pow2(self.d_hidden))
+        # larger tiles keep more [BT, K] accumulators live: more warps to hold them
+        num_warps = 4 if self.chunk * max(KP, VP) <= 64 * 64 else 8
+        return dict(
+            p=prefix, P=prefix.upper(), title=self.title(), origin=origin or "nldsl runtime",
+            activation=self.activation, residual=self.residual, hidden_l2=self.hidden_norm == "l2",
+            K=self.d_in, H=self.d_hidden, V=self.d_out, KP=KP, VP=VP, BH=BH, NH=-(-self.d_hidden // BH),
+            BT=self.chunk, num_warps=num_warps, spec=asdict(self),
+        )
+
+
 @dataclass(frozen=True)
 class KernelPart:
     """One piece of a kernels file: ``template`` (under ``codegen_templates/kernels/``) rendered
@@ -152,22 +235,26 @@ class KernelPart:
 #: Suffixes a linear part appends to its prefix (the prefix is chosen so that none collides).
 _LINEAR_NAMES = ("", "_kkt", "_solve", "_wu", "_states", "_output", "_state_grads", "_chunk_grads", "_recurrent",
                  "_chunk", "_chunk_bwd", "_step", "_states_of", "_chunk_backward", "_setup", "_backward")
-_FILE_NAMES = frozenset({"Optional", "torch", "triton", "tl", "wrap_triton", "LinearKernel", "acc_dtype", "contiguous",
-                         "define_op", "dot_precision", "is_interpreted", "NAMESPACE", "SPEC_SHA256", "KERNELS",
-                         "MISSING"})
+_FILE_NAMES = frozenset({"Optional", "torch", "triton", "tl", "wrap_triton", "LinearKernel", "MlpKernel", "acc_dtype",
+                         "contiguous", "define_op", "dot_precision", "is_interpreted", "NAMESPACE", "SPEC_SHA256",
+                         "KERNELS", "MISSING"})
 
 
-def _prefix(wanted: str, taken: set[str]) -> str:
+#: ... and those an MLP part appends.
+_MLP_NAMES = ("", "_act", "_act_grad", "_w_in", "_w_out", "_forward", "_grads", "_grads_op", "_setup", "_backward")
+
+
+def _prefix(wanted: str, taken: set[str], suffixes: tuple[str, ...] = _LINEAR_NAMES) -> str:
     """A lower-case identifier prefix whose derived names (and upper-case constants) are free."""
     p = sanitize(wanted).lower()
-    while any(n in taken or n.lstrip("_") in taken for n in _names(p)):
+    while any(n in taken or n.lstrip("_") in taken for n in _names(p, suffixes)):
         p += "_"
-    taken.update(_names(p))
+    taken.update(_names(p, suffixes))
     return p
 
 
-def _names(p: str) -> list[str]:
-    return [p + s for s in _LINEAR_NAMES] + [f"_{p}" + s for s in _LINEAR_NAMES] + [p.upper() + "_"]
+def _names(p: str, suffixes: tuple[str, ...]) -> list[str]:
+    return [p + s for s in suffixes] + [f"_{p}" + s for s in suffixes] + [p.upper() + "_"]
 
 
 def linear_part(spec: LinearKernelSpec, export: str, *, origin: str = "", taken: set[str] | None = None,
@@ -177,6 +264,15 @@ def linear_part(spec: LinearKernelSpec, export: str, *, origin: str = "", taken:
     taken = set(_FILE_NAMES) if taken is None else taken
     prefix = _prefix(prefix or spec.name, taken)
     return KernelPart("linear_memory.py.j2", spec.context(prefix, origin), exports=((export, prefix),))
+
+
+def mlp_part(spec: MlpKernelSpec, export: str, *, origin: str = "", taken: set[str] | None = None,
+             prefix: str | None = None) -> KernelPart:
+    """The part of a kernels file for one MLP memory (or CMS chain); see :func:`linear_part`."""
+    taken = set(_FILE_NAMES) if taken is None else taken
+    prefix = _prefix(prefix or spec.name, taken, _MLP_NAMES)
+    return KernelPart("mlp_grad.py.j2", spec.context(prefix, origin), exports=((export, prefix),),
+                      imports=("from nldsl.runtime._triton import MlpKernel",))
 
 
 def render_kernels(parts: list[KernelPart], *, label: str, sha256: str, doc: str,
@@ -285,6 +381,49 @@ class _NoKernel(Exception):
 PART_PLANNERS.append(_linear_planner)
 
 
+def _mlp_planner(model, item, level, ctx, taken):
+    """MLP memories (Titans' deep memory, self-modifying Titans) and CMS chains: the fused
+    per-chunk gradient of their two-layer MLPs."""
+    is_cms = not hasattr(item, "structure")
+    s = item.memories[0].structure if is_cms else item.structure
+    if s is None or s.kind != "mlp":
+        return None
+    what = "its blocks" if is_cms else "it"
+    if s.depth != 2:
+        return f"the MLP kernel covers two-layer MLPs; {what} {'have' if is_cms else 'has'} depth {s.depth}"
+    objective = (item.memories[0] if is_cms else item).objective.kind
+    if objective not in ("l2", "dot"):
+        return f"the MLP kernel takes the l2 or dot objective, not {objective}"
+    dim = model.param("dim")
+    levels = {lv.name: lv for lv in model.levels}
+    if is_cms:
+        d, hidden = dim, int(dim * s.expansion)  # as nldsl.nn.deep.CmsChain builds it
+        periods = [levels[name].period for name in item.levels]
+        key = (model.name, "cms", item.name)
+    else:
+        heads = item.heads or model.param("heads")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (heads, dim)) or dim % heads:
+            return f"its head size (dim {dim!r} / heads {heads!r}) is not a positive integer"
+        d = dim // heads
+        hidden = max(1, int(d * s.expansion))  # as DeepMemory / SelfModifyingTitans build it
+        periods = [level.period]
+        if item.inputs.generated() and item.generators in levels:  # the generating memories' chunks
+            periods.append(levels[item.generators].period)
+        key = (model.name, "memory", item.name)
+    try:
+        spec = MlpKernelSpec(name=sanitize(f"{model.name}_{item.name}"), d_in=d, d_hidden=hidden, d_out=d,
+                             activation=s.activation, residual=bool(s.residual),
+                             hidden_norm=getattr(s, "norm", None) or "none", chunk=mlp_tile(min(periods)))
+    except ValueError as e:  # the model still compiles; only its kernels are missing
+        return f"the MLP kernel cannot be specialised to {what} ({e})"
+    span = ctx.spans.get(key)
+    origin = f"{ctx.label}:{span.line}" if span else ctx.label
+    return mlp_part(spec, f"{model.name}.{item.name}", origin=origin, taken=taken, prefix=item.name)
+
+
+PART_PLANNERS.append(_mlp_planner)
+
+
 def generate_kernels(analysis) -> GeneratedKernels | None:
     """The kernels file of a checked spec, or None when none of its memories has a Triton path."""
     from nldsl.codegen import _context
@@ -313,11 +452,21 @@ def generate_kernels(analysis) -> GeneratedKernels | None:
     if not parts:
         return None
     names = ", ".join(name for part in parts for name, _ in part.exports)
-    doc = (f"Triton kernels generated from {ctx.label} for: {names}.\n\n"
-           "Each memory's rule, retention, gate transforms, chunk size and head sizes are constants of its\n"
-           "kernels. Chunkwise-parallel forward and backward (the backward recomputes the chunk states)\n"
-           "and a token-by-token kernel for decoding; states in float32 (float64 for float64 inputs).\n"
-           "Select them with the model's ``impl='triton'``; conventions: docs/kernels.md.")
+    paragraphs = [f"Triton kernels generated from {ctx.label} for: {names}."]
+    templates = {part.template for part in parts}
+    if "linear_memory.py.j2" in templates:
+        paragraphs.append(
+            "Each linear memory's rule, retention, gate transforms, chunk size and head sizes are constants\n"
+            "of its kernels. Chunkwise-parallel forward and backward (the backward recomputes the chunk\n"
+            "states) and a token-by-token kernel for decoding; states in float32 (float64 for float64 inputs).")
+    if "mlp_grad.py.j2" in templates:
+        paragraphs.append(
+            "Each MLP memory (or CMS chain) has one fused kernel for the per-chunk gradient of its two-layer\n"
+            "MLP: forward, output error, hidden error, per-token factors and chunk sums; its activation,\n"
+            "residual, hidden normalisation, dims and token tile are constants; float32 accumulation\n"
+            "(float64 for float64 inputs).")
+    paragraphs.append("Select them with the model's ``impl='triton'``; conventions: docs/kernels.md.")
+    doc = "\n\n".join(paragraphs)
     source = render_kernels(parts, label=ctx.label, sha256=ctx.sha256, doc=doc, missing=missing)
     return GeneratedKernels(source=source, exports=[n for part in parts for n, _ in part.exports], missing=missing)
 
@@ -326,7 +475,7 @@ def generate_kernels(analysis) -> GeneratedKernels | None:
 # one specialisation, in process (runtime ops, other head sizes)
 # --------------------------------------------------------------------------------------------
 
-_RUNTIME: dict[LinearKernelSpec, Any] = {}
+_RUNTIME: dict[Any, Any] = {}
 
 
 def linear_kernel(spec: LinearKernelSpec):
@@ -340,6 +489,23 @@ def linear_kernel(spec: LinearKernelSpec):
         key = hashlib.sha256(repr(spec).encode("utf-8")).hexdigest()
         source = render_kernels([linear_part(spec, spec.name)], label="nldsl runtime", sha256=key,
                                 doc=f"Triton kernels for {spec.title()} (rendered in process).")
+        module = load_module(source, f"nldsl_kernels_{spec.name}_{key[:12]}",
+                             filename=f"<nldsl kernels:{spec.name}:{key[:12]}>")
+        _RUNTIME[spec] = module.KERNELS[spec.name]
+    return _RUNTIME[spec]
+
+
+def mlp_kernel(spec: MlpKernelSpec):
+    """The :class:`~nldsl.runtime._triton.MlpKernel` of one specialisation, rendered and imported
+    in this process (cached)."""
+    if spec not in _RUNTIME:
+        from nldsl.codegen.loader import load_module
+        from nldsl.runtime._triton import require_triton
+
+        require_triton(spec.name)
+        key = hashlib.sha256(repr(spec).encode("utf-8")).hexdigest()
+        source = render_kernels([mlp_part(spec, spec.name)], label="nldsl runtime", sha256=key,
+                                doc=f"Triton kernel for the {spec.title()} (rendered in process).")
         module = load_module(source, f"nldsl_kernels_{spec.name}_{key[:12]}",
                              filename=f"<nldsl kernels:{spec.name}:{key[:12]}>")
         _RUNTIME[spec] = module.KERNELS[spec.name]

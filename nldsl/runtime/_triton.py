@@ -1,6 +1,7 @@
 """Plumbing shared by the generated Triton kernels (``kernels.py``): op registration, dtype
-choices, device checks, and :class:`LinearKernel`, the callable a generated linear memory's
-kernels are wrapped in.
+choices, device checks, and the callables generated kernels are wrapped in:
+:class:`LinearKernel` (a linear memory's) and :class:`MlpKernel` (the fused per-chunk gradient
+of a two-layer MLP memory, used by the deep memories and CMS chains).
 
 The kernels themselves are rendered from ``codegen_templates/kernels/`` by
 :mod:`nldsl.codegen.kernels`, specialised by a spec (rule, retention, gates, chunk size, head
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,9 @@ from torch import Tensor
 
 from nldsl.runtime._common import MemoryOutput, check_gate, check_qkv, check_state, resolve_scale
 
-__all__ = ["LinearKernel", "acc_dtype", "contiguous", "define_op", "dot_precision", "is_interpreted", "require_triton",
-           "register_kernel_source", "runtime_kernel", "spec_kernels", "DECODE_MAX_TOKENS"]
+__all__ = ["LinearKernel", "MlpGrads", "MlpKernel", "acc_dtype", "contiguous", "define_op", "dot_precision",
+           "is_interpreted", "mlp_chunk_reference", "require_triton", "register_kernel_source", "runtime_kernel",
+           "runtime_mlp_kernel", "spec_kernels", "DECODE_MAX_TOKENS"]
 
 #: calls of at most this many tokens that need no gradient run the token-by-token kernel
 DECODE_MAX_TOKENS = 64
@@ -276,6 +278,230 @@ def runtime_kernel(op: str, rule: str, *, lr: str, decay: str, head_k: int, head
 
 
 # --------------------------------------------------------------------------------------------
+# the generated MLP memories' kernel
+# --------------------------------------------------------------------------------------------
+
+class MlpGrads(NamedTuple):
+    """What :meth:`MlpKernel.__call__` returns for rows ``x [N, L, K]`` (None where not asked for).
+
+    y: ``M(x)`` ``[N, L, V]``. hidden: the hidden activations ``a [N, L, H]`` (the input of
+    ``W_out``). errors: ``(e [N, L, H], eps [N, L, V])``, the loss gradients at the hidden
+    pre-activations and at the output: token t's layer gradients are the rank-1 ``e_t x_t^T``
+    and ``eps_t a_t^T``. sums: ``(sum_t eta_t e_t x_t^T [N, H, K], sum_t eta_t eps_t a_t^T [N, V, H])``
+    over the L tokens (float32, or float64 for float64 inputs). input_error: ``dL/dx [N, L, K]``.
+    """
+
+    y: Optional[Tensor]
+    hidden: Optional[Tensor]
+    errors: Optional[tuple]
+    sums: Optional[tuple]
+    input_error: Optional[Tensor]
+
+
+#: the kernel's OBJECTIVE constant: the error at the output is y - target, -target, or given
+_OBJECTIVES = {"l2": 0, "dot": 1, "given": 2}
+MLP_OUTPUTS = ("y", "factors", "sums", "input_error")
+
+
+class MlpKernel:
+    """One MLP memory's generated kernel: the per-chunk gradient of ``M(z) = z + W_out act(W_in z)``
+    (the residual where the spec has it) fused into one launch, behind a calling convention shared
+    by :func:`nldsl.runtime.deep_memory.chunk_step` (per-token factors) and the CMS levels (chunk
+    sums). ``spec`` is its :class:`nldsl.codegen.kernels.MlpKernelSpec` as a dict.
+
+    The backward (outer gradients through the inner gradient, the differentiable-writes case) is
+    the PyTorch closed form of :mod:`nldsl.runtime.deep_memory`, recomputed and differentiated by
+    autograd (:meth:`vjp`); the kernel computes the values.
+    """
+
+    def __init__(self, spec: Mapping[str, Any], *, grads: Callable, interpreted: bool):
+        self.spec = dict(spec)
+        self.name = self.spec["name"]
+        self.dims = (self.spec["d_in"], self.spec["d_hidden"], self.spec["d_out"])
+        self.grads_op, self.interpreted = grads, interpreted
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"MlpKernel({self.name!r}, K={s['d_in']}, hidden={s['d_hidden']}, V={s['d_out']}, "
+                f"activation={s['activation']!r}, residual={s['residual']}, hidden_norm={s['hidden_norm']!r}, "
+                f"chunk={s['chunk']})")
+
+    # Kernels are immutable: copies share them, and a pickle rebuilds them from the specialisation.
+    def __deepcopy__(self, memo) -> "MlpKernel":
+        return self
+
+    def __reduce__(self):
+        return _rebuild_mlp, (self.spec,)
+
+    def for_dims(self, d_in: int, d_hidden: int, d_out: int) -> "MlpKernel":
+        """This kernel, or the same specialisation rendered for other dims (a model built with
+        other ``dim`` / ``heads`` than its spec's)."""
+        if (d_in, d_hidden, d_out) == self.dims:
+            return self
+        from nldsl.codegen.kernels import MlpKernelSpec, mlp_kernel
+
+        return mlp_kernel(MlpKernelSpec(**{**self.spec, "d_in": d_in, "d_hidden": d_hidden, "d_out": d_out}))
+
+    def require(self, op: str, *, activation: str, hidden_norm: str, residual: bool) -> None:
+        """Raise naming every part of a memory's configuration this kernel does not implement."""
+        want = {"activation": activation, "hidden_norm": hidden_norm, "residual": residual}
+        wrong = {k: (self.spec[k], v) for k, v in want.items() if self.spec[k] != v}
+        if wrong:
+            raise ValueError(f"{op}: its Triton kernel {self.name!r} does not implement this memory ("
+                             + ", ".join(f"{k}: kernel {a!r}, memory {b!r}" for k, (a, b) in wrong.items())
+                             + "); generate it from the memory's spec or choose impl='chunked'")
+
+    # -- the call ---------------------------------------------------------------------------
+    def __call__(self, weights, x: Tensor, target: Tensor | None = None, eta: Tensor | None = None, *,
+                 objective: str = "l2", self_target: bool = False, residual: bool | Tensor | None = None,
+                 outputs: tuple[str, ...] = ("factors",)) -> MlpGrads:
+        """The kernel on rows ``x [N, L, K]`` at ``weights = (W_in [N, H, K], W_out [N, V, H])``.
+
+        ``objective``: ``"l2"`` (the error at the output is ``M(x) - target``), ``"dot"``
+        (``-target``) or ``"given"`` (``target`` is the error itself, e.g. a local surprise);
+        ``self_target``: the target is ``M(target)`` at the same weights (``target [N, L, K]``).
+        ``eta [N, L]`` weights the sums (None: 1). ``residual``: None (the spec's), the spec's
+        bool, or a 0/1 ``[N]`` mask of the rows that add their input (needs a residual spec).
+        ``outputs``: any of ``y``, ``factors`` (hidden and errors), ``sums``, ``input_error``.
+        """
+        op = f"{self.name} (impl='triton')"
+        K, Hd, V = self.dims
+        unknown = set(outputs) - set(MLP_OUTPUTS)
+        if unknown or not outputs:
+            raise ValueError(f"{op}: outputs must be a non-empty subset of {MLP_OUTPUTS}, got {tuple(outputs)}")
+        if objective not in _OBJECTIVES:
+            raise ValueError(f"{op}: objective must be one of {tuple(_OBJECTIVES)}, got {objective!r}")
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != K or x.shape[1] == 0:
+            raise ValueError(f"{op}: x must be a [N, L >= 1, K={K}] tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        N, L = x.shape[:2]
+        if x.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: x has dtype {x.dtype}; the kernel takes float16, bfloat16, float32 or float64")
+        if not self.interpreted and x.device.type != "cuda":
+            raise RuntimeError(
+                f"{op}: the Triton kernel runs on CUDA tensors, got {x.device.type} tensors. "
+                "On a machine without a GPU, set TRITON_INTERPRET=1 before triton is imported to run it "
+                "in Triton's interpreter (slow; for tests), or choose impl='chunked'"
+            )
+        if not isinstance(weights, (list, tuple)) or len(weights) != 2:
+            raise ValueError(f"{op}: the kernel takes a two-layer MLP's weights (W_in, W_out)")
+        w_in = _rows(op, "W_in", weights[0], (N, Hd, K), x)
+        w_out = _rows(op, "W_out", weights[1], (N, V, Hd), x)
+        if self_target and objective == "given":
+            raise ValueError(f"{op}: a given error has no target to generate (self_target with objective='given')")
+        if set(outputs) - {"y"}:
+            if target is None:
+                raise ValueError(f"{op}: the gradients need target (the values, the error, or the memory's input)")
+            width = K if self_target else V
+            target = _rows(op, "target", target, (N, L, width), x)
+        else:
+            target = None
+        if eta is not None:
+            eta = _rows(op, "eta", eta, (N, L), x)
+        rows = None
+        if isinstance(residual, Tensor):
+            if not self.spec["residual"]:
+                raise ValueError(f"{op}: a per-row residual mask needs a kernel specialised with residual=True")
+            rows = _rows(op, "residual", residual, (N,), x)
+        elif residual is not None and residual != self.spec["residual"]:
+            raise ValueError(f"{op}: the kernel is specialised to residual={self.spec['residual']}, got {residual}")
+        y, a, e, eps, g_in, g_out, dx = self.grads_op(
+            x, target, eta, w_in, w_out, rows, _OBJECTIVES[objective], bool(self_target), "y" in outputs,
+            "factors" in outputs, "sums" in outputs, "input_error" in outputs)
+        return MlpGrads(y if "y" in outputs else None,
+                        a if "factors" in outputs else None,
+                        (e, eps) if "factors" in outputs else None,
+                        (g_in, g_out) if "sums" in outputs else None,
+                        dx if "input_error" in outputs else None)
+
+    # -- the backward -----------------------------------------------------------------------
+    def vjp(self, saved, flags, grads) -> tuple:
+        """Gradients of the kernel op's tensor inputs ``(x, target, eta, W_in, W_out, residual rows)``
+        for the output gradients ``grads``, by autograd through :func:`mlp_chunk_reference`."""
+        x, target, eta, w_in, w_out, rows = saved
+        objective, self_target, store_y, factors, sums, input_error = flags
+        wanted = (store_y, factors, factors, factors, sums, sums, input_error)
+        inputs = [x, target, eta, w_in, w_out]
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+            outs = mlp_chunk_reference(
+                *leaves, rows, activation=self.spec["activation"], hidden_norm=self.spec["hidden_norm"],
+                residual=self.spec["residual"], objective={v: k for k, v in _OBJECTIVES.items()}[objective],
+                self_target=self_target)
+            pairs = [(o, g.to(o.dtype)) for o, g, w in zip(outs, grads, wanted) if w and g is not None]
+            used = [t for t in leaves if t is not None]
+            found = torch.autograd.grad([o for o, _ in pairs], used, [g for _, g in pairs], allow_unused=True)
+        found = iter(found)
+        out = [None if t is None else next(found) for t in leaves]
+        return tuple(out) + (None,)  # no gradient for the residual mask
+
+
+def _rows(op: str, name: str, t, shape: tuple, like: Tensor) -> Tensor:
+    if not isinstance(t, Tensor) or tuple(t.shape) != tuple(shape):
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {got}")
+    if t.device != like.device:
+        raise ValueError(f"{op}: {name} is on {t.device}, x on {like.device}")
+    return t.to(like.dtype)
+
+
+def mlp_chunk_reference(x, target, eta, w_in, w_out, residual_rows=None, *, activation: str, hidden_norm: str,
+                        residual: bool, objective: str, self_target: bool):
+    """The kernel's outputs ``(y, a, e, eps, sum eta e x^T, sum eta eps a^T, dL/dx)`` by the PyTorch
+    closed form of :mod:`nldsl.runtime.deep_memory` (``mlp_forward`` + ``mlp_backward``): the
+    kernel's backward, and what it is tested against. Without a target, only ``y``."""
+    from nldsl.runtime.deep_memory import hidden_act, mlp_backward, mlp_forward, output_error
+
+    act = hidden_act(hidden_norm, activation)
+    res = residual_rows if residual_rows is not None else residual
+    ws = [w_in, w_out]
+    y, hs, ins = mlp_forward(ws, x, act, res)
+    if target is None:  # the forward only
+        return (y,) + (None,) * 6
+    if objective == "given":
+        eps = target
+    else:
+        tgt = mlp_forward(ws, target, act, res)[0] if self_target else target
+        eps = output_error(y, tgt, objective)
+    e, eps = mlp_backward(ws, hs, eps, act)
+    a = ins[1]
+    w = 1 if eta is None else eta.unsqueeze(-1)
+    dx = e @ w_in
+    if residual_rows is not None:
+        dx = dx + residual_rows.view(-1, 1, 1) * eps
+    elif residual:
+        dx = dx + eps
+    return y, a, e, eps, (w * e).transpose(-1, -2) @ x, (w * eps).transpose(-1, -2) @ a, dx
+
+
+def _rebuild_mlp(spec: Mapping[str, Any]) -> MlpKernel:
+    from nldsl.codegen.kernels import MlpKernelSpec, mlp_kernel
+
+    return mlp_kernel(MlpKernelSpec(**spec))
+
+
+def runtime_mlp_kernel(op: str, kernel: MlpKernel | None, *, depth: int, d_in: int, d_hidden: int, d_out: int,
+                       activation: str, hidden_norm: str, residual: bool, chunk: int) -> MlpKernel:
+    """The MLP kernel an ``impl='triton'`` call of a deep-memory op runs: ``kernel`` (a compiled
+    spec's, for these dims) or, when None, one rendered in process for the call's configuration.
+    Raises (never falls back) naming what the kernel does not cover."""
+    if depth != 2:
+        raise ValueError(f"{op}: impl='triton' runs two-layer MLP memories (the fused kernel's); this one has "
+                         f"{depth} layer{'s' if depth != 1 else ''}; choose impl='chunked'")
+    if kernel is None:
+        require_triton(op)
+        from nldsl.codegen.kernels import MlpKernelSpec, mlp_kernel, mlp_tile
+
+        return mlp_kernel(MlpKernelSpec(name=op, d_in=d_in, d_hidden=d_hidden, d_out=d_out, activation=activation,
+                                        residual=bool(residual), hidden_norm=hidden_norm, chunk=mlp_tile(chunk)))
+    if not isinstance(kernel, MlpKernel):
+        raise TypeError(f"{op}: kernel must be an MlpKernel (a generated MLP memory's), got {type(kernel).__name__}")
+    kernel = kernel.for_dims(d_in, d_hidden, d_out)
+    kernel.require(op, activation=activation, hidden_norm=hidden_norm, residual=bool(residual))
+    return kernel
+
+
+# --------------------------------------------------------------------------------------------
 # finding a generated module's kernels
 # --------------------------------------------------------------------------------------------
 
@@ -306,8 +532,8 @@ def spec_kernels(module_name: str, module_file: str | None, spec_sha256: str):
                 where = f"no kernels.py beside {module_file}" if path is not None else "none generated"
                 raise RuntimeError(
                     f"impl='triton': no Triton kernels for {module_name} ({where}): kernels are generated for "
-                    "specs with linear memories under the Hebbian, delta, gated delta or DGD rule "
-                    "(`nldsl compile` writes them to kernels.py next to module.py)"
+                    "specs with linear memories under the Hebbian, delta, gated delta or DGD rule, two-layer "
+                    "MLP memories and CMS chains (`nldsl compile` writes them to kernels.py next to module.py)"
                 )
             source, filename = path.read_text(encoding="utf-8"), str(path)
         _LOADED[key] = load_module(source, key, filename=filename)

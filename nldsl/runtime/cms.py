@@ -65,9 +65,11 @@ aggregation weights and, straight through, the starting weights).
 
 Implementations: ``"reference"`` (token loop, inner gradients by ``torch.func.grad`` of the
 per-token objective, the chain-output surprise by differentiating ``<y, delta>`` through the
-whole chain) and ``"chunked"`` (a loop over the pieces between consecutive level boundaries;
+whole chain), ``"chunked"`` (a loop over the pieces between consecutive level boundaries;
 every piece is a static MLP chain batched over its tokens, with a closed-form backward whose
-rank-1 per-token gradients are summed by one matmul per layer).
+rank-1 per-token gradients are summed by one matmul per layer) and ``"triton"`` (``"chunked"``
+with each block's forward, errors and chunk sums from the fused Triton MLP kernel: two-layer
+blocks).
 """
 from __future__ import annotations
 
@@ -153,6 +155,7 @@ def cms_chain(
     output_final_state: bool = False,
     return_info: bool = False,
     impl: str = "chunked",
+    kernel=None,
 ) -> CmsOutput:
     """Run a CMS over ``x [B, T, D]`` (see the module docstring).
 
@@ -167,12 +170,17 @@ def cms_chain(
         agg_weights: ``[n]`` weights of the independent variant's sum (None = plain sum).
         detach: writes are constants for autograd.
         initial_state: a :class:`CmsState` to continue a stream.
-        impl: ``"chunked"`` (default) or ``"reference"``.
+        impl: ``"chunked"`` (default), ``"reference"`` or ``"triton"`` (the chunked path with every
+            block's forward, errors and chunk-summed gradients from the fused Triton MLP kernel).
+        kernel: with ``impl="triton"``, the :class:`~nldsl.runtime._triton.MlpKernel` to run (a
+            compiled spec's; rendered for each block's dims); None renders one for this call.
 
     Returns:
         ``CmsOutput(o [B, T, D_out] in x's dtype, final_state or None, info or None)``.
     """
-    fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference})
+    fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference, "triton": _chunked})
+    if kernel is not None and impl != "triton":
+        raise ValueError(f"{_OP}: kernel= is used with impl='triton' only (impl={impl!r})")
     if not isinstance(x, Tensor) or x.dim() != 3:
         raise ValueError(f"{_OP}: x must be a [B, T, D] tensor")
     B, T, D = x.shape
@@ -258,7 +266,16 @@ def cms_chain(
         targets = None if targets is None else [t.detach() for t in targets]
 
     cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective,
-               act=hidden_act(hidden_norm, activation), residual=residual, detach=detach, periods=periods)
+               act=hidden_act(hidden_norm, activation), residual=residual, detach=detach, periods=periods,
+               kernels=None)
+    if impl == "triton":
+        from nldsl.runtime._triton import runtime_mlp_kernel
+
+        cfg["kernels"] = [
+            runtime_mlp_kernel(_OP, kernel, depth=len(block), d_in=block[0].shape[-1], d_hidden=block[0].shape[-2],
+                               d_out=block[-1].shape[-2], activation=activation, hidden_norm=hidden_norm,
+                               residual=residual, chunk=min(periods))
+            for block in params]
     y, ws, gs, offs, outputs, updates, resets = fn(xs, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg)
     state = None
     if output_final_state:
@@ -314,6 +331,17 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
     t = 0
     for j, L in enumerate(lens):
         rws = _read_weights(ws, st)
+        if cfg["kernels"] is not None:  # impl='triton'
+            out, level_outs, sums = _kernel_piece(
+                cfg["kernels"], ws, rws, xp[j], [e[j] for e in ep], None if dp is None else [d[j] for d in dp],
+                None if tp is None else [tg[j] for tg in tp], agg, cfg)
+            ys.append(out)
+            for l in range(n):
+                outs[l].append(level_outs[l])
+                gs[l] = [G + S.to(G.dtype) for G, S in zip(gs[l], sums[l])]
+            _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets)
+            t += L
+            continue
         # forward through the blocks with their (constant) chunk-start weights
         inp, fw = xp[j], []
         for l in range(n):
@@ -360,6 +388,52 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
         t += L
     outputs = [torch.cat(o, dim=1) for o in outs]
     return torch.cat(ys, dim=1), ws, gs, offs, outputs, updates, resets
+
+
+def _kernel_piece(kernels, ws, rws, x, etas, deltas, targets, agg, cfg):
+    """One piece with the fused MLP kernel (one launch per block, two for a chain that propagates
+    the chain-output surprise): ``(output, every block's output, every block's sum_t eta_t grad_t)``.
+    The same computation as :func:`_chunked`'s closed form: reads at ``rws``, errors at ``ws``
+    (equal in value; with ``detach`` the sums are constants)."""
+    n, variant, signal = len(ws), cfg["variant"], cfg["signal"]
+
+    def summed(r):
+        return [S.detach() for S in r.sums] if cfg["detach"] else list(r.sums)
+
+    ys, sums = [None] * n, [None] * n
+    if signal == "surprise" and cfg["single_delta"] and variant != "independent":
+        # forward through the chain, then the chain-output surprise backwards through it: each
+        # block's error is the input error of the block after it (its input's gradient)
+        inputs, inp = [], x
+        for l in range(n):
+            inputs.append(inp)
+            inp = ys[l] = kernels[l](rws[l], inp, outputs=("y",)).y
+        d = deltas[0]
+        for l in range(n - 1, -1, -1):
+            src = inputs[l].detach() if cfg["detach"] else inputs[l]
+            r = kernels[l](ws[l], src, d, etas[l], objective="given",
+                           outputs=("sums", "input_error") if l else ("sums",))
+            sums[l] = summed(r)
+            d = r.input_error
+        return ys[-1], ys, sums
+    inp = x
+    for l in range(n):
+        src = x if variant == "independent" else inp
+        if signal == "surprise":
+            d = deltas[l]
+            if cfg["single_delta"] and agg is not None:  # independent: delta_l = w_l delta
+                d = agg[l] * d
+            r = kernels[l](rws[l], src, d, etas[l], objective="given", outputs=("y", "sums"))
+        else:
+            r = kernels[l](rws[l], src, targets[l], etas[l], objective=cfg["objective"],
+                           self_target=signal == "self", outputs=("y", "sums"))
+        ys[l], sums[l] = r.y, summed(r)
+        inp = r.y
+    if variant == "independent":
+        out = sum((ys[l] if agg is None else agg[l] * ys[l]) for l in range(n))
+    else:
+        out = ys[-1]
+    return out, ys, sums
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,6 +74,9 @@ Implementations (``impl=``):
   of the ``C d_out d_in`` of a weight copy per token (d=32, hidden 128, C=64: ~15k vs ~262k floats
   per head and layer, 18x less; and nothing is stored per token for the end-of-chunk state).
   Only the anchor weights of each chunk are kept (autograd needs them for the backward).
+* ``"triton"``: ``"chunked"`` with each chunk's gradients (forward, output error, both layers'
+  errors) from one fused Triton kernel (:class:`nldsl.runtime._triton.MlpKernel`; two-layer
+  MLPs; docs/kernels.md). Its backward is the closed form above, differentiated by autograd.
 
 DGD inside a chunk. Write ``X`` for the input-side matrix, chunk start ``X_0`` (the running state
 the chunk enters with), ``P[t, j] = prod_{l=j+1}^t alpha_l``. Since
@@ -280,6 +283,7 @@ def chunk_step(
     read: str,
     st: Optional[Sequence[Tensor]] = None,
     read_rows: Optional[slice] = None,
+    kernel=None,
 ):
     """Run L <= C consecutive tokens that share one anchor.
 
@@ -287,13 +291,19 @@ def chunk_step(
     weights; k ``[N, L, K]``, v ``[N, L, *]``, eta/alpha/beta ``[N, L]`` (alpha/beta may be None),
     q ``[N, L, K]`` or None (no read). ``residual``: a bool or a per-row ``[N]`` mask. ``st``:
     straight-through terms added to the read weights (detach mode). ``read_rows``: read only
-    these rows (q then has only them). Returns ``(o or None, ws_end, ms_end)``.
+    these rows (q then has only them). ``kernel``: an :class:`~nldsl.runtime._triton.MlpKernel`
+    that computes the gradients below in one launch (impl='triton'). Returns
+    ``(o or None, ws_end, ms_end)``.
     """
     L = k.shape[1]
-    # gradients of all L tokens at the anchor (closed-form backward, batched)
-    y, hs, ins = mlp_forward(anchor, k, act, residual)
-    target = mlp_forward(anchor, v, act, residual)[0] if signal == "self" else v
-    es = mlp_backward(anchor, hs, output_error(y, target, objective), act)
+    # gradients of all L tokens at the anchor: per layer, the rank-1 factors e_j a_j^T
+    if kernel is None:  # closed-form backward, batched
+        y, hs, ins = mlp_forward(anchor, k, act, residual)
+        target = mlp_forward(anchor, v, act, residual)[0] if signal == "self" else v
+        es = mlp_backward(anchor, hs, output_error(y, target, objective), act)
+    else:  # forward, output error and both layers' errors fused in the Triton kernel
+        g = kernel(anchor, k, v, objective=objective, self_target=signal == "self", residual=residual)
+        ins, es = [k, g.hidden], list(g.errors)
     Us = [-eta.unsqueeze(-1) * e for e in es]                      # u_j = U_j a_j^T
 
     # gate coefficients over the piece (index 0 = piece start, see segment_products)
@@ -449,6 +459,7 @@ def mlp_memory(
     initial_state: Optional[DeepMemoryState] = None,
     output_final_state: bool = False,
     impl: str = "chunked",
+    kernel=None,
 ) -> MemoryOutput:
     """An MLP memory per head, written by in-context gradient steps (see the module docstring).
 
@@ -467,12 +478,18 @@ def mlp_memory(
         detach: writes are constants for autograd (first-order "meta + delta").
         initial_state: a :class:`DeepMemoryState` to continue a stream.
         output_final_state: return the :class:`DeepMemoryState`.
-        impl: ``"chunked"`` (default) or ``"reference"``.
+        impl: ``"chunked"`` (default), ``"reference"`` or ``"triton"``: the chunked path with each
+            chunk's gradients from the fused Triton kernel (two-layer MLPs only; CUDA tensors, or
+            CPU under ``TRITON_INTERPRET=1``).
+        kernel: with ``impl="triton"``, the :class:`~nldsl.runtime._triton.MlpKernel` to run (a
+            compiled spec's); None renders one for this call's configuration.
 
     Returns:
         ``MemoryOutput(o [B, T, H, V] in q's dtype, final_state or None)``.
     """
-    fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference})
+    fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference, "triton": _chunked})
+    if kernel is not None and impl != "triton":
+        raise ValueError(f"{_OP}: kernel= is used with impl='triton' only (impl={impl!r})")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError(f"{_OP}: {name} must be a [B, T, H, D] tensor")
@@ -549,6 +566,12 @@ def mlp_memory(
 
     cfg = dict(objective=objective, signal=signal, rule=rule, act=hidden_act(hidden_norm, activation),
                residual=residual, read=read)
+    if impl == "triton":
+        from nldsl.runtime._triton import runtime_mlp_kernel
+
+        cfg["kernel"] = runtime_mlp_kernel(_OP, kernel, depth=len(base), d_in=K, d_hidden=base[0].shape[-2],
+                                           d_out=V, activation=activation, hidden_norm=hidden_norm,
+                                           residual=residual, chunk=C)
     o, ws, anchor, ms, off = fn(qs, ks, vs, es, al, be, ws, anchor, ms, off, C, cfg, st)
     o = o.reshape(B, H, T, -1).transpose(1, 2).to(q.dtype)
     state = None

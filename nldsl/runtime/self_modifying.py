@@ -59,10 +59,11 @@ the static inputs and the biases through all inner updates); ``detach=True`` mak
 constants (first order; then only the output path -- M_memory's and M_q's starting weights
 straight through, q, x via q -- gets gradients).
 
-Implementations: ``"reference"`` (token loop, inner gradients by ``torch.func.grad``) and
+Implementations: ``"reference"`` (token loop, inner gradients by ``torch.func.grad``),
 ``"chunked"`` (a loop over the pieces between boundaries of either chunk size; each piece runs
 :func:`nldsl.runtime.deep_memory.chunk_step` once per group of same-shaped memories, stacked along
-the batch axis: {M_k, M_v, M_q}, {M_eta, M_alpha}, {M_memory}).
+the batch axis: {M_k, M_v, M_q}, {M_eta, M_alpha}, {M_memory}) and ``"triton"`` (``"chunked"``
+with each group's per-chunk gradients from the fused Triton MLP kernel: two-layer memories).
 """
 from __future__ import annotations
 
@@ -156,6 +157,7 @@ def self_modifying_titans(
     initial_state: Optional[SelfModifyingState] = None,
     output_final_state: bool = False,
     impl: str = "chunked",
+    kernel=None,
 ) -> MemoryOutput:
     """Self-modifying Titans over ``x [B, T, H, D]`` (see the module docstring).
 
@@ -177,12 +179,17 @@ def self_modifying_titans(
             ``"running"`` (M_memory's output read).
         detach: writes are constants for autograd.
         initial_state / output_final_state: a :class:`SelfModifyingState` to continue a stream.
-        impl: ``"chunked"`` (default) or ``"reference"``.
+        impl: ``"chunked"`` (default), ``"reference"`` or ``"triton"`` (the chunked path with every
+            memory's per-chunk gradients from the fused Triton MLP kernel).
+        kernel: with ``impl="triton"``, the :class:`~nldsl.runtime._triton.MlpKernel` to run (a
+            compiled spec's); None renders one for this call's configuration.
 
     Returns:
         ``MemoryOutput(y [B, T, H, D] in x's dtype, final_state or None)``.
     """
-    fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference})
+    fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference, "triton": _chunked})
+    if kernel is not None and impl != "triton":
+        raise ValueError(f"{_OP}: kernel= is used with impl='triton' only (impl={impl!r})")
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"{_OP}: x must be a [B, T, H, D] tensor")
     B, T, H, D = x.shape
@@ -296,7 +303,19 @@ def self_modifying_titans(
     cfg = dict(gen=gen, objective=objective, rule=rule, act=hidden_act(hidden_norm, activation),
                residual=residual, read=read,
                qk_norm=qk_norm, v_norm=v_norm, eta_max=eta_max, eta_bias=eta_bias, alpha_bias=alpha_bias,
-               retention=retention, detach=detach, Cg=Cg, Cm=Cm)
+               retention=retention, detach=detach, Cg=Cg, Cm=Cm, kernel=None)
+    if impl == "triton":
+        from nldsl.runtime._triton import runtime_mlp_kernel
+
+        # every memory is a D -> hidden -> D MLP (M_eta, M_alpha padded to D outputs, see _plan);
+        # one kernel per hidden width
+        widths = {W[0].shape[-2] for W in base.values()}
+        depth = next(iter({len(W) for W in base.values()} - {2}), 2)  # a memory the kernel cannot run, if any
+        cfg["kernel"] = {
+            width: runtime_mlp_kernel(_OP, kernel, depth=depth, d_in=D, d_hidden=width, d_out=D,
+                                      activation=activation, hidden_norm=hidden_norm, residual=residual,
+                                      chunk=min(Cm, Cg))
+            for width in sorted(widths)}
     y, ws, anchor, ms, offs = fn(inputs, ws, anchor, ms, offs, st, cfg)
     y = y.reshape(B, H, T, D).transpose(1, 2).to(x.dtype)
     state = None
@@ -422,6 +441,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
                 objective=cfg["objective"], signal="self", rule=cfg["rule"], act=act,
                 residual=g["residual"], read=cfg["read"], st=g["st"],
                 read_rows=slice(g["n_gen"] * N, (g["n_gen"] + 1) * N),
+                kernel=None if cfg["kernel"] is None else cfg["kernel"][g["ws"][0].shape[-2]],
             )
             if g["has_mem"]:
                 ys.append(o)

@@ -59,7 +59,6 @@ def test_the_specialisation_is_baked_in():
 
 def test_specs_without_a_triton_path_get_no_kernels_file():
     assert kernels_of("transformer") is None
-    assert kernels_of("titans") is None  # its memory is an MLP
 
 
 def test_two_specs_never_share_a_namespace():

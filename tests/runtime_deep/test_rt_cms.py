@@ -198,7 +198,7 @@ def test_errors():
     with pytest.raises(ValueError, match="one entry of periods"):
         cms_chain(x["x"], x["params"], periods=(2, 4), lr=0.1, delta=x["delta"])
     with pytest.raises(ValueError, match="valid impl"):
-        cms_chain(x["x"], x["params"], periods=PERIODS, lr=0.1, delta=x["delta"], impl="triton")
+        cms_chain(x["x"], x["params"], periods=PERIODS, lr=0.1, delta=x["delta"], impl="fused")
     bad = CmsState(tuple(tuple(lw) for lw in x["params"]), tuple(tuple(lw) for lw in x["params"]), (0, 9, 0))
     with pytest.raises(ValueError, match="offset"):
         cms_chain(x["x"], x["params"], periods=PERIODS, lr=0.1, delta=x["delta"], initial_state=bad)

@@ -220,7 +220,7 @@ def test_low_precision_keeps_fp32_state():
 def test_errors():
     x = memory_inputs(T=4, seed=13)
     with pytest.raises(ValueError, match="valid impl"):
-        run(x, "triton")
+        run(x, "fused")
     with pytest.raises(ValueError, match="read"):
         run(x, "chunked", read="later")
     with pytest.raises(ValueError, match="initial weights"):

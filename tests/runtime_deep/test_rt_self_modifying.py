@@ -153,7 +153,7 @@ def test_errors():
     with pytest.raises(ValueError, match="exactly one source"):
         self_modifying_titans(x["x"], params=params, chunk_size=2, gen_chunk_size=2)
     with pytest.raises(ValueError, match="valid impl"):
-        run(x, "triton")
+        run(x, "fused")
 
 
 def test_memories_of_different_widths():
