@@ -177,14 +177,22 @@ def compile_spec(path: str | Path):
 
     analysis = analyze_file(path)
     gen = generate(analysis)
-    key = gen.sha256 + ":" + gen.spec_name
+    spec_dir = str(Path(path).resolve().parent)
+    key = gen.sha256 + ":" + gen.spec_name + ":" + spec_dir
     if key not in _LOADED:
         kernels = _kernels(analysis)
         if kernels is not None:  # imported on first use of impl='triton' (no triton needed before)
             from nldsl.runtime._triton import register_kernel_source
 
             register_kernel_source(gen.module_name, kernels.source, gen.filename[:-1] + ":kernels>")
-        _LOADED[key] = load_module(gen.source, gen.module_name, filename=gen.filename)
+        module = load_module(gen.source, gen.module_name, filename=gen.filename)
+        from nldsl.nn.model import NSAMModel
+
+        for name in module.__all__:  # relative paths in the spec resolve against its directory
+            cls = getattr(module, name)
+            if isinstance(cls, type) and issubclass(cls, NSAMModel):
+                cls.spec_dir = spec_dir
+        _LOADED[key] = module
     return _LOADED[key]
 
 

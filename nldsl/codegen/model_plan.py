@@ -142,7 +142,8 @@ class Planner:
         common = (f"objective={obj!r}, rule={rule!r}, momentum={mom}, read={_repr(mem.read)}, "
                   f"qk_norm={_repr(mem.qk_norm)}, v_norm={_repr(mem.v_norm)}, conv={_repr(mem.conv)}, "
                   f"hidden_norm={_repr(mem.structure.norm)}, detach={_repr(mem.writes == 'detached')}, "
-                  f"scope={_repr(level.scope)}")
+                  f"scope={_repr(level.scope)}, impl=config.impl, "
+                  f"kernel=config.kernel({_repr(self.model.name + '.' + mem.name)})")
         generated = mem.inputs.generated()
         if generated:
             gen_level = self.levels.get(mem.generators)
@@ -184,7 +185,7 @@ class Planner:
             problems.append(("rule", "a rule other than plain gd (no momentum, no retention)"))
         if any(m.read != "anchor" for m in c.memories):
             problems.append(("read", "`read running` (a block's weights are constant inside its chunk, Eq. 71)"))
-        if first.init.kind not in ("meta", "random"):
+        if first.init.kind not in ("meta", "random", "pretrained"):
             problems.append(("init", f"initial state `{first.init.kind}`"))
         if first.objective.kind not in ("l2", "dot"):
             problems.append(("objective", f"objective `{first.objective.kind}`"))
@@ -199,7 +200,10 @@ class Planner:
                 f"expansion={_repr(float(s.expansion))}, depth={_repr(s.depth)}, residual={_repr(s.residual)}, "
                 f"activation={_repr(s.activation)}, hidden_norm={_repr(s.norm)}, lr={_repr(float(first.lr.value))}, "
                 f"signal={_repr(first.signal)}, "
-                f"objective={_repr(first.objective.kind)}, detach={_repr(first.writes == 'detached')})")
+                f"objective={_repr(first.objective.kind)}, detach={_repr(first.writes == 'detached')}, "
+                + (f"levels={tuple(c.levels)!r}, pretrained={first.init.path!r}, spec_dir=config.spec_dir, "
+                   if first.init.kind == "pretrained" else "") +
+                f"impl=config.impl, kernel=config.kernel({_repr(self.model.name + '.' + c.name)}))")
 
     def _rate(self, kind: str, value) -> str | None:
         if kind in ("none",):

@@ -32,6 +32,19 @@ def _mlp_weights(heads: int, d_in: int, hidden: int, d_out: int, depth: int, res
     return nn.ParameterList(ws)
 
 
+def _mlp_kernel(op: str, impl: str, kernel, **config):
+    """impl='triton': the memory's fused MLP gradient kernel (the spec's ``kernel``, rendered for
+    these dims, or one rendered for this configuration when None), checked against the memory:
+    anything it does not implement raises here, never falls back. Otherwise None."""
+    if impl != "triton":
+        if kernel is not None:
+            raise ValueError(f"{op}: kernel= is used with impl='triton' only (impl={impl!r})")
+        return None
+    from nldsl.runtime._triton import runtime_mlp_kernel
+
+    return runtime_mlp_kernel(op, kernel, **config)
+
+
 class DeepMemory(nn.Module):
     """An MLP memory trained in context (Titans' long-term memory, paper section 8.1)."""
 
@@ -40,7 +53,7 @@ class DeepMemory(nn.Module):
                  rule: str = "gd", lr="gate", retention=None, momentum=None, chunk_size: int = 1,
                  read: str = "anchor", qk_norm: str = "none", conv: int = 0, detach: bool = False,
                  init: str = "meta", scope: str = "sequence", v_norm: str = "none",
-                 hidden_norm: str = "none", impl: str = "chunked"):
+                 hidden_norm: str = "none", impl: str = "chunked", kernel=None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -64,6 +77,9 @@ class DeepMemory(nn.Module):
         self.weights = _mlp_weights(heads, self.head_dim, hidden, self.head_dim, depth, residual)
         if init != "meta":  # a fixed random start: not learned by the outer level
             self.weights.requires_grad_(False)
+        self.kernel = _mlp_kernel("DeepMemory", impl, kernel, depth=depth, d_in=self.head_dim, d_hidden=hidden,
+                                  d_out=self.head_dim, activation=activation, hidden_norm=hidden_norm,
+                                  residual=residual, chunk=chunk_size)
 
     def _rate(self, gate, const, x):
         if gate is not None:
@@ -94,7 +110,7 @@ class DeepMemory(nn.Module):
             chunk_size=self.chunk_size, read=self.read, objective=self.objective, rule=self.rule,
             activation=self.activation, hidden_norm=self.hidden_norm, residual=self.residual,
             detach=self.detach, initial_state=None if state is None else state["memory"], output_final_state=True,
-            impl=self.impl)
+            impl=self.impl, kernel=self.kernel)
         y = self.o_proj(o.reshape(B, T, self.dim))
         return y, {"memory": mem_state, "conv": conv_state}
 
@@ -118,7 +134,8 @@ class SelfModifyingTitans(nn.Module):
                  activation: str = "gelu", objective: str = "l2", rule: str = "dgd", momentum=None,
                  retention: bool = True, read: str = "anchor", qk_norm: str = "l2", conv: int = 4,
                  detach: bool = False, scope: str = "sequence", v_norm: str = "none",
-                 hidden_norm: str = "none", eta_max: float | None = None, impl: str = "chunked"):
+                 hidden_norm: str = "none", eta_max: float | None = None, impl: str = "chunked",
+                 kernel=None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -153,6 +170,9 @@ class SelfModifyingTitans(nn.Module):
         self.eta_bias = nn.Parameter(torch.tensor(0.0))
         self.alpha_bias = nn.Parameter(torch.tensor(4.0))
         self.conv_weight = nn.Parameter(self._conv_init(heads, D, conv)) if conv else None
+        self.kernel = _mlp_kernel("SelfModifyingTitans", impl, kernel, depth=2, d_in=D, d_hidden=hidden, d_out=D,
+                                  activation=activation, hidden_norm=hidden_norm, residual=residual,
+                                  chunk=min(chunk_size, gen_chunk_size))
 
     @staticmethod
     def _conv_init(heads, D, width):
@@ -182,7 +202,7 @@ class SelfModifyingTitans(nn.Module):
             v_norm=self.v_norm == "l2", hidden_norm=self.hidden_norm,
             rule=self.rule, objective=self.objective, read=self.read, activation=self.activation,
             residual=self.residual, detach=self.detach, initial_state=state, output_final_state=True,
-            impl=self.impl, **static)
+            impl=self.impl, kernel=self.kernel, **static)
         return self.o_proj(y.reshape(B, T, self.dim)), new
 
     def new_sequence(self, state):
@@ -191,6 +211,51 @@ class SelfModifyingTitans(nn.Module):
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, generated={self.generated}, chunk={self.chunk_size}, "
                 f"gen_chunk={self.gen_chunk_size}, rule={self.rule}, read={self.read}")
+
+
+def ws_shapes(blocks) -> list[list[tuple[int, ...]]]:
+    """``[d_out, d_in]`` of every weight of every block (application order)."""
+    return [[tuple(w.shape[1:]) for w in ws] for ws in blocks]
+
+
+def load_pretrained_mlps(path: str, spec_dir: str | None, levels: tuple[str, ...],
+                         shapes: list[list[tuple[int, ...]]]) -> list[list[Tensor]]:
+    """The initial weights of CMS levels from a safetensors file (``init pretrained("file")``).
+
+    The file holds each level's MLP in application order as ``"<level>.<i>"`` (``[d_out, d_in]``,
+    ``i = 0`` the input-side matrix: the paper's ``W_2`` in ``x + W_1 act(W_2 x)``), or one MLP
+    for every level as ``"<i>"``. A relative path is relative to the spec's directory.
+    """
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if not file.is_absolute() and spec_dir is not None:
+        file = Path(spec_dir) / file
+    if not file.is_file():
+        where = f" (relative to the spec's directory {spec_dir})" if spec_dir and not Path(path).is_absolute() else ""
+        raise FileNotFoundError(f"init pretrained: no weights file {path!r}{where}")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"init pretrained: {path!r} is not a readable safetensors file ({e})") from None
+    out = []
+    for level, level_shapes in zip(levels, shapes):
+        weights = []
+        for i, shape in enumerate(level_shapes):
+            key = f"{level}.{i}" if f"{level}.{i}" in tensors else str(i)
+            if key not in tensors:
+                raise ValueError(f"init pretrained: {path!r} has no weight {level}.{i} (or {i}, shared by "
+                                 f"every level) for CMS level `{level}`; it holds {sorted(tensors)}")
+            t = tensors[key]
+            if tuple(t.shape) != shape:
+                raise ValueError(f"init pretrained: {path!r}: weight {key} has shape {tuple(t.shape)}, the "
+                                 f"level's MLP needs {shape} ([d_out, d_in], application order)")
+            weights.append(t)
+        out.append(weights)
+    return out
 
 
 class CmsChain(nn.Module):
@@ -207,7 +272,9 @@ class CmsChain(nn.Module):
                  variant: str = "sequential", expansion: float = 4.0, depth: int = 2,
                  residual: bool = True, activation: str = "gelu", lr: float = 0.01,
                  signal: str = "surprise", objective: str = "l2", detach: bool = True,
-                 hidden_norm: str = "none", impl: str = "chunked"):
+                 hidden_norm: str = "none", levels: tuple[str, ...] | None = None,
+                 pretrained: str | None = None, spec_dir: str | None = None, impl: str = "chunked",
+                 kernel=None):
         super().__init__()
         self.dim, self.periods, self.scopes, self.variant = dim, tuple(periods), tuple(scopes), variant
         self.activation, self.residual, self.lr, self.signal = activation, residual, lr, signal
@@ -219,7 +286,16 @@ class CmsChain(nn.Module):
         for ws in self.blocks:  # a residual MLP block: starts near the identity, not at it
             with torch.no_grad():
                 ws[-1].normal_(0.0, hidden ** -0.5 * 0.1)
+        if pretrained is not None:  # ad-hoc level stacking (section 7.3): start from a trained MLP
+            names = tuple(levels) if levels is not None else tuple(f"level{i}" for i in range(len(periods)))
+            for ws, weights in zip(self.blocks, load_pretrained_mlps(pretrained, spec_dir, names, ws_shapes(self.blocks))):
+                with torch.no_grad():
+                    for w, t in zip(ws, weights):
+                        w[0].copy_(t)
         self.agg = nn.Parameter(torch.ones(len(periods)) / len(periods)) if variant == "independent" else None
+        self.kernel = _mlp_kernel("CmsChain", impl, kernel, depth=depth, d_in=dim, d_hidden=hidden, d_out=dim,
+                                  activation=activation, hidden_norm=hidden_norm, residual=residual,
+                                  chunk=min(periods))
         self.tape: list | None = None  # set by the model while it collects surprise signals
 
     def _params(self):
@@ -229,8 +305,8 @@ class CmsChain(nn.Module):
         return cms_chain(x, self._params(), periods=self.periods, lr=self.lr, variant=self.variant,
                          signal=self.signal, delta=delta, target=target, objective=self.objective,
                          agg_weights=self.agg, activation=self.activation, hidden_norm=self.hidden_norm,
-                         residual=self.residual,
-                         detach=self.detach, initial_state=state, output_final_state=True, impl=self.impl)
+                         residual=self.residual, detach=self.detach, initial_state=state, output_final_state=True,
+                         impl=self.impl, kernel=self.kernel)
 
     def forward(self, x: Tensor, state=None):
         """Reads with the blocks' chunk-start weights. A surprise-driven chain writes nothing

@@ -66,6 +66,7 @@ class Config:
     extra: dict = field(default_factory=dict)
     impl: str = "chunked"
     kernels: tuple | None = None
+    spec_dir: str | None = None  # where relative paths of the spec (pretrained weights) resolve
 
     def __post_init__(self):
         if self.impl not in MODEL_IMPLS:
@@ -113,9 +114,15 @@ class NSAMModel(nn.Module):
     levels: tuple[LevelInfo, ...] = ()
     spec_file: str = ""
     spec_hash: str = ""
+    #: the spec's directory, which relative paths in it (``init pretrained("...")``) are relative
+    #: to; ``nldsl.compile`` sets it, a package written by ``nldsl compile -o`` leaves it None
+    #: (the current directory) unless the user sets it
+    spec_dir: str | None = None
 
     def __init__(self, config: Config, block_cls: type[nn.Module]):
         super().__init__()
+        if config.spec_dir is None:
+            config.spec_dir = type(self).spec_dir
         self.config = config
         self.embed = nn.Embedding(config.vocab, config.dim)
         self.blocks = nn.ModuleList([block_cls(config, i) for i in range(config.layers)])
