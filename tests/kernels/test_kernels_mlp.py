@@ -330,3 +330,29 @@ def test_kernels_copy_pickle_and_rerender_for_other_dims():
     assert pickle.loads(pickle.dumps(kernel)) is kernel  # the same specialisation, cached
     wider = kernel.for_dims(16, 40, 16)
     assert wider.dims == (16, 40, 16) and wider.spec["activation"] == kernel.spec["activation"]
+
+
+# --------------------------------------------------------------------------------------------
+# the kernels file of a spec with deep memories
+# --------------------------------------------------------------------------------------------
+
+def test_deep_memories_get_a_specialised_kernel_in_the_kernels_file():
+    from pathlib import Path
+
+    from nldsl.codegen.kernels import generate_kernels
+    from nldsl.spec import analyze_file
+
+    specs = Path(__file__).resolve().parents[2] / "specs"
+    titans = generate_kernels(analyze_file(specs / "titans.nl"))
+    assert titans.exports == ["Titans.mem"] and titans.missing == {}
+    assert titans.source == generate_kernels(analyze_file(specs / "titans.nl")).source  # deterministic
+    src = titans.source
+    # dim 128 / 4 heads, expansion 4, chunks of 16 tokens, silu, L2-normalised hidden, residual
+    for line in ("MEM_K = tl.constexpr(32)", "MEM_H = tl.constexpr(128)", "MEM_BT = tl.constexpr(16)",
+                 "return h * tl.sigmoid(h)", "inv_r = 1. / tl.sqrt(sq + 1e-12)", "y += z.to(ACC) * res"):
+        assert line in src, line
+    cms = generate_kernels(analyze_file(specs / "cms.nl")).source
+    # the chain's blocks: dim 128 -> 512 -> 128, gelu, no hidden norm, tiles of its fastest period
+    for line in ("CHAIN_H = tl.constexpr(512)", "CHAIN_BT = tl.constexpr(16)", "tl.math.erf"):
+        assert line in cms, line
+    assert "sq = tl.zeros" not in cms and "'HopeAttention.chain': chain," in cms
