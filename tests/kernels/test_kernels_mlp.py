@@ -356,3 +356,100 @@ def test_deep_memories_get_a_specialised_kernel_in_the_kernels_file():
     for line in ("CHAIN_H = tl.constexpr(512)", "CHAIN_BT = tl.constexpr(16)", "tl.math.erf"):
         assert line in cms, line
     assert "sq = tl.zeros" not in cms and "'HopeAttention.chain': chain," in cms
+
+
+# --------------------------------------------------------------------------------------------
+# compiled models: impl='triton' == impl='chunked'
+# --------------------------------------------------------------------------------------------
+
+def _model_class(spec_path):
+    import nldsl
+    from nldsl.nn.model import NSAMModel
+
+    mod = nldsl.compile(spec_path)
+    return next(getattr(mod, n) for n in mod.__all__
+                if isinstance(getattr(mod, n), type) and issubclass(getattr(mod, n), NSAMModel))
+
+
+def _models(spec: str, device, dtype, **kw):
+    """The same weights in a float64 chunked model and a triton one (in ``dtype``)."""
+    from pathlib import Path
+
+    cls = _model_class(Path(__file__).resolve().parents[2] / "specs" / f"{spec}.nl")
+    torch.manual_seed(0)
+    chunked = cls(**kw).to(device=device, dtype=F64)
+    triton = cls(**kw, impl="triton").to(device=device, dtype=dtype)
+    triton.load_state_dict(chunked.state_dict())
+    chunked.load_state_dict(triton.state_dict())
+    return chunked, triton
+
+
+@pytest.fixture
+def full_float32():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("device,dtype", OP_DEVICE_DTYPES)
+def test_compiled_titans_triton_equals_chunked(device, dtype, full_float32):
+    """Logits and every parameter's gradient (a chunk of 16 and a partial one), then a stream
+    split into calls that carry the memory's state through partial chunks."""
+    chunked, triton = _models("titans", device, dtype, dim=16, heads=1, layers=1, vocab=32)
+    assert triton.blocks[0].mem.kernel is not None
+    ids = torch.randint(0, 32, (2, 21), generator=torch.Generator().manual_seed(0)).to(device)
+    ref, out = chunked(ids).logits, triton(ids).logits
+    assert_close(out, ref, dtype, "logits")
+    ref.square().mean().backward()
+    out.double().square().mean().backward()
+    for (name, p), q in zip(chunked.named_parameters(), triton.parameters()):
+        assert_close(q.grad, p.grad, dtype, f"grad of {name}")
+    with torch.no_grad():
+        state, pieces = None, []
+        for a, b in ((0, 5), (5, 19), (19, 21)):
+            step = triton(ids[:, a:b], state=state)
+            state = step.state
+            pieces.append(step.logits)
+    assert_close(torch.cat(pieces, dim=1), ref, dtype, "streamed logits")
+
+
+@pytest.mark.parametrize("device,dtype", OP_DEVICE_DTYPES)
+def test_compiled_cms_triton_equals_chunked(device, dtype, full_float32):
+    """HopeAttention (attention + a CMS chain learning from the local surprise): logits and
+    gradients, then a call with labels (the chain writes after each 16-token segment) and the
+    chain's state it leaves."""
+    chunked, triton = _models("cms", device, dtype, dim=16, heads=2, layers=1, vocab=32)
+    ids = torch.randint(0, 32, (2, 21), generator=torch.Generator().manual_seed(0)).to(device)
+    labels = torch.randint(0, 32, (2, 21), generator=torch.Generator().manual_seed(1)).to(device)
+    ref, out = chunked(ids).logits, triton(ids).logits
+    assert_close(out, ref, dtype, "logits")
+    ref.square().mean().backward()
+    out.double().square().mean().backward()
+    for (name, p), q in zip(chunked.named_parameters(), triton.parameters()):
+        assert_close(q.grad, p.grad, dtype, f"grad of {name}")
+    with torch.no_grad():
+        a, b = chunked(ids, labels=labels), triton(ids, labels=labels)
+    assert_close(b.logits, a.logits, dtype, "logits while learning")
+    wa, wb = a.state.layers[0]["chain"].weights, b.state.layers[0]["chain"].weights
+    moved = max((w - w0[0]).abs().max().item() for w, w0 in zip(wa[0], chunked.blocks[0].chain.blocks[0]))
+    assert moved > 1e-6, "the fastest block did not learn: nothing exercised the kernel's gradients"
+    for i, (u, v) in enumerate(zip(wb, wa)):
+        for j, (x, y) in enumerate(zip(u, v)):
+            assert_close(x, y, dtype, f"block {i} layer {j} after learning")
+
+
+def test_a_memory_the_kernel_does_not_cover_is_named(tmp_path):
+    """Hope with three-layer CMS blocks: its self-modifying memory has a kernel, its chain none,
+    and the model says why instead of running the chain another way."""
+    from pathlib import Path
+
+    specs = Path(__file__).resolve().parents[2] / "specs"
+    spec = (specs / "hope.nl").read_text()
+    (tmp_path / "adam.nl").write_text((specs / "adam.nl").read_text())  # its include
+    path = tmp_path / "hope3.nl"
+    path.write_text(spec.replace("structure mlp(depth=2,", "structure mlp(depth=3,"))
+    cls = _model_class(path)
+    with pytest.raises(ValueError, match=r"`Hope.chain` has no Triton kernel: the MLP kernel covers two-layer MLPs; "
+                                         r"its blocks have depth 3; build the model with impl='chunked'"):
+        cls(dim=16, heads=2, layers=1, vocab=32, impl="triton")

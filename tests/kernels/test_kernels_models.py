@@ -142,8 +142,6 @@ def test_runtime_op_triton_equals_chunked(op, device, dtype):
 # -- refusals ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec, match", [
-    ("titans", r"`mem` of Titans cannot run with it"),
-    ("hope", r"`titans`, `chain` of Hope cannot run with it"),
     ("transformer", r"has no in-context memory"),
 ])
 def test_models_without_kernels_refuse_triton(spec, match):
