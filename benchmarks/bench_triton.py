@@ -1,5 +1,6 @@
 """Forward+backward time of nldsl's generated Triton kernels (delta rule, gated delta rule) against
-flash-linear-attention's chunk kernels and torch's SDPA causal attention.
+flash-linear-attention's chunk kernels and torch's SDPA causal attention; and the deep-memory
+kernel (the fused per-chunk gradient of a two-layer MLP memory) against its PyTorch closed form.
 
     python benchmarks/bench_triton.py                       # T in {2048, 8192, 32768}, bfloat16
     python benchmarks/bench_triton.py --T 8192 --dtype float32 --heads 8
@@ -15,9 +16,16 @@ same inputs (keys L2-normalised, beta and the log retention computed outside, ch
 allocation during one forward+backward minus what was allocated before it. The outputs of nldsl
 and fla are compared once per T (largest difference relative to the largest output).
 
+Deep memory (unless --no-deep; float32, Titans' memory M(x) = x + W_out silu(W_in x), K = V =
+--deep-head-dim, hidden 4x, chunks of 64 tokens, B = max(1, --tokens // T), H = --heads): the
+per-chunk gradient alone for every (sequence, head, chunk) row at once -- the fused kernel's
+per-token factors against the PyTorch closed form (mlp_forward + mlp_backward, what
+``impl='chunked'`` runs) -- and ``mlp_memory`` (momentum, retention, running reads) forward and
+forward+backward with ``impl='triton'`` against ``impl='chunked'``.
+
 Without a GPU it says so and runs the interpreter correctness check only (TRITON_INTERPRET=1,
-float64, small shapes: the kernels' outputs and gradients against the chunked PyTorch path);
-interpreted kernels are not timed.
+float64, small shapes: the kernels' outputs and gradients against the chunked PyTorch path, the
+linear rules and the deep memories); interpreted kernels are not timed.
 """
 from __future__ import annotations
 
@@ -34,6 +42,9 @@ def parse(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--no-sdpa", action="store_true", help="skip softmax attention")
+    p.add_argument("--no-deep", action="store_true", help="skip the deep-memory kernel")
+    p.add_argument("--deep-T", type=int, nargs="+", default=[2048, 8192], help="sequence lengths of the deep rows")
+    p.add_argument("--deep-head-dim", type=int, default=64, help="K = V of the deep memory (hidden 4x)")
     return p.parse_args(argv)
 
 
@@ -79,9 +90,70 @@ def interpreter_check() -> int:
         worst = max(errs.values())
         worst_all = max(worst_all, worst)
         print(f"  {name:17s} largest difference {worst:.2e}  ({', '.join(f'{k} {v:.1e}' for k, v in errs.items())})")
+    worst_all = max(worst_all, deep_interpreter_check())
     ok = worst_all < 1e-9
     print("PASS" if ok else "FAIL", "(float64: differences must be rounding, < 1e-9)")
     return 0 if ok else 1
+
+
+def deep_interpreter_check() -> float:
+    """mlp_memory and cms_chain with impl='triton' against impl='chunked' (float64): outputs,
+    final states and every gradient. Returns the largest difference, relative to the largest
+    value of what is compared."""
+    import torch
+    import torch.nn.functional as F
+
+    from nldsl.runtime.cms import cms_chain
+    from nldsl.runtime.deep_memory import mlp_memory
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, D, Hd = 2, 21, 2, 8, 32
+
+    def rand(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x = {"q": rand(B, T, H, D), "k": F.normalize(rand(B, T, H, D), dim=-1), "v": rand(B, T, H, D),
+         "eta": 0.2 * torch.rand(B, T, H, generator=gen, dtype=torch.float64),
+         "alpha": 0.9 + 0.1 * torch.rand(B, T, H, generator=gen, dtype=torch.float64),
+         "w_in": rand(H, Hd, D, scale=0.3), "w_out": rand(H, D, Hd, scale=0.3),
+         "cms_x": rand(B, T, D), "delta": rand(B, T, D, scale=0.3),
+         "cms": [rand(*shape, scale=0.3) for _ in range(2) for shape in ((Hd, D), (D, Hd))]}
+
+    def memory(x, impl):
+        o, state = mlp_memory(x["q"], x["k"], x["v"], x["eta"], x["alpha"], 0.5, params=[x["w_in"], x["w_out"]],
+                              chunk_size=8, read="running", activation="silu", impl=impl, output_final_state=True)
+        return o, list(state.weights)
+
+    def chain(x, impl):
+        params = [x["cms"][0:2], x["cms"][2:4]]
+        o, state, _ = cms_chain(x["cms_x"], params, periods=(4, 8), lr=0.02, delta=x["delta"], impl=impl,
+                                output_final_state=True)
+        return o, [w for block in state.weights for w in block]
+
+    print(f"  deep memories: B={B} T={T} H={H} K=V={D} hidden {Hd}")
+    worst_all = 0.0
+    for name, op, used in (("mlp_memory", memory, ("q", "k", "v", "eta", "alpha", "w_in", "w_out")),
+                           ("cms_chain", chain, ("cms_x", "delta", "cms"))):
+        outs = []
+        for impl in ("triton", "chunked"):
+            leaves = {n: [t.clone().requires_grad_() for t in x[n]] if isinstance(x[n], list)
+                      else x[n].clone().requires_grad_() for n in used}
+            o, states = op(leaves, impl)
+            flat = [t for n in used for t in (leaves[n] if isinstance(leaves[n], list) else [leaves[n]])]
+            grads = torch.autograd.grad(o.square().sum() + sum(s.sum() for s in states), flat)
+            outs.append((o, states, grads))
+        (o1, s1, g1), (o2, s2, g2) = outs
+
+        def rel(a, b):
+            return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+        errs = {"o": rel(o1, o2), "final state": max(rel(a, b) for a, b in zip(s1, s2)),
+                "gradients": max(rel(a, b) for a, b in zip(g1, g2))}
+        worst = max(errs.values())
+        worst_all = max(worst_all, worst)
+        print(f"  {name:17s} largest relative difference {worst:.2e}  "
+              f"({', '.join(f'{k} {v:.1e}' for k, v in errs.items())})")
+    return worst_all
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,9 +237,87 @@ def gpu_bench(args) -> int:
                 ratio = results[ours][1] / results["torch SDPA causal"][1]
                 summary.append(f"T={T}: {ours} / SDPA fwd+bwd = {ratio:.2f}x "
                                f"({'faster' if ratio < 1 else 'slower'} than attention)")
+    if not args.no_deep:
+        summary += deep_bench(args.deep_T, args.heads, args.deep_head_dim, args.tokens, device="cuda",
+                              timer=lambda fn: do_bench(fn, return_mode="median"))
     print()
     print("\n".join(summary))
     return 0
+
+
+def deep_bench(T_list, H, D, tokens, *, device, timer) -> list[str]:
+    """The deep-memory rows (see the module docstring); ``timer(fn) -> ms``. Returns summary lines."""
+    import torch
+    import torch.nn.functional as F
+
+    from nldsl.codegen.kernels import MlpKernelSpec, mlp_kernel
+    from nldsl.runtime.deep_memory import mlp_backward, mlp_forward, mlp_memory
+
+    C, Hd, dtype = 64, 4 * D, torch.float32
+    kernel = mlp_kernel(MlpKernelSpec(name="bench_titans", d_in=D, d_hidden=Hd, d_out=D, activation="silu",
+                                      residual=True, chunk=C))
+    print(f"\ndeep memory: M(x) = x + W_out silu(W_in x), K=V={D}, hidden {Hd}, L2 objective, chunks of {C}, "
+          f"H={H}, float32")
+    header = f"{'T':>6} {'B':>3}  {'what':44s} {'fwd ms':>8} {'fwd+bwd ms':>11}"
+    print(header)
+    print("-" * len(header))
+    summary = []
+    for T in T_list:
+        B = max(1, tokens // T)
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def rand(*shape, scale=1.0):
+            return scale * torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
+        # the per-chunk gradient alone: one row per (sequence, head, chunk), each at its own anchor
+        N = B * H * _cdiv(T, C)
+        x, t = F.normalize(rand(N, C, D), dim=-1), rand(N, C, D)
+        w_in, w_out = rand(N, Hd, D, scale=D ** -0.5), rand(N, D, Hd, scale=Hd ** -0.5)
+
+        def fused():
+            return kernel((w_in, w_out), x, t).errors
+
+        def closed_form():  # what chunk_step runs without the kernel
+            y, hs, _ = mlp_forward([w_in, w_out], x, "silu", True)
+            return mlp_backward([w_in, w_out], hs, y - t, "silu")
+
+        with torch.no_grad():
+            (e1, eps1), (e2, eps2) = fused(), closed_form()
+            diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+                       for a, b in ((e1, e2), (eps1, eps2)))
+            t_fused, t_torch = timer(fused), timer(closed_form)
+        print(f"{T:>6} {B:>3}  {'per-chunk gradient, fused kernel':44s} {t_fused:8.2f} {'':>11}")
+        print(f"{T:>6} {B:>3}  {'per-chunk gradient, PyTorch closed form':44s} {t_torch:8.2f} {'':>11}")
+        summary.append(f"deep T={T}: per-chunk gradient ({N} rows of {C} tokens) fused / closed form = "
+                       f"{t_fused / t_torch:.2f}x; errors differ by {diff:.1e} of the largest")
+
+        # the whole memory
+        q, k, v = rand(B, T, H, D), F.normalize(rand(B, T, H, D), dim=-1), rand(B, T, H, D)
+        eta = torch.sigmoid(rand(B, T, H)) / C
+        alpha, beta = torch.sigmoid(4 + rand(B, T, H)), torch.sigmoid(rand(B, T, H))
+        params = [rand(H, Hd, D, scale=D ** -0.5), rand(H, D, Hd, scale=Hd ** -0.5)]
+        leaves = [z.requires_grad_() for z in (q, k, v, eta, alpha, beta, *params)]
+        grad_out = rand(B, T, H, D)
+        times = {}
+        for impl in ("chunked", "triton"):
+            def fwd(impl=impl):
+                return mlp_memory(q, k, v, eta, alpha, beta, params=params, chunk_size=C, read="running",
+                                  activation="silu", impl=impl).o
+
+            def fwd_bwd(fwd=fwd):
+                torch.autograd.grad(fwd(), leaves, grad_out)
+
+            with torch.no_grad():
+                t_fwd = timer(fwd)
+            t_all = timer(fwd_bwd)
+            times[impl] = t_all
+            print(f"{T:>6} {B:>3}  {f'mlp_memory impl={impl!r}':44s} {t_fwd:8.2f} {t_all:11.2f}")
+        summary.append(f"deep T={T}: mlp_memory triton / chunked fwd+bwd = {times['triton'] / times['chunked']:.2f}x")
+    return summary
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def main(argv=None) -> int:
