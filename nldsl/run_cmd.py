@@ -147,6 +147,7 @@ def config_from_args(args):
     preset_name = args.preset or ("full" if gpu else "cpu-demo")
     preset = PRESETS[preset_name]
     model_kw = dict(preset["model"])
+    model_kw.update(preset.get("task_model", {}).get(args.task.strip().lower(), {}))
     model_kw.update(overrides)
 
     def pick(name):

@@ -27,8 +27,14 @@ def test_main_job_steps_run(tmp_path, monkeypatch):
     for step in steps:
         argv = shlex.split(step.replace("$(BIN)/nldsl", "nldsl"))[1:]
         argv = [a for arg in argv for a in (sorted(glob(arg)) if "*" in arg else [arg])]
-        if "-o" in argv:
-            i = argv.index("-o")
-            argv[i + 1] = str(tmp_path / Path(argv[i + 1]).name)
+        for flag in ("-o", "--out"):
+            if flag in argv:
+                i = argv.index(flag)
+                argv[i + 1] = str(tmp_path / Path(argv[i + 1]).name)
+        if argv[0] == "run":  # the same command, shrunk to seconds
+            argv += ["--steps", "2", "--batch", "4", "--seq-len", "32", "--eval-seqs", "4", "--no-plot",
+                     "--no-progress", "dim=16", "layers=1"]
         assert main(argv) == 0, step
     assert (tmp_path / "hope.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("hope", "transformer", "gated_deltanet"):
+        assert (tmp_path / name / "results.json").is_file()

@@ -26,7 +26,7 @@ def test_run_with_overrides_anywhere(tmp_path, capsys):
     assert code == 0, err
     assert "TinyAttention on mqar (4 pairs): 4 steps" in stdout and "final accuracy" in stdout
     cfg = json.loads((out / "run.json").read_text())["config"]
-    assert cfg["overrides"] == {"dim": 32, "layers": 1, "heads": 2}
+    assert cfg["overrides"] == {"dim": 32, "layers": 1, "heads": 2, "vocab": 64}  # vocab: the preset's, for mqar
     assert cfg["preset"] == "cpu-demo" and cfg["steps"] == 4
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
 
@@ -45,8 +45,9 @@ def test_preset_defaults_and_explicit_flags_win():
     p = argparse.ArgumentParser()
     run_cmd.add_arguments(p)
     cfg = run_cmd.config_from_args(p.parse_intermixed_args([TINY, "--device", "cpu", "--out", "/nonexistent/x"]))
-    assert (cfg.preset, cfg.steps, cfg.seq_len, cfg.batch, cfg.pairs) == ("cpu-demo", 400, 128, 32, 8)
-    assert cfg.overrides == {"dim": 64, "layers": 2} and cfg.time_limit == 240
+    assert (cfg.preset, cfg.steps, cfg.seq_len, cfg.batch, cfg.pairs) == ("cpu-demo", 400, 64, 32, 4)
+    assert cfg.overrides == {"dim": 64, "layers": 2, "vocab": 64} and cfg.time_limit == 240
+    assert cfg.lr == 1e-2
     assert 1 <= cfg.threads <= 4
     cfg = run_cmd.config_from_args(p.parse_intermixed_args(
         [TINY, "--preset", "full", "--steps", "7", "dim=48", "--out", "/nonexistent/x"]))
@@ -58,7 +59,7 @@ def test_preset_defaults_and_explicit_flags_win():
 @pytest.mark.parametrize("extra, words", [
     (["--task", "mqr"], "unknown task 'mqr'; did you mean `mqar`?"),
     (["--task", "lm", "--data", "/no/such/file.txt"], "--data /no/such/file.txt: no such file"),
-    (["dim=30", "heads=4"], "cannot build TinyAttention with dim=30 layers=2 heads=4: dim 30 is not divisible by heads 4"),
+    (["dim=30", "heads=4"], "cannot build TinyAttention with dim=30 layers=2 vocab=64 heads=4: dim 30 is not divisible by heads 4"),
     (["dim"], "override 'dim' is not of the form key=value"),
     (["--steps", "0"], "--steps must be at least 1"),
 ])

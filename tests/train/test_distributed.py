@@ -15,7 +15,7 @@ from nldsl.train import train
 
 ARGS = ["--steps", "4", "--batch", "8", "--seq-len", "32", "--pairs", "4", "--eval-every", "2",
         "--eval-seqs", "8", "--log-every", "1", "--no-progress", "--no-plot", "--threads", "1",
-        "--lr", "3e-3", "--warmup", "2", "dim=32", "layers=1", "heads=2"]
+        "--lr", "3e-3", "--warmup", "2", "dim=32", "layers=1", "heads=2", "vocab=256"]
 
 
 def _losses(out: Path):

@@ -1,0 +1,145 @@
+"""Training-step speed and memory of compiled model specs (issue 4's comparison).
+
+    python benchmarks/bench_models.py                       # hope, titans, transformer
+    python benchmarks/bench_models.py --specs specs/hope.nl specs/gated_deltanet.nl --T 256
+    python benchmarks/bench_models.py --device cuda         # where a GPU is available
+
+Every spec is compiled with ``nldsl.compile`` and built at vocab 256, d=128, 2 layers, 4 heads
+(the issue's sizes; ``--dim`` etc. change them), then trained with torch AdamW on random tokens
+at T=512, B=4, float32: one measured step = forward with labels (so surprise-driven levels such
+as Hope's CMS write, as in training), cross-entropy, backward, optimizer step. Each spec runs in
+a fresh subprocess with ``--threads`` intra-op threads; after ``--warmup`` steps the best of
+``--reps`` steps is kept (``--clock cpu``: the worker's CPU time, least disturbed by other
+processes on a shared machine; ``wall``). Peak memory: on CUDA ``max_memory_allocated``; on CPU
+the highest resident set size sampled every millisecond during the first step minus the
+resident size before it. The last column is each model's time per token over the fastest
+model's (the issue's target: Hope, every level updating, within 3x of a Transformer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+DEFAULT_SPECS = ["specs/hope.nl", "specs/titans.nl", "specs/transformer.nl"]
+
+
+def worker(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import nldsl
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    mod = nldsl.compile(args.spec)
+    cls = getattr(mod, mod.__all__[0])
+    model = cls(vocab=args.vocab, dim=args.dim, layers=args.layers, heads=args.heads).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, args.vocab, (args.B, args.T + 1), device=device)
+    inputs, labels = x[:, :-1], x[:, 1:]
+
+    def step():
+        out = model(inputs, labels=labels)
+        loss = F.cross_entropy(out.logits.reshape(-1, args.vocab), labels.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    peak = _peak_rss(step) if device.type == "cpu" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    for _ in range(max(0, args.warmup - 1)):
+        step()
+    clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
+    best = float("inf")
+    for _ in range(args.reps):
+        t0 = clock()
+        step()
+        best = min(best, clock() - t0)
+    return {"spec": args.spec, "class": cls.__name__, "params": sum(p.numel() for p in model.parameters()),
+            "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak}
+
+
+def _peak_rss(fn) -> float:
+    """Highest resident set size (MB) sampled every millisecond while ``fn`` runs, minus before."""
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    base, peak, done = rss(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    fn()
+    done.set()
+    th.join()
+    return max(peak[0], rss()) - base
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--specs", nargs="+", default=DEFAULT_SPECS)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--T", type=int, default=512)
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--spec", help=argparse.SUPPRESS)  # worker mode
+    args = p.parse_args(argv)
+    if args.spec:
+        print(json.dumps(worker(args)))
+        return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no GPU available: run without --device cuda")
+            return 1
+    common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "layers", "heads", "T", "B", "device",
+                                                       "threads", "clock", "warmup", "reps")]
+    print(f"compiled models, one AdamW training step (forward with labels + backward + step), "
+          f"vocab {args.vocab}, d={args.dim}, {args.layers} layers, {args.heads} heads, T={args.T}, B={args.B}, "
+          f"float32, {args.device}, {args.threads} thread(s), best of {args.reps} by {args.clock} clock")
+    rows = []
+    for spec in args.specs:
+        r = subprocess.run([sys.executable, __file__, f"--spec={spec}", *common], capture_output=True, text=True)
+        if r.returncode:
+            print(f"{spec}: failed\n{r.stderr.strip()[-2000:]}")
+            continue
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    if not rows:
+        return 1
+    fastest = min(r["seconds"] for r in rows)
+    print(f"\n{'model':<16}{'params':>10}{'step ms':>10}{'tokens/s':>11}{'peak MB':>9}{'vs fastest':>12}")
+    print("-" * 68)
+    for r in rows:
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        print(f"{r['class']:<16}{r['params'] / 1e6:>9.2f}M{r['seconds'] * 1e3:>10.0f}{r['tokens_per_s']:>11,.0f}"
+              f"{peak:>9}{r['seconds'] / fastest:>11.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
