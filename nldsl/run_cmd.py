@@ -57,13 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override spec values (dim=64 layers=2)")
     t = p.add_argument_group("task")
     t.add_argument("--task", default="mqar", help="mqar (default), lm, niah or continual")
-    t.add_argument("--pairs", type=int, help="mqar: key-value pairs per sequence (cpu-demo: 8)")
+    t.add_argument("--pairs", type=int, help="mqar: key-value pairs per sequence (cpu-demo: 4)")
     t.add_argument("--needles", type=int, default=1, help="niah: needles per sequence (default 1)")
     t.add_argument("--data", metavar="FILE", help="lm: train on this text file instead of the Python stdlib")
     t.add_argument("--phases", help="continual: comma-separated phases (default mqar:A,mqar:B,lm)")
     o = p.add_argument_group("training")
     o.add_argument("--preset", choices=sorted(PRESETS),
-                   help="default sizes: cpu-demo (the default without a GPU) or full (the spec's sizes)")
+                   help="default sizes: cpu-demo (the default without a GPU: dim 64, 2 layers, "
+                        "MQAR on a 64-token vocabulary) or full (the spec's sizes)")
     o.add_argument("--steps", type=int)
     o.add_argument("--batch", type=int, help="global batch, split across processes")
     o.add_argument("--seq-len", type=int, dest="seq_len")
