@@ -31,6 +31,8 @@ __all__ = [
     "check_chunk_size",
     "to_chunks",
     "from_chunks",
+    "to_chunk_major",
+    "chunk_major_rows",
     "segment_products",
     "segment_products_log",
     "unit_lower_inverse",
@@ -191,6 +193,36 @@ def from_chunks(x: Tensor, T: int) -> Tensor:
     rest = x.shape[4:]
     x = x.permute(0, 2, 3, 1, *range(4, 4 + len(rest))).reshape(B, N * C, H, *rest)
     return x[:, :T]
+
+
+def to_chunk_major(x: Tensor, C: int, dtype: torch.dtype, scale: float | None = None) -> Tensor:
+    """``[B, T, H, *rest]`` -> ``[N, B*H, C, *rest]`` in ``dtype``, zero-padding T up to N*C, in
+    one copy (times ``scale`` if given).
+
+    Chunk-major: ``out[n]`` holds chunk n of every (batch, head) as one contiguous block, so the
+    ops that walk the chunks in order (the delta rule's chunked path) read each chunk's operands
+    as plain 3-D batched matrices.
+    """
+    B, T, H = x.shape[:3]
+    rest = x.shape[3:]
+    N = -(-T // C)
+    if N * C != T:
+        x = F.pad(x, (0, 0) * len(rest) + (0, 0, 0, N * C - T))  # pad dim 1 (T) only
+    x = x.reshape(B, N, C, H, *rest).permute(1, 0, 3, 2, *range(4, 4 + len(rest)))
+    out = torch.empty((N, B, H, C, *rest), dtype=dtype, device=x.device)
+    if scale is None:
+        out.copy_(x)
+    else:
+        torch.mul(x, scale, out=out)
+    return out.view(N, B * H, C, *rest)
+
+
+def chunk_major_rows(x: Tensor, C: int, chunks: slice) -> Tensor:
+    """The chunks ``chunks`` of a ``[B, N*C, H, D]`` tensor as a ``[m, B, H, C, D]`` view, the
+    layout of ``to_chunk_major``'s chunks ``[m, B*H, C, D]``: results computed chunk-major are
+    written into a ``[B, T, H, D]`` output through it, without a chunk-major copy of the whole."""
+    B, TC, H, D = x.shape
+    return x.view(B, TC // C, C, H, D)[:, chunks].permute(1, 0, 3, 2, 4)
 
 
 def segment_products(a: Tensor) -> Tensor:

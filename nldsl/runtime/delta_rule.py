@@ -29,25 +29,30 @@ Implementations (``impl=``):
   The "new values" ``u_j = beta_j (v_j - (a_j S_{j-1})^T k_j)`` satisfy a unit lower-triangular
   system
 
-      (I + strict_lower(diag(beta) (K K^T * D))) U' = diag(beta) (V - diag(Gamma) K S_0),
-      D[t, j] = exp(b_t - b_j)
+      (I + A) U' = diag(beta) (V - diag(Gamma) K S_0),
+      A = strict_lower(diag(beta) (K K^T * D)),   D[t, j] = exp(b_t - b_j)
 
-  so ``U' = U - W S_0`` with ``U = T V``, ``W = T diag(Gamma) K``,
-  ``T = (I + strict_lower(...))^{-1} diag(beta)`` (the UT transform: one batched triangular
-  solve against the identity for all chunks at once, with a closed-form backward). Then
+  so ``U' = T (diag(beta) V - diag(beta Gamma) K S_0)`` with ``T = (I + A)^{-1}`` (the UT
+  transform: one batched triangular solve against the identity). Then
 
       o = scale * ( diag(Gamma) Q S_0 + ((Q K^T) * D * causal) U' )
       S_C = Gamma_C S_0 + (K * exp(b_C - b))^T U'
 
-  All intra-chunk products are batched matmuls over every chunk; one Python loop over the
-  chunks carries ``S`` (two small matmuls per chunk). Padded tokens (``k = v = 0, beta = 0,
-  g = 0``) are exact no-ops. The fla naming of these pieces: ``W``/``U`` are ``w``/``u`` of
-  ``recompute_w_u_fwd``, the loop is ``chunk_delta_h``, the read is ``chunk_fwd_o``.
+  Every product is a batched matmul over the (chunk, batch, head) matrices of a group of
+  chunks; a Python loop over the group's chunks carries ``S`` (three small products per
+  chunk). A ``torch.autograd.Function`` with a hand-written backward (:class:`_ChunkedDeltaRule`)
+  saves five small tensors per chunk and walks the chunks in reverse, instead of letting
+  autograd record and replay a few hundred small ops. On a CPU a group is a few chunks, so that
+  its operands stay in cache (the default ``chunk_size`` there is 32, the fastest tile; see
+  benchmarks/README.md); on a GPU it is the whole sequence. Padded tokens (``k = v = 0,
+  beta = 0, g = 0``) are exact no-ops. The fla naming of these pieces: ``T`` is ``A`` after
+  ``solve_tril``, ``U'`` is ``v_new`` of ``chunk_delta_h``, the read is ``chunk_fwd_o``.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from nldsl.runtime._common import (
     MemoryOutput,
@@ -55,13 +60,11 @@ from nldsl.runtime._common import (
     check_gate,
     check_qkv,
     check_state,
+    chunk_major_rows,
     compute_dtype,
     dispatch,
-    from_chunks,
     resolve_scale,
-    segment_products_log,
-    to_chunks,
-    ut_apply,
+    to_chunk_major,
 )
 
 __all__ = ["delta_rule", "gated_delta_rule"]
@@ -77,7 +80,7 @@ def delta_rule(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     impl: str = "chunked",
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> MemoryOutput:
     """DeltaNet's rule ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = scale S_t^T q_t``.
 
@@ -87,7 +90,8 @@ def delta_rule(
         beta: step size ``[B, T, H]`` (or a number).
         scale, initial_state (``[B, H, K, V]``), output_final_state: as fla.
         impl: ``"reference"``, ``"chunked"`` or ``"triton"``; chunk_size: chunked tile (results do
-            not depend on it; the reference ignores it).
+            not depend on it; the reference ignores it). None: 32 for ``"chunked"`` on a CPU
+            (the fastest tile there), 64 otherwise.
     """
     return _run("delta_rule", q, k, v, beta, None, scale, initial_state, output_final_state, impl, chunk_size)
 
@@ -103,7 +107,7 @@ def gated_delta_rule(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     impl: str = "chunked",
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> MemoryOutput:
     """Gated DeltaNet's rule ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``.
 
@@ -120,6 +124,8 @@ def _run(op, q, k, v, beta, g, scale, initial_state, output_final_state, impl, c
         g = check_gate(op, "g", g, B, T, H, q)
     if initial_state is not None:
         check_state(op, "initial_state", initial_state, (B, H, K, V), q)
+    if chunk_size is None:
+        chunk_size = _CPU_CHUNK if impl == "chunked" and q.device.type == "cpu" else 64
     chunk_size = check_chunk_size(op, chunk_size)
     scale = resolve_scale(op, scale, K)
     fn = dispatch(op, impl, {"reference": _reference, "chunked": _chunked, "triton": _triton})
@@ -151,50 +157,259 @@ def _triton(q, k, v, beta, g, scale, S, dt, C):
     return kernel(q, k, v, beta, g, scale=scale, initial_state=S, output_final_state=True)
 
 
+_CPU_CHUNK = 32  # default tile of the chunked path on a CPU (benchmarks/README.md: 16, 32, 64)
+
+
 def _chunked(q, k, v, beta, g, scale, S, dt, C):
-    T = q.shape[1]
-    C = min(C, T)
-    B, H, K, V = S.shape
-    # [B*H, N, C, D]: (batch, head) flattened so the per-chunk products are 3-D (baddbmm).
-    qc, kc, vc = (to_chunks(x, C, dt).flatten(0, 1) for x in (q, k, v))
-    bc = to_chunks(beta.unsqueeze(-1), C, dt).flatten(0, 1)        # [B*H, N, C, 1]
-    N = qc.shape[1]
-    kb = kc * bc
-    kkt = kb @ kc.transpose(-1, -2)                           # beta_t k_t . k_j
-    qs = qc * scale
-    qkt = qs @ kc.transpose(-1, -2)
-    if g is None:
-        w_rhs = kb
-        to_end = chunk_decay = from_start = None
-        qkt = qkt.tril_()                                     # causal (incl. the diagonal)
-    else:
-        P = segment_products_log(to_chunks(g.unsqueeze(-1), C, dt).squeeze(-1).flatten(0, 1))
-        within = P[..., 1:, 1:]                                # exp(b_t - b_j), 0 above the diagonal
-        from_start = P[..., 1:, 0].unsqueeze(-1)               # exp(b_t)
-        to_end = P[..., -1, 1:].unsqueeze(-1)                  # exp(b_C - b_j)
-        chunk_decay = P[..., -1, 0, None, None]                # exp(b_C)
-        kkt = kkt * within
-        qkt = qkt * within                                     # causal through `within`
-        w_rhs = kb * from_start
-    # UT transform: T = (I + strict_lower(kkt))^{-1}, then U = T (beta V) and W = T (beta Gamma K)
-    # in one product (ut_apply has a closed-form backward, cheaper than autograd's).
-    UW = ut_apply(kkt, torch.cat([vc * bc, w_rhs], dim=-1))
-    U, W = UW[..., :V], UW[..., V:]
-    k_end = kc if to_end is None else kc * to_end
-    # unbind (not U[:, n]): its backward is one stack, where N selects would each
-    # materialise a zero tensor of the full size.
-    U, W, k_end_t = U.unbind(1), W.unbind(1), k_end.transpose(-1, -2).unbind(1)
-    decays = None if chunk_decay is None else chunk_decay.unbind(1)
-    S = S.reshape(B * H, K, V)
-    starts, news = [], []
-    for n in range(N):  # inter-chunk state pass
-        starts.append(S)
-        u = torch.baddbmm(U[n], W[n], S, alpha=-1)              # U' = U - W S_0
-        news.append(u)
-        S = torch.baddbmm(S if decays is None else decays[n] * S, k_end_t[n], u)
-    starts = torch.stack(starts, dim=1)
-    news = torch.stack(news, dim=1)
-    q_start = qs if from_start is None else qs * from_start
-    o = torch.baddbmm((q_start @ starts).flatten(0, 1), qkt.flatten(0, 1), news.flatten(0, 1))
-    o = o.view(B, H, N, C, V)
-    return from_chunks(o, T), S.view(B, H, K, V)
+    C = min(C, q.shape[1])
+    return _ChunkedDeltaRule.apply(q, k, v, beta, g, S, scale, C, _chunk_group(q, S.shape[0] * S.shape[1], C))
+
+
+# rows (chunks x batch x heads x chunk tokens) processed together on a CPU thread: a group's
+# operands (~[1024, 64] float32 each) stay in a core's L2 cache while its ~40 ops run over them
+_CPU_ROWS_PER_THREAD = 1024
+
+
+def _chunk_group(q: Tensor, BH: int, C: int) -> int:
+    """How many chunks the chunked path batches into one group of ops.
+
+    On a CPU, a few chunks at a time: whole-sequence batches of these small products stream every
+    intermediate through main memory, and that costs more than the arithmetic. On a GPU, every
+    chunk in one group: launches, not memory, are what costs there."""
+    if q.device.type != "cpu":
+        return q.shape[1]
+    return max(1, _CPU_ROWS_PER_THREAD * torch.get_num_threads() // (BH * C))
+
+
+def _gate_factors(g: Tensor, beta: Tensor):
+    """Per-token factors of the chunk-local retention, from the chunk-major log gate ``g``
+    ``[N, B*H, C]``: ``b2 = log2(e) * b`` (``b_t`` the cumulative log retention from the chunk
+    start; ``exp2`` is cheaper than ``exp``), ``Gamma = exp(b)``, ``exp(b_C - b)`` and
+    ``beta * Gamma``."""
+    b = g.cumsum(-1)
+    gamma = b.exp()
+    return b * _LOG2E, gamma, (b[..., -1:] - b).exp_(), beta * gamma
+
+
+_LOG2E = 1.4426950408889634
+
+
+def _within_chunk_decay(b2: Tensor, causal: Tensor) -> Tensor:
+    """``D[t, j] = exp(b_t - b_j)`` for ``j <= t``, 0 above the diagonal (``b2`` rows ``[R, C]``).
+    The upper triangle is zeroed before the exponential, so it cannot overflow."""
+    return (b2.unsqueeze(-1) - b2.unsqueeze(-2)).mul_(causal).exp2_().mul_(causal)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``[m, B*H, ...]`` -> ``[m*B*H, ...]``: a group of chunks as one batch of matrices."""
+    return x.flatten(0, 1)
+
+
+def _col(x: Tensor) -> Tensor:
+    return x.unsqueeze(-1)
+
+
+class _ChunkedDeltaRule(torch.autograd.Function):
+    """The WY/UT chunkwise (gated) delta rule with a hand-written backward.
+
+    Inputs as :func:`_run` passes them (``q, k, v`` ``[B, T, H, D]`` in any float dtype; ``beta``,
+    ``g`` (or None), ``S0`` in the compute dtype). Work is chunk-major (``[N, B*H, C, D]``) and goes
+    a group of ``group`` chunks at a time, every product a 3-D batched matmul over the group's
+    (chunk, batch, head) matrices. In chunk n, with ``A = strict_lower(diag(beta) (K K^T * D))``
+    and ``T = (I + A)^{-1}`` (one batched triangular solve per group):
+
+        Y  = diag(beta) V - (K * beta Gamma) S_n        U = T Y        (the new values U')
+        o  = (Q * Gamma) S_n + ((Q K^T) * D) U
+        S_{n+1} = Gamma_C S_n + (K * exp(b_C - b))^T U
+
+    Applying ``T`` to ``Y`` once per chunk (not ``T V`` and ``T K`` ahead of the state pass)
+    saves a product in the forward and two in the backward.
+
+    Saved for the backward, per chunk: ``Q K^T * D``, ``K K^T * D``, ``T``, ``U`` and the chunk's
+    start state ``S_n``; the gate factors and ``D`` are recomputed. The backward walks the
+    chunks in reverse, carrying ``dS`` (the gradient of ``S_{n+1}``):
+
+        dU  = ((Q K^T) * D)^T dO + (K * exp(b_C - b)) dS        dY = T^T dU
+        dS_n = Gamma_C dS + (Q * Gamma)^T dO - (K * beta Gamma)^T dY
+        dA  = -strict_lower(dY U^T)                         (from dT = -T dA T)
+
+    and the rest (dQ, dK, dV, dbeta, dg) are products of those with the saved tensors; the
+    log-gate gradient collects ``d b_t`` from every place ``exp(+-b)`` enters and sums it in
+    reverse over the chunk (``b`` is a cumulative sum of ``g``). Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, S0, scale, C, group):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        dt, dev = S0.dtype, q.device
+        qs = to_chunk_major(q, C, dt, scale)
+        kc, vc, bc = (to_chunk_major(x, C, dt) for x in (k, v, beta))
+        N, BH = kc.shape[:2]
+        G = min(group, N)
+        gated = g is not None
+        if gated:
+            b2, gamma, to_end, beta_gamma = _gate_factors(to_chunk_major(g, C, dt), bc)
+        # with no gradient to compute, the per-chunk buffers hold one group at a time
+        keep = any(ctx.needs_input_grad[:6])
+        slots = N if keep else G
+        qk = torch.empty(slots, BH, C, C, dtype=dt, device=dev)   # (Q K^T) * D, causal
+        kk = torch.empty_like(qk)                                  # (K K^T) * D
+        Tinv = torch.empty_like(qk)
+        U = torch.empty(slots, BH, C, V, dtype=dt, device=dev)
+        S = torch.empty(slots + 1, BH, K, V, dtype=dt, device=dev)  # S[n]: the state chunk n starts from
+        S[0] = S0.reshape(BH, K, V)
+        o = torch.empty(B, N * C, H, V, dtype=q.dtype, device=dev)
+        eye = torch.eye(C, dtype=dt, device=dev)
+        causal = torch.ones(C, C, dtype=dt, device=dev).tril_()
+        for n0 in range(0, N, G):
+            m, chunks = min(G, N - n0), slice(n0, min(n0 + G, N))
+            base = n0 if keep else 0
+            if not keep and n0:
+                S[0] = S[G]
+            here = slice(base, base + m)
+            qn, kn, bn = _rows(qs[chunks]), _rows(kc[chunks]), _col(_rows(bc[chunks]))
+            qk_, kk_, T_, U_ = (_rows(x[here]) for x in (qk, kk, Tinv, U))
+            torch.bmm(qn, kn.mT, out=qk_)
+            torch.bmm(kn, kn.mT, out=kk_)
+            if gated:
+                D = _within_chunk_decay(_rows(b2[chunks]), causal)
+                qk_.mul_(D)
+                kk_.mul_(D)
+                w = kn * _col(_rows(beta_gamma[chunks]))     # rows of K that S is read with
+                qg = qn * _col(_rows(gamma[chunks]))
+                kd = kn * _col(_rows(to_end[chunks]))        # rows of K the chunk writes with
+            else:
+                qk_.tril_()
+                w, qg, kd = kn * bn, qn, kn
+            torch.linalg.solve_triangular(kk_ * bn, eye.expand(m * BH, C, C), upper=False,
+                                          unitriangular=True, out=T_)
+            Y = (_rows(vc[chunks]) * bn).view(m, BH, C, V)
+            w, kd = w.view(m, BH, C, K), kd.view(m, BH, C, K)
+            for i in range(m):  # the state pass: three small products per chunk
+                n = base + i
+                Y[i].baddbmm_(w[i], S[n], alpha=-1)
+                torch.bmm(Tinv[n], Y[i], out=U[n])
+                torch.bmm(kd[i].mT, U[n], out=S[n + 1])
+                if gated:
+                    S[n + 1].addcmul_(S[n], gamma[n0 + i, :, -1, None, None])
+                else:
+                    S[n + 1].add_(S[n])
+            on = torch.bmm(qg, _rows(S[here]))
+            on.baddbmm_(qk_, U_)
+            chunk_major_rows(o, C, chunks).copy_(on.view(m, B, H, C, V))
+        final = S[base + m].view(B, H, K, V).clone()
+        ctx.scale, ctx.shape = scale, (B, T, H)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        ctx.group, ctx.gated = G, gated
+        if gated:
+            ctx.save_for_backward(qs, kc, vc, bc, b2, gamma, to_end, beta_gamma, qk, kk, Tinv, U, S)
+        else:
+            ctx.save_for_backward(qs, kc, vc, bc, qk, kk, Tinv, U, S)
+        ctx.set_materialize_grads(False)
+        return o[:, :T], final
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dS_final):
+        gated = ctx.gated
+        if gated:
+            qs, kc, vc, bc, b2, gamma, to_end, beta_gamma, qk, kk, Tinv, U, S = ctx.saved_tensors
+        else:
+            qs, kc, vc, bc, qk, kk, Tinv, U, S = ctx.saved_tensors
+        B, T, H = ctx.shape
+        N, BH, C, K = qs.shape
+        V = vc.shape[-1]
+        G = ctx.group
+        dt, dev = qs.dtype, qs.device
+        reads_used = do is not None  # q only enters the reads
+        if not reads_used:
+            do = torch.zeros(B, T, H, V, dtype=dt, device=dev)
+        do = to_chunk_major(do, C, dt)
+        if dS_final is None:
+            dS = torch.zeros(BH, K, V, dtype=dt, device=dev)
+        else:
+            dS = dS_final.reshape(BH, K, V).to(dt)
+        dq, dk = (torch.empty(B, N * C, H, K, dtype=d, device=dev) for d in ctx.dtypes[:2])
+        dv = torch.empty(B, N * C, H, V, dtype=ctx.dtypes[2], device=dev)
+        dbeta = torch.empty_like(bc)
+        db = torch.empty_like(bc) if gated else None
+        causal = torch.ones(C, C, dtype=dt, device=dev).tril_()
+        strict = torch.ones(C, C, dtype=dt, device=dev).tril_(-1)
+        dS_next = torch.empty(G, BH, K, V, dtype=dt, device=dev)  # dS_{n+1} of the group's chunks
+        for n1 in range(N, 0, -G):
+            n0 = max(n1 - G, 0)
+            m, chunks = n1 - n0, slice(n0, n1)
+            qn, kn, vn, don = (_rows(x[chunks]) for x in (qs, kc, vc, do))
+            qk_, kk_, Sn, Un = (_rows(x[chunks]) for x in (qk, kk, S, U))
+            bn = _col(_rows(bc[chunks]))
+            if gated:
+                D = _within_chunk_decay(_rows(b2[chunks]), causal)
+                gm = _rows(gamma[chunks])
+                w = kn * _col(_rows(beta_gamma[chunks]))
+                qg = qn * _col(gm)
+                kd = kn * _col(_rows(to_end[chunks]))
+            else:
+                w, qg, kd = kn * bn, qn, kn
+            dU = torch.bmm(qk_.mT, don)                          # + kd dS in the loop
+            dSn = torch.bmm(qg.mT, don).view(m, BH, K, V)        # + the carried terms in the loop
+            dY = torch.empty_like(dU)
+            dU3, dY3 = dU.view(m, BH, C, V), dY.view(m, BH, C, V)
+            w3, kd3 = w.view(m, BH, C, K), kd.view(m, BH, C, K)
+            for i in range(m - 1, -1, -1):  # the state pass in reverse
+                n = n0 + i
+                dS_next[i] = dS
+                dU3[i].baddbmm_(kd3[i], dS)
+                torch.bmm(Tinv[n].mT, dU3[i], out=dY3[i])
+                if gated:
+                    dSn[i].addcmul_(dS, gamma[n, :, -1, None, None])
+                else:
+                    dSn[i].add_(dS)
+                dS = dSn[i].baddbmm_(w3[i].mT, dY3[i], alpha=-1)
+            dSx = _rows(dS_next[:m])
+            dqg = torch.bmm(don, Sn.mT)                          # d(Q * Gamma)
+            dw = torch.bmm(dY, Sn.mT)                            # d(w) = -dw
+            dkd = torch.bmm(Un, dSx.mT)                          # d(kd)
+            dqk = torch.bmm(don, Un.mT)                          # d((Q K^T) * D)
+            E = torch.bmm(dY, Un.mT).mul_(strict)                # dA = -E
+            chunk_major_rows(dv, C, chunks).copy_((dY * bn).view(m, B, H, C, V))
+            if gated:
+                # d b_t: rows minus columns of the D-weighted matrices, and the per-token factors
+                M = dqk * qk_
+                M.sub_(E * kk_ * bn)
+                dbn = M.sum(-1) - M.sum(-2)
+                dbn += torch.linalg.vecdot(dqg, qg) - torch.linalg.vecdot(dw, w)
+                to_end_part = torch.linalg.vecdot(dkd, kd)
+                dbn -= to_end_part
+                dbn[:, -1] += to_end_part.sum(-1) + (Sn * dSx).sum((-1, -2)) * gm[:, -1]
+                _rows(db[chunks]).copy_(dbn)
+                _rows(dbeta[chunks]).copy_(torch.linalg.vecdot(dY, vn) - torch.linalg.vecdot(dw, kn) * gm
+                                           - torch.linalg.vecdot(E, kk_))
+                dqk.mul_(D)
+                dkk = E.mul_(D).mul_(bn).neg_()                  # d(K K^T), lower half
+                dqn = dqg.mul_(_col(gm))
+                dkn = dkd.mul_(_col(_rows(to_end[chunks])))
+                dkn.addcmul_(dw, _col(_rows(beta_gamma[chunks])), value=-1)
+            else:
+                _rows(dbeta[chunks]).copy_(torch.linalg.vecdot(dY, vn) - torch.linalg.vecdot(dw, kn)
+                                           - torch.linalg.vecdot(E, kk_))
+                dqk.tril_()
+                dkk = E.mul_(bn).neg_()
+                dqn = dqg
+                dkn = dkd.addcmul_(dw, bn, value=-1)
+            dqn.baddbmm_(dqk, kn)
+            dkn.baddbmm_(dqk.mT, qn)
+            dkn.baddbmm_(dkk + dkk.mT, kn)
+            torch.mul(dqn.view(m, B, H, C, K), ctx.scale, out=chunk_major_rows(dq, C, chunks))
+            chunk_major_rows(dk, C, chunks).copy_(dkn.view(m, B, H, C, K))
+        dg = None
+        if gated:  # b is the cumulative sum of g over the chunk: sum d b in reverse
+            dg = _from_chunk_major(db.flip(-1).cumsum_(-1).flip(-1), B, H, T)
+        return (dq[:, :T] if reads_used else None, dk[:, :T], dv[:, :T], _from_chunk_major(dbeta, B, H, T), dg,
+                dS.view(B, H, K, V), None, None, None)
+
+
+def _from_chunk_major(x: Tensor, B: int, H: int, T: int) -> Tensor:
+    """A per-token ``[N, B*H, C]`` tensor back to ``[B, T, H]``."""
+    N, _, C = x.shape
+    return x.view(N, B, H, C).permute(1, 0, 3, 2).reshape(B, N * C, H)[:, :T]
