@@ -481,31 +481,23 @@ _RUNTIME: dict[Any, Any] = {}
 def linear_kernel(spec: LinearKernelSpec):
     """The :class:`~nldsl.runtime._triton.LinearKernel` of one specialisation, rendered and
     imported in this process (cached; tracebacks show the generated lines)."""
-    if spec not in _RUNTIME:
-        from nldsl.codegen.loader import load_module
-        from nldsl.runtime._triton import require_triton
-
-        require_triton(spec.name)
-        key = hashlib.sha256(repr(spec).encode("utf-8")).hexdigest()
-        source = render_kernels([linear_part(spec, spec.name)], label="nldsl runtime", sha256=key,
-                                doc=f"Triton kernels for {spec.title()} (rendered in process).")
-        module = load_module(source, f"nldsl_kernels_{spec.name}_{key[:12]}",
-                             filename=f"<nldsl kernels:{spec.name}:{key[:12]}>")
-        _RUNTIME[spec] = module.KERNELS[spec.name]
-    return _RUNTIME[spec]
+    return _runtime_kernel(spec, linear_part, f"Triton kernels for {spec.title()} (rendered in process).")
 
 
 def mlp_kernel(spec: MlpKernelSpec):
     """The :class:`~nldsl.runtime._triton.MlpKernel` of one specialisation, rendered and imported
     in this process (cached)."""
+    return _runtime_kernel(spec, mlp_part, f"Triton kernel for the {spec.title()} (rendered in process).")
+
+
+def _runtime_kernel(spec, part, doc: str):
     if spec not in _RUNTIME:
         from nldsl.codegen.loader import load_module
         from nldsl.runtime._triton import require_triton
 
         require_triton(spec.name)
         key = hashlib.sha256(repr(spec).encode("utf-8")).hexdigest()
-        source = render_kernels([mlp_part(spec, spec.name)], label="nldsl runtime", sha256=key,
-                                doc=f"Triton kernel for the {spec.title()} (rendered in process).")
+        source = render_kernels([part(spec, spec.name)], label="nldsl runtime", sha256=key, doc=doc)
         module = load_module(source, f"nldsl_kernels_{spec.name}_{key[:12]}",
                              filename=f"<nldsl kernels:{spec.name}:{key[:12]}>")
         _RUNTIME[spec] = module.KERNELS[spec.name]

@@ -34,6 +34,16 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 _OPS: dict[str, Any] = {}
 
 
+def _check_device(op: str, x: Tensor, interpreted: bool) -> None:
+    """Kernels run on CUDA tensors, or on any under Triton's interpreter: never a silent fallback."""
+    if not interpreted and x.device.type != "cuda":
+        raise RuntimeError(
+            f"{op}: the Triton kernels run on CUDA tensors, got {x.device.type} tensors. "
+            "On a machine without a GPU, set TRITON_INTERPRET=1 before triton is imported to run them "
+            "in Triton's interpreter (slow; for tests), or choose impl='chunked'"
+        )
+
+
 def require_triton(what: str) -> None:
     """Raise a clear error when triton cannot be imported (impl='triton' never falls back)."""
     try:
@@ -147,12 +157,7 @@ class LinearKernel:
                              f"got K={K}, V={V} (LinearKernel.for_heads renders them for other sizes)")
         if q.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"{op}: q has dtype {q.dtype}; the kernels take float16, bfloat16, float32 or float64")
-        if not self.interpreted and q.device.type != "cuda":
-            raise RuntimeError(
-                f"{op}: the Triton kernels run on CUDA tensors, got {q.device.type} tensors. "
-                "On a machine without a GPU, set TRITON_INTERPRET=1 before triton is imported to run them "
-                "in Triton's interpreter (slow; for tests), or choose impl='chunked'"
-            )
+        _check_device(op, q, self.interpreted)
         lr = self._gate_arg(op, "lr", self.spec["lr"], lr, B, T, H, q)
         g = self._gate_arg(op, "g", self.spec["decay"], g, B, T, H, q)
         scale = resolve_scale(op, scale, K)
@@ -377,12 +382,7 @@ class MlpKernel:
         N, L = x.shape[:2]
         if x.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"{op}: x has dtype {x.dtype}; the kernel takes float16, bfloat16, float32 or float64")
-        if not self.interpreted and x.device.type != "cuda":
-            raise RuntimeError(
-                f"{op}: the Triton kernel runs on CUDA tensors, got {x.device.type} tensors. "
-                "On a machine without a GPU, set TRITON_INTERPRET=1 before triton is imported to run it "
-                "in Triton's interpreter (slow; for tests), or choose impl='chunked'"
-            )
+        _check_device(op, x, self.interpreted)
         if not isinstance(weights, (list, tuple)) or len(weights) != 2:
             raise ValueError(f"{op}: the kernel takes a two-layer MLP's weights (W_in, W_out)")
         w_in = _rows(op, "W_in", weights[0], (N, Hd, K), x)

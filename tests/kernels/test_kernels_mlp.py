@@ -317,7 +317,7 @@ def test_cpu_tensors_need_the_interpreter():
     interpreted = mlp_kernel(MlpKernelSpec(name="mlp_check", d_in=8, d_hidden=8, d_out=8))
     compiled = MlpKernel(interpreted.spec, grads=interpreted.grads_op, interpreted=False)
     x = torch.zeros(1, 3, 8)
-    with pytest.raises(RuntimeError, match=r"runs on CUDA tensors, got cpu tensors.*TRITON_INTERPRET=1"):
+    with pytest.raises(RuntimeError, match=r"run on CUDA tensors, got cpu tensors.*TRITON_INTERPRET=1"):
         compiled((torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)), x, x)
 
 
