@@ -194,10 +194,10 @@ def _gate_factors(g: Tensor, beta: Tensor):
 _LOG2E = 1.4426950408889634
 
 
-def _within_chunk_decay(b2: Tensor, causal: Tensor) -> Tensor:
-    """``D[t, j] = exp(b_t - b_j)`` for ``j <= t``, 0 above the diagonal (``b2`` rows ``[R, C]``).
-    The upper triangle is zeroed before the exponential, so it cannot overflow."""
-    return (b2.unsqueeze(-1) - b2.unsqueeze(-2)).mul_(causal).exp2_().mul_(causal)
+def _within_chunk_decay(b2: Tensor, causal: Tensor, out: Tensor) -> Tensor:
+    """``D[t, j] = exp(b_t - b_j)`` for ``j <= t``, 0 above the diagonal (``b2`` rows ``[R, C]``),
+    into ``out``. The upper triangle is zeroed before the exponential, so it cannot overflow."""
+    return torch.sub(b2.unsqueeze(-1), b2.unsqueeze(-2), out=out).mul_(causal).exp2_().mul_(causal)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -233,9 +233,10 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         dS_n = Gamma_C dS + (Q * Gamma)^T dO - (K * beta Gamma)^T dY
         dA  = -strict_lower(dY U^T)                         (from dT = -T dA T)
 
-    and the rest (dQ, dK, dV, dbeta, dg) are products of those with the saved tensors; the
-    log-gate gradient collects ``d b_t`` from every place ``exp(+-b)`` enters and sums it in
-    reverse over the chunk (``b`` is a cumulative sum of ``g``). Not twice differentiable.
+    and the rest (dQ, dK, dV, dbeta) are products of those with the saved tensors. The log gate's
+    gradient: ``d b_t = <q_t, dq_t> - <k_t, dk_t>`` plus two corrections (see the code), summed in
+    reverse over the chunk (``b`` is a cumulative sum of ``g``). Scratch tensors live in one
+    workspace per call, reused by every group. Not twice differentiable.
     """
 
     @staticmethod
@@ -260,10 +261,12 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         S = torch.empty(slots + 1, BH, K, V, dtype=dt, device=dev)  # S[n]: the state chunk n starts from
         S[0] = S0.reshape(BH, K, V)
         o = torch.empty(B, N * C, H, V, dtype=q.dtype, device=dev)
+        ws = _Workspace(G * BH, dt, dev)
         eye = torch.eye(C, dtype=dt, device=dev)
         causal = torch.ones(C, C, dtype=dt, device=dev).tril_()
         for n0 in range(0, N, G):
             m, chunks = min(G, N - n0), slice(n0, min(n0 + G, N))
+            R = m * BH
             base = n0 if keep else 0
             if not keep and n0:
                 S[0] = S[G]
@@ -272,19 +275,21 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             qk_, kk_, T_, U_ = (_rows(x[here]) for x in (qk, kk, Tinv, U))
             torch.bmm(qn, kn.mT, out=qk_)
             torch.bmm(kn, kn.mT, out=kk_)
+            w = ws("w", R, C, K)                                  # rows of K that S is read with
             if gated:
-                D = _within_chunk_decay(_rows(b2[chunks]), causal)
+                D = _within_chunk_decay(_rows(b2[chunks]), causal, ws("D", R, C, C))
                 qk_.mul_(D)
                 kk_.mul_(D)
-                w = kn * _col(_rows(beta_gamma[chunks]))     # rows of K that S is read with
-                qg = qn * _col(_rows(gamma[chunks]))
-                kd = kn * _col(_rows(to_end[chunks]))        # rows of K the chunk writes with
+                torch.mul(kn, _col(_rows(beta_gamma[chunks])), out=w)
+                qg = torch.mul(qn, _col(_rows(gamma[chunks])), out=ws("qg", R, C, K))
+                kd = torch.mul(kn, _col(_rows(to_end[chunks])), out=ws("kd", R, C, K))  # rows it writes with
             else:
                 qk_.tril_()
-                w, qg, kd = kn * bn, qn, kn
-            torch.linalg.solve_triangular(kk_ * bn, eye.expand(m * BH, C, C), upper=False,
-                                          unitriangular=True, out=T_)
-            Y = (_rows(vc[chunks]) * bn).view(m, BH, C, V)
+                torch.mul(kn, bn, out=w)
+                qg, kd = qn, kn
+            A = torch.mul(kk_, bn, out=ws("A", R, C, C))
+            torch.linalg.solve_triangular(A, eye.expand(R, C, C), upper=False, unitriangular=True, out=T_)
+            Y = torch.mul(_rows(vc[chunks]), bn, out=ws("Y", R, C, V)).view(m, BH, C, V)
             w, kd = w.view(m, BH, C, K), kd.view(m, BH, C, K)
             for i in range(m):  # the state pass: three small products per chunk
                 n = base + i
@@ -295,7 +300,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
                     S[n + 1].addcmul_(S[n], gamma[n0 + i, :, -1, None, None])
                 else:
                     S[n + 1].add_(S[n])
-            on = torch.bmm(qg, _rows(S[here]))
+            on = torch.bmm(qg, _rows(S[here]), out=ws("o", R, C, V))
             on.baddbmm_(qk_, U_)
             chunk_major_rows(o, C, chunks).copy_(on.view(m, B, H, C, V))
         final = S[base + m].view(B, H, K, V).clone()
@@ -334,26 +339,31 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         dv = torch.empty(B, N * C, H, V, dtype=ctx.dtypes[2], device=dev)
         dbeta = torch.empty_like(bc)
         db = torch.empty_like(bc) if gated else None
+        ws = _Workspace(G * BH, dt, dev)
         causal = torch.ones(C, C, dtype=dt, device=dev).tril_()
         strict = torch.ones(C, C, dtype=dt, device=dev).tril_(-1)
         dS_next = torch.empty(G, BH, K, V, dtype=dt, device=dev)  # dS_{n+1} of the group's chunks
+        dS_carry = torch.empty(BH, K, V, dtype=dt, device=dev)
         for n1 in range(N, 0, -G):
             n0 = max(n1 - G, 0)
             m, chunks = n1 - n0, slice(n0, n1)
+            R = m * BH
             qn, kn, vn, don = (_rows(x[chunks]) for x in (qs, kc, vc, do))
             qk_, kk_, Sn, Un = (_rows(x[chunks]) for x in (qk, kk, S, U))
             bn = _col(_rows(bc[chunks]))
+            w = ws("w", R, C, K)
             if gated:
-                D = _within_chunk_decay(_rows(b2[chunks]), causal)
+                D = _within_chunk_decay(_rows(b2[chunks]), causal, ws("D", R, C, C))
                 gm = _rows(gamma[chunks])
-                w = kn * _col(_rows(beta_gamma[chunks]))
-                qg = qn * _col(gm)
-                kd = kn * _col(_rows(to_end[chunks]))
+                torch.mul(kn, _col(_rows(beta_gamma[chunks])), out=w)
+                qg = torch.mul(qn, _col(gm), out=ws("qg", R, C, K))
+                kd = torch.mul(kn, _col(_rows(to_end[chunks])), out=ws("kd", R, C, K))
             else:
-                w, qg, kd = kn * bn, qn, kn
-            dU = torch.bmm(qk_.mT, don)                          # + kd dS in the loop
-            dSn = torch.bmm(qg.mT, don).view(m, BH, K, V)        # + the carried terms in the loop
-            dY = torch.empty_like(dU)
+                torch.mul(kn, bn, out=w)
+                qg, kd = qn, kn
+            dU = torch.bmm(qk_.mT, don, out=ws("dU", R, C, V))                  # + kd dS in the loop
+            dSn = torch.bmm(qg.mT, don, out=ws("dSn", R, K, V)).view(m, BH, K, V)  # + the carried terms
+            dY = ws("dY", R, C, V)
             dU3, dY3 = dU.view(m, BH, C, V), dY.view(m, BH, C, V)
             w3, kd3 = w.view(m, BH, C, K), kd.view(m, BH, C, K)
             for i in range(m - 1, -1, -1):  # the state pass in reverse
@@ -366,40 +376,46 @@ class _ChunkedDeltaRule(torch.autograd.Function):
                 else:
                     dSn[i].add_(dS)
                 dS = dSn[i].baddbmm_(w3[i].mT, dY3[i], alpha=-1)
+            dS = dS_carry.copy_(dS)  # the next group reuses the workspace
             dSx = _rows(dS_next[:m])
-            dqg = torch.bmm(don, Sn.mT)                          # d(Q * Gamma)
-            dw = torch.bmm(dY, Sn.mT)                            # d(w) = -dw
-            dkd = torch.bmm(Un, dSx.mT)                          # d(kd)
-            dqk = torch.bmm(don, Un.mT)                          # d((Q K^T) * D)
-            E = torch.bmm(dY, Un.mT).mul_(strict)                # dA = -E
-            chunk_major_rows(dv, C, chunks).copy_((dY * bn).view(m, B, H, C, V))
+            dqg = torch.bmm(don, Sn.mT, out=ws("dqg", R, C, K))                  # d(Q * Gamma)
+            dw = torch.bmm(dY, Sn.mT, out=ws("dw", R, C, K))                     # d(w) = -dw
+            dkd = torch.bmm(Un, dSx.mT, out=ws("dkd", R, C, K))                  # d(kd)
+            dqk = torch.bmm(don, Un.mT, out=ws("dqk", R, C, C))                  # d((Q K^T) * D)
+            E = torch.bmm(dY, Un.mT, out=ws("E", R, C, C)).mul_(strict)          # dA = -E
+            dvn = torch.mul(dY, bn, out=dU)                                       # dU is spent
+            chunk_major_rows(dv, C, chunks).copy_(dvn.view(m, B, H, C, V))
+            e_kk = torch.linalg.vecdot(E, kk_)                                   # rows of E * (K K^T * D)
+            dw_k = torch.linalg.vecdot(dw, kn)
+            dbn = torch.linalg.vecdot(dY, vn).sub_(e_kk)
             if gated:
-                # d b_t: rows minus columns of the D-weighted matrices, and the per-token factors
-                M = dqk * qk_
-                M.sub_(E * kk_ * bn)
-                dbn = M.sum(-1) - M.sum(-2)
-                dbn += torch.linalg.vecdot(dqg, qg) - torch.linalg.vecdot(dw, w)
+                _rows(dbeta[chunks]).copy_(dbn.sub_(dw_k * gm))
+                # what the chunk's last token's b_C adds: the state decay and the write weights
                 to_end_part = torch.linalg.vecdot(dkd, kd)
-                dbn -= to_end_part
-                dbn[:, -1] += to_end_part.sum(-1) + (Sn * dSx).sum((-1, -2)) * gm[:, -1]
-                _rows(db[chunks]).copy_(dbn)
-                _rows(dbeta[chunks]).copy_(torch.linalg.vecdot(dY, vn) - torch.linalg.vecdot(dw, kn) * gm
-                                           - torch.linalg.vecdot(E, kk_))
+                last = to_end_part.sum(-1) + torch.linalg.vecdot(Sn.flatten(1), dSx.flatten(1)) * gm[:, -1]
                 dqk.mul_(D)
-                dkk = E.mul_(D).mul_(bn).neg_()                  # d(K K^T), lower half
+                dkk = E.mul_(D).mul_(bn).neg_()                                  # d(K K^T), lower half
                 dqn = dqg.mul_(_col(gm))
                 dkn = dkd.mul_(_col(_rows(to_end[chunks])))
                 dkn.addcmul_(dw, _col(_rows(beta_gamma[chunks])), value=-1)
             else:
-                _rows(dbeta[chunks]).copy_(torch.linalg.vecdot(dY, vn) - torch.linalg.vecdot(dw, kn)
-                                           - torch.linalg.vecdot(E, kk_))
+                _rows(dbeta[chunks]).copy_(dbn.sub_(dw_k))
                 dqk.tril_()
                 dkk = E.mul_(bn).neg_()
                 dqn = dqg
                 dkn = dkd.addcmul_(dw, bn, value=-1)
             dqn.baddbmm_(dqk, kn)
             dkn.baddbmm_(dqk.mT, qn)
-            dkn.baddbmm_(dkk + dkk.mT, kn)
+            dkn.baddbmm_(torch.add(dkk, dkk.mT, out=ws("M", R, C, C)), kn)
+            if gated:
+                # d b_t (b: the chunk-local cumulative log gate). q_t only enters with exp(+b_t) and
+                # k_t mostly with exp(-b_t), so d b_t = <q_t, dq_t> - <k_t, dk_t>, corrected where a
+                # row of K enters with exp(+b_t): in w (-2 <dw_t, w_t>) and as the row of
+                # K K^T * D (+2 <k_t, (dKK k)_t> = -2 beta_t <E_t, (K K^T * D)_t>)
+                dbl = torch.linalg.vecdot(qn, dqn).sub_(torch.linalg.vecdot(kn, dkn))
+                dbl.sub_(dw_k.mul_(_rows(beta_gamma[chunks])).add_(e_kk.mul_(bn.squeeze(-1))), alpha=2)
+                dbl[:, -1] += last
+                _rows(db[chunks]).copy_(dbl)
             torch.mul(dqn.view(m, B, H, C, K), ctx.scale, out=chunk_major_rows(dq, C, chunks))
             chunk_major_rows(dk, C, chunks).copy_(dkn.view(m, B, H, C, K))
         dg = None
@@ -407,6 +423,22 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             dg = _from_chunk_major(db.flip(-1).cumsum_(-1).flip(-1), B, H, T)
         return (dq[:, :T] if reads_used else None, dk[:, :T], dv[:, :T], _from_chunk_major(dbeta, B, H, T), dg,
                 dS.view(B, H, K, V), None, None, None)
+
+
+class _Workspace:
+    """Scratch buffers for one group of chunks, allocated on first use and reused by every group
+    (a last, smaller group takes a prefix): no allocation, and no page faults on fresh memory,
+    per group."""
+
+    def __init__(self, rows: int, dtype: torch.dtype, device: torch.device):
+        self.rows, self.dtype, self.device = rows, dtype, device
+        self.buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, rows: int, *shape: int) -> Tensor:
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = self.buffers[name] = torch.empty(self.rows, *shape, dtype=self.dtype, device=self.device)
+        return buf[:rows]
 
 
 def _from_chunk_major(x: Tensor, B: int, H: int, T: int) -> Tensor:
