@@ -77,7 +77,7 @@ def make_inputs(op: str, T: int, seed: int = 0):
 OP_KWARGS = {"omega_rule": {"window": 4}, "softmax_attention": {}}
 
 
-def run_once(op: str, impl: str, x: dict, chunk_size: int):
+def run_once(op: str, impl: str, x: dict, chunk_size: int | None):
     """One forward + backward. Returns (wall seconds, process CPU seconds)."""
     import torch
 
@@ -88,7 +88,7 @@ def run_once(op: str, impl: str, x: dict, chunk_size: int):
         o, S = _fla_call(op, x)
     else:
         kw = dict(OP_KWARGS.get(op, {}))
-        if op != "softmax_attention":
+        if op != "softmax_attention" and chunk_size is not None:
             kw["chunk_size"] = chunk_size
         args = {n: t for n, t in x.items() if n not in ("q", "k", "v")}
         r = getattr(rt, op)(x["q"], x["k"], x["v"], **args, **kw, output_final_state=True, impl=impl)
@@ -145,7 +145,7 @@ class RssSampler:
         self.peak_kb = max(self.peak_kb, _rss_kb())
 
 
-def worker(op: str, impl: str, T: int, chunk_size: int, reps: int, budget: float) -> dict:
+def worker(op: str, impl: str, T: int, chunk_size: int | None, reps: int, budget: float) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -206,7 +206,11 @@ def machine_gflops(clock: str = "wall") -> tuple[float, float]:
     return big, small
 
 
-def flops(op: str, impl: str, T: int, C: int) -> float:
+# the ops' own chunk_size when none is given (on a CPU, where this benchmark runs)
+DEFAULT_CHUNK = {"delta_rule": 32, "gated_delta_rule": 32}
+
+
+def flops(op: str, impl: str, T: int, C: int | None) -> float:
     """Matmul FLOPs of forward+backward (3x the forward's products), all B*H sequences.
 
     Reference paths: the per-token products of the recurrence (each ``[K] x [K, V]`` product or
@@ -222,12 +226,14 @@ def flops(op: str, impl: str, T: int, C: int) -> float:
         per_token = {"linear_attention": 2, "delta_rule": 3, "gated_delta_rule": 3, "titans_linear": 3,
                      "dgd": 4, "omega_rule": 2 * 4 + 1}[op] * kv
         return 3 * 2 * per_token * T * B * H
-    C = min(C, T)
+    C = min(C or DEFAULT_CHUNK.get(op, 64), T)
     N = -(-T // C)
     if op == "linear_attention":
         per_chunk = C * C * K + C * C * V + 2 * C * kv
     elif op in ("delta_rule", "gated_delta_rule"):
-        per_chunk = 2 * C * C * K + C ** 3 / 3 + C * C * (K + V) + 3 * C * kv + C * C * V
+        # Q K^T and K K^T, the triangular inverse, T (V - W S) and the intra-chunk read, and
+        # the state's two reads and one write
+        per_chunk = 2 * C * C * K + C ** 3 / 3 + 2 * C * C * V + 3 * C * kv
     elif op == "titans_linear":
         per_chunk = 6 * C * kv + C * C * K + C * C * V + C ** 3
     else:  # dgd (1 virtual token per step) and omega (window 4, C // 4 steps per tile)
@@ -244,7 +250,8 @@ def flops(op: str, impl: str, T: int, C: int) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def measure(op, impl, T, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", op, impl, str(T), "--chunk-size", str(args.chunk_size),
+    chunk = [] if args.chunk_size is None else ["--chunk-size", str(args.chunk_size)]
+    cmd = [sys.executable, __file__, "--worker", op, impl, str(T), *chunk,
            "--reps", str(args.reps), "--budget", str(args.budget)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.budget * 2 + 60)
@@ -267,7 +274,8 @@ def main(argv=None):
     p.add_argument("--T", type=int, nargs="+", default=None, help="sequence lengths (default 512 2048 8192)")
     p.add_argument("--quick", action="store_true", help="T=512 only, 3 repeats")
     p.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
-    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="chunk size for every op (default: each op's own, 64; the delta rules' 32 on a CPU)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--budget", type=float, default=60.0, help="seconds per measurement (time box)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers")
@@ -301,7 +309,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)  # the machine limit is measured with the same threads
     big, small = machine_gflops(args.clock)
     have_fla = fla_available()
-    print(f"nldsl.runtime forward+backward, B={B} H={H} K=V={K} float32, chunk_size={args.chunk_size}, "
+    chunk = args.chunk_size or "each op's default (64; delta rules 32)"
+    print(f"nldsl.runtime forward+backward, B={B} H={H} K=V={K} float32, chunk_size={chunk}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"machine float32 matmul: {big:.0f} GFLOP/s (2048^3), {small:.0f} GFLOP/s (512 x 64^3 batched)")
     print(f"times: best of up to {args.reps} runs, {args.clock} clock; load average at start "
