@@ -181,6 +181,9 @@ def _chunk_group(q: Tensor, BH: int, C: int) -> int:
     return max(1, _CPU_ROWS_PER_THREAD * torch.get_num_threads() // (BH * C))
 
 
+_LOG2E = 1.4426950408889634
+
+
 def _gate_factors(g: Tensor, beta: Tensor):
     """Per-token factors of the chunk-local retention, from the chunk-major log gate ``g``
     ``[N, B*H, C]``: ``b2 = log2(e) * b`` (``b_t`` the cumulative log retention from the chunk
@@ -189,9 +192,6 @@ def _gate_factors(g: Tensor, beta: Tensor):
     b = g.cumsum(-1)
     gamma = b.exp()
     return b * _LOG2E, gamma, (b[..., -1:] - b).exp_(), beta * gamma
-
-
-_LOG2E = 1.4426950408889634
 
 
 def _within_chunk_decay(b2: Tensor, causal: Tensor, out: Tensor) -> Tensor:
