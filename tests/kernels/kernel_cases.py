@@ -109,3 +109,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def state_tensors(state) -> list[torch.Tensor]:
     """The tensors of a final state (a tensor, or a DGDState's memory and anchor)."""
     return [state] if isinstance(state, torch.Tensor) else [state.memory, state.anchor]
+
+
+def model_class(mod):
+    """The model class (an NSAMModel subclass) of a compiled spec's module."""
+    from nldsl.nn.model import NSAMModel
+
+    return next(getattr(mod, n) for n in mod.__all__
+                if isinstance(getattr(mod, n), type) and issubclass(getattr(mod, n), NSAMModel))
+
+
+def model_pair(cls, device, dtype, **kw):
+    """The same weights (rounded to ``dtype``) in a float64 chunked model and a triton one."""
+    torch.manual_seed(0)
+    chunked = cls(**kw).to(device=device, dtype=torch.float64)
+    triton = cls(**kw, impl="triton").to(device=device, dtype=dtype)
+    triton.load_state_dict(chunked.state_dict())
+    chunked.load_state_dict(triton.state_dict())
+    return chunked, triton

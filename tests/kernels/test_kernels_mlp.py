@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'nldsl[triton]')")
 
-from kernel_cases import DEVICE_DTYPES, assert_close  # noqa: E402
+from kernel_cases import DEVICE_DTYPES, assert_close, model_class, model_pair  # noqa: E402
 
 from nldsl.codegen.kernels import MlpKernelSpec, mlp_kernel  # noqa: E402
 from nldsl.runtime._triton import MlpKernel  # noqa: E402
@@ -364,32 +364,15 @@ def test_deep_memories_get_a_specialised_kernel_in_the_kernels_file():
 
 def _model_class(spec_path):
     import nldsl
-    from nldsl.nn.model import NSAMModel
 
-    mod = nldsl.compile(spec_path)
-    return next(getattr(mod, n) for n in mod.__all__
-                if isinstance(getattr(mod, n), type) and issubclass(getattr(mod, n), NSAMModel))
+    return model_class(nldsl.compile(spec_path))
 
 
 def _models(spec: str, device, dtype, **kw):
     """The same weights in a float64 chunked model and a triton one (in ``dtype``)."""
     from pathlib import Path
 
-    cls = _model_class(Path(__file__).resolve().parents[2] / "specs" / f"{spec}.nl")
-    torch.manual_seed(0)
-    chunked = cls(**kw).to(device=device, dtype=F64)
-    triton = cls(**kw, impl="triton").to(device=device, dtype=dtype)
-    triton.load_state_dict(chunked.state_dict())
-    chunked.load_state_dict(triton.state_dict())
-    return chunked, triton
-
-
-@pytest.fixture
-def full_float32():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    return model_pair(_model_class(Path(__file__).resolve().parents[2] / "specs" / f"{spec}.nl"), device, dtype, **kw)
 
 
 @pytest.mark.parametrize("device,dtype", OP_DEVICE_DTYPES)

@@ -12,11 +12,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'nldsl[triton]')")
 
-from kernel_cases import DEVICE_DTYPES, ON_GPU, assert_close  # noqa: E402
+from kernel_cases import DEVICE_DTYPES, ON_GPU, assert_close, model_class, model_pair  # noqa: E402
 
 import nldsl  # noqa: E402
 import nldsl.runtime as rt  # noqa: E402
-from nldsl.nn.model import NSAMModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs"
@@ -47,30 +46,6 @@ model DgdNet {
 """
 
 
-def model_class(mod):
-    return next(getattr(mod, n) for n in mod.__all__
-                if isinstance(getattr(mod, n), type) and issubclass(getattr(mod, n), NSAMModel))
-
-
-def _pair(cls, device, dtype, **kw):
-    """The same weights (rounded to ``dtype``) in a float64 chunked model and a triton one."""
-    torch.manual_seed(0)
-    chunked = cls(**kw).to(device=device, dtype=torch.float64)
-    triton = cls(**kw, impl="triton").to(device=device, dtype=dtype)
-    triton.load_state_dict(chunked.state_dict())
-    chunked.load_state_dict(triton.state_dict())
-    return chunked, triton
-
-
-@pytest.fixture
-def full_float32():
-    """No TF32 in torch's own float32 matmuls and convolutions (the kernels follow the first)."""
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
 # whole models in bfloat16 round in every layer, not only in the kernels (tested in bfloat16 above)
 MODEL_DEVICE_DTYPES = [(d, t) for d, t in DEVICE_DTYPES if t != torch.bfloat16]
 
@@ -85,7 +60,7 @@ def test_compiled_model_triton_equals_chunked(spec, device, dtype, tmp_path, ful
         kw = {}
     else:
         path, kw = SPECS / f"{spec}.nl", dict(dim=32, heads=2, layers=1, vocab=64)  # other head sizes than the spec's
-    chunked, triton = _pair(model_class(nldsl.compile(path)), device, dtype, **kw)
+    chunked, triton = model_pair(model_class(nldsl.compile(path)), device, dtype, **kw)
     ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(0)).to(device)
     ref, out = chunked(ids).logits, triton(ids).logits
     assert_close(out, ref, dtype, "logits")
