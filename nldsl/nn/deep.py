@@ -213,11 +213,6 @@ class SelfModifyingTitans(nn.Module):
                 f"gen_chunk={self.gen_chunk_size}, rule={self.rule}, read={self.read}")
 
 
-def ws_shapes(blocks) -> list[list[tuple[int, ...]]]:
-    """``[d_out, d_in]`` of every weight of every block (application order)."""
-    return [[tuple(w.shape[1:]) for w in ws] for ws in blocks]
-
-
 def load_pretrained_mlps(path: str, spec_dir: str | None, levels: tuple[str, ...],
                          shapes: list[list[tuple[int, ...]]]) -> list[list[Tensor]]:
     """The initial weights of CMS levels from a safetensors file (``init pretrained("file")``).
@@ -288,7 +283,8 @@ class CmsChain(nn.Module):
                 ws[-1].normal_(0.0, hidden ** -0.5 * 0.1)
         if pretrained is not None:  # ad-hoc level stacking (section 7.3): start from a trained MLP
             names = tuple(levels) if levels is not None else tuple(f"level{i}" for i in range(len(periods)))
-            for ws, weights in zip(self.blocks, load_pretrained_mlps(pretrained, spec_dir, names, ws_shapes(self.blocks))):
+            shapes = [[tuple(w.shape[1:]) for w in ws] for ws in self.blocks]  # [d_out, d_in] each
+            for ws, weights in zip(self.blocks, load_pretrained_mlps(pretrained, spec_dir, names, shapes)):
                 with torch.no_grad():
                     for w, t in zip(ws, weights):
                         w[0].copy_(t)
