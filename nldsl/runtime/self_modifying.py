@@ -336,12 +336,10 @@ def _gates(zeta, zalpha, cfg):
     return eta, alpha
 
 
-def _normalize(t, cfg):
-    return F.normalize(t, dim=-1) if cfg["qk_norm"] else t
-
-
-def _normalize_v(t, cfg):
-    return F.normalize(t, dim=-1) if cfg["v_norm"] else t
+def _inputs(got, cfg):
+    """k, v, q of a piece, L2-normalised as ``qk_norm`` and ``v_norm`` say."""
+    unit = lambda t, on: F.normalize(t, dim=-1) if on else t  # noqa: E731
+    return unit(got["k"], cfg["qk_norm"]), unit(got["v"], cfg["v_norm"]), unit(got["q"], cfg["qk_norm"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,7 +423,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
             for i, n in enumerate(g["names"][:g["n_gen"]]):
                 o = out[i * N:(i + 1) * N]
                 got[n] = o[..., 0] if n in _SCA else o
-        k_, v_, q_ = _normalize(got["k"], cfg), _normalize_v(got["v"], cfg), _normalize(got["q"], cfg)
+        k_, v_, q_ = _inputs(got, cfg)
         eta, alpha = _gates(got["eta"], got.get("alpha"), cfg)
         beta = parts["beta"][j] if "beta" in parts else None
         if detach:
@@ -495,7 +493,7 @@ def _reference(inputs, ws, anchor, ms, offs, st, cfg):
         for n in cfg["gen"]:
             o = apply(anchor[n], xs[:, t], n)
             got[n] = o.squeeze(-1) if n in _SCA else o
-        kt, vt, qt = _normalize(got["k"], cfg), _normalize_v(got["v"], cfg), _normalize(got["q"], cfg)
+        kt, vt, qt = _inputs(got, cfg)
         eta, alpha = _gates(got["eta"], got.get("alpha"), cfg)
         beta = inputs["beta"][:, t] if "beta" in inputs else None
         if detach:
