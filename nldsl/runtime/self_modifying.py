@@ -1,10 +1,13 @@
 r"""Self-modifying (deep self-referential) Titans: NL section 8.1-8.2, Eq. 83-93 (and Hope's Eq. 94-96).
 
-Per head, on inputs ``x [B, T, H, D]`` (the caller's per-head projection of the residual stream):
+Per head, on inputs ``x [B, T, H, D]`` (the caller's per-head projection of the residual stream),
+or one input per generating memory, ``x [B, T, G, H, D]`` (Fig. 5's separate q/k/v projections):
 
     x~_t  = causal depthwise conv_W(x)_t                      (width W, e.g. 4; optional)
     k_t   = M_k,a(x~_t),  v_t = M_v,a(x~_t),  q_t = M_q,a(x~_t) (or a static q)   (Eq. 86)
     eta_t = eta_max * sigmoid(M_eta,a(x~_t) + eta_bias),  alpha_t = sigmoid(M_alpha,a(x~_t) + alpha_bias)
+
+(with per-memory inputs, each memory reads its own ``x~``: ``k_t = M_k,a(x~_{k,t})`` and so on).
     k_t, q_t <- k_t / ||k_t||, q_t / ||q_t||                  (qk_norm, section 8.3)
     v_t <- v_t / ||v_t||                                       (v_norm, optional: see below)
     v^_{m,t} = M_m,a(v_t)                                      (self-generated values, Eq. 87)
@@ -98,7 +101,7 @@ class SelfModifyingState(NamedTuple):
     """weights / anchor / momentum: ``{memory name: tuple of [B, H, d_out, d_in]}`` (momentum None
     without momentum); offset_gen / offset_memory: tokens consumed of the current chunk of the
     generating memories / of M_memory; conv: the last ``W - 1`` raw inputs ``[B, W-1, H, D]``
-    (None without convolution)."""
+    (``[B, W-1, G, H, D]`` with per-memory inputs; None without convolution)."""
 
     weights: dict
     anchor: dict
@@ -162,6 +165,8 @@ def self_modifying_titans(
     """Self-modifying Titans over ``x [B, T, H, D]`` (see the module docstring).
 
     Args:
+        x: ``[B, T, H, D]``, read by every generating memory, or ``[B, T, G, H, D]``: one input per
+            generating memory, in :data:`GENERATED` order (those generated, ``G`` of them).
         params: ``{"memory": (W_2, W_1), "k": .., "v": .., "q": .., "eta": .., "alpha": ..}``: the
             (meta-learned) initial weights of M_memory and of every *generated* input, each
             ``[H, d_out, d_in]`` or ``[B, H, d_out, d_in]``. Ignored when ``initial_state`` is given
@@ -172,7 +177,8 @@ def self_modifying_titans(
         eta_max, eta_bias, alpha_bias: the gates' squashing (numbers or tensors, e.g. learnable):
             ``eta = eta_max * sigmoid(. + eta_bias)``, ``alpha = sigmoid(. + alpha_bias)``.
         retention: False fixes alpha = 1.
-        conv_weight: ``[H, D, W]`` causal depthwise conv on x (None = no conv).
+        conv_weight: ``[H, D, W]`` (``[G, H, D, W]`` with per-memory inputs) causal depthwise conv
+            on x (None = no conv).
         qk_norm: L2-normalise k and q. v_norm: L2-normalise v (bounds the self-generated targets
             ``M(v)``; see the module docstring).
         rule: ``"dgd"`` or ``"gd"``. objective: ``"l2"`` or ``"dot"``. read: ``"anchor"`` or
@@ -190,9 +196,9 @@ def self_modifying_titans(
     fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference, "triton": _chunked})
     if kernel is not None and impl != "triton":
         raise ValueError(f"{_OP}: kernel= is used with impl='triton' only (impl={impl!r})")
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"{_OP}: x must be a [B, T, H, D] tensor")
-    B, T, H, D = x.shape
+    if not isinstance(x, Tensor) or x.dim() not in (4, 5):
+        raise ValueError(f"{_OP}: x must be a [B, T, H, D] or [B, T, G, H, D] tensor")
+    B, T, H, D = x.shape[0], x.shape[1], x.shape[-2], x.shape[-1]
     Cm = check_chunk_size(_OP, chunk_size)
     Cg = check_chunk_size(_OP, gen_chunk_size, "gen_chunk_size")
     for name, val, ok in (("rule", rule, ("gd", "dgd")), ("objective", objective, ("l2", "dot")),
@@ -224,6 +230,9 @@ def self_modifying_titans(
             want = (B, T, H, D) if name in _VEC else (B, T, H)
             if tuple(static[name].shape) != want:
                 raise ValueError(f"{_OP}: static {name} must have shape {want}, got {tuple(static[name].shape)}")
+
+    if x.dim() == 5 and x.shape[2] != len(gen):
+        raise ValueError(f"{_OP}: x has {x.shape[2]} per-memory inputs, expected one per generated input {gen}")
 
     def resid(name):
         return residual if name in _VEC + ("memory",) else False
@@ -283,10 +292,13 @@ def self_modifying_titans(
     xc = x.to(dt)
     new_conv = None
     if conv_weight is not None:
-        if conv_weight.dim() != 3 or tuple(conv_weight.shape[:2]) != (H, D):
-            raise ValueError(f"{_OP}: conv_weight must be [H, D, W] = [{H}, {D}, W], got {tuple(conv_weight.shape)}")
+        chans = tuple(x.shape[2:])
+        if tuple(conv_weight.shape[:-1]) != chans:
+            want = ", ".join(map(str, chans))
+            raise ValueError(f"{_OP}: conv_weight must be [{want}, W], got {tuple(conv_weight.shape)}")
         xc, new_conv = causal_conv1d(xc, conv_weight.to(dt), conv_state)
-    inputs = {"x": seq(xc)}
+    # inputs of the generating memories: "x" read by all, or "x_<name>" one each
+    inputs = {"x": seq(xc)} if xc.dim() == 4 else {f"x_{n}": seq(xc[:, :, i]) for i, n in enumerate(gen)}
     for n in GENERATED:
         if n not in gen and static[n] is not None:
             inputs[n] = seq(static[n])
@@ -375,9 +387,13 @@ def _unstack(stacked, names, N):
     return out
 
 
+def _memory_input(inputs, name):
+    return inputs["x"] if "x" in inputs else inputs[f"x_{name}"]
+
+
 def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
     act, detach = cfg["act"], cfg["detach"]
-    xs = inputs["x"]
+    xs = next(z for n, z in inputs.items() if n.startswith("x"))
     N, T, D = xs.shape
     G = []
     for names in _plan(ws, cfg):
@@ -408,7 +424,6 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
     for j, L in enumerate(lens):
         for g in G:
             re_anchor(g, off_g == 0, off_m == 0)
-        xt = parts["x"][j]
         # generated inputs, read at the generating memories' anchor
         got = {n: parts[n][j] for n in ("k", "v", "q", "eta", "alpha") if n in parts}
         for g in G:
@@ -419,7 +434,8 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
             if g["st"] is not None:
                 rw = [w + s[:cut] for w, s in zip(rw, g["st"])]
             res = g["residual"][:cut] if isinstance(g["residual"], Tensor) else g["residual"]
-            out = mlp_forward(rw, xt.repeat(g["n_gen"], 1, 1), act, res)[0]
+            xt = torch.cat([_memory_input(parts, n)[j] for n in g["names"][:g["n_gen"]]])
+            out = mlp_forward(rw, xt, act, res)[0]
             for i, n in enumerate(g["names"][:g["n_gen"]]):
                 o = out[i * N:(i + 1) * N]
                 got[n] = o[..., 0] if n in _SCA else o
@@ -462,8 +478,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
 
 def _reference(inputs, ws, anchor, ms, offs, st, cfg):
     act, detach, rule = cfg["act"], cfg["detach"], cfg["rule"]
-    xs = inputs["x"]
-    N, T, _ = xs.shape
+    N, T, _ = next(z for n, z in inputs.items() if n.startswith("x")).shape
     names = list(ws)
     res = {n: (cfg["residual"] if n in _VEC + ("memory",) else False) for n in names}
     grad_fns = {
@@ -491,7 +506,7 @@ def _reference(inputs, ws, anchor, ms, offs, st, cfg):
             anchor["memory"] = ws["memory"]
         got = {n: inputs[n][:, t] for n in ("k", "v", "q", "eta", "alpha") if n in inputs}
         for n in cfg["gen"]:
-            o = apply(anchor[n], xs[:, t], n)
+            o = apply(anchor[n], _memory_input(inputs, n)[:, t], n)
             got[n] = o.squeeze(-1) if n in _SCA else o
         kt, vt, qt = _inputs(got, cfg)
         eta, alpha = _gates(got["eta"], got.get("alpha"), cfg)

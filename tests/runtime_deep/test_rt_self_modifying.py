@@ -178,3 +178,59 @@ def test_v_norm_and_hidden_norm_match_reference_with_gradients():
         assert_close(grads(fast.o, wrt), grads(ref.o, wrt), atol=1e-9, what=read)
     plain = run(x, "chunked", read="anchor")
     assert (plain.o - run(x, "chunked", read="anchor", v_norm=True).o).abs().max() > 1e-6
+
+
+def per_memory_inputs(T, seed, generated=("k", "v", "q", "eta", "alpha")):
+    """One input (and convolution) per generating memory: x [B, T, G, H, D], conv [G, H, D, 4]."""
+    x = inputs(T, seed=seed, generated=generated)
+    g = gen(seed + 100)
+    G = len(generated)
+    return dict(x, x=randn(g, B, T, G, H, D), conv=randn(g, G, H, D, 4, scale=0.5))
+
+
+def test_per_memory_inputs_match_reference_with_gradients():
+    x = requires_grad(per_memory_inputs(T=13, seed=11))
+    wrt = [x["x"], x["conv"], x["params"]]
+    for read in ("anchor", "running"):
+        ref = run(x, "reference", read=read, chunk_size=4, gen_chunk_size=3)
+        fast = run(x, "chunked", read=read, chunk_size=4, gen_chunk_size=3)
+        assert_close(fast, ref, what=read)
+        assert_close(grads(fast.o, wrt), grads(ref.o, wrt), atol=1e-9, what=read)
+    assert fast.final_state.conv.shape == (B, 3, 5, H, D)
+
+
+def test_per_memory_inputs_are_routed_by_name():
+    """Token 0 reads M_memory,0(q_0), q_0 = M_q,0(conv(x_q)_0): only q's input reaches it, and the
+    closed form holds; the same input repeated G times equals the shared-input form."""
+    x = per_memory_inputs(T=5, seed=12, generated=("k", "v", "q"))
+    o = run(x, "chunked", retention=False).o
+    xc, _ = causal_conv1d(x["x"], x["conv"])
+    W2, W1 = x["params"]["q"]
+    z = xc[:, 0, 2]                                          # q is the third generated input
+    q0 = F.normalize(z + torch.einsum("hdj,bhj->bhd", W1, F.gelu(torch.einsum("hjd,bhd->bhj", W2, z))), dim=-1)
+    M2, M1 = x["params"]["memory"]
+    assert_close(o[:, 0], q0 + torch.einsum("hdj,bhj->bhd", M1, F.gelu(torch.einsum("hjd,bhd->bhj", M2, q0))))
+    bumped = x["x"].clone()
+    bumped[:, :, 0] += 1.0                                   # k's input: written, not read at token 0
+    o2 = run(dict(x, x=bumped), "chunked", retention=False).o
+    assert_close(o2[:, 0], o[:, 0])
+    assert (o2 - o).abs().max() > 1e-6
+    shared = run(dict(x, x=x["x"][:, :, 0], conv=x["conv"][0]), "chunked", retention=False)
+    same = dict(x, x=x["x"][:, :, :1].expand(-1, -1, 3, -1, -1), conv=x["conv"][:1].expand(3, -1, -1, -1))
+    assert_close(run(same, "chunked", retention=False).o, shared.o)
+
+
+def test_per_memory_inputs_stream_and_errors():
+    x = per_memory_inputs(T=15, seed=13)
+    full = run(x, "chunked", chunk_size=6, gen_chunk_size=4)
+    outs, state = [], None
+    for sl in (slice(0, 7), slice(7, 15)):
+        o, state = self_modifying_titans(
+            x["x"][:, sl], params=x["params"], chunk_size=6, gen_chunk_size=4, beta_momentum=x["beta"][:, sl],
+            eta_max=0.05, alpha_bias=3.0, conv_weight=x["conv"], initial_state=state, output_final_state=True)
+        outs.append(o)
+    assert_close(torch.cat(outs, 1), full.o)
+    with pytest.raises(ValueError, match="per-memory inputs"):
+        run(dict(x, x=x["x"][:, :, :4], conv=x["conv"][:4]), "chunked")
+    with pytest.raises(ValueError, match="conv_weight must be"):
+        run(dict(x, conv=x["conv"][0]), "chunked")
