@@ -297,8 +297,8 @@ class CmsChain(nn.Module):
     def _params(self):
         return [[w[0] for w in ws] for ws in self.blocks]
 
-    def _run(self, x, state, delta, target=None):
-        return cms_chain(x, self._params(), periods=self.periods, lr=self.lr, variant=self.variant,
+    def _run(self, x, state, delta, target=None, lr=None):
+        return cms_chain(x, self._params(), periods=self.periods, lr=self.lr if lr is None else lr, variant=self.variant,
                          signal=self.signal, delta=delta, target=target, objective=self.objective,
                          agg_weights=self.agg, activation=self.activation, hidden_norm=self.hidden_norm,
                          residual=self.residual, detach=self.detach, initial_state=state, output_final_state=True,
@@ -308,8 +308,8 @@ class CmsChain(nn.Module):
         """Reads with the blocks' chunk-start weights. A surprise-driven chain writes nothing
         here (zero surprise: the chunk grid still advances); the model calls :meth:`learn`
         with the surprise of the segment when it has labels."""
-        if self.signal == "surprise":
-            y, new, _ = self._run(x, state, torch.zeros_like(x))
+        if self.signal == "surprise":  # lr 0: the same result as zero surprise, without the errors
+            y, new, _ = self._run(x, state, torch.zeros_like(x), lr=0.0)
             if self.tape is not None:
                 self.tape.append((self, x, y, state))
             return y, new

@@ -168,6 +168,22 @@ def test_lr_zero_is_the_static_pretrained_mlp(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_lr_zero_continues_a_stream_like_zero_surprise(variant):
+    """lr 0 skips the errors: the same output and state (pending gradient sums applied at the
+    boundaries it reaches, nested resets) as writing a zero surprise (the model's read pass)."""
+    x = cms_inputs(T=17)
+    state = run(x, "chunked", variant).final_state                 # pending sums, offsets mid-chunk
+    zeros = dict(x, delta=torch.zeros_like(x["delta"]))
+    for T in (3, 11):
+        part = dict(zeros, x=x["x"][:, :T], delta=zeros["delta"][:, :T])
+        skip = run(part, "chunked", variant, lr=0.0, initial_state=state)
+        full = run(part, "chunked", variant, initial_state=state)
+        assert_close(skip.o, full.o, atol=0, rtol=0)
+        assert_close(skip.final_state, full.final_state, atol=1e-15, rtol=0)
+        assert skip.info.updates == full.info.updates and skip.info.resets == full.info.resets
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_batch_invariance(variant):
     x = cms_inputs(T=17)
     full = run(x, "chunked", variant)
