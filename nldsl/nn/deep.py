@@ -126,7 +126,10 @@ class SelfModifyingTitans(nn.Module):
     """Self-modifying (deep self-referential) Titans, paper Eq. 86-91 (and Hope, Eq. 94-96).
 
     ``generated`` lists the inputs produced by memories updated in context (k, v, q, eta,
-    alpha); the others come from static projections of the outer level.
+    alpha); the others come from static projections of the outer level. Each generating memory
+    reads its own projection of x (Fig. 5's q/k/v linears before the block): with one shared
+    input, k, v and q would all start as functions of the same vector, and the main memory would
+    first learn to map keys to themselves.
     """
 
     def __init__(self, dim: int, heads: int, *, generated: tuple[str, ...], chunk_size: int,
@@ -148,7 +151,8 @@ class SelfModifyingTitans(nn.Module):
         self.activation, self.residual = activation, residual
         D = self.head_dim
         hidden = max(1, int(D * expansion))
-        self.in_proj = nn.Linear(dim, dim, bias=False)
+        # one input per generating memory (the runtime's [B, T, G, H, D] form)
+        self.in_proj = nn.Linear(dim, dim * max(1, len(self.generated)), bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.memories = nn.ModuleDict({"memory": _mlp_weights(heads, D, hidden, D, 2, residual)})
         for name in self.generated:
@@ -169,20 +173,21 @@ class SelfModifyingTitans(nn.Module):
         self.eta_max = 1.0 / chunk_size if eta_max is None else eta_max
         self.eta_bias = nn.Parameter(torch.tensor(0.0))
         self.alpha_bias = nn.Parameter(torch.tensor(4.0))
-        self.conv_weight = nn.Parameter(self._conv_init(heads, D, conv)) if conv else None
+        self.conv_weight = nn.Parameter(self._conv_init(len(self.generated), heads, D, conv)) if conv else None
         self.kernel = _mlp_kernel("SelfModifyingTitans", impl, kernel, depth=2, d_in=D, d_hidden=hidden, d_out=D,
                                   activation=activation, hidden_norm=hidden_norm, residual=residual,
                                   chunk=min(chunk_size, gen_chunk_size))
 
     @staticmethod
-    def _conv_init(heads, D, width):
-        w = torch.randn(heads, D, width) * 0.02
+    def _conv_init(inputs, heads, D, width):
+        w = torch.randn(*((inputs,) if inputs else ()), heads, D, width) * 0.02
         w[..., -1] += 1.0  # starts near the identity
         return w
 
     def forward(self, x: Tensor, state=None):
         B, T, _ = x.shape
-        h = _heads(self.in_proj(x), self.heads)
+        h = self.in_proj(x)
+        h = h.view(B, T, len(self.generated), self.heads, self.head_dim) if self.generated else _heads(h, self.heads)
         static = {}
         for name in ("q", "k", "v"):
             if name not in self.generated:
