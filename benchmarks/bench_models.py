@@ -13,7 +13,12 @@ a fresh subprocess with ``--threads`` intra-op threads; after ``--warmup`` steps
 processes on a shared machine; ``wall``). Peak memory: on CUDA ``max_memory_allocated``; on CPU
 the highest resident set size sampled every millisecond during the first step minus the
 resident size before it. The last column is each model's time per token over the fastest
-model's (the issue's target: Hope, every level updating, within 3x of a Transformer).
+model's.
+
+The issue's target compares like with like: Hope (every level updating) within 3x of a
+Transformer *with the same parameter count*. ``--match specs/transformer.nl`` (the default) adds
+that spec deepened to the layer count whose parameter count is closest to the largest model's,
+and prints every model's time over it (``--match none`` turns this off).
 """
 from __future__ import annotations
 
@@ -38,9 +43,7 @@ def worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    mod = nldsl.compile(args.spec)
-    cls = getattr(mod, mod.__all__[0])
-    model = cls(vocab=args.vocab, dim=args.dim, layers=args.layers, heads=args.heads).to(device)
+    model = _build(args.spec, args, args.layers).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, args.vocab, (args.B, args.T + 1), device=device)
     inputs, labels = x[:, :-1], x[:, 1:]
@@ -67,8 +70,27 @@ def worker(args) -> dict:
         t0 = clock()
         step()
         best = min(best, clock() - t0)
-    return {"spec": args.spec, "class": cls.__name__, "params": sum(p.numel() for p in model.parameters()),
+    return {"spec": args.spec, "class": type(model).__name__, "layers": args.layers, "params": _count(model),
             "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak}
+
+
+def _build(spec: str, args, layers: int):
+    import nldsl
+
+    mod = nldsl.compile(spec)
+    cls = getattr(mod, mod.__all__[0])
+    return cls(vocab=args.vocab, dim=args.dim, layers=layers, heads=args.heads)
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _matching_layers(spec: str, args, params: int) -> int:
+    """The layer count of ``spec`` whose parameter count is closest to ``params``."""
+    per_layer = [_count(_build(spec, args, n)) for n in (1, 2)]
+    step, base = per_layer[1] - per_layer[0], 2 * per_layer[0] - per_layer[1]
+    return max(1, round((params - base) / step))
 
 
 def _peak_rss(fn) -> float:
@@ -106,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--match", default="specs/transformer.nl",
+                   help="also run this spec deepened to the largest model's parameter count ('none': off)")
     p.add_argument("--spec", help=argparse.SUPPRESS)  # worker mode
     args = p.parse_args(argv)
     if args.spec:
@@ -117,27 +141,42 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("no GPU available: run without --device cuda")
             return 1
-    common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "layers", "heads", "T", "B", "device",
+    common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "heads", "T", "B", "device",
                                                        "threads", "clock", "warmup", "reps")]
     print(f"compiled models, one AdamW training step (forward with labels + backward + step), "
           f"vocab {args.vocab}, d={args.dim}, {args.layers} layers, {args.heads} heads, T={args.T}, B={args.B}, "
           f"float32, {args.device}, {args.threads} thread(s), best of {args.reps} by {args.clock} clock")
-    rows = []
-    for spec in args.specs:
-        r = subprocess.run([sys.executable, __file__, f"--spec={spec}", *common], capture_output=True, text=True)
+    def measure(spec, layers):
+        r = subprocess.run([sys.executable, __file__, f"--spec={spec}", f"--layers={layers}", *common],
+                           capture_output=True, text=True)
         if r.returncode:
             print(f"{spec}: failed\n{r.stderr.strip()[-2000:]}")
-            continue
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            return None
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    rows = [r for r in (measure(spec, args.layers) for spec in args.specs) if r]
     if not rows:
         return 1
+    matched = None
+    if args.match != "none":
+        layers = _matching_layers(args.match, args, max(r["params"] for r in rows))
+        if layers != args.layers or args.match not in args.specs:
+            matched = measure(args.match, layers)
+            rows += [matched] if matched else []
+        else:
+            matched = next(r for r in rows if r["spec"] == args.match)
     fastest = min(r["seconds"] for r in rows)
-    print(f"\n{'model':<16}{'params':>10}{'step ms':>10}{'tokens/s':>11}{'peak MB':>9}{'vs fastest':>12}")
-    print("-" * 68)
+    vs = f"vs {matched['class']} x{matched['layers']}" if matched else ""
+    print(f"\n{'model':<16}{'layers':>7}{'params':>10}{'step ms':>10}{'tokens/s':>11}{'peak MB':>9}"
+          f"{'vs fastest':>12}{vs:>22}")
+    print("-" * (101 if matched else 79))
     for r in rows:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        print(f"{r['class']:<16}{r['params'] / 1e6:>9.2f}M{r['seconds'] * 1e3:>10.0f}{r['tokens_per_s']:>11,.0f}"
-              f"{peak:>9}{r['seconds'] / fastest:>11.1f}x")
+        line = (f"{r['class']:<16}{r['layers']:>7}{r['params'] / 1e6:>9.2f}M{r['seconds'] * 1e3:>10.0f}"
+                f"{r['tokens_per_s']:>11,.0f}{peak:>9}{r['seconds'] / fastest:>11.1f}x")
+        if matched:
+            line += f"{r['seconds'] / matched['seconds']:>21.1f}x"
+        print(line)
     return 0
 
 
