@@ -156,15 +156,18 @@ class SelfModifyingTitans(nn.Module):
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.memories = nn.ModuleDict({"memory": _mlp_weights(heads, D, hidden, D, 2, residual)})
         for name in self.generated:
-            d_out = 1 if name in ("eta", "alpha") else D
-            # not the identity at first: identical k = v = q would give zero errors, hence no writes
-            # and no outer gradient to tell them apart
-            self.memories[name] = _mlp_weights(heads, D, hidden, d_out, 2, False)
+            # residual M_k, M_v, M_q start as the identity, like M_memory (each reads its own input,
+            # so k, v, q differ from the start); M_eta, M_alpha start at 0: constant gates at first
+            scalar = name in ("eta", "alpha")
+            self.memories[name] = _mlp_weights(heads, D, hidden, 1 if scalar else D, 2, residual or scalar)
         for name in ("q", "k", "v"):
             if name not in self.generated:
                 self.add_module(f"{name}_proj", nn.Linear(dim, dim, bias=False))
-        self.eta_gate = None if "eta" in self.generated else _Gate(dim, heads, 0.0)
-        self.alpha_gate = None if ("alpha" in self.generated or not retention) else _Gate(dim, heads, 4.0)
+        # linear gates of x: the static eta / alpha, or, when generated, the scalar memories' skip
+        # path (a d -> 1 memory cannot add its input as the vector ones do; a linear read of x takes
+        # that role, so the gates can become data-dependent as fast as Titans' linear gates)
+        self.eta_gate = _Gate(dim, heads, 0.0)
+        self.alpha_gate = _Gate(dim, heads, 0.0) if retention else None
         self.momentum_gate = _Gate(dim, heads, 0.0) if momentum == "gate" else None
         # learnable squashing of the generated rates: eta = eta_max * sigmoid(. + eta_bias), with
         # eta_max = 1 / chunk_size by default, so that the steps a chunk takes at one anchor sum to

@@ -27,6 +27,8 @@ The memories are :mod:`nldsl.runtime.deep_memory` MLPs, weights in application o
   W_1 [H, D, d_h])`` (``residual=False`` drops the ``z +``).
 * M_eta, M_alpha: one number per head, so the residual is dropped: ``M(z) = W_1 act(W_2 z)`` with
   ``W_1 [H, 1, d_h]`` (paper-equations.md section 6.4: the residual is dimensionally impossible).
+  A static ``eta_logits`` / ``alpha_logits`` given as well is added to their output (the caller's
+  linear read of x: the skip path a d -> 1 memory cannot have as a residual).
   Their raw outputs are squashed: ``eta = eta_max * sigmoid(. + eta_bias)``, ``alpha =
   sigmoid(. + alpha_bias)`` (the paper leaves the parameterisation open; these are the
   reproductions' choices, with biases so that a small initial state starts at a chosen rate).
@@ -172,7 +174,9 @@ def self_modifying_titans(
             ``[H, d_out, d_in]`` or ``[B, H, d_out, d_in]``. Ignored when ``initial_state`` is given
             except to know which inputs are generated.
         chunk_size: M_memory's chunk size. gen_chunk_size: the generating memories' chunk size.
-        q, k, v, eta_logits, alpha_logits: static inputs for those not generated.
+        q, k, v, eta_logits, alpha_logits: static inputs for those not generated. With M_eta
+            (M_alpha) generated, ``eta_logits`` (``alpha_logits``) may also be given: they are added
+            to the memory's output (a skip path: a d -> 1 memory cannot add its input).
         beta_momentum: momentum decay (None = no momentum).
         eta_max, eta_bias, alpha_bias: the gates' squashing (numbers or tensors, e.g. learnable):
             ``eta = eta_max * sigmoid(. + eta_bias)``, ``alpha = sigmoid(. + alpha_bias)``.
@@ -218,7 +222,7 @@ def self_modifying_titans(
                 raise ValueError(f"{_OP}: retention=False fixes alpha = 1: drop params['alpha'] / alpha_logits")
             continue
         has_mem, has_static = name in params, static[name] is not None
-        if has_mem == has_static:
+        if has_mem == has_static and not (has_mem and name in _SCA):
             label = name if name in _VEC else f"{name}_logits"
             raise ValueError(
                 f"{_OP}: {name} must come from exactly one source: params[{name!r}] (generated) "
@@ -226,7 +230,7 @@ def self_modifying_titans(
             )
         if has_mem:
             gen.append(name)
-        else:
+        if has_static:
             want = (B, T, H, D) if name in _VEC else (B, T, H)
             if tuple(static[name].shape) != want:
                 raise ValueError(f"{_OP}: static {name} must have shape {want}, got {tuple(static[name].shape)}")
@@ -300,7 +304,7 @@ def self_modifying_titans(
     # inputs of the generating memories: "x" read by all, or "x_<name>" one each
     inputs = {"x": seq(xc)} if xc.dim() == 4 else {f"x_{n}": seq(xc[:, :, i]) for i, n in enumerate(gen)}
     for n in GENERATED:
-        if n not in gen and static[n] is not None:
+        if static[n] is not None:
             inputs[n] = seq(static[n])
     if beta is not None:
         inputs["beta"] = seq(beta)
@@ -387,6 +391,11 @@ def _unstack(stacked, names, N):
     return out
 
 
+def _generated(name, out, got):
+    """A generating memory's output; a generated eta / alpha adds its static logits (skip path)."""
+    return out + got[name] if name in got else out
+
+
 def _memory_input(inputs, name):
     return inputs["x"] if "x" in inputs else inputs[f"x_{name}"]
 
@@ -438,7 +447,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
             out = mlp_forward(rw, xt, act, res)[0]
             for i, n in enumerate(g["names"][:g["n_gen"]]):
                 o = out[i * N:(i + 1) * N]
-                got[n] = o[..., 0] if n in _SCA else o
+                got[n] = _generated(n, o[..., 0] if n in _SCA else o, got)
         k_, v_, q_ = _inputs(got, cfg)
         eta, alpha = _gates(got["eta"], got.get("alpha"), cfg)
         beta = parts["beta"][j] if "beta" in parts else None
@@ -507,7 +516,7 @@ def _reference(inputs, ws, anchor, ms, offs, st, cfg):
         got = {n: inputs[n][:, t] for n in ("k", "v", "q", "eta", "alpha") if n in inputs}
         for n in cfg["gen"]:
             o = apply(anchor[n], _memory_input(inputs, n)[:, t], n)
-            got[n] = o.squeeze(-1) if n in _SCA else o
+            got[n] = _generated(n, o.squeeze(-1) if n in _SCA else o, got)
         kt, vt, qt = _inputs(got, cfg)
         eta, alpha = _gates(got["eta"], got.get("alpha"), cfg)
         beta = inputs["beta"][:, t] if "beta" in inputs else None

@@ -234,3 +234,20 @@ def test_per_memory_inputs_stream_and_errors():
         run(dict(x, x=x["x"][:, :, :4], conv=x["conv"][:4]), "chunked")
     with pytest.raises(ValueError, match="conv_weight must be"):
         run(dict(x, conv=x["conv"][0]), "chunked")
+
+
+def test_generated_gates_add_static_logits():
+    """M_eta / M_alpha generated and static logits given too: the logits add to the memories'
+    outputs (chunked == reference, gradients to both); zero logits change nothing."""
+    x = requires_grad(inputs(T=13, seed=14))
+    logits = {n: x["static"][n] for n in ("eta_logits", "alpha_logits")}
+    kw = dict(chunk_size=4, gen_chunk_size=3, **logits)
+    ref, fast = run(x, "reference", **kw), run(x, "chunked", **kw)
+    assert_close(fast, ref)
+    wrt = [x["params"]["eta"], x["static"]["eta_logits"], x["static"]["alpha_logits"]]
+    g = grads(fast.o, wrt)
+    assert_close(g, grads(ref.o, wrt), atol=1e-9)
+    assert all(t.abs().sum() > 0 for t in g)
+    zero = {n: torch.zeros_like(t) for n, t in logits.items()}
+    assert_close(run(x, "chunked", chunk_size=4, gen_chunk_size=3, **zero), run(x, "chunked", chunk_size=4, gen_chunk_size=3))
+    assert (fast.o - run(x, "chunked", chunk_size=4, gen_chunk_size=3).o).abs().max() > 1e-6
