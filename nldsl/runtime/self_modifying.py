@@ -6,13 +6,13 @@ or one input per generating memory, ``x [B, T, G, H, D]`` (Fig. 5's separate q/k
     x~_t  = causal depthwise conv_W(x)_t                      (width W, e.g. 4; optional)
     k_t   = M_k,a(x~_t),  v_t = M_v,a(x~_t),  q_t = M_q,a(x~_t) (or a static q)   (Eq. 86)
     eta_t = eta_max * sigmoid(M_eta,a(x~_t) + eta_bias),  alpha_t = sigmoid(M_alpha,a(x~_t) + alpha_bias)
-
-(with per-memory inputs, each memory reads its own ``x~``: ``k_t = M_k,a(x~_{k,t})`` and so on).
     k_t, q_t <- k_t / ||k_t||, q_t / ||q_t||                  (qk_norm, section 8.3)
     v_t <- v_t / ||v_t||                                       (v_norm, optional: see below)
     v^_{m,t} = M_m,a(v_t)                                      (self-generated values, Eq. 87)
     M_{m,t} = DGD step of 1/2 ||M_m(k_t) - v^_{m,t}||^2 at M_m,a   for every memory m  (Eq. 88, 90)
     y_t   = M_memory,a(q_t)                                    (read="anchor"; Eq. 86/90)
+
+With per-memory inputs each generating memory reads its own ``x~`` (``k_t = M_k,a(x~_{k,t})``, ...).
 
 ``a`` is the anchor of each memory: the state at the start of its chunk. The main memory M_memory
 updates in chunks of ``chunk_size`` tokens; the generating memories (M_k, M_v, M_q, M_eta, M_alpha)
