@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from nldsl.nn.layers import ShortConv
 from nldsl.nn.memories import _Gate, _heads, _logit
-from nldsl.runtime.cms import CmsState, cms_chain
+from nldsl.runtime.cms import CmsState, _cms_chain
 from nldsl.runtime.deep_memory import mlp_memory
 from nldsl.runtime.self_modifying import self_modifying_titans
 
@@ -301,32 +301,40 @@ class CmsChain(nn.Module):
                                   activation=activation, hidden_norm=hidden_norm, residual=residual,
                                   chunk=min(periods))
         self.tape: list | None = None  # set by the model while it collects surprise signals
+        self._read_pass = None  # (x, state, forwards) of the last taped read, for learn to reuse
 
     def _params(self):
         return [[w[0] for w in ws] for ws in self.blocks]
 
-    def _run(self, x, state, delta, target=None, lr=None):
-        return cms_chain(x, self._params(), periods=self.periods, lr=self.lr if lr is None else lr, variant=self.variant,
-                         signal=self.signal, delta=delta, target=target, objective=self.objective,
-                         agg_weights=self.agg, activation=self.activation, hidden_norm=self.hidden_norm,
-                         residual=self.residual, detach=self.detach, initial_state=state, output_final_state=True,
-                         impl=self.impl, kernel=self.kernel)
+    def _run(self, x, state, delta, target=None, lr=None, record=None, reuse=None):
+        return _cms_chain(x, self._params(), periods=self.periods, lr=self.lr if lr is None else lr,
+                          variant=self.variant, signal=self.signal, delta=delta, target=target,
+                          objective=self.objective, agg_weights=self.agg, activation=self.activation,
+                          hidden_norm=self.hidden_norm, residual=self.residual, detach=self.detach,
+                          initial_state=state, output_final_state=True, impl=self.impl, kernel=self.kernel,
+                          record=record, reuse=reuse)
 
     def forward(self, x: Tensor, state=None):
         """Reads with the blocks' chunk-start weights. A surprise-driven chain writes nothing
         here (zero surprise: the chunk grid still advances); the model calls :meth:`learn`
         with the surprise of the segment when it has labels."""
         if self.signal == "surprise":  # lr 0: the same result as zero surprise, without the errors
-            y, new, _ = self._run(x, state, torch.zeros_like(x), lr=0.0)
+            # while the model collects surprise, keep this read's forward (detached writes: values
+            # only) so that learn, which starts from the same state and input, need not redo it
+            record = [] if self.tape is not None and self.detach and self.impl != "triton" else None
+            y, new, _ = self._run(x, state, torch.zeros_like(x), lr=0.0, record=record)
             if self.tape is not None:
                 self.tape.append((self, x, y, state))
+                self._read_pass = None if record is None else (x, state, record)
             return y, new
         y, new, _ = self._run(x, state, None, target=x)
         return y, new
 
     def learn(self, x: Tensor, state, delta: Tensor):
         """The state after writing a segment whose output surprise is ``delta``."""
-        return self._run(x, state, delta.detach())[1]
+        read, self._read_pass = self._read_pass, None
+        reuse = read[2] if read is not None and read[0] is x and read[1] is state else None
+        return self._run(x, state, delta.detach(), reuse=reuse)[1]
 
     def new_sequence(self, state):
         """Blocks of sequence-scoped levels restart from their initial weights; blocks of

@@ -178,6 +178,22 @@ def cms_chain(
     Returns:
         ``CmsOutput(o [B, T, D_out] in x's dtype, final_state or None, info or None)``.
     """
+    return _cms_chain(x, params, periods=periods, lr=lr, variant=variant, signal=signal, delta=delta,
+                      target=target, objective=objective, agg_weights=agg_weights, activation=activation,
+                      hidden_norm=hidden_norm, residual=residual, detach=detach, initial_state=initial_state,
+                      output_final_state=output_final_state, return_info=return_info, impl=impl, kernel=kernel)
+
+
+def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise", delta=None, target=None,
+               objective="l2", agg_weights=None, activation="gelu", hidden_norm="none", residual=True,
+               detach=False, initial_state=None, output_final_state=False, return_info=False, impl="chunked",
+               kernel=None, record=None, reuse=None) -> CmsOutput:
+    """:func:`cms_chain`, plus a way for a caller that runs the same piece twice (a read pass, then
+    the writes from the same state and input: :class:`nldsl.nn.deep.CmsChain`) to skip the second
+    forward. ``record``: a list that receives, per piece, every block's forward ``(y, hidden
+    pre-activations, layer inputs)``, detached (chunked impl only). ``reuse``: such a list from a
+    call with the same ``x``, state, weights and ``detach=True``: its forwards stand in for this
+    call's (the same values); this call's output then carries no gradient (use its state)."""
     fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference, "triton": _chunked})
     if kernel is not None and impl != "triton":
         raise ValueError(f"{_OP}: kernel= is used with impl='triton' only (impl={impl!r})")
@@ -248,7 +264,7 @@ def cms_chain(
                 raise ValueError(f"{_OP}: initial_state.offset[{l}] must be an int in [0, {periods[l]}), got {o!r}")
     else:
         ws = [list(lw) for lw in init]
-        gs = [[torch.zeros_like(W) for W in lw] for lw in ws]
+        gs = [[None] * len(lw) for lw in ws]  # None: a gradient sum that is still exactly zero
         offs = [0] * n
 
     xs = x.to(dt)
@@ -257,9 +273,9 @@ def cms_chain(
     agg = None if agg_weights is None else agg_weights.to(dt)
     st = None
     if detach:
-        st = [[W - W.detach() for W in lw] for lw in ws]
-        ws = [[W.detach() for W in lw] for lw in ws]
-        gs = [[G.detach() for G in lg] for lg in gs]
+        st = [[_StraightThrough(W) if W.requires_grad else None for W in lw] for lw in ws]
+        ws = [[W.detach() if S is None else S.detached for W, S in zip(lw, ls)] for lw, ls in zip(ws, st)]
+        gs = [[None if G is None else G.detach() for G in lg] for lg in gs]
         init = [[W.detach() for W in lw] for lw in init]
         etas = [e.detach() for e in etas]
         deltas = None if deltas is None else [d.detach() for d in deltas]
@@ -267,9 +283,11 @@ def cms_chain(
 
     # lr 0 everywhere (a number): this call writes nothing, so its errors are never computed
     writes = any(not isinstance(e, (int, float)) or e != 0 for e in lrs)
+    if reuse is not None and not (detach and impl != "triton"):
+        raise ValueError(f"{_OP}: reuse needs detach=True and the chunked implementation")
     cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective, writes=writes,
                act=hidden_act(hidden_norm, activation), residual=residual, detach=detach, periods=periods,
-               kernels=None)
+               kernels=None, info=return_info, record=record if impl != "triton" else None, reuse=reuse)
     if impl == "triton":
         from nldsl.runtime._triton import runtime_mlp_kernel
 
@@ -281,6 +299,7 @@ def cms_chain(
     y, ws, gs, offs, outputs, updates, resets = fn(xs, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg)
     state = None
     if output_final_state:
+        gs = [[torch.zeros_like(W) if G is None else G for W, G in zip(lw, lg)] for lw, lg in zip(ws, gs)]
         state = CmsState(tuple(tuple(lw) for lw in ws), tuple(tuple(lg) for lg in gs), tuple(offs))
     info = None
     if return_info:
@@ -289,10 +308,45 @@ def cms_chain(
     return CmsOutput(y.to(x.dtype), state, info)
 
 
+class _StraightThrough:
+    """The straight-through term ``S = W_0 - W_0.detach()`` of a detached call (value 0, gradient
+    to the starting weights ``W_0``), applied without weight-sized ops where possible: a read of
+    the unchanged starting weights is ``W_0`` itself (the value and the gradient of
+    ``W_0.detach() + S``); ``S`` is formed only once a block has stepped. Weights that need no
+    gradient get no term at all (it would be an exact zero)."""
+
+    __slots__ = ("start", "detached", "_term")
+
+    def __init__(self, W: Tensor):
+        self.start, self.detached, self._term = W, W.detach(), None
+
+    def read(self, W: Tensor) -> Tensor:
+        if W is self.detached:
+            return self.start
+        if self._term is None:
+            self._term = self.start - self.detached
+        return W + self._term
+
+
 def _read_weights(ws, st):
     if st is None:
         return ws
-    return [[W + S for W, S in zip(lw, ls)] for lw, ls in zip(ws, st)]
+    return [[W if S is None else S.read(W) for W, S in zip(lw, ls)] for lw, ls in zip(ws, st)]
+
+
+def _add(G, S):
+    """``G + S`` for a gradient sum ``G`` that may still be an exact zero (None)."""
+    return S if G is None else G + S
+
+
+def _sum_rank1(G, eta, e, a):
+    """``G + sum_t eta_t e_t a_t^T`` (one matmul; eta scales the narrower factor)."""
+    if e.shape[-1] <= a.shape[-1]:
+        left, right = eta * e, a
+    else:
+        left, right = e, eta * a
+    left = left.transpose(-1, -2)
+    return left @ right if G is None else torch.baddbmm(G, left, right)
 
 
 def _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets):
@@ -304,8 +358,8 @@ def _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets):
     for l in range(n):
         offs[l] += L
         if offs[l] == periods[l]:
-            ws[l] = [W - G for W, G in zip(ws[l], gs[l])]
-            gs[l] = [torch.zeros_like(G) for G in gs[l]]
+            ws[l] = [W if G is None else W - G for W, G in zip(ws[l], gs[l])]
+            gs[l] = [None] * len(gs[l])
             offs[l] = 0
             hit[l] = True
             updates[l].append(t + L - 1)
@@ -313,7 +367,7 @@ def _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets):
         for l in range(n - 1):
             if hit[l + 1]:
                 ws[l] = list(init[l])
-                gs[l] = [torch.zeros_like(G) for G in gs[l]]
+                gs[l] = [None] * len(gs[l])
                 offs[l] = 0
                 resets[l].append(t + L - 1)
 
@@ -340,18 +394,26 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
             ys.append(out)
             for l in range(n):
                 outs[l].append(level_outs[l])
-                gs[l] = [G + S.to(G.dtype) for G, S in zip(gs[l], sums[l])]
+                gs[l] = [_add(G, S.to(W.dtype)) for G, S, W in zip(gs[l], sums[l], ws[l])]
             _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets)
             t += L
             continue
         # forward through the blocks with their (constant) chunk-start weights
-        inp, fw = xp[j], []
-        for l in range(n):
-            y, hs, ins = mlp_forward(rws[l], inp, act, residual)
-            fw.append((y, hs, ins))
-            outs[l].append(y)
-            if variant != "independent":
-                inp = y
+        if cfg["reuse"] is not None:  # the same forward, recorded by a read pass
+            fw = cfg["reuse"][j]
+            for l in range(n):
+                outs[l].append(fw[l][0])
+        else:
+            inp, fw = xp[j], []
+            for l in range(n):
+                y, hs, ins = mlp_forward(rws[l], inp, act, residual)
+                fw.append((y, hs, ins))
+                outs[l].append(y)
+                if variant != "independent":
+                    inp = y
+            if cfg["record"] is not None:
+                cfg["record"].append([(y.detach(), [h.detach() for h in hs], [a.detach() for a in ins])
+                                      for y, hs, ins in fw])
         if variant == "independent":
             out = sum((fw[l][0] if agg is None else agg[l] * fw[l][0]) for l in range(n))
         else:
@@ -389,11 +451,15 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
         # accumulate sum_t eta_t e_t a_t^T (one matmul per layer)
         for l in range(n):
             e_t = ep[l][j].unsqueeze(-1)
-            gs[l] = [G + (e_t * e).transpose(-1, -2) @ a for G, e, a in zip(gs[l], errs[l], fw[l][2])]
+            gs[l] = [_sum_rank1(G, e_t, e, a) for G, e, a in zip(gs[l], errs[l], fw[l][2])]
         _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets)
         t += L
-    outputs = [torch.cat(o, dim=1) for o in outs]
-    return torch.cat(ys, dim=1), ws, gs, offs, outputs, updates, resets
+    outputs = [_cat_time(o) for o in outs] if cfg["info"] else None
+    return _cat_time(ys), ws, gs, offs, outputs, updates, resets
+
+
+def _cat_time(xs):
+    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
 
 
 def _kernel_piece(kernels, ws, rws, x, etas, deltas, targets, agg, cfg):
@@ -519,7 +585,7 @@ def _reference(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
                 grads.append(local(tuple(ws[l]), ins[l], tgt))
         for l in range(n):
             e = etas[l][:, t, None, None]
-            gs[l] = [G + e * g for G, g in zip(gs[l], grads[l])]
+            gs[l] = [_add(G, e * g) for G, g in zip(gs[l], grads[l])]
         _boundaries(1, t, ws, gs, offs, init, cfg, updates, resets)
     outputs = [torch.stack(o, dim=1) for o in outs]
     return torch.stack(ys, dim=1), ws, gs, offs, outputs, updates, resets
