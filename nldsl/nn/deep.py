@@ -163,6 +163,10 @@ class SelfModifyingTitans(nn.Module):
         for name in ("q", "k", "v"):
             if name not in self.generated:
                 self.add_module(f"{name}_proj", nn.Linear(dim, dim, bias=False))
+        # static q, k, v pass a convolution of their own, as generated ones do inside the op (a
+        # static k could not otherwise bind a key to the next token's value)
+        static = [n for n in ("q", "k", "v") if n not in self.generated]
+        self.static_conv = nn.ModuleDict({n: ShortConv(dim, conv) for n in static}) if conv and static else None
         # linear gates of x: the static eta / alpha, or, when generated, the scalar memories' skip
         # path (a d -> 1 memory cannot add its input as the vector ones do; a linear read of x takes
         # that role, so the gates can become data-dependent as fast as Titans' linear gates)
@@ -191,10 +195,14 @@ class SelfModifyingTitans(nn.Module):
         B, T, _ = x.shape
         h = self.in_proj(x)
         h = h.view(B, T, len(self.generated), self.heads, self.head_dim) if self.generated else _heads(h, self.heads)
-        static = {}
+        static, convs = {}, {}
+        prev = {} if state is None else state["conv"]
         for name in ("q", "k", "v"):
             if name not in self.generated:
-                static[name] = _heads(getattr(self, f"{name}_proj")(x), self.heads)
+                t = getattr(self, f"{name}_proj")(x)
+                if self.static_conv is not None:
+                    t, convs[name] = self.static_conv[name](t, prev.get(name))
+                static[name] = _heads(t, self.heads)
         beta = None
         if self.momentum_gate is not None:
             beta = torch.sigmoid(self.momentum_gate(x))
@@ -203,15 +211,15 @@ class SelfModifyingTitans(nn.Module):
         params = {name: list(ws) for name, ws in self.memories.items()}
         y, new = self_modifying_titans(
             h, params=params, chunk_size=self.chunk_size, gen_chunk_size=self.gen_chunk_size,
-            eta_logits=None if self.eta_gate is None else self.eta_gate(x),
+            eta_logits=self.eta_gate(x),
             alpha_logits=None if self.alpha_gate is None else self.alpha_gate(x),
             beta_momentum=beta, eta_max=self.eta_max, eta_bias=self.eta_bias, alpha_bias=self.alpha_bias,
             retention=self.retention, conv_weight=self.conv_weight, qk_norm=self.qk_norm == "l2",
             v_norm=self.v_norm == "l2", hidden_norm=self.hidden_norm,
             rule=self.rule, objective=self.objective, read=self.read, activation=self.activation,
-            residual=self.residual, detach=self.detach, initial_state=state, output_final_state=True,
-            impl=self.impl, kernel=self.kernel, **static)
-        return self.o_proj(y.reshape(B, T, self.dim)), new
+            residual=self.residual, detach=self.detach, initial_state=None if state is None else state["memory"],
+            output_final_state=True, impl=self.impl, kernel=self.kernel, **static)
+        return self.o_proj(y.reshape(B, T, self.dim)), {"memory": new, "conv": convs}
 
     def new_sequence(self, state):
         return state if self.scope == "carry" else None

@@ -96,6 +96,25 @@ def test_table6_ablations_compile_and_run(tmp_path, ablation):
     assert torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("ablation", ["static_k", "static_v"])
+def test_static_inputs_are_convolved_and_stream(tmp_path, ablation):
+    """A static k (v) passes its own causal convolution: it sees the previous tokens (so it can
+    bind a key to the next token's value), and its convolution state carries across calls."""
+    torch.manual_seed(0)
+    model = build("hope", path=variant(tmp_path, "hope", ablation)).double()
+    titans = model.blocks[0].titans
+    name = ablation[-1]
+    assert set(titans.static_conv) == {name}
+    ids = torch.randint(0, 32, (2, 24))
+    full = model(ids).logits
+    first = model(ids[:, :7])
+    second = model(ids[:, 7:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        titans.static_conv[name].weight[:, :-1] = 0.0          # only the current token
+    assert (model(ids).logits - full).abs().max() > 1e-6
+
+
 @pytest.mark.parametrize("spec", sorted(DEEP))
 def test_loss_falls_on_copy_task(spec):
     torch.manual_seed(0)
