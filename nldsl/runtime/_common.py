@@ -14,6 +14,7 @@ state, float64 stays float64. Outputs are cast back to ``q.dtype``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -236,11 +237,19 @@ def segment_products(a: Tensor) -> Tensor:
     """
     C = a.shape[-1]
     a_ext = F.pad(a, (1, 0), value=1.0)  # a_ext[0] = 1: the chunk start is not a step
-    idx = torch.arange(C + 1, device=a.device)
-    later = idx[None, :] > idx[:, None]  # [j, t]: t > j
-    E = torch.where(later, a_ext.unsqueeze(-2), torch.ones((), dtype=a.dtype, device=a.device))
+    later, keep, one = _segment_masks(C, a.device, a.dtype)
+    E = torch.where(later, a_ext.unsqueeze(-2), one)
     R = torch.cumprod(E, dim=-1)  # R[j, t] = prod_{l=j+1}^{t} a_l (t >= j), 1 for t < j
-    return R.transpose(-1, -2) * (~later).to(a.dtype)  # keep P[t, j] for j <= t
+    return R.transpose(-1, -2) * keep  # keep P[t, j] for j <= t
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_masks(C: int, device: torch.device, dtype: torch.dtype):
+    """Constants of :func:`segment_products` for a chunk of C steps (built once, never written):
+    ``later[j, t] = t > j``, its complement as ``dtype``, and a scalar one."""
+    idx = torch.arange(C + 1, device=device)
+    later = idx[None, :] > idx[:, None]  # [j, t]: t > j
+    return later, (~later).to(dtype), torch.ones((), dtype=dtype, device=device)
 
 
 def segment_products_log(g: Tensor) -> Tensor:

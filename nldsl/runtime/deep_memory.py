@@ -197,12 +197,20 @@ def hidden(h: Tensor, act: str) -> Tensor:
 def hidden_backward(d: Tensor, h: Tensor, act: str) -> Tensor:
     """dL/dh from dL/d(hidden(h)) ``d``, written out (differentiable: second-order outer grads)."""
     if not act.endswith(L2):
-        return d * activation_grad(h, act)
+        return _times_act_grad(d, h, act)
     base = act[:-len(L2)]
     u = activation(h, base)
     inv_r = torch.rsqrt((u * u).sum(-1, keepdim=True) + _NORM_EPS2)
     n = u * inv_r
-    return (d - n * (n * d).sum(-1, keepdim=True)) * inv_r * activation_grad(h, base)
+    return _times_act_grad((d - n * (n * d).sum(-1, keepdim=True)) * inv_r, h, base)
+
+
+def _times_act_grad(d: Tensor, h: Tensor, name: str) -> Tensor:
+    """``d * activation_grad(h, name)``; for gelu torch's fused ``gelu_backward`` (one op instead
+    of ten, the same formula, and differentiable twice like the written-out one)."""
+    if name == "gelu" and d.shape == h.shape:
+        return torch.ops.aten.gelu_backward(d, h)
+    return d * activation_grad(h, name)
 
 
 def _add_residual(y: Tensor, x: Tensor, residual) -> Tensor:
@@ -304,7 +312,8 @@ def chunk_step(
     else:  # forward, output error and both layers' errors fused in the Triton kernel
         g = kernel(anchor, k, v, objective=objective, self_target=signal == "self", residual=residual)
         ins, es = [k, g.hidden], list(g.errors)
-    Us = [-eta.unsqueeze(-1) * e for e in es]                      # u_j = U_j a_j^T
+    neg_eta = -eta.unsqueeze(-1)
+    Us = [neg_eta * e for e in es]                                 # u_j = U_j a_j^T
 
     # gate coefficients over the piece (index 0 = piece start, see segment_products)
     Pa = segment_products(alpha) if alpha is not None else _lower_ones(L, k)
@@ -338,19 +347,23 @@ def chunk_step(
     def coef_last(coef: Tensor) -> Tensor:
         return coef[..., -1, :].unsqueeze(-1)                      # [.., L, 1]
 
-    # end-of-piece state
+    # end-of-piece state: per layer A W_0 (+ m S_0) + (sum over pairs of coef * left)^T a, the
+    # write terms of a layer share their right vectors, so one fused matmul-add takes them all
     ws_end, ms_end = [], None
     A_last = A[..., -1].unsqueeze(-1).unsqueeze(-1)
     for i, a in enumerate(ins):
+        left = None
+        for coef, lf in pairs[i]:
+            t = coef_last(coef) * lf
+            left = t if left is None else left + t
         W = A_last * ws[i]
-        for coef, left in pairs[i]:
-            W = W + (coef_last(coef) * left).transpose(-1, -2) @ a
         if ms is not None:
-            W = W + m[..., -1].unsqueeze(-1).unsqueeze(-1) * ms[i]
-        ws_end.append(W)
+            W = torch.addcmul(W, m[..., -1].unsqueeze(-1).unsqueeze(-1), ms[i])
+        ws_end.append(torch.baddbmm(W, left.transpose(-1, -2), a))
     if ms is not None:
         B_last = Bv[..., -1].unsqueeze(-1).unsqueeze(-1)
-        ms_end = [B_last * ms[i] + (coef_last(Db) * Us[i]).transpose(-1, -2) @ a for i, a in enumerate(ins)]
+        ms_end = [torch.baddbmm(B_last * ms[i], (coef_last(Db) * Us[i]).transpose(-1, -2), a)
+                  for i, a in enumerate(ins)]
 
     # reads
     o = None
