@@ -299,6 +299,9 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     y, ws, gs, offs, outputs, updates, resets = fn(xs, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg)
     state = None
     if output_final_state:
+        # detached writes keep the straight-through link to the starting weights in the state, so
+        # a stream split into calls sends the outer gradient of every read to them, as one call does
+        ws = _read_weights(ws, st)
         gs = [[torch.zeros_like(W) if G is None else G for W, G in zip(lw, lg)] for lw, lg in zip(ws, gs)]
         state = CmsState(tuple(tuple(lw) for lw in ws), tuple(tuple(lg) for lg in gs), tuple(offs))
     info = None

@@ -207,6 +207,28 @@ def test_detach(impl):
     assert grads(live.o, [x["delta"]])[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_detach_split_stream_gradients_equal_one_pass(variant):
+    """Detached writes: every read still sends its gradient straight through to the initial
+    weights, however the stream is split into calls (the state keeps the link)."""
+    x = requires_grad(cms_inputs(T=23))
+    w = torch.randn_like(x["x"])
+    full = run(x, "chunked", variant, detach=True)
+    g_full = grads((full.o * w).sum(), x["params"])
+    outs, state, t = [], None, 0
+    for n in (5, 9, 9):
+        sl = slice(t, t + n)
+        o, state, _ = cms_chain(
+            x["x"][:, sl], x["params"], periods=PERIODS, lr=LRS, variant=variant, signal="surprise",
+            delta=x["delta"][:, sl], agg_weights=x["agg"] if variant == "independent" else None,
+            detach=True, initial_state=state, output_final_state=True)
+        outs.append(o)
+        t += n
+    split = torch.cat(outs, 1)
+    assert_close(split, full.o)
+    assert_close(grads((split * w).sum(), x["params"]), g_full)
+
+
 def test_errors():
     x = cms_inputs(T=4)
     with pytest.raises(ValueError, match="needs delta"):
