@@ -128,8 +128,7 @@ class SelfModifyingTitans(nn.Module):
     ``generated`` lists the inputs produced by memories updated in context (k, v, q, eta,
     alpha); the others come from static projections of the outer level. Each generating memory
     reads its own projection of x (Fig. 5's q/k/v linears before the block): with one shared
-    input, k, v and q would all start as functions of the same vector, and the main memory would
-    first learn to map keys to themselves.
+    input, k, v and q would all start as functions of the same vector.
     """
 
     def __init__(self, dim: int, heads: int, *, generated: tuple[str, ...], chunk_size: int,
