@@ -127,3 +127,25 @@ def model_pair(cls, device, dtype, **kw):
     triton.load_state_dict(chunked.state_dict())
     chunked.load_state_dict(triton.state_dict())
     return chunked, triton
+
+
+def assert_pair_agrees(chunked, triton, ids, dtype):
+    """Logits and every parameter's gradient of a :func:`model_pair`; returns the reference logits."""
+    ref, out = chunked(ids).logits, triton(ids).logits
+    assert_close(out, ref, dtype, "logits")
+    ref.square().mean().backward()
+    out.double().square().mean().backward()
+    for (name, p), q in zip(chunked.named_parameters(), triton.parameters()):
+        assert_close(q.grad, p.grad, dtype, f"grad of {name}")
+    return ref
+
+
+def assert_streams(model, ids, cuts, ref, dtype):
+    """The model run over ``ids`` in calls ending at ``cuts``, carrying its state, gives ``ref``."""
+    with torch.no_grad():
+        state, pieces, start = None, [], 0
+        for end in cuts:
+            step = model(ids[:, start:end], state=state)
+            state, start = step.state, end
+            pieces.append(step.logits)
+    assert_close(torch.cat(pieces, dim=1), ref, dtype, "streamed logits")

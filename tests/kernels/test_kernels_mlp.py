@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'nldsl[triton]')")
 
-from kernel_cases import DEVICE_DTYPES, assert_close, model_class, model_pair  # noqa: E402
+from kernel_cases import (DEVICE_DTYPES, assert_close, assert_pair_agrees, assert_streams, model_class,  # noqa: E402
+                          model_pair)
 
 from nldsl.codegen.kernels import MlpKernelSpec, mlp_kernel  # noqa: E402
 from nldsl.runtime._triton import MlpKernel  # noqa: E402
@@ -382,19 +383,8 @@ def test_compiled_titans_triton_equals_chunked(device, dtype, full_float32):
     chunked, triton = _models("titans", device, dtype, dim=16, heads=1, layers=1, vocab=32)
     assert triton.blocks[0].mem.kernel is not None
     ids = torch.randint(0, 32, (2, 21), generator=torch.Generator().manual_seed(0)).to(device)
-    ref, out = chunked(ids).logits, triton(ids).logits
-    assert_close(out, ref, dtype, "logits")
-    ref.square().mean().backward()
-    out.double().square().mean().backward()
-    for (name, p), q in zip(chunked.named_parameters(), triton.parameters()):
-        assert_close(q.grad, p.grad, dtype, f"grad of {name}")
-    with torch.no_grad():
-        state, pieces = None, []
-        for a, b in ((0, 5), (5, 19), (19, 21)):
-            step = triton(ids[:, a:b], state=state)
-            state = step.state
-            pieces.append(step.logits)
-    assert_close(torch.cat(pieces, dim=1), ref, dtype, "streamed logits")
+    ref = assert_pair_agrees(chunked, triton, ids, dtype)
+    assert_streams(triton, ids, (5, 19, 21), ref, dtype)
 
 
 @pytest.mark.parametrize("device,dtype", OP_DEVICE_DTYPES)
@@ -405,12 +395,7 @@ def test_compiled_cms_triton_equals_chunked(device, dtype, full_float32):
     chunked, triton = _models("cms", device, dtype, dim=16, heads=2, layers=1, vocab=32)
     ids = torch.randint(0, 32, (2, 21), generator=torch.Generator().manual_seed(0)).to(device)
     labels = torch.randint(0, 32, (2, 21), generator=torch.Generator().manual_seed(1)).to(device)
-    ref, out = chunked(ids).logits, triton(ids).logits
-    assert_close(out, ref, dtype, "logits")
-    ref.square().mean().backward()
-    out.double().square().mean().backward()
-    for (name, p), q in zip(chunked.named_parameters(), triton.parameters()):
-        assert_close(q.grad, p.grad, dtype, f"grad of {name}")
+    assert_pair_agrees(chunked, triton, ids, dtype)
     with torch.no_grad():
         a, b = chunked(ids, labels=labels), triton(ids, labels=labels)
     assert_close(b.logits, a.logits, dtype, "logits while learning")

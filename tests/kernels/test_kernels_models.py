@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'nldsl[triton]')")
 
-from kernel_cases import DEVICE_DTYPES, ON_GPU, assert_close, model_class, model_pair  # noqa: E402
+from kernel_cases import (DEVICE_DTYPES, ON_GPU, assert_close, assert_pair_agrees, assert_streams,  # noqa: E402
+                          model_class, model_pair)
 
 import nldsl  # noqa: E402
 import nldsl.runtime as rt  # noqa: E402
@@ -62,19 +63,8 @@ def test_compiled_model_triton_equals_chunked(spec, device, dtype, tmp_path, ful
         path, kw = SPECS / f"{spec}.nl", dict(dim=32, heads=2, layers=1, vocab=64)  # other head sizes than the spec's
     chunked, triton = model_pair(model_class(nldsl.compile(path)), device, dtype, **kw)
     ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(0)).to(device)
-    ref, out = chunked(ids).logits, triton(ids).logits
-    assert_close(out, ref, dtype, "logits")
-    ref.square().mean().backward()
-    out.double().square().mean().backward()
-    for (name, p), q in zip(chunked.named_parameters(), triton.parameters()):
-        assert_close(q.grad, p.grad, dtype, f"grad of {name}")
-    with torch.no_grad():
-        state, pieces = None, []
-        for a, b in ((0, 5), (5, 6), (6, 17), (17, 21)):
-            step = triton(ids[:, a:b], state=state)
-            state = step.state
-            pieces.append(step.logits)
-    assert_close(torch.cat(pieces, dim=1), ref, dtype, "streamed logits")
+    ref = assert_pair_agrees(chunked, triton, ids, dtype)
+    assert_streams(triton, ids, (5, 6, 17, 21), ref, dtype)
 
 
 OPS = {
