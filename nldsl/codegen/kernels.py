@@ -46,8 +46,17 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+class _CheckedSpec:
+    """A kernel specialisation that refuses to exist with problems (see ``problems``)."""
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"{type(self).__name__} {self.name!r}: " + "; ".join(problems))
+
+
 @dataclass(frozen=True)
-class LinearKernelSpec:
+class LinearKernelSpec(_CheckedSpec):
     """What the linear-memory kernels are specialised to (every field becomes a constant).
 
     * ``rule``: ``hebbian`` (``S_t = a_t S_{t-1} + c_t k_t v_t^T``), ``delta`` (erase on the
@@ -75,11 +84,6 @@ class LinearKernelSpec:
     chunk: int = 64
     period: int = 1
     read: str = "running"
-
-    def __post_init__(self):
-        problems = self.problems()
-        if problems:
-            raise ValueError(f"LinearKernelSpec {self.name!r}: " + "; ".join(problems))
 
     def problems(self) -> list[str]:
         out = []
@@ -156,7 +160,7 @@ def mlp_tile(period: int) -> int:
 
 
 @dataclass(frozen=True)
-class MlpKernelSpec:
+class MlpKernelSpec(_CheckedSpec):
     """What the MLP memory kernel is specialised to (every field becomes a constant).
 
     The memory is ``M(z) = z + W_out act(W_in z)`` per row (a sequence-head), weights in
@@ -174,11 +178,6 @@ class MlpKernelSpec:
     residual: bool = True
     hidden_norm: str = "none"
     chunk: int = 16
-
-    def __post_init__(self):
-        problems = self.problems()
-        if problems:
-            raise ValueError(f"MlpKernelSpec {self.name!r}: " + "; ".join(problems))
 
     def problems(self) -> list[str]:
         out = []
