@@ -13,7 +13,12 @@ read is not offered: with the ``surprise`` signal propagated through the chain i
 token's read depend on its own write (use :func:`nldsl.runtime.deep_memory.mlp_memory` per level for
 running-read memories with given targets).
 
-Each block is ``M(x) = x + W_L act(... act(W_1 x))`` (``residual``), weights ``[d_out, d_in]`` in
+Each block is ``M(x) = x + W_L act(... act(W_1 x))`` (``residual``), or with ``prenorm="rms"``
+``M(x) = x + W_L act(... act(W_1 rms(x)))``, ``rms(x) = x / sqrt(mean(x^2) + 1e-6)`` (no gain:
+``W_1`` absorbs one). The pre-norm keeps every block's input at unit scale, so a chain of
+near-identity residual blocks does not compound its input's scale (without it, two or three
+chained blocks kept even Titans at chance on MQAR in our runs). The block's weights are trained
+on the normalised input; the surprise passes the norm's Jacobian. Weights ``[d_out, d_in]`` in
 application order (see :mod:`nldsl.runtime.deep_memory`), shared by the batch (``[d_out, d_in]``:
 meta-learned Parameters or a pretrained MLP's weights, section 7.3) or per sequence
 (``[B, d_out, d_in]``). The state is always per sequence.
@@ -149,6 +154,7 @@ def cms_chain(
     agg_weights: Optional[Tensor] = None,
     activation: str = "gelu",
     hidden_norm: str = "none",
+    prenorm: str = "none",
     residual: bool = True,
     detach: bool = False,
     initial_state: Optional[CmsState] = None,
@@ -167,6 +173,8 @@ def cms_chain(
         variant: ``"sequential"``, ``"nested"`` or ``"independent"``.
         signal: ``"values"``, ``"self"`` or ``"surprise"``; ``delta`` / ``target`` as described.
         objective: ``"l2"`` or ``"dot"`` (values / self signals).
+        prenorm: ``"none"`` or ``"rms"``: RMS-normalise each block's input (the residual adds
+            the input itself).
         agg_weights: ``[n]`` weights of the independent variant's sum (None = plain sum).
         detach: writes are constants for autograd.
         initial_state: a :class:`CmsState` to continue a stream.
@@ -180,18 +188,19 @@ def cms_chain(
     """
     return _cms_chain(x, params, periods=periods, lr=lr, variant=variant, signal=signal, delta=delta,
                       target=target, objective=objective, agg_weights=agg_weights, activation=activation,
-                      hidden_norm=hidden_norm, residual=residual, detach=detach, initial_state=initial_state,
+                      hidden_norm=hidden_norm, prenorm=prenorm, residual=residual, detach=detach,
+                      initial_state=initial_state,
                       output_final_state=output_final_state, return_info=return_info, impl=impl, kernel=kernel)
 
 
 def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise", delta=None, target=None,
-               objective="l2", agg_weights=None, activation="gelu", hidden_norm="none", residual=True,
+               objective="l2", agg_weights=None, activation="gelu", hidden_norm="none", prenorm="none", residual=True,
                detach=False, initial_state=None, output_final_state=False, return_info=False, impl="chunked",
                kernel=None, record=None, reuse=None) -> CmsOutput:
     """:func:`cms_chain`, plus a way for a caller that runs the same piece twice (a read pass, then
     the writes from the same state and input: :class:`nldsl.nn.deep.CmsChain`) to skip the second
     forward. ``record``: a list that receives, per piece, every block's forward ``(y, hidden
-    pre-activations, layer inputs)``, detached (chunked impl only). ``reuse``: such a list from a
+    pre-activations, layer inputs, 1 / rms of the block input or None)``, detached (chunked impl only). ``reuse``: such a list from a
     call with the same ``x``, state, weights and ``detach=True``: its forwards stand in for this
     call's (the same values); this call's output then carries no gradient (use its state)."""
     fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference, "triton": _chunked})
@@ -217,6 +226,8 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{_OP}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if prenorm not in ("none", "rms"):
+        raise ValueError(f"{_OP}: prenorm must be 'none' or 'rms', got {prenorm!r}")
 
     d_in = D
     for l, ws in enumerate(params):
@@ -286,7 +297,8 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     if reuse is not None and not (detach and impl != "triton"):
         raise ValueError(f"{_OP}: reuse needs detach=True and the chunked implementation")
     cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective, writes=writes,
-               act=hidden_act(hidden_norm, activation), residual=residual, detach=detach, periods=periods,
+               act=hidden_act(hidden_norm, activation), residual=residual, prenorm=prenorm == "rms",
+               detach=detach, periods=periods,
                kernels=None, info=return_info, record=record if impl != "triton" else None, reuse=reuse)
     if impl == "triton":
         from nldsl.runtime._triton import runtime_mlp_kernel
@@ -294,7 +306,7 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         cfg["kernels"] = [
             runtime_mlp_kernel(_OP, kernel, depth=len(block), d_in=block[0].shape[-1], d_hidden=block[0].shape[-2],
                                d_out=block[-1].shape[-2], activation=activation, hidden_norm=hidden_norm,
-                               residual=residual, chunk=min(periods))
+                               residual=residual and prenorm == "none", chunk=min(periods))
             for block in params]
     y, ws, gs, offs, outputs, updates, resets = fn(xs, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg)
     state = None
@@ -352,6 +364,43 @@ def _sum_rank1(G, eta, e, a):
     return left @ right if G is None else torch.baddbmm(G, left, right)
 
 
+_RMS_EPS = 1e-6
+
+
+def _rms(x):
+    """``(x / rms(x), 1 / rms(x))`` over the last dim."""
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _RMS_EPS)
+    return x * r, r
+
+
+def _rms_backward(xn, r, g):
+    """dL/dx from dL/d(x / rms(x)) = ``g``: ``r (g - xn mean(g xn))``."""
+    return r * (g - xn * (g * xn).mean(-1, keepdim=True))
+
+
+def _block_forward(ws, x, cfg):
+    """One block on ``x``: ``(y, hidden pre-activations, layer inputs, 1 / rms(x) or None)``."""
+    if not cfg["prenorm"]:
+        return (*mlp_forward(ws, x, cfg["act"], cfg["residual"]), None)
+    xn, r = _rms(x)
+    y, hs, ins = mlp_forward(ws, xn, cfg["act"], False)
+    return (y + x if cfg["residual"] else y), hs, ins, r
+
+
+def _input_error(ws, fw, es, d, cfg):
+    """dL/d(block input) from the block's forward ``fw``, its layer errors ``es`` and the
+    gradient ``d`` at its output."""
+    g = es[0] @ ws[0]
+    if fw[3] is not None:
+        g = _rms_backward(fw[2][0], fw[3], g)
+    return g + d if cfg["residual"] else g
+
+
+def _detached(fw):
+    y, hs, ins, r = fw
+    return y.detach(), [h.detach() for h in hs], [a.detach() for a in ins], None if r is None else r.detach()
+
+
 def _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets):
     """Advance every block by L tokens (the piece ended at token t + L - 1); apply updates and
     nested resets at the boundaries reached."""
@@ -376,7 +425,7 @@ def _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets):
 
 
 def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
-    periods, act, residual = cfg["periods"], cfg["act"], cfg["residual"]
+    periods, act = cfg["periods"], cfg["act"]
     variant, signal = cfg["variant"], cfg["signal"]
     n = len(ws)
     B, T, _ = x.shape
@@ -409,14 +458,12 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
         else:
             inp, fw = xp[j], []
             for l in range(n):
-                y, hs, ins = mlp_forward(rws[l], inp, act, residual)
-                fw.append((y, hs, ins))
-                outs[l].append(y)
+                fw.append(_block_forward(rws[l], inp, cfg))
+                outs[l].append(fw[l][0])
                 if variant != "independent":
-                    inp = y
+                    inp = fw[l][0]
             if cfg["record"] is not None:
-                cfg["record"].append([(y.detach(), [h.detach() for h in hs], [a.detach() for a in ins])
-                                      for y, hs, ins in fw])
+                cfg["record"].append([_detached(f) for f in fw])
         if variant == "independent":
             out = sum((fw[l][0] if agg is None else agg[l] * fw[l][0]) for l in range(n))
         else:
@@ -427,7 +474,7 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
             t += L
             continue
         if cfg["detach"]:
-            fw = [(y.detach(), [h.detach() for h in hs], [a.detach() for a in ins]) for y, hs, ins in fw]
+            fw = [_detached(f) for f in fw]
         # errors at every block output, then per-layer errors
         errs = [None] * n
         if signal == "surprise" and cfg["single_delta"]:
@@ -440,7 +487,7 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
                 for l in range(n - 1, -1, -1):
                     errs[l] = mlp_backward(ws[l], fw[l][1], d, act)
                     if l:
-                        d = errs[l][0] @ ws[l][0] + (d if residual else 0)
+                        d = _input_error(ws[l], fw[l], errs[l], d, cfg)
         else:
             for l in range(n):
                 if signal == "surprise":
@@ -448,7 +495,7 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
                 else:
                     tgt = tp[l][j]
                     if signal == "self":
-                        tgt = mlp_forward(ws[l], tgt, act, residual)[0]
+                        tgt = _block_forward(ws[l], tgt, cfg)[0]
                     eps = output_error(fw[l][0], tgt, cfg["objective"])
                 errs[l] = mlp_backward(ws[l], fw[l][1], eps, act)
         # accumulate sum_t eta_t e_t a_t^T (one matmul per layer)
@@ -469,8 +516,13 @@ def _kernel_piece(kernels, ws, rws, x, etas, deltas, targets, agg, cfg):
     """One piece with the fused MLP kernel (one launch per block, two for a chain that propagates
     the chain-output surprise): ``(output, every block's output, every block's sum_t eta_t grad_t)``.
     The same computation as :func:`_chunked`'s closed form: reads at ``rws``, errors at ``ws``
-    (equal in value; with ``detach`` the sums are constants)."""
+    (equal in value; with ``detach`` the sums are constants). With a pre-norm the kernel runs
+    the MLP on the normalised input and the residual is added here."""
     n, variant, signal = len(ws), cfg["variant"], cfg["signal"]
+    residual = cfg["residual"] and cfg["prenorm"]  # the residual the kernel leaves to us
+
+    def kernel_input(inp):
+        return _rms(inp) if cfg["prenorm"] else (inp, None)
 
     def summed(r):
         return [S.detach() for S in r.sums] if cfg["detach"] else list(r.sums)
@@ -481,29 +533,41 @@ def _kernel_piece(kernels, ws, rws, x, etas, deltas, targets, agg, cfg):
         # block's error is the input error of the block after it (its input's gradient)
         inputs, inp = [], x
         for l in range(n):
-            inputs.append(inp)
-            inp = ys[l] = kernels[l](rws[l], inp, outputs=("y",)).y
+            src, rinv = kernel_input(inp)
+            inputs.append((src, rinv))
+            y = kernels[l](rws[l], src, outputs=("y",)).y
+            inp = ys[l] = y + inp if residual else y
         d = deltas[0]
         for l in range(n - 1, -1, -1):
-            src = inputs[l].detach() if cfg["detach"] else inputs[l]
+            src, rinv = inputs[l]
+            if cfg["detach"]:
+                src, rinv = src.detach(), None if rinv is None else rinv.detach()
             r = kernels[l](ws[l], src, d, etas[l], objective="given",
                            outputs=("sums", "input_error") if l else ("sums",))
             sums[l] = summed(r)
-            d = r.input_error
+            if l:
+                g = r.input_error if rinv is None else _rms_backward(src, rinv, r.input_error)
+                d = g + d if residual else g
         return ys[-1], ys, sums
     inp = x
     for l in range(n):
-        src = x if variant == "independent" else inp
+        block_in = x if variant == "independent" else inp
+        src = kernel_input(block_in)[0]
         if signal == "surprise":
             d = deltas[l]
             if cfg["single_delta"] and agg is not None:  # independent: delta_l = w_l delta
                 d = agg[l] * d
             r = kernels[l](rws[l], src, d, etas[l], objective="given", outputs=("y", "sums"))
         else:
-            r = kernels[l](rws[l], src, targets[l], etas[l], objective=cfg["objective"],
-                           self_target=signal == "self", outputs=("y", "sums"))
-        ys[l], sums[l] = r.y, summed(r)
-        inp = r.y
+            tgt, self_target = targets[l], signal == "self"
+            if cfg["prenorm"] and self_target:  # the kernel's own target would skip the norm
+                tgt, self_target = _block_forward(ws[l], tgt, cfg)[0], False
+            if residual and cfg["objective"] == "l2":  # y - tgt = kernel y - (tgt - input)
+                tgt = tgt - block_in
+            r = kernels[l](rws[l], src, tgt, etas[l], objective=cfg["objective"],
+                           self_target=self_target, outputs=("y", "sums"))
+        ys[l], sums[l] = (r.y + block_in if residual else r.y), summed(r)
+        inp = ys[l]
     if variant == "independent":
         out = sum((ys[l] if agg is None else agg[l] * ys[l]) for l in range(n))
     else:
@@ -515,8 +579,8 @@ def _kernel_piece(kernels, ws, rws, x, etas, deltas, targets, agg, cfg):
 # reference: token by token, inner gradients by torch.func
 # --------------------------------------------------------------------------------------------
 
-def _apply1(ws, x, act, residual):
-    a = x
+def _apply1(ws, x, act, residual, prenorm):
+    a = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _RMS_EPS) if prenorm else x
     for i, W in enumerate(ws):
         a = W @ a
         if i < len(ws) - 1:
@@ -524,36 +588,38 @@ def _apply1(ws, x, act, residual):
     return a + x if residual else a
 
 
-def _local_loss(ws, x, tgt, *, objective, act, residual):
-    y = _apply1(ws, x, act, residual)
+def _local_loss(ws, x, tgt, *, objective, act, residual, prenorm):
+    y = _apply1(ws, x, act, residual, prenorm)
     if objective == "l2":
         return 0.5 * ((y - tgt) ** 2).sum()
     return -(y * tgt).sum()
 
 
-def _chain_surprise(all_ws, x, d, agg, *, variant, act, residual):
+def _chain_surprise(all_ws, x, d, agg, *, variant, act, residual, prenorm):
     if variant == "independent":
         y = 0
         for l, ws in enumerate(all_ws):
-            yl = _apply1(ws, x, act, residual)
+            yl = _apply1(ws, x, act, residual, prenorm)
             y = y + (yl if agg is None else agg[l] * yl)
     else:
         y = x
         for ws in all_ws:
-            y = _apply1(ws, y, act, residual)
+            y = _apply1(ws, y, act, residual, prenorm)
     return (y * d).sum()
 
 
 def _reference(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
-    act, residual, variant, signal = cfg["act"], cfg["residual"], cfg["variant"], cfg["signal"]
+    variant, signal = cfg["variant"], cfg["signal"]
+    block = dict(act=cfg["act"], residual=cfg["residual"], prenorm=cfg["prenorm"])
+    apply1 = torch.vmap(functools.partial(_apply1, **block))
     n = len(ws)
     B, T, _ = x.shape
     ys, outs = [], [[] for _ in range(n)]
     updates, resets = [[] for _ in range(n)], [[] for _ in range(n)]
     local = torch.func.vmap(torch.func.grad(functools.partial(
-        _local_loss, objective="dot" if signal == "surprise" else cfg["objective"], act=act, residual=residual)))
+        _local_loss, objective="dot" if signal == "surprise" else cfg["objective"], **block)))
     joint = torch.func.vmap(
-        torch.func.grad(functools.partial(_chain_surprise, variant=variant, act=act, residual=residual)),
+        torch.func.grad(functools.partial(_chain_surprise, variant=variant, **block)),
         in_dims=(0, 0, 0, None),
     )
     for t in range(T):
@@ -563,7 +629,7 @@ def _reference(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
         for l in range(n):
             src = inp if variant != "independent" else x[:, t]
             ins.append(src)
-            y = torch.vmap(functools.partial(_apply1, act=act, residual=residual))(tuple(rws[l]), src)
+            y = apply1(tuple(rws[l]), src)
             ylist.append(y)
             outs[l].append(y)
             inp = y
@@ -584,7 +650,7 @@ def _reference(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
                 else:
                     tgt = targets[l][:, t]
                     if signal == "self":
-                        tgt = torch.vmap(functools.partial(_apply1, act=act, residual=residual))(tuple(ws[l]), tgt)
+                        tgt = apply1(tuple(ws[l]), tgt)
                 grads.append(local(tuple(ws[l]), ins[l], tgt))
         for l in range(n):
             e = etas[l][:, t, None, None]

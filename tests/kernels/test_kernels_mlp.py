@@ -213,6 +213,12 @@ CMS_CASES = {
     "nested-values-l2norm": ("nested", "values", (3, 6), 13, 0, dict(hidden_norm="l2")),
     "independent-surprise-per-level": ("independent", "surprise-levels", (4, 20), 23, 7, {}),
     "sequential-self-detach": ("sequential", "self", (5, 10), 12, 0, dict(detach=True, activation="tanh")),
+    # a pre-norm: the kernel runs on the normalised input, the residual and the norm's Jacobian outside
+    "sequential-chain-surprise-prenorm": ("sequential", "surprise", (2, 4), 11, 3, dict(prenorm="rms")),
+    "independent-values-prenorm": ("independent", "values", (3, 6), 13, 5, dict(prenorm="rms")),
+    "sequential-self-prenorm": ("sequential", "self", (5, 10), 12, 0, dict(prenorm="rms")),
+    "nested-surprise-levels-prenorm-detach": ("nested", "surprise-levels", (2, 4), 9, 3,
+                                              dict(prenorm="rms", detach=True)),
 }
 
 

@@ -250,3 +250,68 @@ def test_hidden_norm_matches_reference(variant):
         fast = run(x, "chunked", variant, signal, False, hidden_norm="l2")
         assert_close(fast.o, ref.o)
         assert_close(fast.final_state, ref.final_state)
+
+
+def _prenorm_chain(x, params, variant, agg):
+    """Closed form of a static chain of pre-norm residual blocks: x + W_2 gelu(W_1 rms(x))."""
+    def block(ws, v):
+        vn = v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return v + torch.nn.functional.gelu(vn @ ws[0].T) @ ws[1].T
+
+    if variant == "independent":
+        return sum(w * block(ws, x) for w, ws in zip(agg, params))
+    for ws in params:
+        x = block(ws, x)
+    return x
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prenorm_static_chain_is_its_closed_form(variant):
+    x = cms_inputs(T=9)
+    expect = _prenorm_chain(x["x"], x["params"], variant, x["agg"])
+    for impl in ("chunked", "reference"):
+        assert_close(run(x, impl, variant, lr=0.0, prenorm="rms").o, expect, what=impl)
+
+
+@pytest.mark.parametrize(
+    "variant,signal,single",
+    list(itertools.product(VARIANTS, ("values", "self", "surprise"), (True, False))),
+)
+def test_prenorm_chunked_matches_reference(variant, signal, single):
+    x = cms_inputs(T=29)
+    ref = run(x, "reference", variant, signal, single, prenorm="rms")
+    fast = run(x, "chunked", variant, signal, single, prenorm="rms")
+    assert_close(fast.o, ref.o)
+    assert_close(fast.final_state, ref.final_state)
+    assert_close(fast.info.outputs, ref.info.outputs)
+    # the pre-norm changes what the blocks learn, not only what they read
+    plain = run(x, "chunked", variant, signal, single)
+    assert not torch.allclose(fast.final_state.weights[0][0], plain.final_state.weights[0][0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prenorm_gradients_and_streams(variant):
+    x = requires_grad(cms_inputs(T=14))
+    lr = [torch.full((2, 14), v, dtype=torch.float64, requires_grad=True) for v in LRS]
+    wrt = [x["x"], x["params"], x["delta"], lr] + ([x["agg"]] if variant == "independent" else [])
+    ref = run(x, "reference", variant, lr=lr, prenorm="rms")
+    fast = run(x, "chunked", variant, lr=lr, prenorm="rms")
+    assert_close(grads(fast.o, wrt), grads(ref.o, wrt), atol=1e-9, what="o")
+    assert_close(grads(fast.final_state.weights[0][0], wrt), grads(ref.final_state.weights[0][0], wrt),
+                 atol=1e-9, what="state")
+    outs, state, t = [], None, 0
+    for n in (5, 1, 8):
+        sl = slice(t, t + n)
+        o, state, _ = cms_chain(
+            x["x"][:, sl], x["params"], periods=PERIODS, lr=LRS, variant=variant, signal="surprise",
+            delta=x["delta"][:, sl], agg_weights=x["agg"] if variant == "independent" else None,
+            prenorm="rms", initial_state=state, output_final_state=True)
+        outs.append(o)
+        t += n
+    assert_close(torch.cat(outs, 1), run(x, "chunked", variant, prenorm="rms").o)
+
+
+def test_prenorm_rejects_unknown_norms():
+    x = cms_inputs(T=4)
+    with pytest.raises(ValueError, match="prenorm must be 'none' or 'rms'"):
+        cms_chain(x["x"], x["params"], periods=PERIODS, lr=0.1, delta=x["delta"], prenorm="layer")
