@@ -144,7 +144,11 @@ def _edit_body(t: _Target, i: int, s, rest: list[str], op: str, value, span, kin
     body = s.body or A.Body()
     props = list(body.props)
     idx = next((j for j, p in enumerate(props) if p.name == prop), None)
-    if len(rest) == 2:  # a keyword inside a property: inputs.k
+    if len(rest) == 2 and prop == "structure" and idx is not None and len(props[idx].values) == 1:
+        # a CMS chain's block structure: the keyword is an argument of its `mlp(...)`
+        p = props[idx]
+        props[idx] = replace(p, values=(_set_kwarg(p.values[0], rest[1], value, op, span),))
+    elif len(rest) == 2:  # a keyword inside a property: inputs.k
         key = rest[1]
         if idx is None:
             if op == "set":

@@ -313,6 +313,18 @@ def test_add_remove_and_call_keywords(capsys, tmp_path):
     assert "  + Hope.chain.structure.depth = 3" in out
 
 
+def test_cms_structure_keywords(capsys, tmp_path):
+    """A CMS chain's `structure mlp(...)` is a property: a named ablation and an override both
+    edit its keywords in place."""
+    cms = REPO / "specs" / "cms.nl"
+    assert "ablation no_prenorm { chain.structure.prenorm = none }" in cms.read_text()
+    rc, out, err = ablate(capsys, cms, "@no_prenorm", "chain.structure.depth=3", "-o", tmp_path / "o")
+    assert rc == 0, err
+    [spec] = (tmp_path / "o").glob("*/spec.nl")
+    assert "structure mlp(depth=3, expansion=4, residual=true, activation=gelu, prenorm=none)" in spec.read_text()
+    assert analyze_file(spec).ok
+
+
 def test_options_may_come_anywhere(capsys, tmp_path):
     rc, out, err = ablate(capsys, "--dry-run", TITANS, "mem.conv=2", "-o", tmp_path / "x", "fast.every=8")
     assert rc == 0, err

@@ -411,7 +411,8 @@ def _mlp_planner(model, item, level, ctx, taken):
         key = (model.name, "memory", item.name)
     try:
         spec = MlpKernelSpec(name=sanitize(f"{model.name}_{item.name}"), d_in=d, d_hidden=hidden, d_out=d,
-                             activation=s.activation, residual=bool(s.residual),
+                             # a CMS pre-norm: the kernel runs on the normalised input, the residual is outside
+                             activation=s.activation, residual=bool(s.residual) and (s.prenorm or "none") == "none",
                              hidden_norm=getattr(s, "norm", None) or "none", chunk=mlp_tile(min(periods)))
     except ValueError as e:  # the model still compiles; only its kernels are missing
         return f"the MLP kernel cannot be specialised to {what} ({e})"

@@ -198,7 +198,8 @@ class Planner:
         s = first.structure
         return (f"CmsChain(config.dim, periods={periods!r}, scopes={scopes!r}, variant={c.variant!r}, "
                 f"expansion={_repr(float(s.expansion))}, depth={_repr(s.depth)}, residual={_repr(s.residual)}, "
-                f"activation={_repr(s.activation)}, hidden_norm={_repr(s.norm)}, lr={_repr(float(first.lr.value))}, "
+                f"activation={_repr(s.activation)}, hidden_norm={_repr(s.norm)}, prenorm={_repr(s.prenorm or 'none')}, "
+                f"lr={_repr(float(first.lr.value))}, "
                 f"signal={_repr(first.signal)}, "
                 f"objective={_repr(first.objective.kind)}, detach={_repr(first.writes == 'detached')}, "
                 + (f"levels={tuple(c.levels)!r}, pretrained={first.init.path!r}, spec_dir=config.spec_dir, "

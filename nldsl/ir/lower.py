@@ -311,7 +311,8 @@ class Lowerer:
         return out
 
     # -- memories --
-    def structure(self, e: A.Expr, span_key: tuple, env: dict) -> M.Structure:
+    def structure(self, e: A.Expr, span_key: tuple, env: dict, *, cms: bool = False) -> M.Structure:
+        """A memory's structure; ``cms``: a CMS chain's blocks (which may take ``prenorm``)."""
         kind, args, kwargs = call_parts(e)
         self.ctx.spans[span_key] = e.span
         if kind not in STRUCTURES:
@@ -323,8 +324,13 @@ class Lowerer:
         if kind == "vector":
             kind = "elementwise"
         if kind == "mlp":
-            check_kwargs(self.ctx, kwargs, ("depth", "expansion", "residual", "activation", "norm"), "mlp")
+            if "prenorm" in kwargs and not cms:
+                self.ctx.error("NL201", "`prenorm` applies to the blocks of a CMS chain only", kwargs["prenorm"].span,
+                               help="remove it; a memory's keys are normalised by `qk_norm l2`")
+                kwargs = {k: v for k, v in kwargs.items() if k != "prenorm"}
+            check_kwargs(self.ctx, kwargs, ("depth", "expansion", "residual", "activation", "norm", "prenorm"), "mlp")
             depth, expansion, residual, act, norm = 2, 4.0, True, "gelu", "none"
+            prenorm = "none" if cms else None
             if "depth" in kwargs:
                 depth = read_number(self.ctx, kwargs["depth"].value, env, "`depth`", integer=True,
                                     minimum=1, code="NL204") or 2
@@ -338,8 +344,11 @@ class Lowerer:
                 act = read_choice(self.ctx, kwargs["activation"].value, ACTIVATIONS, "activation") or "gelu"
             if "norm" in kwargs:
                 norm = read_choice(self.ctx, kwargs["norm"].value, ("none", "l2"), "hidden normalisation") or "none"
+            if "prenorm" in kwargs:
+                prenorm = read_choice(self.ctx, kwargs["prenorm"].value, ("none", "rms"), "block input normalisation") \
+                    or "none"
             return M.Structure(kind="mlp", depth=depth, expansion=float(expansion), residual=residual,
-                               activation=act, norm=norm)
+                               activation=act, norm=norm, prenorm=prenorm)
         if kind == "attention":
             check_kwargs(self.ctx, kwargs, ("window",), "attention")
             window = None
@@ -696,7 +705,8 @@ class Lowerer:
             variant = "sequential"
         props = s.body.props if s.body else ()
         level_names: list[str] = []
-        structure = M.Structure(kind="mlp", depth=2, expansion=4.0, residual=True, activation="gelu", norm="none")
+        structure = M.Structure(kind="mlp", depth=2, expansion=4.0, residual=True, activation="gelu", norm="none",
+                                prenorm="none")
         aggregate = "weighted" if variant == "independent" else None
         member_props = []
         for p in props:
@@ -713,12 +723,12 @@ class Lowerer:
             elif p.name == "structure":
                 e = self._one(p)
                 if e is not None:
-                    structure = self.structure(e, key + ("structure",), env)
+                    structure = self.structure(e, key + ("structure",), env, cms=True)
                     if structure.kind != "mlp":
                         self.ctx.error("NL202", f"a CMS chain is built from `mlp` blocks, not `{structure.kind}`",
                                        e.span, help="write `structure mlp(depth=2, expansion=4)`")
                         structure = M.Structure(kind="mlp", depth=2, expansion=4.0, residual=True,
-                                                activation="gelu", norm="none")
+                                                activation="gelu", norm="none", prenorm="none")
             elif p.name == "aggregate":
                 e = self._one(p)
                 if e is not None:

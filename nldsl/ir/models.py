@@ -90,6 +90,7 @@ class Structure(Node):
     residual: Optional[bool] = None  # mlp: M(x) = x + f(x)
     activation: Optional[Activation] = None  # mlp
     norm: Optional[Literal["none", "l2"]] = None  # mlp: L2-normalise the hidden activations
+    prenorm: Optional[Literal["none", "rms"]] = None  # CMS blocks: RMS-normalise the block input
     window: Optional[int] = None  # attention: sliding window (None: global causal)
 
 

@@ -24,7 +24,8 @@ def structure(s: M.Structure) -> A.Expr:
     if s.kind == "mlp":
         return _call("mlp", depth=to_expr(s.depth), expansion=to_expr(s.expansion),
                      residual=A.Bool(bool(s.residual)), activation=_name(s.activation),
-                     norm=_name(s.norm or "none"))
+                     norm=_name(s.norm or "none"),
+                     **({} if s.prenorm is None else {"prenorm": _name(s.prenorm)}))
     if s.kind == "attention" and s.window is not None:
         return _call("attention", window=to_expr(s.window))
     return _name(s.kind)

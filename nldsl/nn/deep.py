@@ -282,13 +282,14 @@ class CmsChain(nn.Module):
                  variant: str = "sequential", expansion: float = 4.0, depth: int = 2,
                  residual: bool = True, activation: str = "gelu", lr: float = 0.01,
                  signal: str = "surprise", objective: str = "l2", detach: bool = True,
-                 hidden_norm: str = "none", levels: tuple[str, ...] | None = None,
+                 hidden_norm: str = "none", prenorm: str = "none", levels: tuple[str, ...] | None = None,
                  pretrained: str | None = None, spec_dir: str | None = None, impl: str = "chunked",
                  kernel=None):
         super().__init__()
         self.dim, self.periods, self.scopes, self.variant = dim, tuple(periods), tuple(scopes), variant
         self.activation, self.residual, self.lr, self.signal = activation, residual, lr, signal
         self.objective, self.detach, self.impl, self.hidden_norm = objective, detach, impl, hidden_norm
+        self.prenorm = prenorm
         self.surprise = signal == "surprise"
         hidden = int(dim * expansion)
         self.blocks = nn.ModuleList(
@@ -305,8 +306,8 @@ class CmsChain(nn.Module):
                         w[0].copy_(t)
         self.agg = nn.Parameter(torch.ones(len(periods)) / len(periods)) if variant == "independent" else None
         self.kernel = _mlp_kernel("CmsChain", impl, kernel, depth=depth, d_in=dim, d_hidden=hidden, d_out=dim,
-                                  activation=activation, hidden_norm=hidden_norm, residual=residual,
-                                  chunk=min(periods))
+                                  activation=activation, hidden_norm=hidden_norm,
+                                  residual=residual and prenorm == "none", chunk=min(periods))
         self.tape: list | None = None  # set by the model while it collects surprise signals
         self._read_pass = None  # (x, state, forwards) of the last taped read, for learn to reuse
 
@@ -317,7 +318,7 @@ class CmsChain(nn.Module):
         return _cms_chain(x, self._params(), periods=self.periods, lr=self.lr if lr is None else lr,
                           variant=self.variant, signal=self.signal, delta=delta, target=target,
                           objective=self.objective, agg_weights=self.agg, activation=self.activation,
-                          hidden_norm=self.hidden_norm, residual=self.residual, detach=self.detach,
+                          hidden_norm=self.hidden_norm, prenorm=self.prenorm, residual=self.residual, detach=self.detach,
                           initial_state=state, output_final_state=True, impl=self.impl, kernel=self.kernel,
                           record=record, reuse=reuse)
 
