@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model block to train, when a spec has several")
     o.add_argument("--time-limit", type=float, dest="time_limit", metavar="SECONDS",
                    help="stop training after this long, then evaluate and save (0: no limit; "
-                        "cpu-demo: 240 unless --steps is given)")
+                        "cpu-demo: 270 unless --steps is given)")
     e = p.add_argument_group("evaluation and output")
     e.add_argument("--eval-every", type=int, dest="eval_every")
     e.add_argument("--eval-seqs", type=int, dest="eval_seqs", help="held-out sequences per evaluation")

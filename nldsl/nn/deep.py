@@ -318,7 +318,8 @@ class CmsChain(nn.Module):
         return _cms_chain(x, self._params(), periods=self.periods, lr=self.lr if lr is None else lr,
                           variant=self.variant, signal=self.signal, delta=delta, target=target,
                           objective=self.objective, agg_weights=self.agg, activation=self.activation,
-                          hidden_norm=self.hidden_norm, prenorm=self.prenorm, residual=self.residual, detach=self.detach,
+                          hidden_norm=self.hidden_norm, prenorm=self.prenorm, residual=self.residual,
+                          detach=self.detach,
                           initial_state=state, output_final_state=True, impl=self.impl, kernel=self.kernel,
                           record=record, reuse=reuse)
 

@@ -189,8 +189,8 @@ def cms_chain(
     return _cms_chain(x, params, periods=periods, lr=lr, variant=variant, signal=signal, delta=delta,
                       target=target, objective=objective, agg_weights=agg_weights, activation=activation,
                       hidden_norm=hidden_norm, prenorm=prenorm, residual=residual, detach=detach,
-                      initial_state=initial_state,
-                      output_final_state=output_final_state, return_info=return_info, impl=impl, kernel=kernel)
+                      initial_state=initial_state, output_final_state=output_final_state,
+                      return_info=return_info, impl=impl, kernel=kernel)
 
 
 def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise", delta=None, target=None,
@@ -200,9 +200,10 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     """:func:`cms_chain`, plus a way for a caller that runs the same piece twice (a read pass, then
     the writes from the same state and input: :class:`nldsl.nn.deep.CmsChain`) to skip the second
     forward. ``record``: a list that receives, per piece, every block's forward ``(y, hidden
-    pre-activations, layer inputs, 1 / rms of the block input or None)``, detached (chunked impl only). ``reuse``: such a list from a
-    call with the same ``x``, state, weights and ``detach=True``: its forwards stand in for this
-    call's (the same values); this call's output then carries no gradient (use its state)."""
+    pre-activations, layer inputs, 1 / rms of the block input or None)``, detached (chunked impl
+    only). ``reuse``: such a list from a call with the same ``x``, state, weights and
+    ``detach=True``: its forwards stand in for this call's (the same values); this call's output
+    then carries no gradient (use its state)."""
     fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference, "triton": _chunked})
     if kernel is not None and impl != "triton":
         raise ValueError(f"{_OP}: kernel= is used with impl='triton' only (impl={impl!r})")
@@ -298,8 +299,8 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         raise ValueError(f"{_OP}: reuse needs detach=True and the chunked implementation")
     cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective, writes=writes,
                act=hidden_act(hidden_norm, activation), residual=residual, prenorm=prenorm == "rms",
-               detach=detach, periods=periods,
-               kernels=None, info=return_info, record=record if impl != "triton" else None, reuse=reuse)
+               detach=detach, periods=periods, kernels=None, info=return_info,
+               record=record if impl != "triton" else None, reuse=reuse)
     if impl == "triton":
         from nldsl.runtime._triton import runtime_mlp_kernel
 

@@ -45,8 +45,8 @@ def test_preset_defaults_and_explicit_flags_win():
     p = argparse.ArgumentParser()
     run_cmd.add_arguments(p)
     cfg = run_cmd.config_from_args(p.parse_intermixed_args([TINY, "--device", "cpu", "--out", "/nonexistent/x"]))
-    assert (cfg.preset, cfg.steps, cfg.seq_len, cfg.batch, cfg.pairs) == ("cpu-demo", 1000, 64, 32, 4)
-    assert cfg.overrides == {"dim": 64, "layers": 2, "vocab": 64} and cfg.time_limit == 240
+    assert (cfg.preset, cfg.steps, cfg.seq_len, cfg.batch, cfg.pairs) == ("cpu-demo", 2000, 64, 16, 4)
+    assert cfg.overrides == {"dim": 64, "layers": 2, "vocab": 64} and cfg.time_limit == 270
     assert cfg.lr == 1e-2
     assert 1 <= cfg.threads <= 4
     cfg = run_cmd.config_from_args(p.parse_intermixed_args(
