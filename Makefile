@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # the main job: check every shipped spec, draw Hope's level graph, then compile and train Hope,
-# a Transformer and Gated DeltaNet on MQAR (the cpu-demo preset: Hope stops after 4 minutes)
+# a Transformer and Gated DeltaNet on MQAR (the cpu-demo preset: Hope stops after 4.5 minutes)
 demo: setup
 	$(BIN)/nldsl check specs/*.nl
 	$(BIN)/nldsl graph specs/hope.nl -o hope.png
