@@ -115,6 +115,18 @@ def test_static_inputs_are_convolved_and_stream(tmp_path, ablation):
     assert (model(ids).logits - full).abs().max() > 1e-6
 
 
+def test_generated_rates_start_like_titans_gates():
+    """At a zero input, Hope's generated retention starts where Titans' retention gate does
+    (0.99 per token) and its step at half the bound 1 / chunk."""
+    hope, titans = build("hope").blocks[0].titans, build("titans").blocks[0].mem
+    zero = torch.zeros(1, 1, SMALL["dim"])
+    alpha = torch.sigmoid(hope.alpha_gate(zero) + hope.alpha_bias)
+    eta = hope.eta_max * torch.sigmoid(hope.eta_gate(zero) + hope.eta_bias)
+    torch.testing.assert_close(alpha, torch.sigmoid(titans.retention_gate(zero)))
+    torch.testing.assert_close(alpha, torch.full_like(alpha, 0.99))
+    torch.testing.assert_close(eta, torch.full_like(eta, 0.5 / hope.chunk_size))
+
+
 @pytest.mark.parametrize("spec", sorted(DEEP))
 def test_loss_falls_on_copy_task(spec):
     torch.manual_seed(0)
