@@ -115,6 +115,10 @@ def _set_kwarg(call: A.Expr, key: str, value: A.Expr | None, op: str, span) -> A
     return replace(call, kwargs=tuple(kws))
 
 
+def _one_call(p: A.Prop) -> bool:
+    return not p.kwargs and len(p.values) == 1 and isinstance(p.values[0], (A.Call, A.Name))
+
+
 def _edit_body(t: _Target, i: int, s, rest: list[str], op: str, value, span, kind: str):
     prop = rest[0]
     if kind != "cms" and prop == "structure":
@@ -144,8 +148,9 @@ def _edit_body(t: _Target, i: int, s, rest: list[str], op: str, value, span, kin
     body = s.body or A.Body()
     props = list(body.props)
     idx = next((j for j, p in enumerate(props) if p.name == prop), None)
-    if len(rest) == 2 and prop == "structure" and idx is not None and len(props[idx].values) == 1:
-        # a CMS chain's block structure: the keyword is an argument of its `mlp(...)`
+    if len(rest) == 2 and idx is not None and _one_call(props[idx]):
+        # a keyword of the call that is the property's one value: `chain.structure.depth`,
+        # `titans.rule.window`
         p = props[idx]
         props[idx] = replace(p, values=(_set_kwarg(p.values[0], rest[1], value, op, span),))
     elif len(rest) == 2:  # a keyword inside a property: inputs.k

@@ -492,24 +492,6 @@ def unknown_segment(f: A.File, ov: Override, target: str | None = None) -> Overr
 # ---- applying edits ------------------------------------------------------------------------
 
 
-def _call_kwarg_edit(f: A.File, edit, target: str | None):
-    """``titans.rule.window = 8`` and ``chain.structure.depth = 3``: a keyword of the call that
-    is a property's one value becomes an edit of the whole property (``ablate`` edits keywords
-    of memory structures and of ``inputs``-like properties itself)."""
-    op, path, value, span = edit
-    if len(path) != 3:
-        return edit
-    owner = _owner(f, target)
-    s = _component(owner, path[0]) if owner is not None else None
-    if not isinstance(s, (A.Memory, A.Cms)) or (isinstance(s, A.Memory) and path[1] == "structure"):
-        return edit
-    p = _prop(s, path[1])
-    if p is None or p.kwargs or len(p.values) != 1 or not isinstance(p.values[0], (A.Call, A.Name)):
-        return edit
-    new = ablate._set_kwarg(p.values[0], path[2], value, op, span)
-    return ("set", path[:2], new, span)
-
-
 _EXPR_SPANS = {A.Param: (("value", "value"),), A.Level: (("period", "period"),),
                A.Memory: (("structure", "structure"),), A.Transfer: (("kind", "kind"),),
                A.Block: (("expr", "expr"),), A.UseOptimizer: (("expr", "expr"),), A.Update: (("expr", "expr"),)}
@@ -528,7 +510,7 @@ def _sync_spans(s):
 def apply_edits(f: A.File, edits, target: str | None = None) -> A.File:
     """``nldsl.ablate.apply``, one edit at a time (each sees the tree the previous one left)."""
     for edit in edits:
-        f = ablate.apply(f, [_call_kwarg_edit(f, edit, target)], target=target)
+        f = ablate.apply(f, [edit], target=target)
     items = []
     for it in f.items:
         if isinstance(it, (A.Model, A.Optimizer)):
