@@ -82,6 +82,7 @@ import functools
 from typing import NamedTuple, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from nldsl.runtime._common import compute_dtype, dispatch
@@ -581,7 +582,7 @@ def _kernel_piece(kernels, ws, rws, x, etas, deltas, targets, agg, cfg):
 # --------------------------------------------------------------------------------------------
 
 def _apply1(ws, x, act, residual, prenorm):
-    a = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _RMS_EPS) if prenorm else x
+    a = F.rms_norm(x, x.shape[-1:], eps=_RMS_EPS) if prenorm else x  # torch's own, not _chunked's _rms
     for i, W in enumerate(ws):
         a = W @ a
         if i < len(ws) - 1:
