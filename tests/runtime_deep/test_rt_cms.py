@@ -31,6 +31,21 @@ def run(x, impl, variant="sequential", signal="surprise", single=True, periods=P
     )
 
 
+def run_split(x, splits, variant="sequential", impl="chunked", **kw):
+    """The surprise-driven chain over x, called on consecutive pieces of the given lengths with
+    the state carried: ``(concatenated output, final state)``."""
+    outs, state, t = [], None, 0
+    for n in splits:
+        sl = slice(t, t + n)
+        o, state, _ = cms_chain(
+            x["x"][:, sl], x["params"], periods=PERIODS, lr=LRS, variant=variant, signal="surprise",
+            delta=x["delta"][:, sl], agg_weights=x["agg"] if variant == "independent" else None,
+            initial_state=state, output_final_state=True, impl=impl, **kw)
+        outs.append(o)
+        t += n
+    return torch.cat(outs, 1), state
+
+
 @pytest.mark.parametrize(
     "variant,signal,single",
     list(itertools.product(VARIANTS, ("values", "self", "surprise"), (True, False))),
@@ -86,18 +101,8 @@ def test_split_stream_equals_one_pass(variant, impl):
     x = cms_inputs(T=29)
     full = run(x, impl, variant)
     for splits in ([1, 28], [5, 7, 1, 16], [13, 13, 3]):
-        outs, state, t = [], None, 0
-        for n in splits:
-            sl = slice(t, t + n)
-            o, state, _ = cms_chain(
-                x["x"][:, sl], x["params"], periods=PERIODS, lr=LRS, variant=variant,
-                signal="surprise", delta=x["delta"][:, sl],
-                agg_weights=x["agg"] if variant == "independent" else None,
-                initial_state=state, output_final_state=True, impl=impl,
-            )
-            outs.append(o)
-            t += n
-        assert_close(torch.cat(outs, 1), full.o, what=str(splits))
+        o, state = run_split(x, splits, variant, impl)
+        assert_close(o, full.o, what=str(splits))
         assert_close(state, full.final_state, what=str(splits))
 
 
@@ -215,16 +220,7 @@ def test_detach_split_stream_gradients_equal_one_pass(variant):
     w = torch.randn_like(x["x"])
     full = run(x, "chunked", variant, detach=True)
     g_full = grads((full.o * w).sum(), x["params"])
-    outs, state, t = [], None, 0
-    for n in (5, 9, 9):
-        sl = slice(t, t + n)
-        o, state, _ = cms_chain(
-            x["x"][:, sl], x["params"], periods=PERIODS, lr=LRS, variant=variant, signal="surprise",
-            delta=x["delta"][:, sl], agg_weights=x["agg"] if variant == "independent" else None,
-            detach=True, initial_state=state, output_final_state=True)
-        outs.append(o)
-        t += n
-    split = torch.cat(outs, 1)
+    split, _ = run_split(x, (5, 9, 9), variant, detach=True)
     assert_close(split, full.o)
     assert_close(grads((split * w).sum(), x["params"]), g_full)
 
@@ -299,16 +295,7 @@ def test_prenorm_gradients_and_streams(variant):
     assert_close(grads(fast.o, wrt), grads(ref.o, wrt), atol=1e-9, what="o")
     assert_close(grads(fast.final_state.weights[0][0], wrt), grads(ref.final_state.weights[0][0], wrt),
                  atol=1e-9, what="state")
-    outs, state, t = [], None, 0
-    for n in (5, 1, 8):
-        sl = slice(t, t + n)
-        o, state, _ = cms_chain(
-            x["x"][:, sl], x["params"], periods=PERIODS, lr=LRS, variant=variant, signal="surprise",
-            delta=x["delta"][:, sl], agg_weights=x["agg"] if variant == "independent" else None,
-            prenorm="rms", initial_state=state, output_final_state=True)
-        outs.append(o)
-        t += n
-    assert_close(torch.cat(outs, 1), run(x, "chunked", variant, prenorm="rms").o)
+    assert_close(run_split(x, (5, 1, 8), variant, prenorm="rms")[0], run(x, "chunked", variant, prenorm="rms").o)
 
 
 def test_prenorm_rejects_unknown_norms():
