@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -56,11 +57,20 @@ class Dist:
             tdist.barrier()
 
     def close(self):
-        if self.enabled and tdist.is_initialized():
+        if not (self.enabled and tdist.is_initialized()):
+            return
+        if self.backend == "gloo":
+            # the ranks tear the group down together: a rank that exits while its peer still
+            # saves drops connections its own gloo threads read, and it aborts (SIGABRT, seen
+            # after Ctrl-C under --nproc); a rank that never comes is waited for a minute at most
             try:
-                tdist.destroy_process_group()
+                tdist.monitored_barrier(timeout=timedelta(seconds=60))
             except Exception:
                 pass
+        try:
+            tdist.destroy_process_group()
+        except Exception:
+            pass
 
 
 def in_launched_child() -> bool:
