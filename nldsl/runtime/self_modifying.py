@@ -65,10 +65,12 @@ constants (first order; then only the output path -- M_memory's and M_q's starti
 straight through, q, x via q -- gets gradients).
 
 Implementations: ``"reference"`` (token loop, inner gradients by ``torch.func.grad``),
-``"chunked"`` (a loop over the pieces between boundaries of either chunk size; each piece runs
-:func:`nldsl.runtime.deep_memory.chunk_step` once per group of same-shaped memories, stacked along
-the batch axis: {M_k, M_v, M_q}, {M_eta, M_alpha}, {M_memory}) and ``"triton"`` (``"chunked"``
-with each group's per-chunk gradients from the fused Triton MLP kernel: two-layer memories).
+``"chunked"`` (two passes, since M_memory feeds nothing the generating memories read: first the
+generating memories, in pieces between their chunk boundaries, stacked along the batch axis into
+one :func:`nldsl.runtime.deep_memory.chunk_step` per piece (per group of equal hidden widths),
+which yields every token's k, v, q, eta, alpha; then M_memory over the call in its own chunks)
+and ``"triton"`` (``"chunked"`` with each per-chunk gradient from the fused Triton MLP kernel:
+two-layer memories).
 """
 from __future__ import annotations
 
@@ -362,13 +364,13 @@ def _inputs(got, cfg):
 # chunked
 # --------------------------------------------------------------------------------------------
 
-def _plan(ws, cfg):
-    """Stack every memory with the same hidden widths into one group (generating memories first,
-    M_memory last): one chunk_step per piece for all of them. Scalar memories (M_eta, M_alpha)
-    get their output matrix zero-padded to D rows (the padded outputs and targets are exactly 0,
-    so their gradients and rows stay 0) and a residual mask of 0."""
+def _plan(ws, names):
+    """Stack the generating memories with the same hidden widths into one group: one chunk_step
+    per piece for all of them. Scalar memories (M_eta, M_alpha) get their output matrix
+    zero-padded to D rows (the padded outputs and targets are exactly 0, so their gradients and
+    rows stay 0) and a residual mask of 0."""
     groups: dict = {}
-    for n in cfg["gen"] + ["memory"]:
+    for n in names:
         key = tuple(W.shape[-2] for W in ws[n][:-1])
         groups.setdefault(key, []).append(n)
     return list(groups.values())
@@ -401,52 +403,40 @@ def _memory_input(inputs, name):
 
 
 def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
-    act, detach = cfg["act"], cfg["detach"]
+    """Two passes. The generating memories depend on nothing M_memory computes, so they run
+    first, in pieces between their own chunk boundaries, and produce every token's k, v, q, eta,
+    alpha; M_memory then runs over the whole call in its own (longer) chunks."""
+    act, detach, gen = cfg["act"], cfg["detach"], cfg["gen"]
     xs = next(z for n, z in inputs.items() if n.startswith("x"))
     N, T, D = xs.shape
-    G = []
-    for names in _plan(ws, cfg):
-        res_rows = [cfg["residual"] if n in _VEC + ("memory",) else False for n in names]
-        residual = (res_rows[0] if len(set(res_rows)) == 1 else
-                    torch.tensor(res_rows, dtype=xs.dtype, device=xs.device).repeat_interleave(N))
-        n_gen = sum(n != "memory" for n in names)
-        G.append(dict(
-            names=names, n_gen=n_gen, has_mem="memory" in names, residual=residual,
-            ws=_stack(ws, names, D), anchor=_stack(anchor, names, D),
-            ms=None if ms is None else _stack(ms, names, D), st=None if st is None else _stack(st, names, D),
-        ))
     off_g, off_m = offs
     Cg, Cm = cfg["Cg"], cfg["Cm"]
+    kernel = lambda W: None if cfg["kernel"] is None else cfg["kernel"][W.shape[-2]]  # noqa: E731
+    groups = []
+    for names in _plan(ws, gen):
+        res_rows = [cfg["residual"] if n in _VEC else False for n in names]
+        residual = (res_rows[0] if len(set(res_rows)) == 1 else
+                    torch.tensor(res_rows, dtype=xs.dtype, device=xs.device).repeat_interleave(N))
+        groups.append(dict(
+            names=names, residual=residual, ws=_stack(ws, names, D), anchor=_stack(anchor, names, D),
+            ms=None if ms is None else _stack(ms, names, D), st=None if st is None else _stack(st, names, D),
+            x=torch.cat([_memory_input(inputs, n) for n in names]),  # the group's inputs, stacked once
+        ))
 
-    def re_anchor(g, gen_rows: bool, mem_rows: bool):
-        cut = g["n_gen"] * N
-        if gen_rows and (mem_rows or not g["has_mem"]) or mem_rows and g["n_gen"] == 0:
-            g["anchor"] = g["ws"]
-        elif gen_rows and g["n_gen"]:
-            g["anchor"] = [torch.cat([w[:cut], a[cut:]]) for w, a in zip(g["ws"], g["anchor"])]
-        elif mem_rows and g["has_mem"]:
-            g["anchor"] = [torch.cat([a[:cut], w[cut:]]) for w, a in zip(g["ws"], g["anchor"])]
-
-    ys = []
-    lens = segment_lengths(T, [(off_g, Cg), (off_m, Cm)])
+    # pass 1: the generating memories, read at their anchor, written on the shared k, v, eta, alpha
+    lens = segment_lengths(T, [(off_g, Cg)])
     parts = {n: split_time(z, lens) for n, z in inputs.items()}
+    for g in groups:
+        g["x"] = split_time(g["x"], lens)
+    made = []  # per piece: k, v, q, eta, alpha, beta
     for j, L in enumerate(lens):
-        for g in G:
-            re_anchor(g, off_g == 0, off_m == 0)
-        # generated inputs, read at the generating memories' anchor
-        got = {n: parts[n][j] for n in ("k", "v", "q", "eta", "alpha") if n in parts}
-        for g in G:
-            if not g["n_gen"]:
-                continue
-            cut = g["n_gen"] * N
-            rw = [w[:cut] for w in g["anchor"]]
-            if g["st"] is not None:
-                rw = [w + s[:cut] for w, s in zip(rw, g["st"])]
-            res = g["residual"][:cut] if isinstance(g["residual"], Tensor) else g["residual"]
-            xt = torch.cat([_memory_input(parts, n)[j] for n in g["names"][:g["n_gen"]]])
-            out = mlp_forward(rw, xt, act, res)[0]
-            for i, n in enumerate(g["names"][:g["n_gen"]]):
-                o = out[i * N:(i + 1) * N]
+        got = {n: parts[n][j] for n in GENERATED if n in parts}
+        for g in groups:
+            if off_g == 0:
+                g["anchor"] = g["ws"]
+            rw = g["anchor"] if g["st"] is None else [w + s for w, s in zip(g["anchor"], g["st"])]
+            out = mlp_forward(rw, g["x"][j], act, g["residual"])[0]
+            for n, o in zip(g["names"], out.split(N)):
                 got[n] = _generated(n, o[..., 0] if n in _SCA else o, got)
         k_, v_, q_ = _inputs(got, cfg)
         eta, alpha = _gates(got["eta"], got.get("alpha"), cfg)
@@ -455,29 +445,43 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
             k_, v_, eta = k_.detach(), v_.detach(), eta.detach()
             alpha = None if alpha is None else alpha.detach()
             beta = None if beta is None else beta.detach()
-        for g in G:
+        for g in groups:
             r = len(g["names"])
             rep = lambda z: None if z is None else z.repeat(r, *([1] * (z.dim() - 1)))  # noqa: E731
-            o, g["ws"], g["ms"] = chunk_step(
-                g["ws"], g["ms"], g["anchor"], rep(k_), rep(v_), rep(eta), rep(alpha), rep(beta),
-                q_ if g["has_mem"] else None,
+            _, g["ws"], g["ms"] = chunk_step(
+                g["ws"], g["ms"], g["anchor"], rep(k_), rep(v_), rep(eta), rep(alpha), rep(beta), None,
                 objective=cfg["objective"], signal="self", rule=cfg["rule"], act=act,
-                residual=g["residual"], read=cfg["read"], st=g["st"],
-                read_rows=slice(g["n_gen"] * N, (g["n_gen"] + 1) * N),
-                kernel=None if cfg["kernel"] is None else cfg["kernel"][g["ws"][0].shape[-2]],
-            )
-            if g["has_mem"]:
-                ys.append(o)
+                residual=g["residual"], read="anchor", kernel=kernel(g["ws"][0]))
+        made.append((k_, v_, q_, eta, alpha, beta))
         off_g = (off_g + L) % Cg
-        off_m = (off_m + L) % Cm
-    for g in G:
-        re_anchor(g, off_g == 0, off_m == 0)
     ws_o, an_o, ms_o = {}, {}, ({} if ms is not None else None)
-    for g in G:
+    for g in groups:
+        if off_g == 0:
+            g["anchor"] = g["ws"]
         ws_o.update(_unstack(g["ws"], g["names"], N))
         an_o.update(_unstack(g["anchor"], g["names"], N))
         if ms is not None:
             ms_o.update(_unstack(g["ms"], g["names"], N))
+
+    # pass 2: M_memory over the call in chunks of Cm, on the tokens' k, v, q, eta, alpha
+    seqs = [None if z[0] is None else torch.cat(z, dim=1) for z in zip(*made)]
+    lens = segment_lengths(T, [(off_m, Cm)])
+    k_, v_, q_, eta, alpha, beta = (split_time(z, lens) for z in seqs)
+    w, a = ws["memory"], anchor["memory"]
+    m = None if ms is None else ms["memory"]
+    ys = []
+    for j, L in enumerate(lens):
+        if off_m == 0:
+            a = w
+        o, w, m = chunk_step(
+            w, m, a, k_[j], v_[j], eta[j], alpha[j], beta[j], q_[j],
+            objective=cfg["objective"], signal="self", rule=cfg["rule"], act=act, residual=cfg["residual"],
+            read=cfg["read"], st=None if st is None else st["memory"], kernel=kernel(w[0]))
+        ys.append(o)
+        off_m = (off_m + L) % Cm
+    ws_o["memory"], an_o["memory"] = w, (w if off_m == 0 else a)
+    if ms is not None:
+        ms_o["memory"] = m
     return torch.cat(ys, dim=1), ws_o, an_o, ms_o, (off_g, off_m)
 
 
