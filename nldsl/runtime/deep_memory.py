@@ -104,7 +104,7 @@ from nldsl.runtime._common import (
     compute_dtype,
     dispatch,
     segment_products,
-    unit_lower_inverse,
+    ut_apply,
 )
 
 __all__ = [
@@ -290,7 +290,6 @@ def chunk_step(
     residual,
     read: str,
     st: Optional[Sequence[Tensor]] = None,
-    read_rows: Optional[slice] = None,
     kernel=None,
 ):
     """Run L <= C consecutive tokens that share one anchor.
@@ -298,16 +297,20 @@ def chunk_step(
     ws/ms: running weights/momentum entering the piece (``[N, do, di]``); anchor: the anchor
     weights; k ``[N, L, K]``, v ``[N, L, *]``, eta/alpha/beta ``[N, L]`` (alpha/beta may be None),
     q ``[N, L, K]`` or None (no read). ``residual``: a bool or a per-row ``[N]`` mask. ``st``:
-    straight-through terms added to the read weights (detach mode). ``read_rows``: read only
-    these rows (q then has only them). ``kernel``: an :class:`~nldsl.runtime._triton.MlpKernel`
-    that computes the gradients below in one launch (impl='triton'). Returns
-    ``(o or None, ws_end, ms_end)``.
+    straight-through terms added to the read weights (detach mode). ``kernel``: an
+    :class:`~nldsl.runtime._triton.MlpKernel` that computes the gradients below in one launch
+    (impl='triton'). Returns ``(o or None, ws_end, ms_end)``.
     """
     L = k.shape[1]
     # gradients of all L tokens at the anchor: per layer, the rank-1 factors e_j a_j^T
     if kernel is None:  # closed-form backward, batched
-        y, hs, ins = mlp_forward(anchor, k, act, residual)
-        target = mlp_forward(anchor, v, act, residual)[0] if signal == "self" else v
+        if signal == "self":  # the target M_a(v) in the same products as M_a(k)
+            y, hs, ins = mlp_forward(anchor, torch.cat([k, v], dim=1), act, residual)
+            y, target = y.split(L, dim=1)
+            hs, ins = [h.split(L, dim=1)[0] for h in hs], [k] + [a.split(L, dim=1)[0] for a in ins[1:]]
+        else:
+            y, hs, ins = mlp_forward(anchor, k, act, residual)
+            target = v
         es = mlp_backward(anchor, hs, output_error(y, target, objective), act)
     else:  # forward, output error and both layers' errors fused in the Triton kernel
         g = kernel(anchor, k, v, objective=objective, self_target=signal == "self", residual=residual)
@@ -335,12 +338,15 @@ def chunk_step(
         pr = [(c, Us[i])]
         if rule == "dgd" and i == 0:
             KK = a @ a.transpose(-1, -2)                           # k_t . k_j
-            rhs = Pa[..., :-1, 0].unsqueeze(-1) * (a @ ws[0].transpose(-1, -2)) + (c_prev * KK) @ Us[0]
+            # X_0 k_t: at a chunk start the running state is the anchor, whose products with k
+            # the forward already took (the kernel path does not return them)
+            reuse = kernel is None and len(hs) > 0 and ws[0] is anchor[0]
+            Xk = hs[0] if reuse else a @ ws[0].transpose(-1, -2)
+            rhs = Pa[..., :-1, 0].unsqueeze(-1) * Xk + (c_prev * KK) @ Us[0]
             if ms is not None:
                 rhs = rhs + m_prev.unsqueeze(-1) * (a @ ms[0].transpose(-1, -2))
             e_col = eta.unsqueeze(-1)
-            Tinv = unit_lower_inverse(e_col * (Pa[..., :-1, 1:] * KK))
-            h = Tinv @ (-e_col * rhs)
+            h = ut_apply(e_col * (Pa[..., :-1, 1:] * KK), -e_col * rhs)
             pr.append((Da, h))
         pairs.append(pr)
 
@@ -368,36 +374,23 @@ def chunk_step(
     # reads
     o = None
     if q is not None:
-        rr = read_rows if read_rows is not None else slice(None)
-        per_row = lambda z: None if z is None else z[rr]  # noqa: E731
-        res = residual[rr] if isinstance(residual, Tensor) else residual
-        st_r = None if st is None else [per_row(z) for z in st]
         if read == "anchor":
-            rw = [per_row(w) for w in anchor]
-            if st_r is not None:
-                rw = [w + z for w, z in zip(rw, st_r)]
-            o = mlp_forward(rw, q, act, res)[0]
+            rw = anchor if st is None else [w + z for w, z in zip(anchor, st)]
+            o = mlp_forward(rw, q, act, residual)[0]
         else:
-            # coefficient matrices carry a row axis only when their gates do
-            gate_row = (lambda z: z[rr]) if alpha is not None else (lambda z: z)  # noqa: E731
-            mom_row = (lambda z: z[rr]) if (alpha is not None or ms is not None) else (lambda z: z)  # noqa: E731
-            A_r = gate_row(A)
-            m_r = None if ms is None else m[rr]
             z = q
             n = len(ins)
             for i, a in enumerate(ins):
-                a_r = a[rr]
-                pre = A_r.unsqueeze(-1) * (z @ ws[i][rr].transpose(-1, -2))
-                za = z @ a_r.transpose(-1, -2)                     # a_j . z_t   [N, L, L]
-                for j, (coef, left) in enumerate(pairs[i]):
-                    coef_r = mom_row(coef) if j == 0 else gate_row(coef)
-                    pre = pre + (coef_r * za) @ left[rr]
+                pre = A.unsqueeze(-1) * (z @ ws[i].transpose(-1, -2))
+                za = z @ a.transpose(-1, -2)                       # a_j . z_t   [N, L, L]
+                for coef, left in pairs[i]:
+                    pre = pre + (coef * za) @ left
                 if ms is not None:
-                    pre = pre + m_r.unsqueeze(-1) * (z @ ms[i][rr].transpose(-1, -2))
-                if st_r is not None:
-                    pre = pre + z @ st_r[i].transpose(-1, -2)
+                    pre = pre + m.unsqueeze(-1) * (z @ ms[i].transpose(-1, -2))
+                if st is not None:
+                    pre = pre + z @ st[i].transpose(-1, -2)
                 z = hidden(pre, act) if i < n - 1 else pre
-            o = _add_residual(z, q, res)
+            o = _add_residual(z, q, residual)
     return o, ws_end, ms_end
 
 
