@@ -316,7 +316,9 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         # detached writes keep the straight-through link to the starting weights in the state, so
         # a stream split into calls sends the outer gradient of every read to them, as one call does
         ws = _read_weights(ws, st)
-        gs = [[torch.zeros_like(W) if G is None else G for W, G in zip(lw, lg)] for lw, lg in zip(ws, gs)]
+        # an exact-zero sum as a broadcast zero: no weight-sized allocation for every read pass
+        gs = [[W.new_zeros(()).expand_as(W) if G is None else G for W, G in zip(lw, lg)]
+              for lw, lg in zip(ws, gs)]
         state = CmsState(tuple(tuple(lw) for lw in ws), tuple(tuple(lg) for lg in gs), tuple(offs))
     info = None
     if return_info:
@@ -326,23 +328,30 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
 
 
 class _StraightThrough:
-    """The straight-through term ``S = W_0 - W_0.detach()`` of a detached call (value 0, gradient
-    to the starting weights ``W_0``), applied without weight-sized ops where possible: a read of
-    the unchanged starting weights is ``W_0`` itself (the value and the gradient of
-    ``W_0.detach() + S``); ``S`` is formed only once a block has stepped. Weights that need no
-    gradient get no term at all (it would be an exact zero)."""
+    """The straight-through link of a detached call: a read of the weights ``W`` a block reached
+    has the value of ``W`` and sends its gradient to the call's starting weights ``W_0`` (the
+    value and gradient of ``W + (W_0 - W_0.detach())``), without the weight-sized ops of that sum.
+    Weights that need no gradient get no link at all."""
 
-    __slots__ = ("start", "detached", "_term")
+    __slots__ = ("start", "detached")
 
     def __init__(self, W: Tensor):
-        self.start, self.detached, self._term = W, W.detach(), None
+        self.start, self.detached = W, W.detach()
 
     def read(self, W: Tensor) -> Tensor:
-        if W is self.detached:
-            return self.start
-        if self._term is None:
-            self._term = self.start - self.detached
-        return W + self._term
+        return self.start if W is self.detached else _Through.apply(W, self.start)
+
+
+class _Through(torch.autograd.Function):
+    """``W`` (a constant of the detached writes) with its gradient passed to ``start``."""
+
+    @staticmethod
+    def forward(ctx, W: Tensor, start: Tensor) -> Tensor:
+        return W.view_as(W)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (grad if ctx.needs_input_grad[0] else None), grad
 
 
 def _read_weights(ws, st):
@@ -356,14 +365,19 @@ def _add(G, S):
     return S if G is None else G + S
 
 
-def _sum_rank1(G, eta, e, a):
-    """``G + sum_t eta_t e_t a_t^T`` (one matmul; eta scales the narrower factor)."""
+def _sum_rank1(G, eta, e, a, own: bool = False):
+    """``G + sum_t eta_t e_t a_t^T`` (one matmul; eta scales the narrower factor). ``own``: G was
+    made by this call and nothing else holds it, so a constant G is accumulated in place."""
     if e.shape[-1] <= a.shape[-1]:
         left, right = eta * e, a
     else:
         left, right = e, eta * a
     left = left.transpose(-1, -2)
-    return left @ right if G is None else torch.baddbmm(G, left, right)
+    if G is None:
+        return left @ right
+    if own and not G.requires_grad:
+        return G.baddbmm_(left, right)
+    return torch.baddbmm(G, left, right)
 
 
 _RMS_EPS = 1e-6
@@ -438,6 +452,7 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
     ep = [split_time(e, lens) for e in etas]
     dp = None if deltas is None else [split_time(d, lens) for d in deltas]
     tp = None if targets is None else [split_time(tg, lens) for tg in targets]
+    given = [list(lg) for lg in gs]  # the caller's gradient sums: never written in place
     t = 0
     for j, L in enumerate(lens):
         rws = _read_weights(ws, st)
@@ -503,7 +518,8 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
         # accumulate sum_t eta_t e_t a_t^T (one matmul per layer)
         for l in range(n):
             e_t = ep[l][j].unsqueeze(-1)
-            gs[l] = [_sum_rank1(G, e_t, e, a) for G, e, a in zip(gs[l], errs[l], fw[l][2])]
+            own = [G is not None and not any(G is S for S in given[l]) for G in gs[l]]
+            gs[l] = [_sum_rank1(G, e_t, e, a, o) for G, e, a, o in zip(gs[l], errs[l], fw[l][2], own)]
         _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets)
         t += L
     outputs = [_cat_time(o) for o in outs] if cfg["info"] else None

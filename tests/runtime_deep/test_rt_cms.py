@@ -31,10 +31,10 @@ def run(x, impl, variant="sequential", signal="surprise", single=True, periods=P
     )
 
 
-def run_split(x, splits, variant="sequential", impl="chunked", **kw):
+def run_split(x, splits, variant="sequential", impl="chunked", initial_state=None, **kw):
     """The surprise-driven chain over x, called on consecutive pieces of the given lengths with
-    the state carried: ``(concatenated output, final state)``."""
-    outs, state, t = [], None, 0
+    the state carried (from ``initial_state``): ``(concatenated output, final state)``."""
+    outs, state, t = [], initial_state, 0
     for n in splits:
         sl = slice(t, t + n)
         o, state, _ = cms_chain(
@@ -223,6 +223,22 @@ def test_detach_split_stream_gradients_equal_one_pass(variant):
     split, _ = run_split(x, (5, 9, 9), variant, detach=True)
     assert_close(split, full.o)
     assert_close(grads((split * w).sum(), x["params"]), g_full)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_call_never_writes_the_state_it_was_given(variant):
+    """Detached gradient sums accumulate in place only in tensors the call made: the model reads
+    a segment and then learns on it, both from one state, which must stay as it was."""
+    x = cms_inputs(T=23)
+    _, state = run_split(x, (7,), variant, detach=True)  # mid-chunk: pending sums in the state
+    before = [[G.clone() for G in lg] for lg in state.grad_sum]
+    rest = {k: (v[:, 7:] if k in ("x", "delta") else v) for k, v in x.items()}
+    first, _ = run_split(rest, (16,), variant, detach=True, initial_state=state)
+    again, _ = run_split(rest, (16,), variant, detach=True, initial_state=state)
+    assert_close(again, first)
+    for lg, lb in zip(state.grad_sum, before):
+        for G, B in zip(lg, lb):
+            assert torch.equal(G, B)
 
 
 def test_errors():
