@@ -213,6 +213,15 @@ def _times_act_grad(d: Tensor, h: Tensor, name: str) -> Tensor:
     return d * activation_grad(h, name)
 
 
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``; 3-D operands with one batch size go straight to ``torch.bmm`` (``torch.matmul``
+    wraps them in expand / reshape ops, each a dispatch and an autograd node, which at a
+    memory's sizes cost about as much as the product)."""
+    if a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0]:
+        return torch.bmm(a, b)
+    return a @ b
+
+
 def _add_residual(y: Tensor, x: Tensor, residual) -> Tensor:
     """``y + x`` where ``residual`` is True, per row where it is a ``[N]`` 0/1 mask (memories of
     different kinds stacked along the batch axis)."""
@@ -229,7 +238,7 @@ def mlp_forward(ws: Sequence[Tensor], x: Tensor, act: str, residual):
     y = x
     for i, W in enumerate(ws):
         ins.append(a)
-        h = a @ W.transpose(-1, -2)
+        h = _bmm(a, W.transpose(-1, -2))
         if i < len(ws) - 1:
             hs.append(h)
             a = hidden(h, act)
@@ -251,7 +260,7 @@ def mlp_backward(ws: Sequence[Tensor], hs: Sequence[Tensor], eps: Tensor, act: s
     d = eps
     es[n - 1] = d
     for i in range(n - 1, 0, -1):
-        d = hidden_backward(d @ ws[i], hs[i - 1], act)
+        d = hidden_backward(_bmm(d, ws[i]), hs[i - 1], act)
         es[i - 1] = d
     return es
 
@@ -324,9 +333,9 @@ def chunk_step(
     if ms is not None:
         Pb = segment_products(beta)
         Db, Bv = Pb[..., 1:, 1:], Pb[..., 1:, 0]
-        Q = Pa @ Pb
+        Q = _bmm(Pa, Pb)
         c, c_prev = Q[..., 1:, 1:], Q[..., :-1, 1:]                # sum_j P_a[t,j] P_b[j,l]
-        m = (Da @ Bv.unsqueeze(-1)).squeeze(-1)                   # coefficient of S_0 in W_t
+        m = _bmm(Da, Bv.unsqueeze(-1)).squeeze(-1)                 # coefficient of S_0 in W_t
         m_prev = F.pad(m[..., :-1], (1, 0))
     else:
         c, c_prev = Da, Pa[..., :-1, 1:]
@@ -337,14 +346,14 @@ def chunk_step(
     for i, a in enumerate(ins):
         pr = [(c, Us[i])]
         if rule == "dgd" and i == 0:
-            KK = a @ a.transpose(-1, -2)                           # k_t . k_j
+            KK = _bmm(a, a.transpose(-1, -2))                      # k_t . k_j
             # X_0 k_t: at a chunk start the running state is the anchor, whose products with k
             # the forward already took (the kernel path does not return them)
             reuse = kernel is None and len(hs) > 0 and ws[0] is anchor[0]
-            Xk = hs[0] if reuse else a @ ws[0].transpose(-1, -2)
-            rhs = Pa[..., :-1, 0].unsqueeze(-1) * Xk + (c_prev * KK) @ Us[0]
+            Xk = hs[0] if reuse else _bmm(a, ws[0].transpose(-1, -2))
+            rhs = Pa[..., :-1, 0].unsqueeze(-1) * Xk + _bmm(c_prev * KK, Us[0])
             if ms is not None:
-                rhs = rhs + m_prev.unsqueeze(-1) * (a @ ms[0].transpose(-1, -2))
+                rhs = rhs + m_prev.unsqueeze(-1) * _bmm(a, ms[0].transpose(-1, -2))
             e_col = eta.unsqueeze(-1)
             h = ut_apply(e_col * (Pa[..., :-1, 1:] * KK), -e_col * rhs)
             pr.append((Da, h))
@@ -381,14 +390,14 @@ def chunk_step(
             z = q
             n = len(ins)
             for i, a in enumerate(ins):
-                pre = A.unsqueeze(-1) * (z @ ws[i].transpose(-1, -2))
-                za = z @ a.transpose(-1, -2)                       # a_j . z_t   [N, L, L]
+                pre = A.unsqueeze(-1) * _bmm(z, ws[i].transpose(-1, -2))
+                za = _bmm(z, a.transpose(-1, -2))                  # a_j . z_t   [N, L, L]
                 for coef, left in pairs[i]:
-                    pre = pre + (coef * za) @ left
+                    pre = pre + _bmm(coef * za, left)
                 if ms is not None:
-                    pre = pre + m.unsqueeze(-1) * (z @ ms[i].transpose(-1, -2))
+                    pre = pre + m.unsqueeze(-1) * _bmm(z, ms[i].transpose(-1, -2))
                 if st is not None:
-                    pre = pre + z @ st[i].transpose(-1, -2)
+                    pre = pre + _bmm(z, st[i].transpose(-1, -2))
                 z = hidden(pre, act) if i < n - 1 else pre
             o = _add_residual(z, q, residual)
     return o, ws_end, ms_end
