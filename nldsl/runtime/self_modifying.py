@@ -428,7 +428,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
     parts = {n: split_time(z, lens) for n, z in inputs.items()}
     for g in groups:
         g["x"] = split_time(g["x"], lens)
-    made = []  # per piece: k, v, q, eta, alpha, beta
+    made = []  # per piece: k, v, q, eta, alpha
     for j, L in enumerate(lens):
         got = {n: parts[n][j] for n in GENERATED if n in parts}
         for g in groups:
@@ -452,7 +452,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
                 g["ws"], g["ms"], g["anchor"], rep(k_), rep(v_), rep(eta), rep(alpha), rep(beta), None,
                 objective=cfg["objective"], signal="self", rule=cfg["rule"], act=act,
                 residual=g["residual"], read="anchor", kernel=kernel(g["ws"][0]))
-        made.append((k_, v_, q_, eta, alpha, beta))
+        made.append((k_, v_, q_, eta, alpha))
         off_g = (off_g + L) % Cg
     ws_o, an_o, ms_o = {}, {}, ({} if ms is not None else None)
     for g in groups:
@@ -465,6 +465,8 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
 
     # pass 2: M_memory over the call in chunks of Cm, on the tokens' k, v, q, eta, alpha
     seqs = [None if z[0] is None else torch.cat(z, dim=1) for z in zip(*made)]
+    beta = inputs.get("beta")
+    seqs.append(beta.detach() if detach and beta is not None else beta)
     lens = segment_lengths(T, [(off_m, Cm)])
     k_, v_, q_, eta, alpha, beta = (split_time(z, lens) for z in seqs)
     w, a = ws["memory"], anchor["memory"]
