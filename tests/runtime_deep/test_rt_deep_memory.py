@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from nldsl.runtime.deep_memory import DeepMemoryState, mlp_apply, mlp_memory
+from nldsl.runtime.deep_memory import DeepMemoryState, decay_write, mlp_apply, mlp_memory
 from rtdeep_helpers import DT, assert_close, grads, memory_inputs, requires_grad
 
 
@@ -98,6 +98,31 @@ def test_gradcheck_chunked():
                           read="running", impl="chunked").o
 
     assert torch.autograd.gradcheck(f, (k, eta, alpha, beta, *W))
+
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_decay_write_is_its_formula_with_gradients(momentum):
+    """The end-of-piece state update's hand-written backward, against autograd through
+    ``A W + m M + left^T a`` in float64, to second order (outer gradients of a deep memory
+    pass through it)."""
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=DT).requires_grad_()  # noqa: E731
+    W, A, left, a = rnd(3, 4, 5), rnd(3, 1, 1), rnd(3, 6, 4), rnd(3, 6, 5)
+    M, m = (rnd(3, 4, 5), rnd(3, 1, 1)) if momentum else (None, None)
+    want = A * W + left.transpose(-1, -2) @ a + (m * M if momentum else 0)
+    assert_close(decay_write(W, A, M, m, left, a), want)
+    args = (W, A, M, m, left, a) if momentum else (W, A, left, a)
+    f = (lambda W, A, M, m, left, a: decay_write(W, A, M, m, left, a)) if momentum else (  # noqa: E731
+        lambda W, A, left, a: decay_write(W, A, None, None, left, a))
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+    # a scalar without a row axis (no retention gate) and inputs that need no gradient
+    const = torch.tensor([[0.5]], dtype=DT)
+    out = decay_write(W.detach(), const, None, None, left, a.detach())
+    (d_left,) = torch.autograd.grad(out.square().sum(), [left])
+    (want_left,) = torch.autograd.grad((0.5 * W.detach() + left.transpose(-1, -2) @ a.detach()).square().sum(), [left])
+    assert_close(d_left, want_left)
 
 
 SPLITS = [[23], [1, 22], [3, 2, 9, 9], [7, 1, 1, 14], [11, 12]]
