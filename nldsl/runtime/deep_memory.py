@@ -245,9 +245,9 @@ class _DecayWrite(torch.autograd.Function):
         def dot(x):  # per-row <g, x>, summed to the scalar's shape
             return (g * x).sum((-2, -1), keepdim=True)
 
-        dW = g * A if need[0] else None
+        dW = (g * A).sum_to_size(W.shape) if need[0] else None
         dA = dot(W).sum_to_size(A.shape) if need[1] else None
-        dM = g * m if M is not None and need[2] else None
+        dM = (g * m).sum_to_size(M.shape) if M is not None and need[2] else None
         dm = dot(M).sum_to_size(m.shape) if M is not None and need[3] else None
         dleft = _bmm(a, g.transpose(-1, -2)) if need[4] else None
         da = _bmm(left, g) if need[5] else None
