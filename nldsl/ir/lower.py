@@ -28,6 +28,9 @@ CLOCKS = ("tokens", "steps")
 READ_MODES = ("anchor", "running")
 SCOPES = ("carry", "reset")
 STRUCTURES = ("linear", "mlp", "attention", "elementwise", "vector")
+#: a CMS chain's blocks when its `structure` is not given (or is not an mlp: NL202)
+CMS_BLOCK = M.Structure(kind="mlp", depth=2, expansion=4.0, residual=True, activation="gelu", norm="none",
+                        prenorm="none")
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
 OBJECTIVES = ("dot", "l2", "l1", "lp", "huber")
 RULES = ("gd", "dgd", "omega")
@@ -705,8 +708,7 @@ class Lowerer:
             variant = "sequential"
         props = s.body.props if s.body else ()
         level_names: list[str] = []
-        structure = M.Structure(kind="mlp", depth=2, expansion=4.0, residual=True, activation="gelu", norm="none",
-                                prenorm="none")
+        structure = CMS_BLOCK
         aggregate = "weighted" if variant == "independent" else None
         member_props = []
         for p in props:
@@ -727,8 +729,7 @@ class Lowerer:
                     if structure.kind != "mlp":
                         self.ctx.error("NL202", f"a CMS chain is built from `mlp` blocks, not `{structure.kind}`",
                                        e.span, help="write `structure mlp(depth=2, expansion=4)`")
-                        structure = M.Structure(kind="mlp", depth=2, expansion=4.0, residual=True,
-                                                activation="gelu", norm="none", prenorm="none")
+                        structure = CMS_BLOCK
             elif p.name == "aggregate":
                 e = self._one(p)
                 if e is not None:
