@@ -36,7 +36,6 @@ __all__ = [
     "chunk_major_rows",
     "segment_products",
     "segment_products_log",
-    "unit_lower_inverse",
     "ut_apply",
 ]
 
@@ -262,33 +261,6 @@ def segment_products_log(g: Tensor) -> Tensor:
     lower = idx[:, None] >= idx[None, :]  # [t, j]
     diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~lower, float("-inf"))
     return diff.exp()
-
-
-class _UnitLowerInverse(torch.autograd.Function):
-    """``(I + A)^{-1}`` for strictly lower-triangular ``A`` (only ``A``'s strict lower triangle is
-    read). Forward: one batched triangular solve against the identity. Backward: the closed form
-    ``dA = -T^T dT T^T`` (two matmuls), much cheaper than differentiating through the solve."""
-
-    @staticmethod
-    def forward(ctx, A: Tensor) -> Tensor:
-        C = A.shape[-1]
-        eye = torch.eye(C, dtype=A.dtype, device=A.device).expand(A.shape)
-        T = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
-        ctx.save_for_backward(T)
-        return T
-
-    @staticmethod
-    def backward(ctx, grad_T: Tensor) -> Tensor:
-        (T,) = ctx.saved_tensors
-        Tt = T.transpose(-1, -2)
-        return -(Tt @ grad_T @ Tt).tril(-1)
-
-
-def unit_lower_inverse(A: Tensor) -> Tensor:
-    """``(I + strict_lower(A))^{-1}``, batched over leading dims, differentiable (see
-    :class:`_UnitLowerInverse`). This is the ``T`` of the UT transform used by the delta-rule
-    family's chunked paths."""
-    return _UnitLowerInverse.apply(A)
 
 
 class _UTApply(torch.autograd.Function):
