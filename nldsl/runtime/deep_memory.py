@@ -91,13 +91,21 @@ with ``U = (-eta_j e_j)_j``: one batched triangular solve per chunk.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nldsl.runtime._activations import (
+    ACTIVATIONS,
+    activation,
+    activation_grad,
+    hidden,
+    hidden_act,
+    hidden_backward,
+)
+from nldsl.runtime._mlp_write import Coefficients, mlp_write, piece_coefficients
 from nldsl.runtime._common import (
     MemoryOutput,
     check_chunk_size,
@@ -120,9 +128,6 @@ __all__ = [
 ]
 
 _OP = "mlp_memory"
-ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
-_SQRT1_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 class DeepMemoryState(NamedTuple):
@@ -140,78 +145,8 @@ class DeepMemoryState(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# activations and the MLP (batched: weights [N, d_out, d_in], inputs [N, L, d_in])
+# the MLP (batched: weights [N, d_out, d_in], inputs [N, L, d_in])
 # --------------------------------------------------------------------------------------------
-
-def activation(x: Tensor, name: str) -> Tensor:
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "silu":
-        return F.silu(x)
-    if name == "relu":
-        return F.relu(x)
-    if name == "tanh":
-        return torch.tanh(x)
-    if name == "identity":
-        return x
-    raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
-
-
-def activation_grad(x: Tensor, name: str) -> Tensor:
-    """d act / dx, written out so that it is itself differentiable (second-order outer grads)."""
-    if name == "gelu":
-        return 0.5 * (1.0 + torch.erf(x * _SQRT1_2)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-    if name == "silu":
-        s = torch.sigmoid(x)
-        return s * (1.0 + x * (1.0 - s))
-    if name == "relu":
-        return (x > 0).to(x.dtype)
-    if name == "tanh":
-        return 1.0 - torch.tanh(x) ** 2
-    if name == "identity":
-        return torch.ones_like(x)
-    raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
-
-
-#: suffix of an activation name that L2-normalises the hidden activations (``hidden_norm="l2"``)
-L2 = "+l2"
-_NORM_EPS2 = 1e-12
-
-
-def hidden_act(hidden_norm: str, name: str) -> str:
-    """The internal name of a hidden map: the activation, L2-normalised with ``hidden_norm="l2"``."""
-    if hidden_norm not in ("none", "l2"):
-        raise ValueError(f"hidden_norm must be 'none' or 'l2', got {hidden_norm!r}")
-    return name + L2 if hidden_norm == "l2" else name
-
-
-def hidden(h: Tensor, act: str) -> Tensor:
-    """A hidden layer's output from its pre-activation: ``act(h)``, or ``act(h) / ||act(h)||``
-    (a smooth norm, ``sqrt(||u||^2 + 1e-12)``) when ``act`` ends in ``+l2``."""
-    if not act.endswith(L2):
-        return activation(h, act)
-    u = activation(h, act[:-len(L2)])
-    return u * torch.rsqrt((u * u).sum(-1, keepdim=True) + _NORM_EPS2)
-
-
-def hidden_backward(d: Tensor, h: Tensor, act: str) -> Tensor:
-    """dL/dh from dL/d(hidden(h)) ``d``, written out (differentiable: second-order outer grads)."""
-    if not act.endswith(L2):
-        return _times_act_grad(d, h, act)
-    base = act[:-len(L2)]
-    u = activation(h, base)
-    inv_r = torch.rsqrt((u * u).sum(-1, keepdim=True) + _NORM_EPS2)
-    n = u * inv_r
-    return _times_act_grad((d - n * (n * d).sum(-1, keepdim=True)) * inv_r, h, base)
-
-
-def _times_act_grad(d: Tensor, h: Tensor, name: str) -> Tensor:
-    """``d * activation_grad(h, name)``; for gelu torch's fused ``gelu_backward`` (one op instead
-    of ten, the same formula, and differentiable twice like the written-out one)."""
-    if name == "gelu" and d.shape == h.shape:
-        return torch.ops.aten.gelu_backward(d, h)
-    return d * activation_grad(h, name)
-
 
 def _bmm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b``; 3-D operands with one batch size go straight to ``torch.bmm`` (``torch.matmul``
@@ -319,35 +254,53 @@ def _lower_ones(L: int, like: Tensor) -> Tensor:
     return torch.ones(L + 1, L + 1, dtype=like.dtype, device=like.device).tril()
 
 
-def chunk_step(
-    ws: Sequence[Tensor],
-    ms: Optional[Sequence[Tensor]],
-    anchor: Sequence[Tensor],
-    k: Tensor,
-    v: Tensor,
-    eta: Tensor,
-    alpha: Optional[Tensor],
-    beta: Optional[Tensor],
-    q: Optional[Tensor],
-    *,
-    objective: str,
-    signal: str,
-    rule: str,
-    act: str,
-    residual,
-    read: str,
-    st: Optional[Sequence[Tensor]] = None,
-    kernel=None,
-):
-    """Run L <= C consecutive tokens that share one anchor.
+class PieceGates(NamedTuple):
+    """The gate coefficients of a piece of L tokens (index 0 of Pa = the piece start, see
+    :func:`segment_products`): ``Pa`` ``[.., L+1, L+1]``, ``Da[t, j] = P_a[t, j]``, ``A[t] =
+    P_a[t, 0]``; with momentum ``Db``, ``Bv`` (beta's), ``c[t, j] = sum_l P_a[t, l] P_b[l, j]``
+    (the weight of token j's step in W_t), ``m[t]`` (of the entering momentum S_0 in W_t);
+    ``c_prev``, ``m_prev``: the same at t - 1."""
 
-    ws/ms: running weights/momentum entering the piece (``[N, do, di]``); anchor: the anchor
-    weights; k ``[N, L, K]``, v ``[N, L, *]``, eta/alpha/beta ``[N, L]`` (alpha/beta may be None),
-    q ``[N, L, K]`` or None (no read). ``residual``: a bool or a per-row ``[N]`` mask. ``st``:
-    straight-through terms added to the read weights (detach mode). ``kernel``: an
-    :class:`~nldsl.runtime._triton.MlpKernel` that computes the gradients below in one launch
-    (impl='triton'). Returns ``(o or None, ws_end, ms_end)``.
-    """
+    Pa: Tensor
+    Da: Tensor
+    A: Tensor
+    c: Tensor
+    c_prev: Tensor
+    Db: Optional[Tensor] = None
+    Bv: Optional[Tensor] = None
+    m: Optional[Tensor] = None
+    m_prev: Optional[Tensor] = None
+
+    def coefficients(self, dgd: bool) -> Coefficients:
+        """What :func:`~nldsl.runtime._mlp_write.mlp_write` needs: the last step's rows, and the
+        previous steps' for the DGD solve."""
+        end = lambda x: None if x is None else x[..., -1]  # noqa: E731
+        row = lambda x: None if x is None else x[..., -1, :]  # noqa: E731
+        return Coefficients(
+            A=end(self.A), cl=row(self.c), mL=end(self.m), bL=end(self.Bv), bl=row(self.Db),
+            dl=row(self.Da) if dgd else None, p0=self.Pa[..., :-1, 0] if dgd else None,
+            Pp=self.Pa[..., :-1, 1:] if dgd else None, Cp=self.c_prev if dgd else None,
+            mp=self.m_prev if dgd else None)
+
+
+def piece_gates(alpha: Optional[Tensor], beta: Optional[Tensor], L: int, like: Tensor, *, momentum: bool) -> PieceGates:
+    """:class:`PieceGates` from the retention ``alpha`` (None = 1) and momentum decay ``beta``
+    (``[N, L]``)."""
+    Pa = segment_products(alpha) if alpha is not None else _lower_ones(L, like)
+    Da, A = Pa[..., 1:, 1:], Pa[..., 1:, 0]
+    if not momentum:
+        return PieceGates(Pa, Da, A, Da, Pa[..., :-1, 1:])
+    Pb = segment_products(beta)
+    Db, Bv = Pb[..., 1:, 1:], Pb[..., 1:, 0]
+    Q = _bmm(Pa, Pb)
+    m = _bmm(Da, Bv.unsqueeze(-1)).squeeze(-1)
+    return PieceGates(Pa, Da, A, Q[..., 1:, 1:], Q[..., :-1, 1:], Db, Bv, m, F.pad(m[..., :-1], (1, 0)))
+
+
+def composed_write(ws, ms, anchor, k, v, eta, g: PieceGates, *, objective, signal, rule, act, residual, kernel):
+    """The writes of a piece composed from torch ops (any depth; the Triton kernel's gradients):
+    returns ``(ins, pairs, ws_end, ms_end)`` as :func:`chunk_step` uses them."""
+    Pa, Da, A, c, c_prev, Db, Bv, m, m_prev = g
     L = k.shape[1]
     # gradients of all L tokens at the anchor: per layer, the rank-1 factors e_j a_j^T
     if kernel is None:  # closed-form backward, batched
@@ -365,21 +318,6 @@ def chunk_step(
     neg_eta = -eta.unsqueeze(-1)
     Us = [neg_eta * e for e in es]                                 # u_j = U_j a_j^T
 
-    # gate coefficients over the piece (index 0 = piece start, see segment_products)
-    Pa = segment_products(alpha) if alpha is not None else _lower_ones(L, k)
-    Da, A = Pa[..., 1:, 1:], Pa[..., 1:, 0]                        # P[t, j], P[t, 0]
-    if ms is not None:
-        Pb = segment_products(beta)
-        Db, Bv = Pb[..., 1:, 1:], Pb[..., 1:, 0]
-        Q = _bmm(Pa, Pb)
-        c, c_prev = Q[..., 1:, 1:], Q[..., :-1, 1:]                # sum_j P_a[t,j] P_b[j,l]
-        m = _bmm(Da, Bv.unsqueeze(-1)).squeeze(-1)                 # coefficient of S_0 in W_t
-        m_prev = F.pad(m[..., :-1], (1, 0))
-    else:
-        c, c_prev = Da, Pa[..., :-1, 1:]
-
-    # per layer: the write terms as (coefficient [.., L, L], left vectors [N, L, do]) pairs,
-    # all with right vectors ins[i]
     pairs = []
     for i, a in enumerate(ins):
         pr = [(c, Us[i])]
@@ -414,6 +352,57 @@ def chunk_step(
     if ms is not None:
         B_last = Bv[..., -1].unsqueeze(-1).unsqueeze(-1)
         ms_end = [decay_write(ms[i], B_last, None, None, coef_last(Db) * Us[i], a) for i, a in enumerate(ins)]
+    return ins, pairs, ws_end, ms_end
+
+
+def chunk_step(
+    ws: Sequence[Tensor],
+    ms: Optional[Sequence[Tensor]],
+    anchor: Sequence[Tensor],
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    alpha: Optional[Tensor],
+    beta: Optional[Tensor],
+    q: Optional[Tensor],
+    *,
+    objective: str,
+    signal: str,
+    rule: str,
+    act: str,
+    residual,
+    read: str,
+    st: Optional[Sequence[Tensor]] = None,
+    kernel=None,
+):
+    """Run L <= C consecutive tokens that share one anchor.
+
+    ws/ms: running weights/momentum entering the piece (``[N, do, di]``); anchor: the anchor
+    weights; k ``[N, L, K]``, v ``[N, L, *]``, eta/alpha/beta ``[N, L]`` (alpha/beta may be None),
+    q ``[N, L, K]`` or None (no read). ``residual``: a bool or a per-row ``[N]`` mask. ``st``:
+    straight-through terms added to the read weights (detach mode). ``kernel``: an
+    :class:`~nldsl.runtime._triton.MlpKernel` that computes the gradients below in one launch
+    (impl='triton'). Returns ``(o or None, ws_end, ms_end)``.
+    """
+    L = k.shape[1]
+    running = q is not None and read == "running"
+    # the writes. Per layer i the write terms of the piece are (coefficient [.., L, L], left
+    # vectors [N, L, do]) pairs, all with right vectors ins[i]: a running read needs them.
+    if kernel is None and len(ws) == 2:  # two layers: one function each, backward written out
+        coef, rc = piece_coefficients(alpha, beta if ms is not None else None, L, k, dgd=rule == "dgd",
+                                      read=running)
+        ws_end, ms_end, U1, U2, hs, Sk = mlp_write(ws, ms, anchor, k, v, eta, coef, objective=objective,
+                                                   signal=signal, rule=rule, act=act, residual=residual)
+        ins = [k, Sk]
+        if running:
+            pairs = [[(rc.c, U1)] + ([(rc.Da, hs)] if hs is not None else []), [(rc.c, U2)]]
+            A, m = rc.A, rc.m
+    else:
+        g = piece_gates(alpha, beta, L, k, momentum=ms is not None)
+        ins, pairs, ws_end, ms_end = composed_write(ws, ms, anchor, k, v, eta, g, objective=objective,
+                                                    signal=signal, rule=rule, act=act, residual=residual,
+                                                    kernel=kernel)
+        A, m = g.A, g.m
 
     # reads
     o = None

@@ -1,0 +1,146 @@
+"""The fused write of a two-layer memory (hand-written backward) against the same piece composed
+from torch ops and differentiated by autograd, in float64: every output and every input's
+gradient, over the configurations chunk_step runs it in; and gradcheck of the function alone."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nldsl.runtime._mlp_write import mlp_write, piece_coefficients
+from nldsl.runtime.deep_memory import composed_write, hidden_act, piece_gates
+from rtdeep_helpers import DT, assert_close, gen, rand, randn
+
+N, L, D, HID = 4, 5, 6, 7
+
+
+def piece(seed, *, momentum, retention, mid_chunk, signal):
+    g = gen(seed)
+    w = [randn(g, N, HID, D, scale=0.4), randn(g, N, D, HID, scale=0.4)]
+    x = dict(
+        ws=w,
+        anchor=[randn(g, N, HID, D, scale=0.4), randn(g, N, D, HID, scale=0.4)] if mid_chunk else w,
+        ms=[randn(g, N, HID, D, scale=0.1), randn(g, N, D, HID, scale=0.1)] if momentum else None,
+        k=F.normalize(randn(g, N, L, D), dim=-1),
+        v=randn(g, N, L, D) if signal == "values" else F.normalize(randn(g, N, L, D), dim=-1),
+        eta=rand(g, N, L, lo=0.05, hi=0.4),
+        alpha=rand(g, N, L, lo=0.7, hi=1.0) if retention else None,
+        beta=rand(g, N, L, lo=0.0, hi=0.8) if momentum else None,
+    )
+    return x
+
+
+def leaves_of(x):
+    out = [*x["ws"], *x["anchor"]] if x["anchor"] is not x["ws"] else [*x["ws"]]
+    out += [*(x["ms"] or []), x["k"], x["v"], x["eta"]]
+    return out + [t for t in (x["alpha"], x["beta"]) if t is not None]
+
+
+def both(x, residual, **cfg):
+    """(fused, composed) results: the end state and what a running read takes from the piece."""
+    results = []
+    for fused in (True, False):
+        g = piece_gates(x["alpha"], x["beta"], L, x["k"], momentum=x["ms"] is not None)
+        args = (x["ws"], x["ms"], x["anchor"], x["k"], x["v"], x["eta"])
+        if fused:
+            ws, ms, U1, U2, hs, Sk = mlp_write(*args, g.coefficients(cfg["rule"] == "dgd"), residual=residual, **cfg)
+            lefts = [U1, U2] + ([hs] if hs is not None else [])
+        else:
+            ins, pairs, ws, ms = composed_write(*args, g, residual=residual, kernel=None, **cfg)
+            Sk = ins[1]
+            lefts = [pairs[0][0][1], pairs[1][0][1]] + ([pairs[0][1][1]] if len(pairs[0]) > 1 else [])
+        results.append(list(ws) + list(ms or []) + lefts + [Sk])
+    return results
+
+
+CASES = list(itertools.product(
+    ("gd", "dgd"), (False, True), (False, True), (False, True), ("values", "self"), ("l2", "dot")))
+
+
+@pytest.mark.parametrize("rule,momentum,retention,mid_chunk,signal,objective", CASES)
+def test_fused_write_equals_composed_with_gradients(rule, momentum, retention, mid_chunk, signal, objective):
+    seed = CASES.index((rule, momentum, retention, mid_chunk, signal, objective))
+    for act, norm, residual in (("gelu", "l2", True), ("silu", "none", False), ("tanh", "l2", "mask")):
+        x = piece(seed, momentum=momentum, retention=retention, mid_chunk=mid_chunk, signal=signal)
+        for t in leaves_of(x):
+            t.requires_grad_(True)
+        res = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=DT) if residual == "mask" else residual
+        cfg = dict(objective=objective, signal=signal, rule=rule, act=hidden_act(norm, act))
+        fused, composed = both(x, res, **cfg)
+        what = f"{act}+{norm} residual={residual}"
+        assert_close(fused, composed, what=what)
+        # a random projection of every output (one left out: a None gradient reaches the write)
+        g = gen(seed + 1)
+        ws = [randn(g, *t.shape) for t in fused]
+        ws[len(ws) // 2] = None
+        leaves = leaves_of(x)
+        grads = [torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, ws) if w is not None), leaves,
+                                     allow_unused=True) for outs in (fused, composed)]
+        for i, (a, b) in enumerate(zip(*grads)):
+            if a is None or b is None:
+                assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0), f"{what} leaf {i}"
+            else:
+                torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=lambda m: f"{what} leaf {i}: {m}")
+
+
+@pytest.mark.parametrize("norm", ["none", "l2"])
+def test_fused_write_gradcheck(norm):
+    """The hand-written backward against finite differences (momentum, DGD, self-generated targets,
+    a residual mask, a piece that starts after its anchor)."""
+    x = piece(7, momentum=True, retention=True, mid_chunk=True, signal="self")
+    res = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=DT)
+
+    def f(*leaves):
+        ws, anchor, ms = list(leaves[0:2]), list(leaves[2:4]), list(leaves[4:6])
+        k, v, eta, alpha, beta = leaves[6:]
+        g = piece_gates(alpha, beta, L, k, momentum=True)
+        out = mlp_write(ws, ms, anchor, k, v, eta, g.coefficients(True), objective="l2", signal="self",
+                        rule="dgd", act=hidden_act(norm, "gelu"), residual=res)
+        return (*out[0], *out[1], *out[2:])
+
+    leaves = [t.clone().requires_grad_() for t in leaves_of(x)]
+    assert len(leaves) == 11
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("dgd,read", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("gates", ["alpha", "beta", "both"])
+def test_piece_coefficients_equal_composed_gates_with_gradients(dgd, read, gates):
+    """The gate coefficients with their written-out backward against the segment products
+    composed by autograd, gates exactly 0 and 1 included."""
+    g = gen(11)
+    alpha = rand(g, N, L, lo=0.3, hi=1.0) if gates != "beta" else None
+    beta = rand(g, N, L, lo=0.0, hi=0.9) if gates != "alpha" else None
+    for t in (alpha, beta):
+        if t is not None:
+            t[0, 2], t[1, 0], t[2, L - 1] = 0.0, 1.0, 0.0
+            t.requires_grad_(True)
+    like = torch.zeros(N, L, D, dtype=DT)
+    coef, rc = piece_coefficients(alpha, beta, L, like, dgd=dgd, read=read)
+    ref = piece_gates(alpha, beta, L, like, momentum=beta is not None)
+    want = ref.coefficients(dgd)
+    got = [(name, a, b) for name, a, b in zip(coef._fields, coef, want) if b is not None]
+    assert all(a is not None for _, a, _ in got) and sum(a is not None for a in coef) == len(got)
+    if read:
+        got += [("read A", rc.A, ref.A), ("read Da", rc.Da, ref.Da), ("read c", rc.c, ref.c)]
+        if beta is not None:
+            got.append(("read m", rc.m, ref.m))
+    for name, a, b in got:
+        torch.testing.assert_close(a, b.expand_as(a), atol=1e-12, rtol=1e-12, msg=lambda m: f"{name}: {m}")
+    leaves = [t for t in (alpha, beta) if t is not None]
+    ws = [randn(g, *a.shape) for _, a, _ in got]
+    mine = torch.autograd.grad(sum((a * w).sum() for (_, a, _), w in zip(got, ws)), leaves)
+    theirs = torch.autograd.grad(sum((b * w).sum() for (_, _, b), w in zip(got, ws)), leaves)
+    assert_close(list(mine), list(theirs), atol=1e-12)
+
+
+def test_piece_coefficients_gradcheck():
+    g = gen(12)
+    alpha = rand(g, 3, 4, lo=0.2, hi=1.0).requires_grad_()
+    beta = rand(g, 3, 4, lo=0.1, hi=0.9).requires_grad_()
+    like = torch.zeros(3, 4, 2, dtype=DT)
+    assert torch.autograd.gradcheck(
+        lambda a, b: tuple(t for part in piece_coefficients(a, b, 4, like, dgd=True, read=True) for t in part),
+        (alpha, beta))
