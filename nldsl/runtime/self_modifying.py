@@ -129,9 +129,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, state: Optional[Tensor] = None):
     if state is None:
         state = x.new_zeros(B, W - 1, *chans)
     full = torch.cat([state.to(x.dtype), x], dim=1)                   # [B, W-1+T, *C]
-    flat = full.reshape(B, full.shape[1], -1).transpose(1, 2)         # [B, Cn, W-1+T]
-    y = F.conv1d(flat, weight.reshape(-1, 1, W).to(x.dtype), groups=flat.shape[1])
-    y = y.transpose(1, 2).reshape(B, T, *chans)
+    # W shifted multiply-adds in the [B, T, *C] layout (F.conv1d needs channels first: two
+    # transposed copies, and its depthwise CPU backward is slower than these few ops)
+    taps = weight.to(x.dtype).unbind(-1)
+    y = full[:, W - 1:] * taps[W - 1]
+    for j in range(W - 1):
+        y = torch.addcmul(y, full[:, j:j + T], taps[j])
     return y, full[:, full.shape[1] - (W - 1):]
 
 
@@ -304,7 +307,11 @@ def self_modifying_titans(
             raise ValueError(f"{_OP}: conv_weight must be [{want}, W], got {tuple(conv_weight.shape)}")
         xc, new_conv = causal_conv1d(xc, conv_weight.to(dt), conv_state)
     # inputs of the generating memories: "x" read by all, or "x_<name>" one each
-    inputs = {"x": seq(xc)} if xc.dim() == 4 else {f"x_{n}": seq(xc[:, :, i]) for i, n in enumerate(gen)}
+    if xc.dim() == 4:
+        inputs = {"x": seq(xc)}
+    else:  # one copy to [G, B*H, T, D], then views (a select per memory would each backward a full zero fill)
+        per = xc.permute(2, 0, 3, 1, 4).reshape(len(gen), B * H, T, D).unbind(0)
+        inputs = {f"x_{n}": t for n, t in zip(gen, per)}
     for n in GENERATED:
         if static[n] is not None:
             inputs[n] = seq(static[n])
