@@ -73,7 +73,10 @@ Implementations (``impl=``):
   layer ``[d_out, d_in]`` and chunk C this keeps ``C (C + d_out + d_in)`` numbers per head instead
   of the ``C d_out d_in`` of a weight copy per token (d=32, hidden 128, C=64: ~15k vs ~262k floats
   per head and layer, 18x less; and nothing is stored per token for the end-of-chunk state).
-  Only the anchor weights of each chunk are kept (autograd needs them for the backward).
+  Only the anchor weights of each chunk are kept (autograd needs them for the backward). For
+  two-layer memories (every shipped spec's) a piece's writes and its gate coefficients are one
+  autograd function each, their backward written out (:mod:`nldsl.runtime._mlp_write`); other
+  depths compose the same maths from torch ops.
 * ``"triton"``: ``"chunked"`` with each chunk's gradients (forward, output error, both layers'
   errors) from one fused Triton kernel (:class:`nldsl.runtime._triton.MlpKernel`; two-layer
   MLPs; docs/kernels.md). Its backward is the closed form above, differentiated by autograd.
@@ -105,7 +108,6 @@ from nldsl.runtime._activations import (
     hidden_act,
     hidden_backward,
 )
-from nldsl.runtime._mlp_write import Coefficients, mlp_write, piece_coefficients
 from nldsl.runtime._common import (
     MemoryOutput,
     check_chunk_size,
@@ -114,6 +116,7 @@ from nldsl.runtime._common import (
     segment_products,
     ut_apply,
 )
+from nldsl.runtime._mlp_write import mlp_write, piece_coefficients
 
 __all__ = [
     "ACTIVATIONS",
@@ -270,17 +273,6 @@ class PieceGates(NamedTuple):
     Bv: Optional[Tensor] = None
     m: Optional[Tensor] = None
     m_prev: Optional[Tensor] = None
-
-    def coefficients(self, dgd: bool) -> Coefficients:
-        """What :func:`~nldsl.runtime._mlp_write.mlp_write` needs: the last step's rows, and the
-        previous steps' for the DGD solve."""
-        end = lambda x: None if x is None else x[..., -1]  # noqa: E731
-        row = lambda x: None if x is None else x[..., -1, :]  # noqa: E731
-        return Coefficients(
-            A=end(self.A), cl=row(self.c), mL=end(self.m), bL=end(self.Bv), bl=row(self.Db),
-            dl=row(self.Da) if dgd else None, p0=self.Pa[..., :-1, 0] if dgd else None,
-            Pp=self.Pa[..., :-1, 1:] if dgd else None, Cp=self.c_prev if dgd else None,
-            mp=self.m_prev if dgd else None)
 
 
 def piece_gates(alpha: Optional[Tensor], beta: Optional[Tensor], L: int, like: Tensor, *, momentum: bool) -> PieceGates:

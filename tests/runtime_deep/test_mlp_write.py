@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nldsl.runtime._mlp_write import mlp_write, piece_coefficients
+from nldsl.runtime._mlp_write import Coefficients, mlp_write, piece_coefficients
 from nldsl.runtime.deep_memory import composed_write, hidden_act, piece_gates
 from rtdeep_helpers import DT, assert_close, gen, rand, randn
 
@@ -32,6 +32,16 @@ def piece(seed, *, momentum, retention, mid_chunk, signal):
     return x
 
 
+def composed_coefficients(g, dgd: bool) -> Coefficients:
+    """mlp_write's coefficients taken from the gates composed by autograd (``piece_gates``)."""
+    end = lambda x: None if x is None else x[..., -1]  # noqa: E731  (the piece's last step)
+    row = lambda x: None if x is None else x[..., -1, :]  # noqa: E731
+    return Coefficients(
+        A=end(g.A), cl=row(g.c), mL=end(g.m), bL=end(g.Bv), bl=row(g.Db),
+        dl=row(g.Da) if dgd else None, p0=g.Pa[..., :-1, 0] if dgd else None,
+        Pp=g.Pa[..., :-1, 1:] if dgd else None, Cp=g.c_prev if dgd else None, mp=g.m_prev if dgd else None)
+
+
 def leaves_of(x):
     out = [*x["ws"], *x["anchor"]] if x["anchor"] is not x["ws"] else [*x["ws"]]
     out += [*(x["ms"] or []), x["k"], x["v"], x["eta"]]
@@ -45,7 +55,8 @@ def both(x, residual, **cfg):
         g = piece_gates(x["alpha"], x["beta"], L, x["k"], momentum=x["ms"] is not None)
         args = (x["ws"], x["ms"], x["anchor"], x["k"], x["v"], x["eta"])
         if fused:
-            ws, ms, U1, U2, hs, Sk = mlp_write(*args, g.coefficients(cfg["rule"] == "dgd"), residual=residual, **cfg)
+            coef = composed_coefficients(g, cfg["rule"] == "dgd")
+            ws, ms, U1, U2, hs, Sk = mlp_write(*args, coef, residual=residual, **cfg)
             lefts = [U1, U2] + ([hs] if hs is not None else [])
         else:
             ins, pairs, ws, ms = composed_write(*args, g, residual=residual, kernel=None, **cfg)
@@ -87,16 +98,17 @@ def test_fused_write_equals_composed_with_gradients(rule, momentum, retention, m
 
 @pytest.mark.parametrize("norm", ["none", "l2"])
 def test_fused_write_gradcheck(norm):
-    """The hand-written backward against finite differences (momentum, DGD, self-generated targets,
-    a residual mask, a piece that starts after its anchor)."""
+    """Both hand-written backwards (the gate coefficients' and the write's) against finite
+    differences (momentum, DGD, self-generated targets, a residual mask, a piece that starts
+    after its anchor)."""
     x = piece(7, momentum=True, retention=True, mid_chunk=True, signal="self")
     res = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=DT)
 
     def f(*leaves):
         ws, anchor, ms = list(leaves[0:2]), list(leaves[2:4]), list(leaves[4:6])
         k, v, eta, alpha, beta = leaves[6:]
-        g = piece_gates(alpha, beta, L, k, momentum=True)
-        out = mlp_write(ws, ms, anchor, k, v, eta, g.coefficients(True), objective="l2", signal="self",
+        coef, _ = piece_coefficients(alpha, beta, L, k, dgd=True, read=False)
+        out = mlp_write(ws, ms, anchor, k, v, eta, coef, objective="l2", signal="self",
                         rule="dgd", act=hidden_act(norm, "gelu"), residual=res)
         return (*out[0], *out[1], *out[2:])
 
@@ -120,7 +132,7 @@ def test_piece_coefficients_equal_composed_gates_with_gradients(dgd, read, gates
     like = torch.zeros(N, L, D, dtype=DT)
     coef, rc = piece_coefficients(alpha, beta, L, like, dgd=dgd, read=read)
     ref = piece_gates(alpha, beta, L, like, momentum=beta is not None)
-    want = ref.coefficients(dgd)
+    want = composed_coefficients(ref, dgd)
     got = [(name, a, b) for name, a, b in zip(coef._fields, coef, want) if b is not None]
     assert all(a is not None for _, a, _ in got) and sum(a is not None for a in coef) == len(got)
     if read:
