@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from nldsl.runtime._activations import L2, _NORM_EPS2, activation, activation_grad, activation_grad2
+from nldsl.runtime._common import _segment_masks
 
 __all__ = ["Coefficients", "ReadCoefficients", "mlp_write", "piece_coefficients"]
 
@@ -80,11 +81,10 @@ def _T(x: Tensor) -> Tensor:
 def _segment_products(a: Tensor) -> Tensor:
     """``P[t, j] = prod_{l=j+1}^t a_l`` (``[N, L+1, L+1]``, 0 above the diagonal), by a cumulative
     product (gates may be exactly 0)."""
-    N, L = a.shape
-    E = torch.ones(N, L + 1, L + 1, dtype=a.dtype, device=a.device)
-    E.tril_(-1).mul_(F.pad(a, (1, 0), value=1.0).unsqueeze(-1)).add_(torch.ones_like(E).triu_())
+    later, keep, one = _segment_masks(a.shape[-1], a.device, a.dtype)
     # E[t, j] = a_t below the diagonal, 1 on and above: a cumulative product down each column
-    return E.cumprod(dim=1).tril_()
+    E = torch.where(later.T, F.pad(a, (1, 0), value=1.0).unsqueeze(-1), one)
+    return E.cumprod(dim=1).mul_(keep)
 
 
 def _segment_products_backward(P: Tensor, dP: Tensor) -> Tensor:
@@ -110,15 +110,13 @@ class _Gates(torch.autograd.Function):
             Q = torch.bmm(Pa, Pb)
             m = torch.bmm(Pa[:, 1:, 1:], Pb[:, 1:, :1]).squeeze(-1)       # Da @ Bv: [N, L]
         C = Q if mom else Pa                       # c = C[1:, 1:], c_prev = C[:-1, 1:]
+        # views of Pa, Pb, Q and m: the outputs are read, never written
         coef = Coefficients(
-            A=Pa[:, L, 0].clone(), cl=C[:, L, 1:].clone(),
-            mL=m[:, L - 1].clone() if mom else None, bL=Pb[:, L, 0].clone() if mom else None,
-            bl=Pb[:, L, 1:].clone() if mom else None,
-            dl=Pa[:, L, 1:].clone() if dgd else None, p0=Pa[:, :-1, 0].clone() if dgd else None,
-            Pp=Pa[:, :-1, 1:].clone() if dgd else None, Cp=C[:, :-1, 1:].clone() if dgd else None,
-            mp=F.pad(m[:, :-1], (1, 0)) if dgd and mom else None)
-        rc = ReadCoefficients(Pa[:, 1:, 0].clone(), Pa[:, 1:, 1:].clone(), C[:, 1:, 1:].clone(),
-                              m) if read else None
+            A=Pa[:, L, 0], cl=C[:, L, 1:], mL=m[:, L - 1] if mom else None, bL=Pb[:, L, 0] if mom else None,
+            bl=Pb[:, L, 1:] if mom else None, dl=Pa[:, L, 1:] if dgd else None,
+            p0=Pa[:, :-1, 0] if dgd else None, Pp=Pa[:, :-1, 1:] if dgd else None,
+            Cp=C[:, :-1, 1:] if dgd else None, mp=F.pad(m[:, :-1], (1, 0)) if dgd and mom else None)
+        rc = ReadCoefficients(Pa[:, 1:, 0], Pa[:, 1:, 1:], C[:, 1:, 1:], m) if read else None
         ctx.L, ctx.dgd, ctx.read, ctx.mom = L, dgd, read, mom
         ctx.need_alpha = alpha is not None
         ctx.save_for_backward(Pa, Pb)
@@ -187,6 +185,16 @@ def piece_coefficients(alpha: Optional[Tensor], beta: Optional[Tensor], L: int, 
     return coef, rc
 
 
+def _act_grad(H: Tensor, name: str) -> Tensor:
+    """act'(H): torch's fused gelu / silu backward of a ones gradient (one op each instead of
+    the ten / four of the written-out derivative; the same formula)."""
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(torch.ones_like(H), H)
+    if name == "silu":
+        return torch.ops.aten.silu_backward(torch.ones_like(H), H)
+    return activation_grad(H, name)
+
+
 def _project(d: Tensor, n: Tensor, inv_r: Tensor) -> Tensor:
     """``(d - n (n . d)) / r``: the normalisation's Jacobian (symmetric) applied to d."""
     return (d - n * (n * d).sum(-1, keepdim=True)) * inv_r
@@ -207,7 +215,7 @@ class _Act:
             if self.l2:
                 inv_r = torch.rsqrt((u * u).sum(-1, keepdim=True) + _NORM_EPS2)
                 u = u * inv_r
-            S, g1 = u, activation_grad(H, self.base)
+            S, g1 = u, _act_grad(H, self.base)
         self.S, self.inv_r, self.g1 = S, inv_r, g1
 
     def head(self, L: int) -> "_Act":
