@@ -319,10 +319,12 @@ class _MlpWrite(torch.autograd.Function):
             M1n = torch.bmm(_T(bl * U1), k).addcmul_(M1, bL)
             M2n = torch.bmm(_T(bl * U2), Sk).addcmul_(M2, bL)
 
+        # every tensor through save_for_backward: one kept on ctx that is (or views) an output,
+        # like S_k, would make a reference cycle through this node and leak the whole graph
         ctx.cfg, ctx.same, ctx.L = cfg, same, L
-        ctx.fa, ctx.fk = fa, fk
         ctx.save_for_backward(W1, W2, M1, M2, None if same else Wa1, None if same else Wa2, k, Z,
-                              eps, d1, pd1, e1, U1, U2, KK, Xk, R, Tinv, hs, kM1, left1, left2, eta, *coef)
+                              eps, d1, pd1, e1, U1, U2, KK, Xk, R, Tinv, hs, kM1, left1, left2, eta,
+                              fa.H, fa.S, fa.inv_r, fa.g1, *coef)
         out = [W1n, W2n] + ([M1n, M2n] if M1 is not None else []) + [U1, U2] + ([hs] if dgd else []) + [Sk]
         return tuple(out)
 
@@ -331,9 +333,11 @@ class _MlpWrite(torch.autograd.Function):
     def backward(ctx, *grads):
         objective, self_signal, dgd, _, residual = ctx.cfg
         (W1, W2, M1, M2, Wa1, Wa2, k, Z, eps, d1, pd1, e1, U1, U2, KK, Xk, R, Tinv, hs, kM1,
-         left1, left2, eta, *coef) = ctx.saved_tensors
+         left1, left2, eta, H, S, inv_r, g1, *coef) = ctx.saved_tensors
         c = Coefficients(*coef)
-        fa, fk, L, same = ctx.fa, ctx.fk, ctx.L, ctx.same
+        L, same = ctx.L, ctx.same
+        fa = _Act(H, ctx.cfg[3], S, inv_r, g1)
+        fk = fa.head(L)
         if same:
             Wa1, Wa2 = W1, W2
         mom = M1 is not None

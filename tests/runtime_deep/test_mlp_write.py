@@ -3,7 +3,9 @@ from torch ops and differentiated by autograd, in float64: every output and ever
 gradient, over the configurations chunk_step runs it in; and gradcheck of the function alone."""
 from __future__ import annotations
 
+import gc
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -156,3 +158,27 @@ def test_piece_coefficients_gradcheck():
     assert torch.autograd.gradcheck(
         lambda a, b: tuple(t for part in piece_coefficients(a, b, 4, like, dgd=True, read=True) for t in part),
         (alpha, beta))
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_write_leaves_no_reference_cycle(backward):
+    """Once the caller drops the outputs, reference counting frees them and the graph. A tensor
+    kept on the function's ctx that is (or views) an output ties the node and the output in a
+    cycle that only the cyclic collector frees, which seldom runs while a training step allocates
+    few Python objects and much tensor memory (the demo reached 12 GB after 360 steps)."""
+    x = piece(31, momentum=True, retention=True, mid_chunk=False, signal="self")
+    for t in leaves_of(x):
+        t.requires_grad_(True)
+    gc.collect()
+    gc.disable()
+    try:
+        coef, _ = piece_coefficients(x["alpha"], x["beta"], L, x["k"], dgd=True, read=False)
+        out = mlp_write(x["ws"], x["ms"], x["anchor"], x["k"], x["v"], x["eta"], coef, objective="l2",
+                        signal="self", rule="dgd", act=hidden_act("l2", "gelu"), residual=True)
+        probes = [weakref.ref(t) for t in (*coef, *out[0], *out[1], *out[2:]) if t is not None]
+        if backward:
+            sum(t.sum() for t in (*out[0], *out[1], *out[2:])).backward()
+        del out, coef
+        assert all(p() is None for p in probes)
+    finally:
+        gc.enable()
