@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from nldsl.runtime._activations import L2, _NORM_EPS2, activation, activation_grad, activation_grad2
-from nldsl.runtime._common import _segment_masks
+from nldsl.runtime._common import segment_products
 
 __all__ = ["Coefficients", "ReadCoefficients", "mlp_write", "piece_coefficients"]
 
@@ -78,35 +78,23 @@ def _T(x: Tensor) -> Tensor:
     return x.transpose(-1, -2)
 
 
-def _segment_products(a: Tensor) -> Tensor:
-    """``P[t, j] = prod_{l=j+1}^t a_l`` (``[N, L+1, L+1]``, 0 above the diagonal), by a cumulative
-    product (gates may be exactly 0)."""
-    later, keep, one = _segment_masks(a.shape[-1], a.device, a.dtype)
-    # E[t, j] = a_t below the diagonal, 1 on and above: a cumulative product down each column
-    E = torch.where(later.T, F.pad(a, (1, 0), value=1.0).unsqueeze(-1), one)
-    return E.cumprod(dim=1).mul_(keep)
-
-
 def _segment_products_backward(P: Tensor, dP: Tensor) -> Tensor:
-    """The gate gradient from ``dP``: ``da_l = sum_{j < l <= t} dP[t, j] P[l-1, j] P[t, l]`` (no
+    """The gate gradient of :func:`~nldsl.runtime._common.segment_products` from ``dP``: ``da_l = sum_{j < l <= t} dP[t, j] P[l-1, j] P[t, l]`` (no
     division, exact at zero gates); entries of ``dP`` on or above the diagonal drop out."""
     return (P[:, :-1] * torch.bmm(_T(P), dP)[:, 1:]).sum(-1)
 
 
 class _Gates(torch.autograd.Function):
-    """The gate coefficients of a piece from alpha (None = 1) and beta (None = no momentum), with
-    the backward written out: Coefficients, then (running reads) ReadCoefficients."""
+    """The gate coefficients of a piece from alpha and beta (None = no momentum), with the
+    backward written out: Coefficients, then (running reads) ReadCoefficients."""
 
     @staticmethod
     def forward(ctx, L, dgd, read, alpha, beta):
-        like = alpha if alpha is not None else beta
-        N = like.shape[0]
-        Pa = (_segment_products(alpha) if alpha is not None else
-              torch.ones(L + 1, L + 1, dtype=like.dtype, device=like.device).tril_().expand(N, -1, -1))
+        Pa = segment_products(alpha)
         mom = beta is not None
         Pb = Q = m = None
         if mom:
-            Pb = _segment_products(beta)
+            Pb = segment_products(beta)
             Q = torch.bmm(Pa, Pb)
             m = torch.bmm(Pa[:, 1:, 1:], Pb[:, 1:, :1]).squeeze(-1)       # Da @ Bv: [N, L]
         C = Q if mom else Pa                       # c = C[1:, 1:], c_prev = C[:-1, 1:]
@@ -118,7 +106,6 @@ class _Gates(torch.autograd.Function):
             Cp=C[:, :-1, 1:] if dgd else None, mp=F.pad(m[:, :-1], (1, 0)) if dgd and mom else None)
         rc = ReadCoefficients(Pa[:, 1:, 0], Pa[:, 1:, 1:], C[:, 1:, 1:], m) if read else None
         ctx.L, ctx.dgd, ctx.read, ctx.mom = L, dgd, read, mom
-        ctx.need_alpha = alpha is not None
         ctx.save_for_backward(Pa, Pb)
         outs = [t for t in coef if t is not None] + ([t for t in rc if t is not None] if read else [])
         return tuple(outs)
@@ -165,8 +152,8 @@ class _Gates(torch.autograd.Function):
             dPb[:, 1:, 0] += torch.bmm(_T(Pa[:, 1:, 1:]), dm.unsqueeze(-1)).squeeze(-1)
             dPa += torch.bmm(dC, _T(Pb))
             dPb += torch.bmm(_T(Pa), dC)
-        d_alpha = _segment_products_backward(Pa, dPa) if ctx.need_alpha else None
-        d_beta = _segment_products_backward(Pb, dPb) if mom else None
+        d_alpha = _segment_products_backward(Pa, dPa) if ctx.needs_input_grad[3] else None
+        d_beta = _segment_products_backward(Pb, dPb) if mom and ctx.needs_input_grad[4] else None
         return None, None, None, d_alpha, d_beta
 
 
@@ -174,7 +161,7 @@ def piece_coefficients(alpha: Optional[Tensor], beta: Optional[Tensor], L: int, 
                        dgd: bool, read: bool) -> tuple[Coefficients, Optional[ReadCoefficients]]:
     """The gate coefficients of a piece of L tokens (``alpha``, ``beta``: ``[N, L]`` or None) for
     :func:`mlp_write`, and for a running read when ``read``."""
-    if alpha is None and beta is None:  # constants: no gates to differentiate
+    if alpha is None:  # no retention: a gate of 1 (a constant: no gradient is computed for it)
         alpha = torch.ones(like.shape[0], L, dtype=like.dtype, device=like.device)
     outs = list(_Gates.apply(L, dgd, read, alpha, beta))
     mom = beta is not None
