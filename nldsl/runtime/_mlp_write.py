@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 from nldsl.runtime._activations import L2, _NORM_EPS2, activation, activation_grad, activation_grad2
 from nldsl.runtime._common import segment_products
 
-__all__ = ["Coefficients", "ReadCoefficients", "mlp_write", "piece_coefficients"]
+__all__ = ["Coefficients", "ReadCoefficients", "end_state", "mlp_write", "piece_coefficients"]
 
 
 class Coefficients(NamedTuple):
@@ -79,8 +79,9 @@ def _T(x: Tensor) -> Tensor:
 
 
 def _segment_products_backward(P: Tensor, dP: Tensor) -> Tensor:
-    """The gate gradient of :func:`~nldsl.runtime._common.segment_products` from ``dP``: ``da_l = sum_{j < l <= t} dP[t, j] P[l-1, j] P[t, l]`` (no
-    division, exact at zero gates); entries of ``dP`` on or above the diagonal drop out."""
+    """The gate gradient of :func:`~nldsl.runtime._common.segment_products` from ``dP``:
+    ``da_l = sum_{j < l <= t} dP[t, j] P[l-1, j] P[t, l]`` (no division, exact at zero gates);
+    entries of ``dP`` on or above the diagonal drop out."""
     return (P[:, :-1] * torch.bmm(_T(P), dP)[:, 1:]).sum(-1)
 
 
@@ -250,6 +251,15 @@ def _scaled(x: Tensor, residual):
     return x if residual else None
 
 
+def end_state(W: Tensor, A: Tensor, M: Optional[Tensor], m: Optional[Tensor], left: Tensor, a: Tensor) -> Tensor:
+    """``A W + m M + left^T a``: a layer's state at the end of a piece (``A``, ``m`` per-row
+    scalars, ``M`` optional; ``left`` ``[N, L, do]``, ``a`` ``[N, L, di]``), untracked. The
+    product comes first, fresh and contiguous, and the decays accumulate into it: a batched
+    product added into a strided tensor (``W * A`` keeps W's layout) runs a loop over the batch."""
+    out = torch.bmm(_T(left), a).addcmul_(W, A)
+    return out if M is None else out.addcmul_(M, m)
+
+
 def _acc(X: Optional[Tensor], G: Tensor, s: Tensor) -> Tensor:
     """``X + G * s`` (into X, when there is one)."""
     return G * s if X is None else X.addcmul_(G, s)
@@ -292,19 +302,13 @@ class _MlpWrite(torch.autograd.Function):
             hs = torch.bmm(Tinv, ne * R)
             left1.addcmul_(_col(c.dl), hs)
         left2 = _col(c.cl) * U2
-        # the end state: each product first, then the decays accumulate into it in place (a
-        # contiguous accumulator: batched products into strided weights fall back to a loop)
         A = c.A.view(-1, 1, 1)
-        W1n = torch.bmm(_T(left1), k).addcmul_(W1, A)
-        W2n = torch.bmm(_T(left2), Sk).addcmul_(W2, A)
+        mL = None if M1 is None else c.mL.view(-1, 1, 1)
+        W1n, W2n = end_state(W1, A, M1, mL, left1, k), end_state(W2, A, M2, mL, left2, Sk)
         M1n = M2n = None
         if M1 is not None:
-            mL, bL = c.mL.view(-1, 1, 1), c.bL.view(-1, 1, 1)
-            W1n.addcmul_(M1, mL)
-            W2n.addcmul_(M2, mL)
-            bl = _col(c.bl)
-            M1n = torch.bmm(_T(bl * U1), k).addcmul_(M1, bL)
-            M2n = torch.bmm(_T(bl * U2), Sk).addcmul_(M2, bL)
+            bL, bl = c.bL.view(-1, 1, 1), _col(c.bl)
+            M1n, M2n = end_state(M1, bL, None, None, bl * U1, k), end_state(M2, bL, None, None, bl * U2, Sk)
 
         # every tensor through save_for_backward: one kept on ctx that is (or views) an output,
         # like S_k, would make a reference cycle through this node and leak the whole graph

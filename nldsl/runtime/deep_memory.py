@@ -116,7 +116,7 @@ from nldsl.runtime._common import (
     segment_products,
     ut_apply,
 )
-from nldsl.runtime._mlp_write import mlp_write, piece_coefficients
+from nldsl.runtime._mlp_write import end_state, mlp_write, piece_coefficients
 
 __all__ = [
     "ACTIVATIONS",
@@ -162,18 +162,14 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
 
 class _DecayWrite(torch.autograd.Function):
     """``A W + m M + left^T a``: a layer's state at the end of a piece (``A``, ``m`` per-row
-    scalars; ``M`` optional). Forward: one allocation and in-place accumulation; backward: two
+    scalars; ``M`` optional). Forward: :func:`~nldsl.runtime._mlp_write.end_state`; backward: two
     products and per-row dot products, where autograd through the broadcasting products, the
     addcmul and the baddbmm issues about three times the ops, most of them weight-sized."""
 
     @staticmethod
     def forward(ctx, W, A, M, m, left, a):
-        out = W * A
-        if M is not None:
-            out.addcmul_(M, m)
-        out.baddbmm_(left.transpose(-1, -2), a)
         ctx.save_for_backward(W, A, M, m, left, a)
-        return out
+        return end_state(W, A, M, m, left, a)
 
     @staticmethod
     def backward(ctx, g):
