@@ -75,6 +75,7 @@ two-layer memories).
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
@@ -113,6 +114,22 @@ class SelfModifyingState(NamedTuple):
     offset_gen: int
     offset_memory: int
     conv: Optional[Tensor]
+
+
+class _Stacks(NamedTuple):
+    """The chunked implementation runs the generating memories stacked along the batch axis and
+    returns per-memory views of the stacks in the state. It leaves the stacks on the state's
+    first tensor (attribute ``_STACKS``), so that a call continuing from the state skips
+    re-stacking it, and the backward of the views (a zero-filled weight-sized gradient each):
+    ``groups``: per group (names, weights, anchor, momentum or None; lists of ``[G*B*H, d_out,
+    d_in]``); ``views``: weak references to the state's per-memory tensors they stand for. A state
+    whose tensors were since replaced, detached or moved no longer matches and is re-stacked."""
+
+    groups: tuple
+    views: tuple
+
+
+_STACKS = "_nldsl_stacks"
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, state: Optional[Tensor] = None):
@@ -328,7 +345,8 @@ def self_modifying_titans(
     cfg = dict(gen=gen, objective=objective, rule=rule, act=hidden_act(hidden_norm, activation),
                residual=residual, read=read,
                qk_norm=qk_norm, v_norm=v_norm, eta_max=eta_max, eta_bias=eta_bias, alpha_bias=alpha_bias,
-               retention=retention, detach=detach, Cg=Cg, Cm=Cm, kernel=None)
+               retention=retention, detach=detach, Cg=Cg, Cm=Cm, kernel=None,
+               stacked=_valid_stacks(initial_state, gen, dt, B * H) if not detach else None)
     if impl == "triton":
         from nldsl.runtime._triton import runtime_mlp_kernel
 
@@ -341,13 +359,16 @@ def self_modifying_titans(
                                       activation=activation, hidden_norm=hidden_norm, residual=residual,
                                       chunk=min(Cm, Cg))
             for width in sorted(widths)}
-    y, ws, anchor, ms, offs = fn(inputs, ws, anchor, ms, offs, st, cfg)
+    y, ws, anchor, ms, offs, stacks = fn(inputs, ws, anchor, ms, offs, st, cfg)
     y = y.reshape(B, H, T, D).transpose(1, 2).to(x.dtype)
     state = None
     if output_final_state:
         back = lambda d: {n: tuple(W.reshape(B, H, *W.shape[-2:]) for W in d[n]) for n in names}  # noqa: E731
         state = SelfModifyingState(back(ws), back(anchor), None if ms is None else back(ms),
                                    offs[0], offs[1], new_conv)
+        if stacks is not None:
+            views = _state_views(state, gen)  # weak references: no cycle through the state's tensor
+            setattr(views[0], _STACKS, _Stacks(stacks, tuple(weakref.ref(v) for v in views)))
     return MemoryOutput(y, state)
 
 
@@ -400,6 +421,27 @@ def _unstack(stacked, names, N):
     return out
 
 
+def _state_views(state: SelfModifyingState, names) -> tuple:
+    """The state's tensors of the memories ``names``, in a fixed order."""
+    parts = [state.weights, state.anchor] + ([state.momentum] if state.momentum is not None else [])
+    return tuple(W for d in parts for n in names for W in d[n])
+
+
+def _valid_stacks(state: Optional[SelfModifyingState], names, dt, N: int):
+    """``{group names: (weights, anchor, momentum)}`` from the :class:`_Stacks` a chunked call
+    left on ``state`` if they still stand for its tensors (the same objects), in the compute
+    dtype and for N sequence-heads; else None."""
+    if state is None or not names:
+        return None
+    views = _state_views(state, names)
+    stacks = getattr(views[0], _STACKS, None)
+    if stacks is None or len(views) != len(stacks.views) or any(a is not r() for a, r in zip(views, stacks.views)):
+        return None
+    if any(g[1][0].dtype != dt or g[1][0].shape[0] != len(g[0]) * N for g in stacks.groups):
+        return None
+    return {g[0]: g[1:] for g in stacks.groups}
+
+
 def _generated(name, out, got):
     """A generating memory's output; a generated eta / alpha adds its static logits (skip path)."""
     return out + got[name] if name in got else out
@@ -420,13 +462,19 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
     Cg, Cm = cfg["Cg"], cfg["Cm"]
     kernel = lambda W: None if cfg["kernel"] is None else cfg["kernel"][W.shape[-2]]  # noqa: E731
     groups = []
+    cached = cfg["stacked"] or {}
     for names in _plan(ws, gen):
         res_rows = [cfg["residual"] if n in _VEC else False for n in names]
         residual = (res_rows[0] if len(set(res_rows)) == 1 else
                     torch.tensor(res_rows, dtype=xs.dtype, device=xs.device).repeat_interleave(N))
+        hit = cached.get(tuple(names))
+        if hit is not None and (hit[2] is None) != (ms is None):
+            hit = None
+        g_ws, g_anchor, g_ms = hit if hit is not None else (
+            _stack(ws, names, D), _stack(anchor, names, D), None if ms is None else _stack(ms, names, D))
         groups.append(dict(
-            names=names, residual=residual, ws=_stack(ws, names, D), anchor=_stack(anchor, names, D),
-            ms=None if ms is None else _stack(ms, names, D), st=None if st is None else _stack(st, names, D),
+            names=names, residual=residual, ws=g_ws, anchor=g_anchor, ms=g_ms,
+            st=None if st is None else _stack(st, names, D),
             x=torch.cat([_memory_input(inputs, n) for n in names]),  # the group's inputs, stacked once
         ))
 
@@ -462,9 +510,11 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
         made.append((k_, v_, q_, eta, alpha))
         off_g = (off_g + L) % Cg
     ws_o, an_o, ms_o = {}, {}, ({} if ms is not None else None)
+    stacks = []
     for g in groups:
         if off_g == 0:
             g["anchor"] = g["ws"]
+        stacks.append((tuple(g["names"]), g["ws"], g["anchor"], g["ms"]))
         ws_o.update(_unstack(g["ws"], g["names"], N))
         an_o.update(_unstack(g["anchor"], g["names"], N))
         if ms is not None:
@@ -491,7 +541,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
     ws_o["memory"], an_o["memory"] = w, (w if off_m == 0 else a)
     if ms is not None:
         ms_o["memory"] = m
-    return torch.cat(ys, dim=1), ws_o, an_o, ms_o, (off_g, off_m)
+    return torch.cat(ys, dim=1), ws_o, an_o, ms_o, (off_g, off_m), (tuple(stacks) if groups else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,4 +620,4 @@ def _reference(inputs, ws, anchor, ms, offs, st, cfg):
             anchor[n] = ws[n]
     if off_m == 0:
         anchor["memory"] = ws["memory"]
-    return torch.stack(ys, dim=1), ws, anchor, ms, (off_g, off_m)
+    return torch.stack(ys, dim=1), ws, anchor, ms, (off_g, off_m), None

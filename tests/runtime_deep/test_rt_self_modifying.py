@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nldsl.runtime.self_modifying import causal_conv1d, self_modifying_titans
+from nldsl.nn.model import map_state
+from nldsl.runtime.self_modifying import GENERATED as GEN
+from nldsl.runtime.self_modifying import _valid_stacks, causal_conv1d, self_modifying_titans
 from rtdeep_helpers import B, D, H, assert_close, gen, grads, rand, randn, requires_grad, selfmod_params
 
 
@@ -96,6 +98,40 @@ def test_split_stream_equals_one_pass(impl):
         assert_close(torch.cat(outs, 1), full.o, what=str(splits))
         assert_close(state, full.final_state, what=str(splits))
 
+
+
+def _continue(x, state, sl, impl="chunked"):
+    return self_modifying_titans(
+        x["x"][:, sl], params=x["params"], chunk_size=6, gen_chunk_size=4, beta_momentum=x["beta"][:, sl],
+        eta_max=0.05, alpha_bias=3.0, conv_weight=x["conv"], initial_state=state, output_final_state=True,
+        impl=impl)
+
+
+def test_split_stream_gradients_equal_one_pass():
+    """A continuing call runs on the stacks the previous one left (no re-stacking); the
+    gradients through them equal those of one pass."""
+    x = requires_grad(inputs(T=21, seed=3))
+    wrt = [x["x"], x["params"], x["beta"]]
+    full = run(x, "chunked", chunk_size=6, gen_chunk_size=4)
+    first = _continue(x, None, slice(0, 9))
+    assert _valid_stacks(first.final_state, GEN, torch.float64, B * H) is not None
+    second = _continue(x, first.final_state, slice(9, 21))
+    loss = lambda o: (o * torch.linspace(-1, 1, o.shape[1], dtype=o.dtype)[None, :, None, None]).sum()  # noqa: E731
+    assert_close(grads(loss(torch.cat([first.o, second.o], 1)), wrt), grads(loss(full.o), wrt), atol=1e-9)
+
+
+def test_an_edited_or_detached_state_is_restacked():
+    """The stacks stand for the state only while its tensors are the ones they were made with."""
+    x = inputs(T=21, seed=4)
+    state = _continue(x, None, slice(0, 9)).final_state
+    edited = state._replace(weights={**state.weights, "v": tuple(W * 1.5 for W in state.weights["v"])})
+    detached = map_state(state, lambda t: t.detach())
+    assert _valid_stacks(edited, GEN, torch.float64, B * H) is None
+    assert _valid_stacks(detached, GEN, torch.float64, B * H) is None
+    assert _valid_stacks(state, GEN, torch.float32, B * H) is None          # another compute dtype
+    rest = slice(9, 21)
+    assert_close(_continue(x, edited, rest).o, _continue(x, edited, rest, "reference").o)
+    assert not torch.allclose(_continue(x, edited, rest).o, _continue(x, state, rest).o)
 
 def test_batch_invariance():
     x = inputs(T=12, seed=4)
