@@ -68,7 +68,9 @@ Implementations: ``"reference"`` (token loop, inner gradients by ``torch.func.gr
 ``"chunked"`` (two passes, since M_memory feeds nothing the generating memories read: first the
 generating memories, in pieces between their chunk boundaries, stacked along the batch axis into
 one :func:`nldsl.runtime.deep_memory.chunk_step` per piece (per group of equal hidden widths),
-which yields every token's k, v, q, eta, alpha; then M_memory over the call in its own chunks)
+read at their anchor by :func:`nldsl.runtime._group_read.group_read` (two-layer memories: one
+autograd function for the read, the norms and the gates), which yields every token's k, v, q,
+eta, alpha; then M_memory over the call in its own chunks)
 and ``"triton"`` (``"chunked"`` with each per-chunk gradient from the fused Triton MLP kernel:
 two-layer memories).
 """
@@ -83,6 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nldsl.runtime._common import MemoryOutput, check_chunk_size, compute_dtype, dispatch
+from nldsl.runtime._group_read import group_read
 from nldsl.runtime.deep_memory import (
     ACTIVATIONS,
     _single_loss,
@@ -376,16 +379,19 @@ def self_modifying_titans(
 # shared pieces
 # --------------------------------------------------------------------------------------------
 
-def _gates(zeta, zalpha, cfg):
-    eta = cfg["eta_max"] * torch.sigmoid(zeta + cfg["eta_bias"])
-    alpha = torch.sigmoid(zalpha + cfg["alpha_bias"]) if cfg["retention"] else None
-    return eta, alpha
+def _unit(name, cfg) -> bool:
+    """Whether input ``name`` (k, v or q) is L2-normalised."""
+    return cfg["v_norm"] if name == "v" else cfg["qk_norm"]
 
 
-def _inputs(got, cfg):
-    """k, v, q of a piece, L2-normalised as ``qk_norm`` and ``v_norm`` say."""
-    unit = lambda t, on: F.normalize(t, dim=-1) if on else t  # noqa: E731
-    return unit(got["k"], cfg["qk_norm"]), unit(got["v"], cfg["v_norm"]), unit(got["q"], cfg["qk_norm"])
+def _post(name, t, cfg):
+    """Input ``name`` of a piece from its raw value ``t``: k, v, q L2-normalised as ``qk_norm`` and
+    ``v_norm`` say; eta, alpha squashed (alpha None without retention)."""
+    if name == "eta":
+        return cfg["eta_max"] * torch.sigmoid(t + cfg["eta_bias"])
+    if name == "alpha":
+        return torch.sigmoid(t + cfg["alpha_bias"]) if cfg["retention"] else None
+    return F.normalize(t, dim=-1) if _unit(name, cfg) else t
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,16 +491,24 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
         g["x"] = split_time(g["x"], lens)
     made = []  # per piece: k, v, q, eta, alpha
     for j, L in enumerate(lens):
-        got = {n: parts[n][j] for n in GENERATED if n in parts}
+        got = {n: parts[n][j] for n in GENERATED if n in parts}  # raw values
+        done = {}                                                  # final values
         for g in groups:
             if off_g == 0:
                 g["anchor"] = g["ws"]
             rw = g["anchor"] if g["st"] is None else [w + s for w, s in zip(g["anchor"], g["st"])]
+            names = g["names"]
+            if len(rw) == 2:  # the read and the norms / squashing as one function
+                done.update(zip(names, group_read(
+                    rw, g["x"][j], act=act, residual=g["residual"], names=names,
+                    units=[n in _VEC and _unit(n, cfg) for n in names],
+                    logits=[got.get(n) if n in _SCA else None for n in names],
+                    eta_max=cfg["eta_max"], eta_bias=cfg["eta_bias"], alpha_bias=cfg["alpha_bias"])))
+                continue
             out = mlp_forward(rw, g["x"][j], act, g["residual"])[0]
-            for n, o in zip(g["names"], out.split(N)):
+            for n, o in zip(names, out.split(N)):
                 got[n] = _generated(n, o[..., 0] if n in _SCA else o, got)
-        k_, v_, q_ = _inputs(got, cfg)
-        eta, alpha = _gates(got["eta"], got.get("alpha"), cfg)
+        k_, v_, q_, eta, alpha = (done[n] if n in done else _post(n, got.get(n), cfg) for n in GENERATED)
         beta = parts["beta"][j] if "beta" in parts else None
         if detach:
             k_, v_, eta = k_.detach(), v_.detach(), eta.detach()
@@ -580,8 +594,7 @@ def _reference(inputs, ws, anchor, ms, offs, st, cfg):
         for n in cfg["gen"]:
             o = apply(anchor[n], _memory_input(inputs, n)[:, t], n)
             got[n] = _generated(n, o.squeeze(-1) if n in _SCA else o, got)
-        kt, vt, qt = _inputs(got, cfg)
-        eta, alpha = _gates(got["eta"], got.get("alpha"), cfg)
+        kt, vt, qt, eta, alpha = (_post(n, got.get(n), cfg) for n in GENERATED)
         beta = inputs["beta"][:, t] if "beta" in inputs else None
         if detach:
             kt, vt, eta = kt.detach(), vt.detach(), eta.detach()
