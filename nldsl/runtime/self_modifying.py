@@ -487,8 +487,13 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
     # pass 1: the generating memories, read at their anchor, written on the shared k, v, eta, alpha
     lens = segment_lengths(T, [(off_g, Cg)])
     parts = {n: split_time(z, lens) for n, z in inputs.items()}
+    beta_all = inputs.get("beta")
+    if detach and beta_all is not None:
+        beta_all = beta_all.detach()
     for g in groups:
         g["x"] = split_time(g["x"], lens)
+        # the momentum gate is given: repeated for the group's memories once, not once a piece
+        g["beta"] = split_time(None if beta_all is None else beta_all.repeat(len(g["names"]), 1), lens)
     made = []  # per piece: k, v, q, eta, alpha
     for j, L in enumerate(lens):
         got = {n: parts[n][j] for n in GENERATED if n in parts}  # raw values
@@ -509,16 +514,14 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
             for n, o in zip(names, out.split(N)):
                 got[n] = _generated(n, o[..., 0] if n in _SCA else o, got)
         k_, v_, q_, eta, alpha = (done[n] if n in done else _post(n, got.get(n), cfg) for n in GENERATED)
-        beta = parts["beta"][j] if "beta" in parts else None
         if detach:
             k_, v_, eta = k_.detach(), v_.detach(), eta.detach()
             alpha = None if alpha is None else alpha.detach()
-            beta = None if beta is None else beta.detach()
         for g in groups:
             r = len(g["names"])
             rep = lambda z: None if z is None else z.repeat(r, *([1] * (z.dim() - 1)))  # noqa: E731
             _, g["ws"], g["ms"] = chunk_step(
-                g["ws"], g["ms"], g["anchor"], rep(k_), rep(v_), rep(eta), rep(alpha), rep(beta), None,
+                g["ws"], g["ms"], g["anchor"], rep(k_), rep(v_), rep(eta), rep(alpha), g["beta"][j], None,
                 objective=cfg["objective"], signal="self", rule=cfg["rule"], act=act,
                 residual=g["residual"], read="anchor", kernel=kernel(g["ws"][0]))
         made.append((k_, v_, q_, eta, alpha))
