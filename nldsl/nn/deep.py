@@ -6,7 +6,6 @@ are Parameters of the outer level; the fast weights live in the state returned b
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -317,14 +316,14 @@ class CmsChain(nn.Module):
     def _params(self):
         return [[w[0] for w in ws] for ws in self.blocks]
 
-    def _run(self, x, state, delta, target=None, lr=None, record=None, reuse=None):
+    def _run(self, x, state, delta, target=None, lr=None, record=None, reuse=None, donate=False):
         return _cms_chain(x, self._params(), periods=self.periods, lr=self.lr if lr is None else lr,
                           variant=self.variant, signal=self.signal, delta=delta, target=target,
                           objective=self.objective, agg_weights=self.agg, activation=self.activation,
                           hidden_norm=self.hidden_norm, prenorm=self.prenorm, residual=self.residual,
                           detach=self.detach,
                           initial_state=state, output_final_state=True, impl=self.impl, kernel=self.kernel,
-                          record=record, reuse=reuse)
+                          record=record, reuse=reuse, donate=donate)
 
     def forward(self, x: Tensor, state=None):
         """Reads with the blocks' chunk-start weights. A surprise-driven chain writes nothing
@@ -342,11 +341,13 @@ class CmsChain(nn.Module):
         y, new, _ = self._run(x, state, None, target=x)
         return y, new
 
-    def learn(self, x: Tensor, state, delta: Tensor):
-        """The state after writing a segment whose output surprise is ``delta``."""
+    def learn(self, x: Tensor, state, delta: Tensor, donate: bool = False):
+        """The state after writing a segment whose output surprise is ``delta``. ``donate``: the
+        caller made ``state`` (an earlier :meth:`learn` of the same stream) and drops it, so its
+        gradient sums may be accumulated in place."""
         read, self._read_pass = self._read_pass, None
         reuse = read[2] if read is not None and read[0] is x and read[1] is state else None
-        return self._run(x, state, delta.detach(), reuse=reuse)[1]
+        return self._run(x, state, delta.detach(), reuse=reuse, donate=donate)[1]
 
     def new_sequence(self, state):
         """Blocks of sequence-scoped levels restart from their initial weights; blocks of

@@ -172,7 +172,8 @@ class NSAMModel(nn.Module):
                 for m in learners:
                     m.tape = None
             delta = self.surprise(hidden, labels[:, a:b])
-            written = {id(module): module.learn(x, before, delta) for module, x, _, before in tape}
+            # after the first segment every learner's state is one its learn made in this call
+            written = {id(module): module.learn(x, before, delta, donate=a > 0) for module, x, _, before in tape}
             layers = []
             for block, layer_state in zip(self.blocks, state.layers):
                 layer_state = dict(layer_state)

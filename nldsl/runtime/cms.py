@@ -197,14 +197,15 @@ def cms_chain(
 def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise", delta=None, target=None,
                objective="l2", agg_weights=None, activation="gelu", hidden_norm="none", prenorm="none", residual=True,
                detach=False, initial_state=None, output_final_state=False, return_info=False, impl="chunked",
-               kernel=None, record=None, reuse=None) -> CmsOutput:
+               kernel=None, record=None, reuse=None, donate=False) -> CmsOutput:
     """:func:`cms_chain`, plus a way for a caller that runs the same piece twice (a read pass, then
     the writes from the same state and input: :class:`nldsl.nn.deep.CmsChain`) to skip the second
     forward. ``record``: a list that receives, per piece, every block's forward ``(y, hidden
     pre-activations, layer inputs, 1 / rms of the block input or None)``, detached (chunked impl
     only). ``reuse``: such a list from a call with the same ``x``, state, weights and
     ``detach=True``: its forwards stand in for this call's (the same values); this call's output
-    then carries no gradient (use its state)."""
+    then carries no gradient (use its state). ``donate``: nothing else holds ``initial_state``'s
+    gradient sums (the caller made them and drops the state), so they may be accumulated in place."""
     fn = dispatch(_OP, impl, {"chunked": _chunked, "reference": _reference, "triton": _chunked})
     if kernel is not None and impl != "triton":
         raise ValueError(f"{_OP}: kernel= is used with impl='triton' only (impl={impl!r})")
@@ -301,7 +302,7 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective, writes=writes,
                act=hidden_act(hidden_norm, activation), residual=residual, prenorm=prenorm == "rms",
                detach=detach, periods=periods, kernels=None, info=return_info,
-               record=record if impl != "triton" else None, reuse=reuse)
+               record=record if impl != "triton" else None, reuse=reuse, donate=donate)
     if impl == "triton":
         from nldsl.runtime._triton import runtime_mlp_kernel
 
@@ -365,19 +366,30 @@ def _add(G, S):
     return S if G is None else G + S
 
 
-def _sum_rank1(G, eta, e, a, own: bool = False):
-    """``G + sum_t eta_t e_t a_t^T`` (one matmul; eta scales the narrower factor). ``own``: G was
-    made by this call and nothing else holds it, so a constant G is accumulated in place."""
+def _rank1_factors(eta, e, a):
+    """``(left, right)`` with ``left @ right = sum_t eta_t e_t a_t^T`` (eta scales the narrower factor)."""
     if e.shape[-1] <= a.shape[-1]:
-        left, right = eta * e, a
-    else:
-        left, right = e, eta * a
-    left = left.transpose(-1, -2)
+        return (eta * e).transpose(-1, -2), a
+    return e.transpose(-1, -2), eta * a
+
+
+def _sum_rank1(G, eta, e, a, own: bool = False):
+    """``G + sum_t eta_t e_t a_t^T`` (one matmul). ``own``: nothing else holds G (this call made it,
+    or the caller handed the state over), so a constant G is accumulated in place."""
+    left, right = _rank1_factors(eta, e, a)
     if G is None:
         return left @ right
-    if own and not G.requires_grad:
+    if own and not G.requires_grad and 0 not in G.stride():
         return G.baddbmm_(left, right)
     return torch.baddbmm(G, left, right)
+
+
+def _step(W, G, eta, e, a, own: bool = False):
+    """``W - (G + sum_t eta_t e_t a_t^T)``: a block's step at the end of its chunk, with the last
+    piece's sum in the same product (no sum is materialised when G is still zero)."""
+    if G is None:
+        return torch.baddbmm(W, *_rank1_factors(eta, e, a), alpha=-1)
+    return W - _sum_rank1(G, eta, e, a, own)
 
 
 _RMS_EPS = 1e-6
@@ -452,7 +464,8 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
     ep = [split_time(e, lens) for e in etas]
     dp = None if deltas is None else [split_time(d, lens) for d in deltas]
     tp = None if targets is None else [split_time(tg, lens) for tg in targets]
-    given = [list(lg) for lg in gs]  # the caller's gradient sums: never written in place
+    # the caller's gradient sums are never written in place, unless it handed the state over
+    given = [[] for _ in gs] if cfg["donate"] else [list(lg) for lg in gs]
     t = 0
     for j, L in enumerate(lens):
         rws = _read_weights(ws, st)
@@ -515,11 +528,17 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
                         tgt = _block_forward(ws[l], tgt, cfg)[0]
                     eps = output_error(fw[l][0], tgt, cfg["objective"])
                 errs[l] = mlp_backward(ws[l], fw[l][1], eps, act)
-        # accumulate sum_t eta_t e_t a_t^T (one matmul per layer)
+        # accumulate sum_t eta_t e_t a_t^T (one matmul per layer); a block whose chunk this piece
+        # ends takes its step here (the boundary below then finds its sum at zero)
         for l in range(n):
             e_t = ep[l][j].unsqueeze(-1)
             own = [G is not None and not any(G is S for S in given[l]) for G in gs[l]]
-            gs[l] = [_sum_rank1(G, e_t, e, a, o) for G, e, a, o in zip(gs[l], errs[l], fw[l][2], own)]
+            terms = zip(ws[l], gs[l], errs[l], fw[l][2], own)
+            if offs[l] + L == periods[l]:
+                ws[l] = [_step(W, G, e_t, e, a, o) for W, G, e, a, o in terms]
+                gs[l] = [None] * len(gs[l])
+            else:
+                gs[l] = [_sum_rank1(G, e_t, e, a, o) for _, G, e, a, o in terms]
         _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets)
         t += L
     outputs = [_cat_time(o) for o in outs] if cfg["info"] else None

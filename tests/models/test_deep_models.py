@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import nldsl
+from nldsl.nn.model import map_state
 from tests.models.test_compile_models import copy_task_losses, falls, variant
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +45,27 @@ def test_stream_split_equals_one_pass(spec, split):
     second = model(ids[:, split:], state=first.state, labels=labels[:, split:])
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
 
+
+
+@pytest.mark.parametrize("spec", ["hope", "cms"])
+def test_a_given_state_is_never_written(spec):
+    """Learners accumulate in place only into states this call made: the state a call starts
+    from (here with a CMS gradient sum pending) stays as it was, and serves again."""
+    torch.manual_seed(0)
+    model = build(spec).double()
+    ids = torch.randint(0, 32, (2, 90))
+    labels = ids.roll(-1, 1)
+    state = model(ids[:, :37], labels=labels[:, :37]).state
+    before = [t.clone() for t in _tensors(state)]
+    again = [model(ids[:, 37:], state=state, labels=labels[:, 37:]).logits for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(state), before))
+    torch.testing.assert_close(again[0], again[1], rtol=0, atol=0)
+
+
+def _tensors(state):
+    out = []
+    map_state(state, out.append)
+    return out
 
 @pytest.mark.parametrize("spec", sorted(DEEP))
 def test_batch_invariance(spec):
