@@ -1,6 +1,7 @@
 """Training-step speed and memory of compiled model specs (issue 4's comparison).
 
     python benchmarks/bench_models.py                       # hope, titans, transformer
+    python benchmarks/bench_models.py --rounds 3            # each model 3 times, in turn
     python benchmarks/bench_models.py --specs specs/hope.nl specs/gated_deltanet.nl --T 256
     python benchmarks/bench_models.py --device cuda         # where a GPU is available
 
@@ -10,10 +11,11 @@ at T=512, B=4, float32: one measured step = forward with labels (so surprise-dri
 as Hope's CMS write, as in training), cross-entropy, backward, optimizer step. Each spec runs in
 a fresh subprocess with ``--threads`` intra-op threads; after ``--warmup`` steps the best of
 ``--reps`` steps is kept (``--clock cpu``: the worker's CPU time, least disturbed by other
-processes on a shared machine; ``wall``). Peak memory: on CUDA ``max_memory_allocated``; on CPU
-the highest resident set size sampled every millisecond during the first step minus the
-resident size before it. The last column is each model's time per token over the fastest
-model's.
+processes on a shared machine; ``wall``); ``--rounds N`` measures every model N times, in turn,
+and keeps each one's best (a shared machine's speed drifts over minutes). Peak memory: on CUDA
+``max_memory_allocated``; on CPU the highest resident set size sampled every millisecond during
+the first step minus the resident size before it. The last column is each model's time per
+token over the fastest model's.
 
 The issue's target compares like with like: Hope (every level updating) within 3x of a
 Transformer *with the same parameter count*. ``--match specs/transformer.nl`` (the default) adds
@@ -36,8 +38,6 @@ DEFAULT_SPECS = ["specs/hope.nl", "specs/titans.nl", "specs/transformer.nl"]
 def worker(args) -> dict:
     import torch
     import torch.nn.functional as F
-
-    import nldsl
 
     torch.manual_seed(0)
     if args.threads:
@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every model this many times, in turn; the table shows each one's best")
     p.add_argument("--match", default="specs/transformer.nl",
                    help="also run this spec deepened to the largest model's parameter count ('none': off)")
     p.add_argument("--spec", help=argparse.SUPPRESS)  # worker mode
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
                                                        "threads", "clock", "warmup", "reps")]
     print(f"compiled models, one AdamW training step (forward with labels + backward + step), "
           f"vocab {args.vocab}, d={args.dim}, {args.layers} layers, {args.heads} heads, T={args.T}, B={args.B}, "
-          f"float32, {args.device}, {args.threads} thread(s), best of {args.reps} by {args.clock} clock")
+          f"float32, {args.device}, {args.threads} thread(s), best of {args.reps} by {args.clock} clock"
+          + (f", best of {args.rounds} rounds" if args.rounds > 1 else ""))
     def measure(spec, layers):
         r = subprocess.run([sys.executable, __file__, f"--spec={spec}", f"--layers={layers}", *common],
                            capture_output=True, text=True)
@@ -154,17 +157,30 @@ def main(argv=None) -> int:
             return None
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    rows = [r for r in (measure(spec, args.layers) for spec in args.specs) if r]
-    if not rows:
+    # rounds: every model once per round, in turn, so that a drift of the machine's speed over
+    # minutes (seen: 10-30% on a shared machine) meets every model alike
+    jobs = [(spec, args.layers) for spec in args.specs]
+    runs: dict = {}
+
+    def run_round(todo):
+        for job in todo:
+            r = measure(*job)
+            if r:
+                runs.setdefault(job, []).append(r)
+
+    run_round(jobs)
+    if not runs:
         return 1
-    matched = None
+    match = None
     if args.match != "none":
-        layers = _matching_layers(args.match, args, max(r["params"] for r in rows))
-        if layers != args.layers or args.match not in args.specs:
-            matched = measure(args.match, layers)
-            rows += [matched] if matched else []
-        else:
-            matched = next(r for r in rows if r["spec"] == args.match)
+        match = (args.match, _matching_layers(args.match, args, max(rs[0]["params"] for rs in runs.values())))
+        if match not in jobs:
+            jobs.append(match)
+            run_round([match])
+    for _ in range(args.rounds - 1):
+        run_round(jobs)
+    rows = [min(rs, key=lambda r: r["seconds"]) for rs in runs.values()]
+    matched = min(runs[match], key=lambda r: r["seconds"]) if match in runs else None
     fastest = min(r["seconds"] for r in rows)
     vs = f"vs {matched['class']} x{matched['layers']}" if matched else ""
     print(f"\n{'model':<16}{'layers':>7}{'params':>10}{'step ms':>10}{'tokens/s':>11}{'peak MB':>9}"
@@ -177,6 +193,11 @@ def main(argv=None) -> int:
         if matched:
             line += f"{r['seconds'] / matched['seconds']:>21.1f}x"
         print(line)
+    if matched and args.rounds > 1:
+        for job, rs in runs.items():
+            if job != match:
+                ratios = " ".join(f"{r['seconds'] / m['seconds']:.1f}x" for r, m in zip(rs, runs[match]))
+                print(f"{rs[0]['class']} / {matched['class']} x{matched['layers']}, round by round: {ratios}")
     return 0
 
 
