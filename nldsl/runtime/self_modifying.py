@@ -83,6 +83,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from nldsl.runtime._common import MemoryOutput, check_chunk_size, compute_dtype, dispatch
 from nldsl.runtime._group_read import group_read
@@ -121,18 +122,22 @@ class SelfModifyingState(NamedTuple):
 
 class _Stacks(NamedTuple):
     """The chunked implementation runs the generating memories stacked along the batch axis and
-    returns per-memory views of the stacks in the state. It leaves the stacks on the state's
-    first tensor (attribute ``_STACKS``), so that a call continuing from the state skips
-    re-stacking it, and the backward of the views (a zero-filled weight-sized gradient each):
-    ``groups``: per group (names, weights, anchor, momentum or None; lists of ``[G*B*H, d_out,
-    d_in]``); ``views``: weak references to the state's per-memory tensors they stand for. A state
-    whose tensors were since replaced, detached or moved no longer matches and is re-stacked."""
+    returns per-memory views of the stacks in the state. It keeps the stacks in :data:`_STACKS`
+    under the state's first tensor, so that a call continuing from the state skips re-stacking
+    it, and the backward of the views (a zero-filled weight-sized gradient each): ``groups``: per
+    group (names, weights, anchor, momentum or None; lists of ``[G*B*H, d_out, d_in]``);
+    ``views``: weak references to the state's per-memory tensors they stand for (a strong one
+    would keep the key alive). A state whose tensors were since replaced, detached or moved no
+    longer matches and is re-stacked; the state itself carries nothing extra (it pickles as it
+    did)."""
 
     groups: tuple
     views: tuple
 
 
-_STACKS = "_nldsl_stacks"
+#: the stacks of the states chunked calls returned, by the state's first tensor; an entry goes
+#: when that tensor does
+_STACKS = WeakTensorKeyDictionary()
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, state: Optional[Tensor] = None):
@@ -370,8 +375,8 @@ def self_modifying_titans(
         state = SelfModifyingState(back(ws), back(anchor), None if ms is None else back(ms),
                                    offs[0], offs[1], new_conv)
         if stacks is not None:
-            views = _state_views(state, gen)  # weak references: no cycle through the state's tensor
-            setattr(views[0], _STACKS, _Stacks(stacks, tuple(weakref.ref(v) for v in views)))
+            views = _state_views(state, gen)
+            _STACKS[views[0]] = _Stacks(stacks, tuple(weakref.ref(v) for v in views))
     return MemoryOutput(y, state)
 
 
@@ -440,7 +445,7 @@ def _valid_stacks(state: Optional[SelfModifyingState], names, dt, N: int):
     if state is None or not names:
         return None
     views = _state_views(state, names)
-    stacks = getattr(views[0], _STACKS, None)
+    stacks = _STACKS.get(views[0])
     if stacks is None or len(views) != len(stacks.views) or any(a is not r() for a, r in zip(views, stacks.views)):
         return None
     if any(g[1][0].dtype != dt or g[1][0].shape[0] != len(g[0]) * N for g in stacks.groups):

@@ -2,6 +2,8 @@
 read modes), gradients, exact streaming with the convolution's state, batch invariance, detach."""
 from __future__ import annotations
 
+import gc
+import io
 import itertools
 
 import pytest
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 
 from nldsl.nn.model import map_state
 from nldsl.runtime.self_modifying import GENERATED as GEN
-from nldsl.runtime.self_modifying import _valid_stacks, causal_conv1d, self_modifying_titans
+from nldsl.runtime.self_modifying import _STACKS, _valid_stacks, causal_conv1d, self_modifying_titans
 from rtdeep_helpers import B, D, H, assert_close, gen, grads, rand, randn, requires_grad, selfmod_params
 
 
@@ -132,6 +134,26 @@ def test_an_edited_or_detached_state_is_restacked():
     rest = slice(9, 21)
     assert_close(_continue(x, edited, rest).o, _continue(x, edited, rest, "reference").o)
     assert not torch.allclose(_continue(x, edited, rest).o, _continue(x, state, rest).o)
+    buf = io.BytesIO()  # the state carries nothing extra: it saves and loads, and continues the same
+    torch.save(state, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert _valid_stacks(loaded, GEN, torch.float64, B * H) is None
+    assert_close(_continue(x, loaded, rest).o, _continue(x, state, rest).o, atol=0, rtol=0)
+
+
+def test_stacks_go_with_their_state():
+    """The stacks are kept by the state's first tensor, weakly: freeing the state frees them."""
+    x = requires_grad(inputs(T=13, seed=5))
+    gc.collect()
+    gc.disable()  # reference counting alone must free them (a cycle would wait for the collector)
+    try:
+        before = len(_STACKS)
+        state = _continue(x, None, slice(0, 13)).final_state
+        assert len(_STACKS) == before + 1
+        del state
+        assert len(_STACKS) == before
+    finally:
+        gc.enable()
 
 def test_batch_invariance():
     x = inputs(T=12, seed=4)
