@@ -6,7 +6,6 @@ are Parameters of the outer level; the fast weights live in the state returned b
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
