@@ -56,6 +56,7 @@ class _GroupRead(torch.autograd.Function):
                 outs.append(rows)
                 kept.append(None)
         ctx.cfg = cfg
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, not zeros
         ctx.residual = residual if not isinstance(residual, Tensor) else None
         ctx.save_for_backward(W1, W2, x, residual if isinstance(residual, Tensor) else None,
                               eta_max if isinstance(eta_max, Tensor) else None,

@@ -108,6 +108,7 @@ class _Gates(torch.autograd.Function):
         rc = ReadCoefficients(Pa[:, 1:, 0], Pa[:, 1:, 1:], C[:, 1:, 1:], m) if read else None
         ctx.L, ctx.dgd, ctx.read, ctx.mom = L, dgd, read, mom
         ctx.save_for_backward(Pa, Pb)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to add
         outs = [t for t in coef if t is not None] + ([t for t in rc if t is not None] if read else [])
         return tuple(outs)
 
@@ -313,6 +314,7 @@ class _MlpWrite(torch.autograd.Function):
         # every tensor through save_for_backward: one kept on ctx that is (or views) an output,
         # like S_k, would make a reference cycle through this node and leak the whole graph
         ctx.cfg, ctx.same, ctx.L = cfg, same, L
+        ctx.set_materialize_grads(False)  # outputs a piece leaves unused (U, hs, S_k without a running read)
         ctx.save_for_backward(W1, W2, M1, M2, None if same else Wa1, None if same else Wa2, k, Z,
                               eps, d1, pd1, e1, U1, U2, KK, Xk, R, Tinv, hs, kM1, left1, left2, eta,
                               fa.H, fa.S, fa.inv_r, fa.g1, *coef)
