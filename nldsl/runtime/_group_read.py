@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nldsl.runtime._mlp_write import _Act, _T
+from nldsl.runtime._mlp_write import _Act, _T, _residual
 
 __all__ = ["group_read"]
 
@@ -35,11 +35,7 @@ class _GroupRead(torch.autograd.Function):
         act, names, units, N = cfg
         H = torch.bmm(x, _T(W1))
         fa = _Act(H, act)
-        Y = torch.bmm(fa.S, _T(W2))
-        if isinstance(residual, Tensor):
-            Y.addcmul_(x, residual.view(-1, 1, 1))
-        elif residual:
-            Y.add_(x)
+        Y = _residual(torch.bmm(fa.S, _T(W2)), x, residual)
         outs, kept = [], []
         for j, (name, unit, z) in enumerate(zip(names, units, logits)):
             rows = Y[j * N:(j + 1) * N]
@@ -111,13 +107,7 @@ class _GroupRead(torch.autograd.Function):
         dH, _ = fa.vjp(torch.bmm(dY, W2))
         dW1 = torch.bmm(_T(dH), x) if need[1] else None
         dW2 = torch.bmm(_T(dY), S) if need[2] else None
-        dx = None
-        if need[3]:
-            dx = torch.bmm(dH, W1)
-            if mask is not None:
-                dx.addcmul_(dY, mask.view(-1, 1, 1))
-            elif ctx.residual:
-                dx.add_(dY)
+        dx = _residual(torch.bmm(dH, W1), dY, ctx.residual if mask is None else mask) if need[3] else None
         return (None, dW1, dW2, dx, None, d_eta_max, d_eta_bias, d_alpha_bias,
                 *(d if n else None for d, n in zip(dlogits, need[8:])))
 
