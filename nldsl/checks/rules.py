@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from nldsl.diagnostics import Diagnostic, suggest
-from nldsl.graph import block_names, endpoint_nodes, level_node, memory_node, speed_key
+from nldsl.graph import block_names, endpoint_nodes, memory_node, speed_key
 from nldsl.ir import models as M
 from nldsl.ir.lower import BLOCK_BUILTINS, BLOCK_COMBINATORS, OPT_BUILTINS, OPT_FUNCTIONS
 from nldsl.ir.values import walk
@@ -435,7 +435,7 @@ def unused_memories(owner: M.Model, ck: Checker):
     for mem in owner.memories:
         if mem.name not in used:
             ck.report("NL302", f"memory `{mem.name}` is never used by the block", (owner.name, "memory", mem.name),
-                      help=f"add it to `block = ...`, or remove it")
+                      help="add it to `block = ...`, or remove it")
     for c in owner.cms:
         if c.name not in used:
             ck.report("NL302", f"CMS `{c.name}` is never used by the block", (owner.name, "cms", c.name),

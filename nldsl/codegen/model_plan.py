@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nldsl.diagnostics import Diagnostic
-from nldsl.graph import block_names, speed_key
+from nldsl.graph import speed_key
 from nldsl.ir import models as M
-from nldsl.ir.lower import BLOCK_BUILTINS
 
 
 class Unsupported(Exception):
@@ -134,8 +133,8 @@ class Planner:
             problems.append(("precondition", "a preconditioner"))
         if mem.init.kind not in ("meta", "random"):
             problems.append(("init", f"initial state `{mem.init.kind}`"))
-        for field, what in problems:
-            self.unsupported(f"{what} in the deep memory `{mem.name}` is not compiled yet", key + (field,))
+        for path, what in problems:
+            self.unsupported(f"{what} in the deep memory `{mem.name}` is not compiled yet", key + (path,))
         if problems:
             return None
         mom = self._rate(mem.momentum.kind, mem.momentum.beta)
@@ -189,8 +188,8 @@ class Planner:
             problems.append(("init", f"initial state `{first.init.kind}`"))
         if first.objective.kind not in ("l2", "dot"):
             problems.append(("objective", f"objective `{first.objective.kind}`"))
-        for field, what in problems:
-            self.unsupported(f"CMS `{c.name}`: {what} is not compiled yet", key + (field,), key)
+        for path, what in problems:
+            self.unsupported(f"CMS `{c.name}`: {what} is not compiled yet", key + (path,), key)
         if problems:
             return None
         periods = tuple(self.levels[n].period for n in c.levels)

@@ -554,7 +554,7 @@ class Lowerer:
             if isinstance(v, float) and not math.isfinite(v):
                 raise NotConstant()
             return build("constant", v)
-        except NotConstant as nc:
+        except NotConstant:
             names = [n.id for n in names_in(e)]
             missing = [n for n in names if n not in env]
             if missing:

@@ -10,7 +10,6 @@ import re
 from dataclasses import replace
 from functools import lru_cache
 
-import lark
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 

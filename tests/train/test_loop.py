@@ -81,8 +81,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg):
 
 def test_disk_full_while_saving(tiny_cfg, monkeypatch):
     real = ckpt._write_bytes
-    calls = {"n": 0}
-
     def full_after_first_checkpoint(path, data):
         if "step_0000008" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
