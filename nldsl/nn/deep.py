@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from nldsl.nn.layers import ShortConv
 from nldsl.nn.memories import _Gate, _heads, _logit
-from nldsl.runtime.cms import CmsState, _cms_chain
+from nldsl.runtime.cms import CmsState, _cms_chain, batch_view
 from nldsl.runtime.deep_memory import mlp_memory
 from nldsl.runtime.self_modifying import self_modifying_titans
 
@@ -357,8 +357,7 @@ class CmsChain(nn.Module):
         for i, scope in enumerate(self.scopes):
             if scope == "sequence":
                 like = weights[i]
-                weights[i] = tuple(w[0].to(c.dtype).unsqueeze(0).expand_as(c)
-                                   for w, c in zip(self.blocks[i], like))
+                weights[i] = tuple(batch_view(w[0].to(c.dtype), c.shape[0]) for w, c in zip(self.blocks[i], like))
                 sums[i] = tuple(torch.zeros_like(g) for g in sums[i])
                 offsets[i] = 0
         return CmsState(tuple(weights), tuple(sums), tuple(offsets))

@@ -21,7 +21,11 @@ chained blocks kept even Titans at chance on MQAR in our runs). The block's weig
 on the normalised input; the surprise passes the norm's Jacobian. Weights ``[d_out, d_in]`` in
 application order (see :mod:`nldsl.runtime.deep_memory`), shared by the batch (``[d_out, d_in]``:
 meta-learned Parameters or a pretrained MLP's weights, section 7.3) or per sequence
-(``[B, d_out, d_in]``). The state is always per sequence.
+(``[B, d_out, d_in]``). The state is always per sequence. The chunked implementation keeps
+shared weights as they are until a block's first step makes them per sequence: a block reads
+them with one product over every sequence's tokens, and their outer gradient is one product
+too (not one per sequence, then a sum). A state holds them as a broadcast view
+(:func:`batch_view`) that a call continuing from it recognises.
 
 Variants (``variant=``):
 
@@ -84,6 +88,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from nldsl.runtime._common import compute_dtype, dispatch
 from nldsl.runtime.deep_memory import (
@@ -264,13 +269,15 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
 
     def batched(W: Tensor) -> Tensor:
         W = W.to(dt)
-        return W.unsqueeze(0).expand(B, *W.shape) if W.dim() == 2 else W
+        # the chunked path reads a weight shared by the batch as it is: one product over every
+        # sequence's tokens, and one for its gradient (see the module docstring)
+        return W.unsqueeze(0).expand(B, *W.shape) if W.dim() == 2 and impl != "chunked" else W
 
     init = [[batched(W) for W in ws] for ws in params]
     if initial_state is not None:
         if not isinstance(initial_state, CmsState) or len(initial_state.weights) != n:
             raise TypeError(f"{_OP}: initial_state must be a CmsState with {n} blocks")
-        ws = [[W.to(dt) for W in lw] for lw in initial_state.weights]
+        ws = [[(_SHARED.get(W, W) if impl == "chunked" else W).to(dt) for W in lw] for lw in initial_state.weights]
         gs = [[G.to(dt) for G in lg] for lg in initial_state.grad_sum]
         offs = list(initial_state.offset)
         for l, o in enumerate(offs):
@@ -318,14 +325,28 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         # a stream split into calls sends the outer gradient of every read to them, as one call does
         ws = _read_weights(ws, st)
         # an exact-zero sum as a broadcast zero: no weight-sized allocation for every read pass
-        gs = [[W.new_zeros(()).expand_as(W) if G is None else G for W, G in zip(lw, lg)]
+        gs = [[W.new_zeros(()).expand(B, *W.shape[-2:]) if G is None else G for W, G in zip(lw, lg)]
               for lw, lg in zip(ws, gs)]
+        ws = [[batch_view(W, B) if W.dim() == 2 else W for W in lw] for lw in ws]
         state = CmsState(tuple(tuple(lw) for lw in ws), tuple(tuple(lg) for lg in gs), tuple(offs))
     info = None
     if return_info:
         info = CmsInfo(tuple(o.to(x.dtype) for o in outputs), tuple(tuple(u) for u in updates),
                        tuple(tuple(r) for r in resets))
     return CmsOutput(y.to(x.dtype), state, info)
+
+
+#: the broadcast views :func:`batch_view` made, by identity, with the shared weight each stands for
+_SHARED = WeakTensorKeyDictionary()
+
+
+def batch_view(W: Tensor, B: int) -> Tensor:
+    """A weight ``W [d_out, d_in]`` shared by the batch as a state's ``[B, d_out, d_in]`` (a view).
+    A chunked call continuing from the state reads ``W`` itself again; a view since replaced or
+    edited is read per sequence."""
+    view = W.unsqueeze(0).expand(B, *W.shape)
+    _SHARED[view] = W
+    return view
 
 
 class _StraightThrough:
@@ -340,7 +361,11 @@ class _StraightThrough:
         self.start, self.detached = W, W.detach()
 
     def read(self, W: Tensor) -> Tensor:
-        return self.start if W is self.detached else _Through.apply(W, self.start)
+        if W is self.detached:
+            return self.start
+        if W.dim() < self.start.dim():  # shared weights (a nested reset) for per-sequence ones:
+            W = W.expand_as(self.start)  # read per sequence, so each sends its own gradient
+        return _Through.apply(W, self.start)
 
 
 class _Through(torch.autograd.Function):
@@ -348,11 +373,12 @@ class _Through(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W: Tensor, start: Tensor) -> Tensor:
+        ctx.shape = start.shape  # [d_out, d_in] when shared by the batch: the sequences' sum
         return W.view_as(W)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return (grad if ctx.needs_input_grad[0] else None), grad
+        return (grad if ctx.needs_input_grad[0] else None), grad.sum_to_size(ctx.shape)
 
 
 def _read_weights(ws, st):

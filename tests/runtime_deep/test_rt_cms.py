@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from nldsl.runtime.cms import CmsState, cms_chain
+from nldsl.runtime.cms import _SHARED, CmsState, cms_chain
 from nldsl.runtime.deep_memory import mlp_apply
 from rtdeep_helpers import assert_close, cms_inputs, grads, requires_grad
 
@@ -175,7 +175,9 @@ def test_lr_zero_is_the_static_pretrained_mlp(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_lr_zero_continues_a_stream_like_zero_surprise(variant):
     """lr 0 skips the errors: the same output and state (pending gradient sums applied at the
-    boundaries it reaches, nested resets) as writing a zero surprise (the model's read pass)."""
+    boundaries it reaches, nested resets) as writing a zero surprise (the model's read pass).
+    Equal to rounding: a zero step turns a block's shared weights (a nested reset) into per-sequence
+    copies, which are read per sequence."""
     x = cms_inputs(T=17)
     state = run(x, "chunked", variant).final_state                 # pending sums, offsets mid-chunk
     zeros = dict(x, delta=torch.zeros_like(x["delta"]))
@@ -183,7 +185,7 @@ def test_lr_zero_continues_a_stream_like_zero_surprise(variant):
         part = dict(zeros, x=x["x"][:, :T], delta=zeros["delta"][:, :T])
         skip = run(part, "chunked", variant, lr=0.0, initial_state=state)
         full = run(part, "chunked", variant, initial_state=state)
-        assert_close(skip.o, full.o, atol=0, rtol=0)
+        assert_close(skip.o, full.o, atol=1e-15, rtol=0)
         assert_close(skip.final_state, full.final_state, atol=1e-15, rtol=0)
         assert skip.info.updates == full.info.updates and skip.info.resets == full.info.resets
 
@@ -239,6 +241,30 @@ def test_a_call_never_writes_the_state_it_was_given(variant):
     for lg, lb in zip(state.grad_sum, before):
         for G, B in zip(lg, lb):
             assert torch.equal(G, B)
+
+
+@pytest.mark.parametrize("variant,detach", list(itertools.product(VARIANTS, (False, True))))
+def test_shared_weights_continue_like_per_sequence_copies(variant, detach):
+    """Weights shared by the batch stay shared until a block steps (one product per read): a state
+    holds them as broadcast views, which a continuing call reads as the shared weights. Continuing
+    from per-sequence copies of the same state instead (read per sequence) gives the same
+    outputs, state and gradients."""
+    x = requires_grad(cms_inputs(T=23))
+    _, state = run_split(x, (1,), variant, detach=detach)  # one token: no block has stepped yet
+    views = [W for lw in state.weights for W in lw]
+    assert all(W.stride(0) == 0 and W in _SHARED for W in views)
+    copies = state._replace(weights=tuple(tuple(W.clone() for W in lw) for lw in state.weights))
+    assert not any(W in _SHARED for lw in copies.weights for W in lw)
+    rest = {k: (v[:, 1:] if k in ("x", "delta") else v) for k, v in x.items()}
+    shared, s_state = run_split(rest, (9, 13), variant, detach=detach, initial_state=state)
+    per_seq, p_state = run_split(rest, (9, 13), variant, detach=detach, initial_state=copies)
+    assert_close(shared, per_seq)
+    assert_close(s_state, p_state)
+    wrt = [x["params"], x["x"]]
+    assert_close(grads(shared, wrt), grads(per_seq, wrt))
+    # the continuing call read the shared weights themselves: no gradient passes the views
+    unused = torch.autograd.grad(shared.sum(), views, allow_unused=True, retain_graph=True)
+    assert all(g is None for g in unused)
 
 
 def test_errors():
