@@ -74,9 +74,10 @@ Implementations (``impl=``):
   of the ``C d_out d_in`` of a weight copy per token (d=32, hidden 128, C=64: ~15k vs ~262k floats
   per head and layer, 18x less; and nothing is stored per token for the end-of-chunk state).
   Only the anchor weights of each chunk are kept (autograd needs them for the backward). For
-  two-layer memories (every shipped spec's) a piece's writes and its gate coefficients are one
-  autograd function each, their backward written out (:mod:`nldsl.runtime._mlp_write`); other
-  depths compose the same maths from torch ops.
+  two-layer memories (every shipped spec's) a piece's writes, its gate coefficients and its
+  running read are one autograd function each, their backward written out
+  (:mod:`nldsl.runtime._mlp_write`, :mod:`nldsl.runtime._running_read`); other depths compose
+  the same maths from torch ops.
 * ``"triton"``: ``"chunked"`` with each chunk's gradients (forward, output error, both layers'
   errors) from one fused Triton kernel (:class:`nldsl.runtime._triton.MlpKernel`; two-layer
   MLPs; docs/kernels.md). Its backward is the closed form above, differentiated by autograd.
@@ -117,6 +118,7 @@ from nldsl.runtime._common import (
     ut_apply,
 )
 from nldsl.runtime._mlp_write import end_state, mlp_write, piece_coefficients
+from nldsl.runtime._running_read import running_read
 
 __all__ = [
     "ACTIVATIONS",
@@ -381,6 +383,8 @@ def chunk_step(
                                       read=running)
         ws_end, ms_end, U1, U2, hs, Sk = mlp_write(ws, ms, anchor, k, v, eta, coef, objective=objective,
                                                    signal=signal, rule=rule, act=act, residual=residual)
+        if running and st is None:  # the read as one function too
+            return running_read(q, ws, ms, k, Sk, U1, U2, hs, rc, act=act, residual=residual), ws_end, ms_end
         ins = [k, Sk]
         if running:
             pairs = [[(rc.c, U1)] + ([(rc.Da, hs)] if hs is not None else []), [(rc.c, U2)]]
