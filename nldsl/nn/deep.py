@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from nldsl.nn.layers import ShortConv
 from nldsl.nn.memories import _Gate, _heads, _logit
-from nldsl.runtime.cms import CmsState, _cms_chain, batch_view
+from nldsl.runtime.cms import CmsState, _cms_chain, batch_view, zero_sum
 from nldsl.runtime.deep_memory import mlp_memory
 from nldsl.runtime.self_modifying import self_modifying_titans
 
@@ -358,7 +358,7 @@ class CmsChain(nn.Module):
             if scope == "sequence":
                 like = weights[i]
                 weights[i] = tuple(batch_view(w[0].to(c.dtype), c.shape[0]) for w, c in zip(self.blocks[i], like))
-                sums[i] = tuple(torch.zeros_like(g) for g in sums[i])
+                sums[i] = tuple(zero_sum(g, g.shape[0]) for g in sums[i])
                 offsets[i] = 0
         return CmsState(tuple(weights), tuple(sums), tuple(offsets))
 

@@ -278,7 +278,7 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         if not isinstance(initial_state, CmsState) or len(initial_state.weights) != n:
             raise TypeError(f"{_OP}: initial_state must be a CmsState with {n} blocks")
         ws = [[(_SHARED.get(W, W) if impl == "chunked" else W).to(dt) for W in lw] for lw in initial_state.weights]
-        gs = [[G.to(dt) for G in lg] for lg in initial_state.grad_sum]
+        gs = [[None if G in _ZEROS else G.to(dt) for G in lg] for lg in initial_state.grad_sum]
         offs = list(initial_state.offset)
         for l, o in enumerate(offs):
             if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o < periods[l]:
@@ -324,9 +324,7 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         # detached writes keep the straight-through link to the starting weights in the state, so
         # a stream split into calls sends the outer gradient of every read to them, as one call does
         ws = _read_weights(ws, st)
-        # an exact-zero sum as a broadcast zero: no weight-sized allocation for every read pass
-        gs = [[W.new_zeros(()).expand(B, *W.shape[-2:]) if G is None else G for W, G in zip(lw, lg)]
-              for lw, lg in zip(ws, gs)]
+        gs = [[zero_sum(W, B) if G is None else G for W, G in zip(lw, lg)] for lw, lg in zip(ws, gs)]
         ws = [[batch_view(W, B) if W.dim() == 2 else W for W in lw] for lw in ws]
         state = CmsState(tuple(tuple(lw) for lw in ws), tuple(tuple(lg) for lg in gs), tuple(offs))
     info = None
@@ -338,6 +336,8 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
 
 #: the broadcast views :func:`batch_view` made, by identity, with the shared weight each stands for
 _SHARED = WeakTensorKeyDictionary()
+#: the exact-zero gradient sums :func:`zero_sum` made, by identity
+_ZEROS = WeakTensorKeyDictionary()
 
 
 def batch_view(W: Tensor, B: int) -> Tensor:
@@ -347,6 +347,15 @@ def batch_view(W: Tensor, B: int) -> Tensor:
     view = W.unsqueeze(0).expand(B, *W.shape)
     _SHARED[view] = W
     return view
+
+
+def zero_sum(W: Tensor, B: int) -> Tensor:
+    """An exact-zero gradient sum of a block weight ``W`` as a state's ``[B, d_out, d_in]``: a
+    broadcast zero (no weight-sized allocation), which a call continuing from the state skips
+    (nothing to add to a step or to apply at a boundary); one since replaced is summed as given."""
+    zero = W.new_zeros(()).expand(B, *W.shape[-2:])
+    _ZEROS[zero] = True
+    return zero
 
 
 class _StraightThrough:

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from nldsl.runtime.cms import _SHARED, CmsState, cms_chain
+from nldsl.runtime.cms import _SHARED, _ZEROS, CmsState, cms_chain
 from nldsl.runtime.deep_memory import mlp_apply
 from rtdeep_helpers import assert_close, cms_inputs, grads, requires_grad
 
@@ -265,6 +265,25 @@ def test_shared_weights_continue_like_per_sequence_copies(variant, detach):
     # the continuing call read the shared weights themselves: no gradient passes the views
     unused = torch.autograd.grad(shared.sum(), views, allow_unused=True, retain_graph=True)
     assert all(g is None for g in unused)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exact_zero_sums_continue_like_real_zeros(variant):
+    """A block that just stepped leaves an exact-zero gradient sum in the state: a broadcast zero
+    that a continuing call skips. Continuing from real zeros instead gives the same outputs, state
+    and gradients."""
+    x = requires_grad(cms_inputs(T=23))
+    _, state = run_split(x, (6,), variant)  # blocks 0 and 1 (periods 2 and 6) just stepped
+    zeros = [G for lg in state.grad_sum[:2] for G in lg]
+    assert all(G in _ZEROS and G.stride() == (0, 0, 0) and not G.any() for G in zeros)
+    real = state._replace(grad_sum=tuple(tuple(G.clone() for G in lg) for lg in state.grad_sum))
+    rest = {k: (v[:, 6:] if k in ("x", "delta") else v) for k, v in x.items()}
+    skipped, s_state = run_split(rest, (5, 12), variant, initial_state=state)
+    summed, r_state = run_split(rest, (5, 12), variant, initial_state=real)
+    assert_close(skipped, summed)
+    assert_close(s_state, r_state)
+    wrt = [x["params"], x["x"]]
+    assert_close(grads(skipped, wrt), grads(summed, wrt))
 
 
 def test_errors():
