@@ -25,7 +25,8 @@ meta-learned Parameters or a pretrained MLP's weights, section 7.3) or per seque
 shared weights as they are until a block's first step makes them per sequence: a block reads
 them with one product over every sequence's tokens, and their outer gradient is one product
 too (not one per sequence, then a sum). A state holds them as a broadcast view
-(:func:`batch_view`) that a call continuing from it recognises.
+(:func:`batch_view`) that a call continuing from it recognises, and a gradient sum that is
+exactly zero (a block that just stepped) as a recognised broadcast zero (:func:`zero_sum`).
 
 Variants (``variant=``):
 
