@@ -24,13 +24,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nldsl.runtime._mlp_write import ReadCoefficients, _Act, _residual, _scaled, _T
+from nldsl.runtime._mlp_write import ReadCoefficients, _Act, _residual, _rowdot, _scaled, _T
 
 __all__ = ["running_read"]
-
-
-def _rowdot(x: Tensor, y: Tensor) -> Tensor:
-    return (x * y).sum(-1)
 
 
 def _layer(z: Tensor, W: Tensor, M: Optional[Tensor], a: Tensor, terms, A: Tensor, m: Optional[Tensor]):
