@@ -343,6 +343,7 @@ ablation a { mem.objective = dot }
 
 COMMENTED_FORMATTED = """\
 # file header
+
 # about the include
 include "adam.nl"  # trailing on include
 
@@ -374,7 +375,7 @@ ablation a { mem.objective = dot }
 def test_comments_are_attached_to_statements():
     f = parse(COMMENTED, "c.nl")
     include, model, ablation = f.items
-    assert include.trivia == A.Trivia(("# file header", "# about the include"), "# trailing on include")
+    assert include.trivia == A.Trivia(("# file header", "", "# about the include"), "# trailing on include")
     assert model.trivia == A.Trivia(("# the model",), "# after the model", blank_before=True)
     vocab, dim, layers, context = model.stmts[:4]
     assert vocab.trivia.comments == ("# after the brace", "# leading on vocab")
@@ -391,6 +392,22 @@ def test_comments_are_attached_to_statements():
 
 def test_comments_are_printed_back():
     assert format_file(parse(COMMENTED)) == COMMENTED_FORMATTED
+
+
+def test_blank_lines_between_comments_are_kept():
+    """A blank line (or a run of them) between two comments, or between the last comment and its
+    statement, stays one blank line; comments that touch stay together."""
+    text = ("# licence\n\n\n# about M\nmodel M {\n  # one\n  # two\n\n  vocab = 4\n"
+            "  # closing\n\n  # more closing\n}\n")
+    f = parse(text)
+    [model] = f.items
+    assert model.trivia.comments == ("# licence", "", "# about M")
+    assert model.stmts[0].trivia.comments == ("# one", "# two", "")
+    assert model.closing == ("# closing", "", "# more closing")
+    once = format_file(f)
+    assert once == ("# licence\n\n# about M\nmodel M {\n  # one\n  # two\n\n  vocab = 4\n"
+                    "  # closing\n\n  # more closing\n}\n")
+    assert format_file(parse(once)) == once
 
 
 def test_comment_like_text_in_strings_is_kept():

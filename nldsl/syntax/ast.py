@@ -118,7 +118,8 @@ Expr = Union[Number, String, Name, Bool, Call, BinOp, Neg, Index, Tuple, Chain]
 
 @dataclass(frozen=True)
 class Trivia:
-    """What fmt keeps around a statement: comments above it, one after it, a blank line."""
+    """What fmt keeps around a statement: comments above it (``""`` where a blank line separates
+    two of them, or the last from the statement), one after it, a blank line before them."""
 
     comments: tuple[str, ...] = ()
     trailing: str | None = None

@@ -268,7 +268,7 @@ class _Attacher:
                   if lo <= p < hi and not any(s is not None and s <= p < e for s, e in spans)]
         leading: list[list[tuple[int, str]]] = [[] for _ in children]
         trailing: list[str | None] = [None] * len(children)
-        closing: list[str] = []
+        closing: list[tuple[int, str]] = []
         for pos, line, text in inside:
             owner = None
             for i, (s, e) in enumerate(spans):
@@ -279,7 +279,7 @@ class _Attacher:
                 continue
             nxt = next((i for i, (s, _) in enumerate(spans) if s is not None and s > pos), None)
             if nxt is None:
-                closing.append(text)
+                closing.append((line, text))
             else:
                 leading[nxt].append((line, text))
         out = []
@@ -289,9 +289,21 @@ class _Attacher:
                         default=None)
             blank = (i > 0 and first is not None and first - 1 > open_line
                      and first - 2 < len(self.lines) and not self.lines[first - 2].strip())
-            trivia = A.Trivia(tuple(t for _, t in leading[i]), trailing[i], blank)
-            out.append(replace(ch, trivia=trivia))
-        return tuple(out), tuple(closing)
+            comments = self.paragraphs(leading[i], self.line_of(s) if s is not None else None)
+            out.append(replace(ch, trivia=A.Trivia(comments, trailing[i], blank)))
+        return tuple(out), self.paragraphs(closing, None)
+
+    def paragraphs(self, comments: list[tuple[int, str]], before: int | None) -> tuple[str, ...]:
+        """The comments' texts, with ``""`` where blank lines separate two of them, or the last
+        from the statement on line ``before`` (fmt keeps one blank line for any run of them)."""
+        out: list[str] = []
+        lines = [ln for ln, _ in comments] + ([before] if before is not None else [])
+        for k, (line, text) in enumerate(comments):
+            out.append(text)
+            nxt = lines[k + 1] if k + 1 < len(lines) else None
+            if nxt is not None and any(not self.lines[j - 1].strip() for j in range(line + 1, nxt)):
+                out.append("")
+        return tuple(out)
 
     def node(self, ch):
         """Recursively attaches comments inside container statements."""

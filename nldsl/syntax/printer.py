@@ -140,7 +140,7 @@ def _block(out: list, head: str, children, closing, depth: int, trailing: str | 
     for i, ch in enumerate(children):
         _stmt(out, ch, depth + 1, first=(i == 0))
     for c in closing:
-        out.append(f"{INDENT * (depth + 1)}{c}")
+        out.append(f"{INDENT * (depth + 1)}{c}" if c else "")
     _line(out, f"{pad}}}", trailing)
 
 
@@ -149,8 +149,8 @@ def _stmt(out: list[str], s, depth: int, first: bool = False, force_blank: bool 
     trivia: A.Trivia = s.trivia
     if not first and (trivia.blank_before or force_blank):
         out.append("")
-    for c in trivia.comments:
-        out.append(f"{pad}{c}")
+    for c in trivia.comments:  # "" stands for a blank line between comments
+        out.append(f"{pad}{c}" if c else "")
     if isinstance(s, (A.Model, A.Optimizer)):
         _block(out, _head(s), s.stmts, s.closing, depth, trivia.trailing)
     elif isinstance(s, A.Ablation):
