@@ -929,5 +929,7 @@ def _numbers(node):
 
 
 def _doc(trivia: A.Trivia) -> str:
-    lines = [c.lstrip("#").strip() for c in trivia.comments]
-    return "\n".join(lines).strip()
+    """The comments above a block as its documentation: ``#`` and one space dropped from each
+    line, so that indented continuation lines (a list item's) keep their indentation."""
+    lines = [c[1:].removeprefix(" ").rstrip() if c.startswith("#") else c for c in trivia.comments]
+    return "\n".join(lines).strip("\n")
