@@ -108,6 +108,18 @@ def test_hostile_comments_stay_literals(tmp_path):
     assert doc in mod.__doc__
 
 
+def test_docstrings_keep_comment_paragraphs_and_indentation(tmp_path):
+    """The comments above a block become its docstring: '#' and one space dropped, so a list
+    item's continuation keeps its indentation, and a blank line between comments stays one."""
+    text = ("# Plain: a summary.\n#\n# - an item that goes on\n#   over two lines\n\n# after a blank line\n"
+            "optimizer Plain {\n  lr = 0.1\n  level s : steps every 1\n"
+            "  memory m in s : elementwise { input grad }\n  update = lr * m\n}\n")
+    mod = compile_spec(_write(tmp_path, text, "plain.nl"))
+    want = "Plain: a summary.\n\n- an item that goes on\n  over two lines\n\nafter a blank line"
+    assert want in inspect.cleandoc(mod.Plain.__doc__)
+    assert want in mod.__doc__
+
+
 def test_docstring_and_literal_round_trip():
     for text in ['"', '"""', "a\\", "x\ny\n", "\x00\x1b[31m", "tab\there", "'''", '"\n"""\n\\"', "é ∑ \u2029"]:
         expected = text + ("\n" if "\n" in text and not text.endswith("\n") else "")
