@@ -491,7 +491,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
 
     # pass 1: the generating memories, read at their anchor, written on the shared k, v, eta, alpha
     lens = segment_lengths(T, [(off_g, Cg)])
-    parts = {n: split_time(z, lens) for n, z in inputs.items()}
+    parts = {n: split_time(inputs[n], lens) for n in GENERATED if n in inputs}  # the static ones
     beta_all = inputs.get("beta")
     if detach and beta_all is not None:
         beta_all = beta_all.detach()
@@ -501,7 +501,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
         g["beta"] = split_time(None if beta_all is None else beta_all.repeat(len(g["names"]), 1), lens)
     made = []  # per piece: k, v, q, eta, alpha
     for j, L in enumerate(lens):
-        got = {n: parts[n][j] for n in GENERATED if n in parts}  # raw values
+        got = {n: p[j] for n, p in parts.items()}  # raw values
         done = {}                                                  # final values
         for g in groups:
             if off_g == 0:
@@ -544,8 +544,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
 
     # pass 2: M_memory over the call in chunks of Cm, on the tokens' k, v, q, eta, alpha
     seqs = [None if z[0] is None else torch.cat(z, dim=1) for z in zip(*made)]
-    beta = inputs.get("beta")
-    seqs.append(beta.detach() if detach and beta is not None else beta)
+    seqs.append(beta_all)
     lens = segment_lengths(T, [(off_m, Cm)])
     k_, v_, q_, eta, alpha, beta = (split_time(z, lens) for z in seqs)
     w, a = ws["memory"], anchor["memory"]
