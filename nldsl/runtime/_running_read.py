@@ -68,15 +68,18 @@ def _layer_backward(g: Tensor, z: Tensor, W: Tensor, M: Optional[Tensor], a: Ten
     return dz, dW, dM, da, dterms, dA, dm
 
 
+def _first_terms(c: Tensor, U1: Tensor, Da: Tensor, hs: Optional[Tensor]):
+    """The first layer's write terms: every token's step, and DGD's erase (``hs``) when there is one."""
+    return [(c, U1)] + ([(Da, hs)] if hs is not None else [])
+
+
 class _RunningRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, act, residual, q, W1, W2, M1, M2, k, Sk, U1, U2, hs, A, c, Da, m):
-        terms1 = [(c, U1)] + ([(Da, hs)] if hs is not None else [])
-        P1, zW1, zk, s1, zM1 = _layer(q, W1, M1, k, terms1, A, m)
+        P1, zW1, zk, s1, zM1 = _layer(q, W1, M1, k, _first_terms(c, U1, Da, hs), A, m)
         f = _Act(P1, act)
         P2, zW2, zs, s2, zM2 = _layer(f.S, W2, M2, Sk, [(c, U2)], A, m)
-        ctx.act, ctx.residual, ctx.dgd = act, residual, hs is not None
-        ctx.n1 = len(s1)
+        ctx.act, ctx.residual = act, residual
         ctx.save_for_backward(q, W1, W2, M1, M2, k, Sk, U1, U2, hs, A, c, Da, m, zW1, zk, zM1, zW2, zs, zM2,
                               f.H, f.S, f.inv_r, f.g1, *s1, *s2)
         return _residual(P2, q, residual)
@@ -86,15 +89,15 @@ class _RunningRead(torch.autograd.Function):
     def backward(ctx, do):
         (q, W1, W2, M1, M2, k, Sk, U1, U2, hs, A, c, Da, m, zW1, zk, zM1, zW2, zs, zM2,
          H, S, inv_r, g1, *scaled) = ctx.saved_tensors
-        s1, s2 = scaled[:ctx.n1], scaled[ctx.n1:]
-        terms1 = [(c, U1)] + ([(Da, hs)] if ctx.dgd else [])
+        terms1 = _first_terms(c, U1, Da, hs)
+        s1, s2 = scaled[:len(terms1)], scaled[len(terms1):]
         dS, dW2, dM2, dSk, ((dc, dU2),), dA, dm = _layer_backward(do, S, W2, M2, Sk, [(c, U2)], A, m,
                                                                    zW2, zs, s2, zM2)
         dP1, _ = _Act(H, ctx.act, S, inv_r, g1).vjp(dS)
         dq, dW1, dM1, dk, d1, dA1, dm1 = _layer_backward(dP1, q, W1, M1, k, terms1, A, m, zW1, zk, s1, zM1)
         dc = dc + d1[0][0]
         dU1 = d1[0][1]
-        dDa, dhs = d1[1] if ctx.dgd else (None, None)
+        dDa, dhs = d1[1] if hs is not None else (None, None)
         dA = dA + dA1
         dm = None if dm is None else dm + dm1
         rq = _scaled(do, ctx.residual)
