@@ -69,14 +69,16 @@ def docstring(text: str, indent: str = "") -> str:
     ``ast.literal_eval`` of the result gives ``text`` with ``indent`` after each newline and,
     for several lines, a final newline (PEP 257 layout; ``inspect.cleandoc`` undoes both).
     """
-    s = text.replace("\\", "\\\\").replace('"', '\\"')
+    s = text.replace("\\", "\\\\")
+    # a quote is escaped only where it could end the literal: in a run of two or more, or last
+    s = re.sub(r'"{2,}|"$', lambda m: '\\"' * len(m.group(0)), s)
     s = _UNSAFE.sub(_escape_char, s)
     lines = s.split("\n")
     if len(lines) == 1:
         return f'"""{s}"""'
     if lines[-1] == "":
         lines.pop()
-    body = lines[0] + "\n" + "\n".join((indent + ln) if ln else "" for ln in lines[1:])
+    body = "\n".join([lines[0]] + [(indent + ln) if ln else "" for ln in lines[1:]])
     return f'"""{body}\n{indent}"""'
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nldsl
 from nldsl.codegen import CodegenError, compile_spec, generate, write_package
@@ -121,7 +123,8 @@ def test_docstrings_keep_comment_paragraphs_and_indentation(tmp_path):
 
 
 def test_docstring_and_literal_round_trip():
-    for text in ['"', '"""', "a\\", "x\ny\n", "\x00\x1b[31m", "tab\there", "'''", '"\n"""\n\\"', "é ∑ \u2029"]:
+    assert docstring('a "quoted" word') == '"""a "quoted" word"""'  # readable: no needless escapes
+    for text in ['"', '"""', '""', '""""', 'a "quoted" word', 'ends"', '"starts', "a\\", "x\ny\n", "\x00\x1b[31m", "tab\there", "'''", '"\n"""\n\\"', "é ∑ \u2029"]:
         expected = text + ("\n" if "\n" in text and not text.endswith("\n") else "")
         assert ast.literal_eval(docstring(text)) == expected
         assert ast.literal_eval(docstring(text, "    ")).replace("\n    ", "\n") == expected
@@ -129,6 +132,17 @@ def test_docstring_and_literal_round_trip():
         assert ast.literal_eval(literal(v)) == v
     with pytest.raises(ValueError):
         literal(float("inf"))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(text=st.text(alphabet=st.sampled_from('"\'\\\n\t a\x00\u2028é'), max_size=12), indent=st.sampled_from(["", "    "]))
+def test_docstring_round_trips_any_text(text, indent):
+    """Quotes, backslashes and newlines in any arrangement stay text (one literal, the same value)."""
+    src = docstring(text, indent)
+    tree = ast.parse(src)
+    assert len(tree.body) == 1
+    expected = text + ("\n" if "\n" in text and not text.endswith("\n") else "")
+    assert ast.literal_eval(src).replace("\n" + indent, "\n") == expected
 
 
 def test_names_are_sanitised_and_unique():
