@@ -34,7 +34,14 @@ from nldsl.codegen.naming import sanitize
 from nldsl.codegen.render import docstring, environment, header
 
 __all__ = ["GeneratedKernels", "KernelPart", "LinearKernelSpec", "MlpKernelSpec", "PART_PLANNERS", "generate_kernels",
-           "linear_kernel", "linear_part", "mlp_kernel", "mlp_part", "mlp_tile", "render_kernels"]
+           "kernel_residual", "linear_kernel", "linear_part", "mlp_kernel", "mlp_part", "mlp_tile", "render_kernels"]
+
+
+def kernel_residual(residual: bool, prenorm: str) -> bool:
+    """Whether the fused MLP kernel of a block adds the block's input itself: with a pre-norm it
+    runs on the normalised input, and the residual (of the raw input) is added outside it."""
+    return bool(residual) and (prenorm or "none") == "none"
+
 
 #: chunk sizes the linear kernels accept: powers of two (tl.dot tiles are >= 16)
 CHUNK_SIZES = (16, 32, 64, 128)
@@ -411,8 +418,7 @@ def _mlp_planner(model, item, level, ctx, taken):
         key = (model.name, "memory", item.name)
     try:
         spec = MlpKernelSpec(name=sanitize(f"{model.name}_{item.name}"), d_in=d, d_hidden=hidden, d_out=d,
-                             # a CMS pre-norm: the kernel runs on the normalised input, the residual is outside
-                             activation=s.activation, residual=bool(s.residual) and (s.prenorm or "none") == "none",
+                             activation=s.activation, residual=kernel_residual(s.residual, s.prenorm),
                              hidden_norm=getattr(s, "norm", None) or "none", chunk=mlp_tile(min(periods)))
     except ValueError as e:  # the model still compiles; only its kernels are missing
         return f"the MLP kernel cannot be specialised to {what} ({e})"

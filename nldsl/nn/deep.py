@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nldsl.codegen.kernels import kernel_residual
 from nldsl.nn.layers import ShortConv
 from nldsl.nn.memories import _Gate, _heads, _logit
 from nldsl.runtime.cms import CmsState, _cms_chain, batch_view, zero_sum
@@ -308,7 +309,7 @@ class CmsChain(nn.Module):
         self.agg = nn.Parameter(torch.ones(len(periods)) / len(periods)) if variant == "independent" else None
         self.kernel = _mlp_kernel("CmsChain", impl, kernel, depth=depth, d_in=dim, d_hidden=hidden, d_out=dim,
                                   activation=activation, hidden_norm=hidden_norm,
-                                  residual=residual and prenorm == "none", chunk=min(periods))
+                                  residual=kernel_residual(residual, prenorm), chunk=min(periods))
         self.tape: list | None = None  # set by the model while it collects surprise signals
         self._read_pass = None  # (x, state, forwards) of the last taped read, for learn to reuse
 

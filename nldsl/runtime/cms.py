@@ -312,12 +312,13 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
                detach=detach, periods=periods, kernels=None, info=return_info,
                record=record if impl != "triton" else None, reuse=reuse, donate=donate)
     if impl == "triton":
+        from nldsl.codegen.kernels import kernel_residual
         from nldsl.runtime._triton import runtime_mlp_kernel
 
         cfg["kernels"] = [
             runtime_mlp_kernel(_OP, kernel, depth=len(block), d_in=block[0].shape[-1], d_hidden=block[0].shape[-2],
                                d_out=block[-1].shape[-2], activation=activation, hidden_norm=hidden_norm,
-                               residual=residual and prenorm == "none", chunk=min(periods))
+                               residual=kernel_residual(residual, prenorm), chunk=min(periods))
             for block in params]
     y, ws, gs, offs, outputs, updates, resets = fn(xs, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg)
     state = None
