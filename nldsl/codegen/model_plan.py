@@ -35,6 +35,9 @@ class BlockPlan:
     submodules: list[Submodule] = field(default_factory=list)
     forward: list[str] = field(default_factory=list)
     stateful: list[str] = field(default_factory=list)
+    #: how many of ``forward``'s lines come before the block's first memory that learns from the
+    #: surprise (0: no such split); the first layer runs them over a whole call at once
+    head: int = 0
 
 
 @dataclass
@@ -392,8 +395,19 @@ class Planner:
             self.unsupported("this part of the block is not compiled yet", (self.model.name, "block"))
 
         kv_providers = {self.kv_source(m) for m in self.model.memories if m.structure.kind == "linear"} - {None}
+        learners = {c.name for c in self.model.cms if c.memories and c.memories[0].signal == "surprise"}
+        top = self.model.block
+        parts = list(top.args) if isinstance(top, M.Op) and top.op == "->" else [top]
         lines: list[str] = []
-        emit(self.model.block, lines, 0)
+        head = None
+        for part in parts:  # the top-level parts: only h, new and kv_* pass from one to the next
+            start, before = len(lines), set(used)
+            emit(part, lines, 0)
+            if head is None and (used - before) & learners:
+                head, in_head = start, before
+        # a split needs the keys and values of the head's attention unused after it
+        if head and not any(f"kv_{n}" in line for n in kv_providers & in_head for line in lines[head:]):
+            bp.head = head
         bp.forward = lines
         return bp
 

@@ -143,7 +143,9 @@ class NSAMModel(nn.Module):
         signal every such memory adds its output to (a first-order local surprise, computed
         exactly and per token, so it does not depend on how a stream is split into calls). The
         stream is processed in segments on the chunk grid of the fastest such memory; after
-        each segment the memories write with its surprise before the next one reads.
+        each segment the memories write with its surprise before the next one reads. The first
+        layer's parts before its first such memory (a block's ``head``, when the compiler split
+        it) see only the embedding: they run over the whole call at once.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
@@ -161,13 +163,18 @@ class NSAMModel(nn.Module):
         cuts = [0]
         while cuts[-1] < T:  # segments end on the fastest surprise level's chunk grid
             cuts.append(min(T, cuts[-1] + period - (pos + cuts[-1]) % period))
+        heads = None
+        head = getattr(self.blocks[0], "head", None) if len(self.blocks) else None
+        if head is not None:
+            h, made = head(self.embed(input_ids), None if state is None else state.layers[0])
+            heads = [(part, made) for part in h.split([b - a for a, b in zip(cuts, cuts[1:])], dim=1)]
         logits = []
-        for a, b in zip(cuts, cuts[1:]):
+        for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
             tape: list = []
             for m in learners:
                 m.tape = tape
             try:
-                seg_logits, hidden, state = self._forward(input_ids[:, a:b], state)
+                seg_logits, hidden, state = self._forward(input_ids[:, a:b], state, None if heads is None else heads[j])
             finally:
                 for m in learners:
                     m.tape = None
@@ -210,12 +217,18 @@ class NSAMModel(nn.Module):
             (delta,) = torch.autograd.grad(loss, h)
         return delta.detach()
 
-    def _forward(self, input_ids: Tensor, state: ModelState | None):
-        """``(logits, hidden before the final norm, new state)``."""
-        x = self.embed(input_ids)
+    def _forward(self, input_ids: Tensor, state: ModelState | None, head: tuple | None = None):
+        """``(logits, hidden before the final norm, new state)``. ``head``: the first layer's
+        ``head`` output for these tokens and the state it made (then only its ``tail`` runs)."""
         new_layers = []
-        for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state.layers[i])
+        if head is None:
+            x, first = self.embed(input_ids), 0
+        else:
+            x, s = self.blocks[0].tail(head[0], None if state is None else state.layers[0], head[1])
+            new_layers.append(s)
+            first = 1
+        for i in range(first, len(self.blocks)):
+            x, s = self.blocks[i](x, None if state is None else state.layers[i])
             new_layers.append(s)
         logits = self.head(self.norm(x))
         tokens = (state.tokens if state is not None else 0) + input_ids.shape[1]

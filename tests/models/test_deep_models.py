@@ -48,6 +48,43 @@ def test_stream_split_equals_one_pass(spec, split):
 
 
 @pytest.mark.parametrize("spec", ["hope", "cms"])
+def test_first_layer_head_runs_once_per_call(spec):
+    """With labels the model goes through a call in surprise segments; the first layer's parts
+    before its CMS (the block's ``head``: Titans, attention) run over the whole call at once.
+    Outputs, state and gradients equal running the whole layer segment by segment."""
+    torch.manual_seed(0)
+    model = build(spec).double()
+    ids = torch.randint(0, 32, (2, 45))
+    labels = ids.roll(-1, 1)
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *_: calls.append(1))  # forward, not head + tail
+
+    def run():
+        model.zero_grad()
+        out = model(ids, labels=labels)
+        out.logits.square().sum().backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    hoisted, grads = run()
+    assert calls == []
+    block, cls = model.blocks[0], type(model.blocks[0])
+
+    def whole_layer(x, state=None):
+        h, made = cls.head(block, x, state)
+        return cls.tail(block, h, state, made)
+
+    block.forward, block.head = whole_layer, None  # the model sees no head: segment by segment
+    plain, plain_grads = run()
+    assert len(calls) > 1
+    torch.testing.assert_close(hoisted.logits, plain.logits, rtol=1e-10, atol=1e-10)
+    for a, b in zip(_tensors(hoisted.state), _tensors(plain.state)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert grads.keys() == plain_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-8, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize("spec", ["hope", "cms"])
 def test_a_given_state_is_never_written(spec):
     """Learners accumulate in place only into states this call made: the state a call starts
     from (here with a CMS gradient sum pending) stays as it was, and serves again."""
