@@ -109,13 +109,16 @@ def wrap(model, dist: Dist, device, fsdp: bool):
     if fsdp:
         import warnings
 
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         # the loop never modifies a model output in place, so this FSDP2 warning does not apply
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 
         for block in getattr(model, "blocks", []):
             fully_shard(block)
+            for method in ("head", "tail"):  # a split block (NSAMModel.forward calls them directly)
+                if callable(getattr(block, method, None)):
+                    register_fsdp_forward_method(block, method)
         fully_shard(model)
         return model, "fsdp"
     from torch.nn.parallel import DistributedDataParallel as DDP
