@@ -37,7 +37,7 @@ class BlockPlan:
     stateful: list[str] = field(default_factory=list)
     #: how many of ``forward``'s lines come before the block's first memory that learns from the
     #: surprise (0: no such split); the first layer runs them over a whole call at once
-    head: int = 0
+    prefix: int = 0
 
 
 @dataclass
@@ -399,15 +399,15 @@ class Planner:
         top = self.model.block
         parts = list(top.args) if isinstance(top, M.Op) and top.op == "->" else [top]
         lines: list[str] = []
-        head = None
+        split = None
         for part in parts:  # the top-level parts: only h, new and kv_* pass from one to the next
             start, before = len(lines), set(used)
             emit(part, lines, 0)
-            if head is None and (used - before) & learners:
-                head, in_head = start, before
-        # a split needs the keys and values of the head's attention unused after it
-        if head and not any(f"kv_{n}" in line for n in kv_providers & in_head for line in lines[head:]):
-            bp.head = head
+            if split is None and (used - before) & learners:
+                split, in_prefix = start, before
+        # a split needs the keys and values of the prefix's attention unused after it
+        if split and not any(f"kv_{n}" in line for n in kv_providers & in_prefix for line in lines[split:]):
+            bp.prefix = split
         bp.forward = lines
         return bp
 

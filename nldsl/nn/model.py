@@ -144,7 +144,7 @@ class NSAMModel(nn.Module):
         exactly and per token, so it does not depend on how a stream is split into calls). The
         stream is processed in segments on the chunk grid of the fastest such memory; after
         each segment the memories write with its surprise before the next one reads. The first
-        layer's parts before its first such memory (a block's ``head``, when the compiler split
+        layer's parts before its first such memory (a block's ``prefix``, when the compiler split
         it) see only the embedding: they run over the whole call at once.
         """
         if input_ids.dim() != 2:
@@ -163,18 +163,19 @@ class NSAMModel(nn.Module):
         cuts = [0]
         while cuts[-1] < T:  # segments end on the fastest surprise level's chunk grid
             cuts.append(min(T, cuts[-1] + period - (pos + cuts[-1]) % period))
-        heads = None
-        head = getattr(self.blocks[0], "head", None) if len(self.blocks) else None
-        if head is not None:
-            h, made = head(self.embed(input_ids), None if state is None else state.layers[0])
-            heads = [(part, made) for part in h.split([b - a for a, b in zip(cuts, cuts[1:])], dim=1)]
+        prefixes = None
+        prefix = getattr(self.blocks[0], "prefix", None) if len(self.blocks) else None
+        if prefix is not None:
+            h, made = prefix(self.embed(input_ids), None if state is None else state.layers[0])
+            prefixes = [(part, made) for part in h.split([b - a for a, b in zip(cuts, cuts[1:])], dim=1)]
         logits = []
         for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
             tape: list = []
             for m in learners:
                 m.tape = tape
             try:
-                seg_logits, hidden, state = self._forward(input_ids[:, a:b], state, None if heads is None else heads[j])
+                seg_logits, hidden, state = self._forward(input_ids[:, a:b], state,
+                                                          None if prefixes is None else prefixes[j])
             finally:
                 for m in learners:
                     m.tape = None
@@ -217,14 +218,14 @@ class NSAMModel(nn.Module):
             (delta,) = torch.autograd.grad(loss, h)
         return delta.detach()
 
-    def _forward(self, input_ids: Tensor, state: ModelState | None, head: tuple | None = None):
-        """``(logits, hidden before the final norm, new state)``. ``head``: the first layer's
-        ``head`` output for these tokens and the state it made (then only its ``tail`` runs)."""
+    def _forward(self, input_ids: Tensor, state: ModelState | None, prefix: tuple | None = None):
+        """``(logits, hidden before the final norm, new state)``. ``prefix``: the first layer's
+        ``prefix`` output for these tokens and the state it made (then only its ``rest`` runs)."""
         new_layers = []
-        if head is None:
+        if prefix is None:
             x, first = self.embed(input_ids), 0
         else:
-            x, s = self.blocks[0].tail(head[0], None if state is None else state.layers[0], head[1])
+            x, s = self.blocks[0].rest(prefix[0], None if state is None else state.layers[0], prefix[1])
             new_layers.append(s)
             first = 1
         for i in range(first, len(self.blocks)):

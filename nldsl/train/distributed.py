@@ -116,7 +116,7 @@ def wrap(model, dist: Dist, device, fsdp: bool):
 
         for block in getattr(model, "blocks", []):
             fully_shard(block)
-            for method in ("head", "tail"):  # a split block (NSAMModel.forward calls them directly)
+            for method in ("prefix", "rest"):  # a split block (NSAMModel.forward calls them directly)
                 if callable(getattr(block, method, None)):
                     register_fsdp_forward_method(block, method)
         fully_shard(model)

@@ -48,16 +48,16 @@ def test_stream_split_equals_one_pass(spec, split):
 
 
 @pytest.mark.parametrize("spec", ["hope", "cms"])
-def test_first_layer_head_runs_once_per_call(spec):
+def test_first_layer_prefix_runs_once_per_call(spec):
     """With labels the model goes through a call in surprise segments; the first layer's parts
-    before its CMS (the block's ``head``: Titans, attention) run over the whole call at once.
+    before its CMS (the block's ``prefix``: Titans, attention) run over the whole call at once.
     Outputs, state and gradients equal running the whole layer segment by segment."""
     torch.manual_seed(0)
     model = build(spec).double()
     ids = torch.randint(0, 32, (2, 45))
     labels = ids.roll(-1, 1)
     calls = []
-    model.blocks[0].register_forward_hook(lambda *_: calls.append(1))  # forward, not head + tail
+    model.blocks[0].register_forward_hook(lambda *_: calls.append(1))  # forward, not prefix + rest
 
     def run():
         model.zero_grad()
@@ -70,10 +70,10 @@ def test_first_layer_head_runs_once_per_call(spec):
     block, cls = model.blocks[0], type(model.blocks[0])
 
     def whole_layer(x, state=None):
-        h, made = cls.head(block, x, state)
-        return cls.tail(block, h, state, made)
+        h, made = cls.prefix(block, x, state)
+        return cls.rest(block, h, state, made)
 
-    block.forward, block.head = whole_layer, None  # the model sees no head: segment by segment
+    block.forward, block.prefix = whole_layer, None  # the model sees no prefix: segment by segment
     plain, plain_grads = run()
     assert len(calls) > 1
     torch.testing.assert_close(hoisted.logits, plain.logits, rtol=1e-10, atol=1e-10)

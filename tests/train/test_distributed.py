@@ -46,7 +46,7 @@ def test_two_processes_match_one(tmp_path, mode):
 
 
 def test_fsdp_runs_a_split_block(tmp_path):
-    """Hope-Attention's blocks run as head and tail (the first layer's attention once per call,
+    """Hope-Attention's blocks run as prefix and rest (the first layer's attention once per call,
     the CMS per surprise segment); FSDP all-gathers their weights for both: 2 processes give the
     loss curve of one."""
     spec = str(Path(__file__).resolve().parents[2] / "specs" / "cms.nl")
