@@ -22,7 +22,7 @@ from nldsl.codegen.naming import Namer, sanitize
 from nldsl.codegen.render import docstring, literal
 from nldsl.spec import analyze_file, analyze_text
 
-from conftest import SPECS
+from optim_support import SPECS
 
 OPTIMIZER_SPECS = ["sgd_momentum.nl", "adam.nl", "adagrad.nl", "muon.nl", "m3.nl", "delta_momentum.nl",
                    "preconditioned_momentum.nl", "deep_momentum.nl"]

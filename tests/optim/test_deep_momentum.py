@@ -19,7 +19,7 @@ from nldsl.syntax import ast as A
 from nldsl.syntax.parser import parse
 from nldsl.syntax.printer import format_file
 
-from conftest import SPECS, Tiny, assert_params_close, batches, train
+from optim_support import SPECS, Tiny, assert_params_close, batches, train
 
 # ---- the transcription: one MLP per coordinate, in plain Python floats ----------------------
 

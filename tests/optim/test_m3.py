@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nldsl.optim as rt
-from conftest import Tiny, batches, train
+from optim_support import Tiny, batches, train
 
 
 def ns5(G, steps=5, coefficients=(3.4445, -4.775, 2.0315), eps=1e-7):

@@ -9,7 +9,7 @@ import torch
 
 from nldsl.codegen import compile_spec
 
-from conftest import Tiny, assert_params_close, batches, train
+from optim_support import Tiny, assert_params_close, batches, train
 
 
 def test_delta_momentum_follows_its_elementwise_update(compiled):

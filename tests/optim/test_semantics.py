@@ -9,7 +9,7 @@ import torch
 import nldsl.optim as rt
 from nldsl.codegen import compile_spec
 
-from conftest import Tiny, batches
+from optim_support import Tiny, batches
 
 SINK = """
 # every feature of the optimizer compiler at once

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import Tiny, assert_params_close, train
+from optim_support import Tiny, assert_params_close, train
 
 CASES = [
     ("sgd_momentum.nl", "SGD", torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
