@@ -118,11 +118,13 @@ def _context(analysis) -> SpecContext:
 
 
 def _module_doc(ctx: SpecContext, classes: list[dict], blocks: list) -> str:
+    """What the module holds, and the summary (first paragraph) of the spec's first block; the
+    whole of each block's description is its class's docstring, not repeated here."""
     names = ", ".join(f"{c['name']} ({c['kind']})" for c in classes) or "nothing"
     doc = f"Generated from {ctx.label}: {names}."
     first = blocks[0] if blocks else None
     if first is not None and getattr(first, "doc", ""):
-        doc += "\n\n" + first.doc
+        doc += "\n\n" + first.doc.split("\n\n")[0]
     return doc
 
 
