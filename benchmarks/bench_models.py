@@ -1,6 +1,6 @@
 """Training-step speed and memory of compiled model specs (issue 4's comparison).
 
-    python benchmarks/bench_models.py                       # hope, titans, transformer
+    python benchmarks/bench_models.py                       # hope, hope-attention, titans, transformer
     python benchmarks/bench_models.py --rounds 3            # each model 3 times, in turn
     python benchmarks/bench_models.py --specs specs/hope.nl specs/gated_deltanet.nl --T 256
     python benchmarks/bench_models.py --device cuda         # where a GPU is available
@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-DEFAULT_SPECS = ["specs/hope.nl", "specs/titans.nl", "specs/transformer.nl"]
+DEFAULT_SPECS = ["specs/hope.nl", "specs/cms.nl", "specs/titans.nl", "specs/transformer.nl"]
 
 
 def worker(args) -> dict:

@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end at tiny sizes (their numbers are not checked here: the
+scripts print them; this keeps them from rotting as the runtime changes)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUNS = {
+    "bench_models": (["--specs", "specs/cms.nl", "specs/transformer.nl", "--T", "64", "--B", "1", "--dim", "32",
+                      "--heads", "2", "--reps", "1"],
+                     ["HopeAttention", "Transformer           5", "vs Transformer x5"]),
+    "bench_deep": (["--ops", "cms", "selfmod", "--T", "24", "--reps", "1"],
+                   ["cms          chunked", "selfmod      chunked", "target: chunked >= 5x its reference"]),
+    "bench_ops": (["--T", "64", "--ops", "delta_rule", "titans_linear", "--reps", "1", "--budget", "5"],
+                  ["delta_rule         chunked", "titans_linear      chunked"]),
+    "bench_optim": (["--quick", "--matrices", "2", "--rows", "16", "--cols", "32", "--repeats", "1"],
+                    ["M3 / torch.optim.Muon", "DeepMomentum / torch.optim.SGD"]),
+    "bench_triton": (["--T", "64", "--deep-T", "64"], ["PASS"]),
+}
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_benchmark_script_runs(script):
+    args, expected = RUNS[script]
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    for line in expected:
+        assert line in p.stdout, (line, p.stdout[-3000:])
