@@ -163,11 +163,11 @@ class NSAMModel(nn.Module):
         cuts = [0]
         while cuts[-1] < T:  # segments end on the fastest surprise level's chunk grid
             cuts.append(min(T, cuts[-1] + period - (pos + cuts[-1]) % period))
-        prefixes = None
+        parts = None
         prefix = getattr(self.blocks[0], "prefix", None) if len(self.blocks) else None
-        if prefix is not None:
+        if prefix is not None:  # it reads only the embedding: one pass over the whole call
             h, made = prefix(self.embed(input_ids), None if state is None else state.layers[0])
-            prefixes = [(part, made) for part in h.split([b - a for a, b in zip(cuts, cuts[1:])], dim=1)]
+            parts = h.split([b - a for a, b in zip(cuts, cuts[1:])], dim=1)
         logits = []
         for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
             tape: list = []
@@ -175,7 +175,7 @@ class NSAMModel(nn.Module):
                 m.tape = tape
             try:
                 seg_logits, hidden, state = self._forward(input_ids[:, a:b], state,
-                                                          None if prefixes is None else prefixes[j])
+                                                          None if parts is None else (parts[j], made))
             finally:
                 for m in learners:
                     m.tape = None
