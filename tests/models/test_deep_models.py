@@ -84,6 +84,46 @@ def test_first_layer_prefix_runs_once_per_call(spec):
         torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-8, atol=1e-10, msg=n)
 
 
+_FFN = """  memory ffn in fast : linear {
+    objective dot
+    rule gd
+    lr constant(1.0)
+    heads 1
+  }
+  transfer attn -> ffn : context
+"""
+
+
+@pytest.mark.parametrize("block, prefix", [
+    ("residual(rmsnorm -> attn -> chain)", None),                      # the CMS in the first part
+    ("residual(rmsnorm -> chain) -> residual(rmsnorm -> attn)", None),
+    # the attention's keys and values serve a memory after the CMS: no split
+    ("residual(rmsnorm -> attn) -> residual(rmsnorm -> chain) -> residual(rmsnorm -> ffn)", None),
+    ("residual(rmsnorm -> attn) -> residual(rmsnorm -> ffn) -> residual(rmsnorm -> chain)", {"attn", "ffn"}),
+])
+def test_where_a_block_splits(tmp_path, block, prefix):
+    """A block splits before the top-level part holding its first surprise-driven memory, only
+    when everything the prefix hands on is its output and its state; split or not, a stream split
+    anywhere equals one pass."""
+    text = (SPECS / "cms.nl").read_text()
+    text = text.replace("block = residual(rmsnorm -> attn) -> residual(rmsnorm -> chain)", f"block = {block}")
+    text = text.replace("  memory attn in fast : attention\n", "  memory attn in fast : attention\n" + _FFN)
+    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
+    (tmp_path / "cms.nl").write_text(text)
+    torch.manual_seed(0)
+    model = build("cms", path=tmp_path / "cms.nl").double()
+    first = model.blocks[0]
+    assert hasattr(first, "prefix") == (prefix is not None)
+    if prefix is not None:
+        assert set(first.prefix(torch.zeros(1, 3, 16, dtype=torch.float64))[1]) == prefix
+    ids = torch.randint(0, 32, (2, 40))
+    labels = ids.roll(-1, 1)
+    full = model(ids, labels=labels).logits
+    a = model(ids[:, :13], labels=labels[:, :13])
+    b = model(ids[:, 13:], state=a.state, labels=labels[:, 13:])
+    torch.testing.assert_close(torch.cat([a.logits, b.logits], 1), full, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("spec", ["hope", "cms"])
 def test_a_given_state_is_never_written(spec):
     """Learners accumulate in place only into states this call made: the state a call starts
