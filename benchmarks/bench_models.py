@@ -4,6 +4,7 @@
     python benchmarks/bench_models.py --rounds 3            # each model 3 times, in turn
     python benchmarks/bench_models.py --specs specs/hope.nl specs/gated_deltanet.nl --T 256
     python benchmarks/bench_models.py --device cuda         # where a GPU is available
+    python benchmarks/bench_models.py --specs specs/hope.nl --match none --breakdown   # by submodule
 
 Every spec is compiled with ``nldsl.compile`` and built at vocab 256, d=128, 2 layers, 4 heads
 (the issue's sizes; ``--dim`` etc. change them), then trained with torch AdamW on random tokens
@@ -70,8 +71,64 @@ def worker(args) -> dict:
         t0 = clock()
         step()
         best = min(best, clock() - t0)
-    return {"spec": args.spec, "class": type(model).__name__, "layers": args.layers, "params": _count(model),
-            "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak}
+    out = {"spec": args.spec, "class": type(model).__name__, "layers": args.layers, "params": _count(model),
+           "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak}
+    if args.breakdown:
+        out["breakdown"] = _breakdown(model, inputs, labels, args.vocab, opt, clock, args.reps)
+    return out
+
+
+def _breakdown(model, inputs, labels, vocab, opt, clock, reps) -> dict:
+    """Mean ms per step: forward (with the loss), backward and optimizer step, and within the
+    forward each layer's submodules (forward hooks) and surprise-driven writes (``learn``)."""
+    import torch.nn.functional as F
+
+    spent: dict = {}
+
+    def add(key, dt):
+        spent[key] = spent.get(key, 0.0) + dt
+
+    def timed(key, fn):
+        def run(*a, **kw):
+            t0 = clock()
+            try:
+                return fn(*a, **kw)
+            finally:
+                add(key, clock() - t0)
+        return run
+
+    starts: dict = {}
+    handles, parts = [], []  # parts: the rows, in the block's order
+    for i, block in enumerate(model.blocks):
+        for name, sub in block.named_children():
+            key = f"  layer {i} {name}"
+            parts.append(key)
+            handles.append(sub.register_forward_pre_hook(lambda m, a, k=key: starts.__setitem__(k, clock())))
+            handles.append(sub.register_forward_hook(lambda m, a, o, k=key: add(k, clock() - starts[k])))
+            if callable(getattr(sub, "learn", None)):
+                parts.append(f"{key}.learn")
+                sub.learn = timed(parts[-1], sub.learn)
+    if callable(getattr(model, "surprise", None)):
+        parts.append("  surprise")
+        model.surprise = timed(parts[-1], model.surprise)
+    try:
+        for _ in range(reps):
+            t0 = clock()
+            out = model(inputs, labels=labels)
+            loss = F.cross_entropy(out.logits.reshape(-1, vocab), labels.reshape(-1))
+            t1 = clock()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t2 = clock()
+            opt.step()
+            t3 = clock()
+            add("forward", t1 - t0)
+            add("backward", t2 - t1)
+            add("optimizer", t3 - t2)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: spent[k] / reps * 1e3 for k in ["forward", *parts, "backward", "optimizer"] if k in spent}
 
 
 def _build(spec: str, args, layers: int):
@@ -130,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every model this many times, in turn; the table shows each one's best")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each model's forward by layer and submodule, its backward and optimizer step")
     p.add_argument("--match", default="specs/transformer.nl",
                    help="also run this spec deepened to the largest model's parameter count ('none': off)")
     p.add_argument("--spec", help=argparse.SUPPRESS)  # worker mode
@@ -137,6 +196,8 @@ def main(argv=None) -> int:
     if args.spec:
         print(json.dumps(worker(args)))
         return 0
+    if args.breakdown and args.device == "cuda":
+        p.error("--breakdown times CPU work (on a GPU its rows would time kernel launches); run it on the CPU")
     if args.device == "cuda":
         import torch
 
@@ -145,6 +206,7 @@ def main(argv=None) -> int:
             return 1
     common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "heads", "T", "B", "device",
                                                        "threads", "clock", "warmup", "reps")]
+    common += ["--breakdown"] if args.breakdown else []
     print(f"compiled models, one AdamW training step (forward with labels + backward + step), "
           f"vocab {args.vocab}, d={args.dim}, {args.layers} layers, {args.heads} heads, T={args.T}, B={args.B}, "
           f"float32, {args.device}, {args.threads} thread(s), best of {args.reps} by {args.clock} clock"
@@ -193,6 +255,11 @@ def main(argv=None) -> int:
         if matched:
             line += f"{r['seconds'] / matched['seconds']:>21.1f}x"
         print(line)
+    for r in rows:
+        if r.get("breakdown"):
+            print(f"\n{r['class']} x{r['layers']}, ms per step (mean of {args.reps}; hooks add a little):")
+            for key, ms in r["breakdown"].items():
+                print(f"  {key:<34}{ms:>9.1f}")
     if matched and args.rounds > 1:
         for job, rs in runs.items():
             if job != match:

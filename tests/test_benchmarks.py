@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = {
     "bench_models": (["--specs", "specs/cms.nl", "specs/transformer.nl", "--T", "64", "--B", "1", "--dim", "32",
-                      "--heads", "2", "--reps", "1"],
-                     ["HopeAttention", "Transformer           5", "vs Transformer x5"]),
+                      "--heads", "2", "--reps", "1", "--breakdown"],
+                     ["HopeAttention", "Transformer           5", "vs Transformer x5", "layer 1 chain.learn",
+                      "surprise", "backward"]),
     "bench_deep": (["--ops", "cms", "selfmod", "--T", "24", "--reps", "1"],
                    ["cms          chunked", "selfmod      chunked", "target: chunked >= 5x its reference"]),
     "bench_ops": (["--T", "64", "--ops", "delta_rule", "titans_linear", "--reps", "1", "--budget", "5"],
