@@ -405,8 +405,10 @@ class Planner:
             emit(part, lines, 0)
             if split is None and (used - before) & learners:
                 split, in_prefix = start, before
-        # a split needs the keys and values of the prefix's attention unused after it
-        if split and not any(f"kv_{n}" in line for n in kv_providers & in_prefix for line in lines[split:]):
+        # a split needs the keys and values of the prefix's attention read inside it only
+        readers = {m.name for m in self.model.memories
+                   if m.structure.kind == "linear" and self.kv_source(m) in in_prefix} if split else set()
+        if split and not readers - in_prefix:
             bp.prefix = split
         bp.forward = lines
         return bp
