@@ -126,7 +126,8 @@ def test_docstrings_keep_comment_paragraphs_and_indentation(tmp_path):
 
 def test_docstring_and_literal_round_trip():
     assert docstring('a "quoted" word') == '"""a "quoted" word"""'  # readable: no needless escapes
-    for text in ['"', '"""', '""', '""""', 'a "quoted" word', 'ends"', '"starts', "a\\", "x\ny\n", "\x00\x1b[31m", "tab\there", "'''", '"\n"""\n\\"', "é ∑ \u2029"]:
+    for text in ['"', '"""', '""', '""""', 'a "quoted" word', 'ends"', '"starts',
+                 "a\\", "x\ny\n", "\x00\x1b[31m", "tab\there", "'''", '"\n"""\n\\"', "é ∑ \u2029"]:
         expected = text + ("\n" if "\n" in text and not text.endswith("\n") else "")
         assert ast.literal_eval(docstring(text)) == expected
         assert ast.literal_eval(docstring(text, "    ")).replace("\n    ", "\n") == expected
@@ -137,7 +138,8 @@ def test_docstring_and_literal_round_trip():
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
-@given(text=st.text(alphabet=st.sampled_from('"\'\\\n\t a\x00\u2028é'), max_size=12), indent=st.sampled_from(["", "    "]))
+@given(text=st.text(alphabet=st.sampled_from('"\'\\\n\t a\x00\u2028é'), max_size=12),
+       indent=st.sampled_from(["", "    "]))
 def test_docstring_round_trips_any_text(text, indent):
     """Quotes, backslashes and newlines in any arrangement stay text (one literal, the same value)."""
     src = docstring(text, indent)
