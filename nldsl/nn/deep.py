@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nldsl.codegen.kernels import kernel_residual
 from nldsl.nn.layers import ShortConv
 from nldsl.nn.memories import _Gate, _heads, _logit
 from nldsl.runtime.cms import CmsState, _cms_chain, batch_view, zero_sum
@@ -307,6 +306,8 @@ class CmsChain(nn.Module):
                     for w, t in zip(ws, weights):
                         w[0].copy_(t)
         self.agg = nn.Parameter(torch.ones(len(periods)) / len(periods)) if variant == "independent" else None
+        from nldsl.codegen.kernels import kernel_residual  # lazily, as the runtime reaches codegen
+
         self.kernel = _mlp_kernel("CmsChain", impl, kernel, depth=depth, d_in=dim, d_hidden=hidden, d_out=dim,
                                   activation=activation, hidden_norm=hidden_norm,
                                   residual=kernel_residual(residual, prenorm), chunk=min(periods))
