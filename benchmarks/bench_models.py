@@ -48,15 +48,24 @@ def worker(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, args.vocab, (args.B, args.T + 1), device=device)
     inputs, labels = x[:, :-1], x[:, 1:]
+    clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
 
-    def step():
+    def step(add=None):
+        """One training step; ``add(phase, seconds)`` (``--breakdown``) gets its three phases."""
+        t0 = clock()
         out = model(inputs, labels=labels)
         loss = F.cross_entropy(out.logits.reshape(-1, args.vocab), labels.reshape(-1))
+        t1 = clock()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        t2 = clock()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        if add is not None:
+            add("forward", t1 - t0)
+            add("backward", t2 - t1)
+            add("optimizer", clock() - t2)
 
     peak = _peak_rss(step) if device.type == "cpu" else None
     if device.type == "cuda":
@@ -65,7 +74,6 @@ def worker(args) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     for _ in range(max(0, args.warmup - 1)):
         step()
-    clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
     best = float("inf")
     for _ in range(args.reps):
         t0 = clock()
@@ -74,15 +82,13 @@ def worker(args) -> dict:
     out = {"spec": args.spec, "class": type(model).__name__, "layers": args.layers, "params": _count(model),
            "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak}
     if args.breakdown:
-        out["breakdown"] = _breakdown(model, inputs, labels, args.vocab, opt, clock, args.reps)
+        out["breakdown"] = _breakdown(model, step, clock, args.reps)
     return out
 
 
-def _breakdown(model, inputs, labels, vocab, opt, clock, reps) -> dict:
+def _breakdown(model, step, clock, reps) -> dict:
     """Mean ms per step: forward (with the loss), backward and optimizer step, and within the
     forward each layer's submodules (forward hooks) and surprise-driven writes (``learn``)."""
-    import torch.nn.functional as F
-
     spent: dict = {}
 
     def add(key, dt):
@@ -113,18 +119,7 @@ def _breakdown(model, inputs, labels, vocab, opt, clock, reps) -> dict:
         model.surprise = timed(parts[-1], model.surprise)
     try:
         for _ in range(reps):
-            t0 = clock()
-            out = model(inputs, labels=labels)
-            loss = F.cross_entropy(out.logits.reshape(-1, vocab), labels.reshape(-1))
-            t1 = clock()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            t2 = clock()
-            opt.step()
-            t3 = clock()
-            add("forward", t1 - t0)
-            add("backward", t2 - t1)
-            add("optimizer", t3 - t2)
+            step(add)
     finally:
         for h in handles:
             h.remove()
