@@ -4,6 +4,7 @@
     python benchmarks/bench_models.py --rounds 3            # each model 3 times, in turn
     python benchmarks/bench_models.py --specs specs/hope.nl specs/gated_deltanet.nl --T 256
     python benchmarks/bench_models.py --device cuda         # where a GPU is available
+    python benchmarks/bench_models.py --device cuda --impl triton   # memories through the generated kernels
     python benchmarks/bench_models.py --specs specs/hope.nl --match none --breakdown   # by submodule
 
 Every spec is compiled with ``nldsl.compile`` and built at vocab 256, d=128, 2 layers, 4 heads
@@ -131,7 +132,10 @@ def _build(spec: str, args, layers: int):
 
     mod = nldsl.compile(spec)
     cls = getattr(mod, mod.__all__[0])
-    return cls(vocab=args.vocab, dim=args.dim, layers=layers, heads=args.heads)
+    model = cls(vocab=args.vocab, dim=args.dim, layers=layers, heads=args.heads)
+    if args.impl != "chunked" and model.in_context_memories():  # attention-only models have no impl
+        model = cls(vocab=args.vocab, dim=args.dim, layers=layers, heads=args.heads, impl=args.impl)
+    return model
 
 
 def _count(model) -> int:
@@ -176,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, default=512)
     p.add_argument("--B", type=int, default=4)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--impl", default="chunked", choices=["chunked", "triton"],
+                   help="the in-context memories' implementation (triton: the generated kernels, on a GPU)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     p.add_argument("--warmup", type=int, default=1)
@@ -199,12 +205,13 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("no GPU available: run without --device cuda")
             return 1
-    common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "heads", "T", "B", "device",
+    common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "heads", "T", "B", "device", "impl",
                                                        "threads", "clock", "warmup", "reps")]
     common += ["--breakdown"] if args.breakdown else []
     print(f"compiled models, one AdamW training step (forward with labels + backward + step), "
           f"vocab {args.vocab}, d={args.dim}, {args.layers} layers, {args.heads} heads, T={args.T}, B={args.B}, "
-          f"float32, {args.device}, {args.threads} thread(s), best of {args.reps} by {args.clock} clock"
+          f"float32, {args.device}, impl {args.impl!r}, {args.threads} thread(s), best of {args.reps} by "
+          f"{args.clock} clock"
           + (f", best of {args.rounds} rounds" if args.rounds > 1 else ""))
     def measure(spec, layers):
         r = subprocess.run([sys.executable, __file__, f"--spec={spec}", f"--layers={layers}", *common],

@@ -193,12 +193,19 @@ class NSAMModel(nn.Module):
             logits.append(seg_logits)
         return ModelOutput(torch.cat(logits, dim=1), state)
 
-    def _check_impl(self, impl: str) -> None:
-        """Every in-context memory runs with ``impl`` (no memory silently keeps another one)."""
+    def in_context_memories(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of each memory of a block that has an ``impl`` to choose (attention,
+        which runs through torch's SDPA, has none)."""
         from nldsl.nn.memories import AttentionMemory
 
-        memories = [(name, m) for name, m in self.blocks[0].named_children()
-                    if hasattr(m, "impl") and not isinstance(m, AttentionMemory)] if len(self.blocks) else []
+        if not len(self.blocks):
+            return []
+        return [(name, m) for name, m in self.blocks[0].named_children()
+                if hasattr(m, "impl") and not isinstance(m, AttentionMemory)]
+
+    def _check_impl(self, impl: str) -> None:
+        """Every in-context memory runs with ``impl`` (no memory silently keeps another one)."""
+        memories = self.in_context_memories()
         others = [name for name, m in memories if m.impl != impl]
         if others:
             raise ValueError(f"impl={impl!r}: {', '.join(f'`{n}`' for n in others)} of {type(self).__name__} "

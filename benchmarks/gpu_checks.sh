@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one run (a lent GPU's time is short): the generated Triton
+# kernels' tests on CUDA in float32 and bfloat16 (and torch.compile through their triton_op
+# registration), the kernel benchmark against flash-linear-attention and SDPA, and the model
+# benchmark with the memories in PyTorch and through the kernels.
+#
+#     bash benchmarks/gpu_checks.sh [LOG_DIR]        # logs: LOG_DIR/{env,tests,bench_triton,bench_models_*}.log
+#
+# Each step has a time limit, so a hang in one still leaves the others' numbers.
+set -u
+logs=${1:-gpu-checks}
+mkdir -p "$logs"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, output to the log and the screen
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$logs/$name.log" 2>&1
+    local rc=$?
+    tail -n "${TAIL:-25}" "$logs/$name.log"
+    echo "=== $name: exit $rc after $((SECONDS - t0))s"
+}
+
+step env 60 "$py" -c "
+import torch, triton
+print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)
+try:
+    import fla; print('flash-linear-attention', fla.__version__)
+except ImportError as e:
+    print('no flash-linear-attention:', e)
+"
+parallel=()
+"$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -q -p no:cacheprovider -rs "${parallel[@]}"
+step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py
+for impl in chunked triton; do
+    TAIL=12 step "bench_models_$impl" "${MODELS_LIMIT:-150}" "$py" benchmarks/bench_models.py --device cuda \
+        --impl "$impl" --clock wall --warmup 2 --reps 5
+done
