@@ -219,7 +219,9 @@ def main(argv=None) -> int:
         if r.returncode:
             print(f"{spec}: failed\n{r.stderr.strip()[-2000:]}")
             return None
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"  {result['class']} x{layers}: {result['seconds'] * 1e3:.0f} ms", flush=True)
+        return result
 
     # rounds: every model once per round, in turn, so that a drift of the machine's speed over
     # minutes (seen: 10-30% on a shared machine) meets every model alike

@@ -34,9 +34,9 @@ except ImportError as e:
 "
 parallel=()
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)
-TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -q -p no:cacheprovider -rs "${parallel[@]}"
+TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -q -p no:cacheprovider --tb=short -rfEs "${parallel[@]}"
 step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py
 for impl in chunked triton; do
     TAIL=12 step "bench_models_$impl" "${MODELS_LIMIT:-150}" "$py" benchmarks/bench_models.py --device cuda \
-        --impl "$impl" --clock wall --warmup 2 --reps 5
+        --impl "$impl" --clock wall --warmup 2 --reps 3
 done

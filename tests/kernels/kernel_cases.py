@@ -17,6 +17,8 @@ import nldsl.runtime as rt
 from nldsl.codegen.kernels import LinearKernelSpec
 
 ON_GPU = torch.cuda.is_available()
+#: where the kernels run: the GPU, else the CPU under Triton's interpreter
+DEVICE = "cuda" if ON_GPU else "cpu"
 #: (device, dtype) the kernels are checked in
 DEVICE_DTYPES = [("cuda", torch.float32), ("cuda", torch.bfloat16)] if ON_GPU else [("cpu", torch.float64)]
 #: largest error allowed, relative to the largest magnitude of the reference value

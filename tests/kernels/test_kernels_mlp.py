@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'nldsl[triton]')")
 
-from kernel_cases import (DEVICE_DTYPES, assert_close, assert_pair_agrees, assert_streams, model_class,  # noqa: E402
+from kernel_cases import (DEVICE, DEVICE_DTYPES, assert_close, assert_pair_agrees, assert_streams, model_class,  # noqa: E402
                           model_pair)
 
 from nldsl.codegen.kernels import MlpKernelSpec, mlp_kernel  # noqa: E402
@@ -131,7 +131,8 @@ def test_kernel_backward_by_finite_differences(case):
     N, L = 2, 19
     inputs = (rand(gen, N, L, K), rand(gen, N, L, K if self_target else V), torch.rand(N, L, generator=gen, dtype=F64),
               rand(gen, N, Hd, K, scale=0.5), rand(gen, N, V, Hd, scale=0.5))
-    rows = torch.tensor([0.0, 1.0], dtype=F64) if residual == "rows" else None
+    inputs = tuple(t.to(DEVICE) for t in inputs)
+    rows = torch.tensor([0.0, 1.0], dtype=F64, device=DEVICE) if residual == "rows" else None
 
     def outputs(x, t, eta, w_in, w_out):
         r = kernel((w_in, w_out), x, t, eta, objective=objective, self_target=self_target, residual=rows,
@@ -304,8 +305,8 @@ def test_what_the_kernel_does_not_cover_is_named():
 
 def test_bad_kernel_arguments_are_refused():
     kernel = mlp_kernel(MlpKernelSpec(name="mlp_check", d_in=8, d_hidden=8, d_out=8, residual=False))
-    w = (torch.zeros(2, 8, 8, dtype=F64), torch.zeros(2, 8, 8, dtype=F64))
-    x = torch.zeros(2, 3, 8, dtype=F64)
+    w = (torch.zeros(2, 8, 8, dtype=F64, device=DEVICE), torch.zeros(2, 8, 8, dtype=F64, device=DEVICE))
+    x = torch.zeros(2, 3, 8, dtype=F64, device=DEVICE)
     with pytest.raises(ValueError, match=r"W_out must have shape \[2, 8, 8\], got \(2, 8, 4\)"):
         kernel((w[0], w[1][..., :4]), x, x)
     with pytest.raises(ValueError, match="the gradients need target"):
@@ -313,7 +314,7 @@ def test_bad_kernel_arguments_are_refused():
     with pytest.raises(ValueError, match="specialised to residual=False"):
         kernel(w, x, x, residual=True)
     with pytest.raises(ValueError, match="per-row residual mask needs a kernel specialised with residual=True"):
-        kernel(w, x, x, residual=torch.ones(2, dtype=F64))
+        kernel(w, x, x, residual=torch.ones(2, dtype=F64, device=DEVICE))
     with pytest.raises(ValueError, match="outputs must be a non-empty subset"):
         kernel(w, x, x, outputs=("everything",))
     with pytest.raises(ValueError, match="MlpKernelSpec 'bad': residual=True needs d_in == d_out"):

@@ -1,0 +1,189 @@
+"""Compiles every generated Triton kernel for a GPU, on a machine without one.
+
+Triton's interpreter, which runs the kernels on a CPU in the test suite, executes their Python:
+it does not apply what only the compiler checks (a tuple of dtypes in an assignment, tl.dot's
+shape and type rules, the shared memory a program needs). Here every kernel launch of the
+kernel tests' cases (linear rules, MLP memories, in float32 and bfloat16) and of a training
+step of each shipped spec with Triton memories is replaced by a compile through Triton's whole
+pipeline for the target (to PTX, then ptxas's cubin); nothing runs, so the values computed are
+meaningless, only the launches matter.
+
+    python tests/kernels/gpu_lowering.py [--arch 90] [-v]      # -v: each kernel's shared memory
+
+Run it without TRITON_INTERPRET (the test suite runs it in a subprocess). Exit status 1 when a
+kernel fails to compile, with the compiler's message.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+import torch  # noqa: E402
+
+_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+          torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+class Lowering:
+    """Replaces ``JITFunction.run`` (every kernel launch) by a compile for ``arch``, once per
+    kernel, argument types and constexprs; ``results`` maps those to the compiled kernel's
+    metadata or the compiler's error."""
+
+    def __init__(self, arch: int):
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        self.triton, self.target = triton, GPUTarget("cuda", arch, 32)
+        self.results: dict = {}
+
+    def __enter__(self):
+        import triton.runtime.jit as jit
+
+        import nldsl.runtime._triton as plumbing
+
+        self._saved = [(jit.JITFunction, "run", jit.JITFunction.run),
+                       (plumbing, "_check_device", plumbing._check_device)]
+        lowering = self
+
+        def run(kernel, *args, grid, warmup=False, **kwargs):
+            lowering.compile(kernel, args, kwargs)
+
+        jit.JITFunction.run = run
+        plumbing._check_device = lambda *a, **k: None  # CPU tensors stand in for CUDA ones
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, value in self._saved:
+            setattr(owner, name, value)
+
+    def compile(self, kernel, args, kwargs) -> None:
+        from triton.compiler import ASTSource
+
+        options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+        signature, constexprs = {}, {}
+        for i, param in enumerate(kernel.params):
+            value = args[i] if i < len(args) else kwargs.get(param.name, param.default)
+            if param.is_constexpr or value is None:
+                signature[param.name], constexprs[param.name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[param.name] = "*" + _TYPES[value.dtype]
+            elif isinstance(value, bool):
+                signature[param.name] = "i1"
+            elif isinstance(value, int):
+                signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            elif isinstance(value, float):
+                signature[param.name] = "fp32"
+            else:
+                raise TypeError(f"{kernel.fn.__name__}: no Triton type for argument {param.name} = {value!r}")
+        key = (kernel.fn.__module__, kernel.fn.__name__, tuple(signature.items()), tuple(constexprs.items()),
+               tuple(options.items()))
+        if key in self.results:
+            return
+        t0 = time.perf_counter()
+        try:
+            compiled = self.triton.compile(ASTSource(kernel, signature, constexprs), target=self.target,
+                                           options=options)
+            self.results[key] = {"shared": compiled.metadata.shared, "seconds": time.perf_counter() - t0}
+        except Exception as e:  # the compiler's errors come in several types; each is reported
+            self.results[key] = {"error": f"{type(e).__name__}: {e}"}
+
+
+def linear_cases() -> None:
+    """The linear kernels' test cases: forward and backward, float32 and bfloat16."""
+    from kernel_cases import kernel_args, leaves, make_inputs
+    from test_kernels_linear import CASES
+
+    from nldsl.codegen.kernels import linear_kernel
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for spec, B, T, H, init in CASES:
+            kernel = linear_kernel(spec)
+            x = leaves(make_inputs(spec, B, T, H, initial_state=init), "cpu", dtype)
+            o, final = kernel(*kernel_args(x), initial_state=x["S0"], output_final_state=True)
+            grads = [t for t in x.values() if t is not None and t.requires_grad]
+            torch.autograd.grad(o.float().sum(), grads, allow_unused=True)
+            with torch.no_grad():  # a short call without gradients: the token-by-token kernel
+                kernel(*kernel_args({n: t[:, :1] if n != "S0" and t is not None else t for n, t in x.items()}),
+                       initial_state=x["S0"], output_final_state=True)
+
+
+def mlp_cases() -> None:
+    """The fused MLP-gradient kernel's test cases, float32 and bfloat16."""
+    from test_kernels_mlp import KERNEL_CASES
+
+    from nldsl.codegen.kernels import MlpKernelSpec, mlp_kernel
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for activation, residual, hidden_norm, objective, self_target, (K, Hd, V), L, chunk in KERNEL_CASES.values():
+            kernel = mlp_kernel(MlpKernelSpec(name="mlp_check", d_in=K, d_hidden=Hd, d_out=V, activation=activation,
+                                              residual=residual is not False, hidden_norm=hidden_norm, chunk=chunk))
+            N = 3
+            rows = torch.tensor([1.0, 0.0, 1.0], dtype=dtype) if residual == "rows" else None
+            kernel((torch.randn(N, Hd, K, dtype=dtype), torch.randn(N, V, Hd, dtype=dtype)),
+                   torch.randn(N, L, K, dtype=dtype), torch.randn(N, L, K if self_target else V, dtype=dtype),
+                   torch.rand(N, L, dtype=dtype), objective=objective, self_target=self_target, residual=rows,
+                   outputs=("y", "factors", "sums", "input_error"))
+
+
+def model_cases() -> None:
+    """One training step (forward with labels, backward) of every shipped spec whose memories
+    have Triton kernels, at the benchmark's head sizes, float32."""
+    import nldsl
+
+    for path in sorted((ROOT / "specs").glob("*.nl")):
+        module = nldsl.compile(path)
+        cls = getattr(module, module.__all__[0])
+        if not hasattr(cls, "levels"):  # an optimizer spec
+            continue
+        model = cls(vocab=64, dim=128, layers=1, heads=4)
+        if not model.in_context_memories() or getattr(module, "kernels", None) is None and not _has_kernels(cls):
+            continue
+        model = cls(vocab=64, dim=128, layers=1, heads=4, impl="triton")
+        ids = torch.randint(0, 64, (1, 40))
+        out = model(ids, labels=ids)
+        out.logits.float().sum().backward()
+
+
+def _has_kernels(cls) -> bool:
+    try:
+        cls(vocab=64, dim=128, layers=1, heads=4, impl="triton")
+    except ValueError:  # a memory without a Triton kernel: refused at build time
+        return False
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: Hopper, 80: Ampere)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every kernel's shared memory")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        p.error("run without TRITON_INTERPRET: the interpreter replaces the compiler")
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    with Lowering(args.arch) as lowering:
+        for cases in (linear_cases, mlp_cases, model_cases):
+            cases()
+    failed = {k: r for k, r in lowering.results.items() if "error" in r}
+    for (module, name, signature, constexprs, _), r in lowering.results.items():
+        if "error" in r or args.verbose:
+            types = ", ".join(t for _, t in signature if t != "constexpr")
+            consts = ", ".join(f"{n}={v}" for n, v in constexprs if v is not None)
+            what = r["error"] if "error" in r else f"shared memory {r['shared']} B, {r['seconds']:.1f} s"
+            print(f"{name}({types}; {consts}): {what}")
+    print(f"{len(lowering.results)} kernel specialisations compiled for sm_{args.arch} in "
+          f"{time.perf_counter() - t0:.0f} s: {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
