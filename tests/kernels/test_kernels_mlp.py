@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'nldsl[triton]')")
 
-from kernel_cases import (DEVICE, DEVICE_DTYPES, assert_close, assert_pair_agrees, assert_streams, model_class,  # noqa: E402
-                          model_pair)
+from kernel_cases import (DEVICE, DEVICE_DTYPES, assert_close, assert_pair_agrees, assert_streams,  # noqa: E402
+                          model_class, model_pair)
 
 from nldsl.codegen.kernels import MlpKernelSpec, mlp_kernel  # noqa: E402
 from nldsl.runtime._triton import MlpKernel  # noqa: E402
@@ -112,10 +112,10 @@ def test_kernel_equals_per_token_gradients(case, device, dtype):
     eta = x["eta"][..., None, None]
 
     assert_close(out.y, y, dtype, "y")
-    e, eps = out.errors
+    e, eps, hidden = (t.double().cpu() for t in (*out.errors, out.hidden))  # the per-token products on the CPU
     assert_close(eps, {"l2": y - target, "dot": -target, "given": target}[objective], dtype, "output error")
     assert_close(e[..., :, None] * x["x"][..., None, :], g_in, dtype, "e x^T (W_in's per-token gradient)")
-    assert_close(eps[..., :, None] * out.hidden[..., None, :], g_out, dtype, "eps a^T (W_out's per-token gradient)")
+    assert_close(eps[..., :, None] * hidden[..., None, :], g_out, dtype, "eps a^T (W_out's per-token gradient)")
     assert_close(out.sums[0], (eta * g_in).sum(1), dtype, "sum eta e x^T")
     assert_close(out.sums[1], (eta * g_out).sum(1), dtype, "sum eta eps a^T")
     assert_close(out.input_error, g_x, dtype, "input error")
