@@ -1,8 +1,8 @@
 """Against flash-linear-attention's own pure-torch naive ops (an independent implementation).
 
-Skipped when fla is not installed (`pip install flash-linear-attention fla-core einops --no-deps`
-gives the naive modules on CPU; their package __init__ needs triton, so the naive files are
-loaded by path). fla's naive ops compute in float32, hence the looser tolerances. Its Titans
+The test extras install fla-core (`pip install -e '.[test]'`), which holds the naive modules;
+skipped where it is missing. Its package __init__ needs triton, so the naive files are loaded by
+path. fla's naive ops compute in float32, hence the looser tolerances. Its Titans
 naive op wraps the memory in a LayerNorm (a different objective), so Titans is not compared.
 """
 from __future__ import annotations
