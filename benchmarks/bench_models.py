@@ -16,7 +16,9 @@ a fresh subprocess with ``--threads`` intra-op threads; after ``--warmup`` steps
 processes on a shared machine; ``wall``); ``--rounds N`` measures every model N times, in turn,
 and keeps each one's best (a shared machine's speed drifts over minutes). Peak memory: on CUDA
 ``max_memory_allocated``; on CPU the highest resident set size sampled every millisecond during
-the first step minus the resident size before it. The last column is each model's time per
+the first step minus the resident size before it. On CUDA each model also gets a line with the
+kernels one step launches and the GPU's busy time (torch.profiler): a step much longer than that
+is bound by launching work, not by the GPU. The last column is each model's time per
 token over the fastest model's.
 
 The issue's target compares like with like: Hope (every level updating) within 3x of a
@@ -84,7 +86,25 @@ def worker(args) -> dict:
            "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak}
     if args.breakdown:
         out["breakdown"] = _breakdown(model, step, clock, args.reps)
+    if device.type == "cuda":
+        out["gpu"] = _gpu_profile(step)
     return out
+
+
+def _gpu_profile(step) -> str:
+    """The kernels one step launches and the GPU's busy time (the sum of their durations): a step
+    far longer than its busy time is bound by launching work from Python, not by the GPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+    except Exception as e:  # a profiler that cannot run here costs this line, not the benchmark
+        return f"profile failed: {type(e).__name__}: {e}"
+    return f"{len(kernels):,} kernels a step, GPU busy {busy:.1f} ms"
 
 
 def _breakdown(model, step, clock, reps) -> dict:
@@ -259,6 +279,9 @@ def main(argv=None) -> int:
         if matched:
             line += f"{r['seconds'] / matched['seconds']:>21.1f}x"
         print(line)
+    for r in rows:
+        if r.get("gpu"):
+            print(f"{r['class']} x{r['layers']}: {r['gpu']}")
     for r in rows:
         if r.get("breakdown"):
             print(f"\n{r['class']} x{r['layers']}, ms per step (mean of {args.reps}; hooks add a little):")
