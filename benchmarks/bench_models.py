@@ -49,6 +49,7 @@ def worker(args) -> dict:
     device = torch.device(args.device)
     model = _build(args.spec, args, args.layers).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    forward = model if args.compile == "none" else torch.compile(model, mode=args.compile)
     x = torch.randint(0, args.vocab, (args.B, args.T + 1), device=device)
     inputs, labels = x[:, :-1], x[:, 1:]
     clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
@@ -56,7 +57,7 @@ def worker(args) -> dict:
     def step(add=None):
         """One training step; ``add(phase, seconds)`` (``--breakdown``) gets its three phases."""
         t0 = clock()
-        out = model(inputs, labels=labels)
+        out = forward(inputs, labels=labels)
         loss = F.cross_entropy(out.logits.reshape(-1, args.vocab), labels.reshape(-1))
         t1 = clock()
         opt.zero_grad(set_to_none=True)
@@ -202,6 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--impl", default="chunked", choices=["chunked", "triton"],
                    help="the in-context memories' implementation (triton: the generated kernels, on a GPU)")
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+                   help="run the models through torch.compile in this mode (reduce-overhead: CUDA graphs); the "
+                        "compile happens in the warm-up steps")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     p.add_argument("--warmup", type=int, default=1)
@@ -217,6 +221,8 @@ def main(argv=None) -> int:
     if args.spec:
         print(json.dumps(worker(args)))
         return 0
+    if args.breakdown and args.compile != "none":
+        p.error("--breakdown hooks the modules' Python forwards, which torch.compile replaces: leave --compile out")
     if args.breakdown and args.device == "cuda":
         p.error("--breakdown times CPU work (on a GPU its rows would time kernel launches); run it on the CPU")
     if args.device == "cuda":
@@ -225,13 +231,13 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("no GPU available: run without --device cuda")
             return 1
-    common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "heads", "T", "B", "device", "impl",
+    common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "heads", "T", "B", "device", "impl", "compile",
                                                        "threads", "clock", "warmup", "reps")]
     common += ["--breakdown"] if args.breakdown else []
     print(f"compiled models, one AdamW training step (forward with labels + backward + step), "
           f"vocab {args.vocab}, d={args.dim}, {args.layers} layers, {args.heads} heads, T={args.T}, B={args.B}, "
-          f"float32, {args.device}, impl {args.impl!r}, {args.threads} thread(s), best of {args.reps} by "
-          f"{args.clock} clock"
+          f"float32, {args.device}, impl {args.impl!r}, compile {args.compile!r}, {args.threads} thread(s), "
+          f"best of {args.reps} by {args.clock} clock"
           + (f", best of {args.rounds} rounds" if args.rounds > 1 else ""))
     def measure(spec, layers):
         r = subprocess.run([sys.executable, __file__, f"--spec={spec}", f"--layers={layers}", *common],
