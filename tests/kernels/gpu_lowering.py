@@ -6,9 +6,12 @@ shape and type rules, the shared memory a program needs). Here every kernel laun
 kernel tests' cases (linear rules, MLP memories, in float32 and bfloat16) and of a training
 step of each shipped spec with Triton memories is replaced by a compile through Triton's whole
 pipeline for the target (to PTX, then ptxas's cubin); nothing runs, so the values computed are
-meaningless, only the launches matter.
+meaningless, only the launches matter. A kernel that needs more shared memory a block than the
+target has is refused as the GPU's launcher refuses it (``OutOfResources``), so that the
+runtime's retry with shallower pipelining (``nldsl.runtime._triton.launch``) is exercised too.
 
     python tests/kernels/gpu_lowering.py [--arch 90] [-v]      # -v: each kernel's shared memory
+    python tests/kernels/gpu_lowering.py --arch 80 --cases models --specs hope
 
 Run it without TRITON_INTERPRET (the test suite runs it in a subprocess). Exit status 1 when a
 kernel fails to compile, with the compiler's message.
@@ -19,6 +22,7 @@ import argparse
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,6 +34,8 @@ import torch  # noqa: E402
 _TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
           torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+#: shared memory a block may use, by compute capability (the launch fails past it)
+_SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
 class Lowering:
@@ -42,7 +48,8 @@ class Lowering:
         from triton.backends.compiler import GPUTarget
 
         self.triton, self.target = triton, GPUTarget("cuda", arch, 32)
-        self.shard = shard  # (i, n): compile only the i-th of every n specialisations, in launch order
+        self.shared_limit = _SHARED_LIMIT.get(arch)
+        self.shard = shard  # (i, n): compile only the specialisations whose key hashes to i modulo n
         self.results: dict = {}
 
     def __enter__(self):
@@ -87,17 +94,30 @@ class Lowering:
         key = (kernel.fn.__module__, kernel.fn.__name__, tuple(signature.items()), tuple(constexprs.items()),
                tuple(options.items()))
         if key in self.results:
+            if self.results[key] is not None and self.results[key].get("refused"):
+                self._refuse(key)
             return
-        if len(self.results) % self.shard[1] != self.shard[0]:
+        # a retry with shallower pipelining is compiled by the shard whose refusal caused it
+        if "num_stages" not in options and zlib.crc32(repr(key).encode()) % self.shard[1] != self.shard[0]:
             self.results[key] = None  # another shard's
             return
         t0 = time.perf_counter()
         try:
             compiled = self.triton.compile(ASTSource(kernel, signature, constexprs), target=self.target,
                                            options=options)
-            self.results[key] = {"shared": compiled.metadata.shared, "seconds": time.perf_counter() - t0}
         except Exception as e:  # the compiler's errors come in several types; each is reported
             self.results[key] = {"error": f"{type(e).__name__}: {e}"}
+            return
+        shared = compiled.metadata.shared
+        self.results[key] = {"shared": shared, "seconds": time.perf_counter() - t0}
+        if self.shared_limit is not None and shared > self.shared_limit:
+            self.results[key]["refused"] = True
+            self._refuse(key)
+
+    def _refuse(self, key):
+        from triton.runtime.errors import OutOfResources
+
+        raise OutOfResources(self.results[key]["shared"], self.shared_limit, "shared memory")
 
 
 def linear_cases() -> None:
@@ -137,15 +157,18 @@ def mlp_cases() -> None:
                    outputs=("y", "factors", "sums", "input_error"))
 
 
-def model_cases() -> None:
+def model_cases(names: list[str] | None = None) -> list[str]:
     """One training step (forward with labels, backward) of every shipped spec whose memories
-    have Triton kernels, at the benchmark's head sizes, float32."""
+    have Triton kernels (of those in ``names``, if given), at the benchmark's head sizes, float32.
+    Returns the specs' names."""
     import nldsl
 
     from nldsl.nn.model import NSAMModel
 
     lowered = []
     for path in sorted((ROOT / "specs").glob("*.nl")):
+        if names is not None and path.stem not in names:
+            continue
         module = nldsl.compile(path)
         cls = getattr(module, module.__all__[0])
         if not (isinstance(cls, type) and issubclass(cls, NSAMModel)):  # an optimizer spec
@@ -165,7 +188,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: Hopper, 80: Ampere)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every kernel's shared memory")
-    p.add_argument("--shard", default="0/1", help="I/N: compile only the I-th of every N kernels (parallel runs)")
+    p.add_argument("--shard", default="0/1", help="I/N: compile only the I-th of N parts of the kernels (parallel runs)")
+    p.add_argument("--cases", nargs="+", choices=["linear", "mlp", "models"], default=["linear", "mlp", "models"])
+    p.add_argument("--specs", nargs="+", help="the shipped specs (by file stem) whose training step is compiled")
     args = p.parse_args(argv)
     shard = tuple(int(n) for n in args.shard.split("/"))
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -173,22 +198,33 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    from triton.runtime.errors import OutOfResources
+
+    runs = {"linear": linear_cases, "mlp": mlp_cases, "models": lambda: model_cases(args.specs)}
+    specs, refused = [], []
     with Lowering(args.arch, shard) as lowering:
-        linear_cases()
-        mlp_cases()
-        specs = model_cases()
+        for name in args.cases:
+            try:
+                specs += runs[name]() or []
+            except OutOfResources as e:  # refused even at the shallowest pipelining
+                refused.append(f"{name} cases: {e}")
     compiled = {k: r for k, r in lowering.results.items() if r is not None}
     failed = {k: r for k, r in compiled.items() if "error" in r}
-    for (module, name, signature, constexprs, _), r in compiled.items():
+    for (module, name, signature, constexprs, options), r in compiled.items():
         if "error" in r or args.verbose:
             types = ", ".join(t for _, t in signature if t != "constexpr")
             consts = ", ".join(f"{n}={v}" for n, v in constexprs if v is not None)
             what = r["error"] if "error" in r else f"shared memory {r['shared']} B, {r['seconds']:.1f} s"
-            print(f"{name}({types}; {consts}): {what}")
-    print(f"{len(compiled)} of {len(lowering.results)} kernel specialisations (shard {args.shard}; the kernel "
-          f"tests' cases and a training step of {', '.join(specs)}) compiled for sm_{args.arch} in "
-          f"{time.perf_counter() - t0:.0f} s: {len(failed)} failed")
-    return 1 if failed else 0
+            stages = dict(options).get("num_stages")
+            print(f"{name}({types}; {consts}{f'; num_stages={stages}' if stages else ''}): {what}"
+                  + (" (refused: too much for the target)" if r.get("refused") else ""))
+    print("\n".join(refused))
+    retried = sum(1 for r in compiled.values() if r.get("refused"))
+    print(f"{len(compiled)} of {len(lowering.results)} kernel specialisations (shard {args.shard}; cases "
+          f"{', '.join(args.cases)}{'; a training step of ' + ', '.join(specs) if specs else ''}) compiled for "
+          f"sm_{args.arch} in {time.perf_counter() - t0:.0f} s, {retried} refused for their shared memory and "
+          f"launched again with shallower pipelining: {len(failed) + len(refused)} failed")
+    return 1 if failed or refused else 0
 
 
 if __name__ == "__main__":
