@@ -205,7 +205,7 @@ def main(argv=None) -> int:
                    help="the in-context memories' implementation (triton: the generated kernels, on a GPU)")
     p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
                    help="run the models through torch.compile in this mode (reduce-overhead: CUDA graphs); the "
-                        "compile happens in the warm-up steps")
+                        "compile happens in the warm-up steps (Hope's did not finish in 25 minutes on a CPU)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     p.add_argument("--warmup", type=int, default=1)

@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one run (a lent GPU's time is short): the generated Triton
 # kernels' tests on CUDA in float32 and bfloat16 (and torch.compile through their triton_op
 # registration), the kernel benchmark against flash-linear-attention and SDPA, and the model
-# benchmark with the memories in PyTorch, through the kernels, and (Hope) through torch.compile.
+# benchmark with the memories in PyTorch and through the kernels.
 #
 #     bash benchmarks/gpu_checks.sh [LOG_DIR]        # logs: LOG_DIR/{env,tests,bench_triton,bench_models_*}.log
 #
@@ -40,6 +40,3 @@ for impl in chunked triton; do
     TAIL=14 step "bench_models_$impl" "${MODELS_LIMIT:-150}" "$py" benchmarks/bench_models.py --device cuda \
         --impl "$impl" --clock wall --warmup 2 --reps 3
 done
-# Hope launches thousands of small kernels a step: CUDA graphs through torch.compile
-TAIL=14 step bench_models_compiled "${COMPILED_LIMIT:-200}" "$py" benchmarks/bench_models.py --device cuda \
-    --specs specs/hope.nl --compile reduce-overhead --clock wall --warmup 3 --reps 3
