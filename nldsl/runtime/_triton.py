@@ -24,8 +24,8 @@ from torch import Tensor
 from nldsl.runtime._common import MemoryOutput, check_gate, check_qkv, check_state, resolve_scale
 
 __all__ = ["LinearKernel", "MlpGrads", "MlpKernel", "acc_dtype", "contiguous", "define_op", "dot_precision",
-           "is_interpreted", "launch", "mlp_chunk_reference", "require_triton", "register_kernel_source", "runtime_kernel",
-           "runtime_mlp_kernel", "spec_kernels", "DECODE_MAX_TOKENS"]
+           "is_interpreted", "launch", "mlp_chunk_reference", "require_triton", "register_kernel_source",
+           "runtime_kernel", "runtime_mlp_kernel", "spec_kernels", "DECODE_MAX_TOKENS"]
 
 #: calls of at most this many tokens that need no gradient run the token-by-token kernel
 DECODE_MAX_TOKENS = 64
@@ -83,7 +83,7 @@ def is_interpreted(kernel: Any) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
-#: (kernel, device) -> the software-pipelining depth whose shared memory fits the device
+#: (kernel, device, its specialisation) -> the software-pipelining depth whose shared memory fits
 _STAGES: dict = {}
 #: Triton's default depth on CUDA
 _DEFAULT_STAGES = 3
@@ -93,8 +93,10 @@ def launch(kernel: Any, grid: tuple, *args, **kwargs) -> None:
     """``wrap_triton(kernel)[grid](*args, **kwargs)``, launched again with shallower software
     pipelining (``num_stages`` 2, then 1) when the device lacks the shared memory a block needs at
     the default depth: an sm_80 block has 163 KiB (sm_86/89: 99, sm_90: 227), and a float32 CMS
-    level of hidden size 512 needs 176 KiB at 3 stages, 112 at 2 and 96 at 1. The depth that fits is
-    remembered per kernel and device. Under torch.compile the kernel goes to inductor as it is."""
+    level of hidden size 512 needs 176 KiB at 3 stages, 112 at 2 and 96 at 1; the float32 backward of
+    a gated delta rule with 128-dimensional heads 257 KiB at 3 on any GPU. The depth that fits is
+    remembered per kernel, device and specialisation (argument dtypes and constexprs). Under
+    torch.compile the kernel goes to inductor as it is."""
     from torch.library import wrap_triton
 
     if torch.compiler.is_compiling():
@@ -102,8 +104,8 @@ def launch(kernel: Any, grid: tuple, *args, **kwargs) -> None:
         return
     from triton.runtime.errors import OutOfResources
 
-    device = next((a.device for a in args if isinstance(a, Tensor)), None)
-    key = (kernel, device)
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    key = (kernel, tensors[0].device if tensors else None, tuple(t.dtype for t in tensors), tuple(kwargs.items()))
     while True:
         stages = _STAGES.get(key)
         try:

@@ -39,6 +39,8 @@ CASES = [
     (S("dgd_p16_anchor", "dgd", lr="const", lr_value=0.2, decay="const", decay_value=0.9, chunk=16, period=16,
        read="anchor"), 1, 37, 2, True),
     (S("dgd_p64", "dgd", lr="tensor", chunk=64, period=64), 1, 70, 1, True),
+    # the benchmark's head size and chunk (bench_triton.py): [64, 128] tiles, four value tiles
+    (S("gdelta_k128", "delta", K=128, V=128, lr="tensor", decay="tensor", chunk=64), 1, 80, 2, True),
 ]
 
 
