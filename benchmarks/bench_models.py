@@ -17,8 +17,8 @@ processes on a shared machine; ``wall``); ``--rounds N`` measures every model N 
 and keeps each one's best (a shared machine's speed drifts over minutes). Peak memory: on CUDA
 ``max_memory_allocated``; on CPU the highest resident set size sampled every millisecond during
 the first step minus the resident size before it. On CUDA each model also gets a line with the
-kernels one step launches and the GPU's busy time (torch.profiler): a step much longer than that
-is bound by launching work, not by the GPU. The last column is each model's time per
+kernels and copies one step launches and the GPU's busy time (torch.profiler): a step much longer
+than that is bound by launching work, not by the GPU. The last column is each model's time per
 token over the fastest model's.
 
 The issue's target compares like with like: Hope (every level updating) within 3x of a
@@ -93,8 +93,9 @@ def worker(args) -> dict:
 
 
 def _gpu_profile(step) -> str:
-    """The kernels one step launches and the GPU's busy time (the sum of their durations): a step
-    far longer than its busy time is bound by launching work from Python, not by the GPU."""
+    """The GPU work one step launches (kernels, copies, fills) and the GPU's busy time (the sum of
+    their durations): a step far longer than its busy time is bound by launching work from
+    Python, not by the GPU."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -105,7 +106,7 @@ def _gpu_profile(step) -> str:
         busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
     except Exception as e:  # a profiler that cannot run here costs this line, not the benchmark
         return f"profile failed: {type(e).__name__}: {e}"
-    return f"{len(kernels):,} kernels a step, GPU busy {busy:.1f} ms"
+    return f"{len(kernels):,} GPU kernels and copies a step, GPU busy {busy:.1f} ms"
 
 
 def _breakdown(model, step, clock, reps) -> dict:
