@@ -180,7 +180,8 @@ def main():
     print(f"B={B} H={H} head dim={DH} T={args.T} float32, threads={args.threads}, clock={args.clock}, "
           f"best of up to {args.reps} reps after a warm-up (torch {__import__('torch').__version__}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
-    hdr = f"{'workload':<12} {'impl':<10} {args.clock + ' ms':>10} {'wall ms':>9} {'tokens/s':>9} {'saved MB':>9} {'peak MB':>8} {'speedup':>8}"
+    hdr = (f"{'workload':<12} {'impl':<10} {args.clock + ' ms':>10} {'wall ms':>9} {'tokens/s':>9} {'saved MB':>9} "
+           f"{'peak MB':>8} {'speedup':>8}")
     print(hdr)
     print("-" * len(hdr))
     ok = True

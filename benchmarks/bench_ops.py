@@ -317,7 +317,8 @@ def main(argv=None):
           f"{os.getloadavg()[0]:.1f} (other processes on a shared machine slow every figure)")
     print(f"peak memory = highest sampled RSS during the first call minus RSS before it; "
           f"fla naive references: {'yes' if have_fla else 'not installed'}\n")
-    hdr = f"{'op':<18} {'impl':<10} {'T':>5} {args.clock + ' ms':>10} {'tokens/s':>10} {'GFLOP/s':>8} {'% peak':>7} {'peak MB':>8} {'speedup':>8}"
+    hdr = (f"{'op':<18} {'impl':<10} {'T':>5} {args.clock + ' ms':>10} {'tokens/s':>10} {'GFLOP/s':>8} {'% peak':>7} "
+           f"{'peak MB':>8} {'speedup':>8}")
     print(hdr)
     print("-" * len(hdr))
     results = {}
@@ -334,7 +335,8 @@ def main(argv=None):
                     print(f"{op:<18} {impl:<10} {T:>5} {'skipped: ' + r['skipped']}")
                     continue
                 s = r[args.clock]
-                gf = flops(op, "chunked" if impl == "fla-naive" else impl, T, 32 if impl == "fla-naive" else args.chunk_size) / s / 1e9
+                naive = impl == "fla-naive"
+                gf = flops(op, "chunked" if naive else impl, T, 32 if naive else args.chunk_size) / s / 1e9
                 ref = results.get((op, "reference", T), {})
                 speed = f"{ref[args.clock] / s:.1f}x" if impl != "reference" and args.clock in ref else ""
                 print(f"{op:<18} {impl:<10} {T:>5} {s * 1e3:>10.1f} {B * T / s:>10.0f} {gf:>8.1f} "

@@ -79,7 +79,8 @@ def to_mermaid(g: nx.DiGraph) -> str:
         lines.append("  end")
     for u, v, d in _sorted_edges(g):
         kind = d.get("kind", "")
-        arrow = {"holds": "-.-", "init": "-.->", "context": "-.->", "backprop": "==>", "generate": "==>"}.get(kind, "-->")
+        arrows = {"holds": "-.-", "init": "-.->", "context": "-.->", "backprop": "==>", "generate": "==>"}
+        arrow = arrows.get(kind, "-->")
         label = "" if kind in ("holds", "flow") else kind + (" self" if d.get("self_referential") else "")
         lines.append(f"  {_mm_id(u)} {arrow}" + (f"|{label}|" if label else "") + f" {_mm_id(v)}")
     return "\n".join(lines) + "\n"

@@ -123,9 +123,8 @@ def test_nl_example(where, text):
     codes = [d.code for d in a.diagnostics]
     if code is not None:
         assert code in CODES, f"{where}: `# {kind}: {code}` names no known code"
-        assert (kind == "wrong") == docs_gen.reported_by_check(CODES[code]), (
-            f"{where}: {code} is reported by "
-            f"{'`nldsl check`: mark it `# wrong:`' if kind != 'wrong' else 'a later stage: mark it `# compile error:`'}")
+        fix = "`nldsl check`: mark it `# wrong:`" if kind != "wrong" else "a later stage: mark it `# compile error:`"
+        assert (kind == "wrong") == docs_gen.reported_by_check(CODES[code]), f"{where}: {code} is reported by {fix}"
     if kind == "wrong":
         assert code in codes, f"{where}: expected {code}, got:\n{_describe(a.diagnostics)}\n{spec}"
     elif kind == "compile error":

@@ -206,7 +206,8 @@ def cms_divisibility(owner: M.Model, ck: Checker):
                 ck.report("NL107", f"in CMS `{c.name}`, the period of `{slow.name}` ({slow.period}) is not "
                           f"a multiple of the period of `{fast.name}` ({fast.period})",
                           (owner.name, "level", slow.name, "period"),
-                          help=f"use a multiple of {fast.period}, such as {fast.period * max(1, round(slow.period / fast.period))}")
+                          help=f"use a multiple of {fast.period}, such as "
+                               f"{fast.period * max(1, round(slow.period / fast.period))}")
 
 
 def _context(owner: M.Model):

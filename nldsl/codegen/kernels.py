@@ -298,7 +298,8 @@ def render_kernels(parts: list[KernelPart], *, label: str, sha256: str, doc: str
     try:
         ast.parse(source)
     except SyntaxError as e:  # a bug in a template, never in the user's spec
-        raise RuntimeError(f"nldsl generated invalid Python for the kernels of {label} (line {e.lineno}): {e.msg}") from e
+        raise RuntimeError(f"nldsl generated invalid Python for the kernels of {label} (line {e.lineno}): "
+                           f"{e.msg}") from e
     return source
 
 
@@ -342,7 +343,8 @@ def _linear_planner(model, mem, level, ctx, taken):
     op = linear_op(mem, level)
     rule = {"linear_attention": "hebbian", "delta_rule": "delta", "gated_delta_rule": "delta", "dgd": "dgd"}.get(op)
     if rule is None:
-        return f"{op or 'this rule'} has no Triton kernel yet (kernels exist for the Hebbian, delta, gated delta and DGD rules)"
+        return (f"{op or 'this rule'} has no Triton kernel yet (kernels exist for the Hebbian, delta, gated delta "
+                "and DGD rules)")
 
     def rate(kind, value, what):
         if kind == "gate":

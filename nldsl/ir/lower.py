@@ -841,7 +841,8 @@ class Lowerer:
             params.append(("partial", M.Ref(name="strict")))
         if block is None:
             self.ctx.error("NL303", f"model `{m.name}` has no `block`", m.spans.get("name"),
-                           help="add `block = ...`, for example `block = residual(norm -> attn) -> residual(norm -> mlp)`")
+                           help="add `block = ...`, for example "
+                                "`block = residual(norm -> attn) -> residual(norm -> mlp)`")
         order = list(MODEL_PARAMS) + ["partial"]
         params.sort(key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order)))
         return M.Model(name=m.name, doc=self._doc_of(m), params=tuple(params),

@@ -107,7 +107,8 @@ def _model(m: M.Model) -> A.Model:
             # members may read differently (each defaults to its level's mode): write `read`
             # only when they agree
             reads = {m.read for m in c.memories}
-            skip = ("inputs", "generators", "heads", "qk_norm", "v_norm", "conv") + (() if len(reads) == 1 else ("read",))
+            skip = ("inputs", "generators", "heads", "qk_norm", "v_norm", "conv")
+            skip += () if len(reads) == 1 else ("read",)
             props += memory_props(first, skip=skip)
         if c.aggregate:
             props.append(A.Prop("aggregate", (_name(c.aggregate),)))

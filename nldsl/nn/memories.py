@@ -50,7 +50,8 @@ class AttentionMemory(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.dim, self.heads, self.window, self.qk_norm, self.scope, self.impl = dim, heads, window, qk_norm, scope, impl
+        self.dim, self.heads, self.window = dim, heads, window
+        self.qk_norm, self.scope, self.impl = qk_norm, scope, impl
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)

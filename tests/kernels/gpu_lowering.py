@@ -188,7 +188,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: Hopper, 80: Ampere)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every kernel's shared memory")
-    p.add_argument("--shard", default="0/1", help="I/N: compile only the I-th of N parts of the kernels (parallel runs)")
+    p.add_argument("--shard", default="0/1",
+                   help="I/N: compile only the I-th of N parts of the kernels (parallel runs)")
     p.add_argument("--cases", nargs="+", choices=["linear", "mlp", "models"], default=["linear", "mlp", "models"])
     p.add_argument("--specs", nargs="+", help="the shipped specs (by file stem) whose training step is compiled")
     args = p.parse_args(argv)

@@ -105,7 +105,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert torch.isfinite(actual).all(), f"{what}: not finite"
     scale = max(expected.abs().max().item(), 1e-12)
     err = (actual - expected).abs().max().item() / scale
-    assert err <= TOLERANCE[dtype], f"{what}: error {err:.3g} (relative to {scale:.3g}) > {TOLERANCE[dtype]:g} in {dtype}"
+    assert err <= TOLERANCE[dtype], \
+        f"{what}: error {err:.3g} (relative to {scale:.3g}) > {TOLERANCE[dtype]:g} in {dtype}"
 
 
 def state_tensors(state) -> list[torch.Tensor]:

@@ -149,7 +149,8 @@ def test_ops_are_registered_and_tracebacks_show_generated_lines():
     from nldsl.codegen.kernels import linear_kernel
 
     kernel = linear_kernel(LinearKernelSpec(name="traced", rule="delta", head_k=16, head_v=16, lr="tensor"))
-    namespace = next(ns for ns in dir(torch.ops) if ns.startswith("nldsl_") and hasattr(getattr(torch.ops, ns), "traced_chunk"))
+    namespace = next(ns for ns in dir(torch.ops)
+                     if ns.startswith("nldsl_") and hasattr(getattr(torch.ops, ns), "traced_chunk"))
     op = getattr(torch.ops, namespace)
     assert all(hasattr(op, n) for n in ("traced_chunk", "traced_chunk_bwd", "traced_step"))
     q = torch.randn(2, 16)  # not [B, T, H, K]: the generated host code fails on its first line using the shape

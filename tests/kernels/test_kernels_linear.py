@@ -139,7 +139,8 @@ def test_dgd_continues_inside_an_anchor_period_with_gradients(spec, offset, T, d
 
     ins = [t for t in after.values() if t is not None] + [state.memory, state.anchor]
     r_ins = [t for t in r_after.values() if t is not None] + [r_state.memory, r_state.anchor]
-    for i, (a, b) in enumerate(zip(torch.autograd.grad(loss(o, final), ins), torch.autograd.grad(loss(r_o, r_final), r_ins))):
+    grads, r_grads = torch.autograd.grad(loss(o, final), ins), torch.autograd.grad(loss(r_o, r_final), r_ins)
+    for i, (a, b) in enumerate(zip(grads, r_grads)):
         assert_close(a, b, dtype, f"gradient {i}")
 
 

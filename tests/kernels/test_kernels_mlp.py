@@ -200,7 +200,8 @@ def test_mlp_memory_triton_equals_chunked(case, device, dtype):
                                *(None if g is None else g[:, :prefix] for g in gates), params=x["params"],
                                chunk_size=C, impl=impl, output_final_state=True, **kw).final_state
         s = slice(prefix, None)
-        o, final = mlp_memory(x["q"][:, s], x["k"][:, s], x["v"][:, s], *(None if g is None else g[:, s] for g in gates),
+        o, final = mlp_memory(x["q"][:, s], x["k"][:, s], x["v"][:, s],
+                              *(None if g is None else g[:, s] for g in gates),
                               params=x["params"], chunk_size=C, impl=impl, initial_state=state,
                               output_final_state=True, **kw)
         return o, list(final.weights) + list(final.anchor)

@@ -176,7 +176,8 @@ def test_write_package(tmp_path):
     import json
 
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["classes"][0]["name"] == "Adam" and manifest["classes"][0]["hyperparameters"]["betas"] == [0.9, 0.999]
+    adam = manifest["classes"][0]
+    assert adam["name"] == "Adam" and adam["hyperparameters"]["betas"] == [0.9, 0.999]
     assert nldsl.check(out / "spec.resolved.nl") == []
     stamps = {p: p.stat().st_mtime_ns for p in paths}
     write_package(SPECS / "adam.nl", out)  # unchanged: nothing rewritten

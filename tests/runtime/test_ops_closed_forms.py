@@ -32,7 +32,8 @@ def test_linear_attention_is_masked_qk_v(impl):
     """No decay: o = (scale Q K^T, causal) V + scale Q S_0. Constant decay a: weights a^(t-i)
     on token i and a^(t+1) on S_0 (a^t counting from 1)."""
     T = 29
-    q, k, v, S0 = _rand(B, T, H, K, seed=1), _rand(B, T, H, K, seed=2), _rand(B, T, H, V, seed=3), _rand(B, H, K, V, seed=4)
+    q, k, v = _rand(B, T, H, K, seed=1), _rand(B, T, H, K, seed=2), _rand(B, T, H, V, seed=3)
+    S0 = _rand(B, H, K, V, seed=4)
     scale = K ** -0.5
     scores = torch.einsum("bthk,bshk->bhts", q, k) * scale
     t = torch.arange(T, dtype=DT)
@@ -142,7 +143,8 @@ def test_dgd_orthonormal_keys(impl, chunk):
 def test_dgd_pure_retention(impl):
     """eta = 0: S_t = (prod_{l<=t} alpha_l) S_0."""
     T = 9
-    q, k, v, S0 = _rand(B, T, H, K, seed=1), _rand(B, T, H, K, seed=2), _rand(B, T, H, V, seed=3), _rand(B, H, K, V, seed=4)
+    q, k, v = _rand(B, T, H, K, seed=1), _rand(B, T, H, K, seed=2), _rand(B, T, H, V, seed=3)
+    S0 = _rand(B, H, K, V, seed=4)
     alpha = 0.5 + 0.5 * torch.rand(B, T, H, generator=torch.Generator().manual_seed(5), dtype=DT)
     S = alpha.cumprod(1)[..., None, None] * S0[:, None]
     out = rt.dgd(q, k, v, 0.0, alpha, initial_state=S0, impl=impl, chunk_size=4)

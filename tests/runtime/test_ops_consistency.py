@@ -121,7 +121,8 @@ def test_anchor_read_and_mid_chunk_state(name):
         ref = case.call(x, "reference", C, read="anchor")
         fast = case.call(x, "chunked", C, read="anchor")
         _compare(case, ref, fast, f"{name} read=anchor C={C}")
-        first = case.call({n: (v[:, :9] if n != "initial_state" else v) for n, v in x.items()}, "chunked", C, read="anchor")
+        first = case.call({n: (v[:, :9] if n != "initial_state" else v) for n, v in x.items()}, "chunked", C,
+                          read="anchor")
         rest = case.call({n: (v[:, 9:] if n != "initial_state" else first.final_state) for n, v in x.items()},
                          "reference", C, read="anchor")
         assert_close(torch.cat([first.o, rest.o], 1), ref.o, f"{name} mixed impl split")

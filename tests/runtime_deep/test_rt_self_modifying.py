@@ -307,5 +307,6 @@ def test_generated_gates_add_static_logits():
     assert_close(g, grads(ref.o, wrt), atol=1e-9)
     assert all(t.abs().sum() > 0 for t in g)
     zero = {n: torch.zeros_like(t) for n, t in logits.items()}
-    assert_close(run(x, "chunked", chunk_size=4, gen_chunk_size=3, **zero), run(x, "chunked", chunk_size=4, gen_chunk_size=3))
+    assert_close(run(x, "chunked", chunk_size=4, gen_chunk_size=3, **zero),
+                 run(x, "chunked", chunk_size=4, gen_chunk_size=3))
     assert (fast.o - run(x, "chunked", chunk_size=4, gen_chunk_size=3).o).abs().max() > 1e-6

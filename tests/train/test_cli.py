@@ -58,7 +58,8 @@ def test_preset_defaults_and_explicit_flags_win():
 @pytest.mark.parametrize("extra, words", [
     (["--task", "mqr"], "unknown task 'mqr'; did you mean `mqar`?"),
     (["--task", "lm", "--data", "/no/such/file.txt"], "--data /no/such/file.txt: no such file"),
-    (["dim=30", "heads=4"], "cannot build TinyAttention with dim=30 layers=2 vocab=64 heads=4: dim 30 is not divisible by heads 4"),
+    (["dim=30", "heads=4"],
+     "cannot build TinyAttention with dim=30 layers=2 vocab=64 heads=4: dim 30 is not divisible by heads 4"),
     (["dim"], "override 'dim' is not of the form key=value"),
     (["--steps", "0"], "--steps must be at least 1"),
 ])
