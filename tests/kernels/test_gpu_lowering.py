@@ -73,3 +73,28 @@ def test_launch_retries_with_shallower_pipelining(monkeypatch):
 
     with pytest.raises(OutOfResources, match="registers"):
         _triton.launch(Registers(0), (1,), x)
+
+
+def test_launch_traces_whole_under_torch_compile(monkeypatch):
+    """Dynamo traces ``launch`` without a graph break (the compiled models use fullgraph), taking
+    the branch that hands the kernel to inductor as it is."""
+    import torch
+    import torch.library
+
+    from nldsl.runtime import _triton
+
+    class Kernel:  # stands in for wrap_triton(kernel): doubles x into out
+        def __getitem__(self, grid):
+            return lambda x, out, **kwargs: out.copy_(2 * x)
+
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
+    kernel = Kernel()
+
+    def double(x):
+        out = torch.empty_like(x)
+        _triton.launch(kernel, (1,), x, out, DOT="ieee")
+        return out
+
+    x, before = torch.arange(4.0), dict(_triton._STAGES)
+    assert torch.equal(torch.compile(double, fullgraph=True, backend="eager")(x), 2 * x)
+    assert _triton._STAGES == before  # the eager-only bookkeeping was not traced
