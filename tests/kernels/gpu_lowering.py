@@ -5,8 +5,9 @@ it does not apply what only the compiler checks (a tuple of dtypes in an assignm
 shape and type rules, the shared memory a program needs). Here every kernel launch of the
 kernel tests' cases (linear rules, MLP memories, in float32 and bfloat16) and of a training
 step of each shipped spec with Triton memories is replaced by a compile through Triton's whole
-pipeline for the target (to PTX, then ptxas's cubin); nothing runs, so the values computed are
-meaningless, only the launches matter. A kernel that needs more shared memory a block than the
+pipeline for the target (to PTX, then ptxas's cubin; without the launcher's hints that an
+argument is divisible by 16, which only refine the code); nothing runs, so the values computed
+are meaningless, only the launches matter. A kernel that needs more shared memory a block than the
 target has is refused as the GPU's launcher refuses it (``OutOfResources``), so that the
 runtime's retry with shallower pipelining (``nldsl.runtime._triton.launch``) is exercised too.
 
