@@ -142,14 +142,11 @@ def linear_cases() -> None:
 
 def mlp_cases() -> None:
     """The fused MLP-gradient kernel's test cases, float32 and bfloat16."""
-    from test_kernels_mlp import KERNEL_CASES
-
-    from nldsl.codegen.kernels import MlpKernelSpec, mlp_kernel
+    from test_kernels_mlp import KERNEL_CASES, case_kernel
 
     for dtype in (torch.float32, torch.bfloat16):
-        for activation, residual, hidden_norm, objective, self_target, (K, Hd, V), L, chunk in KERNEL_CASES.values():
-            kernel = mlp_kernel(MlpKernelSpec(name="mlp_check", d_in=K, d_hidden=Hd, d_out=V, activation=activation,
-                                              residual=residual is not False, hidden_norm=hidden_norm, chunk=chunk))
+        for case, (_, residual, _, objective, self_target, (K, Hd, V), L, _) in KERNEL_CASES.items():
+            kernel = case_kernel(case)
             N = 3
             rows = torch.tensor([1.0, 0.0, 1.0], dtype=dtype) if residual == "rows" else None
             kernel((torch.randn(N, Hd, K, dtype=dtype), torch.randn(N, V, Hd, dtype=dtype)),
@@ -162,17 +159,16 @@ def model_cases(names: list[str] | None = None) -> list[str]:
     """One training step (forward with labels, backward) of every shipped spec whose memories
     have Triton kernels (of those in ``names``, if given), at the benchmark's head sizes, float32.
     Returns the specs' names."""
-    import nldsl
+    from kernel_cases import model_class
 
-    from nldsl.nn.model import NSAMModel
+    import nldsl
 
     lowered = []
     for path in sorted((ROOT / "specs").glob("*.nl")):
         if names is not None and path.stem not in names:
             continue
-        module = nldsl.compile(path)
-        cls = getattr(module, module.__all__[0])
-        if not (isinstance(cls, type) and issubclass(cls, NSAMModel)):  # an optimizer spec
+        cls = model_class(nldsl.compile(path))
+        if cls is None:  # an optimizer spec
             continue
         try:
             model = cls(vocab=64, dim=128, layers=1, heads=4, impl="triton")

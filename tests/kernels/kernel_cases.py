@@ -115,11 +115,12 @@ def state_tensors(state) -> list[torch.Tensor]:
 
 
 def model_class(mod):
-    """The model class (an NSAMModel subclass) of a compiled spec's module."""
+    """The model class (an NSAMModel subclass) of a compiled spec's module; None for a spec
+    without one (an optimizer's)."""
     from nldsl.nn.model import NSAMModel
 
-    return next(getattr(mod, n) for n in mod.__all__
-                if isinstance(getattr(mod, n), type) and issubclass(getattr(mod, n), NSAMModel))
+    return next((getattr(mod, n) for n in mod.__all__
+                 if isinstance(getattr(mod, n), type) and issubclass(getattr(mod, n), NSAMModel)), None)
 
 
 def model_pair(cls, device, dtype, **kw):

@@ -85,12 +85,18 @@ KERNEL_CASES = {
 }
 
 
+def case_kernel(case: str):
+    """The kernel specialised for ``KERNEL_CASES[case]``."""
+    activation, residual, hidden_norm, _, _, (K, Hd, V), _, chunk = KERNEL_CASES[case]
+    return mlp_kernel(MlpKernelSpec(name="mlp_check", d_in=K, d_hidden=Hd, d_out=V, activation=activation,
+                                    residual=residual is not False, hidden_norm=hidden_norm, chunk=chunk))
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
 def test_kernel_equals_per_token_gradients(case, device, dtype):
     activation, residual, hidden_norm, objective, self_target, (K, Hd, V), L, chunk = KERNEL_CASES[case]
-    kernel = mlp_kernel(MlpKernelSpec(name="mlp_check", d_in=K, d_hidden=Hd, d_out=V, activation=activation,
-                                      residual=residual is not False, hidden_norm=hidden_norm, chunk=chunk))
+    kernel = case_kernel(case)
     gen = torch.Generator().manual_seed(1)
     N = 3
     x = {"x": rand(gen, N, L, K), "t": rand(gen, N, L, K if self_target else V), "eta": torch.rand(N, L, generator=gen,
@@ -124,9 +130,8 @@ def test_kernel_equals_per_token_gradients(case, device, dtype):
 @pytest.mark.parametrize("case", ["silu-l2-self-3tiles", "gelu-l2-residual-rows-self", "relu-given"])
 def test_kernel_backward_by_finite_differences(case):
     """The op's backward (the closed form under autograd) against the kernel's own forward."""
-    activation, residual, hidden_norm, objective, self_target, (K, Hd, V), _, chunk = KERNEL_CASES[case]
-    kernel = mlp_kernel(MlpKernelSpec(name="mlp_check", d_in=K, d_hidden=Hd, d_out=V, activation=activation,
-                                      residual=residual is not False, hidden_norm=hidden_norm, chunk=chunk))
+    _, residual, _, objective, self_target, (K, Hd, V), _, _ = KERNEL_CASES[case]
+    kernel = case_kernel(case)
     gen = torch.Generator().manual_seed(2)
     N, L = 2, 19
     inputs = (rand(gen, N, L, K), rand(gen, N, L, K if self_target else V), torch.rand(N, L, generator=gen, dtype=F64),
