@@ -16,10 +16,19 @@ a fresh subprocess with ``--threads`` intra-op threads; after ``--warmup`` steps
 processes on a shared machine; ``wall``); ``--rounds N`` measures every model N times, in turn,
 and keeps each one's best (a shared machine's speed drifts over minutes). Peak memory: on CUDA
 ``max_memory_allocated``; on CPU the highest resident set size sampled every millisecond during
-the first step minus the resident size before it. On CUDA each model also gets a line with the
-kernels and copies one step launches and the GPU's busy time (torch.profiler): a step much longer
-than that is bound by launching work, not by the GPU. The last column is each model's time per
-token over the fastest model's.
+the first step minus the resident size before it.
+
+The steps form a stream (``--state stream``, the default): each continues the state of the
+``carry`` levels the step before left (detached; the other levels start each step afresh, as
+``NSAMModel.new_sequence`` does in training), so that a level slower than one call still
+updates: Hope's slowest CMS level, every 2048 tokens, steps once every 4 calls of 512, and its
+weights differ per sequence from then on. A measured step is then the mean of a cycle of
+consecutive steps in which every carry level updates at least once (after a warm-up cycle);
+``--state fresh`` measures single steps from no state (the slow level never updates).
+
+On CUDA each model also gets a line with the kernels and copies one step launches and the GPU's
+busy time (torch.profiler): a step much longer than that is bound by launching work, not by the
+GPU. The last column is each model's time per token over the fastest model's.
 
 The issue's target compares like with like: Hope (every level updating) within 3x of a
 Transformer *with the same parameter count*. ``--match specs/transformer.nl`` (the default) adds
@@ -53,11 +62,17 @@ def worker(args) -> dict:
     x = torch.randint(0, args.vocab, (args.B, args.T + 1), device=device)
     inputs, labels = x[:, :-1], x[:, 1:]
     clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
+    stream = args.state == "stream"
+    cycle = _cycle(model, args.T) if stream else 1
+    state = None
 
     def step(add=None):
         """One training step; ``add(phase, seconds)`` (``--breakdown``) gets its three phases."""
+        nonlocal state
         t0 = clock()
-        out = forward(inputs, labels=labels)
+        out = forward(inputs, labels=labels, state=state)
+        if stream:  # the next step continues the stream: carry levels keep their state, the rest reset
+            state = model.new_sequence(model.detach_state(out.state))
         loss = F.cross_entropy(out.logits.reshape(-1, args.vocab), labels.reshape(-1))
         t1 = clock()
         opt.zero_grad(set_to_none=True)
@@ -76,17 +91,20 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         step()
         peak = torch.cuda.max_memory_allocated() / 2**20
-    for _ in range(max(0, args.warmup - 1)):
+    # the warm-up (with the step above) takes a stream through a whole cycle, so that the
+    # measured cycles start where every carry level has updated once (its steady state)
+    for _ in range(max(args.warmup, cycle) - 1):
         step()
     best = float("inf")
     for _ in range(args.reps):
         t0 = clock()
-        step()
-        best = min(best, clock() - t0)
+        for _ in range(cycle):
+            step()
+        best = min(best, (clock() - t0) / cycle)
     out = {"spec": args.spec, "class": type(model).__name__, "layers": args.layers, "params": _count(model),
-           "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak}
+           "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak, "cycle": cycle}
     if args.breakdown:
-        out["breakdown"] = _breakdown(model, step, clock, args.reps)
+        out["breakdown"] = _breakdown(model, step, clock, args.reps * cycle)
     if device.type == "cuda":
         out["gpu"] = _gpu_profile(step)
     return out
@@ -160,6 +178,13 @@ def _build(spec: str, args, layers: int):
     return model
 
 
+def _cycle(model, T: int) -> int:
+    """Calls of T tokens in which every ``carry`` level of ``model`` updates at least once: a
+    level with a period longer than a call (Hope's slowest CMS level, every 2048 tokens) updates
+    only in every few calls of a stream."""
+    return max([1] + [-(-lv.period // T) for lv in model.levels if lv.clock == "tokens" and lv.scope == "carry"])
+
+
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -207,6 +232,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
                    help="run the models through torch.compile in this mode (reduce-overhead: CUDA graphs); the "
                         "compile happens in the warm-up steps (Hope's did not finish in 25 minutes on a CPU)")
+    p.add_argument("--state", default="stream", choices=["stream", "fresh"],
+                   help="stream (default): every step continues the last one's carry levels, and a measured "
+                        "step is the mean of a cycle of steps in which every level updates; fresh: no state")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     p.add_argument("--warmup", type=int, default=1)
@@ -233,12 +261,13 @@ def main(argv=None) -> int:
             print("no GPU available: run without --device cuda")
             return 1
     common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "heads", "T", "B", "device", "impl", "compile",
-                                                       "threads", "clock", "warmup", "reps")]
+                                                       "state", "threads", "clock", "warmup", "reps")]
     common += ["--breakdown"] if args.breakdown else []
     print(f"compiled models, one AdamW training step (forward with labels + backward + step), "
           f"vocab {args.vocab}, d={args.dim}, {args.layers} layers, {args.heads} heads, T={args.T}, B={args.B}, "
           f"float32, {args.device}, impl {args.impl!r}, compile {args.compile!r}, {args.threads} thread(s), "
-          f"best of {args.reps} by {args.clock} clock"
+          f"best of {args.reps} by {args.clock} clock, "
+          + ("a stream (carry levels continue from step to step)" if args.state == "stream" else "fresh state")
           + (f", best of {args.rounds} rounds" if args.rounds > 1 else ""))
     def measure(spec, layers):
         r = subprocess.run([sys.executable, __file__, f"--spec={spec}", f"--layers={layers}", *common],
@@ -247,7 +276,8 @@ def main(argv=None) -> int:
             print(f"{spec}: failed\n{r.stderr.strip()[-2000:]}")
             return None
         result = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"  {result['class']} x{layers}: {result['seconds'] * 1e3:.0f} ms", flush=True)
+        cycle = f" (mean of a cycle of {result['cycle']} steps)" if result["cycle"] > 1 else ""
+        print(f"  {result['class']} x{layers}: {result['seconds'] * 1e3:.0f} ms{cycle}", flush=True)
         return result
 
     # rounds: every model once per round, in turn, so that a drift of the machine's speed over

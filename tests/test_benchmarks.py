@@ -15,6 +15,10 @@ RUNS = {
                       "--heads", "2", "--reps", "1", "--breakdown"],
                      ["HopeAttention", "Transformer           5", "vs Transformer x5", "layer 1 chain.learn",
                       "surprise", "backward"]),
+    # a stream: Hope's slowest level (every 2048 tokens, carried) updates once in 2 calls of 1024
+    "bench_models hope": (["--specs", "specs/hope.nl", "--match", "none", "--T", "1024", "--B", "1", "--dim", "16",
+                           "--heads", "2", "--reps", "1"],
+                          ["Hope x2", "(mean of a cycle of 2 steps)", "a stream (carry levels continue"]),
     "bench_deep": (["--ops", "cms", "selfmod", "--T", "24", "--reps", "1"],
                    ["cms          chunked", "selfmod      chunked", "target: chunked >= 5x its reference"]),
     "bench_ops": (["--T", "64", "--ops", "delta_rule", "titans_linear", "--reps", "1", "--budget", "5"],
