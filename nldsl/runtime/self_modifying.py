@@ -476,8 +476,10 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
     cached = cfg["stacked"] or {}
     for names in _plan(ws, gen):
         res_rows = [cfg["residual"] if n in _VEC else False for n in names]
+        # a per-row mask made by fills on the device (torch.tensor of a list would be a host copy,
+        # which blocks the host and cannot be captured in a CUDA graph)
         residual = (res_rows[0] if len(set(res_rows)) == 1 else
-                    torch.tensor(res_rows, dtype=xs.dtype, device=xs.device).repeat_interleave(N))
+                    torch.cat([xs.new_full((N,), float(r)) for r in res_rows]))
         hit = cached.get(tuple(names))
         if hit is not None and (hit[2] is None) != (ms is None):
             hit = None
