@@ -57,7 +57,7 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = _build(args.spec, args, args.layers).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=args.cuda_graph)
     forward = model if args.compile == "none" else torch.compile(model, mode=args.compile)
     x = torch.randint(0, args.vocab, (args.B, args.T + 1), device=device)
     inputs, labels = x[:, :-1], x[:, 1:]
@@ -79,13 +79,15 @@ def worker(args) -> dict:
         loss.backward()
         t2 = clock()
         opt.step()
-        if device.type == "cuda":
+        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             torch.cuda.synchronize()
         if add is not None:
             add("forward", t1 - t0)
             add("backward", t2 - t1)
             add("optimizer", clock() - t2)
 
+    if args.cuda_graph:
+        step = _graphed(step)
     peak = _peak_rss(step) if device.type == "cpu" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -105,9 +107,32 @@ def worker(args) -> dict:
            "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak, "cycle": cycle}
     if args.breakdown:
         out["breakdown"] = _breakdown(model, step, clock, args.reps * cycle)
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.cuda_graph:  # (a replay is one launch: nothing to count)
         out["gpu"] = _gpu_profile(step)
     return out
+
+
+def _graphed(step):
+    """``step`` (a training step on fixed tensors, no host sync) captured once into a CUDA graph,
+    as PyTorch's whole-network recipe does it (warm-up on a side stream; the gradients are None
+    before the capture, so that its backward allocates them in the graph's pool). Returns a step
+    that replays it: the same kernels, none of the Python that launched them."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay(add=None):
+        graph.replay()
+        torch.cuda.synchronize()
+    return replay
 
 
 def _gpu_profile(step) -> str:
@@ -235,6 +260,9 @@ def main(argv=None) -> int:
     p.add_argument("--state", default="stream", choices=["stream", "fresh"],
                    help="stream (default): every step continues the last one's carry levels, and a measured "
                         "step is the mean of a cycle of steps in which every level updates; fresh: no state")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each model's training step in a CUDA graph and time its replays (with --device "
+                        "cuda --state fresh): what a step costs without launching its kernels from Python")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     p.add_argument("--warmup", type=int, default=1)
@@ -250,6 +278,9 @@ def main(argv=None) -> int:
     if args.spec:
         print(json.dumps(worker(args)))
         return 0
+    if args.cuda_graph and (args.device != "cuda" or args.state != "fresh" or args.compile != "none"):
+        p.error("--cuda-graph replays one captured step: it needs --device cuda and --state fresh (a replay reads "
+                "the tensors the capture read, not the last step's state), and no --compile")
     if args.breakdown and args.compile != "none":
         p.error("--breakdown hooks the modules' Python forwards, which torch.compile replaces: leave --compile out")
     if args.breakdown and args.device == "cuda":
@@ -263,11 +294,13 @@ def main(argv=None) -> int:
     common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "heads", "T", "B", "device", "impl", "compile",
                                                        "state", "threads", "clock", "warmup", "reps")]
     common += ["--breakdown"] if args.breakdown else []
+    common += ["--cuda-graph"] if args.cuda_graph else []
     print(f"compiled models, one AdamW training step (forward with labels + backward + step), "
           f"vocab {args.vocab}, d={args.dim}, {args.layers} layers, {args.heads} heads, T={args.T}, B={args.B}, "
           f"float32, {args.device}, impl {args.impl!r}, compile {args.compile!r}, {args.threads} thread(s), "
           f"best of {args.reps} by {args.clock} clock, "
           + ("a stream (carry levels continue from step to step)" if args.state == "stream" else "fresh state")
+          + (", replays of a CUDA graph" if args.cuda_graph else "")
           + (f", best of {args.rounds} rounds" if args.rounds > 1 else ""))
     def measure(spec, layers):
         r = subprocess.run([sys.executable, __file__, f"--spec={spec}", f"--layers={layers}", *common],

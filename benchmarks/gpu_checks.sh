@@ -2,7 +2,8 @@
 # Everything that needs a GPU, in one run (a lent GPU's time is short): the generated Triton
 # kernels' tests on CUDA in float32 and bfloat16 (and torch.compile through their triton_op
 # registration), the kernel benchmark against flash-linear-attention and SDPA, and the model
-# benchmark with the memories in PyTorch and through the kernels.
+# benchmark with the memories in PyTorch, through the kernels, and replayed from a CUDA graph
+# (the step without the Python that launches its thousands of kernels).
 #
 #     bash benchmarks/gpu_checks.sh [LOG_DIR]        # logs: LOG_DIR/{env,tests,bench_triton,bench_models_*}.log
 #
@@ -38,7 +39,12 @@ parallel=()
 TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -q -p no:cacheprovider --tb=short -rfEs \
     -k "not compiles_for_a_gpu" "${parallel[@]}"
 step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py
-for impl in chunked triton; do
-    TAIL=14 step "bench_models_$impl" "${MODELS_LIMIT:-150}" "$py" benchmarks/bench_models.py --device cuda \
-        --impl "$impl" --clock wall --warmup 2 --reps 3
-done
+models() {  # models NAME ARGS...: the model benchmark on the GPU
+    local name=$1
+    shift
+    TAIL=14 step "bench_models_$name" "${MODELS_LIMIT:-150}" "$py" benchmarks/bench_models.py --device cuda \
+        --clock wall --warmup 2 --reps 3 "$@"
+}
+models chunked
+models graph --cuda-graph --state fresh   # Hope's step is launch-bound: what it costs without the launches
+models triton --impl triton
