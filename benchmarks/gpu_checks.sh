@@ -33,11 +33,8 @@ try:
 except ImportError as e:
     print('no flash-linear-attention:', e)
 "
-parallel=()
-"$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)
-# (not the compile-for-a-GPU test: CPU work, which the CI does; here every kernel compiles for this GPU anyway)
-TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -q -p no:cacheprovider --tb=short -rfEs \
-    -k "not compiles_for_a_gpu" "${parallel[@]}"
+# in order of what a short lease most needs answered: which side of the nldsl / fla comparison is
+# off and how far from parity, what Hope's step costs without its launches, then the rest
 step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py
 models() {  # models NAME ARGS...: the model benchmark on the GPU
     local name=$1
@@ -45,6 +42,11 @@ models() {  # models NAME ARGS...: the model benchmark on the GPU
     TAIL=14 step "bench_models_$name" "${MODELS_LIMIT:-150}" "$py" benchmarks/bench_models.py --device cuda \
         --clock wall --warmup 2 --reps 3 "$@"
 }
-models chunked
 models graph --cuda-graph --state fresh   # Hope's step is launch-bound: what it costs without the launches
+models chunked
+parallel=()
+"$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+# (not the compile-for-a-GPU test: CPU work, which the CI does; here every kernel compiles for this GPU anyway)
+TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -q -p no:cacheprovider --tb=short -rfEs \
+    -k "not compiles_for_a_gpu" "${parallel[@]}"
 models triton --impl triton
