@@ -210,6 +210,17 @@ def _cycle(model, T: int) -> int:
     return max([1] + [-(-lv.period // T) for lv in model.levels if lv.clock == "tokens" and lv.scope == "carry"])
 
 
+def _labels(specs) -> dict:
+    """A row name per spec: its model's class, and the file's stem where two specs' models share
+    a class (variants of one model, e.g. the specs ``nldsl ablate`` writes)."""
+    import nldsl
+
+    classes = {spec: nldsl.compile(spec).__all__[0] for spec in dict.fromkeys(specs)}
+    shared = [c for c in classes.values() if list(classes.values()).count(c) > 1]
+    return {spec: f"{c} ({os.path.splitext(os.path.basename(spec))[0]})" if c in shared else c
+            for spec, c in classes.items()}
+
+
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -302,6 +313,8 @@ def main(argv=None) -> int:
           + ("a stream (carry levels continue from step to step)" if args.state == "stream" else "fresh state")
           + (", replays of a CUDA graph" if args.cuda_graph else "")
           + (f", best of {args.rounds} rounds" if args.rounds > 1 else ""))
+    labels = _labels(args.specs + ([] if args.match == "none" else [args.match]))
+
     def measure(spec, layers):
         r = subprocess.run([sys.executable, __file__, f"--spec={spec}", f"--layers={layers}", *common],
                            capture_output=True, text=True)
@@ -309,8 +322,9 @@ def main(argv=None) -> int:
             print(f"{spec}: failed\n{r.stderr.strip()[-2000:]}")
             return None
         result = json.loads(r.stdout.strip().splitlines()[-1])
+        result["label"] = labels[spec]
         cycle = f" (mean of a cycle of {result['cycle']} steps)" if result["cycle"] > 1 else ""
-        print(f"  {result['class']} x{layers}: {result['seconds'] * 1e3:.0f} ms{cycle}", flush=True)
+        print(f"  {result['label']} x{layers}: {result['seconds'] * 1e3:.0f} ms{cycle}", flush=True)
         return result
 
     # rounds: every model once per round, in turn, so that a drift of the machine's speed over
@@ -338,30 +352,31 @@ def main(argv=None) -> int:
     rows = [min(rs, key=lambda r: r["seconds"]) for rs in runs.values()]
     matched = min(runs[match], key=lambda r: r["seconds"]) if match in runs else None
     fastest = min(r["seconds"] for r in rows)
-    vs = f"vs {matched['class']} x{matched['layers']}" if matched else ""
-    print(f"\n{'model':<16}{'layers':>7}{'params':>10}{'step ms':>10}{'tokens/s':>11}{'peak MB':>9}"
+    vs = f"vs {matched['label']} x{matched['layers']}" if matched else ""
+    w = max(16, 2 + max(len(r["label"]) for r in rows))
+    print(f"\n{'model':<{w}}{'layers':>7}{'params':>10}{'step ms':>10}{'tokens/s':>11}{'peak MB':>9}"
           f"{'vs fastest':>12}{vs:>22}")
-    print("-" * (101 if matched else 79))
+    print("-" * (w + (85 if matched else 63)))
     for r in rows:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        line = (f"{r['class']:<16}{r['layers']:>7}{r['params'] / 1e6:>9.2f}M{r['seconds'] * 1e3:>10.0f}"
+        line = (f"{r['label']:<{w}}{r['layers']:>7}{r['params'] / 1e6:>9.2f}M{r['seconds'] * 1e3:>10.0f}"
                 f"{r['tokens_per_s']:>11,.0f}{peak:>9}{r['seconds'] / fastest:>11.1f}x")
         if matched:
             line += f"{r['seconds'] / matched['seconds']:>21.1f}x"
         print(line)
     for r in rows:
         if r.get("gpu"):
-            print(f"{r['class']} x{r['layers']}: {r['gpu']}")
+            print(f"{r['label']} x{r['layers']}: {r['gpu']}")
     for r in rows:
         if r.get("breakdown"):
-            print(f"\n{r['class']} x{r['layers']}, ms per step (mean of {args.reps}; hooks add a little):")
+            print(f"\n{r['label']} x{r['layers']}, ms per step (mean of {args.reps}; hooks add a little):")
             for key, ms in r["breakdown"].items():
                 print(f"  {key:<34}{ms:>9.1f}")
     if matched and args.rounds > 1:
         for job, rs in runs.items():
             if job != match:
                 ratios = " ".join(f"{r['seconds'] / m['seconds']:.1f}x" for r, m in zip(rs, runs[match]))
-                print(f"{rs[0]['class']} / {matched['class']} x{matched['layers']}, round by round: {ratios}")
+                print(f"{rs[0]['label']} / {matched['label']} x{matched['layers']}, round by round: {ratios}")
     return 0
 
 
