@@ -2,6 +2,8 @@
 scripts print them; this keeps them from rotting as the runtime changes)."""
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +46,16 @@ def test_benchmark_script_runs(run):
     for line in expected:
         assert line in p.stdout, (line, p.stdout[-3000:])
     assert "EXCEEDS" not in p.stdout, p.stdout[-3000:]
+
+
+def test_model_rows_of_one_class_carry_the_file_stem(tmp_path):
+    """Variants of one model (an ablation's spec, an edited copy) get told apart in the tables."""
+    spec = importlib.util.spec_from_file_location("bench_models", ROOT / "benchmarks" / "bench_models.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name in ("transformer.nl", "adam.nl"):
+        shutil.copy(ROOT / "specs" / name, tmp_path / name)
+    variant = tmp_path / "transformer_variant.nl"
+    (tmp_path / "transformer.nl").rename(variant)
+    labels = bench._labels([str(ROOT / "specs" / "transformer.nl"), str(variant), str(ROOT / "specs" / "titans.nl")])
+    assert list(labels.values()) == ["Transformer (transformer)", "Transformer (transformer_variant)", "Titans"]
