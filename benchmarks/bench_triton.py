@@ -47,7 +47,9 @@ def parse(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--no-sdpa", action="store_true", help="skip softmax attention")
-    p.add_argument("--no-deep", action="store_true", help="skip the deep-memory kernel")
+    deep = p.add_mutually_exclusive_group()
+    deep.add_argument("--no-deep", action="store_true", help="skip the deep-memory kernel")
+    deep.add_argument("--deep-only", action="store_true", help="only the deep-memory kernel's rows")
     p.add_argument("--deep-T", type=int, nargs="+", default=[2048, 8192], help="sequence lengths of the deep rows")
     p.add_argument("--deep-head-dim", type=int, default=64, help="K = V of the deep memory (hidden 4x)")
     p.add_argument("--rehearse", action="store_true",
@@ -200,11 +202,12 @@ def gpu_bench(args) -> int:
             print(f"flash-linear-attention not importable ({e}); its rows are skipped")
     H, D = args.heads, args.head_dim
     print(f"{where}; torch {torch.__version__}, {args.dtype}, H={H}, K=V={D}, B = max(1, {args.tokens} // T)")
-    header = f"{'T':>6} {'B':>3}  {'kernel':26s} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9}"
-    print(header)
-    print("-" * len(header))
+    if not args.deep_only:
+        header = f"{'T':>6} {'B':>3}  {'kernel':26s} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9}"
+        print(header)
+        print("-" * len(header))
     summary = []
-    for T in args.T:
+    for T in [] if args.deep_only else args.T:
         B = max(1, args.tokens // T)
         gen = torch.Generator(device=device).manual_seed(0)
 

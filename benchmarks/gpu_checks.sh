@@ -5,7 +5,7 @@
 # benchmark with the memories in PyTorch, through the kernels, and replayed from a CUDA graph
 # (the step without the Python that launches its thousands of kernels).
 #
-#     bash benchmarks/gpu_checks.sh [LOG_DIR]        # logs: LOG_DIR/{env,tests,bench_triton,bench_models_*}.log
+#     bash benchmarks/gpu_checks.sh [LOG_DIR]   # logs: LOG_DIR/{env,tests,bench_triton*,bench_models_*}.log
 #
 # Each step has a time limit, so a hang in one still leaves the others' numbers.
 set -u
@@ -35,7 +35,7 @@ except ImportError as e:
 "
 # in order of what a short lease most needs answered: which side of the nldsl / fla comparison is
 # off and how far from parity, what Hope's step costs without its launches, then the rest
-step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py
+step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py --no-deep
 models() {  # models NAME ARGS...: the model benchmark on the GPU
     local name=$1
     shift
@@ -50,3 +50,4 @@ parallel=()
 TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -q -p no:cacheprovider --tb=short -rfEs \
     -k "not compiles_for_a_gpu" "${parallel[@]}"
 models triton --impl triton
+step bench_triton_deep "${DEEP_LIMIT:-120}" "$py" benchmarks/bench_triton.py --deep-only   # the MLP kernel's rows

@@ -33,6 +33,10 @@ RUNS = {
                                  "--deep-T", "40", "--deep-head-dim", "8", "--dtype", "float32"],
                                 ["output vs the float64 chunked path", "nldsl gated delta (triton)",
                                  "mlp_memory impl='triton'"]),
+    # the deep rows alone (gpu_checks.sh runs them as a step of their own)
+    "bench_triton --rehearse --deep-only": (["--rehearse", "--deep-only", "--heads", "2", "--tokens", "80",
+                                             "--deep-T", "40", "--deep-head-dim", "8", "--dtype", "float32"],
+                                            ["mlp_memory impl='triton'"]),
 }
 
 
@@ -46,6 +50,8 @@ def test_benchmark_script_runs(run):
     for line in expected:
         assert line in p.stdout, (line, p.stdout[-3000:])
     assert "EXCEEDS" not in p.stdout, p.stdout[-3000:]
+    if "--deep-only" in args:
+        assert "nldsl delta" not in p.stdout, p.stdout[-3000:]
 
 
 def test_model_rows_of_one_class_carry_the_file_stem(tmp_path):
