@@ -44,6 +44,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from pathlib import Path
 
 DEFAULT_SPECS = ["specs/hope.nl", "specs/cms.nl", "specs/titans.nl", "specs/transformer.nl"]
 
@@ -103,7 +105,7 @@ def worker(args) -> dict:
         for _ in range(cycle):
             step()
         best = min(best, (clock() - t0) / cycle)
-    out = {"spec": args.spec, "class": type(model).__name__, "layers": args.layers, "params": _count(model),
+    out = {"spec": args.spec, "layers": args.layers, "params": _count(model),
            "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak, "cycle": cycle}
     if args.breakdown:
         out["breakdown"] = _breakdown(model, step, clock, args.reps * cycle)
@@ -216,9 +218,8 @@ def _labels(specs) -> dict:
     import nldsl
 
     classes = {spec: nldsl.compile(spec).__all__[0] for spec in dict.fromkeys(specs)}
-    shared = [c for c in classes.values() if list(classes.values()).count(c) > 1]
-    return {spec: f"{c} ({os.path.splitext(os.path.basename(spec))[0]})" if c in shared else c
-            for spec, c in classes.items()}
+    count = Counter(classes.values())
+    return {spec: f"{c} ({Path(spec).stem})" if count[c] > 1 else c for spec, c in classes.items()}
 
 
 def _count(model) -> int:
