@@ -5,24 +5,18 @@ device, where a host read fails (a meta tensor has no values), with ``torch.tens
 ``torch.as_tensor`` watched for the device copies a meta run would not notice."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-import nldsl
-
-SPECS = Path(__file__).resolve().parents[2] / "specs"
-MODELS = ["adatransformer", "cms", "deltanet", "gated_deltanet", "hope", "linear_attention", "titans",
-          "transformer"]
+from tests.models.test_compile_models import LINEAR_FAMILY, build
+from tests.models.test_deep_models import DEEP
 
 
-@pytest.mark.parametrize("spec", MODELS)
+@pytest.mark.parametrize("spec", sorted(LINEAR_FAMILY + list(DEEP)))
 def test_training_step_stays_on_the_device(spec, monkeypatch):
-    mod = nldsl.compile(SPECS / f"{spec}.nl")
     with torch.device("meta"):
-        model = getattr(mod, mod.__all__[0])(dim=16, heads=2, layers=2, vocab=32)
+        model = build(spec, dim=16, vocab=32)
     copies = []
     for name in ("tensor", "as_tensor"):
         def watched(*args, _make=getattr(torch, name), _name=name, **kwargs):
