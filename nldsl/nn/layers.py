@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nldsl.runtime.conv import causal_conv1d
+
 
 def make_norm(kind: str, dim: int) -> nn.Module:
     """``norm`` and ``rmsnorm`` are RMSNorm; ``layernorm`` is LayerNorm."""
@@ -47,7 +49,8 @@ class MLP(nn.Module):
 
 
 class ShortConv(nn.Module):
-    """A causal depthwise convolution over time (width ``width``) with a streaming state.
+    """A causal depthwise convolution over time (width ``width``) with a streaming state
+    (:func:`nldsl.runtime.conv.causal_conv1d`).
 
     The state is the last ``width - 1`` inputs, so a sequence split across calls gives the
     same output as one call.
@@ -62,13 +65,7 @@ class ShortConv(nn.Module):
             self.weight.add_(torch.randn_like(self.weight) * 0.02)
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        B, T, C = x.shape
-        if state is None:
-            state = x.new_zeros(B, self.width - 1, C)
-        full = torch.cat([state.to(x.dtype), x], dim=1)  # [B, width - 1 + T, C]
-        windows = full.unfold(1, self.width, 1)  # [B, T, C, width]
-        y = torch.einsum("btcw,cw->btc", windows, self.weight.to(x.dtype))
-        return y, full[:, full.shape[1] - (self.width - 1):]
+        return causal_conv1d(x, self.weight, state)
 
 
 def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:

@@ -87,6 +87,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from nldsl.runtime._common import MemoryOutput, check_chunk_size, compute_dtype, dispatch
 from nldsl.runtime._group_read import group_read
+from nldsl.runtime.conv import causal_conv1d
 from nldsl.runtime.deep_memory import (
     ACTIVATIONS,
     _single_loss,
@@ -98,7 +99,7 @@ from nldsl.runtime.deep_memory import (
     split_time,
 )
 
-__all__ = ["self_modifying_titans", "SelfModifyingState", "causal_conv1d", "GENERATED"]
+__all__ = ["self_modifying_titans", "SelfModifyingState", "GENERATED"]
 
 _OP = "self_modifying_titans"
 GENERATED = ("k", "v", "q", "eta", "alpha")
@@ -138,29 +139,6 @@ class _Stacks(NamedTuple):
 #: the stacks of the states chunked calls returned, by the state's first tensor; an entry goes
 #: when that tensor does
 _STACKS = WeakTensorKeyDictionary()
-
-
-def causal_conv1d(x: Tensor, weight: Tensor, state: Optional[Tensor] = None):
-    """Causal depthwise convolution over time: ``y_t = sum_j weight[..., j] x_{t - W + 1 + j}``.
-
-    x: ``[B, T, *C]``; weight: ``[*C, W]``; state: the previous ``W - 1`` inputs ``[B, W-1, *C]``
-    (None = zeros). Returns ``(y [B, T, *C], new_state [B, W-1, *C])``.
-    """
-    B, T = x.shape[:2]
-    chans = x.shape[2:]
-    W = weight.shape[-1]
-    if tuple(weight.shape[:-1]) != tuple(chans):
-        raise ValueError(f"causal_conv1d: weight must be [{', '.join(map(str, chans))}, W], got {tuple(weight.shape)}")
-    if state is None:
-        state = x.new_zeros(B, W - 1, *chans)
-    full = torch.cat([state.to(x.dtype), x], dim=1)                   # [B, W-1+T, *C]
-    # W shifted multiply-adds in the [B, T, *C] layout (F.conv1d needs channels first: two
-    # transposed copies, and its depthwise CPU backward is slower than these few ops)
-    taps = weight.to(x.dtype).unbind(-1)
-    y = full[:, W - 1:] * taps[W - 1]
-    for j in range(W - 1):
-        y = torch.addcmul(y, full[:, j:j + T], taps[j])
-    return y, full[:, full.shape[1] - (W - 1):]
 
 
 def self_modifying_titans(

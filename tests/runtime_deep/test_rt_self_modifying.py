@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from nldsl.nn.model import map_state
 from nldsl.runtime.self_modifying import GENERATED as GEN
-from nldsl.runtime.self_modifying import _STACKS, _valid_stacks, causal_conv1d, self_modifying_titans
+from nldsl.runtime.conv import causal_conv1d
+from nldsl.runtime.self_modifying import _STACKS, _valid_stacks, self_modifying_titans
 from rtdeep_helpers import B, D, H, assert_close, gen, grads, rand, randn, requires_grad, selfmod_params
 
 
@@ -177,16 +178,6 @@ def test_first_token_is_the_initial_memory():
     M2, M1 = x["params"]["memory"]
     y0 = q0 + torch.einsum("hdj,bhj->bhd", M1, F.gelu(torch.einsum("hjd,bhd->bhj", M2, q0)))
     assert_close(o[:, 0], y0)
-
-
-def test_causal_conv_streams():
-    g = gen(6)
-    xx, w = randn(g, 2, 9, H, D), randn(g, H, D, 4)
-    y, _ = causal_conv1d(xx, w)
-    y1, s = causal_conv1d(xx[:, :4], w)
-    y2, _ = causal_conv1d(xx[:, 4:], w, s)
-    assert_close(torch.cat([y1, y2], 1), y)
-    assert_close(y[:, 0], xx[:, 0] * w[..., -1])           # causal: only the current input
 
 
 def test_detach():

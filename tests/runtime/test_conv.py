@@ -1,0 +1,69 @@
+"""causal_conv1d against torch's depthwise F.conv1d (an independent reference), in float64 with
+gradients for the input, the weights and the carried state; streaming; ShortConv runs it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nldsl.nn.layers import ShortConv
+from nldsl.runtime.conv import causal_conv1d
+
+DT = torch.float64
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT, requires_grad=True)
+
+
+def _reference(x, weight, state):
+    """F.conv1d over ``[state; x]`` with one group per channel, channels first (conv1d computes a
+    cross-correlation: ``y_t = sum_j w_j [state; x]_{t+j}``)."""
+    B, T, *chans = x.shape
+    C, W = weight[..., 0].numel(), weight.shape[-1]
+    full = torch.cat([state, x], dim=1).reshape(B, T + W - 1, C).transpose(1, 2)
+    y = F.conv1d(full, weight.reshape(C, 1, W), groups=C)
+    return y.transpose(1, 2).reshape(B, T, *chans)
+
+
+@pytest.mark.parametrize("chans", [(5,), (2, 3), (3, 2, 4)], ids=["C", "HD", "GHD"])
+@pytest.mark.parametrize("W,T", [(4, 9), (4, 2), (2, 5), (1, 3)])
+def test_matches_conv1d_with_gradients(chans, W, T):
+    x, w, s = _rand(2, T, *chans, seed=1), _rand(*chans, W, seed=2), _rand(2, W - 1, *chans, seed=3)
+    y, new_state = causal_conv1d(x, w, s)
+    ref = _reference(x, w, s)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(new_state, torch.cat([s, x], 1)[:, T:])
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, (x, w, s), g), torch.autograd.grad(ref, (x, w, s), g))
+
+
+def test_zero_state_and_double_backward():
+    x, w = _rand(2, 6, 3, seed=4), _rand(3, 4, seed=5)
+    y, _ = causal_conv1d(x, w)
+    torch.testing.assert_close(y, _reference(x, w, torch.zeros(2, 3, 3, dtype=DT)))
+    torch.testing.assert_close(y[:, 0], x[:, 0] * w[:, -1])            # causal: only the current input
+    assert torch.autograd.gradcheck(lambda a, b: causal_conv1d(a, b)[0], (x, w))
+    assert torch.autograd.gradgradcheck(lambda a, b: causal_conv1d(a, b)[0], (x, w))
+
+
+def test_split_stream_equals_one_pass():
+    x, w = _rand(2, 9, 2, 3, seed=6), _rand(2, 3, 4, seed=7)
+    y, _ = causal_conv1d(x, w)
+    y1, s = causal_conv1d(x[:, :2], w)                                  # a split shorter than the width
+    y2, s = causal_conv1d(x[:, 2:3], w, s)
+    y3, _ = causal_conv1d(x[:, 3:], w, s)
+    torch.testing.assert_close(torch.cat([y1, y2, y3], 1), y)
+
+
+def test_weight_shape_is_checked():
+    with pytest.raises(ValueError, match=r"weight must be \[2, 3, W\]"):
+        causal_conv1d(torch.zeros(1, 4, 2, 3), torch.zeros(3, 2, 4))
+
+
+def test_short_conv_uses_it():
+    conv = ShortConv(5, 4).double()
+    x = _rand(2, 7, 5, seed=8)
+    y, state = conv(x)
+    torch.testing.assert_close(y, _reference(x, conv.weight, torch.zeros(2, 3, 5, dtype=DT)))
+    torch.testing.assert_close(state, x[:, -3:])
