@@ -6,6 +6,7 @@
     python benchmarks/bench_models.py --device cuda         # where a GPU is available
     python benchmarks/bench_models.py --device cuda --impl triton   # memories through the generated kernels
     python benchmarks/bench_models.py --specs specs/hope.nl --match none --breakdown   # by submodule
+    python benchmarks/bench_models.py --specs specs/hope.nl --match none --calls 25    # by runtime line
 
 Every spec is compiled with ``nldsl.compile`` and built at vocab 256, d=128, 2 layers, 4 heads
 (the issue's sizes; ``--dim`` etc. change them), then trained with torch AdamW on random tokens
@@ -109,9 +110,55 @@ def worker(args) -> dict:
            "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak, "cycle": cycle}
     if args.breakdown:
         out["breakdown"] = _breakdown(model, step, clock, args.reps * cycle)
+    if args.calls:
+        out["calls"] = _calls(model, step, args.calls, device)
     if device.type == "cuda" and not args.cuda_graph:  # (a replay is one launch: nothing to count)
         out["gpu"] = _gpu_profile(step)
     return out
+
+
+def _calls(model, step, top: int, device) -> dict:
+    """One step's torch calls, each timed on its own (on a GPU, to the end of its kernels) and
+    charged to the line that made it: the innermost frame in the nldsl package or the model's
+    generated module, else autograd (the backward of built-in ops, which has no Python line) or
+    the benchmark's own code (the loss, the optimizer). Returns the ``top`` costliest rows
+    ``(ms, calls, op, where)`` by line and op, and the total of all calls (ms)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import nldsl
+
+    ours = (str(Path(nldsl.__file__).parent), sys.modules[type(model).__module__].__file__)
+    root = str(Path(nldsl.__file__).parent.parent) + os.sep
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    spent: dict = {}
+
+    def where(frame) -> str:
+        seen = []
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if name.startswith(ours[0]) or name == ours[1]:
+                return f"{name.removeprefix(root)}:{frame.f_lineno} {frame.f_code.co_name}"
+            seen.append(name)
+            frame = frame.f_back
+        if any(f"torch{os.sep}autograd" in n or n.endswith(f"torch{os.sep}_tensor.py") for n in seen):
+            return "(autograd: backward of built-in ops)"
+        return "(the benchmark: loss, optimizer)"
+
+    class Timed(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            sync()
+            key = (where(sys._getframe(1)), func.overloadpacket.__name__)
+            ms, n = spent.get(key, (0.0, 0))
+            spent[key] = (ms + (time.perf_counter() - t0) * 1e3, n + 1)
+            return out
+
+    with Timed():
+        step()
+    rows = sorted(((ms, n, op, at) for (at, op), (ms, n) in spent.items()), reverse=True)
+    return {"total_ms": sum(r[0] for r in rows), "rows": rows[:top]}
 
 
 def _graphed(step):
@@ -283,6 +330,10 @@ def main(argv=None) -> int:
                    help="measure every model this many times, in turn; the table shows each one's best")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each model's forward by layer and submodule, its backward and optimizer step")
+    p.add_argument("--calls", type=int, default=0, metavar="N",
+                   help="also time every torch call of one step and print the N costliest, by the line of the "
+                        "runtime or generated module that made them (the dispatch mode costs time between calls, "
+                        "not in them)")
     p.add_argument("--match", default="specs/transformer.nl",
                    help="also run this spec deepened to the largest model's parameter count ('none': off)")
     p.add_argument("--spec", help=argparse.SUPPRESS)  # worker mode
@@ -295,6 +346,8 @@ def main(argv=None) -> int:
                 "the tensors the capture read, not the last step's state), and no --compile")
     if args.breakdown and args.compile != "none":
         p.error("--breakdown hooks the modules' Python forwards, which torch.compile replaces: leave --compile out")
+    if args.calls and (args.compile != "none" or args.cuda_graph):
+        p.error("--calls charges each torch call to the Python line that made it: leave --compile and --cuda-graph out")
     if args.breakdown and args.device == "cuda":
         p.error("--breakdown times CPU work (on a GPU its rows would time kernel launches); run it on the CPU")
     if args.device == "cuda":
@@ -306,6 +359,7 @@ def main(argv=None) -> int:
     common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "heads", "T", "B", "device", "impl", "compile",
                                                        "state", "threads", "clock", "warmup", "reps")]
     common += ["--breakdown"] if args.breakdown else []
+    common += [f"--calls={args.calls}"] if args.calls else []
     common += ["--cuda-graph"] if args.cuda_graph else []
     print(f"compiled models, one AdamW training step (forward with labels + backward + step), "
           f"vocab {args.vocab}, d={args.dim}, {args.layers} layers, {args.heads} heads, T={args.T}, B={args.B}, "
@@ -373,6 +427,13 @@ def main(argv=None) -> int:
             print(f"\n{r['label']} x{r['layers']}, ms per step (mean of {args.reps}; hooks add a little):")
             for key, ms in r["breakdown"].items():
                 print(f"  {key:<34}{ms:>9.1f}")
+    for r in rows:
+        if r.get("calls"):
+            calls = r["calls"]
+            print(f"\n{r['label']} x{r['layers']}, the {len(calls['rows'])} costliest torch calls of a step by the "
+                  f"line that made them (all calls: {calls['total_ms']:.0f} ms):")
+            for ms, n, op, at in calls["rows"]:
+                print(f"  {ms:>8.1f} ms {n:>7,}  {op:<24} {at}")
     if matched and args.rounds > 1:
         for job, rs in runs.items():
             if job != match:

@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = {
     "bench_models": (["--specs", "specs/cms.nl", "specs/transformer.nl", "--T", "64", "--B", "1", "--dim", "32",
-                      "--heads", "2", "--reps", "1", "--breakdown"],
+                      "--heads", "2", "--reps", "1", "--breakdown", "--calls", "3"],
                      ["HopeAttention", "Transformer           5", "vs Transformer x5", "layer 1 chain.learn",
-                      "surprise", "backward"]),
+                      "surprise", "backward", "the 3 costliest torch calls of a step"]),
     # a stream: Hope's slowest level (every 2048 tokens, carried) updates once in 2 calls of 1024
     "bench_models hope": (["--specs", "specs/hope.nl", "--match", "none", "--T", "1024", "--B", "1", "--dim", "16",
                            "--heads", "2", "--reps", "1"],
@@ -55,14 +55,47 @@ def test_benchmark_script_runs(run):
         assert line not in p.stdout, (line, p.stdout[-3000:])
 
 
-def test_model_rows_of_one_class_carry_the_file_stem(tmp_path):
-    """Variants of one model (an ablation's spec, an edited copy) get told apart in the tables."""
+def _bench_models():
     spec = importlib.util.spec_from_file_location("bench_models", ROOT / "benchmarks" / "bench_models.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_model_rows_of_one_class_carry_the_file_stem(tmp_path):
+    """Variants of one model (an ablation's spec, an edited copy) get told apart in the tables."""
+    bench = _bench_models()
     for name in ("transformer.nl", "adam.nl"):
         shutil.copy(ROOT / "specs" / name, tmp_path / name)
     variant = tmp_path / "transformer_variant.nl"
     (tmp_path / "transformer.nl").rename(variant)
     labels = bench._labels([str(ROOT / "specs" / "transformer.nl"), str(variant), str(ROOT / "specs" / "titans.nl")])
     assert list(labels.values()) == ["Transformer (transformer)", "Transformer (transformer_variant)", "Titans"]
+
+
+def test_calls_are_charged_to_the_lines_that_make_them():
+    """--calls: every torch call of a step lands in one row, under the runtime or generated line
+    that made it, autograd's built-in backward, or the benchmark's own loss and optimizer."""
+    import torch
+    import torch.nn.functional as F
+
+    import nldsl
+
+    bench = _bench_models()
+    mod = nldsl.compile(str(ROOT / "specs" / "deltanet.nl"))
+    model = getattr(mod, mod.__all__[0])(vocab=32, dim=16, layers=1, heads=2)
+    opt = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(0, 32, (1, 9))
+
+    def step():
+        loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten())
+        loss.backward()
+        opt.step()
+
+    calls = bench._calls(model, step, 10_000, torch.device("cpu"))
+    where = {at for _, _, _, at in calls["rows"]}
+    assert "nldsl/runtime/conv.py:" in " ".join(where)                      # a runtime op's line
+    assert any(at.startswith(mod.__file__ + ":") for at in where)          # the generated module's
+    assert {"(autograd: backward of built-in ops)", "(the benchmark: loss, optimizer)"} <= where
+    assert calls["total_ms"] == pytest.approx(sum(r[0] for r in calls["rows"]))
+    assert all(n > 0 for _, n, _, _ in calls["rows"])
