@@ -128,7 +128,7 @@ def _calls(model, step, top: int, device) -> dict:
 
     import nldsl
 
-    ours = (str(Path(nldsl.__file__).parent), sys.modules[type(model).__module__].__file__)
+    ours = (str(Path(nldsl.__file__).parent) + os.sep, sys.modules[type(model).__module__].__file__)
     root = str(Path(nldsl.__file__).parent.parent) + os.sep
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     spent: dict = {}
@@ -150,9 +150,10 @@ def _calls(model, step, top: int, device) -> dict:
             t0 = time.perf_counter()
             out = func(*args, **(kwargs or {}))
             sync()
+            ms = (time.perf_counter() - t0) * 1e3
             key = (where(sys._getframe(1)), func.overloadpacket.__name__)
-            ms, n = spent.get(key, (0.0, 0))
-            spent[key] = (ms + (time.perf_counter() - t0) * 1e3, n + 1)
+            total, n = spent.get(key, (0.0, 0))
+            spent[key] = (total + ms, n + 1)
             return out
 
     with Timed():
