@@ -122,7 +122,9 @@ def _calls(model, step, top: int, device) -> dict:
     charged to the line that made it: the innermost frame in the nldsl package or the model's
     generated module, else autograd (the backward of built-in ops, which has no Python line) or
     the benchmark's own code (the loss, the optimizer). Returns the ``top`` costliest rows
-    ``(ms, calls, op, where)`` by line and op, and the total of all calls (ms)."""
+    ``(ms, calls, op, where)`` by line and op, and the total of all calls (ms). Under the mode,
+    autograd sums the gradients a tensor receives out of place (``add``); a plain step sums them
+    in place (``add_``), so those rows overstate it."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
