@@ -18,10 +18,10 @@ __all__ = ["causal_conv1d"]
 
 class _CausalConv(torch.autograd.Function):
     """``y`` from the padded input ``full = [state; x]`` ``[B, W-1+T, *C]`` and ``weight [*C, W]``,
-    as W shifted multiply-adds in the ``[B, T, *C]`` layout (F.conv1d wants channels first: two
-    transposed copies). The backward is written out: autograd through the shifted slices would
-    build one zero-filled input-sized gradient per tap and add them up. Its ops are
-    differentiable, so a double backward still works."""
+    as W shifted multiply-adds in the ``[B, T, *C]`` layout (torch's depthwise F.conv1d on the same
+    memory, seen channels first, is slower on a CPU forward and backward). The backward is written
+    out: autograd through the shifted slices would build one zero-filled, input-sized gradient per
+    tap and add them up. Its ops are differentiable, so a double backward still works."""
 
     @staticmethod
     def forward(ctx, full: Tensor, weight: Tensor) -> Tensor:
