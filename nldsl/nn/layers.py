@@ -58,7 +58,6 @@ class ShortConv(nn.Module):
 
     def __init__(self, channels: int, width: int):
         super().__init__()
-        self.width = width
         self.weight = nn.Parameter(torch.zeros(channels, width))
         with torch.no_grad():  # start near the identity: the newest input passes through
             self.weight[:, -1] = 1.0
