@@ -47,6 +47,8 @@ def parse(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--no-sdpa", action="store_true", help="skip softmax attention")
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="under each linear row, the N costliest GPU kernels of one forward+backward (torch.profiler)")
     deep = p.add_mutually_exclusive_group()
     deep.add_argument("--no-deep", action="store_true", help="skip the deep-memory kernel")
     deep.add_argument("--deep-only", action="store_true", help="only the deep-memory kernel's rows")
@@ -264,6 +266,8 @@ def gpu_bench(args) -> int:
             t_all = timer(fwd_bwd)
             results[name] = (t_fwd, t_all)
             print(f"{T:>6} {B:>3}  {name:26s} {t_fwd:8.2f} {t_all:11.2f} {peak:9.0f}")
+            if args.kernels:
+                print("\n".join(_kernel_breakdown(fwd_bwd, args.kernels)))
         if errors:
             tol = _TOLERANCE[args.dtype]
             summary.append(f"T={T}: output vs the float64 chunked path (largest difference / largest output): "
@@ -356,6 +360,31 @@ def deep_bench(T_list, H, D, tokens, *, device, timer) -> list[str]:
             print(f"{T:>6} {B:>3}  {f'mlp_memory impl={impl!r}':44s} {t_fwd:8.2f} {t_all:11.2f}")
         summary.append(f"deep T={T}: mlp_memory triton / chunked fwd+bwd = {times['triton'] / times['chunked']:.2f}x")
     return summary
+
+
+def _kernel_breakdown(fn, top: int) -> list[str]:
+    """The ``top`` GPU kernels of one call of ``fn`` by their summed duration (ms), each with its
+    launch count: where one implementation's time goes next to another's."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    except Exception as e:  # a profiler that cannot run here costs these lines, not the benchmark
+        return [f"{'':12}profile failed: {type(e).__name__}: {e}"]
+    spent: dict = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            ms, n = spent.get(e.name, (0.0, 0))
+            spent[e.name] = (ms + e.time_range.elapsed_us() / 1e3, n + 1)
+    busy = sum(ms for ms, _ in spent.values())
+    rows = [f"{'':12}{ms:7.3f} ms  {n:3d}x  {name[:70]}"
+            for name, (ms, n) in sorted(spent.items(), key=lambda kv: -kv[1][0])[:top]]
+    return rows + [f"{'':12}{busy:7.3f} ms  GPU busy in all ({len(spent)} distinct kernels)"]
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -5,11 +5,15 @@
 # benchmark with the memories in PyTorch, through the kernels, and replayed from a CUDA graph
 # (the step without the Python that launches its thousands of kernels).
 #
-#     bash benchmarks/gpu_checks.sh [LOG_DIR]   # logs: LOG_DIR/{env,tests,bench_triton*,bench_models_*}.log
+#     bash benchmarks/gpu_checks.sh [LOG_DIR [STEP...]]   # logs: LOG_DIR/{env,STEP}.log
 #
+# STEPs (all, in this order, when none is named): bench_triton models_graph models_chunked tests
+# models_triton bench_triton_deep; a lease too short for all of them can take them in two calls.
 # Each step has a time limit, so a hang in one still leaves the others' numbers.
 set -u
 logs=${1:-gpu-checks}
+shift $(($# > 0))
+wanted=" ${*:-bench_triton models_graph models_chunked tests models_triton bench_triton_deep} "
 mkdir -p "$logs"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -17,6 +21,7 @@ export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, output to the log and the screen
     local name=$1 limit=$2
     shift 2
+    [[ $name == env || $wanted == *" $name "* ]] || return 0
     echo "=== $name (limit ${limit}s): $*"
     local t0=$SECONDS
     timeout "$limit" "$@" > "$logs/$name.log" 2>&1
@@ -35,11 +40,12 @@ except ImportError as e:
 "
 # in order of what a short lease most needs answered: which side of the nldsl / fla comparison is
 # off and how far from parity, what Hope's step costs without its launches, then the rest
-step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py --no-deep
+# (--kernels: where each side's time goes, kernel by kernel)
+step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py --no-deep --kernels 8
 models() {  # models NAME ARGS...: the model benchmark on the GPU
     local name=$1
     shift
-    TAIL=14 step "bench_models_$name" "${MODELS_LIMIT:-150}" "$py" benchmarks/bench_models.py --device cuda \
+    TAIL=14 step "models_$name" "${MODELS_LIMIT:-150}" "$py" benchmarks/bench_models.py --device cuda \
         --clock wall --warmup 2 --reps 3 "$@"
 }
 models graph --cuda-graph --state fresh   # Hope's step is launch-bound: what it costs without the launches
