@@ -37,9 +37,13 @@ RUNS = {
     "bench_triton --rehearse --deep-only": (["--rehearse", "--deep-only", "--heads", "2", "--tokens", "80",
                                              "--deep-T", "40", "--deep-head-dim", "8", "--dtype", "float32"],
                                             ["mlp_memory impl='triton'"]),
+    # one stage's launch options changed: every intermediate still matches float64
+    "diagnose_kernels": (["--K", "16", "--chunk", "16", "--T", "40", "--dtype", "float32", "--rules", "delta",
+                          "--configs", "default", "wu:w2,s1", "--jobs", "2"],
+                         ["delta  default", "delta  wu:w2,s1"]),
 }
 #: what a run must not print (besides EXCEEDS, a kernel off its float64 answer)
-ABSENT = {"bench_triton --rehearse --deep-only": ["nldsl delta"]}
+ABSENT = {"bench_triton --rehearse --deep-only": ["nldsl delta"], "diagnose_kernels": ["failed:"]}
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))

@@ -85,6 +85,10 @@ def is_interpreted(kernel: Any) -> bool:
 
 #: (kernel, device, its specialisation) -> the software-pipelining depth whose shared memory fits
 _STAGES: dict = {}
+#: launch options by kernel stage (the generated name's last part: ``solve``, ``wu``, ``states``,
+#: ``chunk_grads``...; ``*`` for every kernel), put over the call's own: benchmarks/diagnose_kernels.py
+#: sets them to find the launch configurations a compiler gets wrong
+LAUNCH_OVERRIDES: dict[str, dict] = {}
 #: Triton's default depth on CUDA
 _DEFAULT_STAGES = 3
 
@@ -104,17 +108,28 @@ def launch(kernel: Any, grid: tuple, *args, **kwargs) -> None:
         return
     from triton.runtime.errors import OutOfResources
 
+    if LAUNCH_OVERRIDES:
+        kwargs = {**kwargs, **_overrides(kernel)}
     tensors = [a for a in args if isinstance(a, Tensor)]
     key = (kernel, tensors[0].device if tensors else None, tuple(t.dtype for t in tensors), tuple(kwargs.items()))
     while True:
         stages = _STAGES.get(key)
         try:
-            wrap_triton(kernel)[grid](*args, **kwargs, **({} if stages is None else {"num_stages": stages}))
+            wrap_triton(kernel)[grid](*args, **({**kwargs, "num_stages": stages} if stages is not None else kwargs))
             return
         except OutOfResources as e:
             if e.name != "shared memory" or stages == 1:
                 raise
             _STAGES[key] = (_DEFAULT_STAGES if stages is None else stages) - 1
+
+
+def _overrides(kernel: Any) -> dict:
+    name = getattr(kernel, "__name__", "")
+    found = dict(LAUNCH_OVERRIDES.get("*", {}))
+    for stage, options in LAUNCH_OVERRIDES.items():
+        if stage != "*" and name.endswith("_" + stage):
+            found.update(options)
+    return found
 
 
 def define_op(namespace: str, name: str, fn: Callable, *, backward: Callable | None = None,

@@ -1,0 +1,160 @@
+"""Which generated linear-memory kernel a GPU's compiler gets wrong, and at which launch
+configuration: every intermediate of the chunked forward (the chunk systems' inverses T, the
+writes' factors W and U, the chunk states h, the writes x, the final state), the output and
+every gradient, in the given dtype against the same kernels in float64 on the same (rounded)
+inputs, for each launch configuration asked for.
+
+    python benchmarks/diagnose_kernels.py                      # K=V=128, chunk 64, bfloat16
+    python benchmarks/diagnose_kernels.py --configs default '*:w2' 'wu:w2,s1'
+
+A configuration is ``default`` or ``STAGE:OPTIONS[;STAGE:OPTIONS...]`` with STAGE a kernel's
+last name part (kkt, solve, wu, states, output, state_grads, chunk_grads) or ``*`` for all, and
+OPTIONS ``wN`` (num_warps) and ``sN`` (num_stages), comma-separated (``runtime._triton.LAUNCH_OVERRIDES``).
+Each configuration runs in a process of its own (an illegal memory access ends the process's
+use of the GPU) and prints the largest difference of each tensor relative to its largest value;
+a kernel that is wrong shows as the first wrong column. Without a GPU it runs in Triton's
+interpreter (slow: use small --T and --K, and float32).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+#: the columns, in the order the kernels produce them
+FORWARD = ("T", "W", "U", "h", "x", "final", "o")
+BACKWARD = ("dq", "dk", "dv", "dlr", "dg", "dh0")
+DEFAULT_CONFIGS = ("default", "*:w1", "*:w2", "*:w4", "*:w8", "*:w4,s1", "*:w4,s2")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--K", type=int, default=128, help="head size of q, k and v")
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--T", type=int, default=200, help="tokens (B=2, H=2)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--rules", nargs="+", choices=("delta", "gated"), default=["delta", "gated"])
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
+    p.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
+    p.add_argument("--jobs", type=int, default=4, help="configurations run at once")
+    p.add_argument("--child", metavar="RULE CONFIG", nargs=2, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def overrides(config: str) -> dict:
+    """``'*:w2;wu:w4,s1'`` -> ``{'*': {'num_warps': 2}, 'wu': {'num_warps': 4, 'num_stages': 1}}``."""
+    if config == "default":
+        return {}
+    names = {"w": "num_warps", "s": "num_stages"}
+    found = {}
+    for part in config.split(";"):
+        stage, _, options = part.partition(":")
+        found[stage] = {names[o[0]]: int(o[1:]) for o in options.split(",") if o}
+    return found
+
+
+def child(args, rule: str, config: str) -> dict:
+    """The relative errors of one rule under one configuration (run in its own process)."""
+    if not _on_gpu():
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import torch.nn.functional as F
+
+    from nldsl.codegen.kernels import LinearKernelSpec, linear_kernel
+    from nldsl.runtime import _triton
+
+    _triton.LAUNCH_OVERRIDES.update(overrides(config))
+    spec = LinearKernelSpec(name=f"diagnose_{rule}", rule="delta", head_k=args.K, head_v=args.K, lr="tensor",
+                            decay="tensor" if rule == "gated" else "none", chunk=args.chunk)
+    linear_kernel(spec)
+    module = next(m for n, m in sys.modules.items() if n.startswith(f"nldsl_kernels_{spec.name}_"))
+    p = spec.name
+    states_of, chunk, backward = (getattr(module, f"_{p}_{part}") for part in ("states_of", "chunk", "chunk_backward"))
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+    B, H, K, T = 2, 2, args.K, args.T
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)
+
+    dtype = getattr(torch, args.dtype)
+    inputs = {"q": rand(B, T, H, K).to(dtype), "k": F.normalize(rand(B, T, H, K), dim=-1).to(dtype),
+              "v": rand(B, T, H, K).to(dtype), "lr": torch.sigmoid(rand(B, T, H)).to(dtype),
+              "g": F.logsigmoid(4 + rand(B, T, H)).to(dtype) if rule == "gated" else None,
+              "S0": 0.1 * rand(B, H, K, K)}
+    do, dfinal = rand(B, T, H, K).to(dtype), rand(B, H, K, K)
+
+    def run(x, do, dfinal):
+        order = [x[n] for n in ("q", "k", "v", "lr", "g", "S0")]
+        dot = _triton.dot_precision(x["q"].dtype)
+        tm, w, u, h, xs, final = states_of(*order, dot)
+        o, _ = chunk(*order, K ** -0.5)
+        grads = backward(*order, do, dfinal, K ** -0.5)
+        return dict(zip(FORWARD + BACKWARD, (tm, w, u, h, xs, final, o, *grads)))
+
+    wide = {n: None if t is None else t.double() for n, t in inputs.items()}
+    got = run(inputs, do, dfinal)
+    if device == "cuda":
+        torch.cuda.synchronize()  # an illegal memory access surfaces here, in the child
+    ref = run(wide, do.double(), dfinal.double())
+    errors = {}
+    for name, r in ref.items():
+        if r is None or r.numel() == 0:
+            continue
+        errors[name] = ((got[name].double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+    return errors
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_child(args, rule: str, config: str) -> tuple[dict, str | None]:
+    """(errors, None), or ({}, why it failed)."""
+    command = [sys.executable, __file__, "--child", rule, config, "--K", str(args.K), "--chunk", str(args.chunk),
+               "--T", str(args.T), "--dtype", args.dtype]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {}, f"timed out after {args.timeout:g}s"
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        return {}, (done.stderr.strip().splitlines() or ["no output"])[-1][:120]
+    return json.loads(lines[0][len("RESULT "):]), None
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(args, *args.child)))
+        return 0
+    tolerance = {"bfloat16": 4e-2, "float16": 1e-2, "float32": 2e-3}[args.dtype]
+    where = "GPU" if _on_gpu() else "CPU, Triton's interpreter"
+    print(f"{where}; {args.dtype}, K=V={args.K}, chunk {args.chunk}, B=2, T={args.T}, H=2; largest difference "
+          f"from float64 relative to the largest value, * above {tolerance:g}")
+    columns = FORWARD + BACKWARD
+    print(f"{'rule':6s} {'config':18s} " + " ".join(f"{c:>7s}" for c in columns))
+    runs = [(rule, config) for rule in args.rules for config in args.configs]
+    with ThreadPoolExecutor(args.jobs) as pool:  # compiling is most of a run's time, and on the CPU
+        outcomes = pool.map(lambda run: _run_child(args, *run), runs)
+        wrong = 0
+        for (rule, config), (errors, failure) in zip(runs, outcomes):
+            if failure:
+                wrong += 1
+                print(f"{rule:6s} {config:18s} failed: {failure}", flush=True)
+                continue
+            wrong += any(not e <= tolerance for e in errors.values())
+            print(f"{rule:6s} {config:18s} " + " ".join(
+                f"{'':>7s}" if c not in errors else f"{errors[c]:6.0e}{'*' if not errors[c] <= tolerance else ' '}"
+                for c in columns), flush=True)
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
