@@ -1,11 +1,16 @@
 """Which generated linear-memory kernel a GPU's compiler gets wrong, and at which launch
 configuration: every intermediate of the chunked forward (the chunk systems' inverses T, the
 writes' factors W and U, the chunk states h, the writes x, the final state), the output and
-every gradient, in the given dtype against the same kernels in float64 on the same (rounded)
-inputs, for each launch configuration asked for.
+every gradient, in the given dtype against the same kernels in a wider one on the same (rounded)
+inputs (float32 without TF32 on a GPU, where float64 blocks of 128-wide heads exceed the shared
+memory; float64 in the interpreter), for each launch configuration asked for.
 
     python benchmarks/diagnose_kernels.py                      # K=V=128, chunk 64, bfloat16
     python benchmarks/diagnose_kernels.py --configs default '*:w2' 'wu:w2,s1'
+
+On an H200 (Triton 3.6, bfloat16, K=V=128, chunks of 64) this found the output kernel wrong at 4
+warps (o off by twice its largest value, every intermediate right) and everything right at 2:
+``runtime._triton.chained_dot_warps``.
 
 A configuration is ``default`` or ``STAGE:OPTIONS[;STAGE:OPTIONS...]`` with STAGE a kernel's
 last name part (kkt, solve, wu, states, output, state_grads, chunk_grads) or ``*`` for all, and
@@ -27,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 #: the columns, in the order the kernels produce them
 FORWARD = ("T", "W", "U", "h", "x", "final", "o")
 BACKWARD = ("dq", "dk", "dv", "dlr", "dg", "dh0")
-DEFAULT_CONFIGS = ("default", "*:w1", "*:w2", "*:w4", "*:w8", "*:w4,s1", "*:w4,s2")
+DEFAULT_CONFIGS = ("default", "*:w2", "*:w4", "*:w8", "output:w4", "chunk_grads:w8")
 
 
 def parse(argv=None):
@@ -35,7 +40,8 @@ def parse(argv=None):
     p.add_argument("--K", type=int, default=128, help="head size of q, k and v")
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--T", type=int, default=200, help="tokens (B=2, H=2)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="the checked kernels' inputs (float32: with TF32 products on a GPU)")
     p.add_argument("--rules", nargs="+", choices=("delta", "gated"), default=["delta", "gated"])
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
     p.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
@@ -96,11 +102,13 @@ def child(args, rule: str, config: str) -> dict:
         grads = backward(*order, do, dfinal, K ** -0.5)
         return dict(zip(FORWARD + BACKWARD, (tm, w, u, h, xs, final, o, *grads)))
 
-    wide = {n: None if t is None else t.double() for n, t in inputs.items()}
+    torch.backends.cuda.matmul.allow_tf32 = device == "cuda"  # float32 is checked with TF32 products on a GPU
     got = run(inputs, do, dfinal)
     if device == "cuda":
         torch.cuda.synchronize()  # an illegal memory access surfaces here, in the child
-    ref = run(wide, do.double(), dfinal.double())
+    wider = torch.float32 if device == "cuda" else torch.float64
+    torch.backends.cuda.matmul.allow_tf32 = False  # dot_precision: "ieee" products in float32
+    ref = run({n: None if t is None else t.to(wider) for n, t in inputs.items()}, do.to(wider), dfinal.to(wider))
     errors = {}
     for name, r in ref.items():
         if r is None or r.numel() == 0:
@@ -137,7 +145,8 @@ def main(argv=None) -> int:
     tolerance = {"bfloat16": 4e-2, "float16": 1e-2, "float32": 2e-3}[args.dtype]
     where = "GPU" if _on_gpu() else "CPU, Triton's interpreter"
     print(f"{where}; {args.dtype}, K=V={args.K}, chunk {args.chunk}, B=2, T={args.T}, H=2; largest difference "
-          f"from float64 relative to the largest value, * above {tolerance:g}")
+          f"from the {'float32' if _on_gpu() else 'float64'} kernels relative to the largest value, * above "
+          f"{tolerance:g}")
     columns = FORWARD + BACKWARD
     print(f"{'rule':6s} {'config':18s} " + " ".join(f"{c:>7s}" for c in columns))
     runs = [(rule, config) for rule in args.rules for config in args.configs]

@@ -68,6 +68,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def chained_dot_warps(dtype: torch.dtype, dot: str, default: int) -> int:
+    """``num_warps`` for a kernel that feeds one ``tl.dot``'s result into another: 2 where the
+    products run on tensor cores (16-bit inputs, or TF32), else ``default``. On an H200 with
+    Triton 3.6 the linear output kernel at 4 warps returned wrong outputs (bfloat16, K=V=128,
+    chunks of 64; an illegal memory access at another length), and at 2 warps every output and
+    gradient matched (benchmarks/diagnose_kernels.py); flash-linear-attention keeps its Hopper
+    kernels of this kind at 2-4 warps for miscompiles of the same family."""
+    tensor_cores = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and dot == "tf32")
+    return 2 if tensor_cores else default
+
+
 def contiguous(*tensors):
     """The tensors made contiguous (None stays None): the kernels compute row offsets from shapes."""
     return tuple(None if t is None else t.contiguous() for t in tensors)
@@ -86,8 +97,8 @@ def is_interpreted(kernel: Any) -> bool:
 #: (kernel, device, its specialisation) -> the software-pipelining depth whose shared memory fits
 _STAGES: dict = {}
 #: launch options by kernel stage (the generated name's last part: ``solve``, ``wu``, ``states``,
-#: ``chunk_grads``...; ``*`` for every kernel), put over the call's own: benchmarks/diagnose_kernels.py
-#: sets them to find the launch configurations a compiler gets wrong
+#: ``chunk_grads``...; ``*`` for every kernel), put over the call's own in eager launches:
+#: benchmarks/diagnose_kernels.py sets them to find the launch configurations a compiler gets wrong
 LAUNCH_OVERRIDES: dict[str, dict] = {}
 #: Triton's default depth on CUDA
 _DEFAULT_STAGES = 3

@@ -98,3 +98,35 @@ def test_launch_traces_whole_under_torch_compile(monkeypatch):
     x, before = torch.arange(4.0), dict(_triton._STAGES)
     assert torch.equal(torch.compile(double, fullgraph=True, backend="eager")(x), 2 * x)
     assert _triton._STAGES == before  # the eager-only bookkeeping was not traced
+
+
+def test_launch_overrides_by_stage_and_tensor_core_warps(monkeypatch):
+    """LAUNCH_OVERRIDES (what diagnose_kernels.py sets) go over a launch's own options, ``*`` for
+    every kernel and a stage for the kernels whose name ends in it; kernels that chain products
+    run at 2 warps where the products use tensor cores."""
+    import torch
+    import torch.library
+
+    from nldsl.runtime import _triton
+
+    seen = {}
+
+    class Kernel:
+        def __init__(self, name):
+            self.__name__ = name
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen[self.__name__] = kwargs
+            return run
+
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
+    monkeypatch.setattr(_triton, "LAUNCH_OVERRIDES", {"*": {"num_warps": 1}, "output": {"num_stages": 1}})
+    x = torch.zeros(2)
+    for name in ("mem_output", "mem_state_grads"):
+        _triton.launch(Kernel(name), (1,), x, DOT="ieee", num_warps=4)
+    assert seen == {"mem_output": {"DOT": "ieee", "num_warps": 1, "num_stages": 1},
+                    "mem_state_grads": {"DOT": "ieee", "num_warps": 1}}
+    assert [_triton.chained_dot_warps(dtype, dot, 8) for dtype, dot in
+            ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee"),
+             (torch.float64, "ieee"))] == [2, 2, 2, 8, 8]
