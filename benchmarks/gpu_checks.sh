@@ -52,8 +52,9 @@ models graph --cuda-graph --state fresh   # Hope's step is launch-bound: what it
 models chunked
 parallel=()
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)
-# (not the compile-for-a-GPU test: CPU work, which the CI does; here every kernel compiles for this GPU anyway)
-TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -q -p no:cacheprovider --tb=short -rfEs \
+# (not the compile-for-a-GPU test: CPU work, which the CI does; here every kernel compiles for this GPU anyway;
+# no -q: pyproject's addopts has one, and a second drops the passed / failed count)
+TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -p no:cacheprovider --tb=short -rfEs \
     -k "not compiles_for_a_gpu" "${parallel[@]}"
 models triton --impl triton
 step bench_triton_deep "${DEEP_LIMIT:-120}" "$py" benchmarks/bench_triton.py --deep-only   # the MLP kernel's rows
