@@ -14,9 +14,9 @@ with ``impl='triton'`` and fla's rows ``chunk_delta_rule`` / ``chunk_gated_delta
 same inputs (keys L2-normalised, beta and the log retention computed outside, chunk 64); SDPA is
 ``scaled_dot_product_attention(is_causal=True)`` on the same q, k, v. Peak memory is the highest
 allocation during one forward+backward minus what was allocated before it. Once per T, every
-delta / gated-delta row's output is compared with nldsl's chunked PyTorch path in float64 on the
-same (rounded) inputs: the largest difference relative to the largest output, so a disagreement
-between nldsl and fla says which one is off. A row whose kernel refuses to run (fla refuses its
+delta / gated-delta row's output and gradients are compared with nldsl's chunked PyTorch path in
+float64 on the same (rounded) inputs: the largest difference relative to the largest value, the
+worst of the six tensors, so a disagreement between nldsl and fla says which one is off. A row whose kernel refuses to run (fla refuses its
 gated backward on Hopper with some Triton versions) says why, and the others go on.
 
 Deep memory (unless --no-deep; float32, Titans' memory M(x) = x + W_out silu(W_in x), K = V =
@@ -232,10 +232,11 @@ def gpu_bench(args) -> int:
         if not args.no_sdpa:
             qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
             rows["torch SDPA causal"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-        with torch.no_grad():  # the float64 answer every linear row is checked against
-            wide = [t.detach().double() for t in (q, k, v, beta, g)]
-            refs = {"delta": rt.delta_rule(*wide[:4], impl="chunked").o,
-                    "gated": rt.gated_delta_rule(*wide, impl="chunked").o}
+        refs = {}  # the float64 answers every linear row is checked against: output and gradients
+        for rule, op, n in (("delta", rt.delta_rule, 4), ("gated", rt.gated_delta_rule, 5)):
+            wide = [t.detach().double().requires_grad_() for t in (q, k, v, beta, g)[:n]]
+            o = op(*wide, impl="chunked").o
+            refs[rule] = [o.detach(), *torch.autograd.grad(o, wide, do.double())]
         results, errors = {}, {}
         for name, fwd in rows.items():
             grad_out = do.transpose(1, 2) if name.startswith("torch") else do
@@ -246,13 +247,13 @@ def gpu_bench(args) -> int:
 
             try:
                 out = fwd()
-                fwd_bwd()
+                grads = torch.autograd.grad(out, used, grad_out, allow_unused=True)
             except Exception as e:  # say why, time the others
                 print(f"{T:>6} {B:>3}  {name:26s} failed: {str(e).strip().splitlines()[0][:150]}")
                 continue
             if not name.startswith("torch"):
                 ref = refs["gated" if "gated" in name else "delta"]
-                errors[name] = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                errors[name] = max((_relative(a, b), label) for label, a, b in zip(_CHECKED, [out, *grads], ref))
             peak = float("nan")
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -270,9 +271,10 @@ def gpu_bench(args) -> int:
                 print("\n".join(_kernel_breakdown(fwd_bwd, args.kernels)))
         if errors:
             tol = _TOLERANCE[args.dtype]
-            summary.append(f"T={T}: output vs the float64 chunked path (largest difference / largest output): "
-                           + ", ".join(f"{n} {e:.1e}" + (f" EXCEEDS {tol:g}" if not e <= tol else "")
-                                       for n, e in errors.items()))
+            summary.append(f"T={T}: output and gradients vs the float64 chunked path (largest difference / largest "
+                           "value, the worst of o, dq, dk, dv, dbeta, dg): "
+                           + ", ".join(f"{n} {e:.1e} ({label})" + (f" EXCEEDS {tol:g}" if not e <= tol else "")
+                                       for n, (e, label) in errors.items()))
         for ours, theirs in (("nldsl delta (triton)", "fla chunk_delta_rule"),
                              ("nldsl gated delta (triton)", "fla chunk_gated_delta_rule")):
             if ours not in results:
@@ -360,6 +362,18 @@ def deep_bench(T_list, H, D, tokens, *, device, timer) -> list[str]:
             print(f"{T:>6} {B:>3}  {f'mlp_memory impl={impl!r}':44s} {t_fwd:8.2f} {t_all:11.2f}")
         summary.append(f"deep T={T}: mlp_memory triton / chunked fwd+bwd = {times['triton'] / times['chunked']:.2f}x")
     return summary
+
+
+#: what a linear row is checked on, in the order of (output, gradients of q, k, v, beta, g)
+_CHECKED = ("o", "dq", "dk", "dv", "dbeta", "dg")
+
+
+def _relative(a, b) -> float:
+    """Largest difference relative to the largest value of ``b`` (0 where ``a`` is an unused input's None)."""
+    if a is None:
+        return 0.0
+    err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return err if err == err else float("inf")  # NaN counts as the worst
 
 
 def _kernel_breakdown(fn, top: int) -> list[str]:
