@@ -16,8 +16,11 @@ same inputs (keys L2-normalised, beta and the log retention computed outside, ch
 allocation during one forward+backward minus what was allocated before it. Once per T, every
 delta / gated-delta row's output and gradients are compared with nldsl's chunked PyTorch path in
 float64 on the same (rounded) inputs: the largest difference relative to the largest value, the
-worst of the six tensors, so a disagreement between nldsl and fla says which one is off. A row whose kernel refuses to run (fla refuses its
-gated backward on Hopper with some Triton versions) says why, and the others go on.
+worst of the six tensors, so a disagreement between nldsl and fla says which one is off. A row
+whose kernel refuses to run (fla refuses its gated backward on Hopper with some Triton versions)
+says why, and the others go on. ``--launch CONFIG...`` adds the nldsl rows again under other launch configurations (num_warps, num_stages
+per kernel), each checked like the others; ``--kernels N`` prints each row's N costliest GPU
+kernels under it.
 
 Deep memory (unless --no-deep; float32, Titans' memory M(x) = x + W_out silu(W_in x), K = V =
 --deep-head-dim, hidden 4x, chunks of 64 tokens, B = max(1, --tokens // T), H = --heads): the
@@ -39,6 +42,16 @@ import os
 import sys
 
 
+def _launch_config(text: str) -> str:
+    from nldsl.runtime._triton import launch_overrides
+
+    try:
+        with launch_overrides(text):
+            return text
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768], help="sequence lengths")
@@ -47,6 +60,9 @@ def parse(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--no-sdpa", action="store_true", help="skip softmax attention")
+    p.add_argument("--launch", nargs="+", default=[], metavar="CONFIG", type=_launch_config,
+                   help="nldsl rows again under each launch configuration, e.g. 'solve:w2' or '*:w4,s2' "
+                        "(STAGE:OPTIONS[;...], see nldsl.runtime._triton.launch_overrides)")
     p.add_argument("--kernels", type=int, default=0, metavar="N",
                    help="under each linear row, the N costliest GPU kernels of one forward+backward (torch.profiler)")
     deep = p.add_mutually_exclusive_group()
@@ -181,6 +197,7 @@ def gpu_bench(args) -> int:
     import torch.nn.functional as F
 
     import nldsl.runtime as rt
+    from nldsl.runtime._triton import launch_overrides
 
     dtype = getattr(torch, args.dtype)
     device, chunk_delta_rule, chunk_gated_delta_rule = "cuda", None, None
@@ -222,10 +239,12 @@ def gpu_bench(args) -> int:
         g = F.logsigmoid(4 + rand(B, T, H)).float()  # log retention, fla takes it in float32
         do = rand(B, T, H, D).to(dtype)
         inputs = [t.requires_grad_() for t in (q, k, v, beta, g)]
-        rows = {
-            "nldsl delta (triton)": lambda: rt.delta_rule(q, k, v, beta, impl="triton").o,
-            "nldsl gated delta (triton)": lambda: rt.gated_delta_rule(q, k, v, beta, g, impl="triton").o,
-        }
+        rows, launch_of = {}, {}  # name -> forward; name -> its launch configuration (nldsl rows)
+        for config in ["default", *args.launch]:
+            tag = "" if config == "default" else f" [{config}]"
+            rows[f"nldsl delta (triton){tag}"] = lambda: rt.delta_rule(q, k, v, beta, impl="triton").o
+            rows[f"nldsl gated delta (triton){tag}"] = lambda: rt.gated_delta_rule(q, k, v, beta, g, impl="triton").o
+            launch_of.update({f"nldsl delta (triton){tag}": config, f"nldsl gated delta (triton){tag}": config})
         if chunk_delta_rule is not None:
             rows["fla chunk_delta_rule"] = lambda: chunk_delta_rule(q, k, v, beta)[0]
             rows["fla chunk_gated_delta_rule"] = lambda: chunk_gated_delta_rule(q, k, v, g, beta)[0]
@@ -238,16 +257,23 @@ def gpu_bench(args) -> int:
             o = op(*wide, impl="chunked").o
             refs[rule] = [o.detach(), *torch.autograd.grad(o, wide, do.double())]
         results, errors = {}, {}
-        for name, fwd in rows.items():
+        for name, forward in rows.items():
             grad_out = do.transpose(1, 2) if name.startswith("torch") else do
             used = [qt, kt, vt] if name.startswith("torch") else inputs
+            config = launch_of.get(name, "default")
 
-            def fwd_bwd(fwd=fwd, grad_out=grad_out, used=used):
-                torch.autograd.grad(fwd(), used, grad_out, allow_unused=True)
+            def fwd(forward=forward, config=config):
+                with launch_overrides(config):
+                    return forward()
+
+            def fwd_bwd(forward=forward, grad_out=grad_out, used=used, config=config):
+                with launch_overrides(config):  # the backward's kernels too
+                    torch.autograd.grad(forward(), used, grad_out, allow_unused=True)
 
             try:
-                out = fwd()
-                grads = torch.autograd.grad(out, used, grad_out, allow_unused=True)
+                with launch_overrides(config):
+                    out = forward()
+                    grads = torch.autograd.grad(out, used, grad_out, allow_unused=True)
             except Exception as e:  # say why, time the others
                 print(f"{T:>6} {B:>3}  {name:26s} failed: {str(e).strip().splitlines()[0][:150]}")
                 continue
@@ -275,10 +301,8 @@ def gpu_bench(args) -> int:
                            "value, the worst of o, dq, dk, dv, dbeta, dg): "
                            + ", ".join(f"{n} {e:.1e} ({label})" + (f" EXCEEDS {tol:g}" if not e <= tol else "")
                                        for n, (e, label) in errors.items()))
-        for ours, theirs in (("nldsl delta (triton)", "fla chunk_delta_rule"),
-                             ("nldsl gated delta (triton)", "fla chunk_gated_delta_rule")):
-            if ours not in results:
-                continue
+        for ours in [n for n in rows if n in launch_of and n in results]:
+            theirs = "fla chunk_gated_delta_rule" if "gated" in ours else "fla chunk_delta_rule"
             if theirs in results:
                 ratio = results[ours][1] / results[theirs][1]
                 summary.append(f"T={T}: {ours} / {theirs} fwd+bwd = {ratio:.2f}x (target <= 1.25x)")

@@ -8,12 +8,13 @@
 #     bash benchmarks/gpu_checks.sh [LOG_DIR [STEP...]]   # logs: LOG_DIR/{env,STEP}.log
 #
 # STEPs (all, in this order, when none is named): bench_triton models_graph models_chunked tests
-# models_triton bench_triton_deep; a lease too short for all of them can take them in two calls.
+# models_triton bench_triton_deep bench_triton_launch; a lease too short for all of them can take
+# them in two calls.
 # Each step has a time limit, so a hang in one still leaves the others' numbers.
 set -u
 logs=${1:-gpu-checks}
 shift $(($# > 0))
-wanted=" ${*:-bench_triton models_graph models_chunked tests models_triton bench_triton_deep} "
+wanted=" ${*:-bench_triton models_graph models_chunked tests models_triton bench_triton_deep bench_triton_launch} "
 mkdir -p "$logs"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -58,3 +59,6 @@ TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -p no:cach
     -k "not compiles_for_a_gpu" "${parallel[@]}"
 models triton --impl triton
 step bench_triton_deep "${DEEP_LIMIT:-120}" "$py" benchmarks/bench_triton.py --deep-only   # the MLP kernel's rows
+# launch configurations to try against the shipped ones at 8k (the ones flash-linear-attention tunes over)
+step bench_triton_launch "${LAUNCH_LIMIT:-150}" "$py" benchmarks/bench_triton.py --no-deep --no-sdpa --T 8192 \
+    --launch 'solve:w1' 'solve:w8' 'states:w2' 'states:w8' '*:s2' '*:s4'

@@ -13,6 +13,7 @@ Nothing here imports triton at module import time; the generated file does.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -132,6 +133,34 @@ def launch(kernel: Any, grid: tuple, *args, **kwargs) -> None:
             if e.name != "shared memory" or stages == 1:
                 raise
             _STAGES[key] = (_DEFAULT_STAGES if stages is None else stages) - 1
+
+
+@contextlib.contextmanager
+def launch_overrides(config: str):
+    """LAUNCH_OVERRIDES set from ``config`` for the block, restored after it. ``config`` is
+    ``default`` (none) or ``STAGE:OPTIONS[;STAGE:OPTIONS...]``: STAGE a kernel name's last part or
+    ``*``, OPTIONS ``wN`` (num_warps) and ``sN`` (num_stages), comma-separated, e.g.
+    ``'*:w2;solve:w4,s1'``."""
+    found: dict[str, dict] = {}
+    if config != "default":
+        names = {"w": "num_warps", "s": "num_stages"}
+        for part in config.split(";"):
+            stage, colon, options = part.partition(":")
+            try:
+                if not (colon and stage):
+                    raise ValueError
+                found[stage] = {names[o[0]]: int(o[1:]) for o in options.split(",") if o}
+            except (KeyError, ValueError, IndexError):
+                raise ValueError(f"launch configuration {part!r}: expected STAGE:OPTIONS with STAGE a kernel "
+                                 "name's last part or '*' and OPTIONS like w2 or w4,s1") from None
+    before = dict(LAUNCH_OVERRIDES)
+    LAUNCH_OVERRIDES.clear()
+    LAUNCH_OVERRIDES.update(found)
+    try:
+        yield found
+    finally:
+        LAUNCH_OVERRIDES.clear()
+        LAUNCH_OVERRIDES.update(before)
 
 
 def _overrides(kernel: Any) -> dict:

@@ -101,9 +101,10 @@ def test_launch_traces_whole_under_torch_compile(monkeypatch):
 
 
 def test_launch_overrides_by_stage_and_tensor_core_warps(monkeypatch):
-    """LAUNCH_OVERRIDES (what diagnose_kernels.py sets) go over a launch's own options, ``*`` for
-    every kernel and a stage for the kernels whose name ends in it; kernels that chain products
-    run at 2 warps where the products use tensor cores."""
+    """Launch overrides (what diagnose_kernels.py and bench_triton --launch set) go over a launch's
+    own options within their block, ``*`` for every kernel and a stage for the kernels whose name
+    ends in it; a malformed configuration is refused; kernels that chain products run at 2 warps
+    where the products use tensor cores."""
     import torch
     import torch.library
 
@@ -121,12 +122,19 @@ def test_launch_overrides_by_stage_and_tensor_core_warps(monkeypatch):
             return run
 
     monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
-    monkeypatch.setattr(_triton, "LAUNCH_OVERRIDES", {"*": {"num_warps": 1}, "output": {"num_stages": 1}})
     x = torch.zeros(2)
-    for name in ("mem_output", "mem_state_grads"):
-        _triton.launch(Kernel(name), (1,), x, DOT="ieee", num_warps=4)
+    with _triton.launch_overrides("*:w1;output:s1") as found:
+        assert found == {"*": {"num_warps": 1}, "output": {"num_stages": 1}}
+        for name in ("mem_output", "mem_state_grads"):
+            _triton.launch(Kernel(name), (1,), x, DOT="ieee", num_warps=4)
     assert seen == {"mem_output": {"DOT": "ieee", "num_warps": 1, "num_stages": 1},
                     "mem_state_grads": {"DOT": "ieee", "num_warps": 1}}
+    assert _triton.LAUNCH_OVERRIDES == {}
+    _triton.launch(Kernel("mem_output"), (1,), x, DOT="ieee", num_warps=4)
+    assert seen["mem_output"] == {"DOT": "ieee", "num_warps": 4}
+    for bad in ("w2", "*:x2", "*:w", ":w2"):
+        with pytest.raises(ValueError, match="expected STAGE:OPTIONS"), _triton.launch_overrides(bad):
+            pass
     assert [_triton.chained_dot_warps(dtype, dot, 8) for dtype, dot in
             ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee"),
              (torch.float64, "ieee"))] == [2, 2, 2, 8, 8]
