@@ -9,7 +9,10 @@
 #
 # STEPs (all, in this order, when none is named): bench_triton models_graph models_chunked tests
 # models_triton bench_triton_deep bench_triton_launch; a lease too short for all of them can take
-# them in two calls.
+# them in two calls. Seen on an H200 (cold Triton cache): bench_triton 206 s, tests 115 s
+# (pytest-xdist, 8 workers), models_graph 88 s, bench_triton_deep 51 s; with the machine's start
+# (about a minute), `bench_triton tests` then `models_graph bench_triton_deep bench_triton_launch`
+# fit a 15-minute lease.
 # Each step has a time limit, so a hang in one still leaves the others' numbers.
 set -u
 logs=${1:-gpu-checks}
