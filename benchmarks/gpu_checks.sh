@@ -7,17 +7,18 @@
 #
 #     bash benchmarks/gpu_checks.sh [LOG_DIR [STEP...]]   # logs: LOG_DIR/{env,STEP}.log
 #
-# STEPs (all, in this order, when none is named): bench_triton models_graph models_chunked tests
-# models_triton bench_triton_deep bench_triton_launch; a lease too short for all of them can take
-# them in two calls. Seen on an H200 (cold Triton cache): bench_triton 206 s, tests 115 s
-# (pytest-xdist, 8 workers), models_graph 88 s, bench_triton_deep 51 s; with the machine's start
-# (about a minute), `bench_triton tests` then `models_graph bench_triton_deep bench_triton_launch`
-# fit a 15-minute lease.
+# STEPs (all, in this order, when none is named): diagnose bench_triton models_graph models_chunked
+# tests models_triton bench_triton_deep bench_triton_launch; a lease too short for all of them can
+# take them in two calls. Seen on an H200 (cold Triton cache): bench_triton 206 s, tests 115 s
+# (pytest-xdist, 8 workers), models_graph 88 s, bench_triton_deep 51 s, a diagnosis of 15
+# configurations about 150 s; with the machine's start (about a minute), `diagnose bench_triton`
+# then `tests models_graph bench_triton_deep` fit a 15-minute lease.
 # Each step has a time limit, so a hang in one still leaves the others' numbers.
 set -u
 logs=${1:-gpu-checks}
 shift $(($# > 0))
-wanted=" ${*:-bench_triton models_graph models_chunked tests models_triton bench_triton_deep bench_triton_launch} "
+all="diagnose bench_triton models_graph models_chunked tests models_triton bench_triton_deep bench_triton_launch"
+wanted=" ${*:-$all} "
 mkdir -p "$logs"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -42,9 +43,12 @@ try:
 except ImportError as e:
     print('no flash-linear-attention:', e)
 "
-# in order of what a short lease most needs answered: which side of the nldsl / fla comparison is
-# off and how far from parity, what Hope's step costs without its launches, then the rest
-# (--kernels: where each side's time goes, kernel by kernel)
+# in order of what a short lease most needs answered: which launch configurations of the chaining
+# kernels are right at the benchmark's tiles (runtime._triton.chained_dot_warps ships 2 warps there,
+# right but spilling), how far from fla's speed, what Hope's step costs without its launches, then
+# the rest (--kernels: where each side's time goes, kernel by kernel)
+step diagnose "${DIAGNOSE_LIMIT:-240}" "$py" benchmarks/diagnose_kernels.py --jobs 8 --timeout 200 \
+    --configs default 'output:w4' 'output:w8' 'chunk_grads:w4' 'chunk_grads:w8' '*:w4;chunk_grads:w8'
 step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py --no-deep --kernels 8
 models() {  # models NAME ARGS...: the model benchmark on the GPU
     local name=$1
