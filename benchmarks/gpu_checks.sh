@@ -7,18 +7,19 @@
 #
 #     bash benchmarks/gpu_checks.sh [LOG_DIR [STEP...]]   # logs: LOG_DIR/{env,STEP}.log
 #
-# STEPs (all, in this order, when none is named): diagnose bench_triton models_graph models_chunked
-# tests models_triton bench_triton_deep bench_triton_launch; a lease too short for all of them can
-# take them in two calls. Seen on an H200 (cold Triton cache): bench_triton 206 s, tests 115 s
+# STEPs (all, in this order, when none is named): diagnose diagnose_k64 bench_triton models_graph
+# models_chunked tests models_triton bench_triton_deep bench_triton_launch; a lease too short for
+# all of them can take them in two calls. Seen on an H200 (cold Triton cache): bench_triton 206 s, tests 115 s
 # (pytest-xdist, 8 workers), models_graph 88 s, bench_triton_deep 51 s, a diagnosis of 15
-# configurations about 150 s; with the machine's start (about a minute), `diagnose bench_triton`
-# then `tests models_graph bench_triton_deep` fit a 15-minute lease.
+# configurations about 150 s; with the machine's start (about a minute), `diagnose diagnose_k64
+# bench_triton` then `tests models_graph bench_triton_deep` fit a 15-minute lease.
 # Each step has a time limit, so a hang in one still leaves the others' numbers.
 set -u
 logs=${1:-gpu-checks}
 shift $(($# > 0))
-all="diagnose bench_triton models_graph models_chunked tests models_triton bench_triton_deep bench_triton_launch"
-wanted=" ${*:-$all} "
+all="diagnose diagnose_k64 bench_triton models_graph models_chunked tests models_triton bench_triton_deep
+     bench_triton_launch"
+wanted=" $(echo ${*:-$all}) "  # one space between names
 mkdir -p "$logs"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -49,6 +50,9 @@ except ImportError as e:
 # the rest (--kernels: where each side's time goes, kernel by kernel)
 step diagnose "${DIAGNOSE_LIMIT:-240}" "$py" benchmarks/diagnose_kernels.py --jobs 8 --timeout 200 \
     --configs default 'output:w4' 'output:w8' 'chunk_grads:w4' 'chunk_grads:w8' '*:w4;chunk_grads:w8'
+# ... and at heads of 64, which keep the defaults (never run on a GPU in chunks of 64)
+step diagnose_k64 "${DIAGNOSE_LIMIT:-240}" "$py" benchmarks/diagnose_kernels.py --jobs 8 --timeout 200 --K 64 \
+    --configs default 'output:w2;chunk_grads:w2'
 step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py --no-deep --kernels 8
 models() {  # models NAME ARGS...: the model benchmark on the GPU
     local name=$1

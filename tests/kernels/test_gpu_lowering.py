@@ -138,6 +138,6 @@ def test_launch_overrides_by_stage_and_tensor_core_warps(monkeypatch):
     assert [_triton.chained_dot_warps(dtype, dot, 8, chunk=64, width=128) for dtype, dot in
             ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee"),
              (torch.float64, "ieee"))] == [2, 2, 2, 8, 8]
-    # the tiles the defaults were right on: chunks of 32, or heads padded to 32 or less
+    # below the tiles the miscompile was seen at: chunks of 32, or heads padded to 64 or less
     assert [_triton.chained_dot_warps(torch.bfloat16, "ieee", 8, chunk=c, width=w)
-            for c, w in ((32, 128), (128, 32), (64, 64))] == [8, 8, 2]
+            for c, w in ((32, 128), (128, 32), (64, 64), (128, 256))] == [8, 8, 8, 2]
