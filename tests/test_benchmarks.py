@@ -33,7 +33,7 @@ RUNS = {
                                  "--deep-T", "40", "--deep-head-dim", "8", "--dtype", "float32", "--kernels", "2",
                                  "--launch", "solve:w2"],
                                 ["output and gradients vs the float64 chunked path", "nldsl gated delta (triton)",
-                                 "mlp_memory impl='triton'", "GPU busy in all", "nldsl delta (triton) [solve:w2] 4"]),
+                                 "mlp_memory impl='triton'", "GPU busy in all", "nldsl delta (triton) [solve:w2]"]),
     # the deep rows alone (gpu_checks.sh runs them as a step of their own)
     "bench_triton --rehearse --deep-only": (["--rehearse", "--deep-only", "--heads", "2", "--tokens", "80",
                                              "--deep-T", "40", "--deep-head-dim", "8", "--dtype", "float32"],

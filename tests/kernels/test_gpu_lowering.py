@@ -104,7 +104,7 @@ def test_launch_overrides_by_stage_and_tensor_core_warps(monkeypatch):
     """Launch overrides (what diagnose_kernels.py and bench_triton --launch set) go over a launch's
     own options within their block, ``*`` for every kernel and a stage for the kernels whose name
     ends in it; a malformed configuration is refused; kernels that chain products run at 2 warps
-    where the products use tensor cores."""
+    where the products use tensor cores on tiles as wide as the one a miscompile was seen at."""
     import torch
     import torch.library
 
