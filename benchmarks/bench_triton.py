@@ -172,11 +172,8 @@ def deep_interpreter_check() -> float:
             outs.append((o, states, grads))
         (o1, s1, g1), (o2, s2, g2) = outs
 
-        def rel(a, b):
-            return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
-
-        errs = {"o": rel(o1, o2), "final state": max(rel(a, b) for a, b in zip(s1, s2)),
-                "gradients": max(rel(a, b) for a, b in zip(g1, g2))}
+        errs = {"o": _relative(o1, o2), "final state": max(_relative(a, b) for a, b in zip(s1, s2)),
+                "gradients": max(_relative(a, b) for a, b in zip(g1, g2))}
         worst = max(errs.values())
         worst_all = max(worst_all, worst)
         print(f"  {name:17s} largest relative difference {worst:.2e}  "
