@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+import nldsl
 from nldsl import ablate
 from nldsl.graph import build, speed_key
 from nldsl.ir import models as M
@@ -56,11 +57,53 @@ def test_steps_are_slower_than_tokens_and_larger_periods_slower():
         speed_key(next(lv for lv in m.levels if lv.name == "huge"))
 
 
-def test_equal_speed_levels_share_a_rank():
-    m = ir_of(model("  level a1 : tokens every 16\n  level a2 : tokens every 16\n"
-                    "  memory a in a1 : linear\n  memory b in a2 : linear\n  block = a -> b\n"))
-    g = build(m)
-    assert g.nodes["level:a1"]["rank"] == g.nodes["level:a2"]["rank"] == 0
+def ranks(body: str) -> dict:
+    g = build(ir_of(model(body)))
+    return {a["name"]: a["rank"] for _, a in g.nodes(data=True) if a["kind"] == "level"}
+
+
+def test_same_frequency_levels_order_by_dependency():
+    # the paper's A > B at f_A = f_B: B's state at time t needs A's (here b reads a's output)
+    r = ranks("  level a1 : tokens every 16\n  level a2 : tokens every 16\n  level slow : tokens every 64\n"
+              "  memory a in a1 : linear\n  memory b in a2 : linear\n  memory c in slow : linear\n"
+              "  block = b -> c\n  transfer a1 -> a2 : condition\n")
+    assert (r["a1"], r["a2"], r["slow"], r["outer"]) == (0, 1, 2, 3)
+    # the block's data flow is a dependency too, whichever order the levels are declared in
+    r = ranks("  level a2 : tokens every 16\n  level a1 : tokens every 16\n"
+              "  memory a in a1 : linear\n  memory b in a2 : linear\n  block = a -> b\n")
+    assert (r["a1"], r["a2"], r["outer"]) == (0, 1, 2)
+    # the memories a level holds carry its rank
+    g = build(ir_of(model("  level a1 : tokens every 16\n  level a2 : tokens every 16\n"
+                          "  memory a in a1 : linear\n  memory b in a2 : linear\n  block = a -> b\n")))
+    assert g.nodes["memory:a"]["rank"] == 0 and g.nodes["memory:b"]["rank"] == 1
+
+
+def test_independent_same_frequency_levels_share_a_rank():
+    # A =_f B (the paper's Adam moments): no dependency either way, one rank; only non-self
+    # dependencies order levels
+    r = ranks("  level a1 : tokens every 16\n  level a2 : tokens every 16\n"
+              "  memory a in a1 : linear\n  memory b in a2 : linear\n  block = a + b\n")
+    assert r["a1"] == r["a2"] == 0 and r["outer"] == 1
+    r = ranks("  level a1 : tokens every 16\n  level a2 : tokens every 16\n"
+              "  memory a in a1 : linear\n  memory b in a2 : linear\n  block = a + b\n"
+              "  transfer a1 -> a1 : generate(self=true)\n  transfer outer -> a2 : init\n")
+    assert r["a1"] == r["a2"] == 0
+
+
+def test_block_flow_follows_the_block_operators():
+    g = build(ir_of(model("  level fast : tokens every 16\n  memory a in fast : linear\n"
+                          "  memory b in fast : linear\n  memory c in fast : linear\n"
+                          "  memory d in fast : linear\n  block = residual(norm -> a) -> (b + c) -> d\n")))
+    flow = sorted((a[7:], b[7:]) for a, b, k in g.edges(data="kind") if k == "flow")
+    assert flow == [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")]  # b and c side by side
+
+
+def test_hope_levels_rank_as_the_paper_orders_them():
+    g = nldsl.load(REPO / "specs" / "hope.nl").level_graph()
+    rank = {a["name"]: a["rank"] for _, a in g.nodes(data=True) if a["kind"] == "level"}
+    # fast (M_memory) and cms1 both update every 32 tokens; the chain reads the Titans output
+    assert sorted(rank, key=rank.get) == ["gen", "fast", "cms1", "cms2", "cms3", "pretrain"]
+    assert sorted(rank.values()) == list(range(6))
 
 
 # ---- initialization and generation transfers ----------------------------------------------------
