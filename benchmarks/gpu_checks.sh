@@ -63,6 +63,8 @@ models() {  # models NAME ARGS...: the model benchmark on the GPU
 models graph --cuda-graph --state fresh   # Hope's step is launch-bound: what it costs without the launches
 models chunked
 parallel=()
+# on xdist workers a sticky CUDA error (an illegal memory access) ends only its worker, which xdist
+# replaces (tests/device_faults.py); in one process it ends the run
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)
 # (not the compile-for-a-GPU test: CPU work, which the CI does; here every kernel compiles for this GPU anyway;
 # no -q: pyproject's addopts has one, and a second drops the passed / failed count)

@@ -5,6 +5,8 @@ import pytest
 
 from tests.nltest_support import REPO
 
+pytest_plugins = ["tests.device_faults"]
+
 
 @pytest.fixture
 def in_repo(monkeypatch):
