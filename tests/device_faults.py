@@ -44,7 +44,7 @@ def pytest_runtest_protocol(item, nextitem):
     result = yield
     fault = item.stash.get(_FAULT, None)
     if fault is not None:
-        if os.environ.get("PYTEST_XDIST_WORKER"):
+        if hasattr(item.config, "workerinput"):  # a pytest-xdist worker
             os._exit(3)  # after the test's reports went out; xdist replaces the worker
         pytest.exit(f"{item.nodeid} left this process's CUDA context unusable ({fault}); the run stops "
                     "here (with pytest-xdist, -n N, a fresh worker would go on)", returncode=1)
