@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from tests.device_faults import sticky_cuda_error
 from tests.nltest_support import REPO
 
@@ -44,7 +42,6 @@ def test_a_single_process_stops_after_the_faulty_test(tmp_path):
 
 
 def test_an_xdist_worker_is_replaced_and_the_run_goes_on(tmp_path):
-    pytest.importorskip("xdist")
     r = run(tmp_path, "-n", "2")
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
