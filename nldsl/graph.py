@@ -107,19 +107,7 @@ def build(owner: M.Model | M.Optimizer) -> "nx.DiGraph":
                 for dst in endpoint_nodes(owner, t.target):
                     g.add_edge(src, dst, kind=t.kind, self_referential=t.self_referential, implied=False)
         # data flow in the block, as its operators compose the memories and CMS chains
-        cms_names = {c.name: c for c in owner.cms}
-        mem_names = {m.name for m in owner.memories}
-
-        def ends(name: str) -> tuple[list[str], list[str]]:
-            if name in mem_names:
-                return [memory_node(name)], [memory_node(name)]
-            c = cms_names.get(name)
-            if c is None:
-                return [], []
-            nodes = [memory_node(m.name) for m in c.memories]
-            return (nodes, nodes) if c.variant == "independent" else (nodes[:1], nodes[-1:])
-
-        for a, b in block_flow(owner.block, ends):
+        for a, b in block_flow_edges(owner):
             if not g.has_edge(a, b):
                 g.add_edge(a, b, kind="flow", implied=True)
     rank = frequency_ranks(g, levels)
@@ -162,6 +150,25 @@ def frequency_ranks(g: "nx.DiGraph", levels: dict[str, M.Level]) -> dict[str, in
             rank[n] = offset + depth[of[n]]
         offset += 1 + max(depth[of[n]] for n in group)
     return rank
+
+
+def block_flow_edges(owner: M.Model) -> list[tuple[str, str]]:
+    """The memory nodes the block feeds one into another (:func:`block_flow`); a CMS chain takes
+    its input at its first block and gives its output from its last (an independent chain: every
+    block does both)."""
+    cms_names = {c.name: c for c in owner.cms}
+    mem_names = {m.name for m in owner.memories}
+
+    def ends(name: str) -> tuple[list[str], list[str]]:
+        if name in mem_names:
+            return [memory_node(name)], [memory_node(name)]
+        c = cms_names.get(name)
+        if c is None:
+            return [], []
+        nodes = [memory_node(m.name) for m in c.memories]
+        return (nodes, nodes) if c.variant == "independent" else (nodes[:1], nodes[-1:])
+
+    return block_flow(owner.block, ends)
 
 
 def block_flow(value, ends) -> list[tuple[str, str]]:

@@ -160,6 +160,20 @@ def test_same_frequency_cycle_and_its_self_referential_escape():
     assert errors(model(ring.format(kind="init"))) == ["NL104"]  # init is not a data dependency
 
 
+@pytest.mark.parametrize("transfer, block, expected", [
+    pytest.param("first -> second", "a -> b", [], id="along-the-block"),
+    pytest.param("second -> first", "a -> b", ["NL106"], id="against-the-block"),
+    pytest.param("b -> a", "a -> b", ["NL106"], id="memories-against-the-block"),
+    pytest.param("second -> first", "a + b", [], id="side-by-side"),
+    pytest.param("second -> first", "b -> a", [], id="block-the-other-way"),
+])
+def test_the_block_data_flow_is_a_dependency(transfer, block, expected):
+    text = model("  level first : tokens every 16\n  level second : tokens every 16\n"
+                 "  memory a in first : linear\n  memory b in second : linear\n"
+                 f"  transfer {transfer} : condition\n  block = {block}\n")
+    assert errors(text) == expected
+
+
 def test_cycle_across_frequencies_is_allowed():
     text = model(TWO + "  transfer a -> b : condition\n  transfer b -> a : condition\n" + BLOCK_AB)
     assert errors(text) == []

@@ -118,6 +118,8 @@ _TABLE = [
     Code("NL106", "error", "same-frequency dependency cycle",
          "Two components at the same frequency depend on each other's state at the same time, so "
          "neither can be computed first (paper Def. 2 orders them only when one needs the other). "
+         "Dependencies are the `condition`, `context` and `generate` transfers (a level's stand for "
+         "the memories it holds) and the block's data flow (in `a -> b`, b reads a's output). "
          "Break the cycle, or declare the generation self-referential.",
          _model(_BASE + "  memory a in fast : linear\n  memory b in fast : linear\n"
                 "  transfer a -> b : condition\n  transfer b -> a : condition\n"

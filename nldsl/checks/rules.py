@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from nldsl.diagnostics import Diagnostic, suggest
-from nldsl.graph import block_names, endpoint_nodes, memory_node, speed_key
+from nldsl.graph import block_flow_edges, block_names, endpoint_nodes, level_node, memory_node, speed_key
 from nldsl.ir import models as M
 from nldsl.ir.lower import BLOCK_BUILTINS, BLOCK_COMBINATORS, OPT_BUILTINS, OPT_FUNCTIONS
 from nldsl.ir.values import walk
@@ -151,20 +151,30 @@ def generate_from_slower(owner: M.Model, ck: Checker):
 
 @rule("NL106")
 def same_frequency_cycles(owner: M.Model, ck: Checker):
-    """A dependency cycle whose members all share one frequency cannot be ordered."""
+    """A dependency cycle whose members all share one frequency cannot be ordered. Dependencies:
+    the data transfers (a level's stand for the memories it holds) and the block's data flow
+    (a memory reads the output of the one before it); a cycle is reported at its last transfer."""
     import networkx as nx
+
+    levels = _levels(owner)
+    mem_level = {memory_node(m.name): m.level for m in owner.all_memories()}
+    held: dict[str, list[str]] = {}
+    for node, lv in mem_level.items():
+        held.setdefault(level_node(lv), []).append(node)
+
+    def members(name: str) -> list[str]:
+        return [m for n in endpoint_nodes(owner, name) for m in held.get(n, [n])]
 
     dep = nx.DiGraph()
     index = {}
     for i, t in enumerate(owner.transfers):
         if t.kind in ("init", "backprop") or t.self_referential:
             continue
-        for a in endpoint_nodes(owner, t.source):
-            for b in endpoint_nodes(owner, t.target):
+        for a in members(t.source):
+            for b in members(t.target):
                 dep.add_edge(a, b)
                 index.setdefault((a, b), i)
-    levels = _levels(owner)
-    mem_level = {memory_node(m.name): m.level for m in owner.all_memories()}
+    dep.add_edges_from(block_flow_edges(owner))
 
     def freq(node: str):
         name = mem_level.get(node) or node.split(":", 1)[1]
@@ -185,11 +195,15 @@ def same_frequency_cycles(owner: M.Model, ck: Checker):
         if len(keys) != 1 or None in keys:
             continue
         edges = list(zip(cycle, cycle[1:] + cycle[:1]))
-        last = max(index[e] for e in edges)
-        if last in reported:
+        last = max((index[e] for e in edges if e in index), default=None)
+        if last is None or last in reported:  # the block alone is not a cycle of transfers
             continue
         reported.add(last)
-        names = " -> ".join(n.split(":", 1)[1] for n in cycle + cycle[:1])
+        name = lambda n: n.split(":", 1)[1]  # noqa: E731
+        names = " -> ".join(map(name, cycle + cycle[:1]))
+        fed = [f"{name(a)} into {name(b)}" for a, b in edges if (a, b) not in index]
+        if fed:
+            names += f" (the block feeds {', '.join(fed)})"
         ck.report("NL106", f"dependency cycle at one frequency: {names}",
                   (owner.name, "transfer", last, "source"),
                   help="remove one direction of the cycle, or make it `generate(self=true)` if it is "
