@@ -317,6 +317,20 @@ def test_non_finite_literals_are_nl008(where, literal):
     assert "NL008" in [d.code for d in a.diagnostics]
 
 
+@pytest.mark.parametrize("setting, expected", [
+    pytest.param("lr contant(0.1)", ["NL006"], id="misspelt-kind"),
+    pytest.param("retention 2 * constant(0.45)", ["NL006"], id="kind-inside-arithmetic"),
+    pytest.param("momentum gat()", ["NL006"], id="misspelt-gate-as-a-call"),
+    pytest.param("lr 2 * 0.05", [], id="arithmetic"),
+    pytest.param("lr constant(2 * 0.05)", [], id="arithmetic-inside-the-kind"),
+])
+def test_rates_are_checked_before_compiling(setting, expected):
+    """A call that is no kind used to pass the checker as a `constant` expression and fail only
+    when compiled (NL401)."""
+    text = model(f"  level fast : tokens every 16\n  memory a in fast : linear {{ {setting} }}\n  block = a\n")
+    assert errors(text) == expected
+
+
 def test_lowering_reports_everything_at_once():
     text = model("  level fast : tokens every 16\n  memory a in fats : linear { objective l3; rule dgdd }\n"
                  "  memory a in fast : linear\n  block = residual(norm -> aa)\n")

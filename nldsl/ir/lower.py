@@ -544,6 +544,15 @@ class Lowerer:
             self.ctx.error("NL006", f"`{e.id}` is neither a {p.name} kind nor a parameter", e.span,
                            help=suggest(e.id, list(kinds) + [k for k in env], f"{p.name} kinds"))
             return None
+        call = next(calls_in(e), None)  # no call folds to a number
+        if call is not None and call.func in kinds:
+            self.ctx.error("NL006", f"`{call.func}(...)` cannot be part of an expression", call.span,
+                           help=f"write the whole value as its argument, e.g. `{call.func}(2 * 0.5)`")
+            return None
+        if call is not None:
+            self.ctx.error("NL006", f"`{call.func}` is not a {p.name} kind", call.span,
+                           help=suggest(call.func, kinds, f"{p.name} kinds"))
+            return None
         return self._constant_value(e, env, build)
 
     def _constant_value(self, e, env, build):
