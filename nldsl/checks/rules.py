@@ -11,7 +11,7 @@ from typing import Callable
 from nldsl.diagnostics import Diagnostic, suggest
 from nldsl.graph import block_flow_edges, block_names, endpoint_nodes, level_node, memory_node, speed_key
 from nldsl.ir import models as M
-from nldsl.ir.lower import BLOCK_BUILTINS, BLOCK_COMBINATORS, OPT_BUILTINS, OPT_FUNCTIONS
+from nldsl.ir.lower import BLOCK_BUILTINS, BLOCK_COMBINATORS, OPT_BUILTINS, OPT_FUNCTIONS, OPT_SIGNATURES
 from nldsl.ir.values import walk
 
 
@@ -494,6 +494,25 @@ def optimizer_names(owner: M.Optimizer, ck: Checker):
                 ck.report("NL307", f"`{call.func}` is not a function optimizer expressions can use",
                           key + ("call", call.func), key,
                           help=suggest(call.func, OPT_FUNCTIONS + tuple(sorted(memories)), "functions"))
+
+
+@rule("NL005", "optimizer")
+def optimizer_call_arguments(owner: M.Optimizer, ck: Checker):
+    """The arguments of the functions optimizer expressions call (:data:`OPT_SIGNATURES`): unknown
+    keywords (NL005) and wrong counts (NL006), at the call, before the compiler would meet them."""
+    for value, key, where in _optimizer_exprs(owner):
+        for call in (x for x in walk(value) if isinstance(x, M.Call) and x.func in OPT_SIGNATURES):
+            fewest, most, keywords = OPT_SIGNATURES[call.func]
+            at = key + ("call", call.func)
+            for name, _ in call.kwargs:
+                if name not in keywords:
+                    ck.report("NL005", f"`{call.func}` has no argument `{name}`", at + (name,), at, key,
+                              help=suggest(name, keywords, f"arguments of `{call.func}`") if keywords else
+                              f"`{call.func}` takes no keyword arguments")
+            if not fewest <= len(call.args) <= most:
+                want = str(fewest) if fewest == most else f"{fewest} to {most}"
+                ck.report("NL006", f"`{call.func}` takes {want} argument{'s' if most > 1 else ''}"
+                          f"{' before its keywords' if keywords else ''}, not {len(call.args)}", at, key)
 
 
 @rule("NL308", "optimizer")

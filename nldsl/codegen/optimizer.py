@@ -36,6 +36,7 @@ from nldsl.codegen.errors import CodegenError
 from nldsl.codegen.naming import Namer
 from nldsl.codegen.render import docstring, literal
 from nldsl.ir import models as M
+from nldsl.ir.lower import OPT_SIGNATURES
 from nldsl.ir.values import to_expr, to_value, walk
 from nldsl.syntax import ast as A
 from nldsl.syntax import printer
@@ -52,7 +53,7 @@ _BIN_PREC = {"+": ADD, "-": ADD, "*": MUL, "/": MUL}
 _KIND_ORDER = {"const": 0, "scalars": 1, "tensor": 2}
 _UNARY_FUNCS = {"sqrt": "rt.sqrt", "abs": "rt.abs", "sign": "rt.sign"}
 _BINARY_FUNCS = {"max": "rt.maximum", "min": "rt.minimum"}
-NS_KWARGS = ("steps", "coefficients", "eps")
+NS_KWARGS = OPT_SIGNATURES["newton_schulz"][2]
 
 
 def _join(*kinds: str) -> str:

@@ -52,7 +52,13 @@ MAX_INT = 2**31 - 1
 BLOCK_BUILTINS = ("norm", "rmsnorm", "layernorm", "mlp", "swiglu", "identity")
 BLOCK_COMBINATORS = ("residual", "sum", "gate")
 OPT_BUILTINS = ("grad", "param", "step", "rows", "cols")
-OPT_FUNCTIONS = ("sqrt", "abs", "sign", "newton_schulz", "max", "min", "clamp", "where")
+#: the functions optimizer expressions call: (fewest, most positional arguments, keywords)
+OPT_SIGNATURES = {
+    "sqrt": (1, 1, ()), "abs": (1, 1, ()), "sign": (1, 1, ()),
+    "newton_schulz": (1, 1, ("steps", "coefficients", "eps")),
+    "max": (2, 2, ()), "min": (2, 2, ()), "clamp": (1, 3, ("min", "max")), "where": (3, 3, ()),
+}
+OPT_FUNCTIONS = tuple(OPT_SIGNATURES)
 
 
 def _is_num(x) -> bool:
@@ -251,6 +257,7 @@ class Lowerer:
                 continue
             seen[s.name] = span
             self.ctx.spans[(owner, "param", s.name)] = s.spans.get("value") or span
+            self._call_spans((owner, "param", s.name), s.value)
             if s.name == "partial":
                 v = read_choice(self.ctx, s.value, PARTIAL_POLICIES, "partial-chunk policy")
                 out.append((s.name, M.Ref(name=v or "strict")))
@@ -871,6 +878,13 @@ class Lowerer:
         for c in calls_in(e):
             self.ctx.spans.setdefault((owner, "block", "call", c.func), c.span)
 
+    def _call_spans(self, key: tuple, e: A.Expr) -> None:
+        """Where each call of ``e`` (the first of a name) and its keyword arguments are written."""
+        for c in calls_in(e):
+            self.ctx.spans.setdefault(key + ("call", c.func), c.span)
+            for kw in c.kwargs:
+                self.ctx.spans.setdefault(key + ("call", c.func, kw.name), kw.span)
+
     def _optimizer_ref(self, e: A.Expr) -> str | None:
         if isinstance(e, A.String):
             return "file:" + e.value
@@ -906,16 +920,14 @@ class Lowerer:
                 self.ctx.spans[(owner, "update")] = s.spans.get("expr")
                 for n in names_in(s.expr):
                     self.ctx.spans.setdefault((owner, "update", n.id), n.span)
-                for c in calls_in(s.expr):  # `m(grad)`: a memory applied to a query
-                    self.ctx.spans.setdefault((owner, "update", "call", c.func), c.span)
+                self._call_spans((owner, "update"), s.expr)  # `m(grad)`, `sqrt(v)`, ...
         for s in o.stmts:
             if isinstance(s, A.Memory) and s.body:
                 for p in s.body.props:
                     for v in p.values:
                         for n in names_in(v):
                             self.ctx.spans.setdefault((owner, "memory", s.name, "ref", n.id), n.span)
-                        for c in calls_in(v):
-                            self.ctx.spans.setdefault((owner, "memory", s.name, "ref", "call", c.func), c.span)
+                        self._call_spans((owner, "memory", s.name, "ref"), v)
         if update is None:
             self.ctx.error("NL303", f"optimizer `{o.name}` has no `update`", o.spans.get("name"),
                            help="add `update = ...`, for example `update = m / (sqrt(v) + eps)`")

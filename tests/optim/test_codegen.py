@@ -254,6 +254,25 @@ def test_unsupported_constructs_are_compile_errors(tmp_path, body, match):
     assert d.code == "NL401" and d.file == str(path) and d.line > 1
 
 
+@pytest.mark.parametrize("update,code,col", [
+    ("lr * newton_schulz(m, stpes=3)", "NL005", 34),  # at the keyword, with a did-you-mean
+    ("lr * sqrt(m, 2)", "NL006", 17),
+    ("lr * sqrt(m, eps=1)", "NL005", 25),
+    ("lr * max(m)", "NL006", 17),
+    ("lr * clamp(m, 0, 1, 2)", "NL006", 17),
+    ("lr * where(m, m)", "NL006", 17),
+])
+def test_function_argument_mistakes_are_checker_diagnostics(tmp_path, update, code, col):
+    """They used to pass the checker and surface only when compiled (NL401, at the whole update)."""
+    text = (f"optimizer Bad {{\n  lr = 0.1\n  level s : steps every 1\n"
+            f"  memory m in s : elementwise {{ input grad }}\n  update = {update}\n}}\n")
+    path = _write(tmp_path, text, "bad.nl")
+    errors = [d for d in nldsl.check(path) if d.is_error]
+    assert [(d.code, d.line, d.column) for d in errors] == [(code, 5, col)]
+    if code == "NL005" and "stpes" in update:
+        assert errors[0].help == "did you mean `steps`?"
+
+
 @pytest.mark.parametrize("text,code", [
     ("  level f : steps every 1\n  level slow : steps every 2.5\n", "NL102"),
     ("  level f : steps every 1\n  level slow : steps every 0\n", "NL102"),
