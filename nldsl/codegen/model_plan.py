@@ -72,8 +72,8 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
         return "omega_rule" if obj == "l2" and momentum == "none" and period == 1 and read == "running" else None
     if rule == "dgd":
         return "dgd" if obj == "l2" and momentum == "none" else None
-    if obj == "dot" and momentum == "none":
-        return "linear_attention"  # the Hebbian gradient does not depend on the state: any period
+    if obj == "dot":  # the Hebbian gradient does not depend on the state: any period reads running
+        return "linear_attention" if momentum == "none" and read == "running" else "titans_linear"
     if obj == "l2" and momentum == "none" and period == 1 and read == "running":
         return "gated_delta_rule" if mem.retention.kind != "none" else "delta_rule"
     if obj == "l2":
@@ -95,7 +95,10 @@ class Planner:
         return f"{self.display}:{span.line}" if span else self.display
 
     def unsupported(self, message: str, key: tuple, help: str | None = None):
-        self.problems.append(Diagnostic.at("NL401", message, self.spans.get(key), help=help, file=self.file))
+        # at the property the message is about, or, where the spec leaves it to its default, at what
+        # holds it (the memory)
+        span = next((self.spans[key[:n]] for n in range(len(key), 0, -1) if key[:n] in self.spans), None)
+        self.problems.append(Diagnostic.at("NL401", message, span, help=help, file=self.file))
 
     # -- memories -------------------------------------------------------------------------------
     def heads_arg(self, mem: M.Memory) -> str:
@@ -191,8 +194,8 @@ class Planner:
             problems.append(("init", f"initial state `{first.init.kind}`"))
         if first.objective.kind not in ("l2", "dot"):
             problems.append(("objective", f"objective `{first.objective.kind}`"))
-        for path, what in problems:
-            self.unsupported(f"CMS `{c.name}`: {what} is not compiled yet", key + (path,), key)
+        for path, what in problems:  # at the property, or at the chain where it is left to its default
+            self.unsupported(f"CMS `{c.name}`: {what} is not compiled yet", key + (path,))
         if problems:
             return None
         periods = tuple(self.levels[n].period for n in c.levels)
@@ -246,10 +249,6 @@ class Planner:
                              key + ("momentum",))
             return None
         op = linear_op(mem, level)
-        if op == "linear_attention" and read == "anchor":
-            self.unsupported(f"`read anchor` for the Hebbian memory `{mem.name}` is not compiled yet",
-                             key + ("read",), help="use `read running` (y_t = M_t q_t, Eq. 16)")
-            return None
         if op is None:
             self.unsupported(f"the linear memory `{mem.name}` (objective {obj}, rule {rule}, momentum "
                              f"{momentum}, period {period}, read {read}) has no compiled op yet", key,
@@ -274,7 +273,8 @@ class Planner:
                 self.unsupported(f"`{mem.name}` shares the keys and values of `{shared}`: give it "
                                  f"`heads 1` or the same heads as `{shared}` ({src.heads})", key + ("heads",))
                 return None
-        return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, lr={lr}, retention={ret}, "
+        objective = f"objective={obj!r}, " if op == "titans_linear" else ""
+        return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, {objective}lr={lr}, retention={ret}, "
                 f"momentum={mom}, chunk_size={period!r}, qk_norm={_repr(mem.qk_norm)}, conv={_repr(mem.conv)}, "
                 f"init={_repr(init)}, detach={_repr(mem.writes == 'detached')}, "
                 f"window={_repr(mem.rule.window)}, read={_repr(read)}, shared_kv={shared is not None}, "

@@ -133,6 +133,28 @@ def test_unsupported_combination_is_a_diagnostic(tmp_path):
     assert err.value.diagnostics[0].line > 1
 
 
+def test_unsupported_points_at_the_property_or_what_holds_it(tmp_path):
+    """At the property the message is about; where the spec leaves it to its default, at the
+    memory or chain that holds it (it was line 1, column 1); the help is text."""
+    from nldsl.codegen.model_plan import Planner
+    from nldsl.ir import models as M
+    from nldsl.syntax.ast import Span
+
+    planner = Planner(M.Model(name="M"), {("M", "memory", "a"): Span("f.nl", 3, 10, 3, 11)}, "f.nl", "f.nl")
+    planner.unsupported("`read anchor` is not compiled", ("M", "memory", "a", "read"))
+    d = planner.problems[0]
+    assert (d.code, d.line, d.column, d.help) == ("NL401", 3, 10, None)
+    text = (SPECS / "hope.nl").read_text().replace("    signal surprise", "    rule dgd\n    signal surprise")
+    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
+    spec = tmp_path / "hope_cms_dgd.nl"
+    spec.write_text(text)
+    with pytest.raises(nldsl.SpecError) as err:
+        nldsl.compile(spec)
+    d = err.value.diagnostics[0]
+    line = text.splitlines().index("    signal surprise")  # the line before it, counted from 1
+    assert (d.code, d.line, d.column, d.help) == ("NL401", line, 5, None), d
+
+
 def variant(tmp_path, spec: str, ablation: str) -> Path:
     """Writes the named ablation of a shipped spec as a spec file (beside a copy of adam.nl)."""
     from nldsl import ablate
@@ -158,6 +180,29 @@ def test_titans_linear_variant_streams_and_learns(tmp_path):
     full = model(ids).logits
     first = model(ids[:, :21])  # the split falls inside a 16-token chunk
     second = model(ids[:, 21:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
+    full.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("setting", ["read anchor", "momentum 0.5; read running", "momentum gate; read anchor"])
+def test_hebbian_memory_with_anchor_read_or_momentum(tmp_path, setting):
+    """A Hebbian (dot objective) memory reading before its write (`read anchor`, the default) or
+    with momentum runs on the Titans-linear op with the dot objective (it was NL401); it streams
+    exactly and every parameter gets a gradient. The op's numerics: tests/runtime."""
+    spec = tmp_path / "heb.nl"
+    spec.write_text("model Heb {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
+                    "  level outer : steps every 1\n  level fast : tokens every 4\n"
+                    f"  memory mem in fast : linear {{ objective dot; {setting} }}\n"
+                    "  block = residual(rmsnorm -> mem) -> residual(rmsnorm -> swiglu)\n}\n")
+    source = generate_source(spec)
+    assert "op='titans_linear', objective='dot'" in source
+    torch.manual_seed(0)
+    model = nldsl.compile(spec).Heb().double()
+    ids = torch.randint(0, 64, (2, 23))
+    full = model(ids).logits
+    first = model(ids[:, :10])  # the split falls inside a 4-token chunk
+    second = model(ids[:, 10:], state=first.state)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
     full.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())

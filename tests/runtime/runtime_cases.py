@@ -113,6 +113,11 @@ CASES = {
     "delta_rule": OpCase("delta_rule", "chunked", ("beta",), {}, _gate),
     "gated_delta_rule": OpCase("gated_delta_rule", "chunked", ("beta", "g"), {}, _gate),
     "titans_linear": OpCase("titans_linear", "chunked", ("theta", "eta", "alpha"), {}, _gate, chunked_semantics=True),
+    "titans_linear_anchor": OpCase("titans_linear", "chunked", ("theta", "eta", "alpha"), {"read": "anchor"}, _gate,
+                                   chunked_semantics=True),
+    # the Hebbian objective: momentum and the anchor read, which linear_attention does not have
+    "titans_linear_dot": OpCase("titans_linear", "chunked", ("theta", "eta", "alpha"),
+                                {"objective": "dot", "read": "anchor"}, _gate, chunked_semantics=True),
     "dgd": OpCase("dgd", "chunked", ("eta", "alpha"), {}, _dgd_gate, chunked_semantics=True),
     "omega_rule": OpCase("omega_rule", "chunked", ("gamma", "alpha"), {"window": 3}, _omega_gate),
     "softmax_attention": OpCase("softmax_attention", "sdpa", (), {"window": 5}, _gate, has_chunk=False),

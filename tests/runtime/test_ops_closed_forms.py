@@ -122,6 +122,45 @@ def test_titans_one_chunk_is_minibatch_gd(impl):
         assert_close(out.final_state.momentum, Smom[:, -1])
 
 
+@pytest.mark.parametrize("chunk", [1, 5])
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_titans_dot_objective_is_hebbian(impl, chunk):
+    """objective "dot", no momentum: the gradient -k v^T needs no state, so every chunk size gives
+    linear attention on theta-scaled values with retention 1 - alpha (read running); the anchor
+    read is the state at the start of the token's chunk: o_t = scale q_t^T S_{C floor(t/C)}, S_n
+    linear attention's state after n tokens (chunk 1: read before write). Gradients too."""
+    T = 13
+    inputs = [_rand(B, T, H, K, seed=1), F.normalize(_rand(B, T, H, K, seed=2), dim=-1), _rand(B, T, H, V, seed=3),
+              0.1 + 0.5 * torch.rand(B, T, H, generator=torch.Generator().manual_seed(4), dtype=DT),
+              0.2 * torch.rand(B, T, H, generator=torch.Generator().manual_seed(5), dtype=DT),
+              _rand(B, H, K, V, seed=6)]
+    for x in inputs:
+        x.requires_grad_(True)
+    q, k, v, theta, alpha, S0 = inputs
+    scale = K ** -0.5
+
+    def hebbian(n):  # linear attention over the first n tokens: (o, S_n)
+        return rt.linear_attention(q[:, :n], k[:, :n], v[:, :n] * theta[:, :n, :, None], g=(1 - alpha[:, :n]).log(),
+                                   initial_state=S0, output_final_state=True, impl="reference")
+
+    running = rt.titans_linear(q, k, v, theta, 0.0, alpha, initial_state=S0, output_final_state=True, impl=impl,
+                               chunk_size=chunk, objective="dot")
+    expect, S_T = hebbian(T)
+    assert_close(running.o, expect, "running")
+    assert_close(running.final_state.memory, S_T)
+    anchor = rt.titans_linear(q, k, v, theta, 0.0, alpha, initial_state=S0, impl=impl, chunk_size=chunk,
+                              objective="dot", read="anchor").o
+    starts = torch.stack([S0 if t < chunk else hebbian(t // chunk * chunk).final_state for t in range(T)], dim=1)
+    expect_anchor = _read(q, starts, scale)
+    assert_close(anchor, expect_anchor, "anchor")
+    w = _rand(B, T, H, V, seed=7)
+    for got, want in ((running.o, expect), (anchor, expect_anchor)):
+        ga = torch.autograd.grad((got * w).sum(), inputs, retain_graph=True)
+        gb = torch.autograd.grad((want * w).sum(), inputs, retain_graph=True)
+        for a, b, name in zip(ga, gb, ("q", "k", "v", "theta", "alpha", "S0")):
+            assert_close(a, b, f"d{name}")
+
+
 @pytest.mark.parametrize("chunk", [1, 7])
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
 def test_dgd_orthonormal_keys(impl, chunk):
