@@ -279,11 +279,10 @@ _TABLE = [
 
     Code("NL401", "error", "the compiler cannot build this yet",
          "The spec is valid, but the code generator has no implementation for this combination "
-         "(for example an objective whose closed-form update no runtime op implements). `nldsl "
-         "compile` reports it at the spec's text before any code runs; `nldsl check` does not.",
-         _model(_BASE + "  memory mem in fast : linear { objective l1 }\n" + _BLOCK),
-         _model(_BASE.replace("every 16", "every 1 read running")
-                + "  memory mem in fast : linear { objective l2 }\n" + _BLOCK)),
+         "(for example the Omega rule on an objective other than l2). `nldsl compile` reports it at "
+         "the spec's text before any code runs; `nldsl check` does not.",
+         _model(_BASE + "  memory mem in fast : linear { objective l1; rule omega(window=2) }\n" + _BLOCK),
+         _model(_BASE + "  memory mem in fast : linear { objective l1 }\n" + _BLOCK)),
 ]
 
 CODES: dict[str, Code] = {c.code: c for c in _TABLE}

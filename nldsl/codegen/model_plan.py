@@ -74,6 +74,8 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
         return "dgd" if obj == "l2" and momentum == "none" else None
     if obj == "dot":  # the Hebbian gradient does not depend on the state: any period reads running
         return "linear_attention" if momentum == "none" and read == "running" else "titans_linear"
+    if obj in ("l1", "lp", "huber"):  # the robust objectives: a step on the anchor's residual
+        return "titans_linear" if rule == "gd" else None
     if obj == "l2" and momentum == "none" and period == 1 and read == "running":
         return "gated_delta_rule" if mem.retention.kind != "none" else "delta_rule"
     if obj == "l2":
@@ -252,8 +254,8 @@ class Planner:
         if op is None:
             self.unsupported(f"the linear memory `{mem.name}` (objective {obj}, rule {rule}, momentum "
                              f"{momentum}, period {period}, read {read}) has no compiled op yet", key,
-                             help="compiled now: Hebbian (dot), delta/gated delta, Titans-linear, DGD "
-                             "and Omega memories with the l2 objective")
+                             help="compiled now: Hebbian (dot) memories, delta and gated delta rules, "
+                             "Titans-linear (rule gd, any objective), DGD and Omega on the l2 objective")
             return None
         lr = self._rate(mem.lr.kind, mem.lr.value)
         ret = self._rate(retention, mem.retention.value)
@@ -273,7 +275,10 @@ class Planner:
                 self.unsupported(f"`{mem.name}` shares the keys and values of `{shared}`: give it "
                                  f"`heads 1` or the same heads as `{shared}` ({src.heads})", key + ("heads",))
                 return None
-        objective = f"objective={obj!r}, " if op == "titans_linear" else ""
+        objective = ""
+        if op == "titans_linear":
+            objective = f"objective={obj!r}, " + (f"p={_repr(float(mem.objective.p))}, " if obj == "lp" else "") + (
+                f"delta={_repr(float(mem.objective.delta))}, " if obj == "huber" and mem.objective.delta else "")
         return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, {objective}lr={lr}, retention={ret}, "
                 f"momentum={mom}, chunk_size={period!r}, qk_norm={_repr(mem.qk_norm)}, conv={_repr(mem.conv)}, "
                 f"init={_repr(init)}, detach={_repr(mem.writes == 'detached')}, "

@@ -89,22 +89,25 @@ class LinearMemory(nn.Module):
     retention: ``linear_attention`` (dot objective, Hebbian), ``delta_rule`` / ``gated_delta_rule``
     (L2 objective, per-token GD), ``titans_linear`` (L2 with momentum or mini-batch chunks),
     ``dgd`` (delta gradient descent), ``omega_rule`` (sliding window of cached inputs).
-    ``objective`` (``titans_linear`` only): ``"l2"``, or ``"dot"`` for a Hebbian memory with
-    momentum or an anchor read.
+    ``objective`` (``titans_linear`` only): ``"l2"``; ``"dot"`` for a Hebbian memory with
+    momentum or an anchor read; ``"l1"``, ``"lp"`` (exponent ``p``), ``"huber"`` (threshold
+    ``delta``).
 
     ``lr`` / ``retention`` / ``momentum``: ``"gate"`` (a per-token, per-head gate from a
     projection of the input), a float (a constant), or ``None`` (absent).
     """
 
     def __init__(self, dim: int, heads: int, *, op: str, lr, retention=None, momentum=None, objective: str = "l2",
-                 chunk_size: int = 1, qk_norm: str = "none", conv: int = 0, init: str = "zeros",
-                 detach: bool = False, window: int | None = None, scope: str = "sequence",
-                 read: str = "running", shared_kv: bool = False, impl: str = "chunked", kernel=None):
+                 p: float | None = None, delta: float | None = None, chunk_size: int = 1, qk_norm: str = "none",
+                 conv: int = 0, init: str = "zeros", detach: bool = False, window: int | None = None,
+                 scope: str = "sequence", read: str = "running", shared_kv: bool = False, impl: str = "chunked",
+                 kernel=None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
-        self.op, self.lr, self.retention, self.momentum, self.objective = op, lr, retention, momentum, objective
+        self.op, self.lr, self.retention, self.momentum = op, lr, retention, momentum
+        self.objective, self.p, self.delta = objective, p, delta
         self.chunk_size, self.qk_norm, self.detach, self.window = chunk_size, qk_norm, detach, window
         self.scope, self.impl, self.init, self.read = scope, impl, init, read
         # shared_kv: keys and values come from another memory's context (AdaTransformer, Eq. 21)
@@ -230,7 +233,7 @@ class LinearMemory(nn.Module):
             mom = self._rate(self.momentum_gate, self.momentum, x)
             o, S = runtime.titans_linear(q, write_k, write_v, lr, 0.0 if mom is None else mom, forget,
                                          chunk_size=self.chunk_size, read=self.read, objective=self.objective,
-                                         **common)
+                                         p=self.p, delta=self.delta, **common)
         elif self.op == "dgd":
             keep = self._rate(self.retention_gate, self.retention, x)
             o, S = runtime.dgd(q, write_k, write_v, lr, 1.0 if keep is None else keep,

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from nldsl.optim.tensorlist import Scalars, TensorList, _axpy, _is_one, as_tensor_list, is_number
+from nldsl.runtime._common import objective_gradient
 
 OBJECTIVES = ("dot", "l2", "l1", "lp", "huber")
 
@@ -155,23 +156,6 @@ def _write_linear(m: list[Tensor], x: TensorList, *, objective: str, lr, retenti
     if not _is_one(decay):
         torch._foreach_mul_(m, decay)
     _axpy(m, x, lr)
-
-
-def objective_gradient(objective: str, diff: Tensor, *, p: float | None = None,
-                       delta: float | None = None) -> Tensor:
-    """dL/d(prediction) for ``diff = prediction - target`` (``dot`` is handled apart)."""
-    if objective == "l2":
-        return diff
-    if objective == "l1":
-        return torch.sign(diff)
-    if objective == "lp":
-        if p is None:
-            raise ValueError("objective lp needs its exponent p")
-        return diff.abs().pow(p - 1) * torch.sign(diff)
-    if objective == "huber":
-        d = 1.0 if delta is None else delta
-        return diff.clamp(-d, d)
-    raise ValueError(f"objective {objective!r} has no residual gradient")
 
 
 def _write_generic(m: list[Tensor], x: TensorList, *, objective, lr, retention, p, delta) -> None:

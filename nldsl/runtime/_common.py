@@ -37,6 +37,7 @@ __all__ = [
     "segment_products",
     "segment_products_log",
     "ut_apply",
+    "objective_gradient",
 ]
 
 
@@ -294,3 +295,22 @@ def ut_apply(A: Tensor, R: Tensor) -> Tensor:
     ``R`` (see :class:`_UTApply`); only ``A``'s strict lower triangle is read. The UT transform
     of the delta-rule family's chunked paths."""
     return _UTApply.apply(A, R)
+
+
+def objective_gradient(objective: str, diff: Tensor, *, p: float | None = None,
+                       delta: float | None = None) -> Tensor:
+    """dL/d(prediction) for ``diff = prediction - target`` (``dot`` is handled apart): ``l2``
+    ``1/2 ||d||^2``, ``l1`` ``||d||_1``, ``lp`` ``1/p ||d||_p^p``, ``huber`` (threshold ``delta``,
+    default 1): the robust objectives of the Miras family (paper section 5)."""
+    if objective == "l2":
+        return diff
+    if objective == "l1":
+        return torch.sign(diff)
+    if objective == "lp":
+        if p is None:
+            raise ValueError("objective lp needs its exponent p")
+        return diff.abs().pow(p - 1) * torch.sign(diff)
+    if objective == "huber":
+        d = 1.0 if delta is None else delta
+        return diff.clamp(-d, d)
+    raise ValueError(f"objective {objective!r} has no residual gradient")

@@ -29,12 +29,14 @@ inside the current chunk. ``final_state`` is a :class:`TitansState`; pass it bac
 ``initial_state`` to continue the stream (also when a call ends inside a chunk). A plain
 ``[B, H, K, V]`` tensor as ``initial_state`` means ``M_0`` with zero momentum at a chunk start.
 
-Objective. ``objective="dot"`` swaps the L2 loss for the dot-product one of linear attention,
-``l(M; k, v) = -<M(k), v>`` (paper Eq. 17, 64), whose gradient ``-k v^T`` does not depend on the
-state: every formula below holds with ``e_j = -v_j``. With ``eta = 0`` and ``read="running"`` that
-is :func:`~nldsl.runtime.linear_attention.linear_attention` (values times theta, retention
-``1 - alpha``); this op adds what it cannot do: Hebbian memories with momentum, and the anchor
-read (``read="anchor"``, period 1: read before write).
+Objective. The gradient is ``k e^T`` with ``e = dl/dM(k)`` at the anchor, so any objective of
+the read's residual works alike: ``objective="dot"`` is linear attention's ``l(M; k, v) =
+-<M(k), v>`` (paper Eq. 17, 64), ``e = -v``, no state in it (with ``eta = 0`` and ``read="running"``
+that is :func:`~nldsl.runtime.linear_attention.linear_attention` on values times theta, retention
+``1 - alpha``; this op adds momentum and the anchor read, period 1: read before write);
+``"l1"``, ``"lp"`` (``1/p ||r||_p^p``, ``p``) and ``"huber"`` (threshold ``delta``) are the robust
+objectives of the Miras family (section 5), ``e = sign(r)``, ``|r|^(p-1) sign(r)``,
+``clamp(r, -delta, delta)`` for ``r = M_a(k) - v``. Every formula below holds with its ``e_j``.
 
 Implementations (``impl=``), both taking the same ``chunk_size`` (they compute the same thing):
 
@@ -54,6 +56,7 @@ Implementations (``impl=``), both taking the same ``chunk_size`` (they compute t
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -68,6 +71,7 @@ from nldsl.runtime._common import (
     compute_dtype,
     dispatch,
     from_chunks,
+    objective_gradient,
     resolve_scale,
     segment_products,
     to_chunks,
@@ -76,6 +80,7 @@ from nldsl.runtime._common import (
 __all__ = ["titans_linear", "TitansState"]
 
 _OP = "titans_linear"
+OBJECTIVES = ("l2", "dot", "l1", "lp", "huber")
 
 
 class TitansState(NamedTuple):
@@ -107,6 +112,8 @@ def titans_linear(
     chunk_size: int = 64,
     read: str = "running",
     objective: str = "l2",
+    p: float | None = None,
+    delta: float | None = None,
 ) -> MemoryOutput:
     """Titans linear memory with momentum and forget gate (Titans Eq. 13-14, symbols as Titans).
 
@@ -122,7 +129,8 @@ def titans_linear(
         chunk_size: the update period (gradients at the chunk-start state); **part of the
             semantics**, 1 = exact per-token rule.
         read: ``"running"`` (``o_t`` reads ``M_t``) or ``"anchor"`` (reads ``M_{a(t)}``).
-        objective: ``"l2"`` (``1/2 ||M(k) - v||^2``) or ``"dot"`` (``-<M(k), v>``, Hebbian).
+        objective: ``"l2"`` (``1/2 ||M(k) - v||^2``), ``"dot"`` (``-<M(k), v>``, Hebbian), ``"l1"``,
+            ``"lp"`` (exponent ``p`` >= 1) or ``"huber"`` (threshold ``delta`` > 0, default 1).
     """
     B, T, H, K, V = check_qkv(_OP, q, k, v)
     theta = check_gate(_OP, "theta", theta, B, T, H, q)
@@ -131,8 +139,12 @@ def titans_linear(
     C = check_chunk_size(_OP, chunk_size)
     if read not in ("running", "anchor"):
         raise ValueError(f"{_OP}: read must be 'running' or 'anchor', got {read!r}")
-    if objective not in ("l2", "dot"):
-        raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"{_OP}: objective must be one of {OBJECTIVES}, got {objective!r}")
+    if (p is not None) != (objective == "lp") or (p is not None and not p >= 1):
+        raise ValueError(f"{_OP}: objective 'lp' takes an exponent p >= 1 (and only it), got p={p!r}")
+    if delta is not None and (objective != "huber" or not delta > 0):
+        raise ValueError(f"{_OP}: delta is the threshold of objective 'huber', a number > 0, got {delta!r}")
     scale = resolve_scale(_OP, scale, K)
     fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked})
     shape = (B, H, K, V)
@@ -159,17 +171,18 @@ def titans_linear(
         M0 = q.new_zeros(shape, dtype=dt) if initial_state is None else initial_state.to(dt)
         Z0, A0 = torch.zeros_like(M0), M0
     gates = tuple(x.to(dt) for x in (theta, eta, alpha))
-    o, state = fn(q, k, v, gates, scale, TitansState(M0, Z0, A0, off), dt, C, read == "anchor", objective == "l2")
+    error = functools.partial(_error, objective=objective, p=p, delta=delta)
+    o, state = fn(q, k, v, gates, scale, TitansState(M0, Z0, A0, off), dt, C, read == "anchor", error)
     return MemoryOutput(o.to(q.dtype), state if output_final_state else None)
 
 
-def _error(k: Tensor, A: Tensor, v: Tensor, l2: bool) -> Tensor:
-    """The objective's gradient with respect to the read, at the anchor: ``M_a(k) - v`` (L2) or
-    ``-v`` (dot). ``k`` ``[..., L, K]``, ``A`` ``[..., K, V]``, ``v`` ``[..., L, V]``."""
-    return k @ A - v if l2 else -v
+def _error(k: Tensor, A: Tensor, v: Tensor, *, objective: str, p, delta) -> Tensor:
+    """The objective's gradient with respect to the read at the anchor, ``e`` (``-v`` for dot, else
+    of the residual ``M_a(k) - v``). ``k`` ``[..., L, K]``, ``A`` ``[..., K, V]``, ``v`` ``[..., L, V]``."""
+    return -v if objective == "dot" else objective_gradient(objective, k @ A - v, p=p, delta=delta)
 
 
-def _reference(q, k, v, gates, scale, state, dt, C, read_anchor, l2):
+def _reference(q, k, v, gates, scale, state, dt, C, read_anchor, error):
     q, k, v = (x.to(dt) for x in (q, k, v))
     theta, eta, alpha = gates
     M, Z, A, off = state
@@ -178,7 +191,7 @@ def _reference(q, k, v, gates, scale, state, dt, C, read_anchor, l2):
         if off == 0:
             A = M                                             # a new chunk: re-anchor
         kt = k[:, t]
-        err = _error(kt.unsqueeze(-2), A, v[:, t].unsqueeze(-2), l2).squeeze(-2)  # M_a(k_t) - v_t
+        err = error(kt.unsqueeze(-2), A, v[:, t].unsqueeze(-2)).squeeze(-2)  # l2: M_a(k_t) - v_t
         grad = kt[..., :, None] * err[..., None, :]           # k_t (k_t^T M_a - v_t^T)
         Z = eta[:, t, :, None, None] * Z - theta[:, t, :, None, None] * grad
         M = (1 - alpha[:, t])[..., None, None] * M + Z
@@ -187,7 +200,7 @@ def _reference(q, k, v, gates, scale, state, dt, C, read_anchor, l2):
     return torch.stack(outs, dim=1), TitansState(M, Z, A if off else M, off)
 
 
-def _chunked(q, k, v, gates, scale, state, dt, C, read_anchor, l2):
+def _chunked(q, k, v, gates, scale, state, dt, C, read_anchor, error):
     """Split the call along the stream's chunk grid into [head | whole chunks | tail]: the head
     finishes a chunk begun in an earlier call (gradients at the stored anchor), the tail starts
     one this call does not finish. Each piece is one batched pass."""
@@ -203,7 +216,7 @@ def _chunked(q, k, v, gates, scale, state, dt, C, read_anchor, l2):
         sl = slice(start, start + length)
         anchor = A if start == 0 and off > 0 else None  # only the head continues a chunk
         o, M, Z, last_start = _chunks(
-            q[:, sl], k[:, sl], v[:, sl], [x[:, sl] for x in gates], scale, M, Z, anchor, dt, size, read_anchor, l2
+            q[:, sl], k[:, sl], v[:, sl], [x[:, sl] for x in gates], scale, M, Z, anchor, dt, size, read_anchor, error
         )
         outs.append(o)
         tail_start = last_start
@@ -216,7 +229,7 @@ def _chunked(q, k, v, gates, scale, state, dt, C, read_anchor, l2):
     return torch.cat(outs, dim=1), TitansState(M, Z, A, off_new)
 
 
-def _chunks(q, k, v, gates, scale, M, Z, anchor, dt, C, read_anchor, l2):
+def _chunks(q, k, v, gates, scale, M, Z, anchor, dt, C, read_anchor, error):
     """Run ``L = N * C`` tokens that start at a chunk boundary of the grid (or, when ``anchor``
     is given, continue a chunk whose gradients are taken at ``anchor``; then ``N = 1``)."""
     T = q.shape[1]
@@ -240,12 +253,12 @@ def _chunks(q, k, v, gates, scale, M, Z, anchor, dt, C, read_anchor, l2):
     for n in range(N):  # inter-chunk state pass
         A = anchor if anchor is not None else M
         Ms.append(M), Zs.append(Z), As.append(A)
-        err = _error(kcs[n], A, vcs[n], l2)                   # e_j^T = k_j^T M_a - v_j^T, [C, V]
+        err = error(kcs[n], A, vcs[n])                        # l2: e_j^T = k_j^T M_a - v_j^T, [C, V]
         M, Z = (end_mm[n][..., None, None] * M + end_mz[n][..., None, None] * Z - k_mem[n] @ err,
                 end_zz[n][..., None, None] * Z - k_mom[n] @ err)
     last_start = Ms[-1]
     Ms, Zs, As = (torch.stack(x, dim=2) for x in (Ms, Zs, As))
-    err = _error(kc, As, vc, l2)                              # [B, H, N, C, V]
+    err = error(kc, As, vc)                                   # [B, H, N, C, V]
     qs = qc * scale
     if read_anchor:
         o = qs @ As

@@ -185,18 +185,26 @@ def test_titans_linear_variant_streams_and_learns(tmp_path):
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("setting", ["read anchor", "momentum 0.5; read running", "momentum gate; read anchor"])
-def test_hebbian_memory_with_anchor_read_or_momentum(tmp_path, setting):
+@pytest.mark.parametrize("setting, generated", [
+    ("objective dot; read anchor", "objective='dot'"),
+    ("objective dot; momentum 0.5; read running", "objective='dot'"),
+    ("objective dot; momentum gate; read anchor", "objective='dot'"),
+    ("objective huber(delta=0.5)", "objective='huber', delta=0.5"),
+    ("objective lp(p=3); momentum 0.5", "objective='lp', p=3.0"),
+    ("objective l1; read running", "objective='l1'"),
+])
+def test_linear_memory_objectives_on_the_titans_op(tmp_path, setting, generated):
     """A Hebbian (dot objective) memory reading before its write (`read anchor`, the default) or
-    with momentum runs on the Titans-linear op with the dot objective (it was NL401); it streams
-    exactly and every parameter gets a gradient. The op's numerics: tests/runtime."""
+    with momentum, and a memory with a robust objective of the Miras family, run on the
+    Titans-linear op with their objective (they were NL401); they stream exactly and every
+    parameter gets a gradient. The op's numerics: tests/runtime."""
     spec = tmp_path / "heb.nl"
     spec.write_text("model Heb {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
                     "  level outer : steps every 1\n  level fast : tokens every 4\n"
-                    f"  memory mem in fast : linear {{ objective dot; {setting} }}\n"
+                    f"  memory mem in fast : linear {{ {setting} }}\n"
                     "  block = residual(rmsnorm -> mem) -> residual(rmsnorm -> swiglu)\n}\n")
     source = generate_source(spec)
-    assert "op='titans_linear', objective='dot'" in source
+    assert f"op='titans_linear', {generated}, " in source
     torch.manual_seed(0)
     model = nldsl.compile(spec).Heb().double()
     ids = torch.randint(0, 64, (2, 23))

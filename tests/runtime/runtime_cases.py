@@ -118,6 +118,13 @@ CASES = {
     # the Hebbian objective: momentum and the anchor read, which linear_attention does not have
     "titans_linear_dot": OpCase("titans_linear", "chunked", ("theta", "eta", "alpha"),
                                 {"objective": "dot", "read": "anchor"}, _gate, chunked_semantics=True),
+    # the robust objectives of the Miras family (section 5); lp with p < 2, whose step grows slower
+    # than the residual (with p = 3 the memory runs away over the cases' 100 tokens)
+    "titans_linear_lp": OpCase("titans_linear", "chunked", ("theta", "eta", "alpha"), {"objective": "lp", "p": 1.5},
+                               _gate, chunked_semantics=True),
+    "titans_linear_huber": OpCase("titans_linear", "chunked", ("theta", "eta", "alpha"),
+                                  {"objective": "huber", "delta": 0.5, "read": "anchor"}, _gate,
+                                  chunked_semantics=True),
     "dgd": OpCase("dgd", "chunked", ("eta", "alpha"), {}, _dgd_gate, chunked_semantics=True),
     "omega_rule": OpCase("omega_rule", "chunked", ("gamma", "alpha"), {"window": 3}, _omega_gate),
     "softmax_attention": OpCase("softmax_attention", "sdpa", (), {"window": 5}, _gate, has_chunk=False),

@@ -161,6 +161,45 @@ def test_titans_dot_objective_is_hebbian(impl, chunk):
             assert_close(a, b, f"d{name}")
 
 
+@pytest.mark.parametrize("objective, kw, phi", [
+    ("l1", {}, torch.sign),
+    ("lp", {"p": 3.0}, lambda r: r.abs() ** 2 * torch.sign(r)),
+    ("huber", {"delta": 0.4}, lambda r: r.clamp(-0.4, 0.4)),
+])
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_titans_robust_objectives_one_chunk(impl, objective, kw, phi):
+    """One chunk, no momentum, no forgetting: every gradient at M_0, so M_t = M_0 - sum_{j<=t}
+    theta_j k_j phi(k_j^T M_0 - v_j)^T, phi the objective's derivative (l1: sign; lp, 1/p |r|^p:
+    |r|^(p-1) sign r; huber: r clipped to +-delta). Gradients too."""
+    T = 9
+    inputs = [_rand(B, T, H, K, seed=1), F.normalize(_rand(B, T, H, K, seed=2), dim=-1), _rand(B, T, H, V, seed=3),
+              0.1 + 0.5 * torch.rand(B, T, H, generator=torch.Generator().manual_seed(4), dtype=DT),
+              _rand(B, H, K, V, seed=5)]
+    for x in inputs:
+        x.requires_grad_(True)
+    q, k, v, theta, M0 = inputs
+    e = phi(torch.einsum("bthk,bhkv->bthv", k, M0) - v)
+    M = M0[:, None] - (theta[..., None, None] * torch.einsum("bthk,bthv->bthkv", k, e)).cumsum(1)
+    expect = _read(q, M, K ** -0.5)
+    out = rt.titans_linear(q, k, v, theta, 0.0, 0.0, initial_state=M0, output_final_state=True, impl=impl,
+                           chunk_size=T, objective=objective, **kw)
+    assert_close(out.o, expect)
+    assert_close(out.final_state.memory, M[:, -1])
+    w = _rand(B, T, H, V, seed=6)
+    for a, b, name in zip(torch.autograd.grad((out.o * w).sum(), inputs),
+                          torch.autograd.grad((expect * w).sum(), inputs), ("q", "k", "v", "theta", "M0")):
+        assert_close(a, b, f"d{name}")
+
+
+def test_titans_objective_arguments_are_checked():
+    q = k = _rand(1, 2, 1, 4)
+    for kw, bad in (({"objective": "lp"}, "p"), ({"objective": "lp", "p": 0.5}, "p"),
+                    ({"objective": "l2", "p": 2.0}, "p"), ({"objective": "huber", "delta": 0.0}, "delta"),
+                    ({"objective": "l1", "delta": 1.0}, "delta"), ({"objective": "l3"}, "objective")):
+        with pytest.raises(ValueError, match=bad):
+            rt.titans_linear(q, k, k, 0.5, 0.0, 0.0, **kw)
+
+
 @pytest.mark.parametrize("chunk", [1, 7])
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
 def test_dgd_orthonormal_keys(impl, chunk):
