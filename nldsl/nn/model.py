@@ -69,6 +69,10 @@ class Config:
     spec_dir: str | None = None  # where relative paths of the spec (pretrained weights) resolve
 
     def __post_init__(self):
+        for name in ("vocab", "dim", "heads", "layers", "context"):  # as the spec's own values (NL008)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.impl not in MODEL_IMPLS:
             raise ValueError(f"impl must be one of {', '.join(map(repr, MODEL_IMPLS))}, got {self.impl!r}")
 

@@ -61,6 +61,11 @@ def test_preset_defaults_and_explicit_flags_win():
     (["dim=30", "heads=4"],
      "cannot build TinyAttention with dim=30 layers=2 vocab=64 heads=4: dim 30 is not divisible by heads 4"),
     (["dim"], "override 'dim' is not of the form key=value"),
+    # the model's sizes are held to what a spec may write (they reached torch as errors of its own)
+    (["dim=abc"], "cannot build TinyAttention with dim='abc' layers=2 vocab=64: dim must be a positive integer, "
+                  "got 'abc'"),
+    (["layers=0"], "layers must be a positive integer, got 0"),
+    (["dim=64.0"], "dim must be a positive integer, got 64.0"),
     (["--steps", "0"], "--steps must be at least 1"),
 ])
 def test_bad_input_is_a_clear_message(tmp_path, capsys, extra, words):
