@@ -90,13 +90,18 @@ def cmd_fmt(args) -> int:
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
-    """Writes through a temporary file and a rename, so a crash never leaves half a file."""
+    """Writes through a temporary file and a rename, so a crash never leaves half a file. Through
+    a symlink it writes the file the link points to; a target that is no regular file (``-o
+    /dev/stdout``, a pipe) is written directly: a rename would put a file in the device's place."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        with open(path, "wb") as f:
+            f.write(raw)
+        return
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        if isinstance(data, str):
-            tmp.write_text(data, encoding="utf-8")
-        else:
-            tmp.write_bytes(data)
+        tmp.write_bytes(raw)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -130,13 +135,7 @@ def cmd_graph(args) -> int:
         target = Path(out)
         if not target.parent.exists():
             raise UsageError(f"{target.parent}: no such directory")
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}.png")
-        try:
-            to_png(g, str(tmp))
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        _atomic_write(target, to_png(g))
         print(f"wrote {out}", file=sys.stderr)
         return EXIT_OK
     text = to_dot(g) if fmt == "dot" else to_mermaid(g)

@@ -5,6 +5,8 @@ outer (step-clock) levels at the bottom. PNG needs no system Graphviz.
 """
 from __future__ import annotations
 
+import io
+
 import networkx as nx
 
 EDGE_STYLE = {  # kind -> (DOT style, colour)
@@ -109,7 +111,7 @@ def layout(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
     return pos
 
 
-def to_png(g: nx.DiGraph, path: str) -> None:
+def to_png(g: nx.DiGraph) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,5 +157,7 @@ def to_png(g: nx.DiGraph, path: str) -> None:
     ax.set_title(f"{g.graph.get('kind', 'spec')} {g.graph.get('name', '')}: fast (top) to slow (bottom)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={"Software": None})
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})
     plt.close(fig)
+    return buf.getvalue()

@@ -263,6 +263,33 @@ def test_graph_png_without_system_graphviz(tmp_path, in_repo, monkeypatch):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["hope.png"]
 
 
+@pytest.mark.parametrize("fmt", ["dot", "png"])
+def test_graph_writes_through_links_and_into_pipes(fmt, tmp_path, in_repo):
+    """The output goes to the file a symlink points to (the link stays), and into a target that
+    is no regular file (a pipe, /dev/stdout) directly: the temporary file and rename that keep a
+    regular file whole would put a file in the pipe's or the device's place."""
+    import threading
+
+    real = tmp_path / f"real.{fmt}"
+    real.write_text("old")
+    link = tmp_path / f"link.{fmt}"
+    link.symlink_to(real)
+    rc, _, err = run_cli(["graph", "specs/hope.nl", "-o", str(link), "--format", fmt])
+    assert rc == 0, err
+    assert link.is_symlink() and real.read_bytes()[:4] in (b"digr", b"\x89PNG")
+    fifo = tmp_path / f"pipe.{fmt}"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    rc, _, err = run_cli(["graph", "specs/hope.nl", "-o", str(fifo), "--format", fmt])
+    reader.join(timeout=60)
+    assert rc == 0, err
+    assert got and got[0] == real.read_bytes()
+    assert fifo.is_fifo()
+    assert sorted(x.name for x in tmp_path.iterdir()) == [f"link.{fmt}", f"pipe.{fmt}", f"real.{fmt}"]
+
+
 def test_graph_named_optimizer(tmp_path, in_repo):
     rc, out, _ = run_cli(["graph", "specs/adam.nl", "--name", "AdamW"])
     assert rc == 0 and out.startswith('digraph "AdamW"')
