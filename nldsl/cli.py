@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import traceback
 from pathlib import Path
@@ -94,18 +95,25 @@ def _atomic_write(path: Path, data: str | bytes) -> None:
     a symlink it writes the file the link points to; a target that is no regular file (``-o
     /dev/stdout``, a pipe) is written directly: a rename would put a file in the device's place."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file():
-        with open(path, "wb") as f:
-            f.write(raw)
-        return
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_bytes(raw)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            direct = not stat.S_ISREG(os.stat(path).st_mode)  # follows links
+        except FileNotFoundError:
+            direct = False
+        if direct:
+            with open(path, "wb") as f:
+                f.write(raw)
+            return
+        real = Path(os.path.realpath(path))
+        tmp = real.with_name(f".{real.name}.tmp{os.getpid()}")
+        try:
+            tmp.write_bytes(raw)
+            os.replace(tmp, real)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def cmd_graph(args) -> int:
@@ -125,7 +133,7 @@ def cmd_graph(args) -> int:
         raise UsageError(f"{args.file} defines no model or optimizer")
     g = build(owners[0])
     out = args.output
-    fmt = args.format or (Path(out).suffix.lstrip(".") if out else "dot")
+    fmt = args.format or (Path(out).suffix.lstrip(".") if out else "") or "dot"  # no suffix (/dev/stdout): DOT
     fmt = {"mermaid": "mmd"}.get(fmt, fmt)
     if fmt not in ("dot", "mmd", "png"):
         raise UsageError(f"unknown graph format {fmt!r}: use .dot, .mmd or .png")

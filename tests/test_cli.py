@@ -290,6 +290,15 @@ def test_graph_writes_through_links_and_into_pipes(fmt, tmp_path, in_repo):
     assert sorted(x.name for x in tmp_path.iterdir()) == [f"link.{fmt}", f"pipe.{fmt}", f"real.{fmt}"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device every write to fails)")
+def test_graph_output_errors_and_suffixless_targets(in_repo):
+    rc, _, err = run_cli(["graph", "specs/hope.nl", "-o", "/dev/full"])
+    assert rc == 2 and "cannot write /dev/full: No space left on device" in err
+    assert not os.path.isfile("/dev/full")  # still the device
+    rc, _, err = run_cli(["graph", "specs/hope.nl", "-o", "/dev/null"])  # no suffix: DOT
+    assert rc == 0 and "wrote /dev/null" in err and not os.path.isfile("/dev/null")
+
+
 def test_graph_named_optimizer(tmp_path, in_repo):
     rc, out, _ = run_cli(["graph", "specs/adam.nl", "--name", "AdamW"])
     assert rc == 0 and out.startswith('digraph "AdamW"')
