@@ -174,8 +174,8 @@ def cmd_compile(args) -> int:
     except SpecError as e:
         _print_diagnostics(e.diagnostics, e.sources or {}, "text")
         return EXIT_DIAGNOSTICS
-    except PermissionError as e:
-        raise UsageError(f"{out}: cannot write ({e.strerror})") from None
+    except OSError as e:  # no permission, a file where a folder must be, a full disk
+        raise UsageError(f"{out}: cannot write ({e.strerror or e})") from None
     for p in paths:
         print(f"wrote {p}", file=sys.stderr)
     return EXIT_OK

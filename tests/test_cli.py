@@ -299,6 +299,14 @@ def test_graph_output_errors_and_suffixless_targets(in_repo):
     assert rc == 0 and "wrote /dev/null" in err and not os.path.isfile("/dev/null")
 
 
+def test_compile_into_a_path_it_cannot_create(tmp_path, in_repo):
+    (tmp_path / "afile").write_text("x")
+    for out, why in ((tmp_path / "afile", "exists and is not a directory"),
+                     (tmp_path / "afile" / "sub", "cannot write (Not a directory)")):
+        rc, _, err = run_cli(["compile", "specs/deltanet.nl", "-o", str(out)])
+        assert rc == 2 and why in err and "internal error" not in err, err
+
+
 def test_graph_named_optimizer(tmp_path, in_repo):
     rc, out, _ = run_cli(["graph", "specs/adam.nl", "--name", "AdamW"])
     assert rc == 0 and out.startswith('digraph "AdamW"')
