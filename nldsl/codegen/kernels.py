@@ -367,6 +367,8 @@ def _linear_planner(model, mem, level, ctx, taken):
     if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (heads, dim)) or dim % heads:
         return f"its head size (dim {dim!r} / heads {heads!r}) is not a positive integer"
     head = dim // heads
+    if rule == "hebbian" and mem.read == "anchor":
+        return "its read before the write (read anchor) has no Triton kernel yet (read running has)"
     period, read = (level.period, mem.read) if rule == "dgd" else (1, "running")
     chunk = 64
     if rule == "dgd" and (period & (period - 1) or period > chunk):

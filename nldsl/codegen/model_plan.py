@@ -73,7 +73,8 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
     if rule == "dgd":
         return "dgd" if obj == "l2" and momentum == "none" else None
     if obj == "dot":  # the Hebbian gradient does not depend on the state: any period reads running
-        return "linear_attention" if momentum == "none" and read == "running" else "titans_linear"
+        plain = momentum == "none" and (read == "running" or period == 1)  # period 1 anchor: before the write
+        return "linear_attention" if plain else "titans_linear"
     if obj in ("l1", "lp", "huber"):  # the robust objectives: a step on the anchor's residual
         return "titans_linear" if rule == "gd" else None
     if obj == "l2" and momentum == "none" and period == 1 and read == "running":

@@ -221,7 +221,7 @@ class LinearMemory(nn.Module):
         if self.op == "linear_attention":
             g = self._rate(self.retention_gate, self.retention, x, log=True)
             vv = write_v * lr.unsqueeze(-1) if lr is not None else write_v
-            o, S = runtime.linear_attention(q, write_k, vv, g=g, **common)
+            o, S = runtime.linear_attention(q, write_k, vv, g=g, read=self.read, **common)
         elif self.op == "delta_rule":
             o, S = runtime.delta_rule(q, write_k, write_v, lr, **common)
         elif self.op == "gated_delta_rule":

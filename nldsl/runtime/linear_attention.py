@@ -21,6 +21,11 @@ Retention ``a_t`` (``= exp(g_t) * decay``; 1 when neither is given):
 Both may be given; they multiply. ``decay=None, g=None`` is plain causal linear attention, equal to
 ``(scale * Q K^T masked causally) V`` (tested as an independent closed form).
 
+``read="anchor"`` reads before the write instead, ``o_t = scale * S_{t-1}^T q_t`` (the per-token
+anchor read of nldsl's read modes: a Hebbian memory of period 1 read at its anchor); the state is
+the same. In the chunked form below the token reads row ``t - 1`` of the chunk's retentions, so the
+mask loses its diagonal.
+
 Implementations (``impl=``):
 
 * ``"reference"``: the token-by-token recurrence above, plain torch, the readable ground truth.
@@ -73,6 +78,7 @@ def linear_attention(
     output_final_state: bool = False,
     impl: str = "chunked",
     chunk_size: int = 64,
+    read: str = "running",
 ) -> MemoryOutput:
     """Causal linear attention ``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = scale * S_t^T q_t``.
 
@@ -87,6 +93,8 @@ def linear_attention(
             kernels; chunk_size 16, 32, 64 or 128; CUDA tensors or ``TRITON_INTERPRET=1``).
         chunk_size: tokens per chunk for ``"chunked"`` (an implementation detail: results do not
             depend on it; the reference ignores it).
+        read: ``"running"`` (``o_t`` reads ``S_t``, after the token's write) or ``"anchor"``
+            (``S_{t-1}``, before it; ``"reference"`` and ``"chunked"`` only).
 
     Returns:
         ``MemoryOutput(o, final_state)`` with ``o: [B, T, H, V]`` in ``q.dtype``.
@@ -101,6 +109,10 @@ def linear_attention(
         check_state(_OP, "initial_state", initial_state, (B, H, K, V), q)
     chunk_size = check_chunk_size(_OP, chunk_size)
     scale = resolve_scale(_OP, scale, K)
+    if read not in ("running", "anchor"):
+        raise ValueError(f"{_OP}: read must be 'running' or 'anchor', got {read!r}")
+    if read == "anchor" and impl == "triton":
+        raise ValueError(f"{_OP}: the Triton kernels read after the write (read='running'); use impl='chunked'")
     fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked, "triton": _triton})
     dt = compute_dtype(q, k, v, g, initial_state)
     # One log-space gate (or None): a constant decay is folded into it.
@@ -110,22 +122,25 @@ def linear_attention(
     if decay is not None and decay != 1.0:
         log_a = (log_a if log_a is not None else q.new_zeros((B, T, H), dtype=dt)) + math.log(decay)
     S0 = q.new_zeros((B, H, K, V), dtype=dt) if initial_state is None else initial_state.to(dt)
-    o, S = fn(q, k, v, log_a, scale, S0, dt, chunk_size)
+    o, S = fn(q, k, v, log_a, scale, S0, dt, chunk_size, read == "anchor")
     return MemoryOutput(o.to(q.dtype), S if output_final_state else None)
 
 
-def _reference(q, k, v, log_a, scale, S, dt, chunk_size):
+def _reference(q, k, v, log_a, scale, S, dt, chunk_size, before):
     q, k, v = (x.to(dt) for x in (q, k, v))
     outs = []
     for t in range(q.shape[1]):
+        if before:
+            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
         if log_a is not None:
             S = S * log_a[:, t].exp()[..., None, None]
         S = S + k[:, t, :, :, None] * v[:, t, :, None, :]            # k_t v_t^T
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+        if not before:
+            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
     return torch.stack(outs, dim=1), S
 
 
-def _triton(q, k, v, log_a, scale, S, dt, C):
+def _triton(q, k, v, log_a, scale, S, dt, C, before):
     from nldsl.runtime._triton import runtime_kernel
 
     kernel = runtime_kernel(_OP, "hebbian", lr="none", decay="none" if log_a is None else "tensor",
@@ -133,7 +148,7 @@ def _triton(q, k, v, log_a, scale, S, dt, C):
     return kernel(q, k, v, None, log_a, scale=scale, initial_state=S, output_final_state=True)
 
 
-def _chunked(q, k, v, log_a, scale, S, dt, C):
+def _chunked(q, k, v, log_a, scale, S, dt, C, before):
     T = q.shape[1]
     C = min(C, T)  # one short chunk beats padding a long one
     qc, kc, vc = (to_chunks(x, C, dt) for x in (q, k, v))  # [B, H, N, C, D]
@@ -141,7 +156,7 @@ def _chunked(q, k, v, log_a, scale, S, dt, C):
     N = qc.shape[2]
     attn = qc @ kc.transpose(-1, -2)  # [B, H, N, C, C]
     if log_a is None:
-        attn = attn.tril()
+        attn = attn.tril(-1 if before else 0)
         # Without retention the chunk-to-chunk pass is a plain prefix sum of k^T v.
         kv = kc.transpose(-1, -2) @ vc  # [B, H, N, K, V]
         prefix = torch.cumsum(kv, dim=2)
@@ -149,8 +164,9 @@ def _chunked(q, k, v, log_a, scale, S, dt, C):
         o = qc @ starts + attn @ vc
         return from_chunks(o, T), S + prefix[:, :, -1]
     P = segment_products_log(to_chunks(log_a.unsqueeze(-1), C, dt).squeeze(-1))  # [B,H,N,C+1,C+1]
-    from_start = P[..., 1:, 0]    # exp(b_t)
-    within = P[..., 1:, 1:]       # exp(b_t - b_j), lower triangle incl. diagonal
+    rows = P[..., :-1, :] if before else P[..., 1:, :]  # token t reads the state after t - 1 or t tokens
+    from_start = rows[..., 0]     # exp(b_t) (b_{t-1} before the write)
+    within = rows[..., 1:]        # exp(b_t - b_j), lower triangle incl. the diagonal (without it before)
     to_end = P[..., -1, 1:]       # exp(b_C - b_j)
     chunk_decay = P[..., -1, 0]   # exp(b_C)
     kv = (kc * to_end.unsqueeze(-1)).transpose(-1, -2) @ vc  # this chunk's own writes at its end

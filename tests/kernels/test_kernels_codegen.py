@@ -33,6 +33,20 @@ def test_same_spec_same_bytes_and_a_generated_header():
     assert a.exports == ["GatedDeltaNet.mem"] and a.missing == {}
 
 
+def test_a_hebbian_memory_read_before_its_write_gets_no_kernel(tmp_path):
+    """The Hebbian kernels read after the write; a memory reading before it (read anchor, period
+    1, which the model runs on linear attention's read-before-write) is left out with a reason."""
+    spec = tmp_path / "two.nl"
+    spec.write_text("model Two {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 1\n  context = 64\n"
+                    "  level outer : steps every 1\n  level fast : tokens every 1\n"
+                    "  memory before in fast : linear { objective dot }\n"
+                    "  memory after in fast : linear { objective dot; read running }\n"
+                    "  block = residual(rmsnorm -> before) -> residual(rmsnorm -> after)\n}\n")
+    k = generate_kernels(analyze_file(spec))
+    assert k.exports == ["Two.after"]
+    assert "read before the write" in k.missing["Two.before"]
+
+
 def test_no_spec_text_reaches_the_kernels(tmp_path):
     """Only sanitised identifiers and repr'd literals: the spec's comments and docstring do not appear."""
     text = (SPECS / "gated_deltanet.nl").read_text()

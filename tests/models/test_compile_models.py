@@ -214,3 +214,32 @@ def test_linear_memory_objectives_on_the_titans_op(tmp_path, setting, generated)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
     full.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_hebbian_memory_reads_before_its_write_at_period_1(tmp_path):
+    """The default read (anchor) at period 1 runs on linear attention's read-before-write (the
+    fast chunked form), and equals the Titans-linear op on the dot objective (a zero momentum
+    sends the same memory there), with the same weights."""
+    def spec(name, extra):
+        path = tmp_path / f"{name}.nl"
+        path.write_text(f"model {name} {{\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
+                        "  level outer : steps every 1\n  level fast : tokens every 1\n"
+                        f"  memory mem in fast : linear {{ objective dot; retention gate{extra} }}\n"
+                        "  block = residual(rmsnorm -> mem) -> residual(rmsnorm -> swiglu)\n}\n")
+        return path
+
+    fast, slow = spec("Fast", ""), spec("Slow", "; momentum 0")
+    assert "op='linear_attention'" in generate_source(fast) and "read='anchor'" in generate_source(fast)
+    assert "op='titans_linear', objective='dot'" in generate_source(slow)
+    torch.manual_seed(0)
+    a = nldsl.compile(fast).Fast().double()
+    b = nldsl.compile(slow).Slow().double()
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 64, (2, 37))
+    torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-10, atol=1e-10)
+    first = a(ids[:, :20])
+    second = a(ids[:, 20:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), a(ids).logits, rtol=1e-9, atol=1e-9)
+    pytest.importorskip("triton")
+    with pytest.raises(RuntimeError, match="no Triton kernels"):  # the kernels read after the write
+        nldsl.compile(fast).Fast(impl="triton")

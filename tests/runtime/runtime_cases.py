@@ -110,6 +110,7 @@ def _omega_gate(name, gen, shape):
 CASES = {
     "linear_attention": OpCase("linear_attention", "chunked", ("g",), {}, _gate),
     "linear_attention_const": OpCase("linear_attention", "chunked", (), {"decay": 0.9}, _gate),
+    "linear_attention_anchor": OpCase("linear_attention", "chunked", ("g",), {"read": "anchor"}, _gate),
     "delta_rule": OpCase("delta_rule", "chunked", ("beta",), {}, _gate),
     "gated_delta_rule": OpCase("gated_delta_rule", "chunked", ("beta", "g"), {}, _gate),
     "titans_linear": OpCase("titans_linear", "chunked", ("theta", "eta", "alpha"), {}, _gate, chunked_semantics=True),

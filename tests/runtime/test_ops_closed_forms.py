@@ -50,6 +50,36 @@ def test_linear_attention_is_masked_qk_v(impl):
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_linear_attention_read_before_write(impl):
+    """read="anchor": token t (from 0) reads the state after t tokens, a^t S_0 + sum_{i<t}
+    a^(t-1-i) k_i v_i^T: the running form's mask without its diagonal, one power of a less. And
+    the same as the Titans-linear op on the dot objective, chunk 1, anchor read."""
+    T = 29
+    q, k, v = _rand(B, T, H, K, seed=1), _rand(B, T, H, K, seed=2), _rand(B, T, H, V, seed=3)
+    S0 = _rand(B, H, K, V, seed=4)
+    scale = K ** -0.5
+    scores = torch.einsum("bthk,bshk->bhts", q, k) * scale
+    t = torch.arange(T, dtype=DT)
+    for a in (None, 0.9):
+        if a is None:
+            weights, w0 = torch.ones(T, T, dtype=DT).tril(-1), torch.ones(T, dtype=DT)
+        else:
+            weights = (a ** (t[:, None] - t[None, :] - 1)).tril(-1)
+            w0 = a ** t
+        expect = torch.einsum("bhts,bshv->bthv", scores * weights, v) \
+            + w0[None, :, None, None] * torch.einsum("bthk,bhkv->bthv", q * scale, S0)
+        out = rt.linear_attention(q, k, v, decay=a, initial_state=S0, impl=impl, chunk_size=8, read="anchor",
+                                  output_final_state=True)
+        assert_close(out.o, expect, f"decay={a}")
+        titans = rt.titans_linear(q, k, v, 1.0, 0.0, 1 - (a or 1.0), initial_state=S0, output_final_state=True,
+                                  impl="reference", chunk_size=1, objective="dot", read="anchor")
+        assert_close(out.o, titans.o, f"titans decay={a}")
+        assert_close(out.final_state, titans.final_state.memory, f"state decay={a}")
+    with pytest.raises(ValueError, match="read after the write"):
+        rt.linear_attention(q, k, v, impl="triton", read="anchor")
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
 def test_gated_linear_attention_log_gate(impl):
     """Data-dependent g: weight exp(sum_{l=i+1}^t g_l) on token i (masked parallel form)."""
     T = 21
