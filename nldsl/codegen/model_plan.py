@@ -277,9 +277,12 @@ class Planner:
                                  f"`heads 1` or the same heads as `{shared}` ({src.heads})", key + ("heads",))
                 return None
         objective = ""
-        if op == "titans_linear":
-            objective = f"objective={obj!r}, " + (f"p={_repr(float(mem.objective.p))}, " if obj == "lp" else "") + (
-                f"delta={_repr(float(mem.objective.delta))}, " if obj == "huber" and mem.objective.delta else "")
+        if op == "titans_linear":  # the one op that takes every objective (and its parameter)
+            objective = f"objective={obj!r}, "
+            if obj == "lp":
+                objective += f"p={_repr(float(mem.objective.p))}, "
+            elif obj == "huber" and mem.objective.delta is not None:
+                objective += f"delta={_repr(float(mem.objective.delta))}, "
         return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, {objective}lr={lr}, retention={ret}, "
                 f"momentum={mom}, chunk_size={period!r}, qk_norm={_repr(mem.qk_norm)}, conv={_repr(mem.conv)}, "
                 f"init={_repr(init)}, detach={_repr(mem.writes == 'detached')}, "

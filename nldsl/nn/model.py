@@ -69,7 +69,7 @@ class Config:
     spec_dir: str | None = None  # where relative paths of the spec (pretrained weights) resolve
 
     def __post_init__(self):
-        for name in ("vocab", "dim", "heads", "layers", "context"):  # as the spec's own values (NL008)
+        for name in ("vocab", "dim", "heads", "layers", "context"):  # as a spec must write them
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -44,8 +44,8 @@ import torch
 from torch import Tensor
 
 from nldsl.optim.memory import OBJECTIVES
-from nldsl.runtime._common import objective_gradient
 from nldsl.optim.tensorlist import TensorList, as_tensor_list, is_number
+from nldsl.runtime._common import objective_gradient
 
 CHUNK = 1 << 16  # coordinates per pass: a pass's hidden activations stay in cache
 

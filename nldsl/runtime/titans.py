@@ -31,9 +31,10 @@ inside the current chunk. ``final_state`` is a :class:`TitansState`; pass it bac
 
 Objective. The gradient is ``k e^T`` with ``e = dl/dM(k)`` at the anchor, so any objective of
 the read's residual works alike: ``objective="dot"`` is linear attention's ``l(M; k, v) =
--<M(k), v>`` (paper Eq. 17, 64), ``e = -v``, no state in it (with ``eta = 0`` and ``read="running"``
-that is :func:`~nldsl.runtime.linear_attention.linear_attention` on values times theta, retention
-``1 - alpha``; this op adds momentum and the anchor read, period 1: read before write);
+-<M(k), v>`` (paper Eq. 17, 64), ``e = -v``, no state in it (with ``eta = 0`` that is
+:func:`~nldsl.runtime.linear_attention.linear_attention` on values times theta, retention
+``1 - alpha``, for a running read, or an anchor read at chunk 1; this op adds momentum and the
+anchor read of longer chunks);
 ``"l1"``, ``"lp"`` (``1/p ||r||_p^p``, ``p``) and ``"huber"`` (threshold ``delta``) are the robust
 objectives of the Miras family (section 5), ``e = sign(r)``, ``|r|^(p-1) sign(r)``,
 ``clamp(r, -delta, delta)`` for ``r = M_a(k) - v``. Every formula below holds with its ``e_j``.
