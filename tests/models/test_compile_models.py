@@ -176,10 +176,15 @@ def test_titans_linear_variant_streams_and_learns(tmp_path):
     torch.manual_seed(0)
     model = mod.Titans(**SMALL).double()
     assert "op='titans_linear'" in generate_source(tmp_path / "titans_linear_memory.nl")
-    ids = torch.randint(0, 64, (2, 37))
+    streams_and_learns(model, torch.randint(0, 64, (2, 37)), 21)  # the split falls inside a 16-token chunk
+
+
+def streams_and_learns(model, ids, split: int):
+    """One pass equals two calls split at ``split`` with the state carried; every parameter gets a
+    gradient."""
     full = model(ids).logits
-    first = model(ids[:, :21])  # the split falls inside a 16-token chunk
-    second = model(ids[:, 21:], state=first.state)
+    first = model(ids[:, :split])
+    second = model(ids[:, split:], state=first.state)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
     full.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -207,13 +212,7 @@ def test_linear_memory_objectives_on_the_titans_op(tmp_path, setting, generated)
     assert f"op='titans_linear', {generated}, " in source
     torch.manual_seed(0)
     model = nldsl.compile(spec).Heb().double()
-    ids = torch.randint(0, 64, (2, 23))
-    full = model(ids).logits
-    first = model(ids[:, :10])  # the split falls inside a 4-token chunk
-    second = model(ids[:, 10:], state=first.state)
-    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
-    full.square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    streams_and_learns(model, torch.randint(0, 64, (2, 23)), 10)  # the split falls inside a 4-token chunk
 
 
 def test_hebbian_memory_reads_before_its_write_at_period_1(tmp_path):
@@ -237,9 +236,7 @@ def test_hebbian_memory_reads_before_its_write_at_period_1(tmp_path):
     b.load_state_dict(a.state_dict())
     ids = torch.randint(0, 64, (2, 37))
     torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-10, atol=1e-10)
-    first = a(ids[:, :20])
-    second = a(ids[:, 20:], state=first.state)
-    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), a(ids).logits, rtol=1e-9, atol=1e-9)
+    streams_and_learns(a, ids, 20)
     pytest.importorskip("triton")
     with pytest.raises(RuntimeError, match="no Triton kernels"):  # the kernels read after the write
         nldsl.compile(fast).Fast(impl="triton")

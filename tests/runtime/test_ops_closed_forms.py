@@ -27,10 +27,14 @@ def _read(q, S, scale):
     return torch.einsum("bthk,bthkv->bthv", q * scale, S)
 
 
+@pytest.mark.parametrize("read", ["running", "anchor"])
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
-def test_linear_attention_is_masked_qk_v(impl):
+def test_linear_attention_is_masked_qk_v(impl, read):
     """No decay: o = (scale Q K^T, causal) V + scale Q S_0. Constant decay a: weights a^(t-i)
-    on token i and a^(t+1) on S_0 (a^t counting from 1)."""
+    on token i and a^(t+1) on S_0 (t, i counted from 0). read="anchor" reads the state before the
+    token's write: the mask loses its diagonal and every power of a is one less; that read is
+    also the Titans-linear op's on the dot objective, chunk 1."""
+    d = 1 if read == "anchor" else 0
     T = 29
     q, k, v = _rand(B, T, H, K, seed=1), _rand(B, T, H, K, seed=2), _rand(B, T, H, V, seed=3)
     S0 = _rand(B, H, K, V, seed=4)
@@ -39,44 +43,26 @@ def test_linear_attention_is_masked_qk_v(impl):
     t = torch.arange(T, dtype=DT)
     for a in (None, 0.9):
         if a is None:
-            weights, w0 = torch.ones(T, T, dtype=DT).tril(), torch.ones(T, dtype=DT)
+            weights, w0 = torch.ones(T, T, dtype=DT).tril(-d), torch.ones(T, dtype=DT)
         else:
-            weights = (a ** (t[:, None] - t[None, :])).tril()
-            w0 = a ** (t + 1)
+            weights = (a ** (t[:, None] - t[None, :] - d)).tril(-d)
+            w0 = a ** (t + 1 - d)
         expect = torch.einsum("bhts,bshv->bthv", scores * weights, v) \
             + w0[None, :, None, None] * torch.einsum("bthk,bhkv->bthv", q * scale, S0)
-        out = rt.linear_attention(q, k, v, decay=a, initial_state=S0, impl=impl, chunk_size=8)
-        assert_close(out.o, expect, f"decay={a}")
-
-
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
-def test_linear_attention_read_before_write(impl):
-    """read="anchor": token t (from 0) reads the state after t tokens, a^t S_0 + sum_{i<t}
-    a^(t-1-i) k_i v_i^T: the running form's mask without its diagonal, one power of a less. And
-    the same as the Titans-linear op on the dot objective, chunk 1, anchor read."""
-    T = 29
-    q, k, v = _rand(B, T, H, K, seed=1), _rand(B, T, H, K, seed=2), _rand(B, T, H, V, seed=3)
-    S0 = _rand(B, H, K, V, seed=4)
-    scale = K ** -0.5
-    scores = torch.einsum("bthk,bshk->bhts", q, k) * scale
-    t = torch.arange(T, dtype=DT)
-    for a in (None, 0.9):
-        if a is None:
-            weights, w0 = torch.ones(T, T, dtype=DT).tril(-1), torch.ones(T, dtype=DT)
-        else:
-            weights = (a ** (t[:, None] - t[None, :] - 1)).tril(-1)
-            w0 = a ** t
-        expect = torch.einsum("bhts,bshv->bthv", scores * weights, v) \
-            + w0[None, :, None, None] * torch.einsum("bthk,bhkv->bthv", q * scale, S0)
-        out = rt.linear_attention(q, k, v, decay=a, initial_state=S0, impl=impl, chunk_size=8, read="anchor",
+        out = rt.linear_attention(q, k, v, decay=a, initial_state=S0, impl=impl, chunk_size=8, read=read,
                                   output_final_state=True)
         assert_close(out.o, expect, f"decay={a}")
-        titans = rt.titans_linear(q, k, v, 1.0, 0.0, 1 - (a or 1.0), initial_state=S0, output_final_state=True,
-                                  impl="reference", chunk_size=1, objective="dot", read="anchor")
-        assert_close(out.o, titans.o, f"titans decay={a}")
-        assert_close(out.final_state, titans.final_state.memory, f"state decay={a}")
+        if read == "anchor":
+            titans = rt.titans_linear(q, k, v, 1.0, 0.0, 1 - (a or 1.0), initial_state=S0, output_final_state=True,
+                                      impl="reference", chunk_size=1, objective="dot", read="anchor")
+            assert_close(out.o, titans.o, f"titans decay={a}")
+            assert_close(out.final_state, titans.final_state.memory, f"state decay={a}")
+
+
+def test_linear_attention_kernels_read_after_the_write():
+    q = _rand(1, 4, 1, 8)
     with pytest.raises(ValueError, match="read after the write"):
-        rt.linear_attention(q, k, v, impl="triton", read="anchor")
+        rt.linear_attention(q, q, q, impl="triton", read="anchor")
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
