@@ -369,6 +369,8 @@ def _linear_planner(model, mem, level, ctx, taken):
     head = dim // heads
     if rule == "hebbian" and mem.read == "anchor":
         return "its read before the write (read anchor) has no Triton kernel yet (read running has)"
+    if rule == "dgd" and mem.objective.kind != "l2":
+        return f"the DGD kernels take the l2 objective, not {mem.objective.kind}"
     period, read = (level.period, mem.read) if rule == "dgd" else (1, "running")
     chunk = 64
     if rule == "dgd" and (period & (period - 1) or period > chunk):

@@ -71,7 +71,7 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
     if rule == "omega":
         return "omega_rule" if obj == "l2" and momentum == "none" and period == 1 and read == "running" else None
     if rule == "dgd":
-        return "dgd" if obj == "l2" and momentum == "none" else None
+        return "dgd" if obj in ("l2", "dot") and momentum == "none" else None
     if obj == "dot":  # the Hebbian gradient does not depend on the state: any period reads running
         plain = momentum == "none" and (read == "running" or period == 1)  # period 1 anchor: before the write
         return "linear_attention" if plain else "titans_linear"
@@ -256,7 +256,7 @@ class Planner:
             self.unsupported(f"the linear memory `{mem.name}` (objective {obj}, rule {rule}, momentum "
                              f"{momentum}, period {period}, read {read}) has no compiled op yet", key,
                              help="compiled now: Hebbian (dot) memories, delta and gated delta rules, "
-                             "Titans-linear (rule gd, any objective), DGD and Omega on the l2 objective")
+                             "Titans-linear (rule gd, any objective), DGD (l2 or dot) and Omega on l2")
             return None
         lr = self._rate(mem.lr.kind, mem.lr.value)
         ret = self._rate(retention, mem.retention.value)
@@ -277,7 +277,7 @@ class Planner:
                                  f"`heads 1` or the same heads as `{shared}` ({src.heads})", key + ("heads",))
                 return None
         objective = ""
-        if op == "titans_linear":  # the one op that takes every objective (and its parameter)
+        if op in ("titans_linear", "dgd"):  # the ops that take more than one objective
             objective = f"objective={obj!r}, "
             if obj == "lp":
                 objective += f"p={_repr(float(mem.objective.p))}, "

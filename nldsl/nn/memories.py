@@ -89,9 +89,8 @@ class LinearMemory(nn.Module):
     retention: ``linear_attention`` (dot objective, Hebbian), ``delta_rule`` / ``gated_delta_rule``
     (L2 objective, per-token GD), ``titans_linear`` (L2 with momentum or mini-batch chunks),
     ``dgd`` (delta gradient descent), ``omega_rule`` (sliding window of cached inputs).
-    ``objective`` (``titans_linear`` only): ``"l2"``; ``"dot"`` for a Hebbian memory with
-    momentum or an anchor read; ``"l1"``, ``"lp"`` (exponent ``p``), ``"huber"`` (threshold
-    ``delta``).
+    ``objective`` (``titans_linear``, ``dgd``): ``"l2"``; ``"dot"`` (a Hebbian write); with
+    ``titans_linear`` also ``"l1"``, ``"lp"`` (exponent ``p``), ``"huber"`` (threshold ``delta``).
 
     ``lr`` / ``retention`` / ``momentum``: ``"gate"`` (a per-token, per-head gate from a
     projection of the input), a float (a constant), or ``None`` (absent).
@@ -237,7 +236,7 @@ class LinearMemory(nn.Module):
         elif self.op == "dgd":
             keep = self._rate(self.retention_gate, self.retention, x)
             o, S = runtime.dgd(q, write_k, write_v, lr, 1.0 if keep is None else keep,
-                               chunk_size=self.chunk_size, read=self.read, **common)
+                               chunk_size=self.chunk_size, read=self.read, objective=self.objective, **common)
         elif self.op == "omega_rule":
             keep = self._rate(self.retention_gate, self.retention, x)
             o, S = runtime.omega_rule(q, write_k, write_v, lr, 1.0 if keep is None else keep,

@@ -27,7 +27,8 @@ Ops (module docstrings carry the equations, sign conventions and paper reference
 :func:`gated_delta_rule`    delta rule with a log-space retention gate (Gated DeltaNet)
 :func:`titans_linear`       momentum + forget gate, gradients at the chunk anchor (Titans Eq. 13-18);
                             l2, dot and the robust objectives (l1, lp, huber; section 5)
-:func:`dgd`                 Delta Gradient Descent with retention, chunk anchor (NL Eq. 57, 88, 93)
+:func:`dgd`                 Delta Gradient Descent with retention, chunk anchor (NL Eq. 57, 88, 93);
+                            l2 or dot
 :func:`omega_rule`          sliding-window gradient (NL Eq. 68 / Atlas' Omega rule)
 :func:`softmax_attention`   non-parametric memory, KV cache as state (Eq. 62-63)
 ==========================  ======================================================================

@@ -32,6 +32,10 @@ Conventions chosen for the paper's ambiguities (paper-equations.md section 12, i
   with ``eta' = eta / (1 + eta ||k||^2)``) is the delta rule: use
   :func:`nldsl.runtime.delta_rule` with ``beta = eta'`` for it.
 
+Objective ``"dot"`` (``-<M k, v>``, the Hebbian one): its gradient ``-v k^T`` needs no anchor, so
+``S_t = (alpha_t I - eta_t k_t k_t^T) S_{t-1} + eta_t k_t v_t^T`` at any chunk size (the erase of
+DGD on a Hebbian write); the chunk size then only places the anchor reads.
+
 State: ``final_state`` is a :class:`DGDState` (memory, anchor, offset inside the chunk); pass it
 back to continue the stream exactly, also mid-chunk. A plain ``[B, H, K, V]`` tensor means
 ``S_0`` at a chunk start.
@@ -96,6 +100,7 @@ def dgd(
     impl: str = "chunked",
     chunk_size: int = 64,
     read: str = "running",
+    objective: str = "l2",
 ) -> MemoryOutput:
     """DGD with retention: ``S_t = (alpha_t I - eta_t k k^T) S_{t-1} - eta_t k (k^T S_a - v^T)``.
 
@@ -109,6 +114,8 @@ def dgd(
             or ``TRITON_INTERPRET=1``; chunk_size a power of two up to 64).
         chunk_size: the anchor period (part of the semantics); 1 = exact per-token DGD.
         read: ``"running"`` or ``"anchor"`` (see the module docstring).
+        objective: ``"l2"`` (above) or ``"dot"`` (the gradient term ``+ eta_t k v^T``, no anchor in
+            it; ``"reference"`` and ``"chunked"`` only).
     """
     B, T, H, K, V = check_qkv(_OP, q, k, v)
     eta = check_gate(_OP, "eta", eta, B, T, H, q)
@@ -116,6 +123,10 @@ def dgd(
     C = check_chunk_size(_OP, chunk_size)
     if read not in ("running", "anchor"):
         raise ValueError(f"{_OP}: read must be 'running' or 'anchor', got {read!r}")
+    if objective not in ("l2", "dot"):
+        raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
+    if objective == "dot" and impl == "triton":
+        raise ValueError(f"{_OP}: the Triton kernels take the l2 objective; use impl='chunked' for 'dot'")
     scale = resolve_scale(_OP, scale, K)
     fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked, "triton": _triton})
     shape = (B, H, K, V)
@@ -141,11 +152,11 @@ def dgd(
     else:
         S0 = q.new_zeros(shape, dtype=dt) if initial_state is None else initial_state.to(dt)
         A0 = S0
-    o, state = fn(q, k, v, eta.to(dt), alpha.to(dt), scale, DGDState(S0, A0, off), dt, C, read)
+    o, state = fn(q, k, v, eta.to(dt), alpha.to(dt), scale, DGDState(S0, A0, off), dt, C, read, objective == "l2")
     return MemoryOutput(o.to(q.dtype), state if output_final_state else None)
 
 
-def _reference(q, k, v, eta, alpha, scale, state, dt, C, read):
+def _reference(q, k, v, eta, alpha, scale, state, dt, C, read, l2):
     q, k, v = (x.to(dt) for x in (q, k, v))
     S, A, off = state
     outs = []
@@ -154,7 +165,7 @@ def _reference(q, k, v, eta, alpha, scale, state, dt, C, read):
             A = S                                                   # a new chunk: re-anchor
         kt, et, at = k[:, t], eta[:, t, :, None, None], alpha[:, t, :, None, None]
         erase = kt[..., :, None] * torch.einsum("bhk,bhkv->bhv", kt, S)[..., None, :]  # k k^T S
-        err = torch.einsum("bhk,bhkv->bhv", kt, A) - v[:, t]          # k^T S_a - v^T
+        err = torch.einsum("bhk,bhkv->bhv", kt, A) - v[:, t] if l2 else -v[:, t]  # k^T S_a - v^T (l2)
         S = at * S - et * erase - et * kt[..., :, None] * err[..., None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, A if read == "anchor" else S))
         off = (off + 1) % C
@@ -170,7 +181,7 @@ def _pieces(q, k, v, eta, alpha, dt, C):
     return qc, kc.unsqueeze(-2), vc.unsqueeze(-2), ec, ac
 
 
-def _triton(q, k, v, eta, alpha, scale, state, dt, C, read):
+def _triton(q, k, v, eta, alpha, scale, state, dt, C, read, l2):
     from nldsl.runtime._triton import runtime_kernel
 
     kernel = runtime_kernel(_OP, "dgd", lr="tensor", decay="tensor", head_k=k.shape[-1], head_v=v.shape[-1],
@@ -180,14 +191,15 @@ def _triton(q, k, v, eta, alpha, scale, state, dt, C, read):
     return kernel(q, k, v, eta, log_alpha, scale=scale, initial_state=state, output_final_state=True)
 
 
-def _chunked(q, k, v, eta, alpha, scale, state, dt, C, read):
+def _chunked(q, k, v, eta, alpha, scale, state, dt, C, read, l2):
     T = q.shape[1]
     S, A, off = state
     if C == 1:
         # Exact per-token DGD = erase engine with gamma = 2 eta and values v / 2 (no anchor term):
-        # eta k v^T - 2 eta k k^T S = (2 eta) k (v/2 - S^T k)^T.
+        # eta k v^T - 2 eta k k^T S = (2 eta) k (v/2 - S^T k)^T. On the dot objective the erase
+        # is the only state term: gamma = eta and the values as they are.
         qc, kc, vc, ec, ac = _pieces(q, k, v, eta, alpha, dt, min(_PER_TOKEN_TILE, T))
-        o, S, _ = erase_chunks(qc, kc, vc / 2, 2 * ec, ac, S, scale,
+        o, S, _ = erase_chunks(qc, kc, vc / 2 if l2 else vc, 2 * ec if l2 else ec, ac, S, scale,
                                read="before" if read == "anchor" else "running")
         return from_chunks(o, T), DGDState(S, S, 0)
     head = min((C - off) % C, T)
@@ -200,7 +212,7 @@ def _chunked(q, k, v, eta, alpha, scale, state, dt, C, read):
         sl = slice(start, start + length)
         anchor = A if start == 0 and off > 0 else None  # only the head continues a chunk
         qc, kc, vc, ec, ac = _pieces(q[:, sl], k[:, sl], v[:, sl], eta[:, sl], alpha[:, sl], dt, size)
-        o, S, tail_start = erase_chunks(qc, kc, vc, ec, ac, S, scale, anchor_term=True, anchor=anchor, read=read)
+        o, S, tail_start = erase_chunks(qc, kc, vc, ec, ac, S, scale, anchor_term=l2, anchor=anchor, read=read)
         outs.append(from_chunks(o, length))
     off_new = (off + T) % C
     if off_new == 0:

@@ -191,25 +191,27 @@ def streams_and_learns(model, ids, split: int):
 
 
 @pytest.mark.parametrize("setting, generated", [
-    ("objective dot; read anchor", "objective='dot'"),
-    ("objective dot; momentum 0.5; read running", "objective='dot'"),
-    ("objective dot; momentum gate; read anchor", "objective='dot'"),
-    ("objective huber(delta=0.5)", "objective='huber', delta=0.5"),
-    ("objective lp(p=3); momentum 0.5", "objective='lp', p=3.0"),
-    ("objective l1; read running", "objective='l1'"),
+    ("objective dot; read anchor", "op='titans_linear', objective='dot'"),
+    ("objective dot; momentum 0.5; read running", "op='titans_linear', objective='dot'"),
+    ("objective dot; momentum gate; read anchor", "op='titans_linear', objective='dot'"),
+    ("objective huber(delta=0.5)", "op='titans_linear', objective='huber', delta=0.5"),
+    ("objective lp(p=3); momentum 0.5", "op='titans_linear', objective='lp', p=3.0"),
+    ("objective l1; read running", "op='titans_linear', objective='l1'"),
+    ("objective dot; rule dgd; retention gate", "op='dgd', objective='dot'"),
+    ("objective dot; rule dgd; read running", "op='dgd', objective='dot'"),
 ])
-def test_linear_memory_objectives_on_the_titans_op(tmp_path, setting, generated):
+def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     """A Hebbian (dot objective) memory reading before its write (`read anchor`, the default) or
-    with momentum, and a memory with a robust objective of the Miras family, run on the
-    Titans-linear op with their objective (they were NL401); they stream exactly and every
-    parameter gets a gradient. The op's numerics: tests/runtime."""
+    with momentum, a memory with a robust objective of the Miras family, and DGD on the dot
+    objective compile to an op that takes their objective (they were NL401); they stream exactly
+    and every parameter gets a gradient. The ops' numerics: tests/runtime."""
     spec = tmp_path / "heb.nl"
     spec.write_text("model Heb {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
                     "  level outer : steps every 1\n  level fast : tokens every 4\n"
                     f"  memory mem in fast : linear {{ {setting} }}\n"
                     "  block = residual(rmsnorm -> mem) -> residual(rmsnorm -> swiglu)\n}\n")
     source = generate_source(spec)
-    assert f"op='titans_linear', {generated}, " in source
+    assert f"{generated}, " in source
     torch.manual_seed(0)
     model = nldsl.compile(spec).Heb().double()
     streams_and_learns(model, torch.randint(0, 64, (2, 23)), 10)  # the split falls inside a 4-token chunk

@@ -127,6 +127,8 @@ CASES = {
                                   {"objective": "huber", "delta": 0.5, "read": "anchor"}, _gate,
                                   chunked_semantics=True),
     "dgd": OpCase("dgd", "chunked", ("eta", "alpha"), {}, _dgd_gate, chunked_semantics=True),
+    "dgd_dot": OpCase("dgd", "chunked", ("eta", "alpha"), {"objective": "dot", "read": "anchor"}, _dgd_gate,
+                      chunked_semantics=True),
     "omega_rule": OpCase("omega_rule", "chunked", ("gamma", "alpha"), {"window": 3}, _omega_gate),
     "softmax_attention": OpCase("softmax_attention", "sdpa", (), {"window": 5}, _gate, has_chunk=False),
 }

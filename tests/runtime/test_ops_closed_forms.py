@@ -233,6 +233,34 @@ def test_dgd_orthonormal_keys(impl, chunk):
     assert_close(out.o, _read(q, S, K ** -0.5))
 
 
+@pytest.mark.parametrize("chunk", [1, 4])
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_dgd_dot_objective_is_a_gated_delta_rule(impl, chunk):
+    """Objective dot: S_t = (alpha I - eta k k^T) S_{t-1} + eta k v^T at any chunk size (no anchor
+    in its gradient) = Gated DeltaNet's alpha (I - beta k k^T) S + beta k v'^T with beta = eta /
+    alpha and v' = alpha v, read running. Gradients too."""
+    T = 19
+    inputs = [_rand(B, T, H, K, seed=1), F.normalize(_rand(B, T, H, K, seed=2), dim=-1), _rand(B, T, H, V, seed=3),
+              0.05 + 0.35 * torch.rand(B, T, H, generator=torch.Generator().manual_seed(4), dtype=DT),
+              0.8 + 0.2 * torch.rand(B, T, H, generator=torch.Generator().manual_seed(5), dtype=DT),
+              _rand(B, H, K, V, seed=6)]
+    for x in inputs:
+        x.requires_grad_(True)
+    q, k, v, eta, alpha, S0 = inputs
+    out = rt.dgd(q, k, v, eta, alpha, initial_state=S0, output_final_state=True, impl=impl, chunk_size=chunk,
+                 objective="dot")
+    ref = rt.gated_delta_rule(q, k, v * alpha[..., None], eta / alpha, alpha.log(), initial_state=S0,
+                              output_final_state=True, impl="reference")
+    assert_close(out.o, ref.o)
+    assert_close(out.final_state.memory, ref.final_state)
+    w = _rand(B, T, H, V, seed=7)
+    for a, b, name in zip(torch.autograd.grad((out.o * w).sum(), inputs),
+                          torch.autograd.grad((ref.o * w).sum(), inputs), ("q", "k", "v", "eta", "alpha", "S0")):
+        assert_close(a, b, f"d{name}")
+    with pytest.raises(ValueError, match="l2 objective"):
+        rt.dgd(q, k, v, eta, alpha, impl="triton", objective="dot")
+
+
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
 def test_dgd_pure_retention(impl):
     """eta = 0: S_t = (prod_{l<=t} alpha_l) S_0."""
