@@ -33,18 +33,22 @@ def test_same_spec_same_bytes_and_a_generated_header():
     assert a.exports == ["GatedDeltaNet.mem"] and a.missing == {}
 
 
-def test_a_hebbian_memory_read_before_its_write_gets_no_kernel(tmp_path):
-    """The Hebbian kernels read after the write; a memory reading before it (read anchor, period
-    1, which the model runs on linear attention's read-before-write) is left out with a reason."""
-    spec = tmp_path / "two.nl"
-    spec.write_text("model Two {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 1\n  context = 64\n"
+def test_memories_the_kernels_do_not_compute_are_left_out_with_a_reason(tmp_path):
+    """The Hebbian kernels read after the write, the DGD kernels take the l2 objective: a Hebbian
+    memory reading before it (read anchor, period 1, which the model runs on linear attention's
+    read-before-write) and DGD on the dot objective get no kernel, and say why."""
+    spec = tmp_path / "three.nl"
+    spec.write_text("model Three {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 1\n  context = 64\n"
                     "  level outer : steps every 1\n  level fast : tokens every 1\n"
                     "  memory before in fast : linear { objective dot }\n"
                     "  memory after in fast : linear { objective dot; read running }\n"
-                    "  block = residual(rmsnorm -> before) -> residual(rmsnorm -> after)\n}\n")
+                    "  memory erase in fast : linear { objective dot; rule dgd; read running }\n"
+                    "  block = residual(rmsnorm -> before) -> residual(rmsnorm -> after)"
+                    " -> residual(rmsnorm -> erase)\n}\n")
     k = generate_kernels(analyze_file(spec))
-    assert k.exports == ["Two.after"]
-    assert "read before the write" in k.missing["Two.before"]
+    assert k.exports == ["Three.after"]
+    assert "read before the write" in k.missing["Three.before"]
+    assert "l2 objective, not dot" in k.missing["Three.erase"]
 
 
 def test_no_spec_text_reaches_the_kernels(tmp_path):
