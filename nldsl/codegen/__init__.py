@@ -187,6 +187,11 @@ def compile_spec(path: str | Path):
             from nldsl.runtime._triton import register_kernel_source
 
             register_kernel_source(gen.module_name, kernels.source, gen.filename[:-1] + ":kernels>")
+        elif analysis.ir.models:  # none: impl='triton' says why, memory by memory
+            from nldsl.codegen.kernels import kernel_gaps
+            from nldsl.runtime._triton import register_kernel_gaps
+
+            register_kernel_gaps(gen.module_name, kernel_gaps(analysis))
         module = load_module(gen.source, gen.module_name, filename=gen.filename)
         from nldsl.nn.model import NSAMModel
 

@@ -34,7 +34,8 @@ from nldsl.codegen.naming import sanitize
 from nldsl.codegen.render import docstring, environment, header
 
 __all__ = ["GeneratedKernels", "KernelPart", "LinearKernelSpec", "MlpKernelSpec", "PART_PLANNERS", "generate_kernels",
-           "kernel_residual", "linear_kernel", "linear_part", "mlp_kernel", "mlp_part", "mlp_tile", "render_kernels"]
+           "kernel_gaps", "kernel_residual", "linear_kernel", "linear_part", "mlp_kernel", "mlp_part", "mlp_tile",
+           "render_kernels"]
 
 
 def kernel_residual(residual: bool, prenorm: str) -> bool:
@@ -438,6 +439,37 @@ PART_PLANNERS.append(_mlp_planner)
 
 def generate_kernels(analysis) -> GeneratedKernels | None:
     """The kernels file of a checked spec, or None when none of its memories has a Triton path."""
+    parts, missing, ctx = _plan_kernels(analysis)
+    if not parts:
+        return None
+    names = ", ".join(name for part in parts for name, _ in part.exports)
+    paragraphs = [f"Triton kernels generated from {ctx.label} for: {names}."]
+    templates = {part.template for part in parts}
+    if "linear_memory.py.j2" in templates:
+        paragraphs.append(
+            "Each linear memory's rule, retention, gate transforms, chunk size and head sizes are constants\n"
+            "of its kernels. Chunkwise-parallel forward and backward (the backward recomputes the chunk\n"
+            "states) and a token-by-token kernel for decoding; states in float32 (float64 for float64 inputs).")
+    if "mlp_grad.py.j2" in templates:
+        paragraphs.append(
+            "Each MLP memory (or CMS chain) has one fused kernel for the per-chunk gradient of its two-layer\n"
+            "MLP: forward, output error, hidden error, per-token factors and chunk sums; its activation,\n"
+            "residual, hidden normalisation, dims and token tile are constants; float32 accumulation\n"
+            "(float64 for float64 inputs).")
+    paragraphs.append("Select them with the model's ``impl='triton'``; conventions: docs/kernels.md.")
+    doc = "\n\n".join(paragraphs)
+    source = render_kernels(parts, label=ctx.label, sha256=ctx.sha256, doc=doc, missing=missing)
+    return GeneratedKernels(source=source, exports=[n for part in parts for n, _ in part.exports], missing=missing)
+
+
+def kernel_gaps(analysis) -> dict[str, str]:
+    """``{"Model.memory": why it has no kernel}`` for the memories of a checked spec that have
+    none (what a model built with ``impl='triton'`` is told when none of them has one)."""
+    return _plan_kernels(analysis)[1]
+
+
+def _plan_kernels(analysis):
+    """(the kernel parts, ``{"Model.memory": why it has none}``, the codegen context) of a spec."""
     from nldsl.codegen import _context
     from nldsl.graph import block_names
 
@@ -461,26 +493,7 @@ def generate_kernels(analysis) -> GeneratedKernels | None:
             else:
                 kind = f"{item.structure.kind} memories" if hasattr(item, "structure") else "CMS chains"
                 missing[f"{model.name}.{item.name}"] = f"{kind} have no Triton kernel yet"
-    if not parts:
-        return None
-    names = ", ".join(name for part in parts for name, _ in part.exports)
-    paragraphs = [f"Triton kernels generated from {ctx.label} for: {names}."]
-    templates = {part.template for part in parts}
-    if "linear_memory.py.j2" in templates:
-        paragraphs.append(
-            "Each linear memory's rule, retention, gate transforms, chunk size and head sizes are constants\n"
-            "of its kernels. Chunkwise-parallel forward and backward (the backward recomputes the chunk\n"
-            "states) and a token-by-token kernel for decoding; states in float32 (float64 for float64 inputs).")
-    if "mlp_grad.py.j2" in templates:
-        paragraphs.append(
-            "Each MLP memory (or CMS chain) has one fused kernel for the per-chunk gradient of its two-layer\n"
-            "MLP: forward, output error, hidden error, per-token factors and chunk sums; its activation,\n"
-            "residual, hidden normalisation, dims and token tile are constants; float32 accumulation\n"
-            "(float64 for float64 inputs).")
-    paragraphs.append("Select them with the model's ``impl='triton'``; conventions: docs/kernels.md.")
-    doc = "\n\n".join(paragraphs)
-    source = render_kernels(parts, label=ctx.label, sha256=ctx.sha256, doc=doc, missing=missing)
-    return GeneratedKernels(source=source, exports=[n for part in parts for n, _ in part.exports], missing=missing)
+    return parts, missing, ctx
 
 
 # --------------------------------------------------------------------------------------------

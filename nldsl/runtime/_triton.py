@@ -604,6 +604,7 @@ def runtime_mlp_kernel(op: str, kernel: MlpKernel | None, *, depth: int, d_in: i
 # --------------------------------------------------------------------------------------------
 
 _SOURCES: dict[str, tuple[str, str]] = {}
+_GAPS: dict[str, dict[str, str]] = {}
 _LOADED: dict[str, Any] = {}
 
 
@@ -612,6 +613,12 @@ def register_kernel_source(module_name: str, source: str, filename: str) -> None
     ``module_name`` finds its kernels here (imported on first use, so a model that never asks for
     ``impl='triton'`` never imports triton)."""
     _SOURCES[module_name] = (source, filename)
+
+
+def register_kernel_gaps(module_name: str, gaps: dict[str, str]) -> None:
+    """Called by :func:`nldsl.compile` for a spec none of whose memories has kernels: why, per
+    memory (``{"Model.memory": reason}``), for the error a model built with ``impl='triton'`` raises."""
+    _GAPS[module_name] = dict(gaps)
 
 
 def spec_kernels(module_name: str, module_file: str | None, spec_sha256: str):
@@ -628,6 +635,8 @@ def spec_kernels(module_name: str, module_file: str | None, spec_sha256: str):
             path = Path(module_file).with_name("kernels.py") if module_file and os.path.isfile(module_file) else None
             if path is None or not path.is_file():
                 where = f"no kernels.py beside {module_file}" if path is not None else "none generated"
+                if _GAPS.get(module_name):
+                    where = "none generated: " + "; ".join(f"`{n}`: {why}" for n, why in _GAPS[module_name].items())
                 raise RuntimeError(
                     f"impl='triton': no Triton kernels for {module_name} ({where}): kernels are generated for "
                     "specs with linear memories under the Hebbian, delta, gated delta or DGD rule, two-layer "
