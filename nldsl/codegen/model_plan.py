@@ -131,9 +131,11 @@ class Planner:
     def deep_ctor(self, mem: M.Memory, level: M.Level, key: tuple) -> str | None:
         """An MLP memory: Titans' deep memory, or self-modifying Titans when inputs are generated."""
         obj, rule, period = mem.objective.kind, mem.rule.kind, level.period
+        generated = mem.inputs.generated()
         problems = []
-        if obj not in ("l2", "dot"):
-            problems.append(("objective", f"objective `{obj}`"))
+        if obj not in ("l2", "dot") and (generated or obj not in ("l1", "lp", "huber")):
+            problems.append(("objective", f"objective `{obj}`" + (" (self-modifying memories take l2 or dot)"
+                                                                   if generated else "")))
         if rule not in ("gd", "dgd"):
             problems.append(("rule", f"rule `{rule}`"))
         if mem.momentum.kind in ("delta", "deep"):
@@ -147,12 +149,16 @@ class Planner:
         if problems:
             return None
         mom = self._rate(mem.momentum.kind, mem.momentum.beta)
-        common = (f"objective={obj!r}, rule={rule!r}, momentum={mom}, read={_repr(mem.read)}, "
+        robust = ""  # the lp / huber objective's parameter
+        if obj == "lp":
+            robust = f"p={_repr(float(mem.objective.p))}, "
+        elif obj == "huber" and mem.objective.delta is not None:
+            robust = f"delta={_repr(float(mem.objective.delta))}, "
+        common = (f"objective={obj!r}, {robust}rule={rule!r}, momentum={mom}, read={_repr(mem.read)}, "
                   f"qk_norm={_repr(mem.qk_norm)}, v_norm={_repr(mem.v_norm)}, conv={_repr(mem.conv)}, "
                   f"hidden_norm={_repr(mem.structure.norm)}, detach={_repr(mem.writes == 'detached')}, "
                   f"scope={_repr(level.scope)}, impl=config.impl, "
                   f"kernel=config.kernel({_repr(self.model.name + '.' + mem.name)})")
-        generated = mem.inputs.generated()
         if generated:
             gen_level = self.levels.get(mem.generators)
             if mem.structure.depth != 2:

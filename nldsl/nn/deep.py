@@ -44,10 +44,12 @@ def _mlp_kernel(op: str, impl: str, kernel, **config):
 
 
 class DeepMemory(nn.Module):
-    """An MLP memory trained in context (Titans' long-term memory, paper section 8.1)."""
+    """An MLP memory trained in context (Titans' long-term memory, paper section 8.1). ``p`` and
+    ``delta`` are the ``lp`` and ``huber`` objectives' parameters."""
 
     def __init__(self, dim: int, heads: int, *, depth: int = 2, expansion: float = 4.0,
                  residual: bool = True, activation: str = "gelu", objective: str = "l2",
+                 p: float | None = None, delta: float | None = None,
                  rule: str = "gd", lr="gate", retention=None, momentum=None, chunk_size: int = 1,
                  read: str = "anchor", qk_norm: str = "none", conv: int = 0, detach: bool = False,
                  init: str = "meta", scope: str = "sequence", v_norm: str = "none",
@@ -59,7 +61,7 @@ class DeepMemory(nn.Module):
         self.objective, self.rule, self.lr, self.retention, self.momentum = objective, rule, lr, retention, momentum
         self.chunk_size, self.read, self.qk_norm, self.detach = chunk_size, read, qk_norm, detach
         self.scope, self.impl, self.activation, self.residual = scope, impl, activation, residual
-        self.v_norm, self.hidden_norm = v_norm, hidden_norm
+        self.v_norm, self.hidden_norm, self.p, self.delta = v_norm, hidden_norm, p, delta
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
@@ -105,8 +107,8 @@ class DeepMemory(nn.Module):
         o, mem_state = mlp_memory(
             q, k, v, lr, self._rate(self.retention_gate, self.retention, x),
             self._rate(self.momentum_gate, self.momentum, x), params=list(self.weights),
-            chunk_size=self.chunk_size, read=self.read, objective=self.objective, rule=self.rule,
-            activation=self.activation, hidden_norm=self.hidden_norm, residual=self.residual,
+            chunk_size=self.chunk_size, read=self.read, objective=self.objective, p=self.p, delta=self.delta,
+            rule=self.rule, activation=self.activation, hidden_norm=self.hidden_norm, residual=self.residual,
             detach=self.detach, initial_state=None if state is None else state["memory"], output_final_state=True,
             impl=self.impl, kernel=self.kernel)
         y = self.o_proj(o.reshape(B, T, self.dim))

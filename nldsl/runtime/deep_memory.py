@@ -16,6 +16,11 @@ Objective on a pair (k_t, v_t), per token (``objective=``):
   ``rule="dgd"`` is exactly that op's matrix memory)
 * ``"dot"``: ``-<M(k_t), v_t>``           (gradient at the output ``-v_t``; the Hebbian memory of
   Eq. 64; with ``v = -delta`` this is the local-surprise objective ``<M(k), delta>`` of section 3)
+* ``"l1"``, ``"lp"`` (``1/p ||M(k_t) - v_t||_p^p``, exponent ``p``), ``"huber"`` (threshold
+  ``delta``): the robust objectives of the Miras family (section 5; Moneta, Yaad), gradient at the
+  output ``sign(r)``, ``|r|^(p-1) sign(r)``, ``clamp(r, -delta, delta)`` for ``r = M(k_t) - v_t``
+  (:mod:`mlp_memory` only; their writes are composed from torch ops, the fused write and the
+  Triton kernel take l2 and dot)
 
 Signal (``signal=``): ``"values"``: the target is ``v_t`` as given; ``"self"``: the memory
 generates its own target ``v^_t = M_a(v_t)`` from the anchor state (NL Eq. 87; v must then have
@@ -114,6 +119,7 @@ from nldsl.runtime._common import (
     check_chunk_size,
     compute_dtype,
     dispatch,
+    objective_gradient,
     segment_products,
     ut_apply,
 )
@@ -133,6 +139,7 @@ __all__ = [
 ]
 
 _OP = "mlp_memory"
+OBJECTIVES = ("l2", "dot", "l1", "lp", "huber")
 
 
 class DeepMemoryState(NamedTuple):
@@ -239,12 +246,12 @@ def mlp_backward(ws: Sequence[Tensor], hs: Sequence[Tensor], eps: Tensor, act: s
     return es
 
 
-def output_error(y: Tensor, target: Tensor, objective: str) -> Tensor:
-    if objective == "l2":
-        return y - target
+def output_error(y: Tensor, target: Tensor, objective: str, p: Optional[float] = None,
+                 delta: Optional[float] = None) -> Tensor:
+    """The objective's gradient at the output: ``-target`` (dot), else of the residual ``y - target``."""
     if objective == "dot":
         return -target
-    raise ValueError(f"unknown objective {objective!r}; valid: 'l2', 'dot'")
+    return objective_gradient(objective, y - target, p=p, delta=delta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +294,8 @@ def piece_gates(alpha: Optional[Tensor], beta: Optional[Tensor], L: int, like: T
     return PieceGates(Pa, Da, A, Q[..., 1:, 1:], Q[..., :-1, 1:], Db, Bv, m, F.pad(m[..., :-1], (1, 0)))
 
 
-def composed_write(ws, ms, anchor, k, v, eta, g: PieceGates, *, objective, signal, rule, act, residual, kernel):
+def composed_write(ws, ms, anchor, k, v, eta, g: PieceGates, *, objective, signal, rule, act, residual, kernel,
+                   p=None, delta=None):
     """The writes of a piece composed from torch ops (any depth; the Triton kernel's gradients):
     returns ``(ins, pairs, ws_end, ms_end)`` as :func:`chunk_step` uses them."""
     Pa, Da, A, c, c_prev, Db, Bv, m, m_prev = g
@@ -301,7 +309,7 @@ def composed_write(ws, ms, anchor, k, v, eta, g: PieceGates, *, objective, signa
         else:
             y, hs, ins = mlp_forward(anchor, k, act, residual)
             target = v
-        es = mlp_backward(anchor, hs, output_error(y, target, objective), act)
+        es = mlp_backward(anchor, hs, output_error(y, target, objective, p, delta), act)
     else:  # forward, output error and both layers' errors fused in the Triton kernel
         g = kernel(anchor, k, v, objective=objective, self_target=signal == "self", residual=residual)
         ins, es = [k, g.hidden], list(g.errors)
@@ -364,6 +372,8 @@ def chunk_step(
     read: str,
     st: Optional[Sequence[Tensor]] = None,
     kernel=None,
+    p: Optional[float] = None,
+    delta: Optional[float] = None,
 ):
     """Run L <= C consecutive tokens that share one anchor.
 
@@ -372,13 +382,14 @@ def chunk_step(
     q ``[N, L, K]`` or None (no read). ``residual``: a bool or a per-row ``[N]`` mask. ``st``:
     straight-through terms added to the read weights (detach mode). ``kernel``: an
     :class:`~nldsl.runtime._triton.MlpKernel` that computes the gradients below in one launch
-    (impl='triton'). Returns ``(o or None, ws_end, ms_end)``.
+    (impl='triton'). ``p``, ``delta``: the lp / huber objective's parameter. Returns ``(o or None,
+    ws_end, ms_end)``.
     """
     L = k.shape[1]
     running = q is not None and read == "running"
     # the writes. Per layer i the write terms of the piece are (coefficient [.., L, L], left
     # vectors [N, L, do]) pairs, all with right vectors ins[i]: a running read needs them.
-    if kernel is None and len(ws) == 2:  # two layers: one function each, backward written out
+    if kernel is None and len(ws) == 2 and objective in ("l2", "dot"):  # one function each, backward written out
         coef, rc = piece_coefficients(alpha, beta if ms is not None else None, L, k, dgd=rule == "dgd",
                                       read=running)
         ws_end, ms_end, U1, U2, hs, Sk = mlp_write(ws, ms, anchor, k, v, eta, coef, objective=objective,
@@ -393,7 +404,7 @@ def chunk_step(
         g = piece_gates(alpha, beta, L, k, momentum=ms is not None)
         ins, pairs, ws_end, ms_end = composed_write(ws, ms, anchor, k, v, eta, g, objective=objective,
                                                     signal=signal, rule=rule, act=act, residual=residual,
-                                                    kernel=kernel)
+                                                    kernel=kernel, p=p, delta=delta)
         A, m = g.A, g.m
 
     # reads
@@ -491,6 +502,8 @@ def mlp_memory(
     output_final_state: bool = False,
     impl: str = "chunked",
     kernel=None,
+    p: Optional[float] = None,
+    delta: Optional[float] = None,
 ) -> MemoryOutput:
     """An MLP memory per head, written by in-context gradient steps (see the module docstring).
 
@@ -503,8 +516,9 @@ def mlp_memory(
             batch, e.g. meta-learned Parameters) or ``[B, H, d_out, d_in]``. Required unless
             ``initial_state`` is given (which then takes precedence).
         chunk_size: C, the anchor period (part of the semantics).
-        read: ``"anchor"`` or ``"running"``. objective: ``"l2"`` or ``"dot"``. rule: ``"gd"`` or
-            ``"dgd"``. signal: ``"values"`` or ``"self"``.
+        read: ``"anchor"`` or ``"running"``. objective: ``"l2"``, ``"dot"``, ``"l1"``, ``"lp"``
+            (exponent ``p`` >= 1) or ``"huber"`` (threshold ``delta`` > 0, default 1). rule:
+            ``"gd"`` or ``"dgd"``. signal: ``"values"`` or ``"self"``.
         activation, residual: the MLP's. scale: multiplies q before the read (default 1).
         detach: writes are constants for autograd (first-order "meta + delta").
         initial_state: a :class:`DeepMemoryState` to continue a stream.
@@ -530,8 +544,15 @@ def mlp_memory(
     C = check_chunk_size(_OP, chunk_size)
     if read not in ("anchor", "running"):
         raise ValueError(f"{_OP}: read must be 'anchor' or 'running', got {read!r}")
-    if objective not in ("l2", "dot"):
-        raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"{_OP}: objective must be one of {OBJECTIVES}, got {objective!r}")
+    if (p is not None) != (objective == "lp") or (p is not None and not p >= 1):
+        raise ValueError(f"{_OP}: objective 'lp' takes an exponent p >= 1 (and only it), got p={p!r}")
+    if delta is not None and (objective != "huber" or not delta > 0):
+        raise ValueError(f"{_OP}: delta is the threshold of objective 'huber', a number > 0, got {delta!r}")
+    if impl == "triton" and objective not in ("l2", "dot"):
+        raise ValueError(f"{_OP}: the Triton kernel takes the l2 or dot objective; use impl='chunked' for "
+                         f"{objective!r}")
     if rule not in ("gd", "dgd"):
         raise ValueError(f"{_OP}: rule must be 'gd' or 'dgd', got {rule!r}")
     if signal not in ("values", "self"):
@@ -596,7 +617,7 @@ def mlp_memory(
         be = None if be is None else be.detach()
 
     cfg = dict(objective=objective, signal=signal, rule=rule, act=hidden_act(hidden_norm, activation),
-               residual=residual, read=read)
+               residual=residual, read=read, p=p, delta=delta)
     if impl == "triton":
         from nldsl.runtime._triton import runtime_mlp_kernel
 
@@ -657,22 +678,32 @@ def _chunked(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st):
     return torch.cat(outs, dim=1), ws, anchor, ms, off
 
 
-def _single_loss(ws, x, target, *, objective, act, residual):
-    """Per-token loss for one sequence-head (weights [do, di], x [di]) for torch.func.grad."""
+def _single_loss(ws, x, target, *, objective, act, residual, p=None, delta=None):
+    """Per-token loss for one sequence-head (weights [do, di], x [di]) for torch.func.grad: the
+    objectives as written (the chunked path uses their derivatives, ``output_error``)."""
     a = x
     for i, W in enumerate(ws):
         a = W @ a
         if i < len(ws) - 1:
             a = hidden(a, act)
     y = a + x if residual else a
+    r = y - target
     if objective == "l2":
-        return 0.5 * ((y - target) ** 2).sum()
+        return 0.5 * (r ** 2).sum()
+    if objective == "l1":
+        return r.abs().sum()
+    if objective == "lp":
+        return (r.abs() ** p).sum() / p
+    if objective == "huber":
+        d = 1.0 if delta is None else delta
+        return torch.where(r.abs() <= d, 0.5 * r ** 2, d * (r.abs() - 0.5 * d)).sum()
     return -(y * target).sum()
 
 
 def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st):
     act, residual, rule, read = cfg["act"], cfg["residual"], cfg["rule"], cfg["read"]
-    loss = functools.partial(_single_loss, objective=cfg["objective"], act=act, residual=residual)
+    loss = functools.partial(_single_loss, objective=cfg["objective"], act=act, residual=residual, p=cfg["p"],
+                             delta=cfg["delta"])
     grad_fn = torch.func.vmap(torch.func.grad(loss))
     ws, anchor = tuple(ws), tuple(anchor)
     ms = None if ms is None else tuple(ms)

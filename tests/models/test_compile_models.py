@@ -242,3 +242,24 @@ def test_hebbian_memory_reads_before_its_write_at_period_1(tmp_path):
     pytest.importorskip("triton")
     with pytest.raises(RuntimeError, match=r"none generated: `Fast.mem`: its read before the write"):
         nldsl.compile(fast).Fast(impl="triton")  # the kernels read after it; the error says why
+
+
+@pytest.mark.parametrize("objective, generated", [
+    ("huber(delta=0.5)", "objective='huber', delta=0.5"), ("lp(p=1.5)", "objective='lp', p=1.5"),
+    ("l1", "objective='l1'"),
+])
+def test_deep_memory_robust_objectives(tmp_path, objective, generated):
+    """Titans' deep memory on a robust objective of the Miras family (Moneta's lp, Yaad's huber)
+    compiles, streams exactly and trains; a self-modifying memory does not take them (NL401)."""
+    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
+    titans = tmp_path / "titans_robust.nl"
+    titans.write_text((SPECS / "titans.nl").read_text().replace("    objective l2\n", f"    objective {objective}\n"))
+    assert f"{generated}, " in generate_source(titans)
+    torch.manual_seed(0)
+    model = nldsl.compile(titans).Titans(**SMALL).double()
+    streams_and_learns(model, torch.randint(0, 64, (2, 37)), 21)
+    hope = tmp_path / "hope_robust.nl"
+    hope.write_text((SPECS / "hope.nl").read_text().replace("    rule dgd\n", "    rule gd\n")
+                    .replace("    objective l2\n    rule gd", f"    objective {objective}\n    rule gd", 1))
+    with pytest.raises(nldsl.SpecError, match="self-modifying memories take l2 or dot"):
+        nldsl.compile(hope)
