@@ -19,7 +19,7 @@ Objective on a pair (k_t, v_t), per token (``objective=``):
 * ``"l1"``, ``"lp"`` (``1/p ||M(k_t) - v_t||_p^p``, exponent ``p``), ``"huber"`` (threshold
   ``delta``): the robust objectives of the Miras family (section 5; Moneta, Yaad), gradient at the
   output ``sign(r)``, ``|r|^(p-1) sign(r)``, ``clamp(r, -delta, delta)`` for ``r = M(k_t) - v_t``
-  (:mod:`mlp_memory` only; their writes are composed from torch ops, the fused write and the
+  (:func:`mlp_memory` only; their writes are composed from torch ops, the fused write and the
   Triton kernel take l2 and dot)
 
 Signal (``signal=``): ``"values"``: the target is ``v_t`` as given; ``"self"``: the memory
