@@ -38,6 +38,8 @@ __all__ = [
     "segment_products_log",
     "ut_apply",
     "objective_gradient",
+    "check_objective",
+    "OBJECTIVES",
 ]
 
 
@@ -314,3 +316,18 @@ def objective_gradient(objective: str, diff: Tensor, *, p: float | None = None,
         d = 1.0 if delta is None else delta
         return diff.clamp(-d, d)
     raise ValueError(f"objective {objective!r} has no residual gradient")
+
+
+#: the objectives of the in-context memories that take more than l2 and dot
+OBJECTIVES = ("l2", "dot", "l1", "lp", "huber")
+
+
+def check_objective(op: str, objective: str, p: float | None, delta: float | None) -> None:
+    """An objective of :data:`OBJECTIVES` with its parameter: ``lp``'s exponent ``p >= 1`` (required),
+    ``huber``'s threshold ``delta > 0`` (optional, default 1); no parameter for the others."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"{op}: objective must be one of {OBJECTIVES}, got {objective!r}")
+    if (p is not None) != (objective == "lp") or (p is not None and not p >= 1):
+        raise ValueError(f"{op}: objective 'lp' takes an exponent p >= 1 (and only it), got p={p!r}")
+    if delta is not None and (objective != "huber" or not delta > 0):
+        raise ValueError(f"{op}: delta is the threshold of objective 'huber', a number > 0, got {delta!r}")

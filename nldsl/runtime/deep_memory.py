@@ -117,6 +117,7 @@ from nldsl.runtime._activations import (
 from nldsl.runtime._common import (
     MemoryOutput,
     check_chunk_size,
+    check_objective,
     compute_dtype,
     dispatch,
     objective_gradient,
@@ -139,7 +140,6 @@ __all__ = [
 ]
 
 _OP = "mlp_memory"
-OBJECTIVES = ("l2", "dot", "l1", "lp", "huber")
 
 
 class DeepMemoryState(NamedTuple):
@@ -544,12 +544,7 @@ def mlp_memory(
     C = check_chunk_size(_OP, chunk_size)
     if read not in ("anchor", "running"):
         raise ValueError(f"{_OP}: read must be 'anchor' or 'running', got {read!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"{_OP}: objective must be one of {OBJECTIVES}, got {objective!r}")
-    if (p is not None) != (objective == "lp") or (p is not None and not p >= 1):
-        raise ValueError(f"{_OP}: objective 'lp' takes an exponent p >= 1 (and only it), got p={p!r}")
-    if delta is not None and (objective != "huber" or not delta > 0):
-        raise ValueError(f"{_OP}: delta is the threshold of objective 'huber', a number > 0, got {delta!r}")
+    check_objective(_OP, objective, p, delta)
     if impl == "triton" and objective not in ("l2", "dot"):
         raise ValueError(f"{_OP}: the Triton kernel takes the l2 or dot objective; use impl='chunked' for "
                          f"{objective!r}")

@@ -66,6 +66,7 @@ from torch import Tensor
 from nldsl.runtime._common import (
     MemoryOutput,
     check_chunk_size,
+    check_objective,
     check_gate,
     check_qkv,
     check_state,
@@ -81,7 +82,6 @@ from nldsl.runtime._common import (
 __all__ = ["titans_linear", "TitansState"]
 
 _OP = "titans_linear"
-OBJECTIVES = ("l2", "dot", "l1", "lp", "huber")
 
 
 class TitansState(NamedTuple):
@@ -140,12 +140,7 @@ def titans_linear(
     C = check_chunk_size(_OP, chunk_size)
     if read not in ("running", "anchor"):
         raise ValueError(f"{_OP}: read must be 'running' or 'anchor', got {read!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"{_OP}: objective must be one of {OBJECTIVES}, got {objective!r}")
-    if (p is not None) != (objective == "lp") or (p is not None and not p >= 1):
-        raise ValueError(f"{_OP}: objective 'lp' takes an exponent p >= 1 (and only it), got p={p!r}")
-    if delta is not None and (objective != "huber" or not delta > 0):
-        raise ValueError(f"{_OP}: delta is the threshold of objective 'huber', a number > 0, got {delta!r}")
+    check_objective(_OP, objective, p, delta)
     scale = resolve_scale(_OP, scale, K)
     fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked})
     shape = (B, H, K, V)
