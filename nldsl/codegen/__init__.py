@@ -229,6 +229,11 @@ def write_package(path: str | Path, out_dir: str | Path) -> list[Path]:
     kernels = _kernels(analysis)
     if kernels is not None:
         files["kernels.py"] = kernels.source
+    gaps = None
+    if kernels is None and analysis.ir.models:  # why no memory has kernels, for impl='triton' to say
+        from nldsl.codegen.kernels import kernel_gaps
+
+        gaps = kernel_gaps(analysis) or None
     import hashlib
 
     manifest = {
@@ -237,6 +242,7 @@ def write_package(path: str | Path, out_dir: str | Path) -> list[Path]:
         "spec_sha256": gen.sha256,
         "module": "module.py",
         **({"kernels": "kernels.py", "triton": kernels.exports} if kernels is not None else {}),
+        **({"no_kernels": gaps} if gaps else {}),
         "classes": [{**c, "hyperparameters": {k: list(v) if isinstance(v, tuple) else v
                                               for k, v in c["hyperparameters"].items()}}
                     for c in gen.classes],

@@ -14,6 +14,7 @@ Nothing here imports triton at module import time; the generated file does.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -621,6 +622,14 @@ def register_kernel_gaps(module_name: str, gaps: dict[str, str]) -> None:
     _GAPS[module_name] = dict(gaps)
 
 
+def _written_gaps(kernels_path: Path) -> dict | None:
+    """The reasons ``nldsl compile`` wrote into ``manifest.json`` for a spec without kernels."""
+    try:
+        return json.loads(kernels_path.with_name("manifest.json").read_text(encoding="utf-8")).get("no_kernels")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def spec_kernels(module_name: str, module_file: str | None, spec_sha256: str):
     """The kernels module of a generated model module: registered in process by
     :func:`nldsl.compile`, or ``kernels.py`` beside the module file that ``nldsl compile`` wrote."""
@@ -635,8 +644,9 @@ def spec_kernels(module_name: str, module_file: str | None, spec_sha256: str):
             path = Path(module_file).with_name("kernels.py") if module_file and os.path.isfile(module_file) else None
             if path is None or not path.is_file():
                 where = f"no kernels.py beside {module_file}" if path is not None else "none generated"
-                if _GAPS.get(module_name):
-                    where = "none generated: " + "; ".join(f"`{n}`: {why}" for n, why in _GAPS[module_name].items())
+                gaps = _GAPS.get(module_name) or (_written_gaps(path) if path is not None else None)
+                if gaps:
+                    where = "none generated: " + "; ".join(f"`{n}`: {why}" for n, why in gaps.items())
                 raise RuntimeError(
                     f"impl='triton': no Triton kernels for {module_name} ({where}): kernels are generated for "
                     "specs with linear memories under the Hebbian, delta, gated delta or DGD rule, two-layer "

@@ -161,6 +161,25 @@ def test_written_kernels_load_from_the_module_file(tmp_path):
 
 
 @needs_triton
+def test_a_written_package_without_kernels_says_why(tmp_path):
+    """A spec none of whose memories has kernels gets no kernels.py; `nldsl compile` writes the
+    reasons into manifest.json, and impl='triton' names each memory and why."""
+    spec = tmp_path / "heb.nl"
+    spec.write_text("model Heb {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 1\n  context = 64\n"
+                    "  level outer : steps every 1\n  level fast : tokens every 1\n"
+                    "  memory mem in fast : linear { objective dot }\n  block = residual(rmsnorm -> mem)\n}\n")
+    out = tmp_path / "out"
+    assert [p.name for p in write_package(spec, out)] == ["module.py", "spec.resolved.nl", "manifest.json"]
+    assert "read before the write" in json.loads((out / "manifest.json").read_text())["no_kernels"]["Heb.mem"]
+    loaded = importlib.util.spec_from_file_location("heb_written", out / "module.py")
+    mod = importlib.util.module_from_spec(loaded)
+    sys.modules["heb_written"] = mod
+    loaded.loader.exec_module(mod)
+    with pytest.raises(RuntimeError, match=r"none generated: `Heb.mem`: its read before the write"):
+        mod.Heb(impl="triton")
+
+
+@needs_triton
 def test_ops_are_registered_and_tracebacks_show_generated_lines():
     import traceback
 
