@@ -182,16 +182,15 @@ def compile_spec(path: str | Path):
     spec_dir = str(Path(path).resolve().parent)
     key = gen.sha256 + ":" + gen.spec_name + ":" + spec_dir
     if key not in _LOADED:
-        kernels = _kernels(analysis)
+        kernels, gaps = _kernels(analysis)
         if kernels is not None:  # imported on first use of impl='triton' (no triton needed before)
             from nldsl.runtime._triton import register_kernel_source
 
             register_kernel_source(gen.module_name, kernels.source, gen.filename[:-1] + ":kernels>")
-        elif analysis.ir.models:  # none: impl='triton' says why, memory by memory
-            from nldsl.codegen.kernels import kernel_gaps
+        elif gaps:  # none: impl='triton' says why, memory by memory
             from nldsl.runtime._triton import register_kernel_gaps
 
-            register_kernel_gaps(gen.module_name, kernel_gaps(analysis))
+            register_kernel_gaps(gen.module_name, gaps)
         module = load_module(gen.source, gen.module_name, filename=gen.filename)
         from nldsl.nn.model import NSAMModel
 
@@ -204,12 +203,13 @@ def compile_spec(path: str | Path):
 
 
 def _kernels(analysis):
-    """The spec's Triton kernels file (see :mod:`nldsl.codegen.kernels`), or None."""
+    """The spec's Triton kernels file (see :mod:`nldsl.codegen.kernels`) or None, and why each
+    memory without a kernel has none."""
     if not analysis.ir.models:
-        return None
-    from nldsl.codegen.kernels import generate_kernels
+        return None, {}
+    from nldsl.codegen.kernels import kernels_and_gaps
 
-    return generate_kernels(analysis)
+    return kernels_and_gaps(analysis)
 
 
 def write_package(path: str | Path, out_dir: str | Path) -> list[Path]:
@@ -226,14 +226,9 @@ def write_package(path: str | Path, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     resolved = format_file(resolved_tree(analysis.ir, analysis.ast))
     files = {"module.py": gen.source, "spec.resolved.nl": resolved}
-    kernels = _kernels(analysis)
+    kernels, gaps = _kernels(analysis)
     if kernels is not None:
         files["kernels.py"] = kernels.source
-    gaps = None
-    if kernels is None and analysis.ir.models:  # why no memory has kernels, for impl='triton' to say
-        from nldsl.codegen.kernels import kernel_gaps
-
-        gaps = kernel_gaps(analysis) or None
     import hashlib
 
     manifest = {
@@ -242,7 +237,7 @@ def write_package(path: str | Path, out_dir: str | Path) -> list[Path]:
         "spec_sha256": gen.sha256,
         "module": "module.py",
         **({"kernels": "kernels.py", "triton": kernels.exports} if kernels is not None else {}),
-        **({"no_kernels": gaps} if gaps else {}),
+        **({"no_kernels": gaps} if kernels is None and gaps else {}),  # why, for impl='triton' to say
         "classes": [{**c, "hyperparameters": {k: list(v) if isinstance(v, tuple) else v
                                               for k, v in c["hyperparameters"].items()}}
                     for c in gen.classes],

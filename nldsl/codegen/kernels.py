@@ -34,7 +34,7 @@ from nldsl.codegen.naming import sanitize
 from nldsl.codegen.render import docstring, environment, header
 
 __all__ = ["GeneratedKernels", "KernelPart", "LinearKernelSpec", "MlpKernelSpec", "PART_PLANNERS", "generate_kernels",
-           "kernel_gaps", "kernel_residual", "linear_kernel", "linear_part", "mlp_kernel", "mlp_part", "mlp_tile",
+           "kernel_residual", "kernels_and_gaps", "linear_kernel", "linear_part", "mlp_kernel", "mlp_part", "mlp_tile",
            "render_kernels"]
 
 
@@ -439,9 +439,15 @@ PART_PLANNERS.append(_mlp_planner)
 
 def generate_kernels(analysis) -> GeneratedKernels | None:
     """The kernels file of a checked spec, or None when none of its memories has a Triton path."""
+    return kernels_and_gaps(analysis)[0]
+
+
+def kernels_and_gaps(analysis) -> tuple[GeneratedKernels | None, dict[str, str]]:
+    """:func:`generate_kernels` and, from the same planning, why each memory without a kernel has
+    none (``{"Model.memory": reason}``: what ``impl='triton'`` says when no memory has one)."""
     parts, missing, ctx = _plan_kernels(analysis)
     if not parts:
-        return None
+        return None, missing
     names = ", ".join(name for part in parts for name, _ in part.exports)
     paragraphs = [f"Triton kernels generated from {ctx.label} for: {names}."]
     templates = {part.template for part in parts}
@@ -459,13 +465,8 @@ def generate_kernels(analysis) -> GeneratedKernels | None:
     paragraphs.append("Select them with the model's ``impl='triton'``; conventions: docs/kernels.md.")
     doc = "\n\n".join(paragraphs)
     source = render_kernels(parts, label=ctx.label, sha256=ctx.sha256, doc=doc, missing=missing)
-    return GeneratedKernels(source=source, exports=[n for part in parts for n, _ in part.exports], missing=missing)
-
-
-def kernel_gaps(analysis) -> dict[str, str]:
-    """``{"Model.memory": why it has no kernel}`` for the memories of a checked spec that have
-    none (what a model built with ``impl='triton'`` is told when none of them has one)."""
-    return _plan_kernels(analysis)[1]
+    return GeneratedKernels(source=source, exports=[n for part in parts for n, _ in part.exports],
+                            missing=missing), missing
 
 
 def _plan_kernels(analysis):
