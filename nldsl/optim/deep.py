@@ -43,9 +43,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from nldsl.optim.memory import OBJECTIVES
 from nldsl.optim.tensorlist import TensorList, as_tensor_list, is_number
-from nldsl.runtime._common import objective_gradient
+from nldsl.runtime._common import OBJECTIVES, objective_gradient
 
 CHUNK = 1 << 16  # coordinates per pass: a pass's hidden activations stay in cache
 

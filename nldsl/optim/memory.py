@@ -42,9 +42,7 @@ import torch
 from torch import Tensor
 
 from nldsl.optim.tensorlist import Scalars, TensorList, _axpy, _is_one, as_tensor_list, is_number
-from nldsl.runtime._common import objective_gradient
-
-OBJECTIVES = ("dot", "l2", "l1", "lp", "huber")
+from nldsl.runtime._common import OBJECTIVES, objective_gradient
 
 
 def chunk_key(name: str) -> str:

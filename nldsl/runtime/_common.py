@@ -318,8 +318,8 @@ def objective_gradient(objective: str, diff: Tensor, *, p: float | None = None,
     raise ValueError(f"objective {objective!r} has no residual gradient")
 
 
-#: the objectives of the in-context memories that take more than l2 and dot
-OBJECTIVES = ("l2", "dot", "l1", "lp", "huber")
+#: the objectives of :func:`objective_gradient` (and of the memories that take more than l2 and dot)
+OBJECTIVES = ("dot", "l2", "l1", "lp", "huber")
 
 
 def check_objective(op: str, objective: str, p: float | None, delta: float | None) -> None:
