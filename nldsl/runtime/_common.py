@@ -38,6 +38,7 @@ __all__ = [
     "segment_products_log",
     "ut_apply",
     "objective_gradient",
+    "output_error",
     "check_objective",
     "OBJECTIVES",
 ]
@@ -316,6 +317,15 @@ def objective_gradient(objective: str, diff: Tensor, *, p: float | None = None,
         d = 1.0 if delta is None else delta
         return diff.clamp(-d, d)
     raise ValueError(f"objective {objective!r} has no residual gradient")
+
+
+def output_error(y: Tensor | None, target: Tensor, objective: str, p: float | None = None,
+                 delta: float | None = None) -> Tensor:
+    """The objective's gradient at the memory's output ``y``: ``-target`` for dot (``y`` unused,
+    may be None), else :func:`objective_gradient` of the residual ``y - target``."""
+    if objective == "dot":
+        return -target
+    return objective_gradient(objective, y - target, p=p, delta=delta)
 
 
 #: the objectives of :func:`objective_gradient` (and of the memories that take more than l2 and dot)

@@ -120,7 +120,7 @@ from nldsl.runtime._common import (
     check_objective,
     compute_dtype,
     dispatch,
-    objective_gradient,
+    output_error,
     segment_products,
     ut_apply,
 )
@@ -244,14 +244,6 @@ def mlp_backward(ws: Sequence[Tensor], hs: Sequence[Tensor], eps: Tensor, act: s
         d = hidden_backward(_bmm(d, ws[i]), hs[i - 1], act)
         es[i - 1] = d
     return es
-
-
-def output_error(y: Tensor, target: Tensor, objective: str, p: Optional[float] = None,
-                 delta: Optional[float] = None) -> Tensor:
-    """The objective's gradient at the output: ``-target`` (dot), else of the residual ``y - target``."""
-    if objective == "dot":
-        return -target
-    return objective_gradient(objective, y - target, p=p, delta=delta)
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,14 +66,14 @@ from torch import Tensor
 from nldsl.runtime._common import (
     MemoryOutput,
     check_chunk_size,
-    check_objective,
     check_gate,
+    check_objective,
     check_qkv,
     check_state,
     compute_dtype,
     dispatch,
     from_chunks,
-    objective_gradient,
+    output_error,
     resolve_scale,
     segment_products,
     to_chunks,
@@ -173,9 +173,9 @@ def titans_linear(
 
 
 def _error(k: Tensor, A: Tensor, v: Tensor, *, objective: str, p, delta) -> Tensor:
-    """The objective's gradient with respect to the read at the anchor, ``e`` (``-v`` for dot, else
-    of the residual ``M_a(k) - v``). ``k`` ``[..., L, K]``, ``A`` ``[..., K, V]``, ``v`` ``[..., L, V]``."""
-    return -v if objective == "dot" else objective_gradient(objective, k @ A - v, p=p, delta=delta)
+    """The objective's gradient with respect to the read ``M_a(k)`` at the anchor (not computed for
+    dot, whose gradient has none). ``k`` ``[..., L, K]``, ``A`` ``[..., K, V]``, ``v`` ``[..., L, V]``."""
+    return output_error(None if objective == "dot" else k @ A, v, objective, p, delta)
 
 
 def _reference(q, k, v, gates, scale, state, dt, C, read_anchor, error):
