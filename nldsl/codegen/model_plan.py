@@ -84,6 +84,15 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
     return None
 
 
+def _objective_parameter(objective: M.Objective) -> str:
+    """The keyword argument of the lp / huber objective's parameter (``p=3.0, ``), or nothing."""
+    if objective.kind == "lp":
+        return f"p={_repr(float(objective.p))}, "
+    if objective.kind == "huber" and objective.delta is not None:
+        return f"delta={_repr(float(objective.delta))}, "
+    return ""
+
+
 class Planner:
     def __init__(self, model: M.Model, spans: dict, file: str, display_file: str):
         self.model = model
@@ -149,12 +158,8 @@ class Planner:
         if problems:
             return None
         mom = self._rate(mem.momentum.kind, mem.momentum.beta)
-        robust = ""  # the lp / huber objective's parameter
-        if obj == "lp":
-            robust = f"p={_repr(float(mem.objective.p))}, "
-        elif obj == "huber" and mem.objective.delta is not None:
-            robust = f"delta={_repr(float(mem.objective.delta))}, "
-        common = (f"objective={obj!r}, {robust}rule={rule!r}, momentum={mom}, read={_repr(mem.read)}, "
+        common = (f"objective={obj!r}, {_objective_parameter(mem.objective)}rule={rule!r}, momentum={mom}, "
+                  f"read={_repr(mem.read)}, "
                   f"qk_norm={_repr(mem.qk_norm)}, v_norm={_repr(mem.v_norm)}, conv={_repr(mem.conv)}, "
                   f"hidden_norm={_repr(mem.structure.norm)}, detach={_repr(mem.writes == 'detached')}, "
                   f"scope={_repr(level.scope)}, impl=config.impl, "
@@ -284,11 +289,7 @@ class Planner:
                 return None
         objective = ""
         if op in ("titans_linear", "dgd"):  # the ops that take more than one objective
-            objective = f"objective={obj!r}, "
-            if obj == "lp":
-                objective += f"p={_repr(float(mem.objective.p))}, "
-            elif obj == "huber" and mem.objective.delta is not None:
-                objective += f"delta={_repr(float(mem.objective.delta))}, "
+            objective = f"objective={obj!r}, {_objective_parameter(mem.objective)}"
         return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, {objective}lr={lr}, retention={ret}, "
                 f"momentum={mom}, chunk_size={period!r}, qk_norm={_repr(mem.qk_norm)}, conv={_repr(mem.conv)}, "
                 f"init={_repr(init)}, detach={_repr(mem.writes == 'detached')}, "
