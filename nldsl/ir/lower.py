@@ -875,8 +875,7 @@ class Lowerer:
     def _block_spans(self, owner: str, e: A.Expr) -> None:
         for n in names_in(e):
             self.ctx.spans.setdefault((owner, "block", n.id), n.span)
-        for c in calls_in(e):
-            self.ctx.spans.setdefault((owner, "block", "call", c.func), c.span)
+        self._call_spans((owner, "block"), e)
 
     def _call_spans(self, key: tuple, e: A.Expr) -> None:
         """Where each call of ``e`` (the first of a name) and its keyword arguments are written."""
