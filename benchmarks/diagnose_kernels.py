@@ -9,8 +9,10 @@ memory; float64 in the interpreter), for each launch configuration asked for.
     python benchmarks/diagnose_kernels.py --configs default '*:w2' 'wu:w2,s1'
 
 On an H200 (Triton 3.6, bfloat16, K=V=128, chunks of 64) this found the output kernel wrong at 4
-warps (o off by twice its largest value, every intermediate right) and everything right at 2:
-``runtime._triton.chained_dot_warps``.
+warps (o off by twice its largest value, every intermediate right) and everything right at 2;
+after the chunk states were stored in bfloat16 and the solve changed, every configuration it
+tried (2, 4 and 8 warps for the output and gradient kernels) was right, so they launch at the
+defaults again (benchmarks/README.md).
 
 A configuration is ``default`` or ``STAGE:OPTIONS[;STAGE:OPTIONS...]`` with STAGE a kernel's
 last name part (kkt, solve, wu, states, output, state_grads, chunk_grads) or ``*`` for all, and

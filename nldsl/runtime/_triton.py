@@ -70,26 +70,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def chained_dot_warps(dtype: torch.dtype, dot: str, default: int, *, chunk: int, width: int) -> int:
-    """``num_warps`` for a kernel that feeds one ``tl.dot``'s result into another (the linear
-    ``output`` and ``chunk_grads``): 2 where the products run on tensor cores (16-bit inputs, or
-    TF32) on tiles of at least 64 tokens by 128 columns (``chunk``, ``width`` = the larger padded
-    head size), the size a miscompile was seen at, else ``default``.
-
-    On an H200 with Triton 3.6, bfloat16, K=V=128 and chunks of 64, the output kernel at 4 warps
-    returned wrong outputs (an illegal memory access at another length) while every intermediate
-    before it was right; with it and the gradient kernel at 2 warps every output and gradient
-    matched (benchmarks/diagnose_kernels.py). Smaller tiles were right at the defaults (the kernel
-    tests' heads of 12 to 40, chunks of 16 to 128; K=V=128 in chunks of 32); heads of 64 in
-    chunks of 64 have not been on a GPU. flash-linear-attention keeps its Hopper kernels of this
-    kind at 2-4 warps for miscompiles of the same family. The price: at K=V=128 the gradient
-    kernel spills heavily at 2 warps (ptxas for sm_90, Triton 3.9: about 55 KB a thread against
-    1.6 KB at 8), so whether 4 or 8 warps are also right there is the next GPU run's question
-    (gpu_checks.sh runs the diagnosis)."""
-    tensor_cores = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and dot == "tf32")
-    return 2 if tensor_cores and chunk >= 64 and width >= 128 else default
-
-
 def contiguous(*tensors):
     """The tensors made contiguous (None stays None): the kernels compute row offsets from shapes."""
     return tuple(None if t is None else t.contiguous() for t in tensors)

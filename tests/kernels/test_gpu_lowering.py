@@ -100,11 +100,10 @@ def test_launch_traces_whole_under_torch_compile(monkeypatch):
     assert _triton._STAGES == before  # the eager-only bookkeeping was not traced
 
 
-def test_launch_overrides_by_stage_and_tensor_core_warps(monkeypatch):
+def test_launch_overrides_by_stage(monkeypatch):
     """Launch overrides (what diagnose_kernels.py and bench_triton --launch set) go over a launch's
     own options within their block, ``*`` for every kernel and a stage for the kernels whose name
-    ends in it; a malformed configuration is refused; kernels that chain products run at 2 warps
-    where the products use tensor cores on tiles as wide as the one a miscompile was seen at."""
+    ends in it; a malformed configuration is refused."""
     import torch
     import torch.library
 
@@ -135,9 +134,3 @@ def test_launch_overrides_by_stage_and_tensor_core_warps(monkeypatch):
     for bad in ("w2", "*:x2", "*:w", ":w2"):
         with pytest.raises(ValueError, match="expected STAGE:OPTIONS"), _triton.launch_overrides(bad):
             pass
-    assert [_triton.chained_dot_warps(dtype, dot, 8, chunk=64, width=128) for dtype, dot in
-            ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee"),
-             (torch.float64, "ieee"))] == [2, 2, 2, 8, 8]
-    # below the tiles the miscompile was seen at: chunks of 32, or heads padded to 64 or less
-    assert [_triton.chained_dot_warps(torch.bfloat16, "ieee", 8, chunk=c, width=w)
-            for c, w in ((32, 128), (128, 32), (64, 64), (128, 256))] == [8, 8, 8, 2]

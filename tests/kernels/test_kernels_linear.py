@@ -41,7 +41,7 @@ CASES = [
     (S("dgd_p64", "dgd", lr="tensor", chunk=64, period=64), 1, 70, 1, True),
     # the benchmark's head size and chunk (bench_triton.py): [64, 128] tiles, four value tiles
     (S("gdelta_k128", "delta", K=128, V=128, lr="tensor", decay="tensor", chunk=64), 1, 80, 2, True),
-    # heads of 64 in chunks of 64, which keep the default warps (runtime._triton.chained_dot_warps)
+    # heads of 64 in chunks of 64
     (S("delta_k64", "delta", K=64, V=64, lr="gate", qk_l2norm=True, chunk=64), 1, 70, 2, True),
 ]
 
