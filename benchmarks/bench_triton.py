@@ -16,9 +16,9 @@ same inputs (keys L2-normalised, beta and the log retention computed outside, ch
 allocation during one forward+backward minus what was allocated before it. Once per T, every
 delta / gated-delta row's output and gradients are compared with nldsl's chunked PyTorch path in
 float64 on the same (rounded) inputs: the largest difference relative to the largest value, the
-worst of the six tensors, so a disagreement between nldsl and fla says which one is off. A row
-whose kernel refuses to run (fla refuses its gated backward on Hopper with some Triton versions)
-says why, and the others go on. ``--launch CONFIG...`` adds the nldsl rows again under other
+worst of the six tensors (the row's last column), so a disagreement between nldsl and fla says
+which one is off. A row whose kernel refuses to run (fla refuses its gated backward on Hopper
+with some Triton versions) says why, and the others go on. ``--launch CONFIG...`` adds the nldsl rows again under other
 launch configurations (num_warps, num_stages per kernel), each checked like the others;
 ``--kernels N`` prints each row's N costliest GPU kernels under it.
 
@@ -219,7 +219,7 @@ def gpu_bench(args) -> int:
     H, D = args.heads, args.head_dim
     print(f"{where}; torch {torch.__version__}, {args.dtype}, H={H}, K=V={D}, B = max(1, {args.tokens} // T)")
     if not args.deep_only:
-        header = f"{'T':>6} {'B':>3}  {'kernel':26s} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9}"
+        header = f"{'T':>6} {'B':>3}  {'kernel':26s} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9}  error"
         print(header)
         print("-" * len(header))
     summary = []
@@ -253,7 +253,7 @@ def gpu_bench(args) -> int:
             wide = [t.detach().double().requires_grad_() for t in (q, k, v, beta, g)[:n]]
             o = op(*wide, impl="chunked").o
             refs[rule] = [o.detach(), *torch.autograd.grad(o, wide, do.double())]
-        results, errors = {}, {}
+        results, errors, tol = {}, {}, _TOLERANCE[args.dtype]
         for name, forward in rows.items():
             grad_out = do.transpose(1, 2) if name.startswith("torch") else do
             used = [qt, kt, vt] if name.startswith("torch") else inputs
@@ -289,11 +289,13 @@ def gpu_bench(args) -> int:
                 t_fwd = timer(fwd)
             t_all = timer(fwd_bwd)
             results[name] = (t_fwd, t_all)
-            print(f"{T:>6} {B:>3}  {name:26s} {t_fwd:8.2f} {t_all:11.2f} {peak:9.0f}")
+            # the check on the row itself, so a run cut short still says whether its timings count
+            err, label = errors.get(name, (None, ""))
+            check = "" if err is None else f"  {err:.0e} ({label})" + ("" if err <= tol else " EXCEEDS")
+            print(f"{T:>6} {B:>3}  {name:26s} {t_fwd:8.2f} {t_all:11.2f} {peak:9.0f}{check}")
             if args.kernels:
                 print("\n".join(_kernel_breakdown(fwd_bwd, args.kernels)))
         if errors:
-            tol = _TOLERANCE[args.dtype]
             summary.append(f"T={T}: output and gradients vs the float64 chunked path (largest difference / largest "
                            "value, the worst of o, dq, dk, dv, dbeta, dg): "
                            + ", ".join(f"{n} {e:.1e} ({label})" + (f" EXCEEDS {tol:g}" if not e <= tol else "")

@@ -32,7 +32,8 @@ RUNS = {
     "bench_triton --rehearse": (["--rehearse", "--T", "40", "--tokens", "80", "--heads", "2", "--head-dim", "16",
                                  "--deep-T", "40", "--deep-head-dim", "8", "--dtype", "float32", "--kernels", "2",
                                  "--launch", "solve:w2"],
-                                ["output and gradients vs the float64 chunked path", "nldsl gated delta (triton)",
+                                ["output and gradients vs the float64 chunked path", "peak MiB  error",
+                                 "nldsl gated delta (triton)",
                                  "mlp_memory impl='triton'", "GPU busy in all", "nldsl delta (triton) [solve:w2]"]),
     # the deep rows alone (gpu_checks.sh runs them as a step of their own)
     "bench_triton --rehearse --deep-only": (["--rehearse", "--deep-only", "--heads", "2", "--tokens", "80",
