@@ -7,18 +7,17 @@
 #
 #     bash benchmarks/gpu_checks.sh [LOG_DIR [STEP...]]   # logs: LOG_DIR/{env,STEP}.log
 #
-# STEPs (all, in this order, when none is named): diagnose diagnose_k64 bench_triton models_graph
-# models_chunked tests models_triton bench_triton_deep bench_triton_launch; a lease too short for
-# all of them can take them in two calls. Seen on an H200 (cold Triton cache): bench_triton 206 s, tests 115 s
-# (pytest-xdist, 8 workers), models_graph 88 s, bench_triton_deep 51 s, a diagnosis of 15
-# configurations about 150 s; with the machine's start (about a minute), `diagnose diagnose_k64
-# bench_triton` then `tests models_graph bench_triton_deep` fit a 15-minute lease.
+# STEPs (all, in this order, when none is named): tests bench_triton models_graph models_triton
+# bench_triton_deep bench_triton_launch diagnose diagnose_k64 models_chunked; a lease too short for
+# all of them can take them in two calls. Seen on an H200 (Triton cache cold each time): tests
+# 118-135 s (pytest-xdist, 8 workers), a diagnosis of 6 configurations 143 s, bench_triton about
+# 200 s, models_graph 88 s, bench_triton_deep 51 s; a machine's start took 30 s to a minute.
 # Each step has a time limit, so a hang in one still leaves the others' numbers.
 set -u
 logs=${1:-gpu-checks}
 shift $(($# > 0))
-all="diagnose diagnose_k64 bench_triton models_graph models_chunked tests models_triton bench_triton_deep
-     bench_triton_launch"
+all="tests bench_triton models_graph models_triton bench_triton_deep bench_triton_launch diagnose diagnose_k64
+     models_chunked"
 wanted=" $(echo ${*:-$all}) "  # one space between names
 mkdir -p "$logs"
 py=${PYTHON:-python3}
@@ -44,24 +43,10 @@ try:
 except ImportError as e:
     print('no flash-linear-attention:', e)
 "
-# in order of what a short lease most needs answered: which launch configurations of the chaining
-# kernels are right at the benchmark's tiles (runtime._triton.chained_dot_warps ships 2 warps there,
-# right but spilling), how far from fla's speed, what Hope's step costs without its launches, then
-# the rest (--kernels: where each side's time goes, kernel by kernel)
-step diagnose "${DIAGNOSE_LIMIT:-240}" "$py" benchmarks/diagnose_kernels.py --jobs 8 --timeout 200 \
-    --configs default 'output:w4' 'output:w8' 'chunk_grads:w4' 'chunk_grads:w8' '*:w4;chunk_grads:w8'
-# ... and at heads of 64, which keep the defaults (never run on a GPU in chunks of 64)
-step diagnose_k64 "${DIAGNOSE_LIMIT:-240}" "$py" benchmarks/diagnose_kernels.py --jobs 8 --timeout 200 --K 64 \
-    --configs default 'output:w2;chunk_grads:w2'
-step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py --no-deep --kernels 8
-models() {  # models NAME ARGS...: the model benchmark on the GPU
-    local name=$1
-    shift
-    TAIL=14 step "models_$name" "${MODELS_LIMIT:-150}" "$py" benchmarks/bench_models.py --device cuda \
-        --clock wall --warmup 2 --reps 3 "$@"
-}
-models graph --cuda-graph --state fresh   # Hope's step is launch-bound: what it costs without the launches
-models chunked
+# in order of what a short lease most needs answered: whether every kernel is right on this GPU
+# (float32 and bfloat16, torch.compile through the triton_op registration), how far from fla's
+# speed (--kernels: where each side's time goes, kernel by kernel), what Hope's step costs
+# without its launches, then launch configurations to tune with and the compiler diagnosis
 parallel=()
 # on xdist workers a sticky CUDA error (an illegal memory access) ends only its worker, which xdist
 # replaces (tests/device_faults.py); in one process it ends the run
@@ -70,8 +55,24 @@ parallel=()
 # no -q: pyproject's addopts has one, and a second drops the passed / failed count)
 TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -p no:cacheprovider --tb=short -rfEs \
     -k "not compiles_for_a_gpu" "${parallel[@]}"
+step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py --no-deep --kernels 8
+models() {  # models NAME ARGS...: the model benchmark on the GPU
+    local name=$1
+    shift
+    TAIL=14 step "models_$name" "${MODELS_LIMIT:-150}" "$py" benchmarks/bench_models.py --device cuda \
+        --clock wall --warmup 2 --reps 3 "$@"
+}
+models graph --cuda-graph --state fresh   # Hope's step is launch-bound: what it costs without the launches
 models triton --impl triton
 step bench_triton_deep "${DEEP_LIMIT:-120}" "$py" benchmarks/bench_triton.py --deep-only   # the MLP kernel's rows
-# launch configurations to try against the shipped ones at 8k (the ones flash-linear-attention tunes over)
+# launch configurations to try against the shipped ones at 8k (the ones flash-linear-attention tunes over;
+# the gated gradient kernel took twice the plain one's time at 8 warps)
 step bench_triton_launch "${LAUNCH_LIMIT:-150}" "$py" benchmarks/bench_triton.py --no-deep --no-sdpa --T 8192 \
-    --launch 'solve:w1' 'solve:w8' 'states:w2' 'states:w8' '*:s2' '*:s4'
+    --launch 'solve:w1' 'states:w2' 'states:w8' 'state_grads:w8' 'chunk_grads:w4' '*:s2' '*:s4'
+# which kernel this GPU's compiler gets wrong, if any, at the benchmark's tiles (K=V=128, chunks of
+# 64; wrong at 4 warps for the output kernel once, right at 2, 4 and 8 since) and at heads of 64
+step diagnose "${DIAGNOSE_LIMIT:-240}" "$py" benchmarks/diagnose_kernels.py --jobs 8 --timeout 200 \
+    --configs default '*:w2' '*:w8'
+step diagnose_k64 "${DIAGNOSE_LIMIT:-240}" "$py" benchmarks/diagnose_kernels.py --jobs 8 --timeout 200 --K 64 \
+    --configs default '*:w2'
+models chunked
