@@ -18,9 +18,9 @@ delta / gated-delta row's output and gradients are compared with nldsl's chunked
 float64 on the same (rounded) inputs: the largest difference relative to the largest value, the
 worst of the six tensors (the row's last column), so a disagreement between nldsl and fla says
 which one is off. A row whose kernel refuses to run (fla refuses its gated backward on Hopper
-with some Triton versions) says why, and the others go on. ``--launch CONFIG...`` adds the nldsl rows again under other
-launch configurations (num_warps, num_stages per kernel), each checked like the others;
-``--kernels N`` prints each row's N costliest GPU kernels under it.
+with some Triton versions) says why, and the others go on. ``--launch CONFIG...`` adds the nldsl
+rows again under other launch configurations (num_warps, num_stages per kernel), each checked
+like the others; ``--kernels N`` prints each row's N costliest GPU kernels under it.
 
 Deep memory (unless --no-deep; float32, Titans' memory M(x) = x + W_out silu(W_in x), K = V =
 --deep-head-dim, hidden 4x, chunks of 64 tokens, B = max(1, --tokens // T), H = --heads): the
