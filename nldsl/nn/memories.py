@@ -89,7 +89,7 @@ class LinearMemory(nn.Module):
     retention: ``linear_attention`` (dot objective, Hebbian), ``delta_rule`` / ``gated_delta_rule``
     (L2 objective, per-token GD), ``titans_linear`` (L2 with momentum or mini-batch chunks),
     ``dgd`` (delta gradient descent), ``omega_rule`` (sliding window of cached inputs).
-    ``objective`` (``titans_linear``, ``dgd``): ``"l2"``; ``"dot"`` (a Hebbian write); with
+    ``objective`` (``titans_linear``, ``dgd``, ``omega_rule``): ``"l2"``; ``"dot"`` (a Hebbian write); with
     ``titans_linear`` also ``"l1"``, ``"lp"`` (exponent ``p``), ``"huber"`` (threshold ``delta``).
 
     ``lr`` / ``retention`` / ``momentum``: ``"gate"`` (a per-token, per-head gate from a
@@ -240,7 +240,7 @@ class LinearMemory(nn.Module):
         elif self.op == "omega_rule":
             keep = self._rate(self.retention_gate, self.retention, x)
             o, S = runtime.omega_rule(q, write_k, write_v, lr, 1.0 if keep is None else keep,
-                                      window=self.window, **common)
+                                      window=self.window, objective=self.objective, **common)
         else:
             raise ValueError(f"LinearMemory: unknown op {self.op!r}")
         new["S"] = S

@@ -22,6 +22,11 @@ With the state stored transposed as flash-linear-attention does, ``S = M^T`` (``
   ``S_t = alpha_t S_{t-1} - gamma_t k_t (k_t^T S_{t-1} - v_t^T)``; a window spanning the whole
   context with ``alpha = 1`` is gradient descent on the global least-squares objective.
 
+Objective ``"dot"`` (``-<M k, v>``, the Hebbian one): its gradient ``-v k^T`` does not depend on
+the state, so the window only repeats each token's write, ``c`` times at most:
+
+    S_t = alpha_t S_{t-1} + sum_{i in W_t} gamma_i k_i v_i^T
+
 State: ``final_state`` is an :class:`OmegaState`: the memory plus the last ``window - 1`` keys,
 values and gammas (the window's cache), so a continued stream is exact.
 
@@ -33,6 +38,8 @@ Implementations (``impl=``):
   solve one unit lower-triangular system (see :mod:`nldsl.runtime._erase`). ``chunk_size`` is a
   compute tile only (results do not depend on it), counted in virtual tokens: a tile holds
   ``max(chunk_size // window, 1)`` steps, so each system is at most ``chunk_size`` square.
+  On the dot objective the rule is linear in the writes: the window is ``c`` chunked linear
+  attentions, the j-th writing token ``t - j`` at step ``t``, whose outputs and states add up.
 """
 from __future__ import annotations
 
@@ -54,6 +61,7 @@ from nldsl.runtime._common import (
     to_chunks,
 )
 from nldsl.runtime._erase import erase_chunks
+from nldsl.runtime.linear_attention import linear_attention
 
 __all__ = ["omega_rule", "OmegaState"]
 
@@ -84,6 +92,7 @@ def omega_rule(
     output_final_state: bool = False,
     impl: str = "chunked",
     chunk_size: int = 64,
+    objective: str = "l2",
 ) -> MemoryOutput:
     """Omega rule, ``S_t = alpha_t S_{t-1} - sum_{i=t-c+1}^t gamma_i k_i (k_i^T S_{t-1} - v_i^T)``.
 
@@ -95,6 +104,7 @@ def omega_rule(
         initial_state: None, ``S_0`` ``[B, H, K, V]`` (empty window), or an :class:`OmegaState`.
         output_final_state: return an :class:`OmegaState`.
         impl: ``"reference"`` or ``"chunked"``; chunk_size: the chunked path's tile.
+        objective: ``"l2"`` (above) or ``"dot"`` (``S_t = alpha_t S_{t-1} + sum_i gamma_i k_i v_i^T``).
     """
     B, T, H, K, V = check_qkv(_OP, q, k, v)
     gamma = check_gate(_OP, "gamma", gamma, B, T, H, q)
@@ -102,7 +112,9 @@ def omega_rule(
     c = check_chunk_size(_OP, window, "window")
     chunk_size = check_chunk_size(_OP, chunk_size)
     scale = resolve_scale(_OP, scale, K)
-    fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked})
+    if objective not in ("l2", "dot"):
+        raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
+    fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked if objective == "l2" else _chunked_dot})
     if isinstance(initial_state, OmegaState):
         check_state(_OP, "initial_state.memory", initial_state.memory, (B, H, K, V), q)
         check_state(_OP, "initial_state.keys", initial_state.keys, (B, c - 1, H, K), q)
@@ -126,16 +138,18 @@ def omega_rule(
     k_ext = torch.cat([state.keys, k.to(dt)], dim=1)
     v_ext = torch.cat([state.values, v.to(dt)], dim=1)
     g_ext = torch.cat([state.gammas, gamma.to(dt)], dim=1)
-    o, S = fn(q.to(dt), k_ext, v_ext, g_ext, alpha.to(dt), scale, state.memory, dt, c, chunk_size)
+    o, S = fn(q.to(dt), k_ext, v_ext, g_ext, alpha.to(dt), scale, state.memory, dt, c, chunk_size,
+              l2=objective == "l2")
     final = OmegaState(S, k_ext[:, T:], v_ext[:, T:], g_ext[:, T:])  # the last c-1 tokens
     return MemoryOutput(o.to(q.dtype), final if output_final_state else None)
 
 
-def _reference(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, chunk_size):
+def _reference(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, chunk_size, l2):
     outs = []
     for t in range(q.shape[1]):
         kw, vw, gw = k_ext[:, t:t + c], v_ext[:, t:t + c], g_ext[:, t:t + c]  # window of step t
-        err = torch.einsum("bwhk,bhkv->bwhv", kw, S) - vw                      # k_i^T S - v_i^T
+        # the objective's gradient at the output: k_i^T S - v_i^T (l2) or -v_i^T (dot)
+        err = torch.einsum("bwhk,bhkv->bwhv", kw, S) - vw if l2 else -vw
         grad = torch.einsum("bwh,bwhk,bwhv->bhkv", gw, kw, err)                # sum_i gamma_i k_i err_i
         S = alpha[:, t, :, None, None] * S - grad
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
@@ -148,7 +162,7 @@ def _windows(x_ext: Tensor, c: int) -> Tensor:
     return w.movedim(-1, 3) if x_ext.dim() > 3 else w
 
 
-def _chunked(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C):
+def _chunked(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, l2):
     T = q.shape[1]
     # chunk_size counts virtual tokens: C // c steps per tile keeps each triangular system at
     # most chunk_size x chunk_size whatever the window.
@@ -161,3 +175,18 @@ def _chunked(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C):
     ac = 1 - to_chunks((1 - alpha).unsqueeze(-1), C, dt).squeeze(-1)
     o, S, _ = erase_chunks(qc, kv, vv, gv, ac, S, scale)
     return from_chunks(o, T), S
+
+
+def _chunked_dot(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, l2):
+    # S_t = alpha_t S_{t-1} + sum_j gamma_{t-j} k_{t-j} v_{t-j}^T: the sum over j of c linear
+    # attentions with the same retention, the j-th writing token t - j (ext index c-1+t-j)
+    T = q.shape[1]
+    log_alpha = alpha.clamp_min(torch.finfo(dt).tiny).log()  # retention 0 -> the smallest normal float
+    o = S_end = 0
+    for j in range(c):
+        sl = slice(c - 1 - j, c - 1 - j + T)
+        out = linear_attention(q, k_ext[:, sl], v_ext[:, sl] * g_ext[:, sl, :, None], g=log_alpha, scale=scale,
+                               initial_state=S if j == 0 else None, output_final_state=True, impl="chunked",
+                               chunk_size=C)
+        o, S_end = o + out.o, S_end + out.final_state
+    return o, S_end

@@ -199,12 +199,13 @@ def streams_and_learns(model, ids, split: int):
     ("objective l1; read running", "op='titans_linear', objective='l1'"),
     ("objective dot; rule dgd; retention gate", "op='dgd', objective='dot'"),
     ("objective dot; rule dgd; read running", "op='dgd', objective='dot'"),
+    ("objective dot; rule omega(window=3); retention gate; read running", "op='omega_rule', objective='dot'"),
 ])
 def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     """A Hebbian (dot objective) memory reading before its write (`read anchor`, the default) or
-    with momentum, a memory with a robust objective of the Miras family, and DGD on the dot
-    objective compile to an op that takes their objective (they were NL401); they stream exactly
-    and every parameter gets a gradient. The ops' numerics: tests/runtime."""
+    with momentum, a memory with a robust objective of the Miras family, and DGD and the Omega
+    rule on the dot objective compile to an op that takes their objective (they were NL401); they
+    stream exactly and every parameter gets a gradient. The ops' numerics: tests/runtime."""
     spec = tmp_path / "heb.nl"
     spec.write_text("model Heb {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
                     "  level outer : steps every 1\n  level fast : tokens every 4\n"

@@ -130,6 +130,8 @@ CASES = {
     "dgd_dot": OpCase("dgd", "chunked", ("eta", "alpha"), {"objective": "dot", "read": "anchor"}, _dgd_gate,
                       chunked_semantics=True),
     "omega_rule": OpCase("omega_rule", "chunked", ("gamma", "alpha"), {"window": 3}, _omega_gate),
+    "omega_rule_dot": OpCase("omega_rule", "chunked", ("gamma", "alpha"), {"window": 3, "objective": "dot"},
+                             _omega_gate),
     "softmax_attention": OpCase("softmax_attention", "sdpa", (), {"window": 5}, _gate, has_chunk=False),
 }
 

@@ -60,6 +60,8 @@ def test_bad_scalars():
         rt.linear_attention(q, q, q, decay=1.5)
     with pytest.raises(ValueError, match="window must be a positive int"):
         rt.omega_rule(q, q, q, 0.1, 1.0, window=0)
+    with pytest.raises(ValueError, match="objective must be 'l2' or 'dot'"):
+        rt.omega_rule(q, q, q, 0.1, 1.0, window=2, objective="l1")
     with pytest.raises(ValueError, match="read must be"):
         rt.dgd(q, q, q, 0.1, 1.0, read="later")
     with pytest.raises(ValueError, match="offset must be an int"):

@@ -293,6 +293,36 @@ def test_omega_orthonormal_keys(impl, window):
     assert_close(out.o, _read(q, S, K ** -0.5))
 
 
+@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_omega_dot_is_masked_attention_with_window_counts(impl, window):
+    """Dot objective, constant retention a: token i is written at each step s of its window,
+    i <= s <= i + c - 1, and decays from there, so S_t = a^(t+1) S_0 + sum_{i<=t} w_ti gamma_i k_i v_i^T
+    with w_ti = sum_{s=i}^{min(t, i+c-1)} a^(t-s), and o_t = scale q_t^T S_t: a causal
+    Q K^T V with weights w. Outputs and the gradients of every input agree."""
+    T, a, scale = 11, 0.8, K ** -0.5
+    leaves = [_rand(B, T, H, K, seed=1), _rand(B, T, H, K, seed=2), _rand(B, T, H, V, seed=3),
+              0.1 + 0.5 * torch.rand(B, T, H, generator=torch.Generator().manual_seed(4), dtype=DT),
+              _rand(B, H, K, V, seed=5)]
+    for x in leaves:
+        x.requires_grad_()
+    q, k, v, gamma, S0 = leaves
+    t, i = torch.arange(T, dtype=DT)[:, None], torch.arange(T, dtype=DT)[None, :]
+    w = torch.zeros(T, T, dtype=DT)
+    for s in range(T):  # step s writes the tokens of its window, s - c + 1 <= i <= s
+        w += ((i <= s) & (i > s - window) & (t >= s)).to(DT) * a ** (t - s).clamp(min=0)
+    scores = torch.einsum("bthk,bihk->bhti", q, k) * w                     # [B, H, t, i]
+    expect = scale * (torch.einsum("bhti,bihv->bthv", scores, gamma[..., None] * v)
+                      + torch.einsum("t,bthk,bhkv->bthv", a ** (torch.arange(T, dtype=DT) + 1), q, S0))
+    out = rt.omega_rule(q, k, v, gamma, a, window=window, initial_state=S0, impl=impl, chunk_size=4,
+                        objective="dot")
+    assert_close(out.o, expect)
+    probe = _rand(B, T, H, V, seed=6)
+    for got, want in zip(torch.autograd.grad((out.o * probe).sum(), leaves),
+                         torch.autograd.grad((expect * probe).sum(), leaves)):
+        assert_close(got, want)
+
+
 @pytest.mark.parametrize("window", [None, 1, 4])
 @pytest.mark.parametrize("impl", ["reference", "sdpa"])
 def test_softmax_attention_per_query_loop(impl, window):
