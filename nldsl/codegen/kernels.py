@@ -407,6 +407,8 @@ def _mlp_planner(model, item, level, ctx, taken):
     objective = (item.memories[0] if is_cms else item).objective.kind
     if objective not in ("l2", "dot"):
         return f"the MLP kernel takes the l2 or dot objective, not {objective}"
+    if not is_cms and item.rule.kind == "omega":
+        return "the MLP kernel takes one token a step, not the Omega rule's window"
     dim = model.param("dim")
     levels = {lv.name: lv for lv in model.levels}
     if is_cms:

@@ -146,8 +146,9 @@ class Planner:
         if obj not in ("l2", "dot") and (generated or obj not in ("l1", "lp", "huber")):
             problems.append(("objective", f"objective `{obj}`" + (" (self-modifying memories take l2 or dot)"
                                                                    if generated else "")))
-        if rule not in ("gd", "dgd"):
-            problems.append(("rule", f"rule `{rule}`"))
+        if rule not in ("gd", "dgd") and (generated or rule != "omega"):
+            problems.append(("rule", f"rule `{rule}`" + (" (self-modifying memories take gd or dgd)"
+                                                         if generated else "")))
         if mem.momentum.kind in ("delta", "deep"):
             problems.append(("momentum", f"`momentum {mem.momentum.kind}`"))
         if mem.precondition.kind != "none":
@@ -190,8 +191,9 @@ class Planner:
             return None
         lr = self._rate(mem.lr.kind, mem.lr.value)
         ret = self._rate(mem.retention.kind, mem.retention.value)
+        window = f"window={_repr(mem.rule.window)}, " if rule == "omega" else ""
         return (f"DeepMemory(config.dim, {self.heads_arg(mem)}, {self._mlp_args(mem.structure)}, lr={lr}, "
-                f"retention={ret}, chunk_size={period!r}, init={_repr(mem.init.kind)}, {common})")
+                f"retention={ret}, chunk_size={period!r}, {window}init={_repr(mem.init.kind)}, {common})")
 
     def cms_ctor(self, c: M.Cms) -> str | None:
         key = (self.model.name, "cms", c.name)

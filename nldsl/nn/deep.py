@@ -45,12 +45,13 @@ def _mlp_kernel(op: str, impl: str, kernel, **config):
 
 class DeepMemory(nn.Module):
     """An MLP memory trained in context (Titans' long-term memory, paper section 8.1). ``p`` and
-    ``delta`` are the ``lp`` and ``huber`` objectives' parameters."""
+    ``delta`` are the ``lp`` and ``huber`` objectives' parameters; ``window`` the Omega rule's
+    (``rule="omega"``)."""
 
     def __init__(self, dim: int, heads: int, *, depth: int = 2, expansion: float = 4.0,
                  residual: bool = True, activation: str = "gelu", objective: str = "l2",
                  p: float | None = None, delta: float | None = None,
-                 rule: str = "gd", lr="gate", retention=None, momentum=None, chunk_size: int = 1,
+                 rule: str = "gd", window: int = 1, lr="gate", retention=None, momentum=None, chunk_size: int = 1,
                  read: str = "anchor", qk_norm: str = "none", conv: int = 0, detach: bool = False,
                  init: str = "meta", scope: str = "sequence", v_norm: str = "none",
                  hidden_norm: str = "none", impl: str = "chunked", kernel=None):
@@ -59,6 +60,7 @@ class DeepMemory(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.objective, self.rule, self.lr, self.retention, self.momentum = objective, rule, lr, retention, momentum
+        self.window = window
         self.chunk_size, self.read, self.qk_norm, self.detach = chunk_size, read, qk_norm, detach
         self.scope, self.impl, self.activation, self.residual = scope, impl, activation, residual
         self.v_norm, self.hidden_norm, self.p, self.delta = v_norm, hidden_norm, p, delta
@@ -67,9 +69,10 @@ class DeepMemory(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.conv = nn.ModuleList([ShortConv(dim, conv) for _ in range(3)]) if conv else None
-        # a chunk applies up to chunk_size steps taken at one anchor: a gated step is bounded by
-        # 1 / chunk_size (the chunk's steps sum to at most 1) and starts at half that
-        self.lr_max = 1.0 / chunk_size
+        # a chunk applies up to chunk_size steps taken at one anchor, each token's gradient up to
+        # window times: a gated step is bounded by 1 / (chunk_size window) (the chunk's steps sum
+        # to at most 1) and starts at half that
+        self.lr_max = 1.0 / (chunk_size * window)
         self.lr_gate = _Gate(dim, heads, 0.0) if lr == "gate" else None
         self.retention_gate = _Gate(dim, heads, _logit(0.99)) if retention == "gate" else None
         self.momentum_gate = _Gate(dim, heads, _logit(0.5)) if momentum == "gate" else None
@@ -108,8 +111,9 @@ class DeepMemory(nn.Module):
             q, k, v, lr, self._rate(self.retention_gate, self.retention, x),
             self._rate(self.momentum_gate, self.momentum, x), params=list(self.weights),
             chunk_size=self.chunk_size, read=self.read, objective=self.objective, p=self.p, delta=self.delta,
-            rule=self.rule, activation=self.activation, hidden_norm=self.hidden_norm, residual=self.residual,
-            detach=self.detach, initial_state=None if state is None else state["memory"], output_final_state=True,
+            rule=self.rule, window=self.window, activation=self.activation, hidden_norm=self.hidden_norm,
+            residual=self.residual, detach=self.detach, initial_state=None if state is None else state["memory"],
+            output_final_state=True,
             impl=self.impl, kernel=self.kernel)
         y = self.o_proj(o.reshape(B, T, self.dim))
         return y, {"memory": mem_state, "conv": conv_state}
@@ -118,7 +122,8 @@ class DeepMemory(nn.Module):
         return state if self.scope == "carry" else None
 
     def extra_repr(self) -> str:
-        return (f"heads={self.heads}, objective={self.objective}, rule={self.rule}, chunk={self.chunk_size}, "
+        rule = f"omega(window={self.window})" if self.rule == "omega" else self.rule
+        return (f"heads={self.heads}, objective={self.objective}, rule={rule}, chunk={self.chunk_size}, "
                 f"read={self.read}, scope={self.scope}")
 
 

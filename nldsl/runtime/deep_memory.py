@@ -36,6 +36,12 @@ at the **anchor** state ``M_a``, the state at the start of t's chunk):
     rule="gd":  W_{i,t} = alpha_t W_{i,t-1} + R_{i,t}
     rule="dgd": W_{1,t} = W_{1,t-1} (alpha_t I - eta_t k_t k_t^T) + R_{1,t}     (input-side matrix)
                 W_{i,t} = alpha_t W_{i,t-1} + R_{i,t}                          (i > 1)
+    rule="omega": as gd with u_{i,t} = -sum_{s=t-c+1}^{t} eta_s g_{i,s}         (NL Eq. 68, Atlas)
+
+With the Omega rule each step's gradient is summed over the window of the last ``c = window``
+tokens, every one taken at t's anchor (the window's tokens before t's chunk too, as Atlas takes
+them all at ``M_{t-1}``), ``eta_s`` the weight of token s in every window that holds it, as in
+:func:`nldsl.runtime.omega_rule`; at the start of a stream the window holds fewer tokens.
 
 ``alpha`` is the retention (keep) factor (None = 1, no decay), ``beta_momentum`` the momentum
 decay (None = no momentum buffer at all). The DGD erase multiplies the *running* state
@@ -78,7 +84,9 @@ Implementations (``impl=``):
   layer ``[d_out, d_in]`` and chunk C this keeps ``C (C + d_out + d_in)`` numbers per head instead
   of the ``C d_out d_in`` of a weight copy per token (d=32, hidden 128, C=64: ~15k vs ~262k floats
   per head and layer, 18x less; and nothing is stored per token for the end-of-chunk state).
-  Only the anchor weights of each chunk are kept (autograd needs them for the backward). For
+  Only the anchor weights of each chunk are kept (autograd needs them for the backward). The
+  Omega rule takes the gradients of the ``c - 1`` tokens before the piece at its anchor too, and
+  multiplies the coefficients by the window's band ``[j <= s <= j + c - 1]``. For
   two-layer memories (every shipped spec's) a piece's writes, its gate coefficients and its
   running read are one autograd function each, their backward written out
   (:mod:`nldsl.runtime._mlp_write`, :mod:`nldsl.runtime._running_read`); other depths compose
@@ -118,6 +126,7 @@ from nldsl.runtime._common import (
     MemoryOutput,
     check_chunk_size,
     check_objective,
+    check_state,
     compute_dtype,
     dispatch,
     output_error,
@@ -147,13 +156,17 @@ class DeepMemoryState(NamedTuple):
 
     weights: the current (running) weights; anchor: the weights the current chunk's gradients
     are taken at (== weights when ``offset == 0``); momentum: the momentum buffers (None when
-    the op runs without momentum); offset: tokens of the current chunk already consumed.
+    the op runs without momentum); offset: tokens of the current chunk already consumed; window:
+    with the Omega rule, the last ``window - 1`` tokens' keys ``[B, c-1, H, K]``, values
+    ``[B, c-1, H, V]`` and steps ``[B, c-1, H]`` (oldest first, zero before the stream's start),
+    else None.
     """
 
     weights: tuple
     anchor: tuple
     momentum: Optional[tuple]
     offset: int
+    window: Optional[tuple] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,11 +299,25 @@ def piece_gates(alpha: Optional[Tensor], beta: Optional[Tensor], L: int, like: T
     return PieceGates(Pa, Da, A, Q[..., 1:, 1:], Q[..., :-1, 1:], Db, Bv, m, F.pad(m[..., :-1], (1, 0)))
 
 
+def window_band(L: int, c: int, like: Tensor) -> Tensor:
+    """``[L, L + c - 1]``: 1 where token s (the piece's ``c - 1`` predecessors, then its L tokens)
+    is in step j's window, ``j <= s <= j + c - 1``."""
+    j = torch.arange(L, device=like.device)[:, None]
+    s = torch.arange(L + c - 1, device=like.device)[None, :]
+    return ((s >= j) & (s <= j + c - 1)).to(like.dtype)
+
+
 def composed_write(ws, ms, anchor, k, v, eta, g: PieceGates, *, objective, signal, rule, act, residual, kernel,
-                   p=None, delta=None):
+                   p=None, delta=None, window=None):
     """The writes of a piece composed from torch ops (any depth; the Triton kernel's gradients):
-    returns ``(ins, pairs, ws_end, ms_end)`` as :func:`chunk_step` uses them."""
+    returns ``(ins, pairs, ws_end, ms_end)`` as :func:`chunk_step` uses them. ``window``: the Omega
+    rule's ``(k, v, eta)`` of the ``c - 1`` tokens before the piece, whose gradients are taken at
+    this anchor too; step j's write sums those of the tokens in its window."""
     Pa, Da, A, c, c_prev, Db, Bv, m, m_prev = g
+    if window is not None:
+        band = window_band(k.shape[1], window[0].shape[1] + 1, k)
+        k, v, eta = (torch.cat([w, x], dim=1) for w, x in zip(window, (k, v, eta)))
+        c, Db = c @ band, None if Db is None else Db @ band
     L = k.shape[1]
     # gradients of all L tokens at the anchor: per layer, the rank-1 factors e_j a_j^T
     if kernel is None:  # closed-form backward, batched
@@ -366,6 +393,7 @@ def chunk_step(
     kernel=None,
     p: Optional[float] = None,
     delta: Optional[float] = None,
+    window: Optional[tuple] = None,
 ):
     """Run L <= C consecutive tokens that share one anchor.
 
@@ -374,14 +402,15 @@ def chunk_step(
     q ``[N, L, K]`` or None (no read). ``residual``: a bool or a per-row ``[N]`` mask. ``st``:
     straight-through terms added to the read weights (detach mode). ``kernel``: an
     :class:`~nldsl.runtime._triton.MlpKernel` that computes the gradients below in one launch
-    (impl='triton'). ``p``, ``delta``: the lp / huber objective's parameter. Returns ``(o or None,
-    ws_end, ms_end)``.
+    (impl='triton'). ``p``, ``delta``: the lp / huber objective's parameter. ``window``: the Omega
+    rule's ``(k, v, eta)`` of the ``c - 1`` tokens before the piece. Returns ``(o or None, ws_end,
+    ms_end)``.
     """
     L = k.shape[1]
     running = q is not None and read == "running"
     # the writes. Per layer i the write terms of the piece are (coefficient [.., L, L], left
     # vectors [N, L, do]) pairs, all with right vectors ins[i]: a running read needs them.
-    if kernel is None and len(ws) == 2 and objective in ("l2", "dot"):  # one function each, backward written out
+    if kernel is None and len(ws) == 2 and objective in ("l2", "dot") and window is None:  # backward written out
         coef, rc = piece_coefficients(alpha, beta if ms is not None else None, L, k, dgd=rule == "dgd",
                                       read=running)
         ws_end, ms_end, U1, U2, hs, Sk = mlp_write(ws, ms, anchor, k, v, eta, coef, objective=objective,
@@ -396,7 +425,7 @@ def chunk_step(
         g = piece_gates(alpha, beta, L, k, momentum=ms is not None)
         ins, pairs, ws_end, ms_end = composed_write(ws, ms, anchor, k, v, eta, g, objective=objective,
                                                     signal=signal, rule=rule, act=act, residual=residual,
-                                                    kernel=kernel, p=p, delta=delta)
+                                                    kernel=kernel, p=p, delta=delta, window=window)
         A, m = g.A, g.m
 
     # reads
@@ -484,6 +513,7 @@ def mlp_memory(
     read: str = "anchor",
     objective: str = "l2",
     rule: str = "gd",
+    window: int = 1,
     signal: str = "values",
     activation: str = "gelu",
     hidden_norm: str = "none",
@@ -510,7 +540,8 @@ def mlp_memory(
         chunk_size: C, the anchor period (part of the semantics).
         read: ``"anchor"`` or ``"running"``. objective: ``"l2"``, ``"dot"``, ``"l1"``, ``"lp"``
             (exponent ``p`` >= 1) or ``"huber"`` (threshold ``delta`` > 0, default 1). rule:
-            ``"gd"`` or ``"dgd"``. signal: ``"values"`` or ``"self"``.
+            ``"gd"``, ``"dgd"`` or ``"omega"`` (with ``window`` >= 1 tokens; 1 is gd). signal:
+            ``"values"`` or ``"self"``.
         activation, residual: the MLP's. scale: multiplies q before the read (default 1).
         detach: writes are constants for autograd (first-order "meta + delta").
         initial_state: a :class:`DeepMemoryState` to continue a stream.
@@ -540,8 +571,13 @@ def mlp_memory(
     if impl == "triton" and objective not in ("l2", "dot"):
         raise ValueError(f"{_OP}: the Triton kernel takes the l2 or dot objective; use impl='chunked' for "
                          f"{objective!r}")
-    if rule not in ("gd", "dgd"):
-        raise ValueError(f"{_OP}: rule must be 'gd' or 'dgd', got {rule!r}")
+    if rule not in ("gd", "dgd", "omega"):
+        raise ValueError(f"{_OP}: rule must be 'gd', 'dgd' or 'omega', got {rule!r}")
+    c = check_chunk_size(_OP, window, "window")
+    if c > 1 and rule != "omega":
+        raise ValueError(f"{_OP}: window={c} is the Omega rule's; pass rule='omega'")
+    if c > 1 and impl == "triton":
+        raise ValueError(f"{_OP}: the Triton kernel takes one token a step; use impl='chunked' for the Omega rule")
     if signal not in ("values", "self"):
         raise ValueError(f"{_OP}: signal must be 'values' or 'self', got {signal!r}")
     if activation not in ACTIVATIONS:
@@ -556,6 +592,13 @@ def mlp_memory(
         if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off < C:
             raise ValueError(f"{_OP}: initial_state.offset must be an int in [0, {C}), got {off!r}")
         base = initial_state.weights
+        if (initial_state.window is None) != (c == 1):
+            raise ValueError(f"{_OP}: initial_state.window holds the Omega rule's last window - 1 tokens: "
+                             + ("None without a window" if c == 1 else f"pass them with window={c}"))
+        if c > 1:
+            for name, t, shape in zip(("keys", "values", "steps"), initial_state.window,
+                                      ((B, c - 1, H, K), (B, c - 1, H, v.shape[-1]), (B, c - 1, H))):
+                check_state(_OP, f"initial_state.window {name}", t, shape, q)
     else:
         if params is None:
             raise ValueError(f"{_OP}: pass params (the initial weights) or initial_state")
@@ -573,7 +616,7 @@ def mlp_memory(
 
     def seq(x):  # [B, T, H, *] -> [B*H, T, *]
         x = x.to(dt)
-        return x.transpose(1, 2).reshape(B * H, T, *x.shape[3:])
+        return x.transpose(1, 2).reshape(B * H, x.shape[1], *x.shape[3:])
 
     ws = [_to_heads(W, B, H, dt) for W in base]
     if initial_state is not None:
@@ -591,6 +634,12 @@ def mlp_memory(
         ms = [torch.zeros_like(W) for W in ws] if beta is not None else None
 
     qs, ks, vs, es = seq(q) * scale, seq(k), seq(v), seq(eta)
+    window = None  # the Omega rule's tokens before the call: (k, v, eta) [N, c - 1, *]
+    if c > 1:
+        if initial_state is not None:
+            window = tuple(seq(t) for t in initial_state.window)
+        else:
+            window = tuple(x.new_zeros(x.shape[0], c - 1, *x.shape[2:]) for x in (ks, vs, es))
     al = None if alpha is None else seq(alpha)
     be = None if beta is None else seq(beta)
     st = None
@@ -600,26 +649,33 @@ def mlp_memory(
         anchor = [W.detach() for W in anchor]
         ms = None if ms is None else [M.detach() for M in ms]
         ks, vs, es = ks.detach(), vs.detach(), es.detach()
+        window = None if window is None else tuple(t.detach() for t in window)
         al = None if al is None else al.detach()
         be = None if be is None else be.detach()
 
     cfg = dict(objective=objective, signal=signal, rule=rule, act=hidden_act(hidden_norm, activation),
                residual=residual, read=read, p=p, delta=delta)
+    if window is not None:  # the call's tokens behind the window's, so a piece's predecessors are a slice
+        ks, vs, es = (torch.cat([w, x], dim=1) for w, x in zip(window, (ks, vs, es)))
     if impl == "triton":
         from nldsl.runtime._triton import runtime_mlp_kernel
 
         cfg["kernel"] = runtime_mlp_kernel(_OP, kernel, depth=len(base), d_in=K, d_hidden=base[0].shape[-2],
                                            d_out=V, activation=activation, hidden_norm=hidden_norm,
                                            residual=residual, chunk=C)
-    o, ws, anchor, ms, off = fn(qs, ks, vs, es, al, be, ws, anchor, ms, off, C, cfg, st)
+    o, ws, anchor, ms, off = fn(qs, ks, vs, es, al, be, ws, anchor, ms, off, C, cfg, st, c - 1)
     o = o.reshape(B, H, T, -1).transpose(1, 2).to(q.dtype)
     state = None
     if output_final_state:
+        last = None
+        if c > 1:  # the last c - 1 tokens, back to [B, c - 1, H, *]
+            last = tuple(x[:, T:].reshape(B, H, c - 1, *x.shape[2:]).transpose(1, 2) for x in (ks, vs, es))
         state = DeepMemoryState(
             tuple(_from_heads(W, B, H) for W in ws),
             tuple(_from_heads(W, B, H) for W in anchor),
             None if ms is None else tuple(_from_heads(M, B, H) for M in ms),
             off,
+            last,
         )
     return MemoryOutput(o, state)
 
@@ -650,16 +706,21 @@ def split_time(x: Optional[Tensor], lens: list[int]):
     return list(x.split(lens, dim=1))
 
 
-def _chunked(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st):
+def _chunked(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, before=0):
+    # before: the Omega rule's c - 1 tokens in front of k, v and eta (the window's, from before the call)
     lens = segment_lengths(q.shape[1], [(off, C)])
-    pieces = zip(*(split_time(z, lens) for z in (q, k, v, eta, alpha, beta)))
-    outs = []
+    tokens = (k, v, eta)
+    if before:
+        tokens = tuple(x[:, before:] for x in tokens)
+    pieces = zip(*(split_time(z, lens) for z in (q, *tokens, alpha, beta)))
+    outs, t = [], 0
     for L, (qp, kp, vp, ep, ap, bp) in zip(lens, pieces):
         if off == 0:
             anchor = ws
-        o, ws, ms = chunk_step(ws, ms, anchor, kp, vp, ep, ap, bp, qp, st=st, **cfg)
+        window = tuple(x[:, t:t + before] for x in (k, v, eta)) if before else None
+        o, ws, ms = chunk_step(ws, ms, anchor, kp, vp, ep, ap, bp, qp, st=st, window=window, **cfg)
         outs.append(o)
-        off = (off + L) % C
+        off, t = (off + L) % C, t + L
     if off == 0:
         anchor = ws
     return torch.cat(outs, dim=1), ws, anchor, ms, off
@@ -687,7 +748,7 @@ def _single_loss(ws, x, target, *, objective, act, residual, p=None, delta=None)
     return -(y * target).sum()
 
 
-def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st):
+def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, before=0):
     act, residual, rule, read = cfg["act"], cfg["residual"], cfg["rule"], cfg["read"]
     loss = functools.partial(_single_loss, objective=cfg["objective"], act=act, residual=residual, p=cfg["p"],
                              delta=cfg["delta"])
@@ -705,17 +766,23 @@ def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st):
     for t in range(T):
         if off == 0:
             anchor = ws
-        kt, vt = k[:, t], v[:, t]
-        if cfg["signal"] == "self":
-            vt = mlp_forward(anchor, vt.unsqueeze(1), act, residual)[0].squeeze(1)
-        grads = grad_fn(anchor, kt, vt)
+        # the step's gradient: eta_s g_s summed over the window's tokens s (token t alone, but
+        # under the Omega rule; k, v and eta hold the ``before`` tokens in front), all at the anchor
+        steps = []
+        for s in range(t, t + before + 1):
+            target = v[:, s]
+            if cfg["signal"] == "self":
+                target = mlp_forward(anchor, target.unsqueeze(1), act, residual)[0].squeeze(1)
+            steps.append([eta[:, s, None, None] * g for g in grad_fn(anchor, k[:, s], target)])
+        step = [sum(gs) for gs in zip(*steps)]
+        kt = k[:, t + before]
         if read == "anchor":
             outs.append(read_with(anchor, q[:, t]))
-        e = eta[:, t, None, None]
+        e = eta[:, t + before, None, None]
         a = 1.0 if alpha is None else alpha[:, t, None, None]
         new_ws, new_ms = [], []
-        for i, (W, g) in enumerate(zip(ws, grads)):
-            r = -e * g
+        for i, (W, g) in enumerate(zip(ws, step)):
+            r = -g
             if ms is not None:
                 r = beta[:, t, None, None] * ms[i] + r
                 new_ms.append(r)

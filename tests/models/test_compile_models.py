@@ -245,6 +245,23 @@ def test_hebbian_memory_reads_before_its_write_at_period_1(tmp_path):
         nldsl.compile(fast).Fast(impl="triton")  # the kernels read after it; the error says why
 
 
+def test_deep_memory_omega_rule(tmp_path):
+    """Titans' deep memory under the Omega rule (Atlas' sliding-window objective, NL Eq. 68)
+    compiles (it was NL401), streams exactly across a split inside its chunk and its window, and
+    every parameter gets a gradient; a self-modifying memory does not take it (NL401)."""
+    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
+    omega = tmp_path / "titans_omega.nl"
+    omega.write_text((SPECS / "titans.nl").read_text().replace("    rule gd\n", "    rule omega(window=3)\n"))
+    assert "chunk_size=16, window=3, " in generate_source(omega)
+    torch.manual_seed(0)
+    model = nldsl.compile(omega).Titans(**SMALL).double()
+    streams_and_learns(model, torch.randint(0, 64, (2, 37)), 21)
+    hope = tmp_path / "hope_omega.nl"
+    hope.write_text((SPECS / "hope.nl").read_text().replace("    rule dgd\n", "    rule omega(window=3)\n"))
+    with pytest.raises(nldsl.SpecError, match=r"self-modifying memories take gd or dgd"):
+        nldsl.compile(hope)
+
+
 @pytest.mark.parametrize("objective, generated", [
     ("huber(delta=0.5)", "objective='huber', delta=0.5"), ("lp(p=1.5)", "objective='lp', p=1.5"),
     ("l1", "objective='l1'"),

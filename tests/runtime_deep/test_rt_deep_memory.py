@@ -302,3 +302,85 @@ def test_hidden_norm_bounds_the_layer_inputs():
     assert_close(o1, o2)  # relu is positively homogeneous: norm(relu(7 h)) = norm(relu(h))
     with pytest.raises(ValueError, match="hidden_norm"):
         run(x, "chunked", hidden_norm="layer")
+
+
+def _omega_inputs(T, seed, **kw):
+    """Each token's gradient is applied up to `window` times: steps a third of the usual keep the
+    memory bounded with windows of 3-4."""
+    x = memory_inputs(T=T, seed=seed, **kw)
+    x["eta"] = x["eta"] / 3
+    return x
+
+
+@pytest.mark.parametrize("read", ["anchor", "running"])
+@pytest.mark.parametrize("momentum", [False, True])
+def test_omega_rule_matches_reference(read, momentum):
+    """The Omega rule (NL Eq. 68 with Atlas' gradient at the anchor): each step sums the gradients
+    of its window's tokens, those before the chunk included, all taken at the chunk's anchor. The
+    chunked path (the window's band in the coefficients) equals the token loop (torch.func.grad per
+    window token) in outputs, states and gradients, also on a robust objective; window 1 is the
+    gd rule."""
+    x = requires_grad(_omega_inputs(T=19, seed=21))
+    wrt = [x["q"], x["k"], x["v"], x["eta"], x["alpha"], x["beta"], x["params"]]
+    for C in (1, 4, 16):
+        for signal in ("values", "self"):
+            cfg = dict(read=read, momentum=momentum, rule="omega", window=3, chunk_size=C, signal=signal)
+            ref, fast = run(x, "reference", **cfg), run(x, "chunked", **cfg)
+            assert_close(fast, ref, what=f"C={C} {signal}")
+            if C == 4:
+                assert_close(grads(fast.o, wrt), grads(ref.o, wrt), what=f"grads {signal}")
+    robust = dict(read=read, momentum=momentum, rule="omega", window=3, chunk_size=4, objective="lp", p=1.5)
+    assert_close(run(x, "chunked", **robust), run(x, "reference", **robust), what="lp")
+    gd = dict(read=read, momentum=momentum, chunk_size=4)
+    assert_close(run(x, "chunked", rule="omega", window=1, **gd).o, run(x, "chunked", rule="gd", **gd).o)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_omega_split_stream_equals_one_pass(impl):
+    """The window's last tokens travel in the state (``DeepMemoryState.window``): a stream split
+    anywhere, inside a chunk or inside a window, is one pass, gradients included."""
+    x = requires_grad(_omega_inputs(T=23, seed=22))
+    cfg = dict(chunk_size=5, read="running", rule="omega", window=4, impl=impl, output_final_state=True)
+    full = mlp_memory(x["q"], x["k"], x["v"], x["eta"], x["alpha"], x["beta"], params=x["params"], **cfg)
+    for splits in SPLITS:
+        outs, state, t = [], None, 0
+        for n in splits:
+            sl = slice(t, t + n)
+            o, state = mlp_memory(x["q"][:, sl], x["k"][:, sl], x["v"][:, sl], x["eta"][:, sl], x["alpha"][:, sl],
+                                  x["beta"][:, sl], params=x["params"], initial_state=state, **cfg)
+            outs.append(o)
+            t += n
+        assert_close(torch.cat(outs, dim=1), full.o, what=str(splits))
+        assert_close(state, full.final_state, what=str(splits))
+        assert_close(grads(torch.cat(outs, 1), x["params"]), grads(full.o, x["params"]), atol=1e-9)
+    assert [tuple(t.shape) for t in full.final_state.window] == [(2, 3, 2, 8), (2, 3, 2, 8), (2, 3, 2)]
+
+
+def test_omega_depth1_equals_linear_omega_op():
+    """A depth-1, non-residual, identity memory under the Omega rule at chunk 1 is the matrix
+    memory of nldsl.runtime.omega_rule (state S = W^T), an independent implementation (the erase
+    engine's triangular systems over the window's virtual tokens)."""
+    from nldsl.runtime.omega import omega_rule
+
+    x = _omega_inputs(T=21, seed=23, depth=1)
+    W0 = x["params"][0]
+    S0 = W0.transpose(-1, -2).unsqueeze(0).expand(2, *W0.shape).contiguous()
+    for window in (2, 5):
+        o = mlp_memory(x["q"], x["k"], x["v"], x["eta"], x["alpha"], params=[W0], chunk_size=1, rule="omega",
+                       window=window, read="running", residual=False, activation="identity").o
+        o2 = omega_rule(x["q"], x["k"], x["v"], x["eta"], x["alpha"], window=window, scale=1.0, initial_state=S0).o
+        assert_close(o, o2, what=f"window {window}")
+
+
+def test_omega_errors():
+    x = _omega_inputs(T=6, seed=24)
+    with pytest.raises(ValueError, match="window=3 is the Omega rule's"):
+        run(x, "chunked", rule="gd", window=3)
+    with pytest.raises(ValueError, match="Triton kernel takes one token a step"):
+        run(x, "triton", rule="omega", window=3)
+    plain = run(x, "chunked", chunk_size=4).final_state
+    with pytest.raises(ValueError, match="pass them with window=3"):
+        run(x, "chunked", chunk_size=4, rule="omega", window=3, initial_state=plain)
+    windowed = run(x, "chunked", chunk_size=4, rule="omega", window=3).final_state
+    with pytest.raises(ValueError, match=r"initial_state.window keys must have shape \(2, 1, 2, 8\)"):
+        run(x, "chunked", chunk_size=4, rule="omega", window=2, initial_state=windowed)
