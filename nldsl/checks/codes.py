@@ -279,10 +279,10 @@ _TABLE = [
 
     Code("NL401", "error", "the compiler cannot build this yet",
          "The spec is valid, but the code generator has no implementation for this combination "
-         "(for example the Omega rule on a robust objective such as l1 or lp). `nldsl compile` reports it at "
-         "the spec's text before any code runs; `nldsl check` does not.",
-         _model(_BASE + "  memory mem in fast : linear { objective l1; rule omega(window=2) }\n" + _BLOCK),
-         _model(_BASE + "  memory mem in fast : linear { objective l1 }\n" + _BLOCK)),
+         "(for example delta momentum on an in-context memory). `nldsl compile` reports it at the spec's "
+         "text before any code runs; `nldsl check` does not.",
+         _model(_BASE + "  memory mem in fast : linear { objective l1; momentum delta }\n" + _BLOCK),
+         _model(_BASE + "  memory mem in fast : linear { objective l1; momentum gate }\n" + _BLOCK)),
 ]
 
 CODES: dict[str, Code] = {c.code: c for c in _TABLE}

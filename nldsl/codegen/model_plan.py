@@ -70,7 +70,9 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
         return None
     if rule == "omega":  # on dot any period reads running: the Hebbian gradient does not depend on the state
         plain = momentum == "none" and read == "running"
-        return "omega_rule" if plain and (obj == "dot" or obj == "l2" and period == 1) else None
+        if plain and (obj == "dot" or obj == "l2" and period == 1):
+            return "omega_rule"
+        return "mlp_memory"  # a one-layer MLP memory: momentum, mini-batch anchors, anchor reads, any objective
     if rule == "dgd":
         return "dgd" if obj in ("l2", "dot") and momentum == "none" else None
     if obj == "dot":  # the Hebbian gradient does not depend on the state: any period reads running
@@ -270,7 +272,7 @@ class Planner:
             self.unsupported(f"the linear memory `{mem.name}` (objective {obj}, rule {rule}, momentum "
                              f"{momentum}, period {period}, read {read}) has no compiled op yet", key,
                              help="compiled now: Hebbian (dot) memories, delta and gated delta rules, "
-                             "Titans-linear (rule gd, any objective), DGD (l2 or dot) and Omega (l2 or dot)")
+                             "Titans-linear (rule gd, any objective), DGD (l2 or dot) and Omega")
             return None
         lr = self._rate(mem.lr.kind, mem.lr.value)
         ret = self._rate(retention, mem.retention.value)
@@ -291,7 +293,7 @@ class Planner:
                                  f"`heads 1` or the same heads as `{shared}` ({src.heads})", key + ("heads",))
                 return None
         objective = ""
-        if op in ("titans_linear", "dgd", "omega_rule"):  # the ops that take more than one objective
+        if op in ("titans_linear", "dgd", "omega_rule", "mlp_memory"):  # the ops that take more than one objective
             objective = f"objective={obj!r}, {_objective_parameter(mem.objective)}"
         return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, {objective}lr={lr}, retention={ret}, "
                 f"momentum={mom}, chunk_size={period!r}, qk_norm={_repr(mem.qk_norm)}, conv={_repr(mem.conv)}, "

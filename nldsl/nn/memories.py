@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from nldsl import runtime
 from nldsl.nn.layers import ShortConv, rotary
+from nldsl.runtime.deep_memory import DeepMemoryState, mlp_memory
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
@@ -88,7 +89,10 @@ class LinearMemory(nn.Module):
     ``op`` is the runtime op the compiler chose from the spec's objective, rule, momentum and
     retention: ``linear_attention`` (dot objective, Hebbian), ``delta_rule`` / ``gated_delta_rule``
     (L2 objective, per-token GD), ``titans_linear`` (L2 with momentum or mini-batch chunks),
-    ``dgd`` (delta gradient descent), ``omega_rule`` (sliding window of cached inputs).
+    ``dgd`` (delta gradient descent), ``omega_rule`` (sliding window of cached inputs), and
+    ``mlp_memory`` for the Omega rule where ``omega_rule`` stops (momentum, mini-batch anchors,
+    anchor reads, the robust objectives): the memory as a one-layer MLP without a residual,
+    ``M(k) = W k`` with ``W = S^T``, whose state is then a ``DeepMemoryState``.
     ``objective`` (``titans_linear``, ``dgd``, ``omega_rule``): ``"l2"``; ``"dot"`` (a Hebbian write); with
     ``titans_linear`` also ``"l1"``, ``"lp"`` (exponent ``p``), ``"huber"`` (threshold ``delta``).
 
@@ -241,6 +245,18 @@ class LinearMemory(nn.Module):
             keep = self._rate(self.retention_gate, self.retention, x)
             o, S = runtime.omega_rule(q, write_k, write_v, lr, 1.0 if keep is None else keep,
                                       window=self.window, objective=self.objective, **common)
+        elif self.op == "mlp_memory":  # W = S^T; the linear ops' query scale
+            keep = self._rate(self.retention_gate, self.retention, x)
+            mom = self._rate(self.momentum_gate, self.momentum, x)
+            carried = isinstance(S0, DeepMemoryState)
+            W0 = S0.transpose(-1, -2) if isinstance(S0, Tensor) else q.new_zeros(self.heads, self.head_dim,
+                                                                                 self.head_dim)
+            o, S = mlp_memory(q, write_k, write_v, lr, keep, mom, params=None if carried else [W0],
+                              initial_state=S0 if carried else None, chunk_size=self.chunk_size,
+                              read=self.read, objective=self.objective, p=self.p, delta=self.delta,
+                              rule="omega", window=self.window, activation="identity", residual=False,
+                              scale=common.get("scale", self.head_dim ** -0.5), output_final_state=True,
+                              impl=self.impl)
         else:
             raise ValueError(f"LinearMemory: unknown op {self.op!r}")
         new["S"] = S

@@ -200,12 +200,16 @@ def streams_and_learns(model, ids, split: int):
     ("objective dot; rule dgd; retention gate", "op='dgd', objective='dot'"),
     ("objective dot; rule dgd; read running", "op='dgd', objective='dot'"),
     ("objective dot; rule omega(window=3); retention gate; read running", "op='omega_rule', objective='dot'"),
+    ("rule omega(window=3); momentum gate; read anchor", "op='mlp_memory', objective='l2'"),
+    ("objective huber(delta=0.5); rule omega(window=2); retention gate", "op='mlp_memory', objective='huber'"),
 ])
 def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     """A Hebbian (dot objective) memory reading before its write (`read anchor`, the default) or
-    with momentum, a memory with a robust objective of the Miras family, and DGD and the Omega
-    rule on the dot objective compile to an op that takes their objective (they were NL401); they
-    stream exactly and every parameter gets a gradient. The ops' numerics: tests/runtime."""
+    with momentum, a memory with a robust objective of the Miras family, DGD and the Omega rule
+    on the dot objective, and the Omega rule with momentum, mini-batch anchors or a robust
+    objective (a one-layer MLP memory) compile to an op that takes their objective (they were
+    NL401); they stream exactly and every parameter gets a gradient. The ops' numerics:
+    tests/runtime and tests/runtime_deep."""
     spec = tmp_path / "heb.nl"
     spec.write_text("model Heb {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
                     "  level outer : steps every 1\n  level fast : tokens every 4\n"
@@ -216,6 +220,29 @@ def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     torch.manual_seed(0)
     model = nldsl.compile(spec).Heb().double()
     streams_and_learns(model, torch.randint(0, 64, (2, 23)), 10)  # the split falls inside a 4-token chunk
+
+
+def test_linear_omega_as_a_one_layer_mlp_memory_equals_the_omega_op(tmp_path):
+    """A zero momentum sends a linear Omega-rule memory from the erase engine (omega_rule) to the
+    one-layer MLP memory (mlp_memory, W = S^T): with the same weights the two models agree, and
+    the second streams exactly."""
+    def spec(name, extra):
+        path = tmp_path / f"{name}.nl"
+        path.write_text(f"model {name} {{\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
+                        "  level outer : steps every 1\n  level fast : tokens every 1 read running\n"
+                        f"  memory mem in fast : linear {{ rule omega(window=3); retention gate; init random{extra} }}\n"
+                        "  block = residual(rmsnorm -> mem) -> residual(rmsnorm -> swiglu)\n}\n")
+        return path
+
+    erase, mlp = spec("Erase", ""), spec("Mlp", "; momentum 0")
+    assert "op='omega_rule'" in generate_source(erase) and "op='mlp_memory'" in generate_source(mlp)
+    torch.manual_seed(0)
+    a = nldsl.compile(erase).Erase().double()
+    b = nldsl.compile(mlp).Mlp().double()
+    b.load_state_dict(a.state_dict())  # the random initial states too (buffers)
+    ids = torch.randint(0, 64, (2, 29))
+    torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-10, atol=1e-10)
+    streams_and_learns(b, ids, 13)
 
 
 def test_hebbian_memory_reads_before_its_write_at_period_1(tmp_path):
