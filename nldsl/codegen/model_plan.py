@@ -68,6 +68,8 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
     period, read = level.period, mem.read
     if momentum in ("delta", "deep"):
         return None
+    if mem.signal == "self":  # its own target M_a(v) (Eq. 87): the one-layer MLP memory takes it
+        return "mlp_memory"
     if rule == "omega":  # on dot any period reads running: the Hebbian gradient does not depend on the state
         plain = momentum == "none" and read == "running"
         if plain and (obj == "dot" or obj == "l2" and period == 1):
@@ -251,13 +253,9 @@ class Planner:
             self.unsupported(f"a preconditioned in-context memory (`{mem.name}`) is not compiled yet",
                              key + ("precondition",))
             return None
-        if mem.signal != "values":
-            self.unsupported(f"signal `{mem.signal}` for the linear memory `{mem.name}` is not compiled yet",
-                             key + ("signal",))
-            return None
-        if mem.v_norm == "l2":
-            self.unsupported(f"`v_norm l2` for the linear memory `{mem.name}` is not compiled yet",
-                             key + ("v_norm",), help="normalised values are compiled for `mlp` memories")
+        if mem.signal == "surprise":
+            self.unsupported(f"signal `surprise` for the linear memory `{mem.name}` is not compiled yet",
+                             key + ("signal",), help="a CMS chain learns from the local surprise")
             return None
         if level.clock != "tokens":
             self.unsupported(f"`{mem.name}` learns in context but its level `{level.name}` counts steps",
@@ -295,9 +293,12 @@ class Planner:
         objective = ""
         if op in ("titans_linear", "dgd", "omega_rule", "mlp_memory"):  # the ops that take more than one objective
             objective = f"objective={obj!r}, {_objective_parameter(mem.objective)}"
-        return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, {objective}lr={lr}, retention={ret}, "
-                f"momentum={mom}, chunk_size={period!r}, qk_norm={_repr(mem.qk_norm)}, conv={_repr(mem.conv)}, "
-                f"init={_repr(init)}, detach={_repr(mem.writes == 'detached')}, "
+        extra = f"rule={rule!r}, signal={_repr(mem.signal)}, " if op == "mlp_memory" else ""  # its engine's choices
+        if mem.v_norm == "l2":
+            extra += "v_norm='l2', "
+        return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, {objective}{extra}lr={lr}, "
+                f"retention={ret}, momentum={mom}, chunk_size={period!r}, qk_norm={_repr(mem.qk_norm)}, "
+                f"conv={_repr(mem.conv)}, init={_repr(init)}, detach={_repr(mem.writes == 'detached')}, "
                 f"window={_repr(mem.rule.window)}, read={_repr(read)}, shared_kv={shared is not None}, "
                 f"scope={_repr(level.scope)}, impl=config.impl, "
                 f"kernel=config.kernel({_repr(self.model.name + '.' + mem.name)}))")

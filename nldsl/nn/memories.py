@@ -91,8 +91,10 @@ class LinearMemory(nn.Module):
     (L2 objective, per-token GD), ``titans_linear`` (L2 with momentum or mini-batch chunks),
     ``dgd`` (delta gradient descent), ``omega_rule`` (sliding window of cached inputs), and
     ``mlp_memory`` for the Omega rule where ``omega_rule`` stops (momentum, mini-batch anchors,
-    anchor reads, the robust objectives): the memory as a one-layer MLP without a residual,
-    ``M(k) = W k`` with ``W = S^T``, whose state is then a ``DeepMemoryState``.
+    anchor reads, the robust objectives) and for self-generated targets (``signal="self"``, the
+    target ``M_a(v)``, Eq. 87; any ``rule``): the memory as a one-layer MLP without a residual,
+    ``M(k) = W k`` with ``W = S^T``, whose state is then a ``DeepMemoryState``. ``v_norm="l2"``
+    normalises the values (every op).
     ``objective`` (``titans_linear``, ``dgd``, ``omega_rule``): ``"l2"``; ``"dot"`` (a Hebbian write); with
     ``titans_linear`` also ``"l1"``, ``"lp"`` (exponent ``p``), ``"huber"`` (threshold ``delta``).
 
@@ -104,7 +106,7 @@ class LinearMemory(nn.Module):
                  p: float | None = None, delta: float | None = None, chunk_size: int = 1, qk_norm: str = "none",
                  conv: int = 0, init: str = "zeros", detach: bool = False, window: int | None = None,
                  scope: str = "sequence", read: str = "running", shared_kv: bool = False, impl: str = "chunked",
-                 kernel=None):
+                 kernel=None, rule: str = "gd", signal: str = "values", v_norm: str = "none"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -113,6 +115,7 @@ class LinearMemory(nn.Module):
         self.objective, self.p, self.delta = objective, p, delta
         self.chunk_size, self.qk_norm, self.detach, self.window = chunk_size, qk_norm, detach, window
         self.scope, self.impl, self.init, self.read = scope, impl, init, read
+        self.rule, self.signal, self.v_norm = rule, signal, v_norm  # rule, signal: op mlp_memory's
         # shared_kv: keys and values come from another memory's context (AdaTransformer, Eq. 21)
         # and the input itself is the query: y = M_t x, with no projections of its own
         self.shared_kv = shared_kv
@@ -205,6 +208,8 @@ class LinearMemory(nn.Module):
         q, k, v = _heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads)
         if self.qk_norm == "l2" and self.kernel is None:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.v_norm == "l2":
+            v = F.normalize(v, dim=-1)
         if state is not None:
             S0 = state["S"]
         elif self.initial_state is not None:
@@ -254,7 +259,8 @@ class LinearMemory(nn.Module):
             o, S = mlp_memory(q, write_k, write_v, lr, keep, mom, params=None if carried else [W0],
                               initial_state=S0 if carried else None, chunk_size=self.chunk_size,
                               read=self.read, objective=self.objective, p=self.p, delta=self.delta,
-                              rule="omega", window=self.window, activation="identity", residual=False,
+                              rule=self.rule, window=self.window if self.rule == "omega" else 1,
+                              signal=self.signal, activation="identity", residual=False,
                               scale=common.get("scale", self.head_dim ** -0.5), output_final_state=True,
                               impl=self.impl)
         else:

@@ -202,14 +202,17 @@ def streams_and_learns(model, ids, split: int):
     ("objective dot; rule omega(window=3); retention gate; read running", "op='omega_rule', objective='dot'"),
     ("rule omega(window=3); momentum gate; read anchor", "op='mlp_memory', objective='l2'"),
     ("objective huber(delta=0.5); rule omega(window=2); retention gate", "op='mlp_memory', objective='huber'"),
+    ("signal self; init random", "op='mlp_memory', objective='l2', rule='gd', signal='self'"),
+    ("signal self; rule dgd; momentum 0.5; init random", "op='mlp_memory', objective='l2', rule='dgd', signal='self'"),
+    ("v_norm l2; retention gate; read running", "op='titans_linear', objective='l2', v_norm='l2'"),
 ])
 def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     """A Hebbian (dot objective) memory reading before its write (`read anchor`, the default) or
     with momentum, a memory with a robust objective of the Miras family, DGD and the Omega rule
-    on the dot objective, and the Omega rule with momentum, mini-batch anchors or a robust
-    objective (a one-layer MLP memory) compile to an op that takes their objective (they were
-    NL401); they stream exactly and every parameter gets a gradient. The ops' numerics:
-    tests/runtime and tests/runtime_deep."""
+    on the dot objective, the Omega rule with momentum, mini-batch anchors or a robust objective
+    and self-generated targets (`signal self`, Eq. 87; both a one-layer MLP memory), and
+    normalised values compile to an op that takes them (they were NL401); they stream exactly
+    and every parameter gets a gradient. The ops' numerics: tests/runtime and tests/runtime_deep."""
     spec = tmp_path / "heb.nl"
     spec.write_text("model Heb {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
                     "  level outer : steps every 1\n  level fast : tokens every 4\n"
