@@ -157,7 +157,8 @@ class Planner:
             problems.append(("momentum", f"`momentum {mem.momentum.kind}`"))
         if mem.precondition.kind != "none":
             problems.append(("precondition", "a preconditioner"))
-        if mem.init.kind not in ("meta", "random"):
+        init = self._init(mem)
+        if init is None or generated and mem.init.kind not in ("meta", "random"):
             problems.append(("init", f"initial state `{mem.init.kind}`"))
         for path, what in problems:
             self.unsupported(f"{what} in the deep memory `{mem.name}` is not compiled yet", key + (path,))
@@ -188,7 +189,7 @@ class Planner:
             return (f"SelfModifyingTitans(config.dim, {self.heads_arg(mem)}, generated={tuple(generated)!r}, "
                     f"chunk_size={period!r}, gen_chunk_size={gen_level.period!r}, "
                     f"expansion={_repr(float(s.expansion))}, residual={_repr(s.residual)}, "
-                    f"activation={_repr(s.activation)}, retention={mem.retention.kind != 'none'}, {common})")
+                    f"activation={_repr(s.activation)}, retention={mem.retention.kind != 'none'}, {init}, {common})")
         if mem.signal != "values":
             self.unsupported(f"signal `{mem.signal}` of the deep memory `{mem.name}` without generated inputs "
                              "is not compiled yet", key + ("signal",))
@@ -197,7 +198,7 @@ class Planner:
         ret = self._rate(mem.retention.kind, mem.retention.value)
         window = f"window={_repr(mem.rule.window)}, " if rule == "omega" else ""
         return (f"DeepMemory(config.dim, {self.heads_arg(mem)}, {self._mlp_args(mem.structure)}, lr={lr}, "
-                f"retention={ret}, chunk_size={period!r}, {window}init={_repr(mem.init.kind)}, {common})")
+                f"retention={ret}, chunk_size={period!r}, {window}{init}, {common})")
 
     def cms_ctor(self, c: M.Cms) -> str | None:
         key = (self.model.name, "cms", c.name)
@@ -231,6 +232,16 @@ class Planner:
                 + (f"levels={tuple(c.levels)!r}, pretrained={first.init.path!r}, spec_dir=config.spec_dir, "
                    if first.init.kind == "pretrained" else "") +
                 f"impl=config.impl, kernel=config.kernel({_repr(self.model.name + '.' + c.name)}))")
+
+    @staticmethod
+    def _init(mem: M.Memory) -> str | None:
+        """The ``init=`` keyword(s) of an in-context memory's initial state (None: not compiled)."""
+        kind, value = mem.init.kind, mem.init.value
+        if kind in ("zeros", "meta", "random"):
+            return f"init={kind!r}"
+        if kind == "constant" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"init='constant', init_value={_repr(float(value))}"
+        return None
 
     def _rate(self, kind: str, value) -> str | None:
         if kind in ("none",):
@@ -279,9 +290,9 @@ class Planner:
             self.unsupported(f"`{mem.name}` uses a learning rate, retention or momentum that is not a number",
                              key + ("lr",))
             return None
-        init = mem.init.kind
-        if init not in ("zeros", "meta", "random"):
-            self.unsupported(f"initial state `{init}` of `{mem.name}` is not compiled yet", key + ("init",))
+        init = self._init(mem)
+        if init is None:
+            self.unsupported(f"initial state `{mem.init.kind}` of `{mem.name}` is not compiled yet", key + ("init",))
             return None
         shared = self.kv_source(mem)
         if shared is not None:
@@ -298,7 +309,7 @@ class Planner:
             extra += "v_norm='l2', "
         return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, {objective}{extra}lr={lr}, "
                 f"retention={ret}, momentum={mom}, chunk_size={period!r}, qk_norm={_repr(mem.qk_norm)}, "
-                f"conv={_repr(mem.conv)}, init={_repr(init)}, detach={_repr(mem.writes == 'detached')}, "
+                f"conv={_repr(mem.conv)}, {init}, detach={_repr(mem.writes == 'detached')}, "
                 f"window={_repr(mem.rule.window)}, read={_repr(read)}, shared_kv={shared is not None}, "
                 f"scope={_repr(level.scope)}, impl=config.impl, "
                 f"kernel=config.kernel({_repr(self.model.name + '.' + mem.name)}))")

@@ -54,7 +54,7 @@ class DeepMemory(nn.Module):
                  rule: str = "gd", window: int = 1, lr="gate", retention=None, momentum=None, chunk_size: int = 1,
                  read: str = "anchor", qk_norm: str = "none", conv: int = 0, detach: bool = False,
                  init: str = "meta", scope: str = "sequence", v_norm: str = "none",
-                 hidden_norm: str = "none", impl: str = "chunked", kernel=None):
+                 hidden_norm: str = "none", impl: str = "chunked", kernel=None, init_value: float | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -78,8 +78,12 @@ class DeepMemory(nn.Module):
         self.momentum_gate = _Gate(dim, heads, _logit(0.5)) if momentum == "gate" else None
         hidden = max(1, int(self.head_dim * expansion))
         self.weights = _mlp_weights(heads, self.head_dim, hidden, self.head_dim, depth, residual)
-        if init != "meta":  # a fixed random start: not learned by the outer level
+        if init != "meta":  # a fixed start (random, zeros or a constant): not learned by the outer level
             self.weights.requires_grad_(False)
+            if init in ("zeros", "constant"):
+                with torch.no_grad():
+                    for w in self.weights:
+                        w.fill_(0.0 if init == "zeros" else float(init_value))
         self.kernel = _mlp_kernel("DeepMemory", impl, kernel, depth=depth, d_in=self.head_dim, d_hidden=hidden,
                                   d_out=self.head_dim, activation=activation, hidden_norm=hidden_norm,
                                   residual=residual, chunk=chunk_size)
@@ -142,7 +146,7 @@ class SelfModifyingTitans(nn.Module):
                  retention: bool = True, read: str = "anchor", qk_norm: str = "l2", conv: int = 4,
                  detach: bool = False, scope: str = "sequence", v_norm: str = "none",
                  hidden_norm: str = "none", eta_max: float | None = None, impl: str = "chunked",
-                 kernel=None):
+                 kernel=None, init: str = "meta"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -159,6 +163,8 @@ class SelfModifyingTitans(nn.Module):
         self.in_proj = nn.Linear(dim, dim * max(1, len(self.generated)), bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.memories = nn.ModuleDict({"memory": _mlp_weights(heads, D, hidden, D, 2, residual)})
+        if init == "random":  # the main memory's start is fixed, not learned by the outer level
+            self.memories["memory"].requires_grad_(False)
         for name in self.generated:
             # residual M_k, M_v, M_q start as the identity, like M_memory (each reads its own input,
             # so k, v, q differ from the start); M_eta, M_alpha start at 0: constant gates at first

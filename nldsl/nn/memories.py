@@ -106,7 +106,8 @@ class LinearMemory(nn.Module):
                  p: float | None = None, delta: float | None = None, chunk_size: int = 1, qk_norm: str = "none",
                  conv: int = 0, init: str = "zeros", detach: bool = False, window: int | None = None,
                  scope: str = "sequence", read: str = "running", shared_kv: bool = False, impl: str = "chunked",
-                 kernel=None, rule: str = "gd", signal: str = "values", v_norm: str = "none"):
+                 kernel=None, rule: str = "gd", signal: str = "values", v_norm: str = "none",
+                 init_value: float | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -147,6 +148,8 @@ class LinearMemory(nn.Module):
                                               else torch.zeros(shape))
         elif init == "random":
             self.register_buffer("initial_state", torch.randn(shape) * self.head_dim ** -0.5)
+        elif init == "constant":  # every entry of the state
+            self.register_buffer("initial_state", torch.full(shape, float(init_value)))
         else:
             self.initial_state = None
 

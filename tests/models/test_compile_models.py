@@ -205,13 +205,15 @@ def streams_and_learns(model, ids, split: int):
     ("signal self; init random", "op='mlp_memory', objective='l2', rule='gd', signal='self'"),
     ("signal self; rule dgd; momentum 0.5; init random", "op='mlp_memory', objective='l2', rule='dgd', signal='self'"),
     ("v_norm l2; retention gate; read running", "op='titans_linear', objective='l2', v_norm='l2'"),
+    ("init constant(0.05); read running", "init='constant', init_value=0.05"),
 ])
 def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     """A Hebbian (dot objective) memory reading before its write (`read anchor`, the default) or
     with momentum, a memory with a robust objective of the Miras family, DGD and the Omega rule
     on the dot objective, the Omega rule with momentum, mini-batch anchors or a robust objective
     and self-generated targets (`signal self`, Eq. 87; both a one-layer MLP memory), and
-    normalised values compile to an op that takes them (they were NL401); they stream exactly
+    normalised values and a constant initial state compile to an op that takes them (they were
+    NL401); they stream exactly
     and every parameter gets a gradient. The ops' numerics: tests/runtime and tests/runtime_deep."""
     spec = tmp_path / "heb.nl"
     spec.write_text("model Heb {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
@@ -273,6 +275,31 @@ def test_hebbian_memory_reads_before_its_write_at_period_1(tmp_path):
     pytest.importorskip("triton")
     with pytest.raises(RuntimeError, match=r"none generated: `Fast.mem`: its read before the write"):
         nldsl.compile(fast).Fast(impl="triton")  # the kernels read after it; the error says why
+
+
+def test_fixed_initial_states_of_deep_memories(tmp_path):
+    """`init zeros` / `init constant(X)` of an MLP memory (were NL401) fill its starting weights,
+    which the outer level does not learn (as `init random`); a self-modifying memory with
+    `init random` keeps its main memory's start fixed too (it was meta-learned regardless), and
+    takes no other fixed start (NL401)."""
+    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
+    for init, value in (("zeros", 0.0), ("constant(0.02)", 0.02)):
+        path = tmp_path / f"titans_{init[:5]}.nl"
+        path.write_text((SPECS / "titans.nl").read_text().replace("    init meta\n", f"    init {init}\n"))
+        model = nldsl.compile(path).Titans(**SMALL)
+        weights = [p for n, p in model.named_parameters() if ".weights." in n]
+        assert weights and all(not p.requires_grad and torch.all(p == value) for p in weights)
+        model(torch.randint(0, 64, (2, 20))).logits.sum().backward()
+    hope = (SPECS / "hope.nl").read_text()
+    fixed = tmp_path / "hope_random.nl"
+    fixed.write_text(hope.replace("    init meta\n", "    init random\n", 1))
+    model = nldsl.compile(fixed).Hope(**SMALL)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".memories.memory." in n for n in frozen)
+    constant = tmp_path / "hope_constant.nl"
+    constant.write_text(hope.replace("    init meta\n", "    init constant(0.1)\n", 1))
+    with pytest.raises(nldsl.SpecError, match="initial state `constant` in the deep memory `titans`"):
+        nldsl.compile(constant)
 
 
 def test_deep_memory_omega_rule(tmp_path):
