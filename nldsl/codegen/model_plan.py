@@ -89,12 +89,13 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
     return None
 
 
-def _objective_parameter(objective: M.Objective) -> str:
-    """The keyword argument of the lp / huber objective's parameter (``p=3.0, ``), or nothing."""
+def _objective_parameter(objective: M.Objective, delta: str = "delta") -> str:
+    """The keyword argument of the lp / huber objective's parameter (``p=3.0, ``), or nothing;
+    ``delta``: the huber threshold's keyword."""
     if objective.kind == "lp":
         return f"p={_repr(float(objective.p))}, "
     if objective.kind == "huber" and objective.delta is not None:
-        return f"delta={_repr(float(objective.delta))}, "
+        return f"{delta}={_repr(float(objective.delta))}, "
     return ""
 
 
@@ -214,8 +215,6 @@ class Planner:
             problems.append(("read", "`read running` (a block's weights are constant inside its chunk, Eq. 71)"))
         if first.init.kind not in ("meta", "random", "pretrained"):
             problems.append(("init", f"initial state `{first.init.kind}`"))
-        if first.objective.kind not in ("l2", "dot"):
-            problems.append(("objective", f"objective `{first.objective.kind}`"))
         for path, what in problems:  # at the property, or at the chain where it is left to its default
             self.unsupported(f"CMS `{c.name}`: {what} is not compiled yet", key + (path,))
         if problems:
@@ -228,7 +227,8 @@ class Planner:
                 f"activation={_repr(s.activation)}, hidden_norm={_repr(s.norm)}, prenorm={_repr(s.prenorm or 'none')}, "
                 f"lr={_repr(float(first.lr.value))}, "
                 f"signal={_repr(first.signal)}, "
-                f"objective={_repr(first.objective.kind)}, detach={_repr(first.writes == 'detached')}, "
+                f"objective={_repr(first.objective.kind)}, {_objective_parameter(first.objective, 'huber_delta')}"
+                f"detach={_repr(first.writes == 'detached')}, "
                 + (f"levels={tuple(c.levels)!r}, pretrained={first.init.path!r}, spec_dir=config.spec_dir, "
                    if first.init.kind == "pretrained" else "") +
                 f"impl=config.impl, kernel=config.kernel({_repr(self.model.name + '.' + c.name)}))")

@@ -298,12 +298,12 @@ class CmsChain(nn.Module):
                  signal: str = "surprise", objective: str = "l2", detach: bool = True,
                  hidden_norm: str = "none", prenorm: str = "none", levels: tuple[str, ...] | None = None,
                  pretrained: str | None = None, spec_dir: str | None = None, impl: str = "chunked",
-                 kernel=None):
+                 kernel=None, p: float | None = None, huber_delta: float | None = None):
         super().__init__()
         self.dim, self.periods, self.scopes, self.variant = dim, tuple(periods), tuple(scopes), variant
         self.activation, self.residual, self.lr, self.signal = activation, residual, lr, signal
         self.objective, self.detach, self.impl, self.hidden_norm = objective, detach, impl, hidden_norm
-        self.prenorm = prenorm
+        self.prenorm, self.p, self.huber_delta = prenorm, p, huber_delta  # the lp / huber objective's
         self.surprise = signal == "surprise"
         hidden = int(dim * expansion)
         self.blocks = nn.ModuleList(
@@ -333,7 +333,8 @@ class CmsChain(nn.Module):
     def _run(self, x, state, delta, target=None, lr=None, record=None, reuse=None, donate=False):
         return _cms_chain(x, self._params(), periods=self.periods, lr=self.lr if lr is None else lr,
                           variant=self.variant, signal=self.signal, delta=delta, target=target,
-                          objective=self.objective, agg_weights=self.agg, activation=self.activation,
+                          objective=self.objective, p=self.p, huber_delta=self.huber_delta,
+                          agg_weights=self.agg, activation=self.activation,
                           hidden_norm=self.hidden_norm, prenorm=self.prenorm, residual=self.residual,
                           detach=self.detach,
                           initial_state=state, output_final_state=True, impl=self.impl, kernel=self.kernel,

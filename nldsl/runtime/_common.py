@@ -332,6 +332,23 @@ def output_error(y: Tensor | None, target: Tensor, objective: str, p: float | No
 OBJECTIVES = ("dot", "l2", "l1", "lp", "huber")
 
 
+def objective_loss(objective: str, y: Tensor, target: Tensor, p: float | None = None,
+                   delta: float | None = None) -> Tensor:
+    """The objective as written, summed over the output (what the reference paths differentiate
+    with torch.func; the chunked paths use its derivative, :func:`output_error`)."""
+    if objective == "dot":
+        return -(y * target).sum()
+    r = y - target
+    if objective == "l2":
+        return 0.5 * (r ** 2).sum()
+    if objective == "l1":
+        return r.abs().sum()
+    if objective == "lp":
+        return (r.abs() ** p).sum() / p
+    d = 1.0 if delta is None else delta  # huber
+    return torch.where(r.abs() <= d, 0.5 * r ** 2, d * (r.abs() - 0.5 * d)).sum()
+
+
 def check_objective(op: str, objective: str, p: float | None, delta: float | None) -> None:
     """An objective of :data:`OBJECTIVES` with its parameter: ``lp``'s exponent ``p >= 1`` (required),
     ``huber``'s threshold ``delta > 0`` (optional, default 1); no parameter for the others."""

@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from nldsl.runtime._common import compute_dtype, dispatch
+from nldsl.runtime._common import check_objective, compute_dtype, dispatch, objective_loss
 from nldsl.runtime.deep_memory import (
     ACTIVATIONS,
     check_layers,
@@ -158,6 +158,8 @@ def cms_chain(
     delta=None,
     target=None,
     objective: str = "l2",
+    p: Optional[float] = None,
+    huber_delta: Optional[float] = None,
     agg_weights: Optional[Tensor] = None,
     activation: str = "gelu",
     hidden_norm: str = "none",
@@ -179,7 +181,8 @@ def cms_chain(
         lr: one number / ``[B, T]`` tensor for every block, or one per block.
         variant: ``"sequential"``, ``"nested"`` or ``"independent"``.
         signal: ``"values"``, ``"self"`` or ``"surprise"``; ``delta`` / ``target`` as described.
-        objective: ``"l2"`` or ``"dot"`` (values / self signals).
+        objective: ``"l2"``, ``"dot"``, ``"l1"``, ``"lp"`` (exponent ``p``) or ``"huber"`` (threshold
+            ``huber_delta``, default 1) (values / self signals; the Triton kernel takes l2 and dot).
         prenorm: ``"none"`` or ``"rms"``: RMS-normalise each block's input (the residual adds
             the input itself).
         agg_weights: ``[n]`` weights of the independent variant's sum (None = plain sum).
@@ -194,14 +197,16 @@ def cms_chain(
         ``CmsOutput(o [B, T, D_out] in x's dtype, final_state or None, info or None)``.
     """
     return _cms_chain(x, params, periods=periods, lr=lr, variant=variant, signal=signal, delta=delta,
-                      target=target, objective=objective, agg_weights=agg_weights, activation=activation,
+                      target=target, objective=objective, p=p, huber_delta=huber_delta,
+                      agg_weights=agg_weights, activation=activation,
                       hidden_norm=hidden_norm, prenorm=prenorm, residual=residual, detach=detach,
                       initial_state=initial_state, output_final_state=output_final_state,
                       return_info=return_info, impl=impl, kernel=kernel)
 
 
 def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise", delta=None, target=None,
-               objective="l2", agg_weights=None, activation="gelu", hidden_norm="none", prenorm="none", residual=True,
+               objective="l2", p=None, huber_delta=None, agg_weights=None, activation="gelu", hidden_norm="none",
+               prenorm="none", residual=True,
                detach=False, initial_state=None, output_final_state=False, return_info=False, impl="chunked",
                kernel=None, record=None, reuse=None, donate=False) -> CmsOutput:
     """:func:`cms_chain`, plus a way for a caller that runs the same piece twice (a read pass, then
@@ -222,8 +227,8 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     if n < 1 or len(periods) != n:
         raise ValueError(f"{_OP}: need one entry of periods per block ({n} blocks, {len(periods)} periods)")
     periods = tuple(periods)
-    for p in periods:
-        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+    for period in periods:
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"{_OP}: periods must be positive ints, got {periods}")
     if variant not in ("sequential", "nested", "independent"):
         raise ValueError(f"{_OP}: variant must be 'sequential', 'nested' or 'independent', got {variant!r}")
@@ -231,8 +236,10 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         raise ValueError(f"{_OP}: the nested variant needs each period to divide the next, got {periods}")
     if signal not in ("values", "self", "surprise"):
         raise ValueError(f"{_OP}: signal must be 'values', 'self' or 'surprise', got {signal!r}")
-    if objective not in ("l2", "dot"):
-        raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
+    check_objective(_OP, objective, p, huber_delta)
+    if impl == "triton" and objective not in ("l2", "dot"):
+        raise ValueError(f"{_OP}: the Triton kernel takes the l2 or dot objective; use impl='chunked' for "
+                         f"{objective!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{_OP}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if prenorm not in ("none", "rms"):
@@ -307,7 +314,8 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     writes = any(not isinstance(e, (int, float)) or e != 0 for e in lrs)
     if reuse is not None and not (detach and impl != "triton"):
         raise ValueError(f"{_OP}: reuse needs detach=True and the chunked implementation")
-    cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective, writes=writes,
+    cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective, p=p,
+               huber_delta=huber_delta, writes=writes,
                act=hidden_act(hidden_norm, activation), residual=residual, prenorm=prenorm == "rms",
                detach=detach, periods=periods, kernels=None, info=return_info,
                record=record if impl != "triton" else None, reuse=reuse, donate=donate)
@@ -563,7 +571,7 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
                     tgt = tp[l][j]
                     if signal == "self":
                         tgt = _block_forward(ws[l], tgt, cfg)[0]
-                    eps = output_error(fw[l][0], tgt, cfg["objective"])
+                    eps = output_error(fw[l][0], tgt, cfg["objective"], cfg["p"], cfg["huber_delta"])
                 errs[l] = mlp_backward(ws[l], fw[l][1], eps, act)
         # accumulate sum_t eta_t e_t a_t^T (one matmul per layer); a block whose chunk this piece
         # ends takes its step here (the boundary below then finds its sum at zero)
@@ -662,11 +670,8 @@ def _apply1(ws, x, act, residual, prenorm):
     return a + x if residual else a
 
 
-def _local_loss(ws, x, tgt, *, objective, act, residual, prenorm):
-    y = _apply1(ws, x, act, residual, prenorm)
-    if objective == "l2":
-        return 0.5 * ((y - tgt) ** 2).sum()
-    return -(y * tgt).sum()
+def _local_loss(ws, x, tgt, *, objective, act, residual, prenorm, p=None, huber_delta=None):
+    return objective_loss(objective, _apply1(ws, x, act, residual, prenorm), tgt, p, huber_delta)
 
 
 def _chain_surprise(all_ws, x, d, agg, *, variant, act, residual, prenorm):
@@ -691,7 +696,8 @@ def _reference(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
     ys, outs = [], [[] for _ in range(n)]
     updates, resets = [[] for _ in range(n)], [[] for _ in range(n)]
     local = torch.func.vmap(torch.func.grad(functools.partial(
-        _local_loss, objective="dot" if signal == "surprise" else cfg["objective"], **block)))
+        _local_loss, objective="dot" if signal == "surprise" else cfg["objective"], p=cfg["p"],
+        huber_delta=cfg["huber_delta"], **block)))
     joint = torch.func.vmap(
         torch.func.grad(functools.partial(_chain_surprise, variant=variant, **block)),
         in_dims=(0, 0, 0, None),

@@ -129,6 +129,7 @@ from nldsl.runtime._common import (
     check_state,
     compute_dtype,
     dispatch,
+    objective_loss,
     output_error,
     segment_products,
     ut_apply,
@@ -734,18 +735,7 @@ def _single_loss(ws, x, target, *, objective, act, residual, p=None, delta=None)
         a = W @ a
         if i < len(ws) - 1:
             a = hidden(a, act)
-    y = a + x if residual else a
-    r = y - target
-    if objective == "l2":
-        return 0.5 * (r ** 2).sum()
-    if objective == "l1":
-        return r.abs().sum()
-    if objective == "lp":
-        return (r.abs() ** p).sum() / p
-    if objective == "huber":
-        d = 1.0 if delta is None else delta
-        return torch.where(r.abs() <= d, 0.5 * r ** 2, d * (r.abs() - 0.5 * d)).sum()
-    return -(y * target).sum()
+    return objective_loss(objective, a + x if residual else a, target, p, delta)
 
 
 def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, before=0):

@@ -302,6 +302,29 @@ def test_fixed_initial_states_of_deep_memories(tmp_path):
         nldsl.compile(constant)
 
 
+@pytest.mark.parametrize("objective, generated", [
+    ("lp(p=1.5)", "objective='lp', p=1.5, "), ("huber(delta=0.5)", "objective='huber', huber_delta=0.5, "),
+])
+def test_cms_robust_objectives(tmp_path, objective, generated):
+    """A CMS chain learning its own values (`signal values`) on a robust objective of the Miras
+    family compiles (it was NL401), streams exactly and trains; the runtime's numerics:
+    tests/runtime_deep/test_rt_cms.py."""
+    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
+    spec = tmp_path / "cms_robust.nl"
+    spec.write_text((SPECS / "cms.nl").read_text().replace("    objective l2\n", f"    objective {objective}\n")
+                    .replace("    signal surprise\n", "    signal values\n"))
+    assert generated in generate_source(spec)
+    torch.manual_seed(0)
+    model = nldsl.compile(spec).HopeAttention(**SMALL).double()
+    ids = torch.randint(0, 64, (2, 37))
+    full = model(ids).logits
+    first = model(ids[:, :21])
+    second = model(ids[:, 21:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
+    full.square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "chain" in n)
+
+
 def test_deep_memory_omega_rule(tmp_path):
     """Titans' deep memory under the Omega rule (Atlas' sliding-window objective, NL Eq. 68)
     compiles (it was NL401), streams exactly across a split inside its chunk and its window, and
