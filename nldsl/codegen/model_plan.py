@@ -148,9 +148,6 @@ class Planner:
         obj, rule, period = mem.objective.kind, mem.rule.kind, level.period
         generated = mem.inputs.generated()
         problems = []
-        if obj not in ("l2", "dot") and (generated or obj not in ("l1", "lp", "huber")):
-            problems.append(("objective", f"objective `{obj}`" + (" (self-modifying memories take l2 or dot)"
-                                                                   if generated else "")))
         if rule not in ("gd", "dgd") and (generated or rule != "omega"):
             problems.append(("rule", f"rule `{rule}`" + (" (self-modifying memories take gd or dgd)"
                                                          if generated else "")))

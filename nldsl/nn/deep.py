@@ -146,7 +146,7 @@ class SelfModifyingTitans(nn.Module):
                  retention: bool = True, read: str = "anchor", qk_norm: str = "l2", conv: int = 4,
                  detach: bool = False, scope: str = "sequence", v_norm: str = "none",
                  hidden_norm: str = "none", eta_max: float | None = None, impl: str = "chunked",
-                 kernel=None, init: str = "meta"):
+                 kernel=None, init: str = "meta", p: float | None = None, delta: float | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -156,7 +156,7 @@ class SelfModifyingTitans(nn.Module):
         self.chunk_size, self.gen_chunk_size = chunk_size, gen_chunk_size
         self.objective, self.rule, self.momentum, self.retention = objective, rule, momentum, retention
         self.read, self.qk_norm, self.detach, self.scope, self.impl = read, qk_norm, detach, scope, impl
-        self.activation, self.residual = activation, residual
+        self.activation, self.residual, self.p, self.delta = activation, residual, p, delta
         D = self.head_dim
         hidden = max(1, int(D * expansion))
         # one input per generating memory (the runtime's [B, T, G, H, D] form)
@@ -229,8 +229,9 @@ class SelfModifyingTitans(nn.Module):
             beta_momentum=beta, eta_max=self.eta_max, eta_bias=self.eta_bias, alpha_bias=self.alpha_bias,
             retention=self.retention, conv_weight=self.conv_weight, qk_norm=self.qk_norm == "l2",
             v_norm=self.v_norm == "l2", hidden_norm=self.hidden_norm,
-            rule=self.rule, objective=self.objective, read=self.read, activation=self.activation,
-            residual=self.residual, detach=self.detach, initial_state=None if state is None else state["memory"],
+            rule=self.rule, objective=self.objective, p=self.p, delta=self.delta, read=self.read,
+            activation=self.activation, residual=self.residual, detach=self.detach,
+            initial_state=None if state is None else state["memory"],
             output_final_state=True, impl=self.impl, kernel=self.kernel, **static)
         return self.o_proj(y.reshape(B, T, self.dim)), {"memory": new, "conv": convs}
 

@@ -300,6 +300,16 @@ def ut_apply(A: Tensor, R: Tensor) -> Tensor:
     return _UTApply.apply(A, R)
 
 
+def _power_at_nonzero(r: Tensor, e: float) -> Tensor:
+    """``|r|^e`` with every derivative taken as 0 where ``r == 0``. For ``lp`` with ``p < 2`` the
+    gradient's own derivative is infinite there (an exactly zero residual happens: a memory whose
+    output and self-generated target both start at 0), and the outer gradient through the write
+    would be NaN; 0 is the convention torch takes for ``abs`` at 0. The zeros are replaced before
+    the power, so its backward never sees them."""
+    zero = r == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, r).abs().pow(e))
+
+
 def objective_gradient(objective: str, diff: Tensor, *, p: float | None = None,
                        delta: float | None = None) -> Tensor:
     """dL/d(prediction) for ``diff = prediction - target`` (``dot`` is handled apart): ``l2``
@@ -312,7 +322,7 @@ def objective_gradient(objective: str, diff: Tensor, *, p: float | None = None,
     if objective == "lp":
         if p is None:
             raise ValueError("objective lp needs its exponent p")
-        return diff.abs().pow(p - 1) * torch.sign(diff)
+        return _power_at_nonzero(diff, p - 1) * torch.sign(diff)
     if objective == "huber":
         d = 1.0 if delta is None else delta
         return diff.clamp(-d, d)
@@ -344,7 +354,7 @@ def objective_loss(objective: str, y: Tensor, target: Tensor, p: float | None = 
     if objective == "l1":
         return r.abs().sum()
     if objective == "lp":
-        return (r.abs() ** p).sum() / p
+        return _power_at_nonzero(r, p).sum() / p
     d = 1.0 if delta is None else delta  # huber
     return torch.where(r.abs() <= d, 0.5 * r ** 2, d * (r.abs() - 0.5 * d)).sum()
 

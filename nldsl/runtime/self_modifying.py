@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from nldsl.runtime._common import MemoryOutput, check_chunk_size, compute_dtype, dispatch
+from nldsl.runtime._common import MemoryOutput, check_chunk_size, check_objective, compute_dtype, dispatch
 from nldsl.runtime._group_read import group_read
 from nldsl.runtime.conv import causal_conv1d
 from nldsl.runtime.deep_memory import (
@@ -162,6 +162,8 @@ def self_modifying_titans(
     v_norm: bool = False,
     rule: str = "dgd",
     objective: str = "l2",
+    p: Optional[float] = None,
+    delta: Optional[float] = None,
     read: str = "anchor",
     activation: str = "gelu",
     hidden_norm: str = "none",
@@ -193,8 +195,10 @@ def self_modifying_titans(
             on x (None = no conv).
         qk_norm: L2-normalise k and q. v_norm: L2-normalise v (bounds the self-generated targets
             ``M(v)``; see the module docstring).
-        rule: ``"dgd"`` or ``"gd"``. objective: ``"l2"`` or ``"dot"``. read: ``"anchor"`` or
-            ``"running"`` (M_memory's output read).
+        rule: ``"dgd"`` or ``"gd"``. objective: ``"l2"``, ``"dot"``, ``"l1"``, ``"lp"`` (exponent ``p``)
+            or ``"huber"`` (threshold ``delta``), every memory's (the Triton kernel takes l2 and dot;
+            the others' writes are composed from torch ops). read: ``"anchor"`` or ``"running"``
+            (M_memory's output read).
         detach: writes are constants for autograd.
         initial_state / output_final_state: a :class:`SelfModifyingState` to continue a stream.
         impl: ``"chunked"`` (default), ``"reference"`` or ``"triton"`` (the chunked path with every
@@ -213,10 +217,14 @@ def self_modifying_titans(
     B, T, H, D = x.shape[0], x.shape[1], x.shape[-2], x.shape[-1]
     Cm = check_chunk_size(_OP, chunk_size)
     Cg = check_chunk_size(_OP, gen_chunk_size, "gen_chunk_size")
-    for name, val, ok in (("rule", rule, ("gd", "dgd")), ("objective", objective, ("l2", "dot")),
-                          ("read", read, ("anchor", "running")), ("activation", activation, ACTIVATIONS)):
+    for name, val, ok in (("rule", rule, ("gd", "dgd")), ("read", read, ("anchor", "running")),
+                          ("activation", activation, ACTIVATIONS)):
         if val not in ok:
             raise ValueError(f"{_OP}: {name} must be one of {ok}, got {val!r}")
+    check_objective(_OP, objective, p, delta)
+    if impl == "triton" and objective not in ("l2", "dot"):
+        raise ValueError(f"{_OP}: the Triton kernel takes the l2 or dot objective; use impl='chunked' for "
+                         f"{objective!r}")
     if "memory" not in params:
         raise ValueError(f"{_OP}: params needs the main memory's initial weights under 'memory'")
     static = {"k": k, "v": v, "q": q, "eta": eta_logits, "alpha": alpha_logits}
@@ -328,7 +336,7 @@ def self_modifying_titans(
         anchor = {n: [W.detach() for W in anchor[n]] for n in names}
         ms = None if ms is None else {n: [M.detach() for M in ms[n]] for n in names}
 
-    cfg = dict(gen=gen, objective=objective, rule=rule, act=hidden_act(hidden_norm, activation),
+    cfg = dict(gen=gen, objective=objective, p=p, delta=delta, rule=rule, act=hidden_act(hidden_norm, activation),
                residual=residual, read=read,
                qk_norm=qk_norm, v_norm=v_norm, eta_max=eta_max, eta_bias=eta_bias, alpha_bias=alpha_bias,
                retention=retention, detach=detach, Cg=Cg, Cm=Cm, kernel=None,
@@ -507,8 +515,8 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
             rep = lambda z: None if z is None else z.repeat(r, *([1] * (z.dim() - 1)))  # noqa: E731
             _, g["ws"], g["ms"] = chunk_step(
                 g["ws"], g["ms"], g["anchor"], rep(k_), rep(v_), rep(eta), rep(alpha), g["beta"][j], None,
-                objective=cfg["objective"], signal="self", rule=cfg["rule"], act=act,
-                residual=g["residual"], read="anchor", kernel=kernel(g["ws"][0]))
+                objective=cfg["objective"], p=cfg["p"], delta=cfg["delta"], signal="self", rule=cfg["rule"],
+                act=act, residual=g["residual"], read="anchor", kernel=kernel(g["ws"][0]))
         made.append((k_, v_, q_, eta, alpha))
         off_g = (off_g + L) % Cg
     ws_o, an_o, ms_o = {}, {}, ({} if ms is not None else None)
@@ -535,8 +543,8 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
             a = w
         o, w, m = chunk_step(
             w, m, a, k_[j], v_[j], eta[j], alpha[j], beta[j], q_[j],
-            objective=cfg["objective"], signal="self", rule=cfg["rule"], act=act, residual=cfg["residual"],
-            read=cfg["read"], st=None if st is None else st["memory"], kernel=kernel(w[0]))
+            objective=cfg["objective"], p=cfg["p"], delta=cfg["delta"], signal="self", rule=cfg["rule"], act=act,
+            residual=cfg["residual"], read=cfg["read"], st=None if st is None else st["memory"], kernel=kernel(w[0]))
         ys.append(o)
         off_m = (off_m + L) % Cm
     ws_o["memory"], an_o["memory"] = w, (w if off_m == 0 else a)
@@ -556,7 +564,7 @@ def _reference(inputs, ws, anchor, ms, offs, st, cfg):
     res = {n: (cfg["residual"] if n in _VEC + ("memory",) else False) for n in names}
     grad_fns = {
         r: torch.func.vmap(torch.func.grad(functools.partial(
-            _single_loss, objective=cfg["objective"], act=act, residual=r)))
+            _single_loss, objective=cfg["objective"], act=act, residual=r, p=cfg["p"], delta=cfg["delta"])))
         for r in (True, False)
     }
     ws = {n: tuple(w) for n, w in ws.items()}

@@ -207,6 +207,24 @@ def test_titans_robust_objectives_one_chunk(impl, objective, kw, phi):
         assert_close(a, b, f"d{name}")
 
 
+def test_lp_below_2_at_a_zero_residual():
+    """lp with p < 2: the derivative |r|^(p-1) sign r is 0 at r = 0, and its own derivative
+    (p-1) |r|^(p-2), infinite there, is taken as 0 (the convention of abs' at 0), so the outer
+    gradient through a write stays finite; elsewhere both are the closed forms. The loss as
+    the references write it, |r|^p / p, differentiates to the same."""
+    from nldsl.runtime._common import objective_gradient, objective_loss
+
+    r = torch.tensor([-2.0, -0.25, 0.0, 0.5, 3.0], dtype=DT, requires_grad=True)
+    g = objective_gradient("lp", r, p=1.5)
+    assert_close(g, torch.tensor([-2 ** 0.5, -0.5, 0.0, 0.5 ** 0.5, 3 ** 0.5], dtype=DT))
+    (dg,) = torch.autograd.grad(g.sum(), r)
+    assert_close(dg, torch.tensor([0.5 * 2 ** -0.5, 0.5 * 0.25 ** -0.5, 0.0, 0.5 * 0.5 ** -0.5, 0.5 * 3 ** -0.5],
+                                  dtype=DT))
+    (dl,) = torch.autograd.grad(objective_loss("lp", r, torch.zeros_like(r), p=1.5), r, create_graph=True)
+    assert_close(dl, g)
+    assert torch.isfinite(torch.autograd.grad(dl.sum(), r)[0]).all()
+
+
 def test_titans_objective_arguments_are_checked():
     q = k = _rand(1, 2, 1, 4)
     for kw, bad in (({"objective": "lp"}, "p"), ({"objective": "lp", "p": 0.5}, "p"),

@@ -57,6 +57,29 @@ def test_chunked_matches_reference(read, rule, momentum):
         assert (fast.final_state.offset_gen, fast.final_state.offset_memory) == (19 % Cg, 19 % Cm)
 
 
+@pytest.mark.parametrize("objective, kw", [("l1", {}), ("lp", {"p": 1.5}), ("huber", {"delta": 0.3})])
+def test_robust_objectives(objective, kw):
+    """The Miras family's objectives for every memory of self-modifying Titans: the chunked writes
+    (composed from torch ops, the objective's derivative at each output) equal the reference
+    (torch.func.grad of the losses as written) in outputs, states and gradients, and a split
+    stream is one pass."""
+    x = requires_grad(inputs(T=13, seed=9))
+    wrt = [x["x"], x["conv"], x["beta"], x["params"]]
+    for read, rule in (("anchor", "dgd"), ("running", "gd")):
+        cfg = dict(read=read, rule=rule, objective=objective, chunk_size=4, gen_chunk_size=3, **kw)
+        ref, fast = run(x, "reference", **cfg), run(x, "chunked", **cfg)
+        assert_close(fast, ref, what=f"{read} {rule}")
+        assert_close(grads(fast.o, wrt), grads(ref.o, wrt), atol=1e-9, what=f"{read} {rule} grads")
+    cfg = dict(read="running", objective=objective, chunk_size=4, gen_chunk_size=3, **kw)
+    full = run(x, "chunked", **cfg)
+    first = run({**x, "x": x["x"][:, :6], "beta": x["beta"][:, :6]}, "chunked", **cfg)
+    second = run({**x, "x": x["x"][:, 6:], "beta": x["beta"][:, 6:]}, "chunked", initial_state=first.final_state,
+                 **cfg)
+    assert_close(torch.cat([first.o, second.o], 1), full.o, what="split")
+    with pytest.raises(ValueError, match="Triton kernel takes the l2 or dot"):
+        run(x, "triton", objective=objective, **kw)
+
+
 @pytest.mark.parametrize("generated", [("k", "v", "eta", "alpha"), ("v",), ("k", "q", "eta"), ()])
 def test_static_inputs(generated):
     x = inputs(T=13, seed=1, generated=generated)
