@@ -309,15 +309,15 @@ def window_band(L: int, c: int, like: Tensor) -> Tensor:
 
 
 def composed_write(ws, ms, anchor, k, v, eta, g: PieceGates, *, objective, signal, rule, act, residual, kernel,
-                   p=None, delta=None, window=None):
+                   p=None, delta=None, preceding=None):
     """The writes of a piece composed from torch ops (any depth; the Triton kernel's gradients):
-    returns ``(ins, pairs, ws_end, ms_end)`` as :func:`chunk_step` uses them. ``window``: the Omega
-    rule's ``(k, v, eta)`` of the ``c - 1`` tokens before the piece, whose gradients are taken at
-    this anchor too; step j's write sums those of the tokens in its window."""
+    returns ``(ins, pairs, ws_end, ms_end)`` as :func:`chunk_step` uses them. ``preceding``: the
+    Omega rule's ``(k, v, eta)`` of the ``c - 1`` tokens before the piece, whose gradients are taken
+    at this anchor too; step j's write sums those of the tokens in its window."""
     Pa, Da, A, c, c_prev, Db, Bv, m, m_prev = g
-    if window is not None:
-        band = window_band(k.shape[1], window[0].shape[1] + 1, k)
-        k, v, eta = (torch.cat([w, x], dim=1) for w, x in zip(window, (k, v, eta)))
+    if preceding is not None:
+        band = window_band(k.shape[1], preceding[0].shape[1] + 1, k)
+        k, v, eta = (torch.cat([w, x], dim=1) for w, x in zip(preceding, (k, v, eta)))
         c, Db = c @ band, None if Db is None else Db @ band
     L = k.shape[1]
     # gradients of all L tokens at the anchor: per layer, the rank-1 factors e_j a_j^T
@@ -394,7 +394,7 @@ def chunk_step(
     kernel=None,
     p: Optional[float] = None,
     delta: Optional[float] = None,
-    window: Optional[tuple] = None,
+    preceding: Optional[tuple] = None,
 ):
     """Run L <= C consecutive tokens that share one anchor.
 
@@ -403,15 +403,15 @@ def chunk_step(
     q ``[N, L, K]`` or None (no read). ``residual``: a bool or a per-row ``[N]`` mask. ``st``:
     straight-through terms added to the read weights (detach mode). ``kernel``: an
     :class:`~nldsl.runtime._triton.MlpKernel` that computes the gradients below in one launch
-    (impl='triton'). ``p``, ``delta``: the lp / huber objective's parameter. ``window``: the Omega
-    rule's ``(k, v, eta)`` of the ``c - 1`` tokens before the piece. Returns ``(o or None, ws_end,
-    ms_end)``.
+    (impl='triton'). ``p``, ``delta``: the lp / huber objective's parameter. ``preceding``: the
+    Omega rule's ``(k, v, eta)`` of the ``c - 1`` tokens before the piece. Returns ``(o or None,
+    ws_end, ms_end)``.
     """
     L = k.shape[1]
     running = q is not None and read == "running"
     # the writes. Per layer i the write terms of the piece are (coefficient [.., L, L], left
     # vectors [N, L, do]) pairs, all with right vectors ins[i]: a running read needs them.
-    if kernel is None and len(ws) == 2 and objective in ("l2", "dot") and window is None:  # backward written out
+    if kernel is None and len(ws) == 2 and objective in ("l2", "dot") and preceding is None:  # backward written out
         coef, rc = piece_coefficients(alpha, beta if ms is not None else None, L, k, dgd=rule == "dgd",
                                       read=running)
         ws_end, ms_end, U1, U2, hs, Sk = mlp_write(ws, ms, anchor, k, v, eta, coef, objective=objective,
@@ -426,7 +426,7 @@ def chunk_step(
         g = piece_gates(alpha, beta, L, k, momentum=ms is not None)
         ins, pairs, ws_end, ms_end = composed_write(ws, ms, anchor, k, v, eta, g, objective=objective,
                                                     signal=signal, rule=rule, act=act, residual=residual,
-                                                    kernel=kernel, p=p, delta=delta, window=window)
+                                                    kernel=kernel, p=p, delta=delta, preceding=preceding)
         A, m = g.A, g.m
 
     # reads
@@ -635,12 +635,12 @@ def mlp_memory(
         ms = [torch.zeros_like(W) for W in ws] if beta is not None else None
 
     qs, ks, vs, es = seq(q) * scale, seq(k), seq(v), seq(eta)
-    window = None  # the Omega rule's tokens before the call: (k, v, eta) [N, c - 1, *]
+    cache = None  # the Omega rule's tokens before the call: (k, v, eta) [N, c - 1, *]
     if c > 1:
         if initial_state is not None:
-            window = tuple(seq(t) for t in initial_state.window)
+            cache = tuple(seq(t) for t in initial_state.window)
         else:
-            window = tuple(x.new_zeros(x.shape[0], c - 1, *x.shape[2:]) for x in (ks, vs, es))
+            cache = tuple(x.new_zeros(x.shape[0], c - 1, *x.shape[2:]) for x in (ks, vs, es))
     al = None if alpha is None else seq(alpha)
     be = None if beta is None else seq(beta)
     st = None
@@ -650,14 +650,14 @@ def mlp_memory(
         anchor = [W.detach() for W in anchor]
         ms = None if ms is None else [M.detach() for M in ms]
         ks, vs, es = ks.detach(), vs.detach(), es.detach()
-        window = None if window is None else tuple(t.detach() for t in window)
+        cache = None if cache is None else tuple(t.detach() for t in cache)
         al = None if al is None else al.detach()
         be = None if be is None else be.detach()
 
     cfg = dict(objective=objective, signal=signal, rule=rule, act=hidden_act(hidden_norm, activation),
                residual=residual, read=read, p=p, delta=delta)
-    if window is not None:  # the call's tokens behind the window's, so a piece's predecessors are a slice
-        ks, vs, es = (torch.cat([w, x], dim=1) for w, x in zip(window, (ks, vs, es)))
+    if cache is not None:  # the call's tokens behind the cached ones, so a piece's predecessors are a slice
+        ks, vs, es = (torch.cat([w, x], dim=1) for w, x in zip(cache, (ks, vs, es)))
     if impl == "triton":
         from nldsl.runtime._triton import runtime_mlp_kernel
 
@@ -707,19 +707,19 @@ def split_time(x: Optional[Tensor], lens: list[int]):
     return list(x.split(lens, dim=1))
 
 
-def _chunked(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, before=0):
-    # before: the Omega rule's c - 1 tokens in front of k, v and eta (the window's, from before the call)
+def _chunked(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, lead=0):
+    # lead: the Omega rule's c - 1 tokens in front of k, v and eta (the window's, from before the call)
     lens = segment_lengths(q.shape[1], [(off, C)])
     tokens = (k, v, eta)
-    if before:
-        tokens = tuple(x[:, before:] for x in tokens)
+    if lead:
+        tokens = tuple(x[:, lead:] for x in tokens)
     pieces = zip(*(split_time(z, lens) for z in (q, *tokens, alpha, beta)))
     outs, t = [], 0
     for L, (qp, kp, vp, ep, ap, bp) in zip(lens, pieces):
         if off == 0:
             anchor = ws
-        window = tuple(x[:, t:t + before] for x in (k, v, eta)) if before else None
-        o, ws, ms = chunk_step(ws, ms, anchor, kp, vp, ep, ap, bp, qp, st=st, window=window, **cfg)
+        preceding = tuple(x[:, t:t + lead] for x in (k, v, eta)) if lead else None
+        o, ws, ms = chunk_step(ws, ms, anchor, kp, vp, ep, ap, bp, qp, st=st, preceding=preceding, **cfg)
         outs.append(o)
         off, t = (off + L) % C, t + L
     if off == 0:
@@ -738,7 +738,7 @@ def _single_loss(ws, x, target, *, objective, act, residual, p=None, delta=None)
     return objective_loss(objective, a + x if residual else a, target, p, delta)
 
 
-def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, before=0):
+def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, lead=0):
     act, residual, rule, read = cfg["act"], cfg["residual"], cfg["rule"], cfg["read"]
     loss = functools.partial(_single_loss, objective=cfg["objective"], act=act, residual=residual, p=cfg["p"],
                              delta=cfg["delta"])
@@ -757,18 +757,18 @@ def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, befor
         if off == 0:
             anchor = ws
         # the step's gradient: eta_s g_s summed over the window's tokens s (token t alone, but
-        # under the Omega rule; k, v and eta hold the ``before`` tokens in front), all at the anchor
+        # under the Omega rule; k, v and eta hold the ``lead`` tokens in front), all at the anchor
         steps = []
-        for s in range(t, t + before + 1):
+        for s in range(t, t + lead + 1):
             target = v[:, s]
             if cfg["signal"] == "self":
                 target = mlp_forward(anchor, target.unsqueeze(1), act, residual)[0].squeeze(1)
             steps.append([eta[:, s, None, None] * g for g in grad_fn(anchor, k[:, s], target)])
         step = [sum(gs) for gs in zip(*steps)]
-        kt = k[:, t + before]
+        kt = k[:, t + lead]
         if read == "anchor":
             outs.append(read_with(anchor, q[:, t]))
-        e = eta[:, t + before, None, None]
+        e = eta[:, t + lead, None, None]
         a = 1.0 if alpha is None else alpha[:, t, None, None]
         new_ws, new_ms = [], []
         for i, (W, g) in enumerate(zip(ws, step)):
