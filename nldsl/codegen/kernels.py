@@ -344,7 +344,8 @@ def _linear_planner(model, mem, level, ctx, taken):
     op = linear_op(mem, level)
     rule = {"linear_attention": "hebbian", "delta_rule": "delta", "gated_delta_rule": "delta", "dgd": "dgd"}.get(op)
     if rule is None:
-        what = "the Omega rule" if mem.rule.kind == "omega" else op or "this rule"
+        what = ("a self-generated target (signal self)" if mem.signal == "self" else
+                "the Omega rule" if mem.rule.kind == "omega" else op or "this rule")
         return (f"{what} has no Triton kernel yet (kernels exist for the Hebbian, delta, gated delta "
                 "and DGD rules)")
 

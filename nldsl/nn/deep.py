@@ -117,8 +117,7 @@ class DeepMemory(nn.Module):
             chunk_size=self.chunk_size, read=self.read, objective=self.objective, p=self.p, delta=self.delta,
             rule=self.rule, window=self.window, activation=self.activation, hidden_norm=self.hidden_norm,
             residual=self.residual, detach=self.detach, initial_state=None if state is None else state["memory"],
-            output_final_state=True,
-            impl=self.impl, kernel=self.kernel)
+            output_final_state=True, impl=self.impl, kernel=self.kernel)
         y = self.o_proj(o.reshape(B, T, self.dim))
         return y, {"memory": mem_state, "conv": conv_state}
 
