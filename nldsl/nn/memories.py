@@ -95,8 +95,9 @@ class LinearMemory(nn.Module):
     target ``M_a(v)``, Eq. 87; any ``rule``): the memory as a one-layer MLP without a residual,
     ``M(k) = W k`` with ``W = S^T``, whose state is then a ``DeepMemoryState``. ``v_norm="l2"``
     normalises the values (every op).
-    ``objective`` (``titans_linear``, ``dgd``, ``omega_rule``): ``"l2"``; ``"dot"`` (a Hebbian write); with
-    ``titans_linear`` also ``"l1"``, ``"lp"`` (exponent ``p``), ``"huber"`` (threshold ``delta``).
+    ``objective`` (``titans_linear``, ``dgd``, ``omega_rule``, ``mlp_memory``): ``"l2"``; ``"dot"`` (a
+    Hebbian write); with ``titans_linear`` and ``mlp_memory`` also ``"l1"``, ``"lp"`` (exponent
+    ``p``), ``"huber"`` (threshold ``delta``).
 
     ``lr`` / ``retention`` / ``momentum``: ``"gate"`` (a per-token, per-head gate from a
     projection of the input), a float (a constant), or ``None`` (absent).
