@@ -359,6 +359,13 @@ def objective_loss(objective: str, y: Tensor, target: Tensor, p: float | None = 
     return torch.where(r.abs() <= d, 0.5 * r ** 2, d * (r.abs() - 0.5 * d)).sum()
 
 
+def check_kernel_objective(op: str, impl: str, objective: str) -> None:
+    """The MLP Triton kernel computes the l2 and dot objectives' errors; the others are chunked only."""
+    if impl == "triton" and objective not in ("l2", "dot"):
+        raise ValueError(f"{op}: the Triton kernel takes the l2 or dot objective; use impl='chunked' for "
+                         f"{objective!r}")
+
+
 def check_objective(op: str, objective: str, p: float | None, delta: float | None) -> None:
     """An objective of :data:`OBJECTIVES` with its parameter: ``lp``'s exponent ``p >= 1`` (required),
     ``huber``'s threshold ``delta > 0`` (optional, default 1); no parameter for the others."""

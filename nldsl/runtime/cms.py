@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from nldsl.runtime._common import check_objective, compute_dtype, dispatch, objective_loss
+from nldsl.runtime._common import check_kernel_objective, check_objective, compute_dtype, dispatch, objective_loss
 from nldsl.runtime.deep_memory import (
     ACTIVATIONS,
     check_layers,
@@ -237,9 +237,7 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     if signal not in ("values", "self", "surprise"):
         raise ValueError(f"{_OP}: signal must be 'values', 'self' or 'surprise', got {signal!r}")
     check_objective(_OP, objective, p, huber_delta)
-    if impl == "triton" and objective not in ("l2", "dot"):
-        raise ValueError(f"{_OP}: the Triton kernel takes the l2 or dot objective; use impl='chunked' for "
-                         f"{objective!r}")
+    check_kernel_objective(_OP, impl, objective)
     if activation not in ACTIVATIONS:
         raise ValueError(f"{_OP}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if prenorm not in ("none", "rms"):

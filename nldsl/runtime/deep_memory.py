@@ -125,6 +125,7 @@ from nldsl.runtime._activations import (
 from nldsl.runtime._common import (
     MemoryOutput,
     check_chunk_size,
+    check_kernel_objective,
     check_objective,
     check_state,
     compute_dtype,
@@ -569,9 +570,7 @@ def mlp_memory(
     if read not in ("anchor", "running"):
         raise ValueError(f"{_OP}: read must be 'anchor' or 'running', got {read!r}")
     check_objective(_OP, objective, p, delta)
-    if impl == "triton" and objective not in ("l2", "dot"):
-        raise ValueError(f"{_OP}: the Triton kernel takes the l2 or dot objective; use impl='chunked' for "
-                         f"{objective!r}")
+    check_kernel_objective(_OP, impl, objective)
     if rule not in ("gd", "dgd", "omega"):
         raise ValueError(f"{_OP}: rule must be 'gd', 'dgd' or 'omega', got {rule!r}")
     c = check_chunk_size(_OP, window, "window")

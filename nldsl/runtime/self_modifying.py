@@ -85,7 +85,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from nldsl.runtime._common import MemoryOutput, check_chunk_size, check_objective, compute_dtype, dispatch
+from nldsl.runtime._common import (MemoryOutput, check_chunk_size, check_kernel_objective, check_objective,
+                                   compute_dtype, dispatch)
 from nldsl.runtime._group_read import group_read
 from nldsl.runtime.conv import causal_conv1d
 from nldsl.runtime.deep_memory import (
@@ -222,9 +223,7 @@ def self_modifying_titans(
         if val not in ok:
             raise ValueError(f"{_OP}: {name} must be one of {ok}, got {val!r}")
     check_objective(_OP, objective, p, delta)
-    if impl == "triton" and objective not in ("l2", "dot"):
-        raise ValueError(f"{_OP}: the Triton kernel takes the l2 or dot objective; use impl='chunked' for "
-                         f"{objective!r}")
+    check_kernel_objective(_OP, impl, objective)
     if "memory" not in params:
         raise ValueError(f"{_OP}: params needs the main memory's initial weights under 'memory'")
     static = {"k": k, "v": v, "q": q, "eta": eta_logits, "alpha": alpha_logits}
