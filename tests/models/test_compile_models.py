@@ -179,6 +179,16 @@ def test_titans_linear_variant_streams_and_learns(tmp_path):
     streams_and_learns(model, torch.randint(0, 64, (2, 37)), 21)  # the split falls inside a 16-token chunk
 
 
+def linear_memory_spec(tmp_path, name: str, properties: str, level: str = "tokens every 4") -> Path:
+    """A two-layer model spec whose blocks hold one linear memory with the given properties."""
+    path = tmp_path / f"{name}.nl"
+    path.write_text(f"model {name} {{\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
+                    f"  level outer : steps every 1\n  level fast : {level}\n"
+                    f"  memory mem in fast : linear {{ {properties} }}\n"
+                    "  block = residual(rmsnorm -> mem) -> residual(rmsnorm -> swiglu)\n}\n")
+    return path
+
+
 def streams_and_learns(model, ids, split: int):
     """One pass equals two calls split at ``split`` with the state carried; every parameter gets a
     gradient."""
@@ -215,11 +225,7 @@ def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     normalised values and a constant initial state compile to an op that takes them (they were
     NL401); they stream exactly
     and every parameter gets a gradient. The ops' numerics: tests/runtime and tests/runtime_deep."""
-    spec = tmp_path / "heb.nl"
-    spec.write_text("model Heb {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
-                    "  level outer : steps every 1\n  level fast : tokens every 4\n"
-                    f"  memory mem in fast : linear {{ {setting} }}\n"
-                    "  block = residual(rmsnorm -> mem) -> residual(rmsnorm -> swiglu)\n}\n")
+    spec = linear_memory_spec(tmp_path, "Heb", setting)
     source = generate_source(spec)
     assert f"{generated}, " in source
     torch.manual_seed(0)
@@ -231,15 +237,9 @@ def test_linear_omega_as_a_one_layer_mlp_memory_equals_the_omega_op(tmp_path):
     """A zero momentum sends a linear Omega-rule memory from the erase engine (omega_rule) to the
     one-layer MLP memory (mlp_memory, W = S^T): with the same weights the two models agree, and
     the second streams exactly."""
-    def spec(name, extra):
-        path = tmp_path / f"{name}.nl"
-        path.write_text(f"model {name} {{\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
-                        "  level outer : steps every 1\n  level fast : tokens every 1 read running\n"
-                        f"  memory mem in fast : linear {{ rule omega(window=3); retention gate; init random{extra} }}\n"
-                        "  block = residual(rmsnorm -> mem) -> residual(rmsnorm -> swiglu)\n}\n")
-        return path
-
-    erase, mlp = spec("Erase", ""), spec("Mlp", "; momentum 0")
+    omega = "rule omega(window=3); retention gate; init random"
+    erase = linear_memory_spec(tmp_path, "Erase", omega, level="tokens every 1 read running")
+    mlp = linear_memory_spec(tmp_path, "Mlp", omega + "; momentum 0", level="tokens every 1 read running")
     assert "op='omega_rule'" in generate_source(erase) and "op='mlp_memory'" in generate_source(mlp)
     torch.manual_seed(0)
     a = nldsl.compile(erase).Erase().double()
@@ -254,15 +254,8 @@ def test_hebbian_memory_reads_before_its_write_at_period_1(tmp_path):
     """The default read (anchor) at period 1 runs on linear attention's read-before-write (the
     fast chunked form), and equals the Titans-linear op on the dot objective (a zero momentum
     sends the same memory there), with the same weights."""
-    def spec(name, extra):
-        path = tmp_path / f"{name}.nl"
-        path.write_text(f"model {name} {{\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 2\n  context = 64\n"
-                        "  level outer : steps every 1\n  level fast : tokens every 1\n"
-                        f"  memory mem in fast : linear {{ objective dot; retention gate{extra} }}\n"
-                        "  block = residual(rmsnorm -> mem) -> residual(rmsnorm -> swiglu)\n}\n")
-        return path
-
-    fast, slow = spec("Fast", ""), spec("Slow", "; momentum 0")
+    fast = linear_memory_spec(tmp_path, "Fast", "objective dot; retention gate", level="tokens every 1")
+    slow = linear_memory_spec(tmp_path, "Slow", "objective dot; retention gate; momentum 0", level="tokens every 1")
     assert "op='linear_attention'" in generate_source(fast) and "read='anchor'" in generate_source(fast)
     assert "op='titans_linear', objective='dot'" in generate_source(slow)
     torch.manual_seed(0)
