@@ -199,8 +199,8 @@ _TABLE = [
          "  memory m in step : linear { objective dot; precondition newton_schulz }\n  update = m\n}\n"),
     Code("NL203", "error", "rule does not fit the objective",
          "Delta gradient descent is the closed-form step of an L2 regression with a proximal term "
-         "(paper Eq. 56-57); it applies to the `l2` and `dot` objectives only. The Omega rule's "
-         "window sums the same objective over cached inputs and needs a differentiable one.",
+         "(paper Eq. 56-57); it applies to the `l2` and `dot` objectives only. The gd and Omega "
+         "rules take every objective (the Omega rule sums its gradient over the window's inputs).",
          _model(_BASE + "  memory mem in fast : linear { objective l1; rule dgd }\n" + _BLOCK),
          _model(_BASE + "  memory mem in fast : linear { objective l2; rule dgd }\n" + _BLOCK)),
     Code("NL204", "error", "dimensions do not agree",
