@@ -105,3 +105,24 @@ def test_calls_are_charged_to_the_lines_that_make_them():
     assert {"(autograd: backward of built-in ops)", "(the benchmark: loss, optimizer)"} <= where
     assert calls["total_ms"] == pytest.approx(sum(r[0] for r in calls["rows"]))
     assert all(n > 0 for _, n, _, _ in calls["rows"])
+
+
+def test_gpu_checks_runs_every_step_in_its_order(tmp_path):
+    """benchmarks/gpu_checks.sh (a lent GPU's few minutes) runs, without a GPU, with a stand-in
+    python that records its commands: every step of its list runs once, in the list's order,
+    and each names a script that exists."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n')
+    stub.chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(stub), "CALLS": str(calls)}
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), str(tmp_path / "logs")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    text = (ROOT / "benchmarks" / "gpu_checks.sh").read_text()
+    listed = text.split('all="', 1)[1].split('"', 1)[0].split()
+    ran = [line.split()[1] for line in p.stdout.splitlines() if line.startswith("=== ") and "(limit" in line]
+    assert ran == ["env", *listed]
+    words = [line.split() for line in calls.read_text().splitlines()]
+    scripts = [w[0] for w in words if w and w[0].endswith(".py")]  # (-c and -m calls aside)
+    assert scripts and all((ROOT / script).is_file() for script in scripts), scripts
