@@ -71,8 +71,7 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
     if mem.signal == "self":  # its own target M_a(v) (Eq. 87): the one-layer MLP memory takes it
         return "mlp_memory"
     if rule == "omega":  # on dot any period reads running: the Hebbian gradient does not depend on the state
-        plain = momentum == "none" and read == "running"
-        if plain and (obj == "dot" or obj == "l2" and period == 1):
+        if momentum == "none" and (period == 1 and obj in ("l2", "dot") or obj == "dot" and read == "running"):
             return "omega_rule"
         return "mlp_memory"  # a one-layer MLP memory: momentum, mini-batch anchors, anchor reads, any objective
     if rule == "dgd":

@@ -252,8 +252,8 @@ class LinearMemory(nn.Module):
                                chunk_size=self.chunk_size, read=self.read, objective=self.objective, **common)
         elif self.op == "omega_rule":
             keep = self._rate(self.retention_gate, self.retention, x)
-            o, S = runtime.omega_rule(q, write_k, write_v, lr, 1.0 if keep is None else keep,
-                                      window=self.window, objective=self.objective, **common)
+            o, S = runtime.omega_rule(q, write_k, write_v, lr, 1.0 if keep is None else keep, window=self.window,
+                                      objective=self.objective, read=self.read, **common)
         elif self.op == "mlp_memory":  # W = S^T; the linear ops' query scale
             keep = self._rate(self.retention_gate, self.retention, x)
             mom = self._rate(self.momentum_gate, self.momentum, x)

@@ -12,6 +12,9 @@ With the state stored transposed as flash-linear-attention does, ``S = M^T`` (``
     S_t = (alpha_t I - sum_{i in W_t} gamma_i k_i k_i^T) S_{t-1} + sum_{i in W_t} gamma_i k_i v_i^T
     o_t = scale * S_t^T q_t                  (read after the write)
 
+``read="anchor"`` reads before the write instead, ``o_t = scale * S_{t-1}^T q_t`` (nldsl's anchor
+read at period 1, as in :func:`nldsl.runtime.linear_attention`); the state is the same.
+
 ``W_t`` is the window of the last ``c = window`` tokens, ``t`` included. Conventions chosen:
 
 * ``gamma`` is a per-token weight ``[B, T, H]`` (it acts as the learning rate of token i in every
@@ -93,6 +96,7 @@ def omega_rule(
     impl: str = "chunked",
     chunk_size: int = 64,
     objective: str = "l2",
+    read: str = "running",
 ) -> MemoryOutput:
     """Omega rule, ``S_t = alpha_t S_{t-1} - sum_{i=t-c+1}^t gamma_i k_i (k_i^T S_{t-1} - v_i^T)``.
 
@@ -105,6 +109,7 @@ def omega_rule(
         output_final_state: return an :class:`OmegaState`.
         impl: ``"reference"`` or ``"chunked"``; chunk_size: the chunked path's tile.
         objective: ``"l2"`` (above) or ``"dot"`` (``S_t = alpha_t S_{t-1} + sum_i gamma_i k_i v_i^T``).
+        read: ``"running"`` (``o_t`` reads ``S_t``) or ``"anchor"`` (``S_{t-1}``, before the write).
     """
     B, T, H, K, V = check_qkv(_OP, q, k, v)
     gamma = check_gate(_OP, "gamma", gamma, B, T, H, q)
@@ -114,6 +119,8 @@ def omega_rule(
     scale = resolve_scale(_OP, scale, K)
     if objective not in ("l2", "dot"):
         raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
+    if read not in ("running", "anchor"):
+        raise ValueError(f"{_OP}: read must be 'running' or 'anchor', got {read!r}")
     fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked if objective == "l2" else _chunked_dot})
     if isinstance(initial_state, OmegaState):
         check_state(_OP, "initial_state.memory", initial_state.memory, (B, H, K, V), q)
@@ -139,20 +146,23 @@ def omega_rule(
     v_ext = torch.cat([state.values, v.to(dt)], dim=1)
     g_ext = torch.cat([state.gammas, gamma.to(dt)], dim=1)
     o, S = fn(q.to(dt), k_ext, v_ext, g_ext, alpha.to(dt), scale, state.memory, dt, c, chunk_size,
-              l2=objective == "l2")
+              l2=objective == "l2", before=read == "anchor")
     final = OmegaState(S, k_ext[:, T:], v_ext[:, T:], g_ext[:, T:])  # the last c-1 tokens
     return MemoryOutput(o.to(q.dtype), final if output_final_state else None)
 
 
-def _reference(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, chunk_size, l2):
+def _reference(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, chunk_size, l2, before):
     outs = []
     for t in range(q.shape[1]):
+        if before:  # the read before the token's write
+            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
         kw, vw, gw = k_ext[:, t:t + c], v_ext[:, t:t + c], g_ext[:, t:t + c]  # window of step t
         # the objective's gradient at the output: k_i^T S - v_i^T (l2) or -v_i^T (dot)
         err = torch.einsum("bwhk,bhkv->bwhv", kw, S) - vw if l2 else -vw
         grad = torch.einsum("bwh,bwhk,bwhv->bhkv", gw, kw, err)                # sum_i gamma_i k_i err_i
         S = alpha[:, t, :, None, None] * S - grad
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+        if not before:
+            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
     return torch.stack(outs, dim=1), S
 
 
@@ -162,7 +172,7 @@ def _windows(x_ext: Tensor, c: int) -> Tensor:
     return w.movedim(-1, 3) if x_ext.dim() > 3 else w
 
 
-def _chunked(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, l2):
+def _chunked(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, l2, before):
     T = q.shape[1]
     # chunk_size counts virtual tokens: C // c steps per tile keeps each triangular system at
     # most chunk_size x chunk_size whatever the window.
@@ -173,11 +183,11 @@ def _chunked(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, l2):
     vv = to_chunks(_windows(v_ext, c), C, dt)
     gv = to_chunks(_windows(g_ext, c), C, dt)        # [B, H, N, C, c]
     ac = 1 - to_chunks((1 - alpha).unsqueeze(-1), C, dt).squeeze(-1)
-    o, S, _ = erase_chunks(qc, kv, vv, gv, ac, S, scale)
+    o, S, _ = erase_chunks(qc, kv, vv, gv, ac, S, scale, read="before" if before else "running")
     return from_chunks(o, T), S
 
 
-def _chunked_dot(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, l2):
+def _chunked_dot(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, l2, before):
     # S_t = alpha_t S_{t-1} + sum_j gamma_{t-j} k_{t-j} v_{t-j}^T: the sum over j of c linear
     # attentions with the same retention, the j-th writing token t - j (ext index c-1+t-j)
     T = q.shape[1]
@@ -187,6 +197,6 @@ def _chunked_dot(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, l2):
         sl = slice(c - 1 - j, c - 1 - j + T)
         out = linear_attention(q, k_ext[:, sl], v_ext[:, sl] * g_ext[:, sl, :, None], g=log_alpha, scale=scale,
                                initial_state=S if j == 0 else None, output_final_state=True, impl="chunked",
-                               chunk_size=C)
+                               chunk_size=C, read="anchor" if before else "running")
         o, S_end = o + out.o, S_end + out.final_state
     return o, S_end

@@ -233,13 +233,17 @@ def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     streams_and_learns(model, torch.randint(0, 64, (2, 23)), 10)  # the split falls inside a 4-token chunk
 
 
-def test_linear_omega_as_a_one_layer_mlp_memory_equals_the_omega_op(tmp_path):
-    """A zero momentum sends a linear Omega-rule memory from the erase engine (omega_rule) to the
-    one-layer MLP memory (mlp_memory, W = S^T): with the same weights the two models agree, and
-    the second streams exactly."""
-    omega = "rule omega(window=3); retention gate; init random"
-    erase = linear_memory_spec(tmp_path, "Erase", omega, level="tokens every 1 read running")
-    mlp = linear_memory_spec(tmp_path, "Mlp", omega + "; momentum 0", level="tokens every 1 read running")
+@pytest.mark.parametrize("objective, level", [
+    ("l2", "tokens every 1 read running"), ("l2", "tokens every 1"), ("dot", "tokens every 1"),
+])
+def test_linear_omega_as_a_one_layer_mlp_memory_equals_the_omega_op(tmp_path, objective, level):
+    """A zero momentum sends a linear Omega-rule memory from omega_rule (the erase engine; the
+    linear attentions on dot) to the one-layer MLP memory (mlp_memory, W = S^T): with the same
+    weights the two models agree, for both reads (the default, anchor, reads before the write at
+    period 1), and the second streams exactly."""
+    omega = f"objective {objective}; rule omega(window=3); retention gate; init random"
+    erase = linear_memory_spec(tmp_path, "Erase", omega, level=level)
+    mlp = linear_memory_spec(tmp_path, "Mlp", omega + "; momentum 0", level=level)
     assert "op='omega_rule'" in generate_source(erase) and "op='mlp_memory'" in generate_source(mlp)
     torch.manual_seed(0)
     a = nldsl.compile(erase).Erase().double()

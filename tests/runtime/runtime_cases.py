@@ -132,6 +132,11 @@ CASES = {
     "omega_rule": OpCase("omega_rule", "chunked", ("gamma", "alpha"), {"window": 3}, _omega_gate),
     "omega_rule_dot": OpCase("omega_rule", "chunked", ("gamma", "alpha"), {"window": 3, "objective": "dot"},
                              _omega_gate),
+    # the read before the write (nldsl's anchor read at period 1)
+    "omega_rule_anchor": OpCase("omega_rule", "chunked", ("gamma", "alpha"), {"window": 3, "read": "anchor"},
+                                _omega_gate),
+    "omega_rule_dot_anchor": OpCase("omega_rule", "chunked", ("gamma", "alpha"),
+                                    {"window": 2, "objective": "dot", "read": "anchor"}, _omega_gate),
     "softmax_attention": OpCase("softmax_attention", "sdpa", (), {"window": 5}, _gate, has_chunk=False),
 }
 

@@ -291,12 +291,14 @@ def test_dgd_pure_retention(impl):
     assert_close(out.o, _read(q, S, K ** -0.5))
 
 
+@pytest.mark.parametrize("read", ["running", "anchor"])
 @pytest.mark.parametrize("window", [1, 3, 8])
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
-def test_omega_orthonormal_keys(impl, window):
+def test_omega_orthonormal_keys(impl, window, read):
     """alpha = 1, orthonormal keys: along key i the residual r_i = k_i^T S - v_i^T shrinks by
     (1 - gamma_i) at each step whose window holds i, i.e. n_i(t) = min(t - i + 1, c) times:
-    k_i^T S_t = v_i^T + (1 - gamma_i)^{n_i(t)} (k_i^T S_0 - v_i^T); other directions keep S_0."""
+    k_i^T S_t = v_i^T + (1 - gamma_i)^{n_i(t)} (k_i^T S_0 - v_i^T); other directions keep S_0.
+    The anchor read takes S_{t-1}."""
     T = 7
     k = _orthonormal_keys(T)
     q, v, S0 = _rand(B, T, H, K, seed=1), _rand(B, T, H, V, seed=2), _rand(B, H, K, V, seed=3)
@@ -307,7 +309,9 @@ def test_omega_orthonormal_keys(impl, window):
     shrink = (1 - gamma)[:, None] ** n[None, :, :, None]                # [B, t, i, H]
     delta = torch.einsum("btih,bihv->btihv", shrink - 1, r0)            # change of k_i^T S
     S = S0[:, None] + torch.einsum("bihk,btihv->bthkv", k, delta)
-    out = rt.omega_rule(q, k, v, gamma, 1.0, window=window, initial_state=S0, impl=impl, chunk_size=4)
+    if read == "anchor":
+        S = torch.cat([S0[:, None], S[:, :-1]], 1)
+    out = rt.omega_rule(q, k, v, gamma, 1.0, window=window, initial_state=S0, impl=impl, chunk_size=4, read=read)
     assert_close(out.o, _read(q, S, K ** -0.5))
 
 
