@@ -221,10 +221,10 @@ def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     """A Hebbian (dot objective) memory reading before its write (`read anchor`, the default) or
     with momentum, a memory with a robust objective of the Miras family, DGD and the Omega rule
     on the dot objective, the Omega rule with momentum, mini-batch anchors or a robust objective
-    and self-generated targets (`signal self`, Eq. 87; both a one-layer MLP memory), and
-    normalised values and a constant initial state compile to an op that takes them (they were
-    NL401); they stream exactly
-    and every parameter gets a gradient. The ops' numerics: tests/runtime and tests/runtime_deep."""
+    and self-generated targets (`signal self`, Eq. 87; both a one-layer MLP memory), normalised
+    values and a constant initial state compile to an op that takes them (they were NL401); they
+    stream exactly and every parameter gets a gradient. The ops' numerics: tests/runtime and
+    tests/runtime_deep."""
     spec = linear_memory_spec(tmp_path, "Heb", setting)
     source = generate_source(spec)
     assert f"{generated}, " in source
@@ -304,8 +304,8 @@ def test_fixed_initial_states_of_deep_memories(tmp_path):
 ])
 def test_cms_robust_objectives(tmp_path, objective, generated):
     """A CMS chain learning its own values (`signal values`) on a robust objective of the Miras
-    family compiles (it was NL401), streams exactly and trains; the runtime's numerics:
-    tests/runtime_deep/test_rt_cms.py."""
+    family compiles (it was NL401), streams exactly and its blocks get gradients; the runtime's
+    numerics: tests/runtime_deep/test_rt_cms.py."""
     (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
     spec = tmp_path / "cms_robust.nl"
     spec.write_text((SPECS / "cms.nl").read_text().replace("    objective l2\n", f"    objective {objective}\n")
