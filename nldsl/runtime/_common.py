@@ -359,6 +359,13 @@ def objective_loss(objective: str, y: Tensor, target: Tensor, p: float | None = 
     return torch.where(r.abs() <= d, 0.5 * r ** 2, d * (r.abs() - 0.5 * d)).sum()
 
 
+def check_read(op: str, read: str) -> None:
+    """A memory's read mode: ``"running"`` (after the token's write) or ``"anchor"`` (the chunk's
+    anchor state; at a period of one token, before the write)."""
+    if read not in ("running", "anchor"):
+        raise ValueError(f"{op}: read must be 'running' or 'anchor', got {read!r}")
+
+
 def check_kernel_objective(op: str, impl: str, objective: str) -> None:
     """The MLP Triton kernel computes the l2 and dot objectives' errors; the others are chunked only."""
     if impl == "triton" and objective not in ("l2", "dot"):

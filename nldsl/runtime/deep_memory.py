@@ -127,6 +127,7 @@ from nldsl.runtime._common import (
     check_chunk_size,
     check_kernel_objective,
     check_objective,
+    check_read,
     check_state,
     compute_dtype,
     dispatch,
@@ -567,8 +568,7 @@ def mlp_memory(
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"{_OP}: q, k must be [B, T, H, K] and v [B, T, H, V] with the same B, T, H")
     C = check_chunk_size(_OP, chunk_size)
-    if read not in ("anchor", "running"):
-        raise ValueError(f"{_OP}: read must be 'anchor' or 'running', got {read!r}")
+    check_read(_OP, read)
     check_objective(_OP, objective, p, delta)
     check_kernel_objective(_OP, impl, objective)
     if rule not in ("gd", "dgd", "omega"):

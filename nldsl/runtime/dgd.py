@@ -63,6 +63,7 @@ from nldsl.runtime._common import (
     check_chunk_size,
     check_gate,
     check_qkv,
+    check_read,
     check_state,
     compute_dtype,
     dispatch,
@@ -121,8 +122,7 @@ def dgd(
     eta = check_gate(_OP, "eta", eta, B, T, H, q)
     alpha = check_gate(_OP, "alpha", alpha, B, T, H, q)
     C = check_chunk_size(_OP, chunk_size)
-    if read not in ("running", "anchor"):
-        raise ValueError(f"{_OP}: read must be 'running' or 'anchor', got {read!r}")
+    check_read(_OP, read)
     if objective not in ("l2", "dot"):
         raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
     if objective == "dot" and impl == "triton":

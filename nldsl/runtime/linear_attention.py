@@ -52,6 +52,7 @@ from nldsl.runtime._common import (
     check_chunk_size,
     check_gate,
     check_qkv,
+    check_read,
     check_state,
     compute_dtype,
     dispatch,
@@ -109,8 +110,7 @@ def linear_attention(
         check_state(_OP, "initial_state", initial_state, (B, H, K, V), q)
     chunk_size = check_chunk_size(_OP, chunk_size)
     scale = resolve_scale(_OP, scale, K)
-    if read not in ("running", "anchor"):
-        raise ValueError(f"{_OP}: read must be 'running' or 'anchor', got {read!r}")
+    check_read(_OP, read)
     if read == "anchor" and impl == "triton":
         raise ValueError(f"{_OP}: the Triton kernels read after the write (read='running'); use impl='chunked'")
     fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked, "triton": _triton})

@@ -56,6 +56,7 @@ from nldsl.runtime._common import (
     check_chunk_size,
     check_gate,
     check_qkv,
+    check_read,
     check_state,
     compute_dtype,
     dispatch,
@@ -119,8 +120,7 @@ def omega_rule(
     scale = resolve_scale(_OP, scale, K)
     if objective not in ("l2", "dot"):
         raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
-    if read not in ("running", "anchor"):
-        raise ValueError(f"{_OP}: read must be 'running' or 'anchor', got {read!r}")
+    check_read(_OP, read)
     fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked if objective == "l2" else _chunked_dot})
     if isinstance(initial_state, OmegaState):
         check_state(_OP, "initial_state.memory", initial_state.memory, (B, H, K, V), q)

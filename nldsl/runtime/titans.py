@@ -69,6 +69,7 @@ from nldsl.runtime._common import (
     check_gate,
     check_objective,
     check_qkv,
+    check_read,
     check_state,
     compute_dtype,
     dispatch,
@@ -138,8 +139,7 @@ def titans_linear(
     eta = check_gate(_OP, "eta", eta, B, T, H, q)
     alpha = check_gate(_OP, "alpha", alpha, B, T, H, q)
     C = check_chunk_size(_OP, chunk_size)
-    if read not in ("running", "anchor"):
-        raise ValueError(f"{_OP}: read must be 'running' or 'anchor', got {read!r}")
+    check_read(_OP, read)
     check_objective(_OP, objective, p, delta)
     scale = resolve_scale(_OP, scale, K)
     fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked})
