@@ -285,6 +285,21 @@ def setup(cfg: RunConfig, dist: D.Dist | None = None, *, device=None):
                            info=info, task=task, seq_len=seq_len)
 
 
+def _unnormalised_keys_hint(model) -> str:
+    """A sentence for a diverged run whose linear memories take l2 steps on keys of any norm:
+    the delta-rule erase (I - eta k k^T) shrinks the state only while eta ||k||^2 < 2."""
+    from nldsl.nn.memories import LinearMemory
+
+    names = sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules()
+                    if isinstance(m, LinearMemory) and m.op != "linear_attention" and m.objective == "l2"
+                    and m.qk_norm != "l2" and not m.shared_kv})
+    if not names:
+        return ""
+    which = ", ".join(f"`{n}`" for n in names)
+    return (f"; or normalise the keys of {which} (`qk_norm l2`): an l2 step erases along its key by "
+            "eta ||k||^2, which diverges past 2")
+
+
 def train(cfg: RunConfig, callbacks: tuple[Callable, ...] = (), *, quiet: bool = False) -> RunResult:
     """Runs ``cfg``; see the module docstring for what it returns and raises."""
     dist = D.init(resolve_device(cfg.device).type)
@@ -570,7 +585,8 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
             lf = (f"the last finite loss was {last[0]:.4f} at step {last[1]}" if last[0] is not None
                   else "no step finished with a finite loss")
             res.message = (f"stopped: {e}; {lf}. The diverged weights were not saved; the last good "
-                           f"checkpoint is {_latest(ck_root)}. Try a lower --lr or --clip")
+                           f"checkpoint is {_latest(ck_root)}. Try a lower --lr or --clip"
+                           + _unnormalised_keys_hint(model))
         except _IOFailure as e:
             res.status, res.exit_code = "io_error", EXIT_IO
             res.message = f"{e}; the last good checkpoint is {_latest(ck_root)}; nothing was overwritten"

@@ -61,6 +61,29 @@ def test_ctrl_c_saves_and_exits_130(tiny_cfg):
     assert "interrupted" in json.loads((Path(res.out) / "results.json").read_text())["status"]
 
 
+def test_a_diverged_delta_rule_on_raw_keys_is_told_to_normalise_them(tiny_cfg, tmp_path):
+    """A linear memory on the l2 objective without `qk_norm l2` (the default `linear` memory)
+    diverges in training as its erase eta ||k||^2 passes 2: the run stops, and its message names
+    the memory and the fix; a model whose keys are normalised is not told so."""
+    spec = tmp_path / "delta.nl"
+    for qk_norm, told in (("none", True), ("l2", False)):
+        spec.write_text("model Delta {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 1\n  context = 64\n"
+                        "  level outer : steps every 1\n  level fast : tokens every 1\n"
+                        f"  memory mem in fast : linear {{ qk_norm {qk_norm} }}\n"
+                        "  block = residual(rmsnorm -> mem) -> residual(rmsnorm -> swiglu)\n}\n")
+
+        def poison(step, ctx):  # the divergence itself, whatever this seed's keys do
+            if step == 2:
+                with torch.no_grad():
+                    for p in ctx.model.parameters():
+                        p.fill_(float("nan"))
+
+        res = train(tiny_cfg(spec=str(spec), overrides={}, steps=4, out=str(tmp_path / qk_norm)), (poison,),
+                    quiet=True)
+        assert res.status == "diverged"
+        assert ("normalise the keys of `mem` (`qk_norm l2`)" in res.message) == told, res.message
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg):
     def poison(step, ctx):
         if step == 6:
