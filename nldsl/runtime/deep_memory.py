@@ -713,14 +713,18 @@ def _chunked(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, lead=0)
     if lead:
         tokens = tuple(x[:, lead:] for x in tokens)
     pieces = zip(*(split_time(z, lens) for z in (q, *tokens, alpha, beta)))
-    outs, t = [], 0
-    for L, (qp, kp, vp, ep, ap, bp) in zip(lens, pieces):
+    preceding = [None] * len(lens)
+    if lead:  # every piece's predecessors in one gather (a slice per piece would cost a full-length gradient each)
+        starts = torch.tensor([0, *lens[:-1]], device=k.device).cumsum(0)
+        idx = starts[:, None] + torch.arange(lead, device=k.device)  # [pieces, lead]
+        preceding = list(zip(*(x[:, idx].unbind(1) for x in (k, v, eta))))
+    outs = []
+    for L, (qp, kp, vp, ep, ap, bp), pre in zip(lens, pieces, preceding):
         if off == 0:
             anchor = ws
-        preceding = tuple(x[:, t:t + lead] for x in (k, v, eta)) if lead else None
-        o, ws, ms = chunk_step(ws, ms, anchor, kp, vp, ep, ap, bp, qp, st=st, preceding=preceding, **cfg)
+        o, ws, ms = chunk_step(ws, ms, anchor, kp, vp, ep, ap, bp, qp, st=st, preceding=pre, **cfg)
         outs.append(o)
-        off, t = (off + L) % C, t + L
+        off = (off + L) % C
     if off == 0:
         anchor = ws
     return torch.cat(outs, dim=1), ws, anchor, ms, off
