@@ -29,7 +29,7 @@ Ops (module docstrings carry the equations, sign conventions and paper reference
                             l2, dot and the robust objectives (l1, lp, huber; section 5)
 :func:`dgd`                 Delta Gradient Descent with retention, chunk anchor (NL Eq. 57, 88, 93);
                             l2 or dot
-:func:`omega_rule`          sliding-window gradient (NL Eq. 68 / Atlas' Omega rule)
+:func:`omega_rule`          sliding-window gradient (NL Eq. 68 / Atlas' Omega rule); l2 or dot
 :func:`softmax_attention`   non-parametric memory, KV cache as state (Eq. 62-63)
 ==========================  ======================================================================
 """

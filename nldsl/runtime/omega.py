@@ -121,7 +121,7 @@ def omega_rule(
     if objective not in ("l2", "dot"):
         raise ValueError(f"{_OP}: objective must be 'l2' or 'dot', got {objective!r}")
     check_read(_OP, read)
-    fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked if objective == "l2" else _chunked_dot})
+    fn = dispatch(_OP, impl, {"reference": _reference, "chunked": _chunked})
     if isinstance(initial_state, OmegaState):
         check_state(_OP, "initial_state.memory", initial_state.memory, (B, H, K, V), q)
         check_state(_OP, "initial_state.keys", initial_state.keys, (B, c - 1, H, K), q)
@@ -173,6 +173,8 @@ def _windows(x_ext: Tensor, c: int) -> Tensor:
 
 
 def _chunked(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, l2, before):
+    if not l2:
+        return _chunked_dot(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, before)
     T = q.shape[1]
     # chunk_size counts virtual tokens: C // c steps per tile keeps each triangular system at
     # most chunk_size x chunk_size whatever the window.
@@ -187,7 +189,7 @@ def _chunked(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, l2, before):
     return from_chunks(o, T), S
 
 
-def _chunked_dot(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, l2, before):
+def _chunked_dot(q, k_ext, v_ext, g_ext, alpha, scale, S, dt, c, C, before):
     # S_t = alpha_t S_{t-1} + sum_j gamma_{t-j} k_{t-j} v_{t-j}^T: the sum over j of c linear
     # attentions with the same retention, the j-th writing token t - j (ext index c-1+t-j)
     T = q.shape[1]
