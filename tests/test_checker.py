@@ -293,6 +293,36 @@ def test_init_transfer_makes_meta_the_default():
     assert ir_of(text).memories[0].init == M.Init(kind="meta")
 
 
+@pytest.mark.parametrize("memory, qk_norm, hidden_norm", [
+    ("linear", "l2", None),                          # l2: M(k) moves by eta ||k||^2
+    ("linear { objective dot }", "none", None),      # Hebbian: nothing to erase
+    ("linear { objective dot; rule dgd }", "l2", None),  # DGD erases along k
+    ("linear { objective huber }", "l2", None),
+    ("linear { qk_norm none }", "none", None),       # stated: kept
+    ("mlp(depth=2)", "l2", "l2"),
+    ("mlp(depth=2, norm=none) { qk_norm none }", "none", "none"),
+    ("mlp(depth=2) { objective dot }", "none", "none"),
+    ("attention", "none", None),
+])
+def test_in_context_memories_that_erase_normalise_by_default(memory, qk_norm, hidden_norm):
+    """A model's in-context memory whose step compares M(k) with a target (or erases, DGD)
+    normalises its keys, and an MLP its hidden layers, unless the spec says otherwise."""
+    mem = ir_of(model(f"  level fast : tokens every 16\n  memory a in fast : {memory}\n  block = a\n")).memories[0]
+    assert mem.qk_norm == qk_norm
+    assert mem.structure.norm == hidden_norm
+
+
+def test_cms_and_optimizer_memories_keep_raw_inputs():
+    """CMS blocks (prenorm is theirs) and optimizer memories (deep momentum) keep `none`."""
+    text = model("  level fast : tokens every 16\n  level slow : tokens every 64\n"
+                 "  cms chain : sequential { levels fast, slow; structure mlp(depth=2) }\n  block = chain\n")
+    for mem in ir_of(text).cms[0].memories:
+        assert (mem.qk_norm, mem.structure.norm) == ("none", "none")
+    deep_momentum = (REPO / "specs" / "deep_momentum.nl").read_text()
+    opt = analyze_text(deep_momentum, "deep_momentum.nl").ir.optimizers[0]
+    assert opt.memories[0].structure.norm == "none"
+
+
 @pytest.mark.parametrize("where, literal", [
     ("param", "1e999"), ("param", "-1e400"), ("lr", "1e999"), ("update", "1e999")])
 def test_non_finite_literals_are_nl008(where, literal):

@@ -339,7 +339,8 @@ class Lowerer:
                                help="remove it; a memory's keys are normalised by `qk_norm l2`")
                 kwargs = {k: v for k, v in kwargs.items() if k != "prenorm"}
             check_kwargs(self.ctx, kwargs, ("depth", "expansion", "residual", "activation", "norm", "prenorm"), "mlp")
-            depth, expansion, residual, act, norm = 2, 4.0, True, "gelu", "none"
+            # the hidden norm's default depends on the memory (see `memory`): None until then
+            depth, expansion, residual, act, norm = 2, 4.0, True, "gelu", ("none" if cms else None)
             prenorm = "none" if cms else None
             if "depth" in kwargs:
                 depth = read_number(self.ctx, kwargs["depth"].value, env, "`depth`", integer=True,
@@ -353,7 +354,7 @@ class Lowerer:
             if "activation" in kwargs:
                 act = read_choice(self.ctx, kwargs["activation"].value, ACTIVATIONS, "activation") or "gelu"
             if "norm" in kwargs:
-                norm = read_choice(self.ctx, kwargs["norm"].value, ("none", "l2"), "hidden normalisation") or "none"
+                norm = read_choice(self.ctx, kwargs["norm"].value, ("none", "l2"), "hidden normalisation") or norm
             if "prenorm" in kwargs:
                 prenorm = read_choice(self.ctx, kwargs["prenorm"].value, ("none", "rms"), "block input normalisation") \
                     or "none"
@@ -403,6 +404,14 @@ class Lowerer:
             value = handler(p, env, name)
             if value is not None:
                 fields[p.name] = value
+        objective = fields.get("objective", M.Objective(kind="l2"))
+        rule = fields.get("rule", M.Rule(kind="gd"))
+        # A step that compares M(k) with a target (or DGD's erase) moves M(k) by about
+        # eta ||k||^2 and diverges once that passes 2: a model's in-context memories of that kind
+        # normalise their keys, and an MLP's hidden layers (its later layers' keys), by default.
+        stabilise = not (in_optimizer or is_cms) and (objective.kind != "dot" or rule.kind == "dgd")
+        if structure.kind == "mlp" and structure.norm is None:
+            structure = structure.model_copy(update={"norm": "l2" if stabilise else "none"})
         if structure.kind == "attention":
             for p in props:
                 if p.name in fields and p.name not in ("heads", "qk_norm", "conv", "read"):
@@ -436,8 +445,8 @@ class Lowerer:
             default_init = "random"
         return M.Memory(
             name=name, level=level, structure=structure,
-            objective=fields.get("objective", M.Objective(kind="l2")),
-            rule=fields.get("rule", M.Rule(kind="gd")),
+            objective=objective,
+            rule=rule,
             momentum=fields.get("momentum", M.Momentum(kind="none")),
             precondition=fields.get("precondition", M.Precondition(kind="none")),
             retention=fields.get("retention", M.Retention(kind="none")),
@@ -450,7 +459,7 @@ class Lowerer:
             writes=fields.get("writes", "detached" if is_cms else "differentiable"),
             init=fields.get("init", M.Init(kind=default_init)),
             heads=fields.get("heads", 1 if is_cms else (model_heads or 1)),
-            qk_norm=fields.get("qk_norm", "none"),
+            qk_norm=fields.get("qk_norm", "l2" if stabilise else "none"),
             v_norm=fields.get("v_norm", "none"),
             conv=fields.get("conv", 0),
         )

@@ -286,18 +286,39 @@ def setup(cfg: RunConfig, dist: D.Dist | None = None, *, device=None):
 
 
 def _unnormalised_keys_hint(model) -> str:
-    """A sentence for a diverged run whose linear memories take l2 steps on keys of any norm:
-    the delta-rule erase (I - eta k k^T) shrinks the state only while eta ||k||^2 < 2."""
+    """A sentence for a diverged run whose in-context memories were told not to normalise (the
+    default normalises them): a step towards a target moves M(k) by about eta ||k||^2, and the delta-rule
+    erase (I - eta k k^T) shrinks the state only while that stays below 2; an MLP's hidden
+    layers are its later layers' keys."""
+    from nldsl.nn.deep import DeepMemory
     from nldsl.nn.memories import LinearMemory
 
-    names = sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules()
-                    if isinstance(m, LinearMemory) and m.op != "linear_attention" and m.objective == "l2"
-                    and m.qk_norm != "l2" and not m.shared_kv})
-    if not names:
+    raw_keys, raw_hidden = set(), set()
+    for path, m in model.named_modules():
+        name = path.rsplit(".", 1)[-1]
+        if isinstance(m, LinearMemory) and m.op != "linear_attention" and not m.shared_kv:
+            erases, hidden_norm = m.objective != "dot" or m.op == "dgd", "l2"
+        elif isinstance(m, DeepMemory):
+            erases, hidden_norm = m.objective != "dot" or m.rule == "dgd", m.hidden_norm
+        else:
+            continue
+        if erases and m.qk_norm != "l2":
+            raw_keys.add(name)
+        if erases and hidden_norm != "l2":
+            raw_hidden.add(name)
+    fixes = []
+    if raw_keys:
+        fixes.append(f"the keys of {_names(raw_keys)} (`qk_norm l2`)")
+    if raw_hidden:
+        fixes.append(f"the hidden layers of {_names(raw_hidden)} (`mlp(..., norm=l2)`)")
+    if not fixes:
         return ""
-    which = ", ".join(f"`{n}`" for n in names)
-    return (f"; or normalise the keys of {which} (`qk_norm l2`): an l2 step erases along its key by "
+    return (f"; or normalise {' and '.join(fixes)}: a step towards a target moves M(k) by about "
             "eta ||k||^2, which diverges past 2")
+
+
+def _names(names) -> str:
+    return ", ".join(f"`{n}`" for n in sorted(names))
 
 
 def train(cfg: RunConfig, callbacks: tuple[Callable, ...] = (), *, quiet: bool = False) -> RunResult:
