@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import sys
 import traceback
 from pathlib import Path
@@ -91,27 +90,11 @@ def cmd_fmt(args) -> int:
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
-    """Writes through a temporary file and a rename, so a crash never leaves half a file. Through
-    a symlink it writes the file the link points to; a target that is no regular file (``-o
-    /dev/stdout``, a pipe) is written directly: a rename would put a file in the device's place."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
+    """:func:`nldsl.files.write_atomic`, its failure a usage error naming the file."""
+    from nldsl.files import write_atomic
+
     try:
-        try:
-            direct = not stat.S_ISREG(os.stat(path).st_mode)  # follows links
-        except FileNotFoundError:
-            direct = False
-        if direct:
-            with open(path, "wb") as f:
-                f.write(raw)
-            return
-        real = Path(os.path.realpath(path))
-        tmp = real.with_name(f".{real.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_bytes(raw)
-            os.replace(tmp, real)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        write_atomic(path, data)
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from nldsl.codegen.errors import CodegenError
-from nldsl.codegen.files import write_if_changed
+from nldsl.files import write_atomic
 from nldsl.codegen.loader import load_module
 from nldsl.codegen.render import docstring, environment, header, literal, spec_hash
 from nldsl.diagnostics import SpecError
@@ -244,9 +244,10 @@ def write_package(path: str | Path, out_dir: str | Path) -> list[Path]:
         "files": {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in files.items()},
     }
     files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, text in files.items():
         p = out / name
-        write_if_changed(p, text)
+        write_atomic(p, text, if_changed=True)
         paths.append(p)
     return paths
