@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from nldsl.codegen.errors import CodegenError
-from nldsl.files import write_atomic
 from nldsl.codegen.loader import load_module
 from nldsl.codegen.render import docstring, environment, header, literal, spec_hash
 from nldsl.diagnostics import SpecError
+from nldsl.files import write_atomic
 from nldsl.syntax import ast as A
 
 __all__ = ["BLOCK_KINDS", "KIND_MODULES", "BlockKind", "CodegenError", "Generated", "SpecContext", "compile_spec",

@@ -287,9 +287,9 @@ def setup(cfg: RunConfig, dist: D.Dist | None = None, *, device=None):
 
 def _unnormalised_keys_hint(model) -> str:
     """A sentence for a diverged run whose in-context memories were told not to normalise (the
-    default normalises them): a step towards a target moves M(k) by about eta ||k||^2, and the delta-rule
-    erase (I - eta k k^T) shrinks the state only while that stays below 2; an MLP's hidden
-    layers are its later layers' keys."""
+    default normalises them): a step towards a target moves M(k) by about eta ||k||^2, and the
+    delta-rule erase (I - eta k k^T) shrinks the state only while that stays below 2; an MLP's
+    hidden layers are its later layers' keys."""
     from nldsl.nn.deep import DeepMemory
     from nldsl.nn.memories import LinearMemory
 
