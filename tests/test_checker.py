@@ -490,3 +490,17 @@ def test_variant_that_breaks_a_rule_is_nl306_with_notes():
 def test_ablations_are_not_checked_when_the_base_spec_has_errors():
     text = HOPE.read_text(encoding="utf-8").replace("every 128", "every 0") + "ablation odd { cms2.every = 48 }\n"
     assert "NL306" not in codes(text)
+
+
+def test_parameter_cycles_are_reported_once_at_their_first_parameter():
+    """NL309: a parameter that uses itself, directly or through others, in a model or an
+    optimizer; a forward reference without a cycle is fine in an optimizer (computed per step)."""
+    opt = ("optimizer O {{\n  lr = 0.1\n{params}  level step : steps every 1\n"
+           "  memory m in step : elementwise {{ input g; objective dot }}\n  update = lr * m\n}}\n")
+    diags = analyze_text(opt.format(params="  g = a + grad\n  a = b * 2\n  b = g * param\n"), "t.nl").diagnostics
+    assert [(d.code, d.line, d.message) for d in diags] == [
+        ("NL309", 3, "parameter `g` is defined in terms of itself through `a`, `b`")]
+    assert errors(opt.format(params="  g = a + grad\n  a = 0.1 * param\n")) == []
+    assert errors(opt.format(params="  g = g + grad\n")) == ["NL309"]
+    assert "NL309" in codes(model("  chunk = chunk * 2\n  level fast : tokens every 16\n"
+                                  "  memory a in fast : linear\n  block = a\n"))

@@ -276,6 +276,14 @@ _TABLE = [
          "  memory m in step : mlp(depth=2) { key grad; input 1; objective dot }\n  update = lr * m\n}\n",
          "optimizer Deep {\n  lr = 0.01\n  level step : steps every 1\n"
          "  memory m in step : mlp(depth=2) { key grad; input 1; objective dot }\n  update = lr * m(grad)\n}\n"),
+    Code("NL309", "error", "parameter defined in terms of itself",
+         "A parameter's value may use other parameters (in an optimizer, also ones defined below "
+         "it: they are computed every step in the order they need), but not itself, directly or "
+         "through others: such a value has nothing to start from.",
+         "optimizer Sgd {\n  lr = 0.1\n  g = h + grad\n  h = g * param\n  level step : steps every 1\n"
+         "  memory m in step : elementwise { input g; objective dot }\n  update = lr * m\n}\n",
+         "optimizer Sgd {\n  lr = 0.1\n  g = h + grad\n  h = 0.01 * param\n  level step : steps every 1\n"
+         "  memory m in step : elementwise { input g; objective dot }\n  update = lr * m\n}\n"),
 
     Code("NL401", "error", "the compiler cannot build this yet",
          "The spec is valid, but the code generator has no implementation for this combination "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import networkx as nx
+
 from nldsl.diagnostics import Diagnostic, suggest
 from nldsl.graph import block_flow_edges, block_names, endpoint_nodes, level_node, memory_node, speed_key
 from nldsl.ir import models as M
@@ -464,6 +466,26 @@ def optimizer_exists(owner: M.Model, ck: Checker):
     if owner.optimizer not in ck.known_optimizers:
         ck.report("NL304", f"`{owner.optimizer}` is not an optimizer defined here or in an included file",
                   (owner.name, "optimizer"), help=suggest(owner.optimizer, ck.known_optimizers, "optimizers"))
+
+
+@rule("NL309")
+@rule("NL309", "optimizer")
+def parameter_cycles(owner, ck: Checker):
+    """A parameter's value may use other parameters, but never, through them, itself: such a
+    value has no first term to compute (an optimizer's `g = h + grad; h = g * param`)."""
+    order = {name: i for i, (name, _) in enumerate(owner.params)}
+    uses = nx.DiGraph()
+    for name, value in owner.params:
+        uses.add_node(name)
+        uses.add_edges_from((name, ref.name) for ref in walk(value) if isinstance(ref, M.Ref) and ref.name in order)
+    for cycle in sorted(nx.simple_cycles(uses), key=lambda c: sorted(order[n] for n in c)):
+        start = cycle.index(min(cycle, key=order.get))
+        cycle = cycle[start:] + cycle[:start]
+        first = cycle[0]
+        through = "" if len(cycle) == 1 else " through " + ", ".join(f"`{n}`" for n in cycle[1:])
+        ck.report("NL309", f"parameter `{first}` is defined in terms of itself{through}",
+                  (owner.name, "param", first),
+                  help="compute it from numbers, builtins and parameters that do not use it")
 
 
 def _optimizer_exprs(owner: M.Optimizer) -> list[tuple[M.Value, tuple, str]]:
