@@ -703,6 +703,16 @@ def _main(args) -> int:
             print("\n".join(f"  {x}" for x in lines) if lines else "  (no change)")
         sys.stdout.flush()
 
+    # a removal or a named ablation that changes nothing is likely a slip (a removed property takes its
+    # default, which may be what the spec set); a swept value equal to the base's is the usual control
+    for v in variants:
+        removes = any(x.startswith("~") for x in v.overrides)
+        if v.ok and (v.ablation or removes) and not _diff(base, v):
+            why = "a removed property takes its default, which is what the base has" if removes else \
+                "its edits set what the base already has"
+            print(f"note: variant #{v.index} ({v.label}) is the base spec once defaults are filled in: {why}",
+                  file=sys.stderr)
+
     for v in bad:
         print(f"\nvariant #{v.index} ({v.label}) does not check:\n{_render_errors(base, v, by_index)}",
               file=sys.stderr)

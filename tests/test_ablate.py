@@ -271,6 +271,20 @@ def test_show_diff(capsys):
     assert "  - Hope.transfer[fast->cms1] = condition" in out and "  - Hope.chain.variant = sequential" in out
 
 
+def test_a_variant_that_changes_nothing_is_noted(capsys):
+    """Removing a property whose default is what the spec set (Titans' `qk_norm l2`) gives the
+    base model again: the plan says so, and still succeeds. A swept value equal to the base's
+    (the usual control) and `@base` are not noted."""
+    rc, out, err = ablate(capsys, TITANS, "~mem.qk_norm", "--dry-run")
+    assert rc == 0, err
+    assert "note: variant #0 (~mem.qk_norm) is the base spec once defaults are filled in: a removed " \
+           "property takes its default" in err
+    rc, out, err = ablate(capsys, TITANS, "mem.conv=2,4", "--dry-run")
+    assert rc == 0 and "note:" not in err  # a sweep's control value
+    rc, out, err = ablate(capsys, HOPE, "@base", "--dry-run")
+    assert rc == 0 and "note:" not in err  # the base, asked for by name
+
+
 def test_named_ablations_multiply_with_overrides(capsys):
     rc, out, err = ablate(capsys, HOPE, "@base", "@no_dgd", "fast.every=16,32", "--dry-run")
     assert rc == 0, err
