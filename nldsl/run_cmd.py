@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -88,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--eval-seqs", type=int, dest="eval_seqs", help="held-out sequences per evaluation")
     e.add_argument("--log-every", type=int, dest="log_every")
     e.add_argument("--ckpt-every", type=int, dest="ckpt_every", help="default: every evaluation")
-    e.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default 2)")
+    e.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default 2; 0: all)")
     e.add_argument("--carry-state", action="store_true", dest="carry_state",
                    help="also evaluate a long stream fed in segments, state carried across calls")
     e.add_argument("--segments", type=int, default=6, help="segments of the streaming evaluation")
@@ -173,10 +174,20 @@ def config_from_args(args):
         segments=args.segments, fsdp=args.fsdp, time_limit=time_limit,
         threads=args.threads if args.threads is not None else preset_threads(preset.get("threads")),
         progress=args.progress, plot=args.plot, preset=preset_name)
-    for name in ("steps", "batch", "eval_every", "log_every", "eval_seqs", "segments", "pairs"):
+    for name in ("steps", "batch", "eval_every", "log_every", "eval_seqs", "segments", "pairs", "threads",
+                 "ckpt_every"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise _Usage(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    for name, low in (("lr", "positive"), ("weight_decay", "non-negative"), ("clip", "non-negative"),
+                      ("warmup", "non-negative")):
+        v = getattr(cfg, name)
+        if v is not None and not (math.isfinite(v) and (v > 0 if low == "positive" else v >= 0)):
+            raise _Usage(f"--{name.replace('_', '-')} must be a finite {low} number, got {v}")
+    if cfg.keep < 0:
+        raise _Usage(f"--keep must be 0 (keep every checkpoint) or more, got {cfg.keep}")
+    if args.time_limit is not None and not args.time_limit >= 0:
+        raise _Usage(f"--time-limit must be a non-negative number of seconds (0: no limit), got {args.time_limit}")
     if cfg.seq_len is not None and cfg.seq_len < 2:
         raise _Usage(f"--seq-len must be at least 2, got {cfg.seq_len}")
     if args.nproc < 1:

@@ -67,6 +67,16 @@ def test_preset_defaults_and_explicit_flags_win():
     (["layers=0"], "layers must be a positive integer, got 0"),
     (["dim=64.0"], "dim must be a positive integer, got 64.0"),
     (["--steps", "0"], "--steps must be at least 1"),
+    # numbers argparse accepts but training cannot use (they reached torch as internal errors)
+    (["--lr", "nan"], "--lr must be a finite positive number, got nan"),
+    (["--lr", "-1"], "--lr must be a finite positive number, got -1.0"),
+    (["--threads", "-2"], "--threads must be at least 1, got -2"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite non-negative number"),
+    (["--clip", "-1"], "--clip must be a finite non-negative number"),
+    (["--warmup", "-1"], "--warmup must be a finite non-negative number"),
+    (["--ckpt-every", "-3"], "--ckpt-every must be at least 1"),
+    (["--keep", "-1"], "--keep must be 0 (keep every checkpoint) or more"),
+    (["--time-limit", "-5"], "--time-limit must be a non-negative number of seconds (0: no limit)"),
 ])
 def test_bad_input_is_a_clear_message(tmp_path, capsys, extra, words):
     code, stdout, err = run([TINY, *SMALL, "--out", tmp_path / "r", *extra], capsys)
