@@ -633,10 +633,20 @@ def write_summaries(rows: list[dict], out: Path, title: str = "Ablation summary"
 
 
 def _check_run_args(run_args: list[str]) -> None:
+    """The options for `nldsl run`, checked before any variant is written."""
+    from nldsl import run_cmd
+
     for a in run_args:
         if a in ("-o", "--out") or a.startswith("--out="):
             raise _Usage("`--run` options cannot set --out: each variant runs in its own folder",
                          help="the runs go to OUTPUT/NNN_NAME/run; choose OUTPUT with -o before --run")
+    try:
+        run_cmd.check_argv(run_args)
+    except SystemExit:  # argparse said why
+        raise _Usage("the options after --run do not parse as `nldsl run` options (above); "
+                     "nothing was written") from None
+    except run_cmd._Usage as e:
+        raise _Usage(f"--run: {e}; nothing was written") from None
 
 
 # ---- the command ---------------------------------------------------------------------------
@@ -649,13 +659,13 @@ def _main(args) -> int:
     if run_args is not None:
         if args.dry_run:
             raise _Usage("--dry-run and --run contradict each other", help="drop one of them")
-        _check_run_args(run_args)
         why = _load_runner()
         if why is not None:
             raise _Usage(f"--run needs the training command `nldsl run` (the nldsl.train package), "
                          f"which cannot be imported here: {why}",
                          help="generate the variants without --run, then train each one with "
                               "`nldsl run OUTPUT/NNN_NAME/spec.nl`")
+        _check_run_args(run_args)
     if args.max_variants < 1:
         raise _Usage(f"--max-variants must be at least 1, got {args.max_variants}")
 

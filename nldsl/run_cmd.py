@@ -134,6 +134,29 @@ def _default_out(spec: str, task: str, resume: bool) -> Path:
     raise _Usage(f"{base}: too many runs; pass --out DIR")
 
 
+# option (dest), what it must be, the test; argparse checks only the type. A preset's values pass.
+_OPTION_RULES = (
+    *((name, "at least 1", lambda v: v >= 1) for name in (
+        "steps", "batch", "eval_every", "log_every", "eval_seqs", "segments", "pairs", "threads", "ckpt_every",
+        "nproc")),
+    ("seq_len", "at least 2", lambda v: v >= 2),
+    ("lr", "a finite positive number", lambda v: math.isfinite(v) and v > 0),
+    *((name, "a finite non-negative number", lambda v: math.isfinite(v) and v >= 0) for name in (
+        "weight_decay", "clip", "warmup")),
+    ("keep", "0 (keep every checkpoint) or more", lambda v: v >= 0),
+    ("time_limit", "a non-negative number of seconds (0: no limit)", lambda v: v >= 0),
+)
+
+
+def check_options(args) -> None:
+    """The values of the options given, before anything is built or written (``nldsl ablate
+    --run`` checks its options with it before writing a variant)."""
+    for name, want, ok in _OPTION_RULES:
+        v = getattr(args, name, None)
+        if v is not None and not ok(v):
+            raise _Usage(f"--{name.replace('_', '-')} must be {want}, got {v}")
+
+
 def config_from_args(args):
     """RunConfig from the parsed arguments, with the preset's values where flags are unset."""
     import torch
@@ -141,6 +164,7 @@ def config_from_args(args):
     from nldsl.train.build import BuildError, parse_overrides
     from nldsl.train.config import PRESETS, RunConfig, preset_threads
 
+    check_options(args)
     try:
         overrides = parse_overrides(args.overrides)
     except BuildError as e:
@@ -174,24 +198,6 @@ def config_from_args(args):
         segments=args.segments, fsdp=args.fsdp, time_limit=time_limit,
         threads=args.threads if args.threads is not None else preset_threads(preset.get("threads")),
         progress=args.progress, plot=args.plot, preset=preset_name)
-    for name in ("steps", "batch", "eval_every", "log_every", "eval_seqs", "segments", "pairs", "threads",
-                 "ckpt_every"):
-        v = getattr(cfg, name)
-        if v is not None and v < 1:
-            raise _Usage(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    for name, low in (("lr", "positive"), ("weight_decay", "non-negative"), ("clip", "non-negative"),
-                      ("warmup", "non-negative")):
-        v = getattr(cfg, name)
-        if v is not None and not (math.isfinite(v) and (v > 0 if low == "positive" else v >= 0)):
-            raise _Usage(f"--{name.replace('_', '-')} must be a finite {low} number, got {v}")
-    if cfg.keep < 0:
-        raise _Usage(f"--keep must be 0 (keep every checkpoint) or more, got {cfg.keep}")
-    if args.time_limit is not None and not args.time_limit >= 0:
-        raise _Usage(f"--time-limit must be a non-negative number of seconds (0: no limit), got {args.time_limit}")
-    if cfg.seq_len is not None and cfg.seq_len < 2:
-        raise _Usage(f"--seq-len must be at least 2, got {cfg.seq_len}")
-    if args.nproc < 1:
-        raise _Usage(f"--nproc must be at least 1, got {args.nproc}")
     if args.out and not args.resume and not args.overwrite and _holds_run(out):
         raise _Usage(f"{out} already holds a run; continue it with --resume, or start over with --overwrite")
     return cfg
@@ -365,6 +371,19 @@ def _launch(cfg, nproc: int) -> int:
         return EXIT_OK
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nldsl run", description=__doc__.split("\n\n")[0],
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def check_argv(options: list[str]) -> None:
+    """Parses and checks options of ``nldsl run`` given without a spec (``nldsl ablate --run``'s);
+    raises SystemExit (argparse, having printed why) or ``_Usage``."""
+    check_options(_parser().parse_intermixed_args(["SPEC", *options]))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m nldsl.run_cmd``: the ``run`` command alone (and the entry point of ranks)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -382,11 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("nldsl: interrupted", file=sys.stderr)
                 _child_status(cfg, EXIT_INTERRUPTED, "interrupted")
             return EXIT_OK
-    parser = argparse.ArgumentParser(prog="nldsl run", description=__doc__.split("\n\n")[0],
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
     try:
-        args = parser.parse_intermixed_args(argv)
+        args = _parser().parse_intermixed_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
     try:

@@ -596,6 +596,18 @@ def test_run_writes_the_summary(capsys, monkeypatch, tmp_path):
     assert rc == 2 and "cannot set --out" in err
 
 
+@pytest.mark.parametrize("options, words", [
+    (["--lr", "nan"], "--run: --lr must be a finite positive number, got nan; nothing was written"),
+    (["--steps", "0"], "--run: --steps must be at least 1, got 0; nothing was written"),
+    (["--lr", "abc"], "invalid float value: 'abc'"),
+])
+def test_run_options_are_checked_before_any_variant_is_written(capsys, tmp_path, options, words):
+    out_dir = tmp_path / "abl"
+    rc, _, err = ablate(capsys, HOPE, "@no_cms", "-o", out_dir, "--run", *options)
+    assert rc == 2 and words in err and "Traceback" not in err
+    assert not out_dir.exists()
+
+
 # ---- the summary writers -------------------------------------------------------------------------
 
 ROWS = [
