@@ -151,8 +151,14 @@ class NSAMModel(nn.Module):
         layer's parts before its first such memory (a block's ``prefix``, when the compiler split
         it) see only the embedding: they run over the whole call at once.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, time] with at least one token, got shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold token ids (an integer tensor), got {input_ids.dtype}")
+        if state is not None and not isinstance(state, ModelState):
+            raise TypeError(f"state must be the ModelState a previous call returned (output.state), "
+                            f"got {type(state).__name__}")
         if state is not None and len(state.layers) != len(self.blocks):
             raise ValueError(f"state has {len(state.layers)} layers, the model has {len(self.blocks)}")
         if labels is not None and labels.shape != input_ids.shape:

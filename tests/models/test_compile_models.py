@@ -43,6 +43,20 @@ def test_forward_backward(name):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("inputs, state, error, words", [
+    (torch.zeros(2, 5), None, TypeError, "input_ids must hold token ids (an integer tensor), got torch.float32"),
+    (torch.zeros(2, 0, dtype=torch.long), None, ValueError, "with at least one token, got shape (2, 0)"),
+    (torch.zeros(5, dtype=torch.long), None, ValueError, "input_ids must be [batch, time]"),
+    (torch.zeros(2, 5, dtype=torch.long), {"layers": ()}, TypeError,
+     "state must be the ModelState a previous call returned (output.state), got dict"),
+])
+def test_bad_model_inputs_are_named(inputs, state, error, words):
+    """A compiled model's call says what is wrong with its arguments, not torch from inside."""
+    with pytest.raises(error) as e:
+        build("deltanet")(inputs, state=state)
+    assert words in str(e.value)
+
+
 @pytest.mark.parametrize("name", LINEAR_FAMILY)
 @pytest.mark.parametrize("split", [1, 7, 16])
 def test_stream_split_equals_one_pass(name, split):
