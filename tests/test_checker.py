@@ -504,3 +504,19 @@ def test_parameter_cycles_are_reported_once_at_their_first_parameter():
     assert errors(opt.format(params="  g = g + grad\n")) == ["NL309"]
     assert "NL309" in codes(model("  chunk = chunk * 2\n  level fast : tokens every 16\n"
                                   "  memory a in fast : linear\n  block = a\n"))
+
+
+@pytest.mark.parametrize("props, flagged", [
+    ("retention constant(1.2)", ["keeps 1.2 of its state per update: the state grows without bound"]),
+    ("retention constant(-0.1)", ["the state flips its sign every update"]),
+    ("momentum 1.5", ["keeps 1.5 of its momentum per update"]),
+    ("lr constant(-0.1)", ["a learning rate of -0.1"]),
+    ("retention constant(1); momentum constant(0); lr constant(0)", []),  # the ends of the ranges
+    ("retention gate; lr gate", []),
+])
+def test_constants_out_of_range_are_warned(props, flagged):
+    diags = analyze_text(model(f"  level fast : tokens every 16\n  memory a in fast : linear {{ {props} }}\n"
+                               "  block = a\n"), "t.nl").diagnostics
+    assert [d.code for d in diags] == ["NL206"] * len(flagged) and all(not d.is_error for d in diags)
+    for d, words in zip(diags, flagged):
+        assert words in d.message

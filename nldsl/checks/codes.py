@@ -220,6 +220,12 @@ _TABLE = [
          "  memory m in step : mlp(depth=2) { input 1; objective dot }\n  update = lr * m(grad)\n}\n",
          "optimizer Deep {\n  lr = 0.01\n  level step : steps every 1\n"
          "  memory m in step : mlp(depth=2) { key grad; input 1; objective dot }\n  update = lr * m(grad)\n}\n"),
+    Code("NL206", "warning", "constant outside its range",
+         "A constant `retention` or `momentum` is the fraction of the state kept per update: above 1 "
+         "the state grows without bound, below 0 it flips sign every update. A constant `lr` below "
+         "0 climbs the objective instead of descending it (0 turns learning off).",
+         _model(_BASE + "  memory mem in fast : linear { retention constant(1.2) }\n" + _BLOCK),
+         _model(_BASE + "  memory mem in fast : linear { retention constant(0.98) }\n" + _BLOCK)),
 
     Code("NL301", "error", "block uses an unknown name",
          "A block composes the model's memories and CMS chains with builtins (`norm`, `rmsnorm`, "

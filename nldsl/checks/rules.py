@@ -374,6 +374,35 @@ def rule_fits_objective(owner, ck: Checker):
                       help="set `objective l2`, or use `rule gd`")
 
 
+def _literal(v) -> float | None:
+    """A constant's value when it folded to a number (an optimizer's may stay a parameter)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+@rule("NL206")
+@rule("NL206", "optimizer")
+def constants_in_range(owner, ck: Checker):
+    """Constant decays outside [0, 1] grow or flip a state every update; a negative step size
+    climbs the objective. Valid, so warnings (0 is fine: a step of 0 turns learning off)."""
+    for mem in owner.all_memories():
+        decays = (("retention", "state", mem.retention.value if mem.retention and mem.retention.kind == "constant"
+                   else None),
+                  ("momentum", "momentum", mem.momentum.beta if mem.momentum and mem.momentum.kind == "constant"
+                   else None))
+        for field, what, value in decays:
+            a = _literal(value)
+            if a is not None and not 0 <= a <= 1:
+                effect = "grows without bound" if a > 1 else "flips its sign every update"
+                ck.report("NL206", f"`{mem.name}` keeps {a:g} of its {what} per update: the {what} {effect}",
+                          *_memory_keys(owner, mem, field),
+                          help=f"a constant {field} is a fraction in [0, 1] (1 keeps everything)")
+        eta = _literal(mem.lr.value) if mem.lr and mem.lr.kind == "constant" else None
+        if eta is not None and eta < 0:
+            ck.report("NL206", f"`{mem.name}` steps with a learning rate of {eta:g}: a negative step climbs "
+                      "its objective", *_memory_keys(owner, mem, "lr"),
+                      help="use a positive step size (0 turns learning off)")
+
+
 @rule("NL205", "optimizer")
 def optimizer_keys(owner: M.Optimizer, ck: Checker):
     """An MLP maps keys to values and the delta rule erases along the key: both need one."""
