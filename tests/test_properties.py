@@ -217,6 +217,7 @@ names = st.from_regex(r"[a-z][a-z0-9_]{0,7}", fullmatch=True).filter(
     lambda s: s not in RESERVED and s not in BUILTINS and not keyword.iskeyword(s))
 comment_text = st.text(st.characters(blacklist_categories=("Cs", "Zl", "Zp", "Cc")), max_size=20)
 floats = st.sampled_from(["0.9", "0.99", "1e-3", "0.5", "1.0", "2", "3.5e-2", ".25"])
+fractions = st.sampled_from(["0.9", "0.99", "1e-3", "0.5", "1.0", "0", ".25"])  # decays: in [0, 1] (NL206)
 
 
 @st.composite
@@ -278,10 +279,10 @@ def _memory_props(draw, kind: str, *, dim: int, params: list[str], levels: list[
         elif name == "momentum":
             v = draw(st.sampled_from(["none", "gate", "delta", "deep", "constant"]))
             if v == "constant":
-                v = f"constant({draw(num)})"
+                v = f"constant({draw(fractions)})"
         elif name == "retention":
             v = draw(st.sampled_from(["none", "gate", "constant", "number"]))
-            v = {"constant": f"constant({draw(num)})", "number": draw(floats)}.get(v, v)
+            v = {"constant": f"constant({draw(fractions)})", "number": draw(fractions)}.get(v, v)
         elif name == "lr":
             v = draw(st.sampled_from(["gate", "constant", "number"]))
             v = {"constant": f"constant({draw(num)})", "number": draw(floats)}.get(v, v)
