@@ -170,10 +170,6 @@ class Planner:
                   f"kernel=config.kernel({_repr(self.model.name + '.' + mem.name)})")
         if generated:
             gen_level = self.levels.get(mem.generators)
-            if mem.structure.depth != 2:
-                self.unsupported(f"self-modifying memories are 2-layer MLPs (Eq. 89); `{mem.name}` has depth "
-                                 f"{mem.structure.depth}", key + ("structure",))
-                return None
             if mem.signal != "self":
                 self.unsupported(f"`{mem.name}` has generated inputs: it learns from the values it generates "
                                  "itself (`signal self`, Eq. 87)", key + ("signal",))
@@ -185,7 +181,7 @@ class Planner:
             s = mem.structure
             return (f"SelfModifyingTitans(config.dim, {self.heads_arg(mem)}, generated={tuple(generated)!r}, "
                     f"chunk_size={period!r}, gen_chunk_size={gen_level.period!r}, "
-                    f"expansion={_repr(float(s.expansion))}, residual={_repr(s.residual)}, "
+                    f"depth={_repr(s.depth)}, expansion={_repr(float(s.expansion))}, residual={_repr(s.residual)}, "
                     f"activation={_repr(s.activation)}, retention={mem.retention.kind != 'none'}, {init}, {common})")
         if mem.signal != "values":
             self.unsupported(f"signal `{mem.signal}` of the deep memory `{mem.name}` without generated inputs "

@@ -140,7 +140,7 @@ class SelfModifyingTitans(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, *, generated: tuple[str, ...], chunk_size: int,
-                 gen_chunk_size: int, expansion: float = 1.0, residual: bool = True,
+                 gen_chunk_size: int, depth: int = 2, expansion: float = 1.0, residual: bool = True,
                  activation: str = "gelu", objective: str = "l2", rule: str = "dgd", momentum=None,
                  retention: bool = True, read: str = "anchor", qk_norm: str = "l2", conv: int = 4,
                  detach: bool = False, scope: str = "sequence", v_norm: str = "none",
@@ -161,14 +161,14 @@ class SelfModifyingTitans(nn.Module):
         # one input per generating memory (the runtime's [B, T, G, H, D] form)
         self.in_proj = nn.Linear(dim, dim * max(1, len(self.generated)), bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.memories = nn.ModuleDict({"memory": _mlp_weights(heads, D, hidden, D, 2, residual)})
+        self.memories = nn.ModuleDict({"memory": _mlp_weights(heads, D, hidden, D, depth, residual)})
         if init == "random":  # the main memory's start is fixed, not learned by the outer level
             self.memories["memory"].requires_grad_(False)
         for name in self.generated:
             # residual M_k, M_v, M_q start as the identity, like M_memory (each reads its own input,
             # so k, v, q differ from the start); M_eta, M_alpha start at 0: constant gates at first
             scalar = name in ("eta", "alpha")
-            self.memories[name] = _mlp_weights(heads, D, hidden, 1 if scalar else D, 2, residual or scalar)
+            self.memories[name] = _mlp_weights(heads, D, hidden, 1 if scalar else D, depth, residual or scalar)
         for name in ("q", "k", "v"):
             if name not in self.generated:
                 self.add_module(f"{name}_proj", nn.Linear(dim, dim, bias=False))
@@ -193,7 +193,7 @@ class SelfModifyingTitans(nn.Module):
         self.eta_bias = nn.Parameter(torch.tensor(0.0))
         self.alpha_bias = nn.Parameter(torch.tensor(_logit(0.99)))
         self.conv_weight = nn.Parameter(self._conv_init(len(self.generated), heads, D, conv)) if conv else None
-        self.kernel = _mlp_kernel("SelfModifyingTitans", impl, kernel, depth=2, d_in=D, d_hidden=hidden, d_out=D,
+        self.kernel = _mlp_kernel("SelfModifyingTitans", impl, kernel, depth=depth, d_in=D, d_hidden=hidden, d_out=D,
                                   activation=activation, hidden_norm=hidden_norm, residual=residual,
                                   chunk=min(chunk_size, gen_chunk_size))
 

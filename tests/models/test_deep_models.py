@@ -195,6 +195,27 @@ def test_table6_ablations_compile_and_run(tmp_path, ablation):
     assert torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_self_modifying_memories_of_other_depths(tmp_path, depth):
+    """`mlp(depth=N)` on Hope's self-modifying memory builds every memory (the main one and the
+    five generating ones) with N layers; the model runs forward and backward and streams exactly
+    (the runtime's chunked == reference at these depths is tested in runtime_deep)."""
+    text = (SPECS / "hope.nl").read_text().replace("mlp(depth=2, expansion=1,", f"mlp(depth={depth}, expansion=1,")
+    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
+    (tmp_path / "hope.nl").write_text(text)
+    torch.manual_seed(0)
+    model = build("hope", path=tmp_path / "hope.nl").double()
+    assert {len(ws) for ws in model.blocks[0].titans.memories.values()} == {depth}
+    ids = torch.randint(0, 32, (2, 24))
+    full = model(ids, labels=ids.roll(-1, 1))
+    full.logits.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    first = model(ids[:, :9])
+    second = model(ids[:, 9:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), model(ids).logits,
+                               rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("ablation", ["static_k", "static_v"])
 def test_static_inputs_are_convolved_and_stream(tmp_path, ablation):
     """A static k (v) passes its own causal convolution: it sees the previous tokens (so it can
