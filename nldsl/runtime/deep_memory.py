@@ -37,6 +37,9 @@ at the **anchor** state ``M_a``, the state at the start of t's chunk):
     rule="dgd": W_{1,t} = W_{1,t-1} (alpha_t I - eta_t k_t k_t^T) + R_{1,t}     (input-side matrix)
                 W_{i,t} = alpha_t W_{i,t-1} + R_{i,t}                          (i > 1)
     rule="omega": as gd with u_{i,t} = -sum_{s=t-c+1}^{t} eta_s g_{i,s}         (NL Eq. 68, Atlas)
+    precondition: S_{i,t} = beta_t S_{i,t-1} - g_{i,t},  W_{i,t} = alpha_t W_{i,t-1} + eta_t NS(S_{i,t})
+                (Newton-Schulz, Muon as the inner optimizer: Atlas Eq. 32-33; rule gd; see
+                :mod:`nldsl.runtime._preconditioned`)
 
 With the Omega rule each step's gradient is summed over the window of the last ``c = window``
 tokens, every one taken at t's anchor (the window's tokens before t's chunk too, as Atlas takes
@@ -137,6 +140,7 @@ from nldsl.runtime._common import (
     ut_apply,
 )
 from nldsl.runtime._mlp_write import end_state, mlp_write, piece_coefficients
+from nldsl.runtime._preconditioned import orthogonalize_batch, preconditioned_step
 from nldsl.runtime._running_read import running_read
 
 __all__ = [
@@ -397,6 +401,7 @@ def chunk_step(
     p: Optional[float] = None,
     delta: Optional[float] = None,
     preceding: Optional[tuple] = None,
+    precondition: Optional[tuple] = None,
 ):
     """Run L <= C consecutive tokens that share one anchor.
 
@@ -406,9 +411,14 @@ def chunk_step(
     straight-through terms added to the read weights (detach mode). ``kernel``: an
     :class:`~nldsl.runtime._triton.MlpKernel` that computes the gradients below in one launch
     (impl='triton'). ``p``, ``delta``: the lp / huber objective's parameter. ``preceding``: the
-    Omega rule's ``(k, v, eta)`` of the ``c - 1`` tokens before the piece. Returns ``(o or None,
-    ws_end, ms_end)``.
+    Omega rule's ``(k, v, eta)`` of the ``c - 1`` tokens before the piece. ``precondition``:
+    ``(steps, (a, b, c))``, steps orthogonalised by Newton-Schulz (:mod:`._preconditioned`; rule
+    gd). Returns ``(o or None, ws_end, ms_end)``.
     """
+    if precondition is not None:
+        return preconditioned_step(ws, ms, anchor, k, v, eta, alpha, beta, q, objective=objective, signal=signal,
+                                   act=act, residual=residual, read=read, st=st, p=p, delta=delta,
+                                   precondition=precondition)
     L = k.shape[1]
     running = q is not None and read == "running"
     # the writes. Per layer i the write terms of the piece are (coefficient [.., L, L], left
@@ -491,6 +501,22 @@ def check_layers(op: str, ws: Sequence[Tensor], d_in: int, d_out: int, residual:
         raise ValueError(f"{op}: residual=True needs input dim == output dim, got {d_in} and {d_out}")
 
 
+def _check_precondition(precondition, rule: str, impl: str) -> tuple:
+    """``(steps, (a, b, c))`` for a preconditioned memory, or a ValueError saying what is wrong."""
+    try:
+        steps, coefficients = precondition
+        coefficients = tuple(float(x) for x in coefficients)
+    except (TypeError, ValueError):
+        raise ValueError(f"{_OP}: precondition must be (steps, (a, b, c)), got {precondition!r}") from None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or len(coefficients) != 3:
+        raise ValueError(f"{_OP}: precondition must be (steps >= 0, (a, b, c)), got {precondition!r}")
+    if rule != "gd":
+        raise ValueError(f"{_OP}: a preconditioned memory takes rule 'gd', not {rule!r}")
+    if impl == "triton":
+        raise ValueError(f"{_OP}: the Triton kernel computes plain steps; use impl='chunked' with precondition")
+    return steps, coefficients
+
+
 def _to_heads(W: Tensor, B: int, H: int, dt) -> Tensor:
     """[H, do, di] or [B, H, do, di] -> [B*H, do, di]."""
     W = W.to(dt)
@@ -529,6 +555,7 @@ def mlp_memory(
     kernel=None,
     p: Optional[float] = None,
     delta: Optional[float] = None,
+    precondition: Optional[tuple] = None,
 ) -> MemoryOutput:
     """An MLP memory per head, written by in-context gradient steps (see the module docstring).
 
@@ -554,6 +581,9 @@ def mlp_memory(
             CPU under ``TRITON_INTERPRET=1``).
         kernel: with ``impl="triton"``, the :class:`~nldsl.runtime._triton.MlpKernel` to run (a
             compiled spec's); None renders one for this call's configuration.
+        precondition: ``(steps, (a, b, c))``: every layer steps by ``eta`` times the Newton-Schulz
+            orthogonalisation of its momentum of raw gradients (Muon as the inner optimizer, Atlas;
+            :mod:`nldsl.runtime._preconditioned`). Rule ``"gd"``, ``impl`` chunked or reference.
 
     Returns:
         ``MemoryOutput(o [B, T, H, V] in q's dtype, final_state or None)``.
@@ -655,6 +685,8 @@ def mlp_memory(
 
     cfg = dict(objective=objective, signal=signal, rule=rule, act=hidden_act(hidden_norm, activation),
                residual=residual, read=read, p=p, delta=delta)
+    if precondition is not None:
+        cfg["precondition"] = _check_precondition(precondition, rule, impl)
     if cache is not None:  # the call's tokens behind the cached ones, so a piece's predecessors are a slice
         ks, vs, es = (torch.cat([w, x], dim=1) for w, x in zip(cache, (ks, vs, es)))
     if impl == "triton":
@@ -743,6 +775,7 @@ def _single_loss(ws, x, target, *, objective, act, residual, p=None, delta=None)
 
 def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, lead=0):
     act, residual, rule, read = cfg["act"], cfg["residual"], cfg["rule"], cfg["read"]
+    pre = cfg.get("precondition")
     loss = functools.partial(_single_loss, objective=cfg["objective"], act=act, residual=residual, p=cfg["p"],
                              delta=cfg["delta"])
     grad_fn = torch.func.vmap(torch.func.grad(loss))
@@ -766,7 +799,8 @@ def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, lead=
             target = v[:, s]
             if cfg["signal"] == "self":
                 target = mlp_forward(anchor, target.unsqueeze(1), act, residual)[0].squeeze(1)
-            steps.append([eta[:, s, None, None] * g for g in grad_fn(anchor, k[:, s], target)])
+            raw = grad_fn(anchor, k[:, s], target)  # the last one is token t's own
+            steps.append([eta[:, s, None, None] * g for g in raw])
         step = [sum(gs) for gs in zip(*steps)]
         kt = k[:, t + lead]
         if read == "anchor":
@@ -774,6 +808,16 @@ def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, lead=
         e = eta[:, t + lead, None, None]
         a = 1.0 if alpha is None else alpha[:, t, None, None]
         new_ws, new_ms = [], []
+        if pre is not None:  # Muon's step: the orthogonalised momentum of the raw gradient, times eta
+            for i, (W, g) in enumerate(zip(ws, raw)):  # (no window: raw is token t's gradient)
+                S = -g if ms is None else beta[:, t, None, None] * ms[i] - g
+                new_ms.append(S)
+                new_ws.append(a * W + e * orthogonalize_batch(S, *pre))
+            ws, ms = tuple(new_ws), (tuple(new_ms) if ms is not None else None)
+            if read == "running":
+                outs.append(read_with(ws, q[:, t]))
+            off = (off + 1) % C
+            continue
         for i, (W, g) in enumerate(zip(ws, step)):
             r = -g
             if ms is not None:
