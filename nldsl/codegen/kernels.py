@@ -411,6 +411,8 @@ def _mlp_planner(model, item, level, ctx, taken):
         return f"the MLP kernel takes the l2 or dot objective, not {objective}"
     if not is_cms and item.rule.kind == "omega":
         return "the MLP kernel takes one token a step, not the Omega rule's window"
+    if not is_cms and item.precondition.kind != "none":
+        return "the MLP kernel computes plain steps, not Newton-Schulz ones"
     dim = model.param("dim")
     levels = {lv.name: lv for lv in model.levels}
     if is_cms:

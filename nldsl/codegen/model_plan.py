@@ -68,6 +68,8 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
     period, read = level.period, mem.read
     if momentum in ("delta", "deep"):
         return None
+    if mem.precondition.kind != "none":  # Newton-Schulz steps (Muon inner, Atlas): the one-layer MLP memory
+        return "mlp_memory" if rule == "gd" else None
     if mem.signal == "self":  # its own target M_a(v) (Eq. 87): the one-layer MLP memory takes it
         return "mlp_memory"
     if rule == "omega":  # on dot any period reads running: the Hebbian gradient does not depend on the state
@@ -152,8 +154,9 @@ class Planner:
                                                          if generated else "")))
         if mem.momentum.kind in ("delta", "deep"):
             problems.append(("momentum", f"`momentum {mem.momentum.kind}`"))
-        if mem.precondition.kind != "none":
-            problems.append(("precondition", "a preconditioner"))
+        if mem.precondition.kind != "none" and (generated or rule != "gd"):
+            where = "on a self-modifying memory" if generated else f"with rule `{rule}` (Newton-Schulz steps take gd)"
+            problems.append(("precondition", f"a preconditioner {where}"))
         init = self._init(mem)
         if init is None or generated and mem.init.kind not in ("meta", "random"):
             problems.append(("init", f"initial state `{mem.init.kind}`"))
@@ -191,7 +194,15 @@ class Planner:
         ret = self._rate(mem.retention.kind, mem.retention.value)
         window = f"window={_repr(mem.rule.window)}, " if rule == "omega" else ""
         return (f"DeepMemory(config.dim, {self.heads_arg(mem)}, {self._mlp_args(mem.structure)}, lr={lr}, "
-                f"retention={ret}, chunk_size={period!r}, {window}{init}, {common})")
+                f"retention={ret}, chunk_size={period!r}, {window}{self._precondition(mem)}{init}, {common})")
+
+    @staticmethod
+    def _precondition(mem: M.Memory) -> str:
+        """The ``precondition=`` keyword of an in-context memory's Newton-Schulz steps (or nothing)."""
+        pc = mem.precondition
+        if pc.kind == "none":
+            return ""
+        return f"precondition=({_repr(pc.steps)}, {_repr(tuple(float(c) for c in pc.coefficients))}), "
 
     def cms_ctor(self, c: M.Cms) -> str | None:
         key = (self.model.name, "cms", c.name)
@@ -252,9 +263,9 @@ class Planner:
             self.unsupported(f"generated inputs ({', '.join(mem.inputs.generated())}) of the linear memory "
                              f"`{mem.name}` are not compiled yet", key + ("inputs",))
             return None
-        if mem.precondition.kind != "none":
-            self.unsupported(f"a preconditioned in-context memory (`{mem.name}`) is not compiled yet",
-                             key + ("precondition",))
+        if mem.precondition.kind != "none" and rule != "gd":
+            self.unsupported(f"a preconditioned in-context memory with rule `{rule}` (`{mem.name}`) is not "
+                             "compiled yet", key + ("precondition",), help="Newton-Schulz steps take `rule gd`")
             return None
         if mem.signal == "surprise":
             self.unsupported(f"signal `surprise` for the linear memory `{mem.name}` is not compiled yet",
@@ -296,7 +307,8 @@ class Planner:
         objective = ""
         if op in ("titans_linear", "dgd", "omega_rule", "mlp_memory"):  # the ops that take more than one objective
             objective = f"objective={obj!r}, {_objective_parameter(mem.objective)}"
-        extra = f"rule={rule!r}, signal={_repr(mem.signal)}, " if op == "mlp_memory" else ""  # its engine's choices
+        extra = (f"rule={rule!r}, signal={_repr(mem.signal)}, {self._precondition(mem)}" if op == "mlp_memory"
+                 else "")  # its engine's choices
         if mem.v_norm == "l2":
             extra += "v_norm='l2', "
         return (f"LinearMemory(config.dim, {self.heads_arg(mem)}, op={op!r}, {objective}{extra}lr={lr}, "

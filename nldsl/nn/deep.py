@@ -54,11 +54,16 @@ class DeepMemory(nn.Module):
                  rule: str = "gd", window: int = 1, lr="gate", retention=None, momentum=None, chunk_size: int = 1,
                  read: str = "anchor", qk_norm: str = "none", conv: int = 0, detach: bool = False,
                  init: str = "meta", scope: str = "sequence", v_norm: str = "none",
-                 hidden_norm: str = "none", impl: str = "chunked", kernel=None, init_value: float | None = None):
+                 hidden_norm: str = "none", impl: str = "chunked", kernel=None, init_value: float | None = None,
+                 precondition: tuple | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        if precondition is not None and impl == "triton":
+            raise ValueError("DeepMemory: the Triton kernel computes plain steps, not Newton-Schulz ones "
+                             "(precondition); use impl='chunked'")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.precondition = precondition  # (steps, (a, b, c)): Muon as the inner optimizer
         self.objective, self.rule, self.lr, self.retention, self.momentum = objective, rule, lr, retention, momentum
         self.window = window
         self.chunk_size, self.read, self.qk_norm, self.detach = chunk_size, read, qk_norm, detach
@@ -117,7 +122,7 @@ class DeepMemory(nn.Module):
             chunk_size=self.chunk_size, read=self.read, objective=self.objective, p=self.p, delta=self.delta,
             rule=self.rule, window=self.window, activation=self.activation, hidden_norm=self.hidden_norm,
             residual=self.residual, detach=self.detach, initial_state=None if state is None else state["memory"],
-            output_final_state=True, impl=self.impl, kernel=self.kernel)
+            output_final_state=True, impl=self.impl, kernel=self.kernel, precondition=self.precondition)
         y = self.o_proj(o.reshape(B, T, self.dim))
         return y, {"memory": mem_state, "conv": conv_state}
 
@@ -126,7 +131,8 @@ class DeepMemory(nn.Module):
 
     def extra_repr(self) -> str:
         rule = f"omega(window={self.window})" if self.rule == "omega" else self.rule
-        return (f"heads={self.heads}, objective={self.objective}, rule={rule}, chunk={self.chunk_size}, "
+        pre = "" if self.precondition is None else f", newton_schulz(steps={self.precondition[0]})"
+        return (f"heads={self.heads}, objective={self.objective}, rule={rule}{pre}, chunk={self.chunk_size}, "
                 f"read={self.read}, scope={self.scope}")
 
 

@@ -108,7 +108,7 @@ class LinearMemory(nn.Module):
                  conv: int = 0, init: str = "zeros", detach: bool = False, window: int | None = None,
                  scope: str = "sequence", read: str = "running", shared_kv: bool = False, impl: str = "chunked",
                  kernel=None, rule: str = "gd", signal: str = "values", v_norm: str = "none",
-                 init_value: float | None = None):
+                 init_value: float | None = None, precondition: tuple | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -118,6 +118,9 @@ class LinearMemory(nn.Module):
         self.chunk_size, self.qk_norm, self.detach, self.window = chunk_size, qk_norm, detach, window
         self.scope, self.impl, self.init, self.read = scope, impl, init, read
         self.rule, self.signal, self.v_norm = rule, signal, v_norm  # rule, signal: op mlp_memory's
+        self.precondition = precondition  # op mlp_memory's: (steps, (a, b, c)), Newton-Schulz steps
+        if precondition is not None and op != "mlp_memory":
+            raise ValueError(f"LinearMemory(op={op!r}): precondition runs on op 'mlp_memory' only")
         # shared_kv: keys and values come from another memory's context (AdaTransformer, Eq. 21)
         # and the input itself is the query: y = M_t x, with no projections of its own
         self.shared_kv = shared_kv
@@ -266,7 +269,7 @@ class LinearMemory(nn.Module):
                               rule=self.rule, window=self.window if self.rule == "omega" else 1,
                               signal=self.signal, activation="identity", residual=False,
                               scale=common.get("scale", self.head_dim ** -0.5), output_final_state=True,
-                              impl=self.impl)
+                              impl=self.impl, precondition=self.precondition)
         else:
             raise ValueError(f"LinearMemory: unknown op {self.op!r}")
         new["S"] = S

@@ -230,6 +230,8 @@ def streams_and_learns(model, ids, split: int):
     ("signal self; rule dgd; momentum 0.5; init random", "op='mlp_memory', objective='l2', rule='dgd', signal='self'"),
     ("v_norm l2; retention gate; read running", "op='titans_linear', objective='l2', v_norm='l2'"),
     ("init constant(0.05); read running", "init='constant', init_value=0.05"),
+    ("momentum 0.9; precondition newton_schulz(steps=3); read running",
+     "op='mlp_memory', objective='l2', rule='gd', signal='values', precondition=(3, (3.4445, -4.775, 2.0315))"),
 ])
 def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     """A Hebbian (dot objective) memory reading before its write (`read anchor`, the default) or
@@ -351,6 +353,27 @@ def test_deep_memory_omega_rule(tmp_path):
     hope.write_text((SPECS / "hope.nl").read_text().replace("    rule dgd\n", "    rule omega(window=3)\n"))
     with pytest.raises(nldsl.SpecError, match=r"self-modifying memories take gd or dgd"):
         nldsl.compile(hope)
+
+
+def test_preconditioned_memories(tmp_path):
+    """Titans' `@muon` ablation (Newton-Schulz steps, Atlas' Muon inner optimizer) compiles (it
+    was NL401), streams exactly across a split inside a chunk and learns (linear memories: the
+    next test); with `dgd`, on a self-modifying memory or with impl='triton' it is refused with
+    a reason. Numerics: tests/runtime_deep/test_rt_preconditioned.py."""
+    muon = variant(tmp_path, "titans", "muon")
+    assert "precondition=(5, (3.4445, -4.775, 2.0315))" in generate_source(muon)
+    torch.manual_seed(0)
+    streams_and_learns(nldsl.compile(muon).Titans(**SMALL).double(), torch.randint(0, 64, (2, 37)), 21)
+    dgd = linear_memory_spec(tmp_path, "Dgd", "rule dgd; precondition newton_schulz")
+    with pytest.raises(nldsl.SpecError, match=r"a preconditioned in-context memory with rule `dgd`"):
+        nldsl.compile(dgd)
+    hope = tmp_path / "hope_muon.nl"
+    hope.write_text((SPECS / "hope.nl").read_text().replace("    rule dgd\n",
+                                                            "    rule dgd\n    precondition newton_schulz\n"))
+    with pytest.raises(nldsl.SpecError, match=r"a preconditioner on a self-modifying memory"):
+        nldsl.compile(hope)
+    with pytest.raises(RuntimeError, match=r"the MLP kernel computes plain steps, not Newton-Schulz ones"):
+        nldsl.compile(muon).Titans(**SMALL, impl="triton")
 
 
 @pytest.mark.parametrize("objective, generated", [
