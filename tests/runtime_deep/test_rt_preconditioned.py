@@ -101,3 +101,14 @@ def test_errors():
         run(x, "chunked", precondition=5)
     with pytest.raises(ValueError, match=r"steps >= 0"):
         run(x, "chunked", precondition=(-1, DEFAULT_COEFFICIENTS))
+
+
+def test_detached_writes_match_reference():
+    """`writes detached`: the steps are constants for autograd, the reads' straight-through
+    terms carry the outer gradient to the initial weights (as without a preconditioner)."""
+    x = requires_grad(memory_inputs(T=9, seed=8))
+    for read in ("anchor", "running"):
+        ref = run(x, "reference", read=read, detach=True, chunk_size=4)
+        fast = run(x, "chunked", read=read, detach=True, chunk_size=4)
+        assert_close(fast.o, ref.o, what=read)
+        assert_close(grads(fast.o, x["params"]), grads(ref.o, x["params"]), atol=1e-9, what=read)
