@@ -8,7 +8,7 @@ step of every layer of an in-context memory by the orthogonalised momentum of it
 
 without momentum S_t = -grad L(W_anchor; k_t, v_t). The step size sits outside the
 orthogonalisation (which removes any scale), and the gradients are taken at the chunk's anchor,
-as for every deep memory. A piece of L tokens takes all L gradients at once (torch.func,
+as for every deep memory. A piece of L tokens takes all L gradients at once (written out,
 batched over rows and tokens), forms every S_t from the decay products of beta, orthogonalises
 the L matrices of each row in one batch and sums them into the end state (and, for a running
 read, into each token's weights). Newton-Schulz is nonlinear in S_t, so unlike the plain
@@ -22,8 +22,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-from nldsl.runtime._common import segment_products
+from nldsl.runtime._common import output_error, segment_products
 
 __all__ = ["orthogonalize_batch", "preconditioned_step"]
 
@@ -35,19 +36,27 @@ def orthogonalize_batch(x: Tensor, steps: int, coefficients: tuple[float, float,
     then ``steps`` times ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``. The iteration of
     :func:`nldsl.optim.newton_schulz.orthogonalize` (torch.optim.Muon's), batched."""
     a, b, c = coefficients
+    lead = x.shape[:-2]
     tall = x.shape[-2] > x.shape[-1]
     X = x.transpose(-1, -2) if tall else x
-    X = X / torch.linalg.matrix_norm(X, keepdim=True).clamp(min=eps)
-    for _ in range(steps):
-        A = X @ X.transpose(-1, -2)
-        X = a * X + (b * A + c * (A @ A)) @ X
+    X = (X / torch.linalg.matrix_norm(X, keepdim=True).clamp(min=eps)).reshape(-1, *X.shape[-2:])
+    for _ in range(steps):  # fused multiply-adds, as the optimizer's addmm: fewer passes over X
+        A = torch.bmm(X, X.transpose(-1, -2))
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    X = X.reshape(*lead, *X.shape[-2:])
     return X.transpose(-1, -2) if tall else X
 
 
-def _token_gradients(anchor: Sequence[Tensor], k: Tensor, target: Tensor, loss) -> list[Tensor]:
-    """``grad_W L(W_anchor; k_t, target_t)`` of every row and token: ``[N, L, d_out, d_in]`` per layer."""
-    per_token = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))   # the tokens of a row
-    return list(torch.func.vmap(per_token)(tuple(anchor), k, target))          # the rows
+def _token_gradients(anchor: Sequence[Tensor], k: Tensor, target: Tensor, *, objective, act, residual, p,
+                     delta) -> list[Tensor]:
+    """``grad_W L(W_anchor; k_t, target_t)`` of every row and token, ``[N, L, d_out, d_in]`` per
+    layer: the outer product of the layer's error and its input (written out, not torch.func,
+    so that a checkpoint can recompute it)."""
+    from nldsl.runtime.deep_memory import mlp_backward, mlp_forward
+
+    y, hs, ins = mlp_forward(anchor, k, act, residual)
+    errors = mlp_backward(anchor, hs, output_error(y, target, objective, p, delta), act)
+    return [e.unsqueeze(-1) * a.unsqueeze(-2) for e, a in zip(errors, ins)]
 
 
 def _decayed(P: Tensor, start: Optional[Tensor], terms: Tensor) -> Tensor:
@@ -57,20 +66,30 @@ def _decayed(P: Tensor, start: Optional[Tensor], terms: Tensor) -> Tensor:
     return out if start is None else out + P[:, 1:, 0, None, None] * start.unsqueeze(1)
 
 
-def preconditioned_step(ws, ms, anchor, k, v, eta, alpha, beta, q, *, objective, signal, act, residual, read,
-                        st=None, p=None, delta=None, precondition):
+def preconditioned_step(ws, ms, anchor, k, v, eta, alpha, beta, q, *, st=None, **cfg):
     """One piece of L tokens sharing an anchor (the arguments of
     :func:`nldsl.runtime.deep_memory.chunk_step`); ``precondition``: ``(steps, (a, b, c))``.
-    Returns ``(o or None, ws_end, ms_end)``; ``ms`` holds the momenta S (None without momentum)."""
-    from nldsl.runtime.deep_memory import _single_loss, mlp_forward
+    Returns ``(o or None, ws_end, ms_end)``; ``ms`` holds the momenta S (None without momentum).
+
+    Under autograd the piece is checkpointed: its backward recomputes it instead of keeping its
+    per-token matrices (some ten tensors of ``L x d_out x d_in`` per layer, which would hold
+    gigabytes over a sequence; Titans' `@muon` ablation at the benchmark's sizes kept 8.5 GB)."""
+    piece = functools.partial(_piece, **cfg)
+    if torch.is_grad_enabled():
+        return checkpoint(piece, ws, ms, anchor, k, v, eta, alpha, beta, q, st, use_reentrant=False)
+    return piece(ws, ms, anchor, k, v, eta, alpha, beta, q, st)
+
+
+def _piece(ws, ms, anchor, k, v, eta, alpha, beta, q, st, *, objective, signal, act, residual, read, p=None,
+           delta=None, precondition):
+    from nldsl.runtime.deep_memory import mlp_forward
 
     N, L = k.shape[:2]
     steps, coefficients = precondition
     target = v
     if signal == "self":  # its own target M_anchor(v), as the plain write takes it
         target = mlp_forward(anchor, v, act, residual)[0]
-    loss = functools.partial(_single_loss, objective=objective, act=act, residual=residual, p=p, delta=delta)
-    grads = _token_gradients(anchor, k, target, loss)
+    grads = _token_gradients(anchor, k, target, objective=objective, act=act, residual=residual, p=p, delta=delta)
     ones = torch.ones(N, L, dtype=k.dtype, device=k.device)
     Pa = segment_products(ones if alpha is None else alpha)
     Pb = None if beta is None else segment_products(beta)
