@@ -642,7 +642,9 @@ def _check_run_args(run_args: list[str]) -> None:
                          help="the runs go to OUTPUT/NNN_NAME/run; choose OUTPUT with -o before --run")
     try:
         run_cmd.check_argv(run_args)
-    except SystemExit:  # argparse said why
+    except SystemExit as e:  # argparse said why (or printed the help asked for: --run --help)
+        if not e.code:
+            raise
         raise _Usage("the options after --run do not parse as `nldsl run` options (above); "
                      "nothing was written") from None
     except run_cmd._Usage as e:
