@@ -69,7 +69,7 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
     if momentum in ("delta", "deep"):
         return None
     if mem.precondition.kind != "none":  # Newton-Schulz steps (Muon inner, Atlas): the one-layer MLP memory
-        return "mlp_memory" if rule == "gd" else None
+        return "mlp_memory" if rule in ("gd", "omega") else None
     if mem.signal == "self":  # its own target M_a(v) (Eq. 87): the one-layer MLP memory takes it
         return "mlp_memory"
     if rule == "omega":  # on dot any period reads running: the Hebbian gradient does not depend on the state
@@ -154,8 +154,9 @@ class Planner:
                                                          if generated else "")))
         if mem.momentum.kind in ("delta", "deep"):
             problems.append(("momentum", f"`momentum {mem.momentum.kind}`"))
-        if mem.precondition.kind != "none" and (generated or rule != "gd"):
-            where = "on a self-modifying memory" if generated else f"with rule `{rule}` (Newton-Schulz steps take gd)"
+        if mem.precondition.kind != "none" and (generated or rule not in ("gd", "omega")):
+            where = ("on a self-modifying memory" if generated
+                     else f"with rule `{rule}` (Newton-Schulz steps take gd or omega)")
             problems.append(("precondition", f"a preconditioner {where}"))
         init = self._init(mem)
         if init is None or generated and mem.init.kind not in ("meta", "random"):
@@ -263,9 +264,10 @@ class Planner:
             self.unsupported(f"generated inputs ({', '.join(mem.inputs.generated())}) of the linear memory "
                              f"`{mem.name}` are not compiled yet", key + ("inputs",))
             return None
-        if mem.precondition.kind != "none" and rule != "gd":
+        if mem.precondition.kind != "none" and rule not in ("gd", "omega"):
             self.unsupported(f"a preconditioned in-context memory with rule `{rule}` (`{mem.name}`) is not "
-                             "compiled yet", key + ("precondition",), help="Newton-Schulz steps take `rule gd`")
+                             "compiled yet", key + ("precondition",), help="Newton-Schulz steps take `rule gd` or "
+                             "`omega(window=N)`")
             return None
         if mem.signal == "surprise":
             self.unsupported(f"signal `surprise` for the linear memory `{mem.name}` is not compiled yet",

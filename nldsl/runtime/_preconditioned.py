@@ -8,7 +8,9 @@ step of every layer of an in-context memory by the orthogonalised momentum of it
 
 without momentum S_t = -grad L(W_anchor; k_t, v_t). The step size sits outside the
 orthogonalisation (which removes any scale), and the gradients are taken at the chunk's anchor,
-as for every deep memory. A piece of L tokens takes all L gradients at once (written out,
+as for every deep memory. Under the Omega rule (Atlas proper) token t's gradient is the sum over
+its window of the last c tokens, unweighted (Atlas' window gates gamma = 1: the memory's one
+learned rate is the step size). A piece of L tokens takes all L gradients at once (written out,
 batched over rows and tokens), forms every S_t from the decay products of beta, orthogonalises
 the L matrices of each row in one batch and sums them into the end state (and, for a running
 read, into each token's weights). Newton-Schulz is nonlinear in S_t, so unlike the plain
@@ -81,15 +83,21 @@ def preconditioned_step(ws, ms, anchor, k, v, eta, alpha, beta, q, *, st=None, *
 
 
 def _piece(ws, ms, anchor, k, v, eta, alpha, beta, q, st, *, objective, signal, act, residual, read, p=None,
-           delta=None, precondition):
-    from nldsl.runtime.deep_memory import mlp_forward
+           delta=None, precondition, preceding=None):
+    from nldsl.runtime.deep_memory import mlp_forward, window_band
 
     N, L = k.shape[:2]
     steps, coefficients = precondition
-    target = v
+    kw, vw = k, v
+    if preceding is not None:  # the Omega rule: the c - 1 tokens before the piece enter its windows
+        kw, vw = (torch.cat([w, x], dim=1) for w, x in zip(preceding[:2], (k, v)))
+    target = vw
     if signal == "self":  # its own target M_anchor(v), as the plain write takes it
-        target = mlp_forward(anchor, v, act, residual)[0]
-    grads = _token_gradients(anchor, k, target, objective=objective, act=act, residual=residual, p=p, delta=delta)
+        target = mlp_forward(anchor, vw, act, residual)[0]
+    grads = _token_gradients(anchor, kw, target, objective=objective, act=act, residual=residual, p=p, delta=delta)
+    if preceding is not None:  # token t's gradient: its window's, summed unweighted (Atlas' gamma = 1)
+        band = window_band(L, preceding[0].shape[1] + 1, k)
+        grads = [torch.einsum("ts,nsoi->ntoi", band, G) for G in grads]
     ones = torch.ones(N, L, dtype=k.dtype, device=k.device)
     Pa = segment_products(ones if alpha is None else alpha)
     Pb = None if beta is None else segment_products(beta)

@@ -38,8 +38,8 @@ at the **anchor** state ``M_a``, the state at the start of t's chunk):
                 W_{i,t} = alpha_t W_{i,t-1} + R_{i,t}                          (i > 1)
     rule="omega": as gd with u_{i,t} = -sum_{s=t-c+1}^{t} eta_s g_{i,s}         (NL Eq. 68, Atlas)
     precondition: S_{i,t} = beta_t S_{i,t-1} - g_{i,t},  W_{i,t} = alpha_t W_{i,t-1} + eta_t NS(S_{i,t})
-                (Newton-Schulz, Muon as the inner optimizer: Atlas Eq. 32-33; rule gd; see
-                :mod:`nldsl.runtime._preconditioned`)
+                (Newton-Schulz, Muon as the inner optimizer: Atlas Eq. 32-33; with rule omega
+                g_{i,t} sums the window's gradients; see :mod:`nldsl.runtime._preconditioned`)
 
 With the Omega rule each step's gradient is summed over the window of the last ``c = window``
 tokens, every one taken at t's anchor (the window's tokens before t's chunk too, as Atlas takes
@@ -413,12 +413,12 @@ def chunk_step(
     (impl='triton'). ``p``, ``delta``: the lp / huber objective's parameter. ``preceding``: the
     Omega rule's ``(k, v, eta)`` of the ``c - 1`` tokens before the piece. ``precondition``:
     ``(steps, (a, b, c))``, steps orthogonalised by Newton-Schulz (:mod:`._preconditioned`; rule
-    gd). Returns ``(o or None, ws_end, ms_end)``.
+    gd or omega). Returns ``(o or None, ws_end, ms_end)``.
     """
     if precondition is not None:
         return preconditioned_step(ws, ms, anchor, k, v, eta, alpha, beta, q, objective=objective, signal=signal,
                                    act=act, residual=residual, read=read, st=st, p=p, delta=delta,
-                                   precondition=precondition)
+                                   precondition=precondition, preceding=preceding)
     L = k.shape[1]
     running = q is not None and read == "running"
     # the writes. Per layer i the write terms of the piece are (coefficient [.., L, L], left
@@ -510,8 +510,8 @@ def _check_precondition(precondition, rule: str, impl: str) -> tuple:
         raise ValueError(f"{_OP}: precondition must be (steps, (a, b, c)), got {precondition!r}") from None
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or len(coefficients) != 3:
         raise ValueError(f"{_OP}: precondition must be (steps >= 0, (a, b, c)), got {precondition!r}")
-    if rule != "gd":
-        raise ValueError(f"{_OP}: a preconditioned memory takes rule 'gd', not {rule!r}")
+    if rule not in ("gd", "omega"):
+        raise ValueError(f"{_OP}: a preconditioned memory takes rule 'gd' or 'omega', not {rule!r}")
     if impl == "triton":
         raise ValueError(f"{_OP}: the Triton kernel computes plain steps; use impl='chunked' with precondition")
     return steps, coefficients
@@ -583,7 +583,8 @@ def mlp_memory(
             compiled spec's); None renders one for this call's configuration.
         precondition: ``(steps, (a, b, c))``: every layer steps by ``eta`` times the Newton-Schulz
             orthogonalisation of its momentum of raw gradients (Muon as the inner optimizer, Atlas;
-            :mod:`nldsl.runtime._preconditioned`). Rule ``"gd"``, ``impl`` chunked or reference.
+            :mod:`nldsl.runtime._preconditioned`). Rule ``"gd"`` or ``"omega"`` (the window's
+            gradients summed unweighted), ``impl`` chunked or reference.
 
     Returns:
         ``MemoryOutput(o [B, T, H, V] in q's dtype, final_state or None)``.
@@ -794,13 +795,13 @@ def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, lead=
             anchor = ws
         # the step's gradient: eta_s g_s summed over the window's tokens s (token t alone, but
         # under the Omega rule; k, v and eta hold the ``lead`` tokens in front), all at the anchor
-        steps = []
+        steps, raws = [], []
         for s in range(t, t + lead + 1):
             target = v[:, s]
             if cfg["signal"] == "self":
                 target = mlp_forward(anchor, target.unsqueeze(1), act, residual)[0].squeeze(1)
-            raw = grad_fn(anchor, k[:, s], target)  # the last one is token t's own
-            steps.append([eta[:, s, None, None] * g for g in raw])
+            raws.append(grad_fn(anchor, k[:, s], target))
+            steps.append([eta[:, s, None, None] * g for g in raws[-1]])
         step = [sum(gs) for gs in zip(*steps)]
         kt = k[:, t + lead]
         if read == "anchor":
@@ -809,7 +810,8 @@ def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, lead=
         a = 1.0 if alpha is None else alpha[:, t, None, None]
         new_ws, new_ms = [], []
         if pre is not None:  # Muon's step: the orthogonalised momentum of the raw gradient, times eta
-            for i, (W, g) in enumerate(zip(ws, raw)):  # (no window: raw is token t's gradient)
+            raw = [sum(gs) for gs in zip(*raws)]  # the window's gradients, unweighted (Atlas' gamma = 1)
+            for i, (W, g) in enumerate(zip(ws, raw)):
                 S = -g if ms is None else beta[:, t, None, None] * ms[i] - g
                 new_ms.append(S)
                 new_ws.append(a * W + e * orthogonalize_batch(S, *pre))

@@ -232,6 +232,8 @@ def streams_and_learns(model, ids, split: int):
     ("init constant(0.05); read running", "init='constant', init_value=0.05"),
     ("momentum 0.9; precondition newton_schulz(steps=3); read running",
      "op='mlp_memory', objective='l2', rule='gd', signal='values', precondition=(3, (3.4445, -4.775, 2.0315))"),
+    ("rule omega(window=2); precondition newton_schulz",
+     "op='mlp_memory', objective='l2', rule='omega', signal='values', precondition=(5, (3.4445, -4.775, 2.0315))"),
 ])
 def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     """A Hebbian (dot objective) memory reading before its write (`read anchor`, the default) or
@@ -356,14 +358,17 @@ def test_deep_memory_omega_rule(tmp_path):
 
 
 def test_preconditioned_memories(tmp_path):
-    """Titans' `@muon` ablation (Newton-Schulz steps, Atlas' Muon inner optimizer) compiles (it
-    was NL401), streams exactly across a split inside a chunk and learns (linear memories: the
-    next test); with `dgd`, on a self-modifying memory or with impl='triton' it is refused with
-    a reason. Numerics: tests/runtime_deep/test_rt_preconditioned.py."""
+    """Titans' `@muon` ablation (Newton-Schulz steps, Atlas' Muon inner optimizer) and `@atlas`
+    (with the Omega rule's window) compile (they were NL401), stream exactly across a split
+    inside a chunk and learn (linear memories: the next test); with `dgd`, on a self-modifying
+    memory or with impl='triton' it is refused with a reason. Numerics: tests/runtime_deep/test_rt_preconditioned.py."""
     muon = variant(tmp_path, "titans", "muon")
     assert "precondition=(5, (3.4445, -4.775, 2.0315))" in generate_source(muon)
     torch.manual_seed(0)
     streams_and_learns(nldsl.compile(muon).Titans(**SMALL).double(), torch.randint(0, 64, (2, 37)), 21)
+    atlas = variant(tmp_path, "titans", "atlas")
+    assert "window=4, precondition=(5, " in generate_source(atlas)
+    streams_and_learns(nldsl.compile(atlas).Titans(**SMALL).double(), torch.randint(0, 64, (2, 23)), 9)
     dgd = linear_memory_spec(tmp_path, "Dgd", "rule dgd; precondition newton_schulz")
     with pytest.raises(nldsl.SpecError, match=r"a preconditioned in-context memory with rule `dgd`"):
         nldsl.compile(dgd)

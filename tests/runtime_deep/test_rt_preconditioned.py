@@ -1,7 +1,7 @@
 """mlp_memory with Newton-Schulz steps (Muon as the inner optimizer, Atlas Eq. 32-33): the batched
 iteration equals the optimizer's per-matrix one, one token from a fresh momentum is its closed
-form, chunked == the token loop (reads, momentum, chunks, depths, signals, gradients), and a
-split stream equals one pass."""
+form, chunked == the token loop (reads, momentum, chunks, depths, signals, the Omega rule,
+gradients), and a split stream equals one pass."""
 from __future__ import annotations
 
 import pytest
@@ -93,7 +93,7 @@ def test_split_stream_equals_one_pass():
 
 def test_errors():
     x = memory_inputs(T=4, seed=7)
-    with pytest.raises(ValueError, match="takes rule 'gd', not 'dgd'"):
+    with pytest.raises(ValueError, match="takes rule 'gd' or 'omega', not 'dgd'"):
         run(x, "chunked", rule="dgd")
     with pytest.raises(ValueError, match="Triton kernel computes plain steps"):
         run(x, "triton")
@@ -112,3 +112,32 @@ def test_detached_writes_match_reference():
         fast = run(x, "chunked", read=read, detach=True, chunk_size=4)
         assert_close(fast.o, ref.o, what=read)
         assert_close(grads(fast.o, x["params"]), grads(ref.o, x["params"]), atol=1e-9, what=read)
+
+
+@pytest.mark.parametrize("read", ["anchor", "running"])
+def test_omega_rule_matches_reference_with_gradients(read):
+    """Atlas proper: each step orthogonalises the momentum of its window's summed gradients (the
+    window's tokens before a chunk taken at the chunk's anchor too); window 1 is rule gd."""
+    x = requires_grad(memory_inputs(T=14, seed=10))
+    wrt = [x["q"], x["k"], x["v"], x["eta"], x["alpha"], x["beta"], x["params"]]
+    for C in (1, 4, 16):
+        ref = run(x, "reference", read=read, rule="omega", window=3, chunk_size=C)
+        fast = run(x, "chunked", read=read, rule="omega", window=3, chunk_size=C)
+        assert_close(fast, ref, what=f"C={C}")
+    assert_close(grads(fast.o, wrt), grads(ref.o, wrt), atol=1e-9)
+    assert_close(run(x, "chunked", read=read, rule="omega", window=1).o, run(x, "chunked", read=read).o)
+
+
+def test_omega_rule_split_stream_equals_one_pass():
+    x = memory_inputs(T=17, seed=11)
+    full = run(x, "chunked", read="running", rule="omega", window=4)
+    outs, state, t = [], None, 0
+    for n in (2, 8, 7):  # splits inside chunks and inside the window
+        sl = slice(t, t + n)
+        o, state = mlp_memory(x["q"][:, sl], x["k"][:, sl], x["v"][:, sl], x["eta"][:, sl], x["alpha"][:, sl],
+                              x["beta"][:, sl], params=x["params"], chunk_size=5, read="running", rule="omega",
+                              window=4, precondition=NS, initial_state=state, output_final_state=True)
+        outs.append(o)
+        t += n
+    assert_close(torch.cat(outs, 1), full.o)
+    assert_close(state, full.final_state)
