@@ -47,6 +47,7 @@ class SpecContext:
     sources: dict[str, str]
     ast: A.File | None
     sha256: str
+    resolved_sha256: str = ""  # of the spec's resolved form: what it means, defaults filled in
 
     def ast_block(self, name: str):
         for it in (self.ast.items if self.ast else ()):
@@ -112,9 +113,14 @@ class Generated:
 
 
 def _context(analysis) -> SpecContext:
+    from nldsl.ir.resolved import resolved_tree
+    from nldsl.syntax.printer import format_file
+
     texts = [analysis.text or ""] + [sub.text or "" for sub in analysis.included.values()]
+    resolved = format_file(resolved_tree(analysis.ir, analysis.ast))
     return SpecContext(file=analysis.file, label=Path(analysis.file).name, spans=analysis.spans,
-                       sources=analysis.sources, ast=analysis.ast, sha256=spec_hash(texts))
+                       sources=analysis.sources, ast=analysis.ast, sha256=spec_hash(texts),
+                       resolved_sha256=spec_hash([resolved]))
 
 
 def _module_doc(ctx: SpecContext, classes: list[dict], blocks: list) -> str:

@@ -29,7 +29,7 @@ def _plan(model, ctx: SpecContext) -> dict:
               "continue the stream. Keyword arguments override the spec's values."]
     plan.extra = [(n, d) for n, d in plan.params if n not in STANDARD]
     return {"name": plan.class_name, "plan": plan, "doc": docstring("\n".join(lines), "    "),
-            "spec_hash": ctx.sha256, "defaults": {}}
+            "spec_hash": ctx.sha256, "resolved_hash": ctx.resolved_sha256, "defaults": {}}
 
 
 register_block_kind(BlockKind(

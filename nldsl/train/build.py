@@ -151,6 +151,7 @@ def model_info(model, overrides: dict[str, Any]) -> dict[str, Any]:
         "class": cls.__name__,
         "spec_file": getattr(cls, "spec_file", "") or "",
         "spec_hash": getattr(cls, "spec_hash", "") or "",
+        "resolved_hash": getattr(cls, "resolved_hash", "") or "",
         "optimizer": getattr(cls, "optimizer", None),
         "levels": [str(lv) for lv in getattr(cls, "levels", ())],
         "overrides": dict(overrides),

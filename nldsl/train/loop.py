@@ -364,6 +364,9 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
         diff = [k for k in RunConfig.IDENTITY if same(getattr(old, k)) != same(getattr(cfg, k))]
         if resume_meta.get("spec_hash", "") != info.get("spec_hash", ""):
             diff.append("spec (the spec file changed)")
+        elif resume_meta.get("resolved_hash") not in (None, info.get("resolved_hash", "")):
+            diff.append("the compiled model (the same spec resolves differently: a default of this nldsl "
+                        "version differs; `nldsl fmt --resolved` shows the spec's)")
         if diff:
             raise RunError(f"--resume: {folder} was written by a run with different settings "
                            f"({', '.join(diff)}); resume with the same settings, or start a new run "
@@ -437,7 +440,8 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
         return row
 
     def state_json(step):
-        return {"config": cfg.to_dict(), "spec_hash": info.get("spec_hash", ""), "model": info.get("class"),
+        return {"config": cfg.to_dict(), "spec_hash": info.get("spec_hash", ""),
+                "resolved_hash": info.get("resolved_hash", ""), "model": info.get("class"),
                 "data_position": {"step": step, "scheme": "batch = f(seed, step)"},
                 "continual": continual, "last_loss": last[0], "world": dist.world}
 

@@ -184,6 +184,27 @@ def test_unwritable_output_folder(tiny_cfg, tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+def test_resume_notices_a_spec_that_now_resolves_differently(tiny_cfg, tmp_path):
+    """The same spec text compiled by an nldsl whose defaults differ (its resolved form's hash
+    changed) is not resumed silently; a checkpoint written before the hash existed is."""
+    spec = tmp_path / "plain.nl"
+    spec.write_text("model Plain {\n  vocab = 64\n  dim = 32\n  heads = 2\n  layers = 1\n  context = 64\n"
+                    "  level outer : steps every 1\n  level fast : tokens every 1\n"
+                    "  memory mem in fast : linear\n  block = residual(rmsnorm -> mem)\n}\n")
+    cfg = dict(spec=str(spec), overrides={})
+    res = train(tiny_cfg(steps=4, **cfg), quiet=True)
+    state_file = next(Path(res.out).glob("checkpoints/step_*/state.json"))
+    meta = json.loads(state_file.read_text())
+    assert len(meta["resolved_hash"]) == 64
+    state_file.write_text(json.dumps({**meta, "resolved_hash": "0" * 64}))
+    with pytest.raises(RunError, match=r"different settings \(the compiled model \(the same spec resolves "
+                                       r"differently"):
+        train(tiny_cfg(steps=8, resume=True, **cfg), quiet=True)
+    del meta["resolved_hash"]
+    state_file.write_text(json.dumps(meta))
+    assert train(tiny_cfg(steps=8, resume=True, **cfg), quiet=True).status == "ok"
+
+
 def test_model_that_cannot_be_built_at_this_size(tiny_cfg):
     with pytest.raises(RunError, match=r"cannot build TinyAttention with dim=30 .*heads=4.*not divisible"):
         train(tiny_cfg(overrides={"dim": 30, "heads": 4}), quiet=True)
