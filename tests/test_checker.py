@@ -520,3 +520,13 @@ def test_constants_out_of_range_are_warned(props, flagged):
     assert [d.code for d in diags] == ["NL206"] * len(flagged) and all(not d.is_error for d in diags)
     for d, words in zip(diags, flagged):
         assert words in d.message
+
+
+def test_an_optimizer_constant_named_by_a_parameter_is_range_checked():
+    """`retention constant(momentum)` with `momentum = 1.5`: NL206 at the retention (the
+    parameter's default; a user may override it when building the optimizer)."""
+    text = ("optimizer Heavy {{\n  lr = 0.01\n  momentum = {m}\n  level step : steps every 1\n"
+            "  memory m in step : elementwise {{ objective dot; retention constant(momentum) }}\n"
+            "  update = lr * m\n}}\n")
+    assert codes(text.format(m=1.5)) == ["NL206"]
+    assert codes(text.format(m=0.9)) == []

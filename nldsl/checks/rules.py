@@ -374,8 +374,11 @@ def rule_fits_objective(owner, ck: Checker):
                       help="set `objective l2`, or use `rule gd`")
 
 
-def _literal(v) -> float | None:
-    """A constant's value when it folded to a number (an optimizer's may stay a parameter)."""
+def _literal(v, owner) -> float | None:
+    """A constant's value when it folded to a number, or names a numeric parameter (an
+    optimizer's `retention constant(momentum)`: its default, which a user may override)."""
+    if isinstance(v, M.Ref):
+        v = dict(owner.params).get(v.name)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
@@ -390,13 +393,13 @@ def constants_in_range(owner, ck: Checker):
                   ("momentum", "momentum", mem.momentum.beta if mem.momentum and mem.momentum.kind == "constant"
                    else None))
         for field, what, value in decays:
-            a = _literal(value)
+            a = _literal(value, owner)
             if a is not None and not 0 <= a <= 1:
                 effect = "grows without bound" if a > 1 else "flips its sign every update"
                 ck.report("NL206", f"`{mem.name}` keeps {a:g} of its {what} per update: the {what} {effect}",
                           *_memory_keys(owner, mem, field),
                           help=f"a constant {field} is a fraction in [0, 1] (1 keeps everything)")
-        eta = _literal(mem.lr.value) if mem.lr and mem.lr.kind == "constant" else None
+        eta = _literal(mem.lr.value, owner) if mem.lr and mem.lr.kind == "constant" else None
         if eta is not None and eta < 0:
             ck.report("NL206", f"`{mem.name}` steps with a learning rate of {eta:g}: a negative step climbs "
                       "its objective", *_memory_keys(owner, mem, "lr"),
