@@ -54,7 +54,7 @@ def _token_gradients(anchor: Sequence[Tensor], k: Tensor, target: Tensor, *, obj
     """``grad_W L(W_anchor; k_t, target_t)`` of every row and token, ``[N, L, d_out, d_in]`` per
     layer: the outer product of the layer's error and its input (written out, not torch.func,
     so that a checkpoint can recompute it)."""
-    from nldsl.runtime.deep_memory import mlp_backward, mlp_forward
+    from nldsl.runtime.deep_memory import mlp_backward, mlp_forward  # (deep_memory imports this module)
 
     y, hs, ins = mlp_forward(anchor, k, act, residual)
     errors = mlp_backward(anchor, hs, output_error(y, target, objective, p, delta), act)
@@ -84,7 +84,7 @@ def preconditioned_step(ws, ms, anchor, k, v, eta, alpha, beta, q, *, st=None, *
 
 def _piece(ws, ms, anchor, k, v, eta, alpha, beta, q, st, *, objective, signal, act, residual, read, p=None,
            delta=None, precondition, preceding=None):
-    from nldsl.runtime.deep_memory import mlp_forward, window_band
+    from nldsl.runtime.deep_memory import mlp_forward, window_band  # (deep_memory imports this module)
 
     N, L = k.shape[:2]
     steps, coefficients = precondition
