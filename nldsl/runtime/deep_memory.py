@@ -815,21 +815,17 @@ def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, lead=
                 S = -g if ms is None else beta[:, t, None, None] * ms[i] - g
                 new_ms.append(S)
                 new_ws.append(a * W + e * orthogonalize_batch(S, *pre))
-            ws, ms = tuple(new_ws), (tuple(new_ms) if ms is not None else None)
-            if read == "running":
-                outs.append(read_with(ws, q[:, t]))
-            off = (off + 1) % C
-            continue
-        for i, (W, g) in enumerate(zip(ws, step)):
-            r = -g
-            if ms is not None:
-                r = beta[:, t, None, None] * ms[i] + r
-                new_ms.append(r)
-            if rule == "dgd" and i == 0:
-                W = a * W - e * (W @ kt.unsqueeze(-1)) * kt.unsqueeze(-2) + r
-            else:
-                W = a * W + r
-            new_ws.append(W)
+        else:
+            for i, (W, g) in enumerate(zip(ws, step)):
+                r = -g
+                if ms is not None:
+                    r = beta[:, t, None, None] * ms[i] + r
+                    new_ms.append(r)
+                if rule == "dgd" and i == 0:
+                    W = a * W - e * (W @ kt.unsqueeze(-1)) * kt.unsqueeze(-2) + r
+                else:
+                    W = a * W + r
+                new_ws.append(W)
         ws = tuple(new_ws)
         ms = tuple(new_ms) if ms is not None else None
         if read == "running":
