@@ -86,7 +86,7 @@ from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from nldsl.runtime._common import (MemoryOutput, check_chunk_size, check_kernel_objective, check_objective,
-                                   compute_dtype, dispatch)
+                                   check_read, compute_dtype, dispatch)
 from nldsl.runtime._group_read import group_read
 from nldsl.runtime.conv import causal_conv1d
 from nldsl.runtime.deep_memory import (
@@ -218,10 +218,10 @@ def self_modifying_titans(
     B, T, H, D = x.shape[0], x.shape[1], x.shape[-2], x.shape[-1]
     Cm = check_chunk_size(_OP, chunk_size)
     Cg = check_chunk_size(_OP, gen_chunk_size, "gen_chunk_size")
-    for name, val, ok in (("rule", rule, ("gd", "dgd")), ("read", read, ("anchor", "running")),
-                          ("activation", activation, ACTIVATIONS)):
+    for name, val, ok in (("rule", rule, ("gd", "dgd")), ("activation", activation, ACTIVATIONS)):
         if val not in ok:
             raise ValueError(f"{_OP}: {name} must be one of {ok}, got {val!r}")
+    check_read(_OP, read)
     check_objective(_OP, objective, p, delta)
     check_kernel_objective(_OP, impl, objective)
     if "memory" not in params:
