@@ -47,7 +47,11 @@ class SpecContext:
     sources: dict[str, str]
     ast: A.File | None
     sha256: str
-    resolved_sha256: str = ""  # of the spec's resolved form: what it means, defaults filled in
+    resolved: str = ""  # the spec's resolved form (`nldsl fmt --resolved`): what it means, defaults filled in
+
+    @property
+    def resolved_sha256(self) -> str:
+        return spec_hash([self.resolved])
 
     def ast_block(self, name: str):
         for it in (self.ast.items if self.ast else ()):
@@ -101,6 +105,7 @@ class Generated:
     spec_name: str
     sha256: str
     classes: list[dict] = field(default_factory=list)  # {"name", "kind", "line", "hyperparameters"}
+    resolved: str = ""  # the spec's resolved form (spec.resolved.nl)
 
     @property
     def module_name(self) -> str:
@@ -117,10 +122,9 @@ def _context(analysis) -> SpecContext:
     from nldsl.syntax.printer import format_file
 
     texts = [analysis.text or ""] + [sub.text or "" for sub in analysis.included.values()]
-    resolved = format_file(resolved_tree(analysis.ir, analysis.ast))
     return SpecContext(file=analysis.file, label=Path(analysis.file).name, spans=analysis.spans,
                        sources=analysis.sources, ast=analysis.ast, sha256=spec_hash(texts),
-                       resolved_sha256=spec_hash([resolved]))
+                       resolved=format_file(resolved_tree(analysis.ir, analysis.ast)))
 
 
 def _module_doc(ctx: SpecContext, classes: list[dict], blocks: list) -> str:
@@ -168,7 +172,7 @@ def generate(analysis) -> Generated:
         ast.parse(source)
     except SyntaxError as e:  # a bug in a template or a plan, never in the user's spec
         raise RuntimeError(f"nldsl generated invalid Python for {ctx.label} (line {e.lineno}): {e.msg}") from e
-    return Generated(source=source, spec_name=ctx.label, sha256=ctx.sha256, classes=classes)
+    return Generated(source=source, spec_name=ctx.label, sha256=ctx.sha256, classes=classes, resolved=ctx.resolved)
 
 
 _LOADED: dict[str, Any] = {}
@@ -223,15 +227,12 @@ def write_package(path: str | Path, out_dir: str | Path) -> list[Path]:
     ``out_dir`` (atomically, only files whose content changed), and ``kernels.py`` (the
     generated Triton kernels) when a memory of the spec has a Triton path; returns the paths."""
     from nldsl import __version__
-    from nldsl.ir.resolved import resolved_tree
     from nldsl.spec import analyze_file
-    from nldsl.syntax.printer import format_file
 
     analysis = analyze_file(path)
     gen = generate(analysis)
     out = Path(out_dir)
-    resolved = format_file(resolved_tree(analysis.ir, analysis.ast))
-    files = {"module.py": gen.source, "spec.resolved.nl": resolved}
+    files = {"module.py": gen.source, "spec.resolved.nl": gen.resolved}
     kernels, gaps = _kernels(analysis)
     if kernels is not None:
         files["kernels.py"] = kernels.source
