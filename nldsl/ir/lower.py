@@ -406,10 +406,9 @@ class Lowerer:
                 fields[p.name] = value
         objective = fields.get("objective", M.Objective(kind="l2"))
         rule = fields.get("rule", M.Rule(kind="gd"))
-        # A step that compares M(k) with a target (or DGD's erase) moves M(k) by about
-        # eta ||k||^2 and diverges once that passes 2: a model's in-context memories of that kind
-        # normalise their keys, and an MLP's hidden layers (its later layers' keys), by default.
-        stabilise = not (in_optimizer or is_cms) and (objective.kind != "dot" or rule.kind == "dgd")
+        # a model's in-context memories whose steps move M(k) along the key normalise their keys,
+        # and an MLP its hidden layers (its later layers' keys), by default
+        stabilise = not (in_optimizer or is_cms) and M.moves_along_key(objective.kind, rule.kind)
         if structure.kind == "mlp" and structure.norm is None:
             structure = structure.model_copy(update={"norm": "l2" if stabilise else "none"})
         if structure.kind == "attention":

@@ -109,6 +109,14 @@ class Rule(Node):
     window: Optional[int] = None  # omega: number of cached inputs c >= 1
 
 
+def moves_along_key(objective: str, rule: str) -> bool:
+    """Whether a memory's step moves M(k) along its key by about eta ||k||^2: every objective that
+    compares M(k) with a target, and DGD's erase (the Hebbian `dot` adds v k^T and erases nothing).
+    Such a step diverges on unbounded keys once eta ||k||^2 passes 2, so in-context memories of
+    this kind normalise keys (and an MLP its hidden layers) by default."""
+    return objective != "dot" or rule == "dgd"
+
+
 class Momentum(Node):
     kind: Literal["none", "constant", "gate", "delta", "deep"]
     beta: Optional[Value] = None  # constant decay of the momentum

@@ -290,6 +290,7 @@ def _unnormalised_keys_hint(model) -> str:
     default normalises them): a step towards a target moves M(k) by about eta ||k||^2, and the
     delta-rule erase (I - eta k k^T) shrinks the state only while that stays below 2; an MLP's
     hidden layers are its later layers' keys."""
+    from nldsl.ir.models import moves_along_key
     from nldsl.nn.deep import DeepMemory
     from nldsl.nn.memories import LinearMemory
 
@@ -297,9 +298,9 @@ def _unnormalised_keys_hint(model) -> str:
     for path, m in model.named_modules():
         name = path.rsplit(".", 1)[-1]
         if isinstance(m, LinearMemory) and m.op != "linear_attention" and not m.shared_kv:
-            erases, hidden_norm = m.objective != "dot" or m.op == "dgd", "l2"
+            erases, hidden_norm = moves_along_key(m.objective, "dgd" if m.op == "dgd" else m.rule), "l2"
         elif isinstance(m, DeepMemory):
-            erases, hidden_norm = m.objective != "dot" or m.rule == "dgd", m.hidden_norm
+            erases, hidden_norm = moves_along_key(m.objective, m.rule), m.hidden_norm
         else:
             continue
         if erases and m.qk_norm != "l2":
