@@ -705,13 +705,20 @@ def _main(args) -> int:
     bad = [v for v in variants if not v.ok]
     by_index = {ov.index: ov for ov in overrides}
 
+    diffs: dict[int, list[str]] = {}  # the flattened lines a variant changes, each computed once
+
+    def diff_of(v: Variant) -> list[str]:
+        if v.index not in diffs:
+            diffs[v.index] = _diff(base, v)
+        return diffs[v.index]
+
     if args.show_diff:
         for v in variants:
             print(f"\n#{v.index} : {v.label}")
             if not v.ok:
                 print("  (does not check)")
                 continue
-            lines = _diff(base, v)
+            lines = diff_of(v)
             print("\n".join(f"  {x}" for x in lines) if lines else "  (no change)")
         sys.stdout.flush()
 
@@ -719,7 +726,7 @@ def _main(args) -> int:
     # default, which may be what the spec set); a swept value equal to the base's is the usual control
     for v in variants:
         removes = any(x.startswith("~") for x in v.overrides)
-        if v.ok and (v.ablation or removes) and not _diff(base, v):
+        if v.ok and (v.ablation or removes) and not diff_of(v):
             why = "a removed property takes its default, which is what the base has" if removes else \
                 "its edits set what the base already has"
             print(f"note: variant #{v.index} ({v.label}) is the base spec once defaults are filled in: {why}",
