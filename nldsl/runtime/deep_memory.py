@@ -774,6 +774,24 @@ def _single_loss(ws, x, target, *, objective, act, residual, p=None, delta=None)
     return objective_loss(objective, a + x if residual else a, target, p, delta)
 
 
+def token_update(ws, ms, step, a, b, e, k, rule) -> tuple[list, list]:
+    """One token's write in the token loops (the references): ``R_i = -step_i`` (``+ b M_i`` with
+    momentum, then the new ``M_i``), ``W_i <- a W_i + R_i``, DGD's erase ``- e (W_1 k) k^T`` on the
+    input-side layer. ``step``: the eta-weighted gradients; ``a``, ``b``, ``e`` broadcast per row."""
+    new_ws, new_ms = [], []
+    for i, (W, g) in enumerate(zip(ws, step)):
+        r = -g
+        if ms is not None:
+            r = b * ms[i] + r
+            new_ms.append(r)
+        if rule == "dgd" and i == 0:
+            W = a * W - e * (W @ k.unsqueeze(-1)) * k.unsqueeze(-2) + r
+        else:
+            W = a * W + r
+        new_ws.append(W)
+    return new_ws, new_ms
+
+
 def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, lead=0):
     act, residual, rule, read = cfg["act"], cfg["residual"], cfg["rule"], cfg["read"]
     pre = cfg.get("precondition")
@@ -816,16 +834,8 @@ def _reference(q, k, v, eta, alpha, beta, ws, anchor, ms, off, C, cfg, st, lead=
                 new_ms.append(S)
                 new_ws.append(a * W + e * orthogonalize_batch(S, *pre))
         else:
-            for i, (W, g) in enumerate(zip(ws, step)):
-                r = -g
-                if ms is not None:
-                    r = beta[:, t, None, None] * ms[i] + r
-                    new_ms.append(r)
-                if rule == "dgd" and i == 0:
-                    W = a * W - e * (W @ kt.unsqueeze(-1)) * kt.unsqueeze(-2) + r
-                else:
-                    W = a * W + r
-                new_ws.append(W)
+            new_ws, new_ms = token_update(ws, ms, step, a, None if ms is None else beta[:, t, None, None], e, kt,
+                                          rule)
         ws = tuple(new_ws)
         ms = tuple(new_ms) if ms is not None else None
         if read == "running":

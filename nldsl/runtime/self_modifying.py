@@ -98,6 +98,7 @@ from nldsl.runtime.deep_memory import (
     hidden_act,
     segment_lengths,
     split_time,
+    token_update,
 )
 
 __all__ = ["self_modifying_titans", "SelfModifyingState", "GENERATED"]
@@ -602,17 +603,8 @@ def _reference(inputs, ws, anchor, ms, offs, st, cfg):
         for n in names:
             target = apply(anchor[n], vt, n, with_st=False)          # v^ = M_a(v)   (Eq. 87)
             grads = grad_fns[res[n]](anchor[n], kt, target)
-            lw, lm = [], []
-            for i, (W, g) in enumerate(zip(ws[n], grads)):
-                r = -e * g
-                if ms is not None:
-                    r = beta[:, None, None] * ms[n][i] + r
-                    lm.append(r)
-                if rule == "dgd" and i == 0:
-                    W = a * W - e * (W @ kt.unsqueeze(-1)) * kt.unsqueeze(-2) + r
-                else:
-                    W = a * W + r
-                lw.append(W)
+            lw, lm = token_update(ws[n], None if ms is None else ms[n], [e * g for g in grads], a,
+                                  None if ms is None else beta[:, None, None], e, kt, rule)
             new_ws[n] = tuple(lw)
             new_ms[n] = tuple(lm)
         ws = new_ws
