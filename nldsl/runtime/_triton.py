@@ -249,7 +249,7 @@ class LinearKernel:
         if self._decoding(T, q, k, v, lr, g, initial_state):
             o, S, _ = self.step_op(q, k, v, lr, g, initial_state, None, scale, 0)
         else:
-            o, S = self.chunk_op(q, k, v, lr, g, initial_state, scale)
+            o, S, _ = self.chunk_op(q, k, v, lr, g, initial_state, scale)
         return MemoryOutput(o, S if output_final_state else None)
 
     @staticmethod
@@ -313,7 +313,7 @@ class LinearKernel:
                 shift = A0 if S is None else A0 - S.to(A0.dtype)
                 kn = F.normalize(ks, dim=-1) if self.spec["qk_l2norm"] else ks
                 vs = (vs - torch.einsum("bthk,bhkv->bthv", kn.to(shift.dtype), shift).to(vs.dtype)).contiguous()
-            o, S_next = self.chunk_op(qs, ks, vs, None if lr is None else lr[:, sl].contiguous(),
+            o, S_next, _ = self.chunk_op(qs, ks, vs, None if lr is None else lr[:, sl].contiguous(),
                                       None if g is None else g[:, sl].contiguous(), S, scale)
             if shift is not None and self.spec["read"] == "anchor":
                 qn = F.normalize(qs, dim=-1) if self.spec["qk_l2norm"] else qs
