@@ -20,7 +20,8 @@ worst of the six tensors (the row's last column), so a disagreement between nlds
 which one is off. A row whose kernel refuses to run (fla refuses its gated backward on Hopper
 with some Triton versions) says why, and the others go on. ``--launch CONFIG...`` adds the nldsl
 rows again under other launch configurations (num_warps, num_stages per kernel), each checked
-like the others; ``--kernels N`` prints each row's N costliest GPU kernels under it.
+like the others, and ``--block-v BV...`` with the kernels rendered for BV state columns per program;
+``--kernels N`` prints each row's N costliest GPU kernels under it.
 
 Deep memory (unless --no-deep; float32, Titans' memory M(x) = x + W_out silu(W_in x), K = V =
 --deep-head-dim, hidden 4x, chunks of 64 tokens, B = max(1, --tokens // T), H = --heads): the
@@ -63,6 +64,9 @@ def parse(argv=None):
     p.add_argument("--launch", nargs="+", default=[], metavar="CONFIG", type=_launch_config,
                    help="nldsl rows again under each launch configuration, e.g. 'solve:w2' or '*:w4,s2' "
                         "(STAGE:OPTIONS[;...], see nldsl.runtime._triton.launch_overrides)")
+    p.add_argument("--block-v", type=int, nargs="+", default=[], metavar="BV",
+                   help="nldsl rows again with the kernels rendered for BV state columns per program "
+                        "(LinearKernelSpec.block_v; the default is nldsl.codegen.kernels.DEFAULT_BLOCK_V)")
     p.add_argument("--kernels", type=int, default=0, metavar="N",
                    help="under each linear row, the N costliest GPU kernels of one forward+backward (torch.profiler)")
     deep = p.add_mutually_exclusive_group()
@@ -219,7 +223,7 @@ def gpu_bench(args) -> int:
     H, D = args.heads, args.head_dim
     print(f"{where}; torch {torch.__version__}, {args.dtype}, H={H}, K=V={D}, B = max(1, {args.tokens} // T)")
     if not args.deep_only:
-        header = f"{'T':>6} {'B':>3}  {'kernel':26s} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9}  error"
+        header = f"{'T':>6} {'B':>3}  {'kernel':34s} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9}  error"
         print(header)
         print("-" * len(header))
     summary = []
@@ -242,6 +246,16 @@ def gpu_bench(args) -> int:
             rows[f"nldsl delta (triton){tag}"] = lambda: rt.delta_rule(q, k, v, beta, impl="triton").o
             rows[f"nldsl gated delta (triton){tag}"] = lambda: rt.gated_delta_rule(q, k, v, beta, g, impl="triton").o
             launch_of.update({f"nldsl delta (triton){tag}": config, f"nldsl gated delta (triton){tag}": config})
+        for bv in args.block_v:
+            delta, gated = (_rendered_with(op, decay, D, bv) for op, decay in (("delta_rule", "none"),
+                                                                             ("gated_delta_rule", "tensor")))
+            state = q.new_zeros(B, H, D, D, dtype=torch.float32)  # as the runtime op passes it
+            rows[f"nldsl delta (triton) [BV {bv}]"] = \
+                lambda: delta(q, k, v, beta.float(), initial_state=state, output_final_state=True).o
+            rows[f"nldsl gated delta (triton) [BV {bv}]"] = \
+                lambda: gated(q, k, v, beta.float(), g, initial_state=state, output_final_state=True).o
+            launch_of.update({f"nldsl delta (triton) [BV {bv}]": "default",
+                              f"nldsl gated delta (triton) [BV {bv}]": "default"})
         if chunk_delta_rule is not None:
             rows["fla chunk_delta_rule"] = lambda: chunk_delta_rule(q, k, v, beta)[0]
             rows["fla chunk_gated_delta_rule"] = lambda: chunk_gated_delta_rule(q, k, v, g, beta)[0]
@@ -272,7 +286,7 @@ def gpu_bench(args) -> int:
                     out = forward()
                     grads = torch.autograd.grad(out, used, grad_out, allow_unused=True)
             except Exception as e:  # say why, time the others
-                print(f"{T:>6} {B:>3}  {name:26s} failed: {str(e).strip().splitlines()[0][:150]}")
+                print(f"{T:>6} {B:>3}  {name:34s} failed: {str(e).strip().splitlines()[0][:150]}")
                 continue
             if not name.startswith("torch"):
                 ref = refs["gated" if "gated" in name else "delta"]
@@ -292,7 +306,7 @@ def gpu_bench(args) -> int:
             # the check on the row itself, so a run cut short still says whether its timings count
             err, label = errors.get(name, (None, ""))
             check = "" if err is None else f"  {err:.0e} ({label})" + ("" if err <= tol else " EXCEEDS")
-            print(f"{T:>6} {B:>3}  {name:26s} {t_fwd:8.2f} {t_all:11.2f} {peak:9.0f}{check}")
+            print(f"{T:>6} {B:>3}  {name:34s} {t_fwd:8.2f} {t_all:11.2f} {peak:9.0f}{check}")
             if args.kernels:
                 print("\n".join(_kernel_breakdown(fwd_bwd, args.kernels)))
         if errors:
@@ -314,6 +328,15 @@ def gpu_bench(args) -> int:
     print()
     print("\n".join(summary))
     return 0
+
+
+def _rendered_with(op: str, decay: str, D: int, block_v: int):
+    """The kernels ``impl='triton'`` runs for ``op`` (chunks of 64), rendered for ``block_v``."""
+    from nldsl.codegen.kernels import LinearKernelSpec, linear_kernel
+    from nldsl.runtime._triton import runtime_kernel
+
+    kernel = runtime_kernel(op, "delta", lr="tensor", decay=decay, head_k=D, head_v=D, chunk_size=64)
+    return linear_kernel(LinearKernelSpec(**{**kernel.spec, "block_v": block_v}))
 
 
 def deep_bench(T_list, H, D, tokens, *, device, timer) -> list[str]:

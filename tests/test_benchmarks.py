@@ -31,10 +31,11 @@ RUNS = {
     # the GPU path's code, in the interpreter: a lent GPU's few minutes are not spent on a crash
     "bench_triton --rehearse": (["--rehearse", "--T", "40", "--tokens", "80", "--heads", "2", "--head-dim", "16",
                                  "--deep-T", "40", "--deep-head-dim", "8", "--dtype", "float32", "--kernels", "2",
-                                 "--launch", "solve:w2"],
+                                 "--launch", "solve:w2", "--block-v", "16"],
                                 ["output and gradients vs the float64 chunked path", "peak MiB  error",
                                  "nldsl gated delta (triton)",
-                                 "mlp_memory impl='triton'", "GPU busy in all", "nldsl delta (triton) [solve:w2]"]),
+                                 "mlp_memory impl='triton'", "GPU busy in all", "nldsl delta (triton) [solve:w2]",
+                                 "nldsl gated delta (triton) [BV 16]"]),
     # the deep rows alone (gpu_checks.sh runs them as a step of their own)
     "bench_triton --rehearse --deep-only": (["--rehearse", "--deep-only", "--heads", "2", "--tokens", "80",
                                              "--deep-T", "40", "--deep-head-dim", "8", "--dtype", "float32"],

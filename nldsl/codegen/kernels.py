@@ -48,6 +48,8 @@ def kernel_residual(residual: bool, prenorm: str) -> bool:
 CHUNK_SIZES = (16, 32, 64, 128)
 RULES = ("hebbian", "delta", "dgd")
 GATE_KINDS = ("none", "const", "gate", "tensor")
+#: state columns per program of the linear kernels' sequential, output and decoding kernels
+DEFAULT_BLOCK_V = 32
 
 
 def _pow2(n: int) -> int:
@@ -78,6 +80,9 @@ class LinearKernelSpec(_CheckedSpec):
     * ``head_k``, ``head_v``: head sizes; ``chunk``: tokens per chunk (a power of two, 16 to 128).
     * ``period``, ``read`` (``dgd`` only): tokens between anchors (a power of two dividing
       ``chunk``: 1 is the exact per-token rule) and ``running`` / ``anchor`` reads.
+    * ``block_v``: columns of the state one program of the sequential, output and decoding
+      kernels holds (a power of two from 16 to the padded ``head_v``); None picks
+      :data:`DEFAULT_BLOCK_V` or the whole padded ``head_v`` if smaller.
     """
 
     name: str
@@ -92,6 +97,7 @@ class LinearKernelSpec(_CheckedSpec):
     chunk: int = 64
     period: int = 1
     read: str = "running"
+    block_v: int | None = None
 
     def problems(self) -> list[str]:
         out = []
@@ -123,6 +129,10 @@ class LinearKernelSpec(_CheckedSpec):
                 out.append(f"read must be 'running' or 'anchor', got {self.read!r}")
         elif self.read != "running" or self.period != 1:
             out.append("period and read apply to the dgd rule only")
+        bv = self.block_v
+        if bv is not None and (isinstance(bv, bool) or not isinstance(bv, int) or bv < 16 or bv & (bv - 1)
+                               or isinstance(self.head_v, int) and bv > _pow2(self.head_v)):
+            out.append(f"block_v must be None or a power of two from 16 to head_v padded to a power of two, got {bv!r}")
         return out
 
     def title(self) -> str:
@@ -143,7 +153,7 @@ class LinearKernelSpec(_CheckedSpec):
     def context(self, prefix: str, origin: str = "") -> dict:
         """The template context of ``linear_memory.py.j2``."""
         KP, VP = _pow2(self.head_k), _pow2(self.head_v)
-        BV = min(VP, 32)
+        BV = self.block_v or min(VP, DEFAULT_BLOCK_V)
         return dict(
             p=prefix, P=prefix.upper(), title=self.title(), origin=origin or "nldsl runtime",
             rule=self.rule, lr=self.lr, lr_value=float(self.lr_value), decay=self.decay,
