@@ -250,10 +250,10 @@ def gpu_bench(args) -> int:
             delta, gated = (_rendered_with(op, decay, D, bv) for op, decay in (("delta_rule", "none"),
                                                                              ("gated_delta_rule", "tensor")))
             state = q.new_zeros(B, H, D, D, dtype=torch.float32)  # as the runtime op passes it
-            rows[f"nldsl delta (triton) [BV {bv}]"] = \
-                lambda: delta(q, k, v, beta.float(), initial_state=state, output_final_state=True).o
-            rows[f"nldsl gated delta (triton) [BV {bv}]"] = \
-                lambda: gated(q, k, v, beta.float(), g, initial_state=state, output_final_state=True).o
+            rows[f"nldsl delta (triton) [BV {bv}]"] = lambda delta=delta, state=state: \
+                delta(q, k, v, beta.float(), initial_state=state, output_final_state=True).o
+            rows[f"nldsl gated delta (triton) [BV {bv}]"] = lambda gated=gated, state=state: \
+                gated(q, k, v, beta.float(), g, initial_state=state, output_final_state=True).o
             launch_of.update({f"nldsl delta (triton) [BV {bv}]": "default",
                               f"nldsl gated delta (triton) [BV {bv}]": "default"})
         if chunk_delta_rule is not None:
