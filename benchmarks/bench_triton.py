@@ -18,7 +18,9 @@ delta / gated-delta row's output and gradients are compared with nldsl's chunked
 float64 on the same (rounded) inputs: the largest difference relative to the largest value, the
 worst of the six tensors (the row's last column), so a disagreement between nldsl and fla says
 which one is off. A row whose kernel refuses to run (fla refuses its gated backward on Hopper
-with some Triton versions) says why, and the others go on. ``--launch CONFIG...`` adds the nldsl
+with Triton 3.4 to 3.7.0) says why, and the others go on; ``--fla-unchecked`` turns that check of
+fla's off, for its time alone (its gradients are then wrong by fla's own account, and the error
+column says by how much). ``--launch CONFIG...`` adds the nldsl
 rows again under other launch configurations (num_warps, num_stages per kernel), each checked
 like the others, and ``--block-v BV...`` with the kernels rendered for BV state columns per program;
 ``--kernels N`` prints each row's N costliest GPU kernels under it.
@@ -67,6 +69,9 @@ def parse(argv=None):
     p.add_argument("--block-v", type=int, nargs="+", default=[], metavar="BV",
                    help="nldsl rows again with the kernels rendered for BV state columns per program "
                         "(LinearKernelSpec.block_v; the default is nldsl.codegen.kernels.DEFAULT_BLOCK_V)")
+    p.add_argument("--fla-unchecked", action="store_true",
+                   help="time fla's gated rule where fla refuses it for a known miscompile (Hopper, Triton "
+                        "3.4 to 3.7.0): its speed only, its gradients are wrong")
     p.add_argument("--kernels", type=int, default=0, metavar="N",
                    help="under each linear row, the N costliest GPU kernels of one forward+backward (torch.profiler)")
     deep = p.add_mutually_exclusive_group()
@@ -218,6 +223,13 @@ def gpu_bench(args) -> int:
         try:
             from fla.ops.delta_rule import chunk_delta_rule
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+            if args.fla_unchecked:
+                import fla.ops.common.chunk_o as fla_chunk_o
+
+                fla_chunk_o.TRITON_ABOVE_3_7_1 = True  # the version test behind fla's refusal
+                print("fla's Triton check is off (--fla-unchecked): its gated row is timed as it runs, wrong "
+                      "gradients and all where that check would have refused it")
         except ImportError as e:
             print(f"flash-linear-attention not importable ({e}); its rows are skipped")
     H, D = args.heads, args.head_dim

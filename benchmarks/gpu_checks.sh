@@ -55,7 +55,8 @@ parallel=()
 # no -q: pyproject's addopts has one, and a second drops the passed / failed count)
 TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -p no:cacheprovider --tb=short -rfEs \
     -k "not compiles_for_a_gpu" "${parallel[@]}"
-step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py --no-deep --kernels 8
+# (--fla-unchecked: fla refuses its gated backward on Hopper with Triton 3.4 to 3.7.0; its time still compares)
+step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py --no-deep --kernels 8 --fla-unchecked
 models() {  # models NAME ARGS...: the model benchmark on the GPU
     local name=$1
     shift
