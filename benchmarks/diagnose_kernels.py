@@ -87,8 +87,8 @@ def child(args, rule: str, config: str) -> dict:
         order = [x[n] for n in ("q", "k", "v", "lr", "g", "S0")]
         dot = _triton.dot_precision(x["q"].dtype)
         tm, w, u, h, xs, final = states_of(*order, dot)
-        o, _ = chunk(*order, K ** -0.5)
-        grads = backward(*order, do, dfinal, K ** -0.5)
+        o, _, inverses = chunk(*order, K ** -0.5)
+        grads = backward(*order, inverses, do, dfinal, K ** -0.5)  # as the op's backward: the forward's inverses
         return dict(zip(FORWARD + BACKWARD, (tm, w, u, h, xs, final, o, *grads)))
 
     torch.backends.cuda.matmul.allow_tf32 = device == "cuda"  # float32 is checked with TF32 products on a GPU
