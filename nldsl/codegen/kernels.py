@@ -356,6 +356,9 @@ def _linear_planner(model, mem, level, ctx, taken):
 
     op = linear_op(mem, level)
     rule = {"linear_attention": "hebbian", "delta_rule": "delta", "gated_delta_rule": "delta", "dgd": "dgd"}.get(op)
+    if op == "self_modifying_titans":
+        return ("a self-modifying memory (generated inputs) has no Triton kernel for one-layer memories "
+                "(the MLP kernel takes two-layer ones)")
     if rule is None:
         what = ("a self-generated target (signal self)" if mem.signal == "self" else
                 "the Omega rule" if mem.rule.kind == "omega" else op or "this rule")

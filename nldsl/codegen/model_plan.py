@@ -68,6 +68,8 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
     period, read = level.period, mem.read
     if momentum in ("delta", "deep"):
         return None
+    if mem.inputs.generated():  # self-modifying Titans, its memories one-layer MLPs
+        return "self_modifying_titans"
     if mem.precondition.kind != "none":  # Newton-Schulz steps (Muon inner, Atlas): the one-layer MLP memory
         return "mlp_memory" if rule in ("gd", "omega") else None
     if mem.signal == "self":  # its own target M_a(v) (Eq. 87): the one-layer MLP memory takes it
@@ -146,47 +148,26 @@ class Planner:
 
     def deep_ctor(self, mem: M.Memory, level: M.Level, key: tuple) -> str | None:
         """An MLP memory: Titans' deep memory, or self-modifying Titans when inputs are generated."""
-        obj, rule, period = mem.objective.kind, mem.rule.kind, level.period
-        generated = mem.inputs.generated()
+        s = mem.structure
+        if mem.inputs.generated():
+            return self.self_modifying_ctor(mem, level, key, depth=s.depth, expansion=float(s.expansion),
+                                            residual=s.residual, activation=s.activation, hidden_norm=s.norm)
+        rule, period = mem.rule.kind, level.period
         problems = []
-        if rule not in ("gd", "dgd") and (generated or rule != "omega"):
-            problems.append(("rule", f"rule `{rule}`" + (" (self-modifying memories take gd or dgd)"
-                                                         if generated else "")))
+        if rule not in ("gd", "dgd", "omega"):
+            problems.append(("rule", f"rule `{rule}`"))
         if mem.momentum.kind in ("delta", "deep"):
             problems.append(("momentum", f"`momentum {mem.momentum.kind}`"))
-        if mem.precondition.kind != "none" and (generated or rule not in ("gd", "omega")):
-            where = ("on a self-modifying memory" if generated
-                     else f"with rule `{rule}` (Newton-Schulz steps take gd or omega)")
-            problems.append(("precondition", f"a preconditioner {where}"))
+        if mem.precondition.kind != "none" and rule not in ("gd", "omega"):
+            problems.append(("precondition", f"a preconditioner with rule `{rule}` (Newton-Schulz steps take gd or "
+                                             "omega)"))
         init = self._init(mem)
-        if init is None or generated and mem.init.kind not in ("meta", "random"):
+        if init is None:
             problems.append(("init", f"initial state `{mem.init.kind}`"))
         for path, what in problems:
             self.unsupported(f"{what} in the deep memory `{mem.name}` is not compiled yet", key + (path,))
         if problems:
             return None
-        mom = self._rate(mem.momentum.kind, mem.momentum.beta)
-        common = (f"objective={obj!r}, {_objective_parameter(mem.objective)}rule={rule!r}, momentum={mom}, "
-                  f"read={_repr(mem.read)}, "
-                  f"qk_norm={_repr(mem.qk_norm)}, v_norm={_repr(mem.v_norm)}, conv={_repr(mem.conv)}, "
-                  f"hidden_norm={_repr(mem.structure.norm)}, detach={_repr(mem.writes == 'detached')}, "
-                  f"scope={_repr(level.scope)}, impl=config.impl, "
-                  f"kernel=config.kernel({_repr(self.model.name + '.' + mem.name)})")
-        if generated:
-            gen_level = self.levels.get(mem.generators)
-            if mem.signal != "self":
-                self.unsupported(f"`{mem.name}` has generated inputs: it learns from the values it generates "
-                                 "itself (`signal self`, Eq. 87)", key + ("signal",))
-                return None
-            if mem.retention.kind == "constant" or mem.lr.kind != "gate":
-                self.unsupported(f"`{mem.name}`: self-modifying Titans takes `lr gate` and `retention gate` or "
-                                 "`none`", key + ("lr",))
-                return None
-            s = mem.structure
-            return (f"SelfModifyingTitans(config.dim, {self.heads_arg(mem)}, generated={tuple(generated)!r}, "
-                    f"chunk_size={period!r}, gen_chunk_size={gen_level.period!r}, "
-                    f"depth={_repr(s.depth)}, expansion={_repr(float(s.expansion))}, residual={_repr(s.residual)}, "
-                    f"activation={_repr(s.activation)}, retention={mem.retention.kind != 'none'}, {init}, {common})")
         if mem.signal != "values":
             self.unsupported(f"signal `{mem.signal}` of the deep memory `{mem.name}` without generated inputs "
                              "is not compiled yet", key + ("signal",))
@@ -194,8 +175,53 @@ class Planner:
         lr = self._rate(mem.lr.kind, mem.lr.value)
         ret = self._rate(mem.retention.kind, mem.retention.value)
         window = f"window={_repr(mem.rule.window)}, " if rule == "omega" else ""
-        return (f"DeepMemory(config.dim, {self.heads_arg(mem)}, {self._mlp_args(mem.structure)}, lr={lr}, "
-                f"retention={ret}, chunk_size={period!r}, {window}{self._precondition(mem)}{init}, {common})")
+        return (f"DeepMemory(config.dim, {self.heads_arg(mem)}, {self._mlp_args(s)}, lr={lr}, "
+                f"retention={ret}, chunk_size={period!r}, {window}{self._precondition(mem)}{init}, "
+                f"{self._deep_common(mem, level, s.norm)})")
+
+    def self_modifying_ctor(self, mem: M.Memory, level: M.Level, key: tuple, *, depth: int, expansion: float,
+                            residual: bool, activation: str, hidden_norm: str) -> str | None:
+        """Self-modifying Titans (generated inputs): an MLP memory's, or a linear memory's as a
+        one-layer MLP M(x) = W x (its generating memories one-layer too)."""
+        rule, kind = mem.rule.kind, "deep" if mem.structure.kind == "mlp" else "linear"
+        problems = []
+        if rule not in ("gd", "dgd"):
+            problems.append(("rule", f"rule `{rule}` (self-modifying memories take gd or dgd)"))
+        if mem.momentum.kind in ("delta", "deep"):
+            problems.append(("momentum", f"`momentum {mem.momentum.kind}`"))
+        if mem.precondition.kind != "none":
+            problems.append(("precondition", "a preconditioner on a self-modifying memory"))
+        init = self._init(mem)
+        if init is None or mem.init.kind not in ("meta", "random"):
+            problems.append(("init", f"initial state `{mem.init.kind}`"))
+        for path, what in problems:
+            self.unsupported(f"{what} in the {kind} memory `{mem.name}` is not compiled yet", key + (path,))
+        if problems:
+            return None
+        if mem.signal != "self":
+            self.unsupported(f"`{mem.name}` has generated inputs: it learns from the values it generates "
+                             "itself (`signal self`, Eq. 87)", key + ("signal",))
+            return None
+        if mem.retention.kind == "constant" or mem.lr.kind != "gate":
+            self.unsupported(f"`{mem.name}`: self-modifying Titans takes `lr gate` and `retention gate` or "
+                             "`none`", key + ("lr",))
+            return None
+        gen_level = self.levels.get(mem.generators)
+        return (f"SelfModifyingTitans(config.dim, {self.heads_arg(mem)}, generated={tuple(mem.inputs.generated())!r}, "
+                f"chunk_size={level.period!r}, gen_chunk_size={gen_level.period!r}, "
+                f"depth={_repr(depth)}, expansion={_repr(expansion)}, residual={_repr(residual)}, "
+                f"activation={_repr(activation)}, retention={mem.retention.kind != 'none'}, {init}, "
+                f"{self._deep_common(mem, level, hidden_norm)})")
+
+    def _deep_common(self, mem: M.Memory, level: M.Level, hidden_norm: str) -> str:
+        """The arguments DeepMemory and SelfModifyingTitans share."""
+        mom = self._rate(mem.momentum.kind, mem.momentum.beta)
+        return (f"objective={mem.objective.kind!r}, {_objective_parameter(mem.objective)}rule={mem.rule.kind!r}, "
+                f"momentum={mom}, read={_repr(mem.read)}, "
+                f"qk_norm={_repr(mem.qk_norm)}, v_norm={_repr(mem.v_norm)}, conv={_repr(mem.conv)}, "
+                f"hidden_norm={_repr(hidden_norm)}, detach={_repr(mem.writes == 'detached')}, "
+                f"scope={_repr(level.scope)}, impl=config.impl, "
+                f"kernel=config.kernel({_repr(self.model.name + '.' + mem.name)})")
 
     @staticmethod
     def _precondition(mem: M.Memory) -> str:
@@ -260,10 +286,13 @@ class Planner:
         obj, rule = mem.objective.kind, mem.rule.kind
         momentum, retention = mem.momentum.kind, mem.retention.kind
         period, read = level.period, mem.read
-        if mem.inputs.generated():
-            self.unsupported(f"generated inputs ({', '.join(mem.inputs.generated())}) of the linear memory "
-                             f"`{mem.name}` are not compiled yet", key + ("inputs",))
-            return None
+        if mem.inputs.generated():  # self-modifying Titans with matrix memories: one-layer MLPs M(x) = W x
+            if level.clock != "tokens":
+                self.unsupported(f"`{mem.name}` learns in context but its level `{level.name}` counts steps",
+                                 key + ("level",), help="put in-context memories in a `tokens` level")
+                return None
+            return self.self_modifying_ctor(mem, level, key, depth=1, expansion=1.0, residual=False,
+                                            activation="identity", hidden_norm="none")
         if mem.precondition.kind != "none" and rule not in ("gd", "omega"):
             self.unsupported(f"a preconditioned in-context memory with rule `{rule}` (`{mem.name}`) is not "
                              "compiled yet", key + ("precondition",), help="Newton-Schulz steps take `rule gd` or "

@@ -216,6 +216,38 @@ def test_self_modifying_memories_of_other_depths(tmp_path, depth):
                                rtol=1e-9, atol=1e-9)
 
 
+def test_self_modifying_linear_memories(tmp_path):
+    """`titans.structure = linear` on Hope: self-modifying Titans over matrix memories, every one
+    (the main memory and the five generating ones) a single matrix M(x) = W x; the model streams
+    exactly and learns (its runtime equals the written-out matrix recurrence, tested in
+    runtime_deep), and it has no Triton kernel, said so rather than run without one."""
+    text = (SPECS / "hope.nl").read_text()
+    deep = "mlp(depth=2, expansion=1, residual=true, activation=gelu, norm=l2)"
+    assert deep in text
+    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
+    (tmp_path / "hope.nl").write_text(text.replace(deep, "linear"))
+    torch.manual_seed(0)
+    model = build("hope", path=tmp_path / "hope.nl").double()
+    titans = model.blocks[0].titans
+    D = SMALL["dim"] // SMALL["heads"]
+    assert {n: [tuple(w.shape) for w in ws] for n, ws in titans.memories.items()} == {
+        "memory": [(SMALL["heads"], D, D)], **{n: [(SMALL["heads"], D if n in "kvq" else 1, D)]
+                                                 for n in ("k", "v", "q", "eta", "alpha")}}
+    ids = torch.randint(0, 32, (2, 24))
+    full = model(ids).logits
+    first = model(ids[:, :11])
+    second = model(ids[:, 11:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
+    torch.manual_seed(0)
+    losses = copy_task_losses(build("hope", path=tmp_path / "hope.nl", vocab=16), with_labels=True)
+    assert falls(losses), losses
+    from nldsl.codegen.kernels import generate_kernels
+    from nldsl.spec import analyze_file
+
+    missing = generate_kernels(analyze_file(tmp_path / "hope.nl")).missing
+    assert "self-modifying memory (generated inputs) has no Triton kernel for one-layer" in missing["Hope.titans"]
+
+
 @pytest.mark.parametrize("ablation", ["static_k", "static_v"])
 def test_static_inputs_are_convolved_and_stream(tmp_path, ablation):
     """A static k (v) passes its own causal convolution: it sees the previous tokens (so it can

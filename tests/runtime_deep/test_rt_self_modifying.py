@@ -353,3 +353,57 @@ def test_memories_of_other_depths_match_reference_with_gradients(depth):
     a = run(head, "chunked", read="running")
     b = run(tail, "chunked", read="running", initial_state=a.final_state)
     assert_close(torch.cat([a.o, b.o], dim=1), whole.o)
+
+
+def _matrix_self_modifying(x, Ws, beta, *, Cm, Cg, rule, read, eta_max, alpha_bias):
+    """Self-modifying Titans with matrix memories, Eq. 86-88 written out: every memory is
+    M(z) = W z; per token, k, v, q, eta, alpha are read from the generating memories' anchors,
+    each memory's target is its anchor applied to v, its gradient (A k - A v) k^T, and DGD's write
+    W <- alpha W - eta (W k) k^T - eta grad (with momentum S <- beta S - eta grad in place of the
+    last term); the output reads M_memory after (running) or at its anchor."""
+    Bn, T = x.shape[:2]
+    W = {n: w.expand(Bn, *w.shape) for n, w in Ws.items()}
+    S = {n: torch.zeros_like(w) for n, w in W.items()}
+    A, ys = {}, []
+    for t in range(T):
+        if t % Cg == 0:
+            A.update({n: W[n] for n in GEN})
+        if t % Cm == 0:
+            A["memory"] = W["memory"]
+        r = {n: (A[n] @ x[:, t, i, :, :, None]).squeeze(-1) for i, n in enumerate(GEN)}
+        k, v, q = F.normalize(r["k"], dim=-1), r["v"], F.normalize(r["q"], dim=-1)
+        eta = (eta_max * torch.sigmoid(r["eta"]))[..., None]
+        alpha = torch.sigmoid(r["alpha"] + alpha_bias)[..., None]
+        for n in W:
+            grad = ((A[n] @ k[..., None]) - (A[n] @ v[..., None])) * k[..., None, :]
+            step = -eta * grad
+            if beta is not None:
+                S[n] = step = beta[:, t, :, None, None] * S[n] + step
+            erase = eta * (W[n] @ k[..., None]) * k[..., None, :] if rule == "dgd" else 0.0
+            W[n] = alpha * W[n] - erase + step
+        ys.append((W["memory"] if read == "running" else A["memory"]) @ q[..., None])
+    return torch.stack(ys, dim=1).squeeze(-1)
+
+
+@pytest.mark.parametrize("rule,read,momentum", [("dgd", "running", False), ("dgd", "anchor", True),
+                                                ("gd", "running", True)])
+def test_linear_memories_match_their_matrix_form_with_gradients(rule, read, momentum):
+    """A linear memory with generated inputs runs as one-layer MLPs without a residual, M(z) = W z:
+    outputs and gradients (inputs, every memory's initial matrix, momentum) equal the matrix
+    recurrence written out independently, with odd lengths and both chunk sizes."""
+    g = gen(21)
+    T = 11
+    x = randn(g, B, T, len(GEN), H, D)
+    Ws = {"memory": randn(g, H, D, D, scale=0.4),
+          **{n: randn(g, H, D if n in ("k", "v", "q") else 1, D, scale=0.4) for n in GEN}}
+    beta = rand(g, B, T, H, lo=0.0, hi=0.6) if momentum else None
+    requires_grad([x, Ws, beta])
+    wrt = [x, Ws] + ([beta] if momentum else [])
+    for Cm, Cg in ((4, 3), (1, 1), (8, 2)):
+        cfg = dict(rule=rule, read=read, eta_max=0.3, alpha_bias=2.0)
+        got = self_modifying_titans(x, params={n: [w] for n, w in Ws.items()}, chunk_size=Cm, gen_chunk_size=Cg,
+                                    beta_momentum=beta, conv_weight=None, activation="identity", residual=False,
+                                    qk_norm=True, **cfg).o
+        want = _matrix_self_modifying(x, Ws, beta, Cm=Cm, Cg=Cg, **cfg)
+        assert_close(got, want, what=f"o {Cm},{Cg}")
+        assert_close(grads(got, wrt), grads(want, wrt), atol=1e-9, what=f"grads {Cm},{Cg}")
