@@ -22,15 +22,19 @@ def S(name, rule, K=16, V=16, **kw) -> LinearKernelSpec:
 
 
 # (spec, B, T, H, initial state): every rule x retention kind x learning-rate kind x fusion, chunks
-# 16 to 128, T never a multiple of the chunk, head sizes that need padding and two value tiles
+# 16 to 128, T never a multiple of the chunk, head sizes that need padding, several value tiles
+# (block_v 16 of V=40 padded to 64: a partly and a wholly padded tile)
 CASES = [
     (S("hebb", "hebbian", chunk=16), 2, 37, 2, True),
-    (S("hebb_gates", "hebbian", K=12, V=40, lr="gate", decay="gate", qk_l2norm=True, chunk=32), 1, 45, 2, False),
+    (S("hebb_gates", "hebbian", K=12, V=40, lr="gate", decay="gate", qk_l2norm=True, chunk=32, block_v=16),
+     1, 45, 2, False),
     (S("hebb_const", "hebbian", lr="const", lr_value=0.7, decay="const", decay_value=0.9, chunk=64), 1, 70, 1, True),
     (S("hebb_tensor", "hebbian", lr="tensor", decay="tensor", chunk=16), 1, 23, 2, True),
     (S("delta_gate", "delta", lr="gate", qk_l2norm=True, chunk=16), 2, 37, 2, True),
     (S("delta_128", "delta", lr="tensor", chunk=128), 1, 135, 1, True),
-    (S("gdelta_gates", "delta", K=12, V=40, lr="gate", decay="gate", qk_l2norm=True, chunk=32), 1, 45, 2, False),
+    (S("gdelta_gates", "delta", K=12, V=40, lr="gate", decay="gate", qk_l2norm=True, chunk=32, block_v=16),
+     1, 45, 2, False),
+    (S("gdelta_gates_v40", "delta", K=12, V=40, lr="gate", decay="gate", chunk=32), 1, 45, 2, True),
     (S("gdelta_tensor", "delta", lr="tensor", decay="tensor", chunk=64), 1, 70, 2, True),
     (S("gdelta_const", "delta", lr="const", lr_value=0.5, decay="const", decay_value=0.95, chunk=16), 1, 37, 1, True),
     (S("dgd_p1", "dgd", lr="tensor", decay="tensor", chunk=16, period=1), 1, 37, 2, True),
@@ -39,7 +43,7 @@ CASES = [
     (S("dgd_p16_anchor", "dgd", lr="const", lr_value=0.2, decay="const", decay_value=0.9, chunk=16, period=16,
        read="anchor"), 1, 37, 2, True),
     (S("dgd_p64", "dgd", lr="tensor", chunk=64, period=64), 1, 70, 1, True),
-    # the benchmark's head size and chunk (bench_triton.py): [64, 128] tiles, four value tiles
+    # the benchmark's head size and chunk (bench_triton.py): [64, 128] tiles, two value tiles
     (S("gdelta_k128", "delta", K=128, V=128, lr="tensor", decay="tensor", chunk=64), 1, 80, 2, True),
     # heads of 64 in chunks of 64
     (S("delta_k64", "delta", K=64, V=64, lr="gate", qk_l2norm=True, chunk=64), 1, 70, 2, True),
