@@ -308,6 +308,14 @@ def _build(base: Base, v: Variant) -> None:
     a = analyze_ast(tree, base.text, base.file, base=base.folder, _stack=base.stack, check_ablations=False)
     v.analysis = a
     v.errors += [d for d in a.diagnostics if d.is_error]
+    if not v.errors:  # what `nldsl compile` would refuse (NL401), known without building anything
+        from nldsl.codegen import generate
+        from nldsl.diagnostics import SpecError
+
+        try:
+            generate(a)
+        except SpecError as e:  # a checked spec: only the compiler's own refusals are left
+            v.gaps = list(e.diagnostics)
 
 
 def _override_diag(d, by_index: dict[int, Override]) -> OverrideError | None:
@@ -330,14 +338,15 @@ def _override_diag(d, by_index: dict[int, Override]) -> OverrideError | None:
     return OverrideError(ov.text, msg, d.column, d.end_column or d.column + 1, help, code=d.code)
 
 
-def _render_errors(base: Base, v: Variant, by_index: dict[int, Override]) -> str:
+def _render_errors(base: Base, v: Variant, by_index: dict[int, Override], diagnostics=None) -> str:
+    """The variant's errors (or the given ``diagnostics`` of it) rendered at the text they are about."""
     from nldsl.diagnostics import render_one
 
     sources = dict(base.analysis.sources)
     if v.analysis is not None:
         sources.update(v.analysis.sources)
     out = []
-    for e in v.errors:
+    for e in v.errors if diagnostics is None else diagnostics:
         if isinstance(e, OverrideError):
             out.append(e.render())
             continue
@@ -735,6 +744,11 @@ def _main(args) -> int:
     for v in bad:
         print(f"\nvariant #{v.index} ({v.label}) does not check:\n{_render_errors(base, v, by_index)}",
               file=sys.stderr)
+    gaps = [v for v in variants if v.gaps]
+    for v in gaps:
+        print(f"\nnote: variant #{v.index} ({v.label}) checks, but the compiler cannot build it yet "
+              f"(`nldsl compile` and `--run` will refuse it):\n{_render_errors(base, v, by_index, v.gaps)}",
+              file=sys.stderr)
     if bad:
         which = ", ".join(f"#{v.index}" for v in bad)
         print(f"\n{len(bad)} of {len(variants)} variants do{'es' if len(bad) == 1 else ''} not check ({which})",
@@ -742,7 +756,9 @@ def _main(args) -> int:
 
     if args.dry_run:
         good = len(variants) - len(bad)
-        print(f"dry run: {good} of {len(variants)} variants check clean; nothing was written", file=sys.stderr)
+        unbuilt = f" ({len(gaps)} of them not compiled yet: {', '.join(f'#{v.index}' for v in gaps)})" if gaps else ""
+        print(f"dry run: {good} of {len(variants)} variants check clean{unbuilt}; nothing was written",
+              file=sys.stderr)
         return EXIT_DIAGNOSTICS if bad else EXIT_OK
     if bad and not args.keep_going:
         print("nldsl: error: nothing was written; fix the plan, or pass --keep-going to write the "

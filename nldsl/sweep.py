@@ -548,6 +548,7 @@ class Variant:
     tree: A.File | None = None
     analysis: object = None
     errors: list = field(default_factory=list)  # OverrideError | Diagnostic | str
+    gaps: list = field(default_factory=list)  # NL401 diagnostics: it checks, but the compiler cannot build it yet
 
     @property
     def overrides(self) -> list[str]:

@@ -208,6 +208,20 @@ def test_dry_run_lists_the_seven_paper_ablations(capsys, _cwd):
     assert rc2 == 0 and plan_lines(out2) == plan_lines(out)
 
 
+def test_a_variant_the_compiler_cannot_build_is_named_before_anything_runs(capsys, tmp_path):
+    """A variant that checks but that `nldsl compile` would refuse (NL401) is said so up front,
+    with the compiler's reason; it is still a valid spec, so it is written."""
+    rc, out, err = ablate(capsys, HOPE, "titans.momentum=delta,gate", "--dry-run")
+    assert rc == 0, err
+    assert "note: variant #0 (titans.momentum=delta) checks, but the compiler cannot build it yet" in err
+    assert "error[NL401]: `momentum delta` in the deep memory `titans` is not compiled yet" in err
+    assert "variant #1" not in err
+    assert "2 of 2 variants check clean (1 of them not compiled yet: #0); nothing was written" in err
+    rc, out, err = ablate(capsys, HOPE, "titans.momentum=delta", "-o", tmp_path / "out")
+    assert rc == 0 and "cannot build it yet" in err
+    assert (tmp_path / "out" / "000_momentum=delta" / "spec.nl").exists()
+
+
 def test_two_by_three_sweep_writes_six_checked_specs(capsys, tmp_path):
     out_dir = tmp_path / "out"
     rc, out, err = ablate(capsys, TITANS, "mem.conv=2,4", "fast.every=8,16,32", "-o", out_dir)
