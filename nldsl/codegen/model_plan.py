@@ -286,11 +286,11 @@ class Planner:
         obj, rule = mem.objective.kind, mem.rule.kind
         momentum, retention = mem.momentum.kind, mem.retention.kind
         period, read = level.period, mem.read
+        if level.clock != "tokens":
+            self.unsupported(f"`{mem.name}` learns in context but its level `{level.name}` counts steps",
+                             key + ("level",), help="put in-context memories in a `tokens` level")
+            return None
         if mem.inputs.generated():  # self-modifying Titans with matrix memories: one-layer MLPs M(x) = W x
-            if level.clock != "tokens":
-                self.unsupported(f"`{mem.name}` learns in context but its level `{level.name}` counts steps",
-                                 key + ("level",), help="put in-context memories in a `tokens` level")
-                return None
             return self.self_modifying_ctor(mem, level, key, depth=1, expansion=1.0, residual=False,
                                             activation="identity", hidden_norm="none")
         if mem.precondition.kind != "none" and rule not in ("gd", "omega"):
@@ -301,10 +301,6 @@ class Planner:
         if mem.signal == "surprise":
             self.unsupported(f"signal `surprise` for the linear memory `{mem.name}` is not compiled yet",
                              key + ("signal",), help="a CMS chain learns from the local surprise")
-            return None
-        if level.clock != "tokens":
-            self.unsupported(f"`{mem.name}` learns in context but its level `{level.name}` counts steps",
-                             key + ("level",), help="put in-context memories in a `tokens` level")
             return None
         if momentum in ("delta", "deep"):
             self.unsupported(f"`momentum {momentum}` in the in-context memory `{mem.name}` is not compiled yet",
