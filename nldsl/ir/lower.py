@@ -408,7 +408,7 @@ class Lowerer:
         rule = fields.get("rule", M.Rule(kind="gd"))
         # a model's in-context memories whose steps move M(k) along the key normalise their keys,
         # and an MLP its hidden layers (its later layers' keys), by default
-        stabilise = not (in_optimizer or is_cms) and M.moves_along_key(objective.kind, rule.kind)
+        stabilise = not (in_optimizer or is_cms) and M.moves_along_key(objective.kind, rule.kind, structure.kind)
         if structure.kind == "mlp" and structure.norm is None:
             structure = structure.model_copy(update={"norm": "l2" if stabilise else "none"})
         if structure.kind == "attention":

@@ -109,12 +109,14 @@ class Rule(Node):
     window: Optional[int] = None  # omega: number of cached inputs c >= 1
 
 
-def moves_along_key(objective: str, rule: str) -> bool:
+def moves_along_key(objective: str, rule: str, structure: str = "linear") -> bool:
     """Whether a memory's step moves M(k) along its key by about eta ||k||^2: every objective that
-    compares M(k) with a target, and DGD's erase (the Hebbian `dot` adds v k^T and erases nothing).
-    Such a step diverges on unbounded keys once eta ||k||^2 passes 2, so in-context memories of
-    this kind normalise keys (and an MLP its hidden layers) by default."""
-    return objective != "dot" or rule == "dgd"
+    compares M(k) with a target, DGD's erase, and any step of an MLP (the Hebbian `dot` adds
+    v k^T to a matrix and erases nothing, but an MLP's inner layers learn from errors that pass
+    through its state, whatever the objective). Such a step diverges on unbounded keys once
+    eta ||k||^2 passes 2, so in-context memories of this kind normalise keys (and an MLP its
+    hidden layers) by default."""
+    return objective != "dot" or rule == "dgd" or structure == "mlp"
 
 
 class Momentum(Node):

@@ -300,7 +300,7 @@ def _unnormalised_keys_hint(model) -> str:
         if isinstance(m, LinearMemory) and m.op != "linear_attention" and not m.shared_kv:
             erases, hidden_norm = moves_along_key(m.objective, "dgd" if m.op == "dgd" else m.rule), "l2"
         elif isinstance(m, DeepMemory):
-            erases, hidden_norm = moves_along_key(m.objective, m.rule), m.hidden_norm
+            erases, hidden_norm = moves_along_key(m.objective, m.rule, "mlp"), m.hidden_norm
         else:
             continue
         if erases and m.qk_norm != "l2":

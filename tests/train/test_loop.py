@@ -68,6 +68,8 @@ def test_ctrl_c_saves_and_exits_130(tiny_cfg):
     ("mlp(depth=2, expansion=1, norm=none) { qk_norm none }",
      ["the keys of `mem` (`qk_norm l2`) and the hidden layers of `mem`"]),
     ("mlp(depth=2, expansion=1)", []),
+    ("mlp(depth=2, expansion=1, norm=none) { objective dot }", ["the hidden layers of `mem`"]),
+    ("linear { objective dot }", []),  # Hebbian: nothing to normalise
 ])
 def test_a_diverged_memory_on_raw_keys_is_told_to_normalise_them(tiny_cfg, tmp_path, memory, told):
     """An in-context memory on the l2 objective told not to normalise its keys (or an MLP's
@@ -95,11 +97,13 @@ def test_a_diverged_memory_on_raw_keys_is_told_to_normalise_them(tiny_cfg, tmp_p
 @pytest.mark.parametrize("memory, diverges", [
     ("linear { qk_norm none }", True), ("linear", False),
     ("mlp(depth=2, norm=none) { qk_norm none }", True), ("mlp(depth=2)", False),
+    ("mlp(depth=2, norm=none) { objective dot; qk_norm none }", True), ("mlp(depth=2) { objective dot }", False),
 ])
 def test_the_default_memories_train_where_raw_keys_diverge(tiny_cfg, tmp_path, memory, diverges):
-    """Why in-context l2 memories normalise by default: written without a normalisation, the
-    plainest `linear` and `mlp` memories turn NaN within the first steps (cpu-demo sizes); as
-    written by default they train."""
+    """Why in-context l2 memories (and MLP memories on any objective) normalise by default:
+    written without a normalisation, the plainest `linear` and `mlp` memories turn NaN within the
+    first steps (cpu-demo sizes), an `mlp` on the dot objective too; as written by default they
+    train."""
     spec = tmp_path / "plain.nl"
     spec.write_text("model Plain {\n  vocab = 64\n  dim = 64\n  heads = 2\n  layers = 2\n  context = 64\n"
                     "  level outer : steps every 1\n  level fast : tokens every 1\n"
