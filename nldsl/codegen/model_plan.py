@@ -204,7 +204,10 @@ class Planner:
             return None
         if mem.retention.kind == "constant" or mem.lr.kind != "gate":
             self.unsupported(f"`{mem.name}`: self-modifying Titans takes `lr gate` and `retention gate` or "
-                             "`none`", key + ("lr",))
+                             "`none`", key + ("lr" if mem.lr.kind != "gate" else "retention",),
+                             help="its step size and retention are generated per token (M_eta, M_alpha with "
+                             "`eta=generated`, `alpha=generated`) or gates of the input (`static`); a constant "
+                             "is neither")
             return None
         gen_level = self.levels.get(mem.generators)
         return (f"SelfModifyingTitans(config.dim, {self.heads_arg(mem)}, generated={tuple(mem.inputs.generated())!r}, "
