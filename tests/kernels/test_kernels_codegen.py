@@ -113,11 +113,22 @@ def test_cli_compile_lists_the_kernels(tmp_path, capsys):
     (dict(head_k=0), "head_k must be a positive int"),
     (dict(name="not an identifier"), "name must be an identifier"),
     (dict(period=4), "period and read apply to the dgd rule only"),
+    (dict(block_v=8), "block_v must be None or a power of two from 16"),
+    (dict(block_v=24), "block_v must be None or a power of two from 16"),
+    (dict(block_v=32), "block_v must be None or a power of two from 16 to head_v padded"),  # head_v 16
 ])
 def test_bad_specialisations_are_refused(bad, match):
     base = dict(name="m", rule="delta", head_k=16, head_v=16)
     with pytest.raises(ValueError, match=match):
         LinearKernelSpec(**{**base, **bad})
+
+
+@pytest.mark.parametrize("head_v, block_v, tiles", [(16, None, 1), (40, None, 1), (128, None, 2), (128, 32, 4),
+                                                    (40, 16, 4)])
+def test_value_tiles(head_v, block_v, tiles):
+    """State columns per program: DEFAULT_BLOCK_V, or the padded head if smaller, or block_v."""
+    context = LinearKernelSpec(name="m", rule="delta", head_k=16, head_v=head_v, block_v=block_v).context("m")
+    assert context["NV"] == tiles and context["BV"] * tiles == context["VP"]
 
 
 def test_parts_compose_in_one_file():
