@@ -49,9 +49,9 @@ CHUNK_SIZES = (16, 32, 64, 128)
 RULES = ("hebbian", "delta", "dgd")
 GATE_KINDS = ("none", "const", "gate", "tensor")
 #: state columns per program of the linear kernels' sequential, output and decoding kernels: on an
-#: H200 at K=V=128, 64 made the delta rule's forward+backward 19-26% faster than 32 at 2k and 8k
-#: tokens (each program rereads a chunk's keys and W and recomputes Q K^T once per column block),
-#: 6% slower at 32k with one sequence; 16 and 128 were slower (benchmarks/README.md)
+#: H200 at K=V=128, the delta rule's forward+backward took 19% / 26% less time with 64 than with 32
+#: at 8k / 2k tokens (each program rereads a chunk's keys and W and recomputes Q K^T once per column
+#: block), 6% more at 32k with one sequence; 16 and 128 were slower (benchmarks/README.md)
 DEFAULT_BLOCK_V = 64
 
 
