@@ -202,18 +202,25 @@ class Planner:
             self.unsupported(f"`{mem.name}` has generated inputs: it learns from the values it generates "
                              "itself (`signal self`, Eq. 87)", key + ("signal",))
             return None
-        if mem.retention.kind == "constant" or mem.lr.kind != "gate":
-            self.unsupported(f"`{mem.name}`: self-modifying Titans takes `lr gate` and `retention gate` or "
-                             "`none`", key + ("lr" if mem.lr.kind != "gate" else "retention",),
-                             help="its step size and retention are generated per token (M_eta, M_alpha with "
-                             "`eta=generated`, `alpha=generated`) or gates of the input (`static`); a constant "
-                             "is neither")
-            return None
+        generated = mem.inputs.generated()
+        # constant rates stand in for a static eta / alpha's gate of x
+        rates = {"lr": "", "retention": f"retention={mem.retention.kind != 'none'}, "}
+        for prop, rate, source in (("lr", mem.lr, "eta"), ("retention", mem.retention, "alpha")):
+            if rate.kind != "constant":
+                continue
+            value = self._rate(rate.kind, rate.value)
+            if source in generated or value is None:
+                why = (f"`{source}=generated`: M_{source} generates it per token" if source in generated
+                       else "its value is not a number")
+                self.unsupported(f"`{mem.name}`: a constant `{prop}` with {why}", key + (prop,),
+                                 help=f"write `{prop} gate`, or make `{source}` static for a constant")
+                return None
+            rates[prop] = f"{prop}={value}, "
         gen_level = self.levels.get(mem.generators)
         return (f"SelfModifyingTitans(config.dim, {self.heads_arg(mem)}, generated={tuple(mem.inputs.generated())!r}, "
                 f"chunk_size={level.period!r}, gen_chunk_size={gen_level.period!r}, "
                 f"depth={_repr(depth)}, expansion={_repr(expansion)}, residual={_repr(residual)}, "
-                f"activation={_repr(activation)}, retention={mem.retention.kind != 'none'}, {init}, "
+                f"activation={_repr(activation)}, {rates['retention']}{rates['lr']}{init}, "
                 f"{self._deep_common(mem, level, hidden_norm)})")
 
     def _deep_common(self, mem: M.Memory, level: M.Level, hidden_norm: str) -> str:

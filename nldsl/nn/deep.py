@@ -142,13 +142,15 @@ class SelfModifyingTitans(nn.Module):
     ``generated`` lists the inputs produced by memories updated in context (k, v, q, eta,
     alpha); the others come from static projections of the outer level. Each generating memory
     reads its own projection of x (Fig. 5's q/k/v linears before the block): with one shared
-    input, k, v and q would all start as functions of the same vector.
+    input, k, v and q would all start as functions of the same vector. ``lr`` / ``retention``
+    given as numbers (eta / alpha not generated) are constant rates instead of gates of x.
     """
 
     def __init__(self, dim: int, heads: int, *, generated: tuple[str, ...], chunk_size: int,
                  gen_chunk_size: int, depth: int = 2, expansion: float = 1.0, residual: bool = True,
                  activation: str = "gelu", objective: str = "l2", rule: str = "dgd", momentum=None,
-                 retention: bool = True, read: str = "anchor", qk_norm: str = "l2", conv: int = 4,
+                 retention: bool | float = True, lr: float | None = None, read: str = "anchor",
+                 qk_norm: str = "l2", conv: int = 4,
                  detach: bool = False, scope: str = "sequence", v_norm: str = "none",
                  hidden_norm: str = "none", eta_max: float | None = None, impl: str = "chunked",
                  kernel=None, init: str = "meta", p: float | None = None, delta: float | None = None):
@@ -156,6 +158,13 @@ class SelfModifyingTitans(nn.Module):
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        # constant rates (numbers) replace the gates of x; nothing generates them
+        self.lr_value = None if lr is None else float(lr)
+        self.retention_value = None if isinstance(retention, bool) else float(retention)
+        for name, c in (("lr", self.lr_value), ("retention", self.retention_value)):
+            if c is not None and (name == "lr" and "eta" in generated or name == "retention" and "alpha" in generated):
+                raise ValueError(f"a constant {name} excludes a generated {'eta' if name == 'lr' else 'alpha'}")
+        retention = bool(retention) if isinstance(retention, bool) else True
         # without retention alpha is fixed at 1: nothing generates it
         self.generated = tuple(g for g in generated if g != "alpha" or retention)
         self.chunk_size, self.gen_chunk_size = chunk_size, gen_chunk_size
@@ -185,8 +194,8 @@ class SelfModifyingTitans(nn.Module):
         # linear gates of x: the static eta / alpha, or, when generated, the scalar memories' skip
         # path (a d -> 1 memory cannot add its input as the vector ones do; a linear read of x takes
         # that role, so the gates can become data-dependent as fast as Titans' linear gates)
-        self.eta_gate = _Gate(dim, heads, 0.0)
-        self.alpha_gate = _Gate(dim, heads, 0.0) if retention else None
+        self.eta_gate = _Gate(dim, heads, 0.0) if self.lr_value is None else None
+        self.alpha_gate = _Gate(dim, heads, 0.0) if retention and self.retention_value is None else None
         self.momentum_gate = _Gate(dim, heads, 0.0) if momentum == "gate" else None
         # learnable squashing of the generated rates: eta = eta_max * sigmoid(. + eta_bias), with
         # eta_max = 1 / chunk_size by default, so that the steps a chunk takes at one anchor sum to
@@ -196,8 +205,8 @@ class SelfModifyingTitans(nn.Module):
         # for two seeds of four instead of four of four)
         self.v_norm, self.hidden_norm = v_norm, hidden_norm
         self.eta_max = 1.0 / chunk_size if eta_max is None else eta_max
-        self.eta_bias = nn.Parameter(torch.tensor(0.0))
-        self.alpha_bias = nn.Parameter(torch.tensor(_logit(0.99)))
+        self.eta_bias = nn.Parameter(torch.tensor(0.0)) if self.lr_value is None else None
+        self.alpha_bias = nn.Parameter(torch.tensor(_logit(0.99))) if self.alpha_gate is not None else None
         self.conv_weight = nn.Parameter(self._conv_init(len(self.generated), heads, D, conv)) if conv else None
         self.kernel = _mlp_kernel("SelfModifyingTitans", impl, kernel, depth=depth, d_in=D, d_hidden=hidden, d_out=D,
                                   activation=activation, hidden_norm=hidden_norm, residual=residual,
@@ -229,9 +238,11 @@ class SelfModifyingTitans(nn.Module):
         params = {name: list(ws) for name, ws in self.memories.items()}
         y, new = self_modifying_titans(
             h, params=params, chunk_size=self.chunk_size, gen_chunk_size=self.gen_chunk_size,
-            eta_logits=self.eta_gate(x),
+            eta_logits=None if self.eta_gate is None else self.eta_gate(x),
             alpha_logits=None if self.alpha_gate is None else self.alpha_gate(x),
-            beta_momentum=beta, eta_max=self.eta_max, eta_bias=self.eta_bias, alpha_bias=self.alpha_bias,
+            eta=self.lr_value, alpha=self.retention_value,
+            beta_momentum=beta, eta_max=self.eta_max, eta_bias=0.0 if self.eta_bias is None else self.eta_bias,
+            alpha_bias=0.0 if self.alpha_bias is None else self.alpha_bias,
             retention=self.retention, conv_weight=self.conv_weight, qk_norm=self.qk_norm == "l2",
             v_norm=self.v_norm == "l2", hidden_norm=self.hidden_norm,
             rule=self.rule, objective=self.objective, p=self.p, delta=self.delta, read=self.read,

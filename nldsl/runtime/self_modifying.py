@@ -39,7 +39,8 @@ The memories are :mod:`nldsl.runtime.deep_memory` MLPs, weights in application o
   H, D]``, the caller's projection; ``eta_logits``, ``alpha_logits``: ``[B, T, H]`` raw values that
   go through the same squashing) and leave the memory out of ``params`` (Table 6's "w/o
   inner-projection" ablations, the text's static ``q``). Static inputs bypass the convolution.
-  ``retention=False`` fixes alpha = 1 (Table 6 "w/o weight decay").
+  ``retention=False`` fixes alpha = 1 (Table 6 "w/o weight decay"); ``eta`` / ``alpha`` given as
+  numbers are constant rates (not squashed).
 
 Learning rule (``rule="dgd"``, Eq. 88): ``W_2 <- W_2 (alpha I - eta k k^T) - eta grad_{W_2}``,
 ``W_1 <- alpha W_1 - eta grad_{W_1}``: the erase multiplies the input-side matrix (the only one
@@ -77,6 +78,7 @@ two-layer memories).
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from typing import Mapping, NamedTuple, Optional, Sequence
 
@@ -154,6 +156,8 @@ def self_modifying_titans(
     v: Optional[Tensor] = None,
     eta_logits: Optional[Tensor] = None,
     alpha_logits: Optional[Tensor] = None,
+    eta: Optional[float] = None,
+    alpha: Optional[float] = None,
     beta_momentum=None,
     eta_max: float = 1.0,
     eta_bias=0.0,
@@ -189,6 +193,8 @@ def self_modifying_titans(
         q, k, v, eta_logits, alpha_logits: static inputs for those not generated. With M_eta
             (M_alpha) generated, ``eta_logits`` (``alpha_logits``) may also be given: they are added
             to the memory's output (a skip path: a d -> 1 memory cannot add its input).
+        eta, alpha: a constant step size / retention instead (the value itself, not squashed), for
+            an eta / alpha neither generated nor given as logits.
         beta_momentum: momentum decay (None = no momentum).
         eta_max, eta_bias, alpha_bias: the gates' squashing (numbers or tensors, e.g. learnable):
             ``eta = eta_max * sigmoid(. + eta_bias)``, ``alpha = sigmoid(. + alpha_bias)``.
@@ -228,21 +234,31 @@ def self_modifying_titans(
     if "memory" not in params:
         raise ValueError(f"{_OP}: params needs the main memory's initial weights under 'memory'")
     static = {"k": k, "v": v, "q": q, "eta": eta_logits, "alpha": alpha_logits}
+    constant = {n: c for n, c in (("eta", eta), ("alpha", alpha)) if c is not None}
     unknown = set(params) - set(GENERATED) - {"memory"}
     if unknown:
         raise ValueError(f"{_OP}: unknown memories in params: {sorted(unknown)}")
+    for name, c in constant.items():
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise ValueError(f"{_OP}: {name} must be a finite number, got {c!r}")
+        if name in params or static[name] is not None:
+            raise ValueError(f"{_OP}: {name} must come from exactly one source: a constant {name} excludes "
+                             f"params[{name!r}] and {name}_logits")
     gen = []
     for name in GENERATED:
         if name == "alpha" and not retention:
-            if "alpha" in params or alpha_logits is not None:
-                raise ValueError(f"{_OP}: retention=False fixes alpha = 1: drop params['alpha'] / alpha_logits")
+            if "alpha" in params or alpha_logits is not None or alpha is not None:
+                raise ValueError(f"{_OP}: retention=False fixes alpha = 1: drop params['alpha'] / alpha_logits / "
+                                 "alpha")
+            continue
+        if name in constant:
             continue
         has_mem, has_static = name in params, static[name] is not None
         if has_mem == has_static and not (has_mem and name in _SCA):
             label = name if name in _VEC else f"{name}_logits"
             raise ValueError(
                 f"{_OP}: {name} must come from exactly one source: params[{name!r}] (generated) "
-                f"or the static {label} argument"
+                f"or the static {label} argument" + (f" (or a constant {name})" if name in _SCA else "")
             )
         if has_mem:
             gen.append(name)
@@ -326,6 +342,8 @@ def self_modifying_titans(
     for n in GENERATED:
         if static[n] is not None:
             inputs[n] = seq(static[n])
+    for n, c in constant.items():  # the rate itself for every token (_post leaves it as it is)
+        inputs[n] = x.new_full((B * H, T), float(c), dtype=dt)
     if beta is not None:
         inputs["beta"] = seq(beta)
 
@@ -339,7 +357,7 @@ def self_modifying_titans(
     cfg = dict(gen=gen, objective=objective, p=p, delta=delta, rule=rule, act=hidden_act(hidden_norm, activation),
                residual=residual, read=read,
                qk_norm=qk_norm, v_norm=v_norm, eta_max=eta_max, eta_bias=eta_bias, alpha_bias=alpha_bias,
-               retention=retention, detach=detach, Cg=Cg, Cm=Cm, kernel=None,
+               constant=frozenset(constant), retention=retention, detach=detach, Cg=Cg, Cm=Cm, kernel=None,
                stacked=_valid_stacks(initial_state, gen, dt, B * H) if not detach else None)
     if impl == "triton":
         from nldsl.runtime._triton import runtime_mlp_kernel
@@ -377,11 +395,16 @@ def _unit(name, cfg) -> bool:
 
 def _post(name, t, cfg):
     """Input ``name`` of a piece from its raw value ``t``: k, v, q L2-normalised as ``qk_norm`` and
-    ``v_norm`` say; eta, alpha squashed (alpha None without retention)."""
+    ``v_norm`` say; eta, alpha squashed, or as they are when constant (alpha None without
+    retention)."""
+    if name == "alpha" and not cfg["retention"]:
+        return None
+    if name in cfg["constant"]:
+        return t
     if name == "eta":
         return cfg["eta_max"] * torch.sigmoid(t + cfg["eta_bias"])
     if name == "alpha":
-        return torch.sigmoid(t + cfg["alpha_bias"]) if cfg["retention"] else None
+        return torch.sigmoid(t + cfg["alpha_bias"])
     return F.normalize(t, dim=-1) if _unit(name, cfg) else t
 
 

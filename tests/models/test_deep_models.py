@@ -248,6 +248,39 @@ def test_self_modifying_linear_memories(tmp_path):
     assert "self-modifying memory (generated inputs) has no Triton kernel for one-layer" in missing["Hope.titans"]
 
 
+def test_self_modifying_constant_rates(tmp_path):
+    """A static eta and alpha may be constants (`lr constant(...)`, `retention constant(...)`):
+    the model has no gates of x for them and runs with those rates (the runtime's constant rates
+    equal gates squashed to them, tested in runtime_deep); a constant with a generated eta is
+    refused at the property, with the fix."""
+    text = (SPECS / "hope.nl").read_text()
+    edits = [("q=generated, eta=generated, alpha=generated", "q=generated"),
+             ("retention gate  # alpha_t: weight decay", "retention constant(0.99)"),
+             ("lr gate         # eta_t", "lr constant(0.01)")]
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
+    (tmp_path / "hope.nl").write_text(text)
+    torch.manual_seed(0)
+    model = build("hope", path=tmp_path / "hope.nl").double()
+    titans = model.blocks[0].titans
+    assert (titans.lr_value, titans.retention_value) == (0.01, 0.99)
+    assert titans.eta_gate is None and titans.alpha_gate is None and set(titans.memories) == {"memory", "k", "v", "q"}
+    ids = torch.randint(0, 32, (2, 24))
+    full = model(ids, labels=ids.roll(-1, 1))
+    full.logits.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    first = model(ids[:, :9])
+    second = model(ids[:, 9:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), model(ids).logits,
+                               rtol=1e-9, atol=1e-9)
+    (tmp_path / "bad.nl").write_text((SPECS / "hope.nl").read_text().replace(
+        "lr gate         # eta_t", "lr constant(0.01)"))
+    with pytest.raises(nldsl.SpecError, match="a constant `lr` with `eta=generated`"):
+        nldsl.compile(tmp_path / "bad.nl")
+
+
 @pytest.mark.parametrize("ablation", ["static_k", "static_v"])
 def test_static_inputs_are_convolved_and_stream(tmp_path, ablation):
     """A static k (v) passes its own causal convolution: it sees the previous tokens (so it can

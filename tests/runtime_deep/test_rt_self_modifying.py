@@ -407,3 +407,37 @@ def test_linear_memories_match_their_matrix_form_with_gradients(rule, read, mome
         want = _matrix_self_modifying(x, Ws, beta, Cm=Cm, Cg=Cg, **cfg)
         assert_close(got, want, what=f"o {Cm},{Cg}")
         assert_close(grads(got, wrt), grads(want, wrt), atol=1e-9, what=f"grads {Cm},{Cg}")
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_constant_rates_are_the_squashed_gates_they_equal(impl):
+    """A constant step size c and retention a (static eta / alpha) are the rates as given: equal,
+    outputs, states and gradients, to static logits that the gates squash to exactly c and a
+    (eta_max 2c at logit 0; alpha at logit(a))."""
+    x = requires_grad(inputs(T=13, seed=4, generated=("k", "v", "q")))
+    c, a = 0.04, 0.9
+    zeros = torch.zeros_like(x["static"]["eta_logits"])
+    wrt = [x["x"], x["conv"], x["params"]]
+    for rule in ("dgd", "gd"):
+        cfg = dict(beta_momentum=x["beta"], rule=rule, read="running", impl=impl, output_final_state=True)
+        const = self_modifying_titans(x["x"], params=x["params"], chunk_size=4, gen_chunk_size=3, eta=c, alpha=a,
+                                      conv_weight=x["conv"], **cfg)
+        gates = self_modifying_titans(x["x"], params=x["params"], chunk_size=4, gen_chunk_size=3,
+                                      eta_logits=zeros, eta_max=2 * c,
+                                      alpha_logits=zeros + torch.logit(torch.tensor(a, dtype=zeros.dtype)),
+                                      conv_weight=x["conv"], **cfg)
+        assert_close(const, gates, what=rule)
+        assert_close(grads(const.o, wrt), grads(gates.o, wrt), atol=1e-9, what=f"{rule} grads")
+
+
+def test_constant_rates_are_one_source():
+    x = inputs(T=5, seed=4)
+    with pytest.raises(ValueError, match="a constant eta excludes params"):
+        self_modifying_titans(x["x"], params=x["params"], chunk_size=4, gen_chunk_size=3, eta=0.1)
+    x = inputs(T=5, seed=4, generated=("k", "v", "q"))
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        self_modifying_titans(x["x"], params=x["params"], chunk_size=4, gen_chunk_size=3, eta=0.1,
+                              alpha=float("nan"))
+    with pytest.raises(ValueError, match="retention=False fixes alpha = 1"):
+        self_modifying_titans(x["x"], params=x["params"], chunk_size=4, gen_chunk_size=3, eta=0.1, alpha=0.9,
+                              retention=False)
