@@ -287,6 +287,15 @@ def test_meta_init_needs_an_init_transfer():
     assert errors(model(base.replace("{t}", "  transfer outer -> a : init\n"))) == []
 
 
+@pytest.mark.parametrize("memory, init", [
+    ("linear", "zeros"), ("mlp(depth=2)", "random"),
+    ("linear { inputs k=generated, v=generated; signal self }", "random"),  # zero generators never move
+])
+def test_default_initial_states(memory, init):
+    mem = ir_of(model(f"  level fast : tokens every 16\n  memory a in fast : {memory}\n  block = a\n")).memories[0]
+    assert mem.init == M.Init(kind=init)
+
+
 def test_init_transfer_makes_meta_the_default():
     text = model("  level fast : tokens every 16\n  memory a in fast : linear\n"
                  "  transfer outer -> fast : init\n  block = a\n")

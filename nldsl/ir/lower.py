@@ -440,8 +440,8 @@ class Lowerer:
         generated = inputs.generated()
         generators = fields.get("generators", level if generated else None)
         default_init = "meta" if (name in init_targets or level in init_targets or is_cms) else "zeros"
-        if structure.kind == "mlp" and default_init == "zeros" and not is_cms:
-            default_init = "random"
+        if (structure.kind == "mlp" or generated) and default_init == "zeros" and not is_cms:
+            default_init = "random"  # a zero MLP, or zero generating memories, would never move
         return M.Memory(
             name=name, level=level, structure=structure,
             objective=objective,

@@ -291,16 +291,21 @@ def _unnormalised_keys_hint(model) -> str:
     delta-rule erase (I - eta k k^T) shrinks the state only while that stays below 2; an MLP's
     hidden layers are its later layers' keys."""
     from nldsl.ir.models import moves_along_key
-    from nldsl.nn.deep import DeepMemory
+    from nldsl.nn.deep import DeepMemory, SelfModifyingTitans
     from nldsl.nn.memories import LinearMemory
 
-    raw_keys, raw_hidden = set(), set()
+    raw_keys, raw_hidden, raw_values = set(), set(), set()
     for path, m in model.named_modules():
         name = path.rsplit(".", 1)[-1]
         if isinstance(m, LinearMemory) and m.op != "linear_attention" and not m.shared_kv:
             erases, hidden_norm = moves_along_key(m.objective, "dgd" if m.op == "dgd" else m.rule), "l2"
         elif isinstance(m, DeepMemory):
             erases, hidden_norm = moves_along_key(m.objective, m.rule, "mlp"), m.hidden_norm
+        elif isinstance(m, SelfModifyingTitans):  # its memories' targets M(v) grow with M_v unless v is bounded
+            one_layer = len(m.memories["memory"]) == 1
+            erases, hidden_norm = True, "l2" if one_layer else m.hidden_norm
+            if m.v_norm != "l2" and "v" in m.generated:
+                raw_values.add(name)
         else:
             continue
         if erases and m.qk_norm != "l2":
@@ -312,10 +317,13 @@ def _unnormalised_keys_hint(model) -> str:
         fixes.append(f"the keys of {_names(raw_keys)} (`qk_norm l2`)")
     if raw_hidden:
         fixes.append(f"the hidden layers of {_names(raw_hidden)} (`mlp(..., norm=l2)`)")
+    if raw_values:
+        fixes.append(f"the generated values of {_names(raw_values)} (`v_norm l2`)")
     if not fixes:
         return ""
-    return (f"; or normalise {' and '.join(fixes)}: a step towards a target moves M(k) by about "
-            "eta ||k||^2, which diverges past 2")
+    why = ("a step towards a target moves M(k) by about eta ||k||^2, which diverges past 2"
+           + ("; self-generated targets M(v) grow with the memory that generates v" if raw_values else ""))
+    return f"; or normalise {' and '.join(fixes)}: {why}"
 
 
 def _names(names) -> str:

@@ -70,6 +70,11 @@ def test_ctrl_c_saves_and_exits_130(tiny_cfg):
     ("mlp(depth=2, expansion=1)", []),
     ("mlp(depth=2, expansion=1, norm=none) { objective dot }", ["the hidden layers of `mem`"]),
     ("linear { objective dot }", []),  # Hebbian: nothing to normalise
+    # self-modifying: generated values feed every memory's targets M(v)
+    ("mlp(depth=2, expansion=1) { inputs k=generated, v=generated; signal self }",
+     ["the generated values of `mem` (`v_norm l2`)", "self-generated targets M(v) grow"]),
+    ("mlp(depth=2, expansion=1) { inputs k=generated, v=generated; signal self; v_norm l2 }", []),
+    ("linear { inputs k=generated, v=generated; signal self; v_norm l2 }", []),  # one layer: no hidden ones
 ])
 def test_a_diverged_memory_on_raw_keys_is_told_to_normalise_them(tiny_cfg, tmp_path, memory, told):
     """An in-context memory on the l2 objective told not to normalise its keys (or an MLP's
