@@ -361,7 +361,8 @@ def _linear_planner(model, mem, level, ctx, taken):
                 "(the MLP kernel takes two-layer ones)")
     if rule is None:
         what = ("a self-generated target (signal self)" if mem.signal == "self" else
-                "the Omega rule" if mem.rule.kind == "omega" else op or "this rule")
+                "the Omega rule" if mem.rule.kind == "omega" else
+                f"momentum (`momentum {mem.momentum.kind}`)" if mem.momentum.kind != "none" else op or "this rule")
         return (f"{what} has no Triton kernel yet (kernels exist for the Hebbian, delta, gated delta "
                 "and DGD rules)")
 

@@ -78,8 +78,8 @@ def linear_op(mem: M.Memory, level: M.Level) -> str | None:
         if momentum == "none" and (period == 1 and obj in ("l2", "dot") or obj == "dot" and read == "running"):
             return "omega_rule"
         return "mlp_memory"  # a one-layer MLP memory: momentum, mini-batch anchors, anchor reads, any objective
-    if rule == "dgd":
-        return "dgd" if obj in ("l2", "dot") and momentum == "none" else None
+    if rule == "dgd":  # with momentum: the one-layer MLP memory's DGD, the same write
+        return "dgd" if obj in ("l2", "dot") and momentum == "none" else "mlp_memory"
     if obj == "dot":  # the Hebbian gradient does not depend on the state: any period reads running
         plain = momentum == "none" and (read == "running" or period == 1)  # period 1 anchor: before the write
         return "linear_attention" if plain else "titans_linear"

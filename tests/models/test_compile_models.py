@@ -272,6 +272,28 @@ def test_linear_omega_as_a_one_layer_mlp_memory_equals_the_omega_op(tmp_path, ob
     streams_and_learns(b, ids, 13)
 
 
+@pytest.mark.parametrize("objective, level", [
+    ("l2", "tokens every 4 read running"), ("l2", "tokens every 4"), ("dot", "tokens every 1 read running"),
+])
+def test_linear_dgd_with_momentum_is_the_one_layer_mlp_memory(tmp_path, objective, level):
+    """Momentum sends a linear DGD memory from the dgd op to the one-layer MLP memory's DGD (the
+    same write: erase at the running state, gradient at the period's anchor): a zero momentum
+    there equals the dgd op with the same weights, for both reads; with a momentum gate it streams
+    exactly and learns."""
+    dgd = f"objective {objective}; rule dgd; retention gate; init random"
+    plain = linear_memory_spec(tmp_path, "Plain", dgd, level=level)
+    mlp = linear_memory_spec(tmp_path, "Mlp", dgd + "; momentum 0", level=level)
+    assert "op='dgd'" in generate_source(plain) and "op='mlp_memory'" in generate_source(mlp)
+    torch.manual_seed(0)
+    a = nldsl.compile(plain).Plain().double()
+    b = nldsl.compile(mlp).Mlp().double()
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 64, (2, 29))
+    torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-10, atol=1e-10)
+    gated = nldsl.compile(linear_memory_spec(tmp_path, "Gated", dgd + "; momentum gate", level=level)).Gated()
+    streams_and_learns(gated.double(), ids, 13)
+
+
 def test_hebbian_memory_reads_before_its_write_at_period_1(tmp_path):
     """The default read (anchor) at period 1 runs on linear attention's read-before-write (the
     fast chunked form), and equals the Titans-linear op on the dot objective (a zero momentum
