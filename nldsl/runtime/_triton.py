@@ -218,9 +218,12 @@ class LinearKernel:
         with other ``dim`` / ``heads`` than its spec's)."""
         if (head_k, head_v) == (self.head_k, self.head_v):
             return self
-        from nldsl.codegen.kernels import LinearKernelSpec, linear_kernel
+        from nldsl.codegen.kernels import LinearKernelSpec, _pow2, linear_kernel
 
-        return linear_kernel(LinearKernelSpec(**{**self.spec, "head_k": head_k, "head_v": head_v}))
+        block_v = self.spec.get("block_v")
+        if block_v is not None and block_v > _pow2(head_v):
+            block_v = None  # wider than the new heads' padded values: the default for them
+        return linear_kernel(LinearKernelSpec(**{**self.spec, "head_k": head_k, "head_v": head_v, "block_v": block_v}))
 
     # -- the call ---------------------------------------------------------------------------
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, lr: Tensor | None = None, g: Tensor | None = None, *,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nldsl.codegen import write_package
-from nldsl.codegen.kernels import LinearKernelSpec, generate_kernels, linear_part, render_kernels
+from nldsl.codegen.kernels import LinearKernelSpec, generate_kernels, linear_kernel, linear_part, render_kernels
 from nldsl.spec import analyze_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +129,12 @@ def test_value_tiles(head_v, block_v, tiles):
     """State columns per program: DEFAULT_BLOCK_V, or the padded head if smaller, or block_v."""
     context = LinearKernelSpec(name="m", rule="delta", head_k=16, head_v=head_v, block_v=block_v).context("m")
     assert context["NV"] == tiles and context["BV"] * tiles == context["VP"]
+
+
+def test_other_heads_keep_a_block_v_that_fits():
+    kernel = linear_kernel(LinearKernelSpec(name="m", rule="delta", head_k=64, head_v=64, block_v=32))
+    assert kernel.for_heads(32, 32).spec["block_v"] == 32
+    assert kernel.for_heads(16, 16).spec["block_v"] is None  # 32 columns of 16: the default for them
 
 
 def test_parts_compose_in_one_file():
