@@ -161,9 +161,9 @@ class SelfModifyingTitans(nn.Module):
         # constant rates (numbers) replace the gates of x; nothing generates them
         self.lr_value = None if lr is None else float(lr)
         self.retention_value = None if isinstance(retention, bool) else float(retention)
-        for name, c in (("lr", self.lr_value), ("retention", self.retention_value)):
-            if c is not None and (name == "lr" and "eta" in generated or name == "retention" and "alpha" in generated):
-                raise ValueError(f"a constant {name} excludes a generated {'eta' if name == 'lr' else 'alpha'}")
+        for name, c, source in (("lr", self.lr_value, "eta"), ("retention", self.retention_value, "alpha")):
+            if c is not None and source in generated:
+                raise ValueError(f"a constant {name} excludes a generated {source}")
         retention = bool(retention) if isinstance(retention, bool) else True
         # without retention alpha is fixed at 1: nothing generates it
         self.generated = tuple(g for g in generated if g != "alpha" or retention)
