@@ -311,7 +311,6 @@ def test_init_transfer_makes_meta_the_default():
     ("mlp(depth=2)", "l2", "l2"),
     ("mlp(depth=2, norm=none) { qk_norm none }", "none", "none"),
     ("mlp(depth=2) { objective dot }", "l2", "l2"),  # an MLP's inner layers learn through its state
-    ("mlp(depth=2) { objective dot; writes detached }", "l2", "l2"),
     ("attention", "none", None),
 ])
 def test_in_context_memories_that_erase_normalise_by_default(memory, qk_norm, hidden_norm):
