@@ -198,11 +198,14 @@ class Planner:
             self.unsupported(f"{what} in the {kind} memory `{mem.name}` is not compiled yet", key + (path,))
         if problems:
             return None
-        if mem.signal != "self":
-            self.unsupported(f"`{mem.name}` has generated inputs: it learns from the values it generates "
-                             "itself (`signal self`, Eq. 87)", key + ("signal",))
-            return None
         generated = mem.inputs.generated()
+        scalar = [n for n in ("eta", "alpha") if n in generated]
+        if mem.signal == "surprise" or mem.signal == "values" and scalar:
+            why = ("the outer objective's surprise" if mem.signal == "surprise" else
+                   f"v itself, which M_{scalar[0]} (one number per head) cannot output")
+            self.unsupported(f"`{mem.name}` has generated inputs: it learns its own M(v) (`signal self`, Eq. 87) or, "
+                             f"with `eta` and `alpha` static, v (`signal values`); not {why}", key + ("signal",))
+            return None
         # constant rates stand in for a static eta / alpha's gate of x
         rates = {"lr": "", "retention": f"retention={mem.retention.kind != 'none'}, "}
         for prop, rate, source in (("lr", mem.lr, "eta"), ("retention", mem.retention, "alpha")):
@@ -220,7 +223,7 @@ class Planner:
         return (f"SelfModifyingTitans(config.dim, {self.heads_arg(mem)}, generated={tuple(mem.inputs.generated())!r}, "
                 f"chunk_size={level.period!r}, gen_chunk_size={gen_level.period!r}, "
                 f"depth={_repr(depth)}, expansion={_repr(expansion)}, residual={_repr(residual)}, "
-                f"activation={_repr(activation)}, {rates['retention']}{rates['lr']}{init}, "
+                f"activation={_repr(activation)}, {rates['retention']}{rates['lr']}signal={mem.signal!r}, {init}, "
                 f"{self._deep_common(mem, level, hidden_norm)})")
 
     def _deep_common(self, mem: M.Memory, level: M.Level, hidden_norm: str) -> str:

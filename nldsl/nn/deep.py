@@ -143,14 +143,15 @@ class SelfModifyingTitans(nn.Module):
     alpha); the others come from static projections of the outer level. Each generating memory
     reads its own projection of x (Fig. 5's q/k/v linears before the block): with one shared
     input, k, v and q would all start as functions of the same vector. ``lr`` / ``retention``
-    given as numbers (eta / alpha not generated) are constant rates instead of gates of x.
+    given as numbers (eta / alpha not generated) are constant rates instead of gates of x;
+    ``signal="values"`` makes every memory learn v itself instead of its own M(v) (Eq. 87).
     """
 
     def __init__(self, dim: int, heads: int, *, generated: tuple[str, ...], chunk_size: int,
                  gen_chunk_size: int, depth: int = 2, expansion: float = 1.0, residual: bool = True,
                  activation: str = "gelu", objective: str = "l2", rule: str = "dgd", momentum=None,
                  retention: bool | float = True, lr: float | None = None, read: str = "anchor",
-                 qk_norm: str = "l2", conv: int = 4,
+                 signal: str = "self", qk_norm: str = "l2", conv: int = 4,
                  detach: bool = False, scope: str = "sequence", v_norm: str = "none",
                  hidden_norm: str = "none", eta_max: float | None = None, impl: str = "chunked",
                  kernel=None, init: str = "meta", p: float | None = None, delta: float | None = None):
@@ -170,7 +171,7 @@ class SelfModifyingTitans(nn.Module):
         self.chunk_size, self.gen_chunk_size = chunk_size, gen_chunk_size
         self.objective, self.rule, self.momentum, self.retention = objective, rule, momentum, retention
         self.read, self.qk_norm, self.detach, self.scope, self.impl = read, qk_norm, detach, scope, impl
-        self.activation, self.residual, self.p, self.delta = activation, residual, p, delta
+        self.activation, self.residual, self.p, self.delta, self.signal = activation, residual, p, delta, signal
         D = self.head_dim
         hidden = max(1, int(D * expansion))
         # one input per generating memory (the runtime's [B, T, G, H, D] form)
@@ -245,7 +246,7 @@ class SelfModifyingTitans(nn.Module):
             alpha_bias=0.0 if self.alpha_bias is None else self.alpha_bias,
             retention=self.retention, conv_weight=self.conv_weight, qk_norm=self.qk_norm == "l2",
             v_norm=self.v_norm == "l2", hidden_norm=self.hidden_norm,
-            rule=self.rule, objective=self.objective, p=self.p, delta=self.delta, read=self.read,
+            rule=self.rule, objective=self.objective, p=self.p, delta=self.delta, read=self.read, signal=self.signal,
             activation=self.activation, residual=self.residual, detach=self.detach,
             initial_state=None if state is None else state["memory"],
             output_final_state=True, impl=self.impl, kernel=self.kernel, **static)

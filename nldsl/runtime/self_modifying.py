@@ -8,7 +8,8 @@ or one input per generating memory, ``x [B, T, G, H, D]`` (Fig. 5's separate q/k
     eta_t = eta_max * sigmoid(M_eta,a(x~_t) + eta_bias),  alpha_t = sigmoid(M_alpha,a(x~_t) + alpha_bias)
     k_t, q_t <- k_t / ||k_t||, q_t / ||q_t||                  (qk_norm, section 8.3)
     v_t <- v_t / ||v_t||                                       (v_norm, optional: see below)
-    v^_{m,t} = M_m,a(v_t)                                      (self-generated values, Eq. 87)
+    v^_{m,t} = M_m,a(v_t)                                      (self-generated values, Eq. 87;
+                                                                signal="values": v^ = v_t)
     M_{m,t} = DGD step of 1/2 ||M_m(k_t) - v^_{m,t}||^2 at M_m,a   for every memory m  (Eq. 88, 90)
     y_t   = M_memory,a(q_t)                                    (read="anchor"; Eq. 86/90)
 
@@ -171,6 +172,7 @@ def self_modifying_titans(
     p: Optional[float] = None,
     delta: Optional[float] = None,
     read: str = "anchor",
+    signal: str = "self",
     activation: str = "gelu",
     hidden_norm: str = "none",
     residual: bool = True,
@@ -206,7 +208,9 @@ def self_modifying_titans(
         rule: ``"dgd"`` or ``"gd"``. objective: ``"l2"``, ``"dot"``, ``"l1"``, ``"lp"`` (exponent ``p``)
             or ``"huber"`` (threshold ``delta``), every memory's (the Triton kernel takes l2 and dot;
             the others' writes are composed from torch ops). read: ``"anchor"`` or ``"running"``
-            (M_memory's output read).
+            (M_memory's output read). signal: ``"self"`` (every memory's target is its own M_a(v),
+            Eq. 87) or ``"values"`` (the target is v itself: the ablation of the self-generated
+            values; with M_eta / M_alpha, whose outputs are numbers, it does not apply).
         detach: writes are constants for autograd.
         initial_state / output_final_state: a :class:`SelfModifyingState` to continue a stream.
         impl: ``"chunked"`` (default), ``"reference"`` or ``"triton"`` (the chunked path with every
@@ -229,6 +233,11 @@ def self_modifying_titans(
         if val not in ok:
             raise ValueError(f"{_OP}: {name} must be one of {ok}, got {val!r}")
     check_read(_OP, read)
+    if signal not in ("self", "values"):
+        raise ValueError(f"{_OP}: signal must be 'self' or 'values', got {signal!r}")
+    if signal == "values" and set(params) & set(_SCA):
+        raise ValueError(f"{_OP}: signal='values' maps every memory's keys to v, which M_eta and M_alpha "
+                         "(one number per head) cannot output: make eta and alpha static")
     check_objective(_OP, objective, p, delta)
     check_kernel_objective(_OP, impl, objective)
     if "memory" not in params:
@@ -355,7 +364,7 @@ def self_modifying_titans(
         ms = None if ms is None else {n: [M.detach() for M in ms[n]] for n in names}
 
     cfg = dict(gen=gen, objective=objective, p=p, delta=delta, rule=rule, act=hidden_act(hidden_norm, activation),
-               residual=residual, read=read,
+               residual=residual, read=read, signal=signal,
                qk_norm=qk_norm, v_norm=v_norm, eta_max=eta_max, eta_bias=eta_bias, alpha_bias=alpha_bias,
                constant=frozenset(constant), retention=retention, detach=detach, Cg=Cg, Cm=Cm, kernel=None,
                stacked=_valid_stacks(initial_state, gen, dt, B * H) if not detach else None)
@@ -538,7 +547,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
             rep = lambda z: None if z is None else z.repeat(r, *([1] * (z.dim() - 1)))  # noqa: E731
             _, g["ws"], g["ms"] = chunk_step(
                 g["ws"], g["ms"], g["anchor"], rep(k_), rep(v_), rep(eta), rep(alpha), g["beta"][j], None,
-                objective=cfg["objective"], p=cfg["p"], delta=cfg["delta"], signal="self", rule=cfg["rule"],
+                objective=cfg["objective"], p=cfg["p"], delta=cfg["delta"], signal=cfg["signal"], rule=cfg["rule"],
                 act=act, residual=g["residual"], read="anchor", kernel=kernel(g["ws"][0]))
         made.append((k_, v_, q_, eta, alpha))
         off_g = (off_g + L) % Cg
@@ -566,8 +575,9 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
             a = w
         o, w, m = chunk_step(
             w, m, a, k_[j], v_[j], eta[j], alpha[j], beta[j], q_[j],
-            objective=cfg["objective"], p=cfg["p"], delta=cfg["delta"], signal="self", rule=cfg["rule"], act=act,
-            residual=cfg["residual"], read=cfg["read"], st=None if st is None else st["memory"], kernel=kernel(w[0]))
+            objective=cfg["objective"], p=cfg["p"], delta=cfg["delta"], signal=cfg["signal"], rule=cfg["rule"],
+            act=act, residual=cfg["residual"], read=cfg["read"], st=None if st is None else st["memory"],
+            kernel=kernel(w[0]))
         ys.append(o)
         off_m = (off_m + L) % Cm
     ws_o["memory"], an_o["memory"] = w, (w if off_m == 0 else a)
@@ -624,7 +634,8 @@ def _reference(inputs, ws, anchor, ms, offs, st, cfg):
         a = 1.0 if alpha is None else alpha[:, None, None]
         new_ws, new_ms = {}, {}
         for n in names:
-            target = apply(anchor[n], vt, n, with_st=False)          # v^ = M_a(v)   (Eq. 87)
+            # v^ = M_a(v) (Eq. 87), or v itself
+            target = apply(anchor[n], vt, n, with_st=False) if cfg["signal"] == "self" else vt
             grads = grad_fns[res[n]](anchor[n], kt, target)
             lw, lm = token_update(ws[n], None if ms is None else ms[n], [e * g for g in grads], a,
                                   None if ms is None else beta[:, None, None], e, kt, rule)

@@ -248,15 +248,18 @@ def test_self_modifying_linear_memories(tmp_path):
     assert "self-modifying memory (generated inputs) has no Triton kernel for one-layer" in missing["Hope.titans"]
 
 
-def test_self_modifying_constant_rates(tmp_path):
+@pytest.mark.parametrize("signal", ["self", "values"])
+def test_self_modifying_constant_rates(tmp_path, signal):
     """A static eta and alpha may be constants (`lr constant(...)`, `retention constant(...)`):
     the model has no gates of x for them and runs with those rates (the runtime's constant rates
-    equal gates squashed to them, tested in runtime_deep); a constant with a generated eta is
-    refused at the property, with the fix."""
+    equal gates squashed to them, tested in runtime_deep); without M_eta and M_alpha the memories
+    may also learn v itself (`signal values`). A constant with a generated eta, or `signal values`
+    with one, is refused at the property, with the fix."""
     text = (SPECS / "hope.nl").read_text()
     edits = [("q=generated, eta=generated, alpha=generated", "q=generated"),
              ("retention gate  # alpha_t: weight decay", "retention constant(0.99)"),
-             ("lr gate         # eta_t", "lr constant(0.01)")]
+             ("lr gate         # eta_t", "lr constant(0.01)"),
+             ("signal self  # v^ = M(v): values it generates itself", f"signal {signal}")]
     for old, new in edits:
         assert old in text
         text = text.replace(old, new)
@@ -265,7 +268,7 @@ def test_self_modifying_constant_rates(tmp_path):
     torch.manual_seed(0)
     model = build("hope", path=tmp_path / "hope.nl").double()
     titans = model.blocks[0].titans
-    assert (titans.lr_value, titans.retention_value) == (0.01, 0.99)
+    assert (titans.lr_value, titans.retention_value, titans.signal) == (0.01, 0.99, signal)
     assert titans.eta_gate is None and titans.alpha_gate is None and set(titans.memories) == {"memory", "k", "v", "q"}
     ids = torch.randint(0, 32, (2, 24))
     full = model(ids, labels=ids.roll(-1, 1))
@@ -278,6 +281,10 @@ def test_self_modifying_constant_rates(tmp_path):
     (tmp_path / "bad.nl").write_text((SPECS / "hope.nl").read_text().replace(
         "lr gate         # eta_t", "lr constant(0.01)"))
     with pytest.raises(nldsl.SpecError, match="a constant `lr` with `eta=generated`"):
+        nldsl.compile(tmp_path / "bad.nl")
+    (tmp_path / "bad.nl").write_text((SPECS / "hope.nl").read_text().replace(
+        "signal self  # v^ = M(v): values it generates itself", "signal values"))
+    with pytest.raises(nldsl.SpecError, match="not v itself, which M_eta"):
         nldsl.compile(tmp_path / "bad.nl")
 
 

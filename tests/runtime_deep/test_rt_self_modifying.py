@@ -355,27 +355,34 @@ def test_memories_of_other_depths_match_reference_with_gradients(depth):
     assert_close(torch.cat([a.o, b.o], dim=1), whole.o)
 
 
-def _matrix_self_modifying(x, Ws, beta, *, Cm, Cg, rule, read, eta_max, alpha_bias):
+def _matrix_self_modifying(x, Ws, beta, *, Cm, Cg, rule, read, eta_max=None, alpha_bias=None, rates=None,
+                           signal="self"):
     """Self-modifying Titans with matrix memories, Eq. 86-88 written out: every memory is
-    M(z) = W z; per token, k, v, q, eta, alpha are read from the generating memories' anchors,
-    each memory's target is its anchor applied to v, its gradient (A k - A v) k^T, and DGD's write
+    M(z) = W z; per token, k, v, q, eta, alpha are read from the generating memories' anchors
+    (or eta, alpha = ``rates``, constants), each memory's target is its anchor applied to v (or
+    v itself, signal "values"), its gradient (A k - target) k^T, and DGD's write
     W <- alpha W - eta (W k) k^T - eta grad (with momentum S <- beta S - eta grad in place of the
     last term); the output reads M_memory after (running) or at its anchor."""
     Bn, T = x.shape[:2]
+    names = [n for n in GEN if n in Ws]
     W = {n: w.expand(Bn, *w.shape) for n, w in Ws.items()}
     S = {n: torch.zeros_like(w) for n, w in W.items()}
     A, ys = {}, []
     for t in range(T):
         if t % Cg == 0:
-            A.update({n: W[n] for n in GEN})
+            A.update({n: W[n] for n in names})
         if t % Cm == 0:
             A["memory"] = W["memory"]
-        r = {n: (A[n] @ x[:, t, i, :, :, None]).squeeze(-1) for i, n in enumerate(GEN)}
+        r = {n: (A[n] @ x[:, t, i, :, :, None]).squeeze(-1) for i, n in enumerate(names)}
         k, v, q = F.normalize(r["k"], dim=-1), r["v"], F.normalize(r["q"], dim=-1)
-        eta = (eta_max * torch.sigmoid(r["eta"]))[..., None]
-        alpha = torch.sigmoid(r["alpha"] + alpha_bias)[..., None]
+        if rates is None:
+            eta = (eta_max * torch.sigmoid(r["eta"]))[..., None]
+            alpha = torch.sigmoid(r["alpha"] + alpha_bias)[..., None]
+        else:
+            eta, alpha = rates
         for n in W:
-            grad = ((A[n] @ k[..., None]) - (A[n] @ v[..., None])) * k[..., None, :]
+            target = (A[n] @ v[..., None]) if signal == "self" else v[..., None]
+            grad = ((A[n] @ k[..., None]) - target) * k[..., None, :]
             step = -eta * grad
             if beta is not None:
                 S[n] = step = beta[:, t, :, None, None] * S[n] + step
@@ -407,6 +414,27 @@ def test_linear_memories_match_their_matrix_form_with_gradients(rule, read, mome
         want = _matrix_self_modifying(x, Ws, beta, Cm=Cm, Cg=Cg, **cfg)
         assert_close(got, want, what=f"o {Cm},{Cg}")
         assert_close(grads(got, wrt), grads(want, wrt), atol=1e-9, what=f"grads {Cm},{Cg}")
+
+
+@pytest.mark.parametrize("signal", ["values", "self"])
+def test_linear_memories_with_constant_rates_match_their_matrix_form(signal):
+    """Matrix memories generating k, v, q, with a constant step size and retention, learning
+    their own M_a(v) or v itself: outputs and gradients equal the written-out recurrence."""
+    g = gen(22)
+    T, names = 11, ("k", "v", "q")
+    x = randn(g, B, T, len(names), H, D)
+    Ws = {n: randn(g, H, D, D, scale=0.4) for n in ("memory",) + names}
+    beta = rand(g, B, T, H, lo=0.0, hi=0.6)
+    requires_grad([x, Ws, beta])
+    for Cm, Cg in ((4, 3), (1, 1)):
+        got = self_modifying_titans(x, params={n: [w] for n, w in Ws.items()}, chunk_size=Cm, gen_chunk_size=Cg,
+                                    eta=0.2, alpha=0.95, beta_momentum=beta, conv_weight=None, signal=signal,
+                                    activation="identity", residual=False, qk_norm=True, rule="dgd",
+                                    read="running").o
+        want = _matrix_self_modifying(x, Ws, beta, Cm=Cm, Cg=Cg, rule="dgd", read="running", rates=(0.2, 0.95),
+                                      signal=signal)
+        assert_close(got, want, what=f"o {Cm},{Cg}")
+        assert_close(grads(got, [x, Ws, beta]), grads(want, [x, Ws, beta]), atol=1e-9, what=f"grads {Cm},{Cg}")
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
@@ -441,3 +469,25 @@ def test_constant_rates_are_one_source():
     with pytest.raises(ValueError, match="retention=False fixes alpha = 1"):
         self_modifying_titans(x["x"], params=x["params"], chunk_size=4, gen_chunk_size=3, eta=0.1, alpha=0.9,
                               retention=False)
+
+
+@pytest.mark.parametrize("read,rule", [("anchor", "dgd"), ("running", "gd")])
+def test_values_signal_matches_reference_with_gradients(read, rule):
+    """signal='values' (every memory's target is v, not its own M_a(v)): chunked == the token
+    loop, gradients included, and a split stream is one pass; M_eta / M_alpha cannot take it."""
+    x = requires_grad(inputs(T=13, seed=5, generated=("k", "v", "q")))
+    wrt = [x["x"], x["conv"], x["beta"], x["params"]]
+    cfg = dict(read=read, rule=rule, signal="values", chunk_size=4, gen_chunk_size=3)
+    ref, fast = run(x, "reference", **cfg), run(x, "chunked", **cfg)
+    assert_close(fast, ref, what="values")
+    assert_close(grads(fast.o, wrt), grads(ref.o, wrt), atol=1e-9, what="values grads")
+    assert (fast.o - run(x, "chunked", **{**cfg, "signal": "self"}).o).abs().max() > 1e-6
+    def part(sl):
+        return {**x, "x": x["x"][:, sl], "beta": x["beta"][:, sl],
+                "static": {n: t[:, sl] for n, t in x["static"].items()}}
+
+    first = run(part(slice(0, 6)), "chunked", **cfg)
+    second = run(part(slice(6, None)), "chunked", initial_state=first.final_state, **cfg)
+    assert_close(torch.cat([first.o, second.o], 1), fast.o, what="split")
+    with pytest.raises(ValueError, match="M_eta and M_alpha"):
+        run(inputs(T=5), "chunked", signal="values")
