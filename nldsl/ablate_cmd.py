@@ -747,7 +747,7 @@ def _main(args) -> int:
     gaps = [v for v in variants if v.gaps]
     for v in gaps:
         print(f"\nnote: variant #{v.index} ({v.label}) checks, but the compiler cannot build it yet "
-              f"(`nldsl compile` and `--run` will refuse it):\n{_render_errors(base, v, by_index, v.gaps)}",
+              f"(`nldsl compile` refuses it, `--run` skips it):\n{_render_errors(base, v, by_index, v.gaps)}",
               file=sys.stderr)
     if bad:
         which = ", ".join(f"#{v.index}" for v in bad)
@@ -787,6 +787,11 @@ def _main(args) -> int:
     if run_args is not None:
         rows = []
         for v in good:
+            if v.gaps:  # said above; `nldsl run` would only repeat the compiler's refusal
+                status = EXIT_DIAGNOSTICS
+                rows.append({"index": v.index, "variant": v.dirname, "overrides": v.label.split(" "),
+                             "metrics": {}, "status": f"not compiled ({v.gaps[0].code})"})
+                continue
             print(f"\n== variant #{v.index}: {v.label}", file=sys.stderr, flush=True)
             res = _run_variant(out / v.dirname / "spec.nl", run_args, out / v.dirname / "run")
             if res["exit_code"] != 0:

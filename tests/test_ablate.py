@@ -220,6 +220,11 @@ def test_a_variant_the_compiler_cannot_build_is_named_before_anything_runs(capsy
     rc, out, err = ablate(capsys, HOPE, "titans.momentum=delta", "-o", tmp_path / "out")
     assert rc == 0 and "cannot build it yet" in err
     assert (tmp_path / "out" / "000_momentum=delta" / "spec.nl").exists()
+    # --run skips it (no training run starts) and says why in the summary
+    rc, out, err = ablate(capsys, HOPE, "titans.momentum=delta", "-o", tmp_path / "run", "--run", "--steps", "1")
+    assert rc == 1, err
+    assert "| 0 | `000_momentum=delta` | titans.momentum=delta | not compiled (NL401) |" in out
+    assert not (tmp_path / "run" / "000_momentum=delta" / "run").exists()
 
 
 def test_two_by_three_sweep_writes_six_checked_specs(capsys, tmp_path):
