@@ -294,7 +294,8 @@ _TABLE = [
     Code("NL401", "error", "the compiler cannot build this yet",
          "The spec is valid, but the code generator has no implementation for this combination "
          "(for example delta momentum on an in-context memory). `nldsl compile` reports it at the spec's "
-         "text before any code runs; `nldsl check` does not.",
+         "text before any code runs, and `nldsl ablate` for each variant it would refuse; `nldsl check` "
+         "does not.",
          _model(_BASE + "  memory mem in fast : linear { objective l1; momentum delta }\n" + _BLOCK),
          _model(_BASE + "  memory mem in fast : linear { objective l1; momentum gate }\n" + _BLOCK)),
 ]
