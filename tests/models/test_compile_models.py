@@ -251,6 +251,22 @@ def test_linear_memory_objectives_compile(tmp_path, setting, generated):
     streams_and_learns(model, torch.randint(0, 64, (2, 23)), 10)  # the split falls inside a 4-token chunk
 
 
+def one_layer_mlp_twin(tmp_path, properties: str, level: str, op: str):
+    """A linear memory with ``properties`` (compiled to ``op``) and its twin with a zero momentum
+    (compiled to the one-layer MLP memory) agree with the same weights; returns the twin and
+    the inputs."""
+    plain = linear_memory_spec(tmp_path, "Plain", properties, level=level)
+    mlp = linear_memory_spec(tmp_path, "Mlp", properties + "; momentum 0", level=level)
+    assert f"op={op!r}" in generate_source(plain) and "op='mlp_memory'" in generate_source(mlp)
+    torch.manual_seed(0)
+    a = nldsl.compile(plain).Plain().double()
+    b = nldsl.compile(mlp).Mlp().double()
+    b.load_state_dict(a.state_dict())  # the random initial states too (buffers)
+    ids = torch.randint(0, 64, (2, 29))
+    torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-10, atol=1e-10)
+    return b, ids
+
+
 @pytest.mark.parametrize("objective, level", [
     ("l2", "tokens every 1 read running"), ("l2", "tokens every 1"), ("dot", "tokens every 1"),
 ])
@@ -260,16 +276,8 @@ def test_linear_omega_as_a_one_layer_mlp_memory_equals_the_omega_op(tmp_path, ob
     weights the two models agree, for both reads (the default, anchor, reads before the write at
     period 1), and the second streams exactly."""
     omega = f"objective {objective}; rule omega(window=3); retention gate; init random"
-    erase = linear_memory_spec(tmp_path, "Erase", omega, level=level)
-    mlp = linear_memory_spec(tmp_path, "Mlp", omega + "; momentum 0", level=level)
-    assert "op='omega_rule'" in generate_source(erase) and "op='mlp_memory'" in generate_source(mlp)
-    torch.manual_seed(0)
-    a = nldsl.compile(erase).Erase().double()
-    b = nldsl.compile(mlp).Mlp().double()
-    b.load_state_dict(a.state_dict())  # the random initial states too (buffers)
-    ids = torch.randint(0, 64, (2, 29))
-    torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-10, atol=1e-10)
-    streams_and_learns(b, ids, 13)
+    twin, ids = one_layer_mlp_twin(tmp_path, omega, level, "omega_rule")
+    streams_and_learns(twin, ids, 13)
 
 
 @pytest.mark.parametrize("objective, level", [
@@ -281,15 +289,7 @@ def test_linear_dgd_with_momentum_is_the_one_layer_mlp_memory(tmp_path, objectiv
     there equals the dgd op with the same weights, for both reads; with a momentum gate it streams
     exactly and learns."""
     dgd = f"objective {objective}; rule dgd; retention gate; init random"
-    plain = linear_memory_spec(tmp_path, "Plain", dgd, level=level)
-    mlp = linear_memory_spec(tmp_path, "Mlp", dgd + "; momentum 0", level=level)
-    assert "op='dgd'" in generate_source(plain) and "op='mlp_memory'" in generate_source(mlp)
-    torch.manual_seed(0)
-    a = nldsl.compile(plain).Plain().double()
-    b = nldsl.compile(mlp).Mlp().double()
-    b.load_state_dict(a.state_dict())
-    ids = torch.randint(0, 64, (2, 29))
-    torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-10, atol=1e-10)
+    _, ids = one_layer_mlp_twin(tmp_path, dgd, level, "dgd")
     gated = nldsl.compile(linear_memory_spec(tmp_path, "Gated", dgd + "; momentum gate", level=level)).Gated()
     streams_and_learns(gated.double(), ids, 13)
 

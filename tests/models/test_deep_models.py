@@ -195,20 +195,22 @@ def test_table6_ablations_compile_and_run(tmp_path, ablation):
     assert torch.isfinite(out.logits).all()
 
 
-@pytest.mark.parametrize("depth", [1, 3])
-def test_self_modifying_memories_of_other_depths(tmp_path, depth):
-    """`mlp(depth=N)` on Hope's self-modifying memory builds every memory (the main one and the
-    five generating ones) with N layers; the model runs forward and backward and streams exactly
-    (the runtime's chunked == reference at these depths is tested in runtime_deep)."""
-    text = (SPECS / "hope.nl").read_text().replace("mlp(depth=2, expansion=1,", f"mlp(depth={depth}, expansion=1,")
+def hope_variant(tmp_path, *edits: tuple[str, str]) -> Path:
+    """specs/hope.nl with each (old, new) text edit made (each old text must be there), beside a
+    copy of adam.nl."""
+    text = (SPECS / "hope.nl").read_text()
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
     (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
     (tmp_path / "hope.nl").write_text(text)
-    torch.manual_seed(0)
-    model = build("hope", path=tmp_path / "hope.nl").double()
-    assert {len(ws) for ws in model.blocks[0].titans.memories.values()} == {depth}
-    ids = torch.randint(0, 32, (2, 24))
-    full = model(ids, labels=ids.roll(-1, 1))
-    full.logits.square().mean().backward()
+    return tmp_path / "hope.nl"
+
+
+def runs_and_streams(model, ids):
+    """Forward with labels and backward give finite gradients; two calls with the state carried
+    equal one pass."""
+    model(ids, labels=ids.roll(-1, 1)).logits.square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     first = model(ids[:, :9])
     second = model(ids[:, 9:], state=first.state)
@@ -216,35 +218,39 @@ def test_self_modifying_memories_of_other_depths(tmp_path, depth):
                                rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_self_modifying_memories_of_other_depths(tmp_path, depth):
+    """`mlp(depth=N)` on Hope's self-modifying memory builds every memory (the main one and the
+    five generating ones) with N layers; the model runs forward and backward and streams exactly
+    (the runtime's chunked == reference at these depths is tested in runtime_deep)."""
+    path = hope_variant(tmp_path, ("mlp(depth=2, expansion=1,", f"mlp(depth={depth}, expansion=1,"))
+    torch.manual_seed(0)
+    model = build("hope", path=path).double()
+    assert {len(ws) for ws in model.blocks[0].titans.memories.values()} == {depth}
+    runs_and_streams(model, torch.randint(0, 32, (2, 24)))
+
+
 def test_self_modifying_linear_memories(tmp_path):
     """`titans.structure = linear` on Hope: self-modifying Titans over matrix memories, every one
     (the main memory and the five generating ones) a single matrix M(x) = W x; the model streams
     exactly and learns (its runtime equals the written-out matrix recurrence, tested in
     runtime_deep), and it has no Triton kernel, said so rather than run without one."""
-    text = (SPECS / "hope.nl").read_text()
-    deep = "mlp(depth=2, expansion=1, residual=true, activation=gelu, norm=l2)"
-    assert deep in text
-    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
-    (tmp_path / "hope.nl").write_text(text.replace(deep, "linear"))
+    path = hope_variant(tmp_path, ("mlp(depth=2, expansion=1, residual=true, activation=gelu, norm=l2)", "linear"))
     torch.manual_seed(0)
-    model = build("hope", path=tmp_path / "hope.nl").double()
+    model = build("hope", path=path).double()
     titans = model.blocks[0].titans
     D = SMALL["dim"] // SMALL["heads"]
     assert {n: [tuple(w.shape) for w in ws] for n, ws in titans.memories.items()} == {
         "memory": [(SMALL["heads"], D, D)], **{n: [(SMALL["heads"], D if n in "kvq" else 1, D)]
                                                  for n in ("k", "v", "q", "eta", "alpha")}}
-    ids = torch.randint(0, 32, (2, 24))
-    full = model(ids).logits
-    first = model(ids[:, :11])
-    second = model(ids[:, 11:], state=first.state)
-    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
+    runs_and_streams(model, torch.randint(0, 32, (2, 24)))
     torch.manual_seed(0)
-    losses = copy_task_losses(build("hope", path=tmp_path / "hope.nl", vocab=16), with_labels=True)
+    losses = copy_task_losses(build("hope", path=path, vocab=16), with_labels=True)
     assert falls(losses), losses
     from nldsl.codegen.kernels import generate_kernels
     from nldsl.spec import analyze_file
 
-    missing = generate_kernels(analyze_file(tmp_path / "hope.nl")).missing
+    missing = generate_kernels(analyze_file(path)).missing
     assert "self-modifying memory (generated inputs) has no Triton kernel for one-layer" in missing["Hope.titans"]
 
 
@@ -255,37 +261,21 @@ def test_self_modifying_constant_rates(tmp_path, signal):
     equal gates squashed to them, tested in runtime_deep); without M_eta and M_alpha the memories
     may also learn v itself (`signal values`). A constant with a generated eta, or `signal values`
     with one, is refused at the property, with the fix."""
-    text = (SPECS / "hope.nl").read_text()
-    edits = [("q=generated, eta=generated, alpha=generated", "q=generated"),
-             ("retention gate  # alpha_t: weight decay", "retention constant(0.99)"),
-             ("lr gate         # eta_t", "lr constant(0.01)"),
-             ("signal self  # v^ = M(v): values it generates itself", f"signal {signal}")]
-    for old, new in edits:
-        assert old in text
-        text = text.replace(old, new)
-    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
-    (tmp_path / "hope.nl").write_text(text)
+    lr, signal_self = ("lr gate         # eta_t", "signal self  # v^ = M(v): values it generates itself")
+    path = hope_variant(tmp_path, ("q=generated, eta=generated, alpha=generated", "q=generated"),
+                        ("retention gate  # alpha_t: weight decay", "retention constant(0.99)"),
+                        (lr, "lr constant(0.01)"), (signal_self, f"signal {signal}"))
     torch.manual_seed(0)
-    model = build("hope", path=tmp_path / "hope.nl").double()
+    model = build("hope", path=path).double()
     titans = model.blocks[0].titans
     assert (titans.lr_value, titans.retention_value, titans.signal) == (0.01, 0.99, signal)
     assert titans.eta_gate is None and titans.alpha_gate is None and set(titans.memories) == {"memory", "k", "v", "q"}
-    ids = torch.randint(0, 32, (2, 24))
-    full = model(ids, labels=ids.roll(-1, 1))
-    full.logits.square().mean().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    first = model(ids[:, :9])
-    second = model(ids[:, 9:], state=first.state)
-    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), model(ids).logits,
-                               rtol=1e-9, atol=1e-9)
-    (tmp_path / "bad.nl").write_text((SPECS / "hope.nl").read_text().replace(
-        "lr gate         # eta_t", "lr constant(0.01)"))
-    with pytest.raises(nldsl.SpecError, match="a constant `lr` with `eta=generated`"):
-        nldsl.compile(tmp_path / "bad.nl")
-    (tmp_path / "bad.nl").write_text((SPECS / "hope.nl").read_text().replace(
-        "signal self  # v^ = M(v): values it generates itself", "signal values"))
-    with pytest.raises(nldsl.SpecError, match="not v itself, which M_eta"):
-        nldsl.compile(tmp_path / "bad.nl")
+    runs_and_streams(model, torch.randint(0, 32, (2, 24)))
+    (tmp_path / "bad").mkdir()
+    for edit, error in (((lr, "lr constant(0.01)"), "a constant `lr` with `eta=generated`"),
+                        ((signal_self, "signal values"), "not v itself, which M_eta")):
+        with pytest.raises(nldsl.SpecError, match=error):
+            nldsl.compile(hope_variant(tmp_path / "bad", edit))
 
 
 @pytest.mark.parametrize("ablation", ["static_k", "static_v"])
