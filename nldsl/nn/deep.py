@@ -256,8 +256,11 @@ class SelfModifyingTitans(nn.Module):
         return state if self.scope == "carry" else None
 
     def extra_repr(self) -> str:
+        extra = "".join(f", {name}={value}" for name, value in (
+            ("lr", self.lr_value), ("retention", self.retention_value),
+            ("signal", None if self.signal == "self" else self.signal)) if value is not None)
         return (f"heads={self.heads}, generated={self.generated}, chunk={self.chunk_size}, "
-                f"gen_chunk={self.gen_chunk_size}, rule={self.rule}, read={self.read}")
+                f"gen_chunk={self.gen_chunk_size}, rule={self.rule}, read={self.read}{extra}")
 
 
 def load_pretrained_mlps(path: str, spec_dir: str | None, levels: tuple[str, ...],

@@ -269,6 +269,7 @@ def test_self_modifying_constant_rates(tmp_path, signal):
     model = build("hope", path=path).double()
     titans = model.blocks[0].titans
     assert (titans.lr_value, titans.retention_value, titans.signal) == (0.01, 0.99, signal)
+    assert "lr=0.01, retention=0.99" in repr(titans) and ("signal=values" in repr(titans)) == (signal == "values")
     assert titans.eta_gate is None and titans.alpha_gate is None and set(titans.memories) == {"memory", "k", "v", "q"}
     runs_and_streams(model, torch.randint(0, 32, (2, 24)))
     (tmp_path / "bad").mkdir()
