@@ -220,10 +220,10 @@ class Planner:
                 return None
             rates[prop] = f"{prop}={value}, "
         gen_level = self.levels.get(mem.generators)
-        return (f"SelfModifyingTitans(config.dim, {self.heads_arg(mem)}, generated={tuple(mem.inputs.generated())!r}, "
+        return (f"SelfModifyingTitans(config.dim, {self.heads_arg(mem)}, generated={_repr(tuple(generated))}, "
                 f"chunk_size={level.period!r}, gen_chunk_size={gen_level.period!r}, "
                 f"depth={_repr(depth)}, expansion={_repr(expansion)}, residual={_repr(residual)}, "
-                f"activation={_repr(activation)}, {rates['retention']}{rates['lr']}signal={mem.signal!r}, {init}, "
+                f"activation={_repr(activation)}, {rates['retention']}{rates['lr']}signal={_repr(mem.signal)}, {init}, "
                 f"{self._deep_common(mem, level, hidden_norm)})")
 
     def _deep_common(self, mem: M.Memory, level: M.Level, hidden_norm: str) -> str:
