@@ -35,7 +35,7 @@ from nldsl.codegen.render import docstring, environment, header
 
 __all__ = ["GeneratedKernels", "KernelPart", "LinearKernelSpec", "MlpKernelSpec", "PART_PLANNERS", "generate_kernels",
            "kernel_residual", "kernels_and_gaps", "linear_kernel", "linear_part", "mlp_kernel", "mlp_part", "mlp_tile",
-           "render_kernels"]
+           "padded_pow2", "render_kernels"]
 
 
 def kernel_residual(residual: bool, prenorm: str) -> bool:
@@ -55,7 +55,8 @@ GATE_KINDS = ("none", "const", "gate", "tensor")
 DEFAULT_BLOCK_V = 64
 
 
-def _pow2(n: int) -> int:
+def padded_pow2(n: int) -> int:
+    """A block size for n: the next power of two, at least 16 (tl.dot's smallest tile)."""
     return max(16, 1 << (n - 1).bit_length())
 
 
@@ -134,7 +135,7 @@ class LinearKernelSpec(_CheckedSpec):
             out.append("period and read apply to the dgd rule only")
         bv = self.block_v
         if bv is not None and (isinstance(bv, bool) or not isinstance(bv, int) or bv < 16 or bv & (bv - 1)
-                               or isinstance(self.head_v, int) and bv > _pow2(self.head_v)):
+                               or isinstance(self.head_v, int) and bv > padded_pow2(self.head_v)):
             out.append(f"block_v must be None or a power of two from 16 to head_v padded to a power of two, got {bv!r}")
         return out
 
@@ -155,7 +156,7 @@ class LinearKernelSpec(_CheckedSpec):
 
     def context(self, prefix: str, origin: str = "") -> dict:
         """The template context of ``linear_memory.py.j2``."""
-        KP, VP = _pow2(self.head_k), _pow2(self.head_v)
+        KP, VP = padded_pow2(self.head_k), padded_pow2(self.head_v)
         BV = self.block_v or min(VP, DEFAULT_BLOCK_V)
         return dict(
             p=prefix, P=prefix.upper(), title=self.title(), origin=origin or "nldsl runtime",
@@ -177,7 +178,7 @@ MLP_TILES = (16, 32, 64)
 def mlp_tile(period: int) -> int:
     """The token tile for chunks of ``period`` tokens: one program per chunk up to 64 tokens (a
     longer chunk is split into tiles whose gradient sums are added)."""
-    return min(64, _pow2(period))
+    return min(64, padded_pow2(period))
 
 
 @dataclass(frozen=True)
@@ -228,8 +229,8 @@ class MlpKernelSpec(_CheckedSpec):
 
     def context(self, prefix: str, origin: str = "") -> dict:
         """The template context of ``mlp_grad.py.j2``."""
-        KP, VP = _pow2(self.d_in), _pow2(self.d_out)
-        BH = min(64, _pow2(self.d_hidden))
+        KP, VP = padded_pow2(self.d_in), padded_pow2(self.d_out)
+        BH = min(64, padded_pow2(self.d_hidden))
         # larger tiles keep more [BT, K] accumulators live: more warps to hold them
         num_warps = 4 if self.chunk * max(KP, VP) <= 64 * 64 else 8
         return dict(

@@ -218,10 +218,10 @@ class LinearKernel:
         with other ``dim`` / ``heads`` than its spec's)."""
         if (head_k, head_v) == (self.head_k, self.head_v):
             return self
-        from nldsl.codegen.kernels import LinearKernelSpec, _pow2, linear_kernel
+        from nldsl.codegen.kernels import LinearKernelSpec, padded_pow2, linear_kernel
 
         block_v = self.spec.get("block_v")
-        if block_v is not None and block_v > _pow2(head_v):
+        if block_v is not None and block_v > padded_pow2(head_v):
             block_v = None  # wider than the new heads' padded values: the default for them
         return linear_kernel(LinearKernelSpec(**{**self.spec, "head_k": head_k, "head_v": head_v, "block_v": block_v}))
 
