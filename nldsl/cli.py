@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_cmd.build_subparser(sub)
 
+    from nldsl import sample_cmd
+
+    sample_cmd.build_subparser(sub)
+
     e = sub.add_parser("explain", help="explain a diagnostic code")
     e.add_argument("code", metavar="CODE")
     e.set_defaults(func=cmd_explain)

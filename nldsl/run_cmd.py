@@ -207,7 +207,8 @@ def _err(msg: str) -> None:
     print(f"nldsl: error: {msg}", file=sys.stderr)
 
 
-def _render_spec_error(e) -> None:
+def render_spec_error(e) -> None:
+    """A SpecError's diagnostics on stderr, at the spec's text (``nldsl sample`` prints them too)."""
     color = hasattr(sys.stderr, "isatty") and sys.stderr.isatty() and "NO_COLOR" not in os.environ
     try:
         text = e.render(color=color)
@@ -241,7 +242,7 @@ def main_run(args) -> int:
             return _launch(cfg, args.nproc)
         return run_config(cfg)
     except SpecError as e:
-        _render_spec_error(e)
+        render_spec_error(e)
         return EXIT_FAILED
     except OSError as e:
         _err(f"{getattr(e, 'filename', None) or cfg.out}: {e.strerror or e}")
@@ -266,7 +267,7 @@ def run_config(cfg, *, child: bool = False, callbacks=()) -> int:
         return EXIT_OK if child else e.code
     except SpecError as e:
         if rank == 0:
-            _render_spec_error(e)
+            render_spec_error(e)
             if child:
                 _child_status(cfg, EXIT_FAILED, str(e))
         return EXIT_OK if child else EXIT_FAILED

@@ -203,6 +203,15 @@ class NSAMModel(nn.Module):
             logits.append(seg_logits)
         return ModelOutput(torch.cat(logits, dim=1), state)
 
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **sampling):
+        """``GenerateOutput(tokens [B, max_new_tokens], state)``: the prompt ``input_ids``
+        continued token by token, the state carried (keywords ``temperature``, ``top_k``,
+        ``top_p``, ``state``, ``learn``, ``generator``, ``on_token``: see
+        :func:`nldsl.nn.sampling.generate`)."""
+        from nldsl.nn.sampling import generate
+
+        return generate(self, input_ids, max_new_tokens, **sampling)
+
     def in_context_memories(self) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of each memory of a block that has an ``impl`` to choose (attention,
         which runs through torch's SDPA, has none)."""
