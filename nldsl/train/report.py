@@ -1,6 +1,7 @@
 """What a run leaves for people: the results table printed on exit, results.json, the plot."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 METRIC_NAMES = {"acc": "accuracy", "bpb": "bits/byte"}
@@ -101,6 +102,8 @@ def format_table(res) -> str:
         out.append("wrote: " + ", ".join(res.files))
     if res.checkpoint:
         out.append(f"checkpoint: {res.checkpoint}")
+        if res.task.startswith("lm "):  # a model of text (the task as described): show what it writes
+            out.append(f"sample it: nldsl sample {shlex.quote(str(res.out))} [--prompt TEXT]")
     return "\n".join(out)
 
 
