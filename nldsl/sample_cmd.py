@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="draw among the likeliest tokens whose probability reaches p (nucleus sampling)")
     p.add_argument("--no-learn", action="store_false", dest="learn",
                    help="memories that learn from surprise do not learn from the prompt either")
+    p.add_argument("--spec", metavar="FILE",
+                   help="the run's spec at another path (its text must be the run's; default: the path the run "
+                        "was given)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
@@ -85,20 +88,23 @@ def find_checkpoint(run: Path) -> tuple[Path, dict]:
     return found
 
 
-def load_model(folder: Path, meta: dict, device):
-    """The run's model with the checkpoint's weights, on ``device``, in the weights' dtype."""
+def load_model(folder: Path, meta: dict, device, spec: str | None = None):
+    """The run's model with the checkpoint's weights, on ``device``, in the weights' dtype
+    (``spec``: the run's spec file at another path)."""
     from nldsl.train import checkpoint as ckpt
     from nldsl.train.build import BuildError, build_model
 
     config = meta.get("config") or {}
-    spec = config.get("spec")
+    given = spec is not None
+    spec = spec or config.get("spec")
     if not spec:
-        raise _Usage(f"{folder}: state.json names no spec")
+        raise _Usage(f"{folder}: state.json names no spec; give it with --spec")
     try:
         model, info = build_model(spec, config.get("overrides") or {}, name=config.get("model"))
     except BuildError as e:
-        raise _Usage(f"cannot rebuild the model of {folder}: {e} (the path is the one the run was given, "
-                     f"relative to the folder it was started from)") from None
+        where = "" if given else (" (the path the run was given, relative to the folder it was started from; "
+                                  "--spec FILE gives another)")
+        raise _Usage(f"cannot rebuild the model of {folder}: {e}{where}") from None
     # as `nldsl run --resume` does: the weights belong to the model of the spec's text as it was
     if meta.get("spec_hash", "") != info.get("spec_hash", ""):
         raise _Usage(f"{spec} changed since {folder} was written, so it may no longer build the model that was "
@@ -161,7 +167,7 @@ def main_sample(args) -> int:
         except RunError as e:
             raise _Usage(str(e)) from None
         folder, meta = find_checkpoint(Path(args.run))
-        model, config = load_model(folder, meta, device)
+        model, config = load_model(folder, meta, device, args.spec)
         vocab = model.config.vocab
         try:
             check_sampling(args.temperature, args.top_k, args.top_p, vocab, label=lambda n: "--" + n.replace("_", "-"))

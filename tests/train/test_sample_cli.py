@@ -119,9 +119,13 @@ def test_a_changed_spec_is_refused(lm_run, capsys, monkeypatch):
         code, out, err = sample([run, "--tokens", "3"], capsys)
         assert code == 2 and out == ""
         assert "changed since" in err and "may no longer build the model that was trained" in err
-        spec.unlink()
+        moved = spec.with_name("moved.nl")
+        spec.rename(moved)
         code, _, err = sample([run], capsys)
-        assert code == 2 and "cannot rebuild the model" in err and "no such file" in err
+        assert code == 2 and "cannot rebuild the model" in err and "no such file" in err and "--spec FILE" in err
+        moved.write_text(original)
+        code, out, err = sample([run, "--spec", moved, "--tokens", "3"], capsys)  # the same text elsewhere
+        assert code == 0, err
     finally:
         spec.write_text(original)
     # the same text resolved otherwise (a default of another nldsl version)
