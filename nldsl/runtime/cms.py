@@ -8,6 +8,17 @@ its per-token gradients over exactly that chunk, all evaluated at the chunk-star
 
     theta_l <- theta_l - sum_{t in chunk} eta_{l,t} grad_theta L_l(theta_l^{chunk start}; t)
 
+Eq. 71's sum is "the error component of an arbitrary optimizer"; besides gradient descent a
+block may take its steps with momentum and weight decay (``momentum=beta``, ``retention=alpha``,
+constants per block): a block's optimizer steps once per chunk, on the chunk's summed gradient
+``G``, as an outer optimizer steps once per accumulated batch:
+
+    m_l <- beta_l m_l + G,    theta_l <- alpha_l theta_l - m_l
+
+(``beta = 0``, ``alpha = 1``: plain GD). With either, a block still moves at a boundary whose
+chunk wrote nothing (decay, or the momentum of earlier chunks), so ``lr = 0`` keeps it at its
+initial weights only without them.
+
 Reads always use the chunk-start weights (``read anchor``; the paper's definition). A ``running``
 read is not offered: with the ``surprise`` signal propagated through the chain it would make a
 token's read depend on its own write (use :func:`nldsl.runtime.deep_memory.mlp_memory` per level for
@@ -112,11 +123,13 @@ _OP = "cms_chain"
 class CmsState(NamedTuple):
     """weights: per block, the current (chunk-start) weights ``[B, d_out, d_in]`` per layer;
     grad_sum: per block, ``sum eta_t grad_t`` over the consumed tokens of the current chunk;
-    offset: per block, tokens of its current chunk already consumed."""
+    offset: per block, tokens of its current chunk already consumed; momentum: per block, its
+    momentum per layer (None without momentum)."""
 
     weights: tuple
     grad_sum: tuple
     offset: tuple
+    momentum: Optional[tuple] = None
 
 
 class CmsInfo(NamedTuple):
@@ -147,6 +160,17 @@ def _per_level(name: str, x, n: int, required: bool):
     return x
 
 
+def _rates(name: str, value, n: int, ok, want: str) -> list:
+    """Per block, a momentum decay / retention (None: none) from one number or one per block."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{_OP}: {name} must be one number or one per block ({n}), got {len(values)}")
+    for v in values:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v)):
+            raise ValueError(f"{_OP}: {name} must be a number {want} (or None), got {v!r}")
+    return [None if v is None else float(v) for v in values]
+
+
 def cms_chain(
     x: Tensor,
     params: Sequence[Sequence[Tensor]],
@@ -161,6 +185,8 @@ def cms_chain(
     p: Optional[float] = None,
     huber_delta: Optional[float] = None,
     agg_weights: Optional[Tensor] = None,
+    momentum=None,
+    retention=None,
     activation: str = "gelu",
     hidden_norm: str = "none",
     prenorm: str = "none",
@@ -186,6 +212,8 @@ def cms_chain(
         prenorm: ``"none"`` or ``"rms"``: RMS-normalise each block's input (the residual adds
             the input itself).
         agg_weights: ``[n]`` weights of the independent variant's sum (None = plain sum).
+        momentum, retention: the blocks' momentum decay beta in [0, 1) and weight decay alpha in
+            (0, 1] (None: none), one number for every block or one per block (None entries: none).
         detach: writes are constants for autograd.
         initial_state: a :class:`CmsState` to continue a stream.
         impl: ``"chunked"`` (default), ``"reference"`` or ``"triton"`` (the chunked path with every
@@ -198,15 +226,15 @@ def cms_chain(
     """
     return _cms_chain(x, params, periods=periods, lr=lr, variant=variant, signal=signal, delta=delta,
                       target=target, objective=objective, p=p, huber_delta=huber_delta,
-                      agg_weights=agg_weights, activation=activation,
+                      agg_weights=agg_weights, momentum=momentum, retention=retention, activation=activation,
                       hidden_norm=hidden_norm, prenorm=prenorm, residual=residual, detach=detach,
                       initial_state=initial_state, output_final_state=output_final_state,
                       return_info=return_info, impl=impl, kernel=kernel)
 
 
 def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise", delta=None, target=None,
-               objective="l2", p=None, huber_delta=None, agg_weights=None, activation="gelu", hidden_norm="none",
-               prenorm="none", residual=True,
+               objective="l2", p=None, huber_delta=None, agg_weights=None, momentum=None, retention=None,
+               activation="gelu", hidden_norm="none", prenorm="none", residual=True,
                detach=False, initial_state=None, output_final_state=False, return_info=False, impl="chunked",
                kernel=None, record=None, reuse=None, donate=False) -> CmsOutput:
     """:func:`cms_chain`, plus a way for a caller that runs the same piece twice (a read pass, then
@@ -256,6 +284,8 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     deltas = _per_level("delta", delta, n, signal == "surprise")
     targets = _per_level("target", target, n, signal in ("values", "self"))
     lrs = _per_level("lr", lr if isinstance(lr, (list, tuple)) else [lr] * n, n, True)
+    betas = _rates("momentum", momentum, n, lambda b: 0 <= b < 1, "in [0, 1)")
+    alphas = _rates("retention", retention, n, lambda a: 0 < a <= 1, "in (0, 1]")
 
     dt = compute_dtype(x, *(w for ws in params for w in ws), *(d for d in deltas or [] if isinstance(d, Tensor)),
                        *(t for t in targets or [] if isinstance(t, Tensor)), agg_weights)
@@ -286,6 +316,12 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         ws = [[(_SHARED.get(W, W) if impl == "chunked" else W).to(dt) for W in lw] for lw in initial_state.weights]
         gs = [[None if G in _ZEROS else G.to(dt) for G in lg] for lg in initial_state.grad_sum]
         offs = list(initial_state.offset)
+        if any(b is not None for b in betas):
+            if initial_state.momentum is None or len(initial_state.momentum) != n:
+                raise ValueError(f"{_OP}: initial_state has no momentum of its {n} blocks; it comes from a call "
+                                 "without momentum")
+            ms = [None if b is None else [None if M in _ZEROS else M.to(dt) for M in lm]
+                  for b, lm in zip(betas, initial_state.momentum)]
         for l, o in enumerate(offs):
             if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o < periods[l]:
                 raise ValueError(f"{_OP}: initial_state.offset[{l}] must be an int in [0, {periods[l]}), got {o!r}")
@@ -293,6 +329,8 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         ws = [list(lw) for lw in init]
         gs = [[None] * len(lw) for lw in ws]  # None: a gradient sum that is still exactly zero
         offs = [0] * n
+    if initial_state is None or all(b is None for b in betas):  # a block without momentum: None
+        ms = [None if b is None else [None] * len(lw) for b, lw in zip(betas, ws)]
 
     xs = x.to(dt)
     deltas = None if deltas is None else [d.to(dt) for d in deltas]
@@ -303,6 +341,7 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         st = [[_StraightThrough(W) if W.requires_grad else None for W in lw] for lw in ws]
         ws = [[W.detach() if S is None else S.detached for W, S in zip(lw, ls)] for lw, ls in zip(ws, st)]
         gs = [[None if G is None else G.detach() for G in lg] for lg in gs]
+        ms = [None if lm is None else [None if M is None else M.detach() for M in lm] for lm in ms]
         init = [[W.detach() for W in lw] for lw in init]
         etas = [e.detach() for e in etas]
         deltas = None if deltas is None else [d.detach() for d in deltas]
@@ -315,7 +354,7 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective, p=p,
                huber_delta=huber_delta, writes=writes,
                act=hidden_act(hidden_norm, activation), residual=residual, prenorm=prenorm == "rms",
-               detach=detach, periods=periods, kernels=None, info=return_info,
+               detach=detach, periods=periods, betas=betas, alphas=alphas, kernels=None, info=return_info,
                record=record if impl != "triton" else None, reuse=reuse, donate=donate)
     if impl == "triton":
         from nldsl.codegen.kernels import kernel_residual
@@ -326,6 +365,7 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
                                d_out=block[-1].shape[-2], activation=activation, hidden_norm=hidden_norm,
                                residual=kernel_residual(residual, prenorm), chunk=min(periods))
             for block in params]
+    cfg["ms"] = ms  # the blocks' momenta, updated in place at their boundaries
     y, ws, gs, offs, outputs, updates, resets = fn(xs, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg)
     state = None
     if output_final_state:
@@ -334,7 +374,11 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         ws = _read_weights(ws, st)
         gs = [[zero_sum(W, B) if G is None else G for W, G in zip(lw, lg)] for lw, lg in zip(ws, gs)]
         ws = [[batch_view(W, B) if W.dim() == 2 else W for W in lw] for lw in ws]
-        state = CmsState(tuple(tuple(lw) for lw in ws), tuple(tuple(lg) for lg in gs), tuple(offs))
+        moms = None
+        if any(lm is not None for lm in ms):  # a zero momentum (or a block without one) as a broadcast zero
+            moms = tuple(tuple(zero_sum(W, B) if lm is None or lm[i] is None else lm[i] for i, W in enumerate(lw))
+                         for lw, lm in zip(ws, ms))
+        state = CmsState(tuple(tuple(lw) for lw in ws), tuple(tuple(lg) for lg in gs), tuple(offs), moms)
     info = None
     if return_info:
         info = CmsInfo(tuple(o.to(x.dtype) for o in outputs), tuple(tuple(u) for u in updates),
@@ -475,13 +519,20 @@ def _detached(fw):
 def _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets):
     """Advance every block by L tokens (the piece ended at token t + L - 1); apply updates and
     nested resets at the boundaries reached."""
-    periods = cfg["periods"]
+    periods, ms = cfg["periods"], cfg["ms"]
     n = len(ws)
     hit = [False] * n
     for l in range(n):
         offs[l] += L
         if offs[l] == periods[l]:
-            ws[l] = [W if G is None else W - G for W, G in zip(ws[l], gs[l])]
+            if ms[l] is not None:  # m <- beta m + G (None: an exact zero)
+                beta = cfg["betas"][l]
+                ms[l] = [G if M is None else M * beta if G is None else torch.add(G, M, alpha=beta)
+                         for M, G in zip(ms[l], gs[l])]
+            steps = gs[l] if ms[l] is None else ms[l]
+            alpha = cfg["alphas"][l]
+            ws[l] = [W if alpha is None else W * alpha for W in ws[l]]
+            ws[l] = [W if S is None else W - S for W, S in zip(ws[l], steps)]
             gs[l] = [None] * len(gs[l])
             offs[l] = 0
             hit[l] = True
@@ -491,6 +542,8 @@ def _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets):
             if hit[l + 1]:
                 ws[l] = list(init[l])
                 gs[l] = [None] * len(gs[l])
+                if ms[l] is not None:
+                    ms[l] = [None] * len(ms[l])
                 offs[l] = 0
                 resets[l].append(t + L - 1)
 
@@ -577,7 +630,8 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
             e_t = ep[l][j].unsqueeze(-1)
             own = [G is not None and not any(G is S for S in given[l]) for G in gs[l]]
             terms = zip(ws[l], gs[l], errs[l], fw[l][2], own)
-            if offs[l] + L == periods[l]:
+            plain = cfg["ms"][l] is None and cfg["alphas"][l] is None
+            if offs[l] + L == periods[l] and plain:
                 ws[l] = [_step(W, G, e_t, e, a, o) for W, G, e, a, o in terms]
                 gs[l] = [None] * len(gs[l])
             else:

@@ -229,6 +229,9 @@ CMS_CASES = {
     "sequential-self-prenorm": ("sequential", "self", (5, 10), 12, 0, dict(prenorm="rms")),
     "nested-surprise-levels-prenorm-detach": ("nested", "surprise-levels", (2, 4), 9, 3,
                                               dict(prenorm="rms", detach=True)),
+    # the blocks' own optimizer: momentum and weight decay at their boundaries
+    "sequential-surprise-momentum-retention": ("sequential", "surprise", (2, 4), 11, 3,
+                                               dict(momentum=0.9, retention=(0.95, None))),
 }
 
 
@@ -256,7 +259,7 @@ def test_cms_chain_triton_equals_chunked(case, device, dtype):
 
         state = call(slice(0, prefix), None).final_state if prefix else None
         o, final, _ = call(slice(prefix, None), state)
-        return o, [t for block in final.weights + final.grad_sum for t in block]
+        return o, [t for block in final.weights + final.grad_sum + (final.momentum or ()) for t in block]
 
     compare(run, leaves, device, dtype, f"cms_chain {case}")
 

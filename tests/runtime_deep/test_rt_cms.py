@@ -386,3 +386,86 @@ def test_prenorm_rejects_unknown_norms():
     x = cms_inputs(T=4)
     with pytest.raises(ValueError, match="prenorm must be 'none' or 'rms'"):
         cms_chain(x["x"], x["params"], periods=PERIODS, lr=0.1, delta=x["delta"], prenorm="layer")
+
+
+# -- momentum and weight decay: Eq. 71's "error component of an arbitrary optimizer" ----------
+
+OPT = dict(momentum=(0.9, None, 0.5), retention=(0.97, 0.99, None))  # a block with each, and both
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_momentum_and_retention_chunked_match_reference(variant):
+    x = requires_grad(cms_inputs(T=29, seed=5))
+    wrt = [x["x"], x["params"], x["delta"]]
+    ref = run(x, "reference", variant, **OPT)
+    fast = run(x, "chunked", variant, **OPT)
+    assert_close(fast.o, ref.o)
+    assert_close(fast.final_state, ref.final_state)
+    assert fast.info.updates == ref.info.updates and fast.info.resets == ref.info.resets
+    assert_close(grads(fast.o, wrt), grads(ref.o, wrt), atol=1e-9)
+    assert_close(grads(fast.final_state.momentum[0][1], wrt), grads(ref.final_state.momentum[0][1], wrt), atol=1e-9)
+    plain = run(x, "chunked", variant)
+    assert not torch.allclose(fast.o, plain.o)  # they change the result
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("detach", [False, True])
+def test_momentum_and_retention_split_stream_equals_one_pass(variant, detach):
+    x = requires_grad(cms_inputs(T=29, seed=6))
+    full = run(x, "chunked", variant, detach=detach, **OPT)
+    for splits in ([1, 28], [5, 7, 1, 16], [12, 12, 5]):
+        o, state = run_split(x, splits, variant, detach=detach, **OPT)
+        assert_close(o, full.o, what=str(splits))
+        assert_close(state, full.final_state, what=str(splits))
+        assert_close(grads(o, x["params"]), grads(full.o, x["params"]), atol=1e-9, what=str(splits))
+
+
+def test_momentum_and_retention_follow_their_recurrence():
+    """One block, chunk by chunk: with G_k the step plain GD takes from the same weights (the
+    momentum-free op, tested against the reference above), m_k = beta m_{k-1} + G_k and
+    W_k = alpha W_{k-1} - m_k."""
+    x = cms_inputs(T=24, n_levels=1, seed=7)
+    C, beta, alpha = 6, 0.8, 0.95
+    kw = dict(periods=(C,), lr=0.05, signal="values", output_final_state=True)
+    got = cms_chain(x["x"], x["params"], target=x["targets"][0], momentum=beta, retention=alpha, **kw)
+    W = [w.expand(2, *w.shape) for w in x["params"][0]]
+    m = [torch.zeros_like(w) for w in W]
+    for k in range(24 // C):
+        sl = slice(k * C, (k + 1) * C)
+        stepped = cms_chain(x["x"][:, sl], [W], target=x["targets"][0][:, sl], **kw).final_state.weights[0]
+        G = [w - s for w, s in zip(W, stepped)]
+        m = [beta * mi + g for mi, g in zip(m, G)]
+        W = [alpha * w - mi for w, mi in zip(W, m)]
+    assert_close(got.final_state.weights[0], W)
+    assert_close(got.final_state.momentum[0], m)
+
+
+def test_with_momentum_a_block_moves_on_without_writes():
+    """lr 0 writes nothing, yet a boundary still decays the weights and applies the momentum
+    carried in: the same as a zero surprise (a read pass of a surprise-driven model)."""
+    x = cms_inputs(T=12, seed=8)
+    first = run(x, "chunked", **OPT)
+    quiet = run_split(x, [12], initial_state=first.final_state, **OPT)
+    kw = dict(periods=PERIODS, variant="sequential", signal="surprise", initial_state=first.final_state,
+              output_final_state=True, **OPT)
+    zero_lr = cms_chain(x["x"], x["params"], lr=0.0, delta=x["delta"], **kw)
+    zero_delta = cms_chain(x["x"], x["params"], lr=LRS, delta=torch.zeros_like(x["delta"]), **kw)
+    assert_close(zero_lr.final_state, zero_delta.final_state)
+    assert not torch.allclose(zero_lr.final_state.weights[0][0], first.final_state.weights[0][0])
+    assert quiet[1].offset == zero_lr.final_state.offset
+
+
+def test_momentum_state_and_rate_errors():
+    x = cms_inputs(T=8)
+    plain = run(x, "chunked").final_state
+    assert plain.momentum is None
+    with pytest.raises(ValueError, match="no momentum"):
+        run(x, "chunked", momentum=0.9, initial_state=plain)
+    for bad in (dict(momentum=1.0), dict(momentum=-0.1), dict(retention=0.0), dict(retention=1.5),
+                dict(momentum=(0.9, 0.9)), dict(retention=True)):
+        with pytest.raises(ValueError, match="momentum|retention"):
+            run(x, "chunked", **bad)
+    # a state with momentum continues without it only where the call has none: blocks without
+    # momentum carry a broadcast zero
+    state = run(x, "chunked", momentum=(0.9, None, None)).final_state
+    assert state.momentum[1][0] in _ZEROS and state.momentum[0][0] not in _ZEROS
