@@ -252,14 +252,22 @@ class Planner:
         problems = []
         if first.lr.kind != "constant" or not isinstance(first.lr.value, (int, float)):
             problems.append(("lr", "a learning rate that is not a constant number"))
-        if first.rule.kind != "gd" or first.momentum.kind != "none" or first.retention.kind != "none":
-            problems.append(("rule", "a rule other than plain gd (no momentum, no retention)"))
+        if first.rule.kind != "gd":
+            problems.append(("rule", f"rule `{first.rule.kind}` (a block steps by gd on its chunk's gradient)"))
+        # the blocks' own optimizer: a constant momentum and weight decay, stepping once per chunk
+        momentum = self._rate(first.momentum.kind, first.momentum.beta) if first.momentum.kind == "constant" else None
+        retention = (self._rate(first.retention.kind, first.retention.value) if first.retention.kind == "constant"
+                     else None)
+        if first.momentum.kind != "none" and momentum is None:
+            problems.append(("momentum", f"`momentum {first.momentum.kind}`", "write `momentum constant(0.9)`"))
+        if first.retention.kind != "none" and retention is None:
+            problems.append(("retention", f"`retention {first.retention.kind}`", "write `retention constant(0.999)`"))
         if any(m.read != "anchor" for m in c.memories):
             problems.append(("read", "`read running` (a block's weights are constant inside its chunk, Eq. 71)"))
         if first.init.kind not in ("meta", "random", "pretrained"):
             problems.append(("init", f"initial state `{first.init.kind}`"))
-        for path, what in problems:  # at the property, or at the chain where it is left to its default
-            self.unsupported(f"CMS `{c.name}`: {what} is not compiled yet", key + (path,))
+        for path, what, *hint in problems:  # at the property, or at the chain where it is left to its default
+            self.unsupported(f"CMS `{c.name}`: {what} is not compiled yet", key + (path,), *hint)
         if problems:
             return None
         periods = tuple(self.levels[n].period for n in c.levels)
@@ -269,6 +277,8 @@ class Planner:
                 f"expansion={_repr(float(s.expansion))}, depth={_repr(s.depth)}, residual={_repr(s.residual)}, "
                 f"activation={_repr(s.activation)}, hidden_norm={_repr(s.norm)}, prenorm={_repr(s.prenorm or 'none')}, "
                 f"lr={_repr(float(first.lr.value))}, "
+                + "".join(f"{name}={value}, " for name, value in (("momentum", momentum), ("retention", retention))
+                          if value is not None) +
                 f"signal={_repr(first.signal)}, "
                 f"objective={_repr(first.objective.kind)}, {_objective_parameter(first.objective, 'huber_delta')}"
                 f"detach={_repr(first.writes == 'detached')}, "

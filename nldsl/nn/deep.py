@@ -316,13 +316,14 @@ class CmsChain(nn.Module):
     def __init__(self, dim: int, *, periods: tuple[int, ...], scopes: tuple[str, ...],
                  variant: str = "sequential", expansion: float = 4.0, depth: int = 2,
                  residual: bool = True, activation: str = "gelu", lr: float = 0.01,
-                 signal: str = "surprise", objective: str = "l2", detach: bool = True,
+                 momentum: float | None = None, retention: float | None = None, signal: str = "surprise", objective: str = "l2", detach: bool = True,
                  hidden_norm: str = "none", prenorm: str = "none", levels: tuple[str, ...] | None = None,
                  pretrained: str | None = None, spec_dir: str | None = None, impl: str = "chunked",
                  kernel=None, p: float | None = None, huber_delta: float | None = None):
         super().__init__()
         self.dim, self.periods, self.scopes, self.variant = dim, tuple(periods), tuple(scopes), variant
         self.activation, self.residual, self.lr, self.signal = activation, residual, lr, signal
+        self.momentum, self.retention = momentum, retention  # each block's optimizer (Eq. 71)
         self.objective, self.detach, self.impl, self.hidden_norm = objective, detach, impl, hidden_norm
         self.prenorm, self.p, self.huber_delta = prenorm, p, huber_delta  # the lp / huber objective's
         self.surprise = signal == "surprise"
@@ -355,7 +356,8 @@ class CmsChain(nn.Module):
         return _cms_chain(x, self._params(), periods=self.periods, lr=self.lr if lr is None else lr,
                           variant=self.variant, signal=self.signal, delta=delta, target=target,
                           objective=self.objective, p=self.p, huber_delta=self.huber_delta,
-                          agg_weights=self.agg, activation=self.activation,
+                          agg_weights=self.agg, momentum=self.momentum, retention=self.retention,
+                          activation=self.activation,
                           hidden_norm=self.hidden_norm, prenorm=self.prenorm, residual=self.residual,
                           detach=self.detach,
                           initial_state=state, output_final_state=True, impl=self.impl, kernel=self.kernel,
@@ -391,13 +393,18 @@ class CmsChain(nn.Module):
         if state is None or all(s == "sequence" for s in self.scopes):
             return None
         weights, sums, offsets = list(state.weights), list(state.grad_sum), list(state.offset)
+        moms = None if state.momentum is None else list(state.momentum)
         for i, scope in enumerate(self.scopes):
             if scope == "sequence":
                 like = weights[i]
                 weights[i] = tuple(batch_view(w[0].to(c.dtype), c.shape[0]) for w, c in zip(self.blocks[i], like))
                 sums[i] = tuple(zero_sum(g, g.shape[0]) for g in sums[i])
                 offsets[i] = 0
-        return CmsState(tuple(weights), tuple(sums), tuple(offsets))
+                if moms is not None:
+                    moms[i] = tuple(zero_sum(m, m.shape[0]) for m in moms[i])
+        return CmsState(tuple(weights), tuple(sums), tuple(offsets), None if moms is None else tuple(moms))
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant}, periods={self.periods}, signal={self.signal}, lr={self.lr}"
+        opt = "".join(f", {n}={v}" for n, v in (("momentum", self.momentum), ("retention", self.retention))
+                      if v is not None)
+        return f"variant={self.variant}, periods={self.periods}, signal={self.signal}, lr={self.lr}{opt}"

@@ -173,6 +173,44 @@ def test_cms_levels_write_only_at_their_periods():
             assert changed == list(range(period, 81, period))[: len(changed)] and changed
 
 
+def test_cms_blocks_with_momentum_and_weight_decay(tmp_path):
+    """`momentum constant(B)` and `retention constant(A)` on Hope-Attention's chain: the blocks
+    step with them (the recurrence is tested on the runtime), the momentum is carried in the
+    state, a stream split with labels equals one pass, `new_sequence` keeps only the carry
+    level's momentum, and the model learns."""
+    text = (SPECS / "cms.nl").read_text().replace(
+        "    lr constant(0.01)\n", "    lr constant(0.01)\n    momentum constant(0.9)\n    retention 0.99\n", 1)
+    text = text.replace("level cms3 : tokens every 256", "level cms3 : tokens every 256 carry")
+    (tmp_path / "adam.nl").write_text((SPECS / "adam.nl").read_text())
+    (tmp_path / "cms.nl").write_text(text)
+    torch.manual_seed(0)
+    model = build("cms", path=tmp_path / "cms.nl").double()
+    chain = model.blocks[0].chain
+    assert (chain.momentum, chain.retention) == (0.9, 0.99)
+    ids = torch.randint(0, 32, (2, 70))
+    labels = ids.roll(-1, 1)
+    full = model(ids, labels=labels)
+    first = model(ids[:, :37], labels=labels[:, :37])
+    second = model(ids[:, 37:], state=first.state, labels=labels[:, 37:])
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full.logits, rtol=1e-9, atol=1e-9)
+    for a, b in zip(_tensors(second.state), _tensors(full.state)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    moms = full.state.layers[0]["chain"].momentum
+    assert moms is not None and moms[0][0].abs().sum() > 0  # the fastest level (16 tokens) stepped
+    kept = chain.new_sequence(full.state.layers[0]["chain"]).momentum
+    scopes = chain.scopes
+    assert scopes == ("sequence", "sequence", "carry")
+    for level, scope in enumerate(scopes):
+        assert (kept[level][0] is moms[level][0]) == (scope == "carry"), (level, scope)
+        assert scope == "carry" or not kept[level][0].any()
+    plain = build("cms").double()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain(ids, labels=labels).logits, full.logits)
+    torch.manual_seed(0)
+    losses = copy_task_losses(build("cms", path=tmp_path / "cms.nl", vocab=16), with_labels=True)
+    assert falls(losses), losses
+
+
 def test_cms_with_zero_learning_rate_is_the_static_mlp(tmp_path):
     """A CMS with lr 0 never moves from its (pretrained) initial blocks: outputs do not depend on
     the surprise it sees."""
