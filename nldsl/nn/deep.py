@@ -316,7 +316,8 @@ class CmsChain(nn.Module):
     def __init__(self, dim: int, *, periods: tuple[int, ...], scopes: tuple[str, ...],
                  variant: str = "sequential", expansion: float = 4.0, depth: int = 2,
                  residual: bool = True, activation: str = "gelu", lr: float = 0.01,
-                 momentum: float | None = None, retention: float | None = None, signal: str = "surprise", objective: str = "l2", detach: bool = True,
+                 momentum: float | None = None, retention: float | None = None, signal: str = "surprise",
+                 objective: str = "l2", detach: bool = True,
                  hidden_norm: str = "none", prenorm: str = "none", levels: tuple[str, ...] | None = None,
                  pretrained: str | None = None, spec_dir: str | None = None, impl: str = "chunked",
                  kernel=None, p: float | None = None, huber_delta: float | None = None):
