@@ -145,3 +145,9 @@ def test_a_text_run_says_how_to_sample_it(tmp_path):
     assert f"sample it: nldsl sample '{tmp_path / 'my run'}' [--prompt TEXT]" in format_table(res)
     res.task = "mqar (4 pairs)"
     assert "nldsl sample" not in format_table(res)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU samples on it")
+def test_cuda_without_a_gpu_is_a_clear_message(lm_run, capsys):
+    code, out, err = sample([lm_run[0], "--device", "cuda"], capsys)
+    assert code == 2 and out == "" and "no CUDA device" in err
