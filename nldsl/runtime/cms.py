@@ -316,12 +316,6 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         ws = [[(_SHARED.get(W, W) if impl == "chunked" else W).to(dt) for W in lw] for lw in initial_state.weights]
         gs = [[None if G in _ZEROS else G.to(dt) for G in lg] for lg in initial_state.grad_sum]
         offs = list(initial_state.offset)
-        if any(b is not None for b in betas):
-            if initial_state.momentum is None or len(initial_state.momentum) != n:
-                raise ValueError(f"{_OP}: initial_state has no momentum of its {n} blocks; it comes from a call "
-                                 "without momentum")
-            ms = [None if b is None else [None if M in _ZEROS else M.to(dt) for M in lm]
-                  for b, lm in zip(betas, initial_state.momentum)]
         for l, o in enumerate(offs):
             if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o < periods[l]:
                 raise ValueError(f"{_OP}: initial_state.offset[{l}] must be an int in [0, {periods[l]}), got {o!r}")
@@ -329,8 +323,14 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         ws = [list(lw) for lw in init]
         gs = [[None] * len(lw) for lw in ws]  # None: a gradient sum that is still exactly zero
         offs = [0] * n
-    if initial_state is None or all(b is None for b in betas):  # a block without momentum: None
-        ms = [None if b is None else [None] * len(lw) for b, lw in zip(betas, ws)]
+    # per block its momentum per layer (None entries: exact zeros), None for a block without one
+    ms = [None if b is None else [None] * len(lw) for b, lw in zip(betas, ws)]
+    if initial_state is not None and any(b is not None for b in betas):
+        if initial_state.momentum is None or len(initial_state.momentum) != n:
+            raise ValueError(f"{_OP}: initial_state carries no momentum for its {n} blocks (a call without "
+                             "momentum made it)")
+        ms = [None if b is None else [None if M in _ZEROS else M.to(dt) for M in lm]
+              for b, lm in zip(betas, initial_state.momentum)]
 
     xs = x.to(dt)
     deltas = None if deltas is None else [d.to(dt) for d in deltas]
