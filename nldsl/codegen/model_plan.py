@@ -255,13 +255,13 @@ class Planner:
         if first.rule.kind != "gd":
             problems.append(("rule", f"rule `{first.rule.kind}` (a block steps by gd on its chunk's gradient)"))
         # the blocks' own optimizer: a constant momentum and weight decay, stepping once per chunk
-        momentum = self._rate(first.momentum.kind, first.momentum.beta) if first.momentum.kind == "constant" else None
-        retention = (self._rate(first.retention.kind, first.retention.value) if first.retention.kind == "constant"
-                     else None)
-        if first.momentum.kind != "none" and momentum is None:
-            problems.append(("momentum", f"`momentum {first.momentum.kind}`", "write `momentum constant(0.9)`"))
-        if first.retention.kind != "none" and retention is None:
-            problems.append(("retention", f"`retention {first.retention.kind}`", "write `retention constant(0.999)`"))
+        rates = {}
+        for prop, kind, value, example in (("momentum", first.momentum.kind, first.momentum.beta, "0.9"),
+                                           ("retention", first.retention.kind, first.retention.value, "0.999")):
+            rates[prop] = self._rate(kind, value) if kind == "constant" else None
+            if kind != "none" and rates[prop] is None:
+                what = f"a {prop} that is not a number" if kind == "constant" else f"`{prop} {kind}`"
+                problems.append((prop, what, f"write `{prop} constant({example})`"))
         if any(m.read != "anchor" for m in c.memories):
             problems.append(("read", "`read running` (a block's weights are constant inside its chunk, Eq. 71)"))
         if first.init.kind not in ("meta", "random", "pretrained"):
@@ -277,8 +277,7 @@ class Planner:
                 f"expansion={_repr(float(s.expansion))}, depth={_repr(s.depth)}, residual={_repr(s.residual)}, "
                 f"activation={_repr(s.activation)}, hidden_norm={_repr(s.norm)}, prenorm={_repr(s.prenorm or 'none')}, "
                 f"lr={_repr(float(first.lr.value))}, "
-                + "".join(f"{name}={value}, " for name, value in (("momentum", momentum), ("retention", retention))
-                          if value is not None) +
+                + "".join(f"{name}={value}, " for name, value in rates.items() if value is not None) +
                 f"signal={_repr(first.signal)}, "
                 f"objective={_repr(first.objective.kind)}, {_objective_parameter(first.objective, 'huber_delta')}"
                 f"detach={_repr(first.writes == 'detached')}, "

@@ -95,6 +95,7 @@ blocks).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -160,14 +161,15 @@ def _per_level(name: str, x, n: int, required: bool):
     return x
 
 
-def _rates(name: str, value, n: int, ok, want: str) -> list:
-    """Per block, a momentum decay / retention (None: none) from one number or one per block."""
+def _rates(name: str, value, n: int) -> list:
+    """Per block, a momentum decay / retention (None: none) from one number or one per block.
+    Any finite number runs (the checker warns about values outside [0, 1])."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
         raise ValueError(f"{_OP}: {name} must be one number or one per block ({n}), got {len(values)}")
     for v in values:
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v)):
-            raise ValueError(f"{_OP}: {name} must be a number {want} (or None), got {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"{_OP}: {name} must be a finite number (or None), got {v!r}")
     return [None if v is None else float(v) for v in values]
 
 
@@ -212,8 +214,8 @@ def cms_chain(
         prenorm: ``"none"`` or ``"rms"``: RMS-normalise each block's input (the residual adds
             the input itself).
         agg_weights: ``[n]`` weights of the independent variant's sum (None = plain sum).
-        momentum, retention: the blocks' momentum decay beta in [0, 1) and weight decay alpha in
-            (0, 1] (None: none), one number for every block or one per block (None entries: none).
+        momentum, retention: the blocks' momentum decay beta and weight decay alpha, fractions in
+            [0, 1] (None: none), one number for every block or one per block (None entries: none).
         detach: writes are constants for autograd.
         initial_state: a :class:`CmsState` to continue a stream.
         impl: ``"chunked"`` (default), ``"reference"`` or ``"triton"`` (the chunked path with every
@@ -284,8 +286,7 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     deltas = _per_level("delta", delta, n, signal == "surprise")
     targets = _per_level("target", target, n, signal in ("values", "self"))
     lrs = _per_level("lr", lr if isinstance(lr, (list, tuple)) else [lr] * n, n, True)
-    betas = _rates("momentum", momentum, n, lambda b: 0 <= b < 1, "in [0, 1)")
-    alphas = _rates("retention", retention, n, lambda a: 0 < a <= 1, "in (0, 1]")
+    betas, alphas = _rates("momentum", momentum, n), _rates("retention", retention, n)
 
     dt = compute_dtype(x, *(w for ws in params for w in ws), *(d for d in deltas or [] if isinstance(d, Tensor)),
                        *(t for t in targets or [] if isinstance(t, Tensor)), agg_weights)

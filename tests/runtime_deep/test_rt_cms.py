@@ -461,7 +461,7 @@ def test_momentum_state_and_rate_errors():
     assert plain.momentum is None
     with pytest.raises(ValueError, match="carries no momentum"):
         run(x, "chunked", momentum=0.9, initial_state=plain)
-    for bad in (dict(momentum=1.0), dict(momentum=-0.1), dict(retention=0.0), dict(retention=1.5),
+    for bad in (dict(momentum=float("nan")), dict(retention=float("inf")), dict(momentum="0.9"),
                 dict(momentum=(0.9, 0.9)), dict(retention=True)):
         with pytest.raises(ValueError, match="momentum|retention"):
             run(x, "chunked", **bad)
