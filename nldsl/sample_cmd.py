@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="a run's output folder (its newest checkpoint) or a checkpoint folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to continue, read as UTF-8 bytes (default: a newline)")
+    src.add_argument("--prompt-file", dest="prompt_file", metavar="FILE",
+                     help="continue this file's bytes (a long context the memories read first, say)")
     src.add_argument("--ids", help="token ids to continue instead, separated by spaces or commas")
     p.add_argument("--tokens", type=int, default=200, help="tokens to sample (default 200)")
     p.add_argument("--samples", type=int, default=1, help="continuations of the prompt, drawn side by side")
@@ -123,7 +125,8 @@ def load_model(folder: Path, meta: dict, device, spec: str | None = None):
 
 
 def prompt_ids(args, vocab: int) -> list[int]:
-    """The prompt as token ids: ``--ids``, else ``--prompt``'s UTF-8 bytes (a newline by default)."""
+    """The prompt as token ids: ``--ids``, else the bytes of ``--prompt-file`` or of ``--prompt``
+    in UTF-8 (a newline by default)."""
     if args.ids is not None:
         parts = args.ids.replace(",", " ").split()
         if not parts:
@@ -136,10 +139,15 @@ def prompt_ids(args, vocab: int) -> list[int]:
         if bad:
             raise _Usage(f"--ids: token {bad[0]} is outside the model's vocabulary of {vocab} (ids 0 to {vocab - 1})")
         return ids
-    text = "\n" if args.prompt is None else args.prompt
-    if not text:
-        raise _Usage("--prompt is empty; give at least one character")
-    data = text.encode("utf-8")
+    if args.prompt_file is not None:
+        data = Path(args.prompt_file).read_bytes()  # an OSError is reported with the file's name
+        if not data:
+            raise _Usage(f"--prompt-file {args.prompt_file} is empty; give at least one byte")
+    else:
+        text = "\n" if args.prompt is None else args.prompt
+        if not text:
+            raise _Usage("--prompt is empty; give at least one character")
+        data = text.encode("utf-8")
     if vocab < TEXT_VOCAB and any(b >= vocab for b in data):
         raise _Usage(f"this model's vocabulary has {vocab} tokens, not a byte's {TEXT_VOCAB}: it was not trained "
                      f"on text; give token ids with --ids")

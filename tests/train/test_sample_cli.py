@@ -151,3 +151,18 @@ def test_a_text_run_says_how_to_sample_it(tmp_path):
 def test_cuda_without_a_gpu_is_a_clear_message(lm_run, capsys):
     code, out, err = sample([lm_run[0], "--device", "cuda"], capsys)
     assert code == 2 and out == "" and "no CUDA device" in err
+
+
+def test_a_prompt_file_is_read_as_bytes(lm_run, tmp_path, capsys):
+    run, _ = lm_run
+    context = tmp_path / "context.py"
+    context.write_bytes("# café\nimport os\n".encode())
+    code, out, err = sample([run, "--prompt-file", context, "--tokens", "6", "--temperature", "0"], capsys)
+    assert code == 0, err
+    same = sample([run, "--prompt", "# café\nimport os\n", "--tokens", "6", "--temperature", "0"], capsys)[1]
+    assert out == same and out.startswith("# café\nimport os\n")
+    code, out, err = sample([run, "--prompt-file", tmp_path / "missing.txt"], capsys)
+    assert code == 2 and out == "" and "missing.txt" in err and "No such file" in err
+    (tmp_path / "empty.txt").write_bytes(b"")
+    code, _, err = sample([run, "--prompt-file", tmp_path / "empty.txt"], capsys)
+    assert code == 2 and "is empty" in err
