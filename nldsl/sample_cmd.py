@@ -208,7 +208,11 @@ def main_sample(args) -> int:
             line_start[0] = False
         out.flush()
 
+    read_at = []  # when the first token is drawn: the prompt has been read
+
     def on_token(token) -> None:
+        if not read_at:
+            read_at.append(time.perf_counter())
         if stream:
             show([int(token[0])])
 
@@ -222,7 +226,8 @@ def main_sample(args) -> int:
         out.write("\n")
         print("nldsl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    read = (read_at[0] if read_at else end) - start
     if stream:
         if text:
             out.write(decoder.decode(b"", final=True))
@@ -235,10 +240,11 @@ def main_sample(args) -> int:
             show(ids + row)
             out.write(decoder.decode(b"", final=True) + "\n" if text else "\n")
     out.flush()
-    n = args.tokens * args.samples
+    n, seconds = args.tokens * args.samples, end - start - read
     rate = f" ({n / seconds:,.0f} tokens/s)" if seconds > 0 and n else ""
-    print(f"{type(model).__name__} at step {meta.get('step')} of {folder}: {n} tokens in {seconds:.2f} s{rate}, "
-          f"task {config.get('task')}", file=sys.stderr)
+    print(f"{type(model).__name__} at step {meta.get('step')} of {folder} (task {config.get('task')}): read "
+          f"{len(ids) * args.samples:,} prompt tokens in {read:.2f} s, sampled {n:,} in {seconds:.2f} s{rate}",
+          file=sys.stderr)
     return EXIT_OK
 
 

@@ -39,7 +39,7 @@ def test_text_is_the_prompt_and_its_continuation(lm_run, capsys):
     code, out, err = sample([run, "--prompt", "def f(", "--tokens", "24", "--seed", "7"], capsys)
     assert code == 0, err
     assert out.startswith("def f(") and out.endswith("\n")
-    assert "GatedDeltaNet at step 2 of" in err and "24 tokens in" in err
+    assert "GatedDeltaNet at step 2 of" in err and "read 6 prompt tokens in" in err and "sampled 24 in" in err
     assert sample([run, "--prompt", "def f(", "--tokens", "24", "--seed", "7"], capsys)[1] == out  # seeded
 
     # the same tokens as the API's with the same generator: the checkpoint's model, not a fresh one
