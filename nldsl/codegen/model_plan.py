@@ -251,7 +251,7 @@ class Planner:
             return None
         problems = []
         if first.lr.kind != "constant" or not isinstance(first.lr.value, (int, float)):
-            problems.append(("lr", "a learning rate that is not a constant number"))
+            problems.append(("lr", "a learning rate that is not a constant number", "write `lr constant(0.01)`"))
         if first.rule.kind != "gd":
             problems.append(("rule", f"rule `{first.rule.kind}` (a block steps by gd on its chunk's gradient)"))
         # the blocks' own optimizer: a constant momentum and weight decay, stepping once per chunk
