@@ -111,13 +111,20 @@ def _logits(out):
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+def _call(model, inputs, labels, amp, **kw):
+    """``model(inputs, **kw)``, with ``labels`` (surprise-driven memories learn from them) when
+    given, under autocast to ``amp`` when set."""
+    if labels is not None:
+        kw["labels"] = labels
+    if amp is None:
+        return model(inputs, **kw)
+    with torch.autocast(device_type=inputs.device.type, dtype=amp):
+        return model(inputs, **kw)
+
+
 def _scored_logits(model, batch: Batch, device, amp):
     inputs, targets = batch.inputs.to(device), batch.targets.to(device)
-    if amp is not None:
-        with torch.autocast(device_type=device.type, dtype=amp):
-            out = model(inputs)
-    else:
-        out = model(inputs)
+    out = _call(model, inputs, targets if batch.next_tokens else None, amp)
     logits = _logits(out)
     mask = targets != IGNORE
     sel = logits[mask]
@@ -182,17 +189,13 @@ def stream_evaluate(model, task, dist: D.Dist, device, amp, n: int, segments: in
             state = None
             for s in range(segments):
                 piece = Batch(batch.inputs[:, s * seg_len:(s + 1) * seg_len],
-                              batch.targets[:, s * seg_len:(s + 1) * seg_len])
+                              batch.targets[:, s * seg_len:(s + 1) * seg_len], batch.next_tokens)
                 inputs, targets = piece.inputs.to(device), piece.targets.to(device)
                 if mode == "reset":
                     state = None
                 elif mode == "new_sequence" and state is not None:
                     state = core.new_sequence(state)
-                if amp is not None:
-                    with torch.autocast(device_type=device.type, dtype=amp):
-                        out = model(inputs, state=state)
-                else:
-                    out = model(inputs, state=state)
+                out = _call(model, inputs, targets if piece.next_tokens else None, amp, state=state)
                 state = out[1] if isinstance(out, tuple) else out.state
                 mask = targets != IGNORE
                 if mask.any():

@@ -5,7 +5,11 @@ training resumes at any step with exactly the data an uninterrupted run would ha
 every rank of a distributed run generates the same *global* batch and takes its own slice.
 
 A batch is ``(inputs [B, T] long, targets [B, T] long)``; ``targets == IGNORE`` where no
-prediction is scored. Tasks:
+prediction is scored. Where the targets are the stream's next tokens (``lm``: each is the next
+input, the last one the next call's), memories that learn from the outer loss's local surprise
+(``signal surprise``, Hope's CMS) learn from them in context, in training and evaluation alike,
+as they would from text read at deployment; the answers of ``mqar`` and ``niah`` are never
+inputs, so no memory learns from them (at test time nobody would give them). Tasks:
 
 * ``mqar``: multi-query associative recall (Zoology): ``k1 v1 ... kN vN`` then the keys again,
   in random order at random even offsets of a filler region; each key's target is its value.
@@ -41,6 +45,8 @@ class TaskError(Exception):
 class Batch:
     inputs: Tensor
     targets: Tensor
+    #: the targets are the stream's next tokens: surprise-driven memories learn from them (above)
+    next_tokens: bool = False
 
     @property
     def scored(self) -> int:
@@ -49,7 +55,8 @@ class Batch:
     def shard(self, rank: int, world: int) -> "Batch":
         n = self.inputs.shape[0]
         per = n // world
-        return Batch(self.inputs[rank * per:(rank + 1) * per], self.targets[rank * per:(rank + 1) * per])
+        return Batch(self.inputs[rank * per:(rank + 1) * per], self.targets[rank * per:(rank + 1) * per],
+                     self.next_tokens)
 
 
 def generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -292,7 +299,7 @@ class LM(Task):
     def _windows(src: Tensor, offsets: Tensor, T: int) -> Batch:
         idx = offsets[:, None] + torch.arange(T + 1)[None, :]
         x = src[idx].long()
-        return Batch(x[:, :-1].contiguous(), x[:, 1:].contiguous())
+        return Batch(x[:, :-1].contiguous(), x[:, 1:].contiguous(), next_tokens=True)
 
     def sample(self, g, n, seq_len):
         offsets = torch.randint(0, len(self.train) - seq_len, (n,), generator=g)

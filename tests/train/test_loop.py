@@ -311,3 +311,28 @@ def test_progress_bar_shows_loss_and_throughput(tiny_cfg, capsys):
     train(tiny_cfg(progress=True, steps=4), quiet=False)
     err = capsys.readouterr().err
     assert "TinyAttention mqar" in err and "4/4" in err and "tok/s=" in err and "loss=" in err
+
+
+def test_surprise_driven_memories_learn_from_next_tokens_only():
+    """Training and evaluation pass a batch's targets as labels where they are the stream's next
+    tokens (lm): Hope-Attention's CMS then writes in context; on mqar, whose answers are never
+    inputs, it does not."""
+    import nldsl
+    from nldsl.train.loop import D, _scored_logits, evaluate
+    from nldsl.train.tasks import IGNORE, Batch
+
+    spec = Path(__file__).resolve().parents[2] / "specs" / "cms.nl"
+    torch.manual_seed(0)
+    model = nldsl.compile(spec).HopeAttention(dim=16, heads=2, layers=1, vocab=32).double()
+    ids = torch.randint(0, 32, (2, 40))
+    text = Batch(ids[:, :-1], ids[:, 1:], next_tokens=True)
+    answers = Batch(ids[:, :-1], torch.where(ids[:, 1:] % 4 == 0, ids[:, 1:], IGNORE))
+    with torch.no_grad():
+        learned = model(text.inputs, labels=text.targets).logits
+        plain = model(text.inputs).logits
+        assert not torch.allclose(learned, plain)  # the CMS (16-token chunks) wrote from the surprise
+        torch.testing.assert_close(_scored_logits(model, text, "cpu", None)[2].logits, learned)
+        torch.testing.assert_close(_scored_logits(model, answers, "cpu", None)[2].logits, plain)
+    mask = text.targets != IGNORE
+    want = torch.nn.functional.cross_entropy(learned[mask], text.targets[mask])
+    assert evaluate(model, [text], D.Dist(), "cpu", None)["loss"] == pytest.approx(float(want), rel=1e-9)

@@ -125,3 +125,19 @@ def test_continual_phases():
 def test_unknown_task_suggests():
     with pytest.raises(TaskError, match="did you mean `mqar`"):
         make_task("mqr", vocab=256, seq_len=32, seed=0, steps=1)
+
+
+def test_which_targets_are_the_next_tokens(tmp_path):
+    """lm's targets are its next inputs (the last one the next call's): surprise-driven memories
+    learn from them; mqar's and niah's answers are never inputs, so nothing learns from them."""
+    f = tmp_path / "text.txt"
+    f.write_bytes(bytes(range(32, 127)) * 40)
+    lm = LM(256, 16, seed=0, data=str(f))
+    batches = (lm.train_batch(0, 4), lm.eval_batches(4, 2)[0], lm.stream_batch(2, 3, 8), lm.train_batch(1, 4).shard(1, 2))
+    for b in batches:
+        assert b.next_tokens
+        assert torch.equal(b.targets[:, :-1], b.inputs[:, 1:])
+    for task in (MQAR(64, 32, 0, pairs=4), NIAH(256, 32, 0)):
+        assert not task.train_batch(0, 2).next_tokens and not task.stream_batch(2, 2, 32).next_tokens
+    both = Continual(256, 32, 0, steps=8, phases="mqar:A,lm", pairs=4, data=str(f))
+    assert [both.train_batch(s, 2).next_tokens for s in (0, 7)] == [False, True]
