@@ -133,7 +133,8 @@ def test_which_targets_are_the_next_tokens(tmp_path):
     f = tmp_path / "text.txt"
     f.write_bytes(bytes(range(32, 127)) * 40)
     lm = LM(256, 16, seed=0, data=str(f))
-    batches = (lm.train_batch(0, 4), lm.eval_batches(4, 2)[0], lm.stream_batch(2, 3, 8), lm.train_batch(1, 4).shard(1, 2))
+    batches = (lm.train_batch(0, 4), lm.eval_batches(4, 2)[0], lm.stream_batch(2, 3, 8),
+               lm.train_batch(1, 4).shard(1, 2))
     for b in batches:
         assert b.next_tokens
         assert torch.equal(b.targets[:, :-1], b.inputs[:, 1:])
