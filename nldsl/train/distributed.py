@@ -115,6 +115,10 @@ def wrap(model, dist: Dist, device, fsdp: bool):
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 
         for block in getattr(model, "blocks", []):
+            for child in block.children():  # a surprise-driven memory's writes run outside its forward
+                if getattr(child, "surprise", False) is True and callable(getattr(child, "learn", None)):
+                    fully_shard(child)
+                    register_fsdp_forward_method(child, "learn")
             fully_shard(block)
             for method in ("prefix", "rest"):  # a split block (NSAMModel.forward calls them directly)
                 if callable(getattr(block, method, None)):

@@ -45,22 +45,26 @@ def test_two_processes_match_one(tmp_path, mode):
     assert all((w1[k] - w2[k]).abs().max() < 1e-5 for k in w1)
 
 
-def test_fsdp_runs_a_split_block(tmp_path):
-    """Hope-Attention's blocks run as prefix and rest (the first layer's attention once per call,
-    the CMS per surprise segment); FSDP all-gathers their weights for both: 2 processes give the
-    loss curve of one."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_surprise_driven_writes_under_two_processes(tmp_path, mode):
+    """Hope-Attention on lm: its blocks run as prefix and rest (the first layer's attention once
+    per call, the CMS per surprise segment) and its CMS writes with the surprise of the next
+    tokens (`learn`, outside the module's forward); FSDP all-gathers the weights for all three.
+    2 processes give the loss curve of one."""
     spec = str(Path(__file__).resolve().parents[2] / "specs" / "cms.nl")
-    one = train(small(tmp_path / "one", spec=spec, steps=3, eval_every=3, eval_seqs=8, seq_len=64,
+    one = train(small(tmp_path / "one", spec=spec, task="lm", steps=3, eval_every=3, eval_seqs=8, seq_len=64,
                       overrides={"dim": 32, "layers": 2, "heads": 2}), quiet=True)
-    out = tmp_path / "fsdp"
-    args = [a for a in ARGS if a not in ("layers=1",)] + ["layers=2"]
+    out = tmp_path / mode
+    args = [a for a in ARGS if a not in ("layers=1",)] + ["layers=2", "--task", "lm"]
     args[args.index("--steps") + 1], args[args.index("--seq-len") + 1] = "3", "64"
     args[args.index("--eval-every") + 1] = "3"
-    cmd = [sys.executable, "-m", "nldsl.run_cmd", spec, *args, "--nproc", "2", "--fsdp", "--out", str(out)]
+    cmd = [sys.executable, "-m", "nldsl.run_cmd", spec, *args, "--nproc", "2", "--out", str(out)]
+    if mode == "fsdp":
+        cmd.append("--fsdp")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert _losses(out) == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
-    assert one.final["acc"] == pytest.approx(json.loads((out / "results.json").read_text())["final"]["acc"])
+    assert one.final["bpb"] == pytest.approx(json.loads((out / "results.json").read_text())["final"]["bpb"])
 
 
 def test_ctrl_c_under_nproc_saves_once_and_exits_130(tmp_path):
