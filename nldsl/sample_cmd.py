@@ -124,9 +124,18 @@ def load_model(folder: Path, meta: dict, device, spec: str | None = None):
     return model, config
 
 
-def prompt_ids(args, vocab: int) -> list[int]:
+def trained_on_text(config: dict) -> bool:
+    """Whether the run trained on bytes of text: the lm task, or a continual run with an lm phase."""
+    from nldsl.train.tasks import DEFAULT_PHASES
+
+    task = config.get("task")
+    phases = (config.get("phases") or DEFAULT_PHASES).split(",")
+    return task == "lm" or task == "continual" and any(p.strip().split(":")[0] == "lm" for p in phases)
+
+
+def prompt_ids(args, vocab: int, text: bool = True) -> list[int]:
     """The prompt as token ids: ``--ids``, else the bytes of ``--prompt-file`` or of ``--prompt``
-    in UTF-8 (a newline by default)."""
+    in UTF-8 (a newline by default) for a model of ``text``."""
     if args.ids is not None:
         parts = args.ids.replace(",", " ").split()
         if not parts:
@@ -139,18 +148,18 @@ def prompt_ids(args, vocab: int) -> list[int]:
         if bad:
             raise _Usage(f"--ids: token {bad[0]} is outside the model's vocabulary of {vocab} (ids 0 to {vocab - 1})")
         return ids
+    if not text:
+        raise _Usage(f"this model was not trained on text (a vocabulary of {vocab} tokens): give its prompt as "
+                     f"token ids with --ids")
     if args.prompt_file is not None:
         data = Path(args.prompt_file).read_bytes()  # an OSError is reported with the file's name
         if not data:
             raise _Usage(f"--prompt-file {args.prompt_file} is empty; give at least one byte")
     else:
-        text = "\n" if args.prompt is None else args.prompt
-        if not text:
+        prompt = "\n" if args.prompt is None else args.prompt
+        if not prompt:
             raise _Usage("--prompt is empty; give at least one character")
-        data = text.encode("utf-8")
-    if vocab < TEXT_VOCAB and any(b >= vocab for b in data):
-        raise _Usage(f"this model's vocabulary has {vocab} tokens, not a byte's {TEXT_VOCAB}: it was not trained "
-                     f"on text; give token ids with --ids")
+        data = prompt.encode("utf-8")
     return list(data)
 
 
@@ -166,6 +175,7 @@ def main_sample(args) -> int:
     from nldsl.diagnostics import SpecError
     from nldsl.nn.sampling import check_sampling
     from nldsl.run_cmd import render_spec_error
+    from nldsl.train.checkpoint import CheckpointError
     from nldsl.train.loop import RunError, resolve_device
 
     try:
@@ -181,18 +191,21 @@ def main_sample(args) -> int:
             check_sampling(args.temperature, args.top_k, args.top_p, vocab, label=lambda n: "--" + n.replace("_", "-"))
         except ValueError as e:
             raise _Usage(str(e)) from None
-        ids = prompt_ids(args, vocab)
+        ids = prompt_ids(args, vocab, text=trained_on_text(config) and vocab >= TEXT_VOCAB)
     except _Usage as e:
         _err(str(e))
         return EXIT_USAGE
     except SpecError as e:
         render_spec_error(e)
         return EXIT_FAILED
+    except CheckpointError as e:
+        _err(str(e))
+        return EXIT_USAGE
     except OSError as e:
         _err(f"{getattr(e, 'filename', None) or args.run}: {e.strerror or e}")
         return EXIT_USAGE
 
-    text = args.ids is None
+    text = args.ids is None  # else prompt_ids refused a model not trained on text
     prompt = torch.tensor([ids] * args.samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -201,8 +214,8 @@ def main_sample(args) -> int:
     line_start = [True]
 
     def show(tokens) -> None:
-        if text:
-            out.write(decoder.decode(bytes(tokens)))
+        if text:  # an id past a byte (a vocabulary over 256) as 0xFF, never valid UTF-8: shown as U+FFFD
+            out.write(decoder.decode(bytes(t if t < TEXT_VOCAB else 0xFF for t in tokens)))
         else:
             out.write(("" if line_start[0] else " ") + " ".join(map(str, tokens)))
             line_start[0] = False

@@ -110,7 +110,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, *, temperature: floa
     try:
         out = model(ids, state=state, labels=labels(ids[:, 1:], ids.shape[1]))
         state, tokens = out.state, []
-        for i in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             token = next_token(out.logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
                                generator=generator)
             tokens.append(token)

@@ -70,9 +70,10 @@ def test_a_hand_written_model_samples_too(tmp_path, capsys):
     code, stdout, err = sample([out, "--ids", "1 2 3", "--tokens", "4"], capsys)
     assert code == 0, err
     assert stdout.split()[:3] == ["1", "2", "3"] and len(stdout.split()) == 7
-    # trained on mqar at the cpu-demo preset's 64 tokens: not text
-    code, _, err = sample([out, "--prompt", "hello"], capsys)
-    assert code == 2 and "vocabulary has 64 tokens" in err and "--ids" in err
+    # trained on mqar (at the cpu-demo preset's 64 tokens): not text, whatever the prompt's bytes
+    for extra in (["--prompt", "hello"], ["--prompt", "\x01"], []):
+        code, out_text, err = sample([out, *extra], capsys)
+        assert code == 2 and out_text == "" and "not trained on text" in err and "--ids" in err
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -166,3 +167,27 @@ def test_a_prompt_file_is_read_as_bytes(lm_run, tmp_path, capsys):
     (tmp_path / "empty.txt").write_bytes(b"")
     code, _, err = sample([run, "--prompt-file", tmp_path / "empty.txt"], capsys)
     assert code == 2 and "is empty" in err
+
+
+def test_what_counts_as_text():
+    assert sample_cmd.trained_on_text({"task": "lm"})
+    assert sample_cmd.trained_on_text({"task": "continual", "phases": None})  # the default phases end with lm
+    assert sample_cmd.trained_on_text({"task": "continual", "phases": "mqar:A, lm"})
+    assert not sample_cmd.trained_on_text({"task": "continual", "phases": "mqar:A,mqar:B"})
+    assert not sample_cmd.trained_on_text({"task": "niah"})
+
+
+def test_an_id_past_a_byte_prints_as_a_replacement_character(lm_run, capsys, monkeypatch):
+    """A text model with a vocabulary over 256 may draw an id that is no byte: shown as U+FFFD."""
+    from nldsl.nn.model import NSAMModel
+    from nldsl.nn.sampling import GenerateOutput
+
+    def fake(self, input_ids, n, on_token=None, **kw):
+        for t in (300, ord("a")):
+            on_token(torch.tensor([t]))
+        return GenerateOutput(torch.tensor([[300, ord("a")]]), None)
+
+    monkeypatch.setattr(NSAMModel, "generate", fake)
+    code, out, err = sample([lm_run[0], "--prompt", "x", "--tokens", "2"], capsys)
+    assert code == 0, err
+    assert out == "x\ufffda\n"
