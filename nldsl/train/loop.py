@@ -112,9 +112,10 @@ def _logits(out):
 
 
 def _call(model, inputs, labels, amp, **kw):
-    """``model(inputs, **kw)``, with ``labels`` (surprise-driven memories learn from them) when
-    given, under autocast to ``amp`` when set."""
-    if labels is not None:
+    """``model(inputs, **kw)``, with ``labels`` when given and the model has memories that learn
+    from them (``signal surprise``; a hand-written model's own forward need not take labels),
+    under autocast to ``amp`` when set."""
+    if labels is not None and any(getattr(m, "surprise", False) is True for m in model.modules()):
         kw["labels"] = labels
     if amp is None:
         return model(inputs, **kw)
