@@ -336,3 +336,14 @@ def test_surprise_driven_memories_learn_from_next_tokens_only():
     mask = text.targets != IGNORE
     want = torch.nn.functional.cross_entropy(learned[mask], text.targets[mask])
     assert evaluate(model, [text], D.Dist(), "cpu", None)["loss"] == pytest.approx(float(want), rel=1e-9)
+
+
+def test_labels_reach_only_models_with_surprise_driven_memories():
+    from nldsl.train.loop import _call
+
+    class Plain(torch.nn.Module):  # a hand-written forward that takes no labels
+        def forward(self, inputs):
+            return inputs * 2
+
+    x = torch.ones(1, 3)
+    assert torch.equal(_call(Plain(), x, torch.zeros(1, 3, dtype=torch.long), None), x * 2)
