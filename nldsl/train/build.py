@@ -172,13 +172,30 @@ def build_model(spec_path: str, overrides: dict[str, Any] | None = None, *, name
 
 
 # -- optimizer ---------------------------------------------------------------------------------
-def optimizer_class(name: str | None):
-    """The optimizer class for the spec's ``optimizer = NAME``.
+def spec_optimizer(spec: str | None, name: str | None):
+    """The compiled optimizer class ``name`` of a ``.nl`` spec, defined in it or in a file it
+    includes (``optimizer = AdamW`` beside ``include "adam.nl"``), and that file; None for a
+    hand-written model file or no name. A spec the compiler refuses raises its SpecError."""
+    if not spec or not name or not str(spec).endswith(".nl") or not Path(spec).is_file():
+        return None
+    import nldsl
+    from nldsl.spec import analyze_file
 
-    Switching to compiled optimizer specs is this one function: return
-    ``nldsl.compile("specs/adam.nl").AdamW`` (same constructor as torch.optim.AdamW).
-    Names without a torch counterpart fall back to AdamW, and the caller says so.
-    """
+    todo, seen = [analyze_file(spec)], set()
+    while todo:
+        a = todo.pop(0)
+        if a.file in seen:
+            continue
+        seen.add(a.file)
+        if a.ir is not None and any(o.name == name for o in a.ir.optimizers):
+            return getattr(nldsl.compile(a.file), name), a.file
+        todo += list(a.included.values())
+    return None
+
+
+def optimizer_class(name: str | None):
+    """torch.optim's class for ``name`` (a hand-written model's ``optimizer``), AdamW for none:
+    ``(class, whether it is the one named)``."""
     import torch
 
     table = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD,
@@ -188,20 +205,79 @@ def optimizer_class(name: str | None):
     return torch.optim.AdamW, name is None
 
 
-def make_optimizer(model, name: str | None, lr: float, weight_decay: float):
-    """The spec's optimizer over ``model``'s parameters; weight decay only on matrices."""
-    cls, exact = optimizer_class(name)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+class WithAux:
+    """A matrix-only optimizer (Muon, M3) over the hidden matrices, and torch.optim.AdamW over
+    the embedding, the head and every vector, as one optimizer for the loop: ``param_groups``
+    (both's, for the learning-rate schedule), ``step``, ``zero_grad``, ``state_dict`` /
+    ``load_state_dict``; ``parts`` for torch.distributed.checkpoint."""
+
+    def __init__(self, main, aux):
+        self.parts = (main, aux)
+
+    @property
+    def param_groups(self):
+        return [g for part in self.parts for g in part.param_groups]
+
+    def step(self):
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"main": self.parts[0].state_dict(), "aux": self.parts[1].state_dict()}
+
+    def load_state_dict(self, state):
+        self.parts[0].load_state_dict(state["main"])
+        self.parts[1].load_state_dict(state["aux"])
+
+
+def make_optimizer(model, name: str | None, lr: float, weight_decay: float, spec: str | None = None):
+    """``(optimizer, its name, a note or None)``: the spec's compiled optimizer when the spec
+    names one (``spec``: the model's ``.nl`` file), else torch.optim's (AdamW by default); weight
+    decay only on matrices, and only for an optimizer that has it."""
+    import torch
+
+    from nldsl.optim.base import CompiledOptimizer
+
+    found = spec_optimizer(spec, name)
+    cls, exact = (found[0], True) if found else optimizer_class(name)
+    notes = []
+    params = [p for p in model.parameters() if p.requires_grad]
+    takes_wd = not issubclass(cls, CompiledOptimizer) or "weight_decay" in cls.hyperparameters
+
+    def groups(ps):
+        decay, no_decay = [p for p in ps if p.dim() >= 2], [p for p in ps if p.dim() < 2]
+        out = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not takes_wd:
+            out = [{"params": g["params"]} for g in out]
+        return [g for g in out if g["params"]]
+
     kwargs: dict[str, Any] = {"lr": lr}
-    if cls.__name__ == "SGD":
+    if not found and cls.__name__ == "SGD":
         kwargs["momentum"] = 0.9
-    opt = cls([g for g in groups if g["params"]], **kwargs)
-    used = cls.__name__
-    note = None if exact else (f"the spec's optimizer {name!r} is not available as a compiled "
-                               f"optimizer yet; training with torch.optim.AdamW")
-    return opt, used, note
+    if found and cls.matrix_only:
+        core = getattr(model, "module", model)
+        outer = {id(p) for m in (getattr(core, "embed", None), getattr(core, "head", None)) if m is not None
+                 for p in m.parameters()}
+        main = [p for p in params if p.dim() >= 2 and id(p) not in outer]
+        aux = [p for p in params if p.dim() < 2 or id(p) in outer]
+        aux_groups = [{"params": [p for p in aux if p.dim() >= 2], "weight_decay": weight_decay},
+                      {"params": [p for p in aux if p.dim() < 2], "weight_decay": 0.0}]
+        opt = WithAux(cls(groups(main), **kwargs), torch.optim.AdamW([g for g in aux_groups if g["params"]], lr=lr))
+        notes.append(f"{name} takes matrices only ({cls.matrix_only}): the embedding, the head and the vectors "
+                     f"train with torch.optim.AdamW, as with torch.optim.Muon")
+    else:
+        opt = cls(groups(params), **kwargs)
+    if found:
+        used = f"{name} (compiled from {Path(found[1]).name})"
+        if weight_decay and not takes_wd:
+            notes.append(f"--weight-decay does not apply to {name}, which has no weight_decay")
+    else:
+        used = cls.__name__
+        if not exact:
+            notes.append(f"the spec's optimizer {name!r} is not defined in it or its includes; training with "
+                         "torch.optim.AdamW")
+    return opt, used, "; ".join(notes) or None

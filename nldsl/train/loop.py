@@ -399,13 +399,13 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
     model.to(device=device, dtype=parts.param_dtype)
     model.train()
     wrapped, kind = D.wrap(model, dist, device, cfg.fsdp)
-    opt, opt_name, opt_note = make_optimizer(wrapped, info.get("optimizer"), cfg.lr, cfg.weight_decay)
+    opt, opt_name, opt_note = make_optimizer(wrapped, info.get("optimizer"), cfg.lr, cfg.weight_decay, spec=cfg.spec)
     notes = [opt_note] if opt_note else []
     if extra is not None:
         if kind == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(wrapped, opt, extra["optimizer"],
+            set_optimizer_state_dict(wrapped, getattr(opt, "parts", opt), extra["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:
             opt.load_state_dict(extra["optimizer"])
@@ -469,7 +469,7 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
 
             o = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
             msd = dcp.get_model_state_dict(wrapped, options=o)
-            osd = dcp.get_optimizer_state_dict(wrapped, opt, options=o)
+            osd = dcp.get_optimizer_state_dict(wrapped, getattr(opt, "parts", opt), options=o)
         else:
             msd, osd = D.unwrap(wrapped).state_dict(), opt.state_dict()
         err = None

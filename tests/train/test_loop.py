@@ -347,3 +347,69 @@ def test_labels_reach_only_models_with_surprise_driven_memories():
 
     x = torch.ones(1, 3)
     assert torch.equal(_call(Plain(), x, torch.zeros(1, 3, dtype=torch.long), None), x * 2)
+
+
+SPECS = Path(__file__).resolve().parents[2] / "specs"
+
+
+def spec_with_optimizer(tmp_path, include: str, name: str) -> str:
+    """specs/gated_deltanet.nl trained by the optimizer ``name`` of specs/``include``."""
+    import shutil
+
+    shutil.copy(SPECS / include, tmp_path / include)
+    text = (SPECS / "gated_deltanet.nl").read_text()
+    text = text.replace('include "adam.nl"', f'include "{include}"').replace("optimizer = AdamW", f"optimizer = {name}")
+    (tmp_path / "gdn.nl").write_text(text)
+    return str(tmp_path / "gdn.nl")
+
+
+def test_the_specs_compiled_optimizer_trains(tiny_cfg, tmp_path, monkeypatch):
+    """`optimizer = AdamW` (from adam.nl) trains with the compiled AdamW: the loss curve of
+    torch.optim.AdamW (the compiled one equals it, tests/optim)."""
+    from nldsl.train import build
+
+    cfg = dict(spec=str(SPECS / "gated_deltanet.nl"), overrides={"dim": 32, "layers": 1, "heads": 2, "vocab": 64})
+    compiled = train(tiny_cfg(out=str(tmp_path / "compiled"), **cfg), quiet=True)
+    assert json.loads((tmp_path / "compiled" / "run.json").read_text())["optimizer"] == "AdamW (compiled from adam.nl)"
+    monkeypatch.setattr(build, "spec_optimizer", lambda spec, name: None)
+    plain = train(tiny_cfg(out=str(tmp_path / "torch"), **cfg), quiet=True)
+    assert json.loads((tmp_path / "torch" / "run.json").read_text())["optimizer"] == "AdamW"
+    assert losses(compiled) == pytest.approx(losses(plain), rel=1e-5)
+
+
+def test_a_matrix_only_optimizer_trains_the_matrices_and_resumes(tiny_cfg, tmp_path):
+    """`optimizer = Muon`: the compiled Muon takes the hidden matrices, torch.optim.AdamW the
+    embedding, the head and the vectors (said in a note); a resumed run gives the uninterrupted
+    result (both optimizers' states in the checkpoint)."""
+    from nldsl.train.build import WithAux, make_optimizer
+
+    spec = spec_with_optimizer(tmp_path, "muon.nl", "Muon")
+    cfg = dict(spec=spec, overrides={"dim": 32, "layers": 1, "heads": 2, "vocab": 64}, steps=10, eval_every=5)
+    full = train(tiny_cfg(out=str(tmp_path / "full"), **cfg), quiet=True)
+    assert full.exit_code == 0 and any("Muon takes matrices only" in n for n in full.notes)
+    first = train(tiny_cfg(out=str(tmp_path / "split"), **cfg), (_interrupt_at(5),), quiet=True)
+    rest = train(tiny_cfg(out=str(tmp_path / "split"), resume=True, **cfg), quiet=True)
+    assert first.exit_code == 130 and rest.exit_code == 0
+    assert losses(rest) == pytest.approx(losses(full), abs=1e-6)
+
+    import nldsl
+
+    model = nldsl.compile(spec).GatedDeltaNet(dim=32, layers=1, heads=2, vocab=64)
+    opt, used, note = make_optimizer(model, "Muon", 1e-3, 0.01, spec=spec)
+    assert isinstance(opt, WithAux) and used == "Muon (compiled from muon.nl)"
+    main, aux = ({id(p) for g in part.param_groups for p in g["params"]} for part in opt.parts)
+    outer = {id(p) for p in (model.embed.weight, model.head.weight)}
+    assert outer <= aux and not outer & main and all(p.dim() >= 2 for p in model.parameters() if id(p) in main)
+    assert main | aux == {id(p) for p in model.parameters()}
+
+
+def test_an_optimizer_without_weight_decay_says_so(tmp_path):
+    import nldsl
+    from nldsl.train.build import make_optimizer
+
+    spec = spec_with_optimizer(tmp_path, "deep_momentum.nl", "DeepMomentum")
+    model = nldsl.compile(spec).GatedDeltaNet(dim=32, layers=1, heads=2, vocab=64)
+    opt, used, note = make_optimizer(model, "DeepMomentum", 1e-3, 0.01, spec=spec)
+    assert "--weight-decay does not apply to DeepMomentum" in note
+    assert all("weight_decay" not in g for g in opt.param_groups)
+    assert make_optimizer(model, "DeepMomentum", 1e-3, 0.0, spec=spec)[2] is None
