@@ -278,6 +278,6 @@ def make_optimizer(model, name: str | None, lr: float, weight_decay: float, spec
     else:
         used = cls.__name__
         if not exact:
-            notes.append(f"the spec's optimizer {name!r} is not defined in it or its includes; training with "
-                         "torch.optim.AdamW")
+            notes.append(f"the optimizer {name!r} is neither defined by the model's spec nor a torch.optim "
+                         "optimizer; training with torch.optim.AdamW")
     return opt, used, "; ".join(notes) or None

@@ -413,3 +413,13 @@ def test_an_optimizer_without_weight_decay_says_so(tmp_path):
     assert "--weight-decay does not apply to DeepMomentum" in note
     assert all("weight_decay" not in g for g in opt.param_groups)
     assert make_optimizer(model, "DeepMomentum", 1e-3, 0.0, spec=spec)[2] is None
+
+
+def test_a_hand_written_models_optimizer_name_is_torchs():
+    from nldsl.train.build import make_optimizer
+
+    m = torch.nn.Linear(3, 3)
+    opt, used, note = make_optimizer(m, "SGD", 1e-3, 0.01, spec="model.py:Model")
+    assert isinstance(opt, torch.optim.SGD) and used == "SGD" and note is None
+    opt, used, note = make_optimizer(m, "Lion", 1e-3, 0.01, spec="model.py:Model")
+    assert isinstance(opt, torch.optim.AdamW) and "neither defined by the model's spec nor a torch.optim" in note
