@@ -101,8 +101,14 @@ def load_model(folder: Path, meta: dict, device, spec: str | None = None):
     spec = spec or config.get("spec")
     if not spec:
         raise _Usage(f"{folder}: state.json names no spec; give it with --spec")
+    overrides = dict(config.get("overrides") or {})
+    if overrides.get("impl") == "triton" and device.type != "cuda":
+        # the generated kernels run on CUDA; the PyTorch ops compute the same with the same weights
+        overrides["impl"] = "chunked"
+        print(f"nldsl: note: {folder} trained with impl='triton'; on {device.type} its memories run the PyTorch "
+              "ops (impl='chunked', the same computation)", file=sys.stderr)
     try:
-        model, info = build_model(spec, config.get("overrides") or {}, name=config.get("model"))
+        model, info = build_model(spec, overrides, name=config.get("model"))
     except BuildError as e:
         where = "" if given else (" (the path the run was given, relative to the folder it was started from; "
                                   "--spec FILE gives another)")

@@ -191,3 +191,20 @@ def test_an_id_past_a_byte_prints_as_a_replacement_character(lm_run, capsys, mon
     code, out, err = sample([lm_run[0], "--prompt", "x", "--tokens", "2"], capsys)
     assert code == 0, err
     assert out == "x\ufffda\n"
+
+
+def test_a_run_trained_with_triton_kernels_samples_on_cpu(lm_run, tmp_path, capsys):
+    """impl='triton' (a GPU run) samples on a CPU through the PyTorch ops: the same weights and
+    computation, said in a note, instead of failing in the kernels."""
+    import json
+
+    run = tmp_path / "triton_run"
+    shutil.copytree(lm_run[0], run)
+    state = next(run.glob("checkpoints/step_*/state.json"))
+    meta = json.loads(state.read_text())
+    meta["config"]["overrides"]["impl"] = "triton"
+    state.write_text(json.dumps(meta))
+    code, out, err = sample([run, "--tokens", "4", "--temperature", "0", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "trained with impl='triton'; on cpu its memories run the PyTorch ops" in err
+    assert out == sample([lm_run[0], "--tokens", "4", "--temperature", "0", "--device", "cpu"], capsys)[1]
