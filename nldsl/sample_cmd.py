@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to continue, read as UTF-8 bytes (default: a newline)")
     src.add_argument("--prompt-file", dest="prompt_file", metavar="FILE",
-                     help="continue this file's bytes (a long context the memories read first, say)")
+                     help="continue this file's bytes (a long context the memories read first, say); "
+                          "the continuation alone is printed")
     src.add_argument("--ids", help="token ids to continue instead, separated by spaces or commas")
     p.add_argument("--tokens", type=int, default=200, help="tokens to sample (default 200)")
     p.add_argument("--samples", type=int, default=1, help="continuations of the prompt, drawn side by side")
@@ -217,6 +218,7 @@ def main_sample(args) -> int:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = sys.stdout
     stream = args.samples == 1  # one continuation prints as it is drawn
+    echo = [] if args.prompt_file is not None else ids  # a file's text is on disk already: not repeated
     line_start = [True]
 
     def show(tokens) -> None:
@@ -236,8 +238,11 @@ def main_sample(args) -> int:
             show([int(token[0])])
 
     start = time.perf_counter()
-    if stream:
-        show(ids)
+    if args.prompt_file is not None:
+        print(f"nldsl: continuing {args.prompt_file} ({len(ids):,} bytes; the continuation alone follows)",
+              file=sys.stderr)
+    if stream and echo:
+        show(echo)
     try:
         result = model.generate(prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, learn=args.learn, generator=generator, on_token=on_token)
@@ -256,7 +261,7 @@ def main_sample(args) -> int:
             out.write(f"--- sample {i + 1} ---\n")
             decoder.reset()
             line_start[0] = True
-            show(ids + row)
+            show(echo + row)
             out.write(decoder.decode(b"", final=True) + "\n" if text else "\n")
     out.flush()
     n, seconds = args.tokens * args.samples, end - start - read

@@ -160,8 +160,9 @@ def test_a_prompt_file_is_read_as_bytes(lm_run, tmp_path, capsys):
     context.write_bytes("# café\nimport os\n".encode())
     code, out, err = sample([run, "--prompt-file", context, "--tokens", "6", "--temperature", "0"], capsys)
     assert code == 0, err
+    assert "continuing" in err and "(18 bytes; the continuation alone follows)" in err
     same = sample([run, "--prompt", "# café\nimport os\n", "--tokens", "6", "--temperature", "0"], capsys)[1]
-    assert out == same and out.startswith("# café\nimport os\n")
+    assert same.startswith("# café\nimport os\n") and out == same[len("# café\nimport os\n"):]
     code, out, err = sample([run, "--prompt-file", tmp_path / "missing.txt"], capsys)
     assert code == 2 and out == "" and "missing.txt" in err and "No such file" in err
     (tmp_path / "empty.txt").write_bytes(b"")
