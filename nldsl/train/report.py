@@ -103,7 +103,7 @@ def format_table(res) -> str:
     if res.checkpoint:
         out.append(f"checkpoint: {res.checkpoint}")
         if res.task.startswith("lm "):  # a model of text (the task as described): show what it writes
-            out.append(f"sample it: nldsl sample {shlex.quote(str(res.out))} [--prompt TEXT]")
+            out.append(f"sample it: nldsl sample {shlex.quote(str(res.out))}   (--prompt TEXT: start from your text)")
     return "\n".join(out)
 
 

@@ -143,7 +143,7 @@ def test_a_text_run_says_how_to_sample_it(tmp_path):
     from nldsl.train.report import format_table
 
     res = RunResult(0, "ok", None, 2, tmp_path / "my run", task="lm (stdlib, 3.7 MB)", checkpoint="x")
-    assert f"sample it: nldsl sample '{tmp_path / 'my run'}' [--prompt TEXT]" in format_table(res)
+    assert f"sample it: nldsl sample '{tmp_path / 'my run'}'   (--prompt TEXT" in format_table(res)
     res.task = "mqar (4 pairs)"
     assert "nldsl sample" not in format_table(res)
 
