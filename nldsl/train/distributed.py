@@ -114,6 +114,13 @@ def wrap(model, dist: Dist, device, fsdp: bool):
         # the loop never modifies a model output in place, so this FSDP2 warning does not apply
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 
+        # FSDP shards no 0-dim parameter (a learnable bias such as Hope's eta_bias): each becomes
+        # [1], which broadcasts where it did; full_state_dict gives them back their shape
+        model.fsdp_scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
+        for name in model.fsdp_scalars:
+            p = model.get_parameter(name)
+            p.data = p.data.reshape(1)
+
         for block in getattr(model, "blocks", []):
             for child in block.children():  # a surprise-driven memory's writes run outside its forward
                 if getattr(child, "surprise", False) is True and callable(getattr(child, "learn", None)):
@@ -135,6 +142,15 @@ def wrap(model, dist: Dist, device, fsdp: bool):
 
 def unwrap(model):
     return getattr(model, "module", model)
+
+
+def full_state_dict_shapes(model, state: dict) -> dict:
+    """A model state dict taken under FSDP, with the 0-dim parameters :func:`wrap` made [1]
+    back in their own shape (what a model built without FSDP loads)."""
+    for name in getattr(model, "fsdp_scalars", ()):
+        if name in state:
+            state[name] = state[name].reshape(())
+    return state
 
 
 def launch(argv: list[str], nproc: int, pid_dir: Path | None = None) -> int:

@@ -468,7 +468,7 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
             from torch.distributed.checkpoint import state_dict as dcp
 
             o = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
-            msd = dcp.get_model_state_dict(wrapped, options=o)
+            msd = D.full_state_dict_shapes(wrapped, dcp.get_model_state_dict(wrapped, options=o))
             osd = dcp.get_optimizer_state_dict(wrapped, getattr(opt, "parts", opt), options=o)
         else:
             msd, osd = D.unwrap(wrapped).state_dict(), opt.state_dict()
