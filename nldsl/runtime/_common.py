@@ -14,6 +14,7 @@ state, float64 stays float64. Outputs are cast back to ``q.dtype``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -61,12 +62,30 @@ class MemoryOutput(NamedTuple):
 # impl dispatch (no silent fallback)
 # --------------------------------------------------------------------------------------------
 
+def without_autocast(fn: Callable) -> Callable:
+    """``fn`` run with autocast off. The ops compute in the dtype they choose (:func:`compute_dtype`:
+    the state's, float32 at least) and return outputs in their input's dtype; under a caller's
+    autocast (mixed-precision training) their products would come out in bfloat16 behind their
+    back and meet float32 states in in-place sums, which torch refuses."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        active = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        if not active:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device_type in active:
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            return fn(*args, **kwargs)
+    return run
+
+
 def dispatch(op: str, impl: str, impls: Mapping[str, Callable[..., MemoryOutput]]):
-    """Return the implementation ``impls[impl]`` of ``op``, or raise a ValueError that names the
-    valid choices. ``"triton"`` gets its own message for ops that have no Triton kernel yet: we
-    never fall back to another implementation behind the caller's back."""
+    """Return the implementation ``impls[impl]`` of ``op`` (run with autocast off, see
+    :func:`without_autocast`), or raise a ValueError that names the valid choices. ``"triton"``
+    gets its own message for ops that have no Triton kernel yet: we never fall back to another
+    implementation behind the caller's back."""
     if impl in impls:
-        return impls[impl]
+        return without_autocast(impls[impl])
     valid = ", ".join(repr(name) for name in impls)
     if impl == "triton":
         raise ValueError(

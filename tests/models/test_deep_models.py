@@ -353,3 +353,21 @@ def test_loss_falls_on_copy_task(spec):
     torch.manual_seed(0)
     losses = copy_task_losses(build(spec, vocab=16), with_labels=True)
     assert falls(losses), losses
+
+
+@pytest.mark.parametrize("spec", sorted(DEEP))
+def test_mixed_precision_training_step(spec):
+    """Under torch.autocast to bfloat16 (how `nldsl run --dtype bfloat16` trains) the memories
+    compute in float32 (the runtime turns autocast off inside its ops; their float32 states met
+    bfloat16 products in in-place sums before): forward with labels and backward run, finite,
+    near the float32 logits."""
+    torch.manual_seed(0)
+    model = build(spec)
+    ids = torch.randint(0, 32, (2, 40))
+    labels = ids.roll(-1, 1)
+    ref = model(ids, labels=labels).logits.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=labels)
+    out.logits.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.testing.assert_close(out.logits.float(), ref, atol=0.05, rtol=0.05)

@@ -469,3 +469,17 @@ def test_momentum_state_and_rate_errors():
     # momentum carry a broadcast zero
     state = run(x, "chunked", momentum=(0.9, None, None)).final_state
     assert state.momentum[1][0] in _ZEROS and state.momentum[0][0] not in _ZEROS
+
+
+def test_a_callers_autocast_does_not_reach_the_op():
+    """Mixed-precision training wraps the model in torch.autocast; the op computes in float32
+    regardless (the same result as without it), its state float32."""
+    def f32(t):  # the inputs in float32, which autocast would turn to bfloat16
+        return t.float() if isinstance(t, torch.Tensor) else [f32(u) for u in t]
+
+    x = {k: f32(v) for k, v in cms_inputs(T=13).items()}
+    plain = run(x, "chunked", **OPT)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run(x, "chunked", **OPT)
+    assert mixed.o.dtype == torch.float32 and mixed.final_state.weights[0][0].dtype == torch.float32
+    assert_close(mixed, plain, atol=0, rtol=0)
