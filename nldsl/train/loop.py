@@ -281,6 +281,10 @@ def setup(cfg: RunConfig, dist: D.Dist | None = None, *, device=None):
         torch.set_num_threads(cfg.threads)
     set_determinism(cfg.seed, device)
     model, info = build_model(cfg.spec, cfg.overrides, name=cfg.model)
+    impl = getattr(getattr(model, "config", None), "impl", "chunked")
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RunError(f"impl=triton: the spec's generated Triton kernels run on a CUDA device, and this run is "
+                       f"on {device.type}; use --device cuda, or leave impl out (the PyTorch ops compute the same)")
     vocab = info.get("vocab") or getattr(getattr(model, "config", None), "vocab", 256)
     seq_len = cfg.seq_len or info.get("context") or 512
     task = make_task(cfg.task, vocab=vocab, seq_len=seq_len, seed=cfg.seed, steps=cfg.steps,

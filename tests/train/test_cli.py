@@ -167,3 +167,13 @@ def test_a_real_ctrl_c_saves_and_exits_130(tmp_path, sig):
     folder, meta = ckpt.find_latest(out / "checkpoints")
     assert meta["step"] >= 3
     assert len(metrics.read_text().splitlines()) == meta["step"]  # log rows up to the saved step
+
+
+def test_triton_kernels_on_a_cpu_are_a_clear_message(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = Path(__file__).resolve().parents[2] / "specs" / "gated_deltanet.nl"
+    code, out, err = run([spec, "impl=triton", "--device", "cpu", *SMALL, "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "internal error" not in err
+    assert "impl=triton: the spec's generated Triton kernels run on a CUDA device, and this run is on cpu" in err
