@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from nldsl.train import checkpoint as ckpt
 from nldsl.train import distributed as D
-from nldsl.train.build import BuildError, build_model, make_optimizer
+from nldsl.train.build import BuildError, build_model, make_optimizer, optimizer_class
 from nldsl.train.config import RunConfig, lr_at
 from nldsl.train.tasks import IGNORE, Batch, Continual, TaskError, make_task
 
@@ -406,6 +406,12 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
     opt, opt_name, opt_note = make_optimizer(wrapped, info.get("optimizer"), cfg.lr, cfg.weight_decay, spec=cfg.spec)
     notes = [opt_note] if opt_note else []
     if extra is not None:
+        # a checkpoint written before nldsl recorded its optimizer was trained by torch.optim's
+        before = resume_meta.get("optimizer") or optimizer_class(info.get("optimizer"))[0].__name__
+        if before != opt_name:
+            raise RunError(f"--resume: the checkpoint was trained by {before}, and this run trains with {opt_name}, "
+                           "whose state is another; start a new run in another --out folder, or resume with the "
+                           "nldsl version that wrote it", EXIT_IO)
         if kind == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -460,7 +466,7 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
         return {"config": cfg.to_dict(), "spec_hash": info.get("spec_hash", ""),
                 "resolved_hash": info.get("resolved_hash", ""), "model": info.get("class"),
                 "data_position": {"step": step, "scheme": "batch = f(seed, step)"},
-                "continual": continual, "last_loss": last[0], "world": dist.world}
+                "continual": continual, "last_loss": last[0], "world": dist.world, "optimizer": opt_name}
 
     saved_at = [start if cfg.resume else None]
 

@@ -423,3 +423,18 @@ def test_a_hand_written_models_optimizer_name_is_torchs():
     assert isinstance(opt, torch.optim.SGD) and used == "SGD" and note is None
     opt, used, note = make_optimizer(m, "Lion", 1e-3, 0.01, spec="model.py:Model")
     assert isinstance(opt, torch.optim.AdamW) and "neither defined by the model's spec nor a torch.optim" in note
+
+
+def test_resume_refuses_a_checkpoint_of_another_optimizer(tiny_cfg, tmp_path):
+    """A checkpoint written before the spec's compiled optimizer trained it (torch.optim's state,
+    no optimizer recorded) is refused with a message, not loaded into the other's state."""
+    cfg = dict(spec=str(SPECS / "gated_deltanet.nl"), overrides={"dim": 32, "layers": 1, "heads": 2, "vocab": 64},
+               steps=4, eval_every=2)
+    first = train(tiny_cfg(out=str(tmp_path / "r"), **cfg), (_interrupt_at(2),), quiet=True)
+    assert first.exit_code == 130
+    folder, meta = ckpt.find_latest(tmp_path / "r" / "checkpoints")
+    assert meta["optimizer"] == "AdamW (compiled from adam.nl)"
+    del meta["optimizer"]  # as an older nldsl wrote it
+    (folder / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(RunError, match=r"trained by AdamW, and this run trains with AdamW \(compiled from adam.nl\)"):
+        train(tiny_cfg(out=str(tmp_path / "r"), resume=True, **cfg), quiet=True)
