@@ -312,6 +312,9 @@ class CmsChain(nn.Module):
     """
 
     surprise = True
+    #: read the blocks' weights outside forward (the writes of a surprise segment, the initial
+    #: weights of a new sequence): FSDP gathers the weights for them too
+    fsdp_methods = ("learn", "new_sequence")
 
     def __init__(self, dim: int, *, periods: tuple[int, ...], scopes: tuple[str, ...],
                  variant: str = "sequential", expansion: float = 4.0, depth: int = 2,

@@ -122,10 +122,12 @@ def wrap(model, dist: Dist, device, fsdp: bool):
             p.data = p.data.reshape(1)
 
         for block in getattr(model, "blocks", []):
-            for child in block.children():  # a surprise-driven memory's writes run outside its forward
-                if getattr(child, "surprise", False) is True and callable(getattr(child, "learn", None)):
+            for child in block.children():  # methods that read its weights outside its forward
+                methods = getattr(child, "fsdp_methods", ())
+                if methods:
                     fully_shard(child)
-                    register_fsdp_forward_method(child, "learn")
+                    for method in methods:
+                        register_fsdp_forward_method(child, method)
             fully_shard(block)
             for method in ("prefix", "rest"):  # a split block (NSAMModel.forward calls them directly)
                 if callable(getattr(block, method, None)):

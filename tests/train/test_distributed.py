@@ -98,23 +98,29 @@ def test_ctrl_c_under_nproc_saves_once_and_exits_130(tmp_path):
 
 def test_fsdp_trains_a_model_with_scalar_parameters(tmp_path):
     """Hope's learnable eta / alpha biases are 0-dim, which FSDP cannot shard: they run as [1]
-    under FSDP (2 processes give one process's losses) and are saved in their own shape."""
+    under FSDP (2 processes give one process's losses) and are saved in their own shape. Its
+    streaming evaluation starts new sequences (`new_sequence` reads the CMS's initial weights,
+    which FSDP gathers for it too): the same per-segment results as one process."""
     import nldsl
     from nldsl.train import checkpoint as ckpt
 
     spec = str(Path(__file__).resolve().parents[2] / "specs" / "hope.nl")
     overrides = {"dim": 32, "layers": 1, "heads": 2}
     one = train(small(tmp_path / "one", spec=spec, task="lm", steps=2, eval_every=2, eval_seqs=4, seq_len=32,
-                      overrides=overrides), quiet=True)
+                      overrides=overrides, carry_state=True, segments=3), quiet=True)
     out = tmp_path / "fsdp"
     args = [a for a in ARGS if not a.startswith(("layers=", "dim=", "heads="))] + ["dim=32", "layers=1", "heads=2"]
-    args += ["--task", "lm", "--nproc", "2", "--fsdp", "--out", str(out)]
+    args += ["--task", "lm", "--nproc", "2", "--fsdp", "--out", str(out), "--carry-state", "--segments", "3"]
     args[args.index("--steps") + 1], args[args.index("--eval-every") + 1] = "2", "2"
     args[args.index("--eval-seqs") + 1] = "4"
     p = subprocess.run([sys.executable, "-m", "nldsl.run_cmd", spec, *args], capture_output=True, text=True,
                        timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert _losses(out) == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    stream = json.loads((out / "results.json").read_text())["stream"]["modes"]
+    assert set(stream) == {"carry", "reset", "new_sequence"}
+    for mode, rows in one.stream["modes"].items():
+        assert [r["loss"] for r in stream[mode]] == pytest.approx([r["loss"] for r in rows], rel=1e-5)
     weights = ckpt.load_checkpoint(ckpt.find_latest(out / "checkpoints")[0])[0]
     assert weights["blocks.0.titans.eta_bias"].shape == ()
     nldsl.compile(spec).Hope(**overrides).load_state_dict(weights)  # loads without FSDP
