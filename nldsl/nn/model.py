@@ -99,6 +99,12 @@ class Config:
                          "impl='chunked'")
 
 
+def surprise_learners(module: nn.Module) -> list[nn.Module]:
+    """The memories in ``module`` that learn from the outer objective's local surprise (``signal
+    surprise``): what a model's ``labels`` are for."""
+    return [m for m in module.modules() if getattr(m, "surprise", False) is True]
+
+
 def map_state(state, fn):
     """Applies ``fn`` to every tensor in a nested state (dicts, tuples, lists, NamedTuples)."""
     if isinstance(state, Tensor):
@@ -163,7 +169,7 @@ class NSAMModel(nn.Module):
             raise ValueError(f"state has {len(state.layers)} layers, the model has {len(self.blocks)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-        learners = [m for m in self.modules() if getattr(m, "surprise", False) is True]
+        learners = surprise_learners(self)
         if labels is None or not learners:
             logits, _, state = self._forward(input_ids, state)
             return ModelOutput(logits, state)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from nldsl.nn.model import surprise_learners
 from nldsl.train import checkpoint as ckpt
 from nldsl.train import distributed as D
 from nldsl.train.build import BuildError, build_model, make_optimizer, optimizer_class
@@ -115,7 +116,7 @@ def _call(model, inputs, labels, amp, **kw):
     """``model(inputs, **kw)``, with ``labels`` when given and the model has memories that learn
     from them (``signal surprise``; a hand-written model's own forward need not take labels),
     under autocast to ``amp`` when set."""
-    if labels is not None and any(getattr(m, "surprise", False) is True for m in model.modules()):
+    if labels is not None and surprise_learners(model):
         kw["labels"] = labels
     if amp is None:
         return model(inputs, **kw)
