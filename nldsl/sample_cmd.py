@@ -95,7 +95,7 @@ def load_model(folder: Path, meta: dict, device, spec: str | None = None):
     """The run's model with the checkpoint's weights, on ``device``, in the weights' dtype
     (``spec``: the run's spec file at another path)."""
     from nldsl.train import checkpoint as ckpt
-    from nldsl.train.build import BuildError, build_model
+    from nldsl.train.build import BuildError, build_model, model_changed
 
     config = meta.get("config") or {}
     given = spec is not None
@@ -115,10 +115,11 @@ def load_model(folder: Path, meta: dict, device, spec: str | None = None):
                                   "--spec FILE gives another)")
         raise _Usage(f"cannot rebuild the model of {folder}: {e}{where}") from None
     # as `nldsl run --resume` does: the weights belong to the model of the spec's text as it was
-    if meta.get("spec_hash", "") != info.get("spec_hash", ""):
+    changed = model_changed(meta, info)
+    if changed == "spec":
         raise _Usage(f"{spec} changed since {folder} was written, so it may no longer build the model that was "
                      f"trained; sample with the spec as it was then (from version control), or train the new one")
-    if meta.get("resolved_hash") not in (None, info.get("resolved_hash", "")):
+    if changed == "defaults":
         raise _Usage(f"{spec} builds another model with this version of nldsl than when {folder} was written "
                      f"(a default differs; `nldsl fmt --resolved` shows the spec's); sample with that version")
     weights, _, _ = ckpt.load_checkpoint(folder)

@@ -163,6 +163,17 @@ def model_info(model, overrides: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def model_changed(meta: dict, info: dict) -> str | None:
+    """Why a checkpoint (its state.json ``meta``) may not hold the weights of the model built now
+    (its :func:`model_info`): ``"spec"`` when the spec's text changed, ``"defaults"`` when the same
+    text resolves to another model (a default of this nldsl differs), else None."""
+    if meta.get("spec_hash", "") != info.get("spec_hash", ""):
+        return "spec"
+    if meta.get("resolved_hash") not in (None, info.get("resolved_hash", "")):
+        return "defaults"
+    return None
+
+
 def build_model(spec_path: str, overrides: dict[str, Any] | None = None, *, name: str | None = None):
     """``(model, info)`` for the spec's model class built with keyword ``overrides``."""
     overrides = dict(overrides or {})

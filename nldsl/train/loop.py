@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from nldsl.nn.model import surprise_learners
 from nldsl.train import checkpoint as ckpt
 from nldsl.train import distributed as D
-from nldsl.train.build import BuildError, build_model, make_optimizer, optimizer_class
+from nldsl.train.build import BuildError, build_model, make_optimizer, model_changed, optimizer_class
 from nldsl.train.config import RunConfig, lr_at
 from nldsl.train.tasks import IGNORE, Batch, Continual, TaskError, make_task
 
@@ -380,9 +380,10 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
         old = RunConfig.from_dict(resume_meta.get("config", {}))
         same = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 (tuples read back as lists)
         diff = [k for k in RunConfig.IDENTITY if same(getattr(old, k)) != same(getattr(cfg, k))]
-        if resume_meta.get("spec_hash", "") != info.get("spec_hash", ""):
+        changed = model_changed(resume_meta, info)
+        if changed == "spec":
             diff.append("spec (the spec file changed)")
-        elif resume_meta.get("resolved_hash") not in (None, info.get("resolved_hash", "")):
+        elif changed == "defaults":
             diff.append("the compiled model (the same spec resolves differently: a default of this nldsl "
                         "version differs; `nldsl fmt --resolved` shows the spec's)")
         if diff:
