@@ -259,12 +259,10 @@ def make_optimizer(model, name: str | None, lr: float, weight_decay: float, spec
     params = [p for p in model.parameters() if p.requires_grad]
     takes_wd = not issubclass(cls, CompiledOptimizer) or "weight_decay" in cls.hyperparameters
 
-    def groups(ps):
-        decay, no_decay = [p for p in ps if p.dim() >= 2], [p for p in ps if p.dim() < 2]
-        out = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if not takes_wd:
-            out = [{"params": g["params"]} for g in out]
-        return [g for g in out if g["params"]]
+    def groups(ps, decays: bool = takes_wd):
+        """Weight decay on the matrices, none on the rest (no key at all for an optimizer without it)."""
+        split = [([p for p in ps if p.dim() >= 2], weight_decay), ([p for p in ps if p.dim() < 2], 0.0)]
+        return [{"params": g, "weight_decay": wd} if decays else {"params": g} for g, wd in split if g]
 
     kwargs: dict[str, Any] = {"lr": lr}
     if not found and cls.__name__ == "SGD":
@@ -275,9 +273,7 @@ def make_optimizer(model, name: str | None, lr: float, weight_decay: float, spec
                  for p in m.parameters()}
         main = [p for p in params if p.dim() >= 2 and id(p) not in outer]
         aux = [p for p in params if p.dim() < 2 or id(p) in outer]
-        aux_groups = [{"params": [p for p in aux if p.dim() >= 2], "weight_decay": weight_decay},
-                      {"params": [p for p in aux if p.dim() < 2], "weight_decay": 0.0}]
-        opt = WithAux(cls(groups(main), **kwargs), torch.optim.AdamW([g for g in aux_groups if g["params"]], lr=lr))
+        opt = WithAux(cls(groups(main), **kwargs), torch.optim.AdamW(groups(aux, decays=True), lr=lr))
         notes.append(f"{name} takes matrices only ({cls.matrix_only}): the embedding, the head and the vectors "
                      f"train with torch.optim.AdamW, as with torch.optim.Muon")
     else:
