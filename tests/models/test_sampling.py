@@ -9,6 +9,7 @@ import torch
 
 import nldsl
 from nldsl.nn.sampling import IGNORE, next_token
+from tests.models.test_deep_models import _tensors
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 SMALL = dict(dim=16, heads=2, layers=2, vocab=32)
@@ -155,13 +156,3 @@ def test_draws_follow_the_restricted_softmax(settings, keep, scale):
     want = expected(LOGITS * scale, keep)
     assert torch.all(freq[[i for i in range(5) if i not in keep]] == 0)
     assert torch.allclose(freq, want, atol=0.01)  # 40k draws: standard error below 0.0025
-
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        tree = list(tree.values())
-    if isinstance(tree, (list, tuple)):
-        return [t for x in tree for t in _tensors(x)]
-    return []
