@@ -366,8 +366,8 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
                                d_out=block[-1].shape[-2], activation=activation, hidden_norm=hidden_norm,
                                residual=kernel_residual(residual, prenorm), chunk=min(periods))
             for block in params]
-    cfg["ms"] = ms  # the blocks' momenta, updated in place at their boundaries
-    y, ws, gs, offs, outputs, updates, resets = fn(xs, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg)
+    # ms, like ws, gs and offs, is updated in place at the blocks' boundaries
+    y, ws, gs, offs, outputs, updates, resets = fn(xs, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg)
     state = None
     if output_final_state:
         # detached writes keep the straight-through link to the starting weights in the state, so
@@ -517,10 +517,10 @@ def _detached(fw):
     return y.detach(), [h.detach() for h in hs], [a.detach() for a in ins], None if r is None else r.detach()
 
 
-def _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets):
+def _boundaries(L, t, ws, gs, ms, offs, init, cfg, updates, resets):
     """Advance every block by L tokens (the piece ended at token t + L - 1); apply updates and
     nested resets at the boundaries reached."""
-    periods, ms = cfg["periods"], cfg["ms"]
+    periods = cfg["periods"]
     n = len(ws)
     hit = [False] * n
     for l in range(n):
@@ -549,7 +549,7 @@ def _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets):
                 resets[l].append(t + L - 1)
 
 
-def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
+def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
     periods, act = cfg["periods"], cfg["act"]
     variant, signal = cfg["variant"], cfg["signal"]
     n = len(ws)
@@ -574,7 +574,7 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
             for l in range(n):
                 outs[l].append(level_outs[l])
                 gs[l] = [_add(G, S.to(W.dtype)) for G, S, W in zip(gs[l], sums[l], ws[l])]
-            _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets)
+            _boundaries(L, t, ws, gs, ms, offs, init, cfg, updates, resets)
             t += L
             continue
         # forward through the blocks with their (constant) chunk-start weights
@@ -597,7 +597,7 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
             out = fw[-1][0]
         ys.append(out)
         if not cfg["writes"]:
-            _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets)
+            _boundaries(L, t, ws, gs, ms, offs, init, cfg, updates, resets)
             t += L
             continue
         if cfg["detach"]:
@@ -631,13 +631,13 @@ def _chunked(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
             e_t = ep[l][j].unsqueeze(-1)
             own = [G is not None and not any(G is S for S in given[l]) for G in gs[l]]
             terms = zip(ws[l], gs[l], errs[l], fw[l][2], own)
-            plain = cfg["ms"][l] is None and cfg["alphas"][l] is None
+            plain = ms[l] is None and cfg["alphas"][l] is None
             if offs[l] + L == periods[l] and plain:
                 ws[l] = [_step(W, G, e_t, e, a, o) for W, G, e, a, o in terms]
                 gs[l] = [None] * len(gs[l])
             else:
                 gs[l] = [_sum_rank1(G, e_t, e, a, o) for _, G, e, a, o in terms]
-        _boundaries(L, t, ws, gs, offs, init, cfg, updates, resets)
+        _boundaries(L, t, ws, gs, ms, offs, init, cfg, updates, resets)
         t += L
     outputs = [_cat_time(o) for o in outs] if cfg["info"] else None
     return _cat_time(ys), ws, gs, offs, outputs, updates, resets
@@ -740,7 +740,7 @@ def _chain_surprise(all_ws, x, d, agg, *, variant, act, residual, prenorm):
     return (y * d).sum()
 
 
-def _reference(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
+def _reference(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
     variant, signal = cfg["variant"], cfg["signal"]
     block = dict(act=cfg["act"], residual=cfg["residual"], prenorm=cfg["prenorm"])
     apply1 = torch.vmap(functools.partial(_apply1, **block))
@@ -788,6 +788,6 @@ def _reference(x, ws, gs, offs, init, etas, deltas, targets, agg, st, cfg):
         for l in range(n):
             e = etas[l][:, t, None, None]
             gs[l] = [_add(G, e * g) for G, g in zip(gs[l], grads[l])]
-        _boundaries(1, t, ws, gs, offs, init, cfg, updates, resets)
+        _boundaries(1, t, ws, gs, ms, offs, init, cfg, updates, resets)
     outputs = [torch.stack(o, dim=1) for o in outs]
     return torch.stack(ys, dim=1), ws, gs, offs, outputs, updates, resets
