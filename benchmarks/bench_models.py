@@ -29,7 +29,9 @@ consecutive steps in which every carry level updates at least once (after a warm
 
 On CUDA each model also gets a line with the kernels and copies one step launches and the GPU's
 busy time (torch.profiler): a step much longer than that is bound by launching work, not by the
-GPU. The last column is each model's time per token over the fastest model's.
+GPU. GFLOP: one step's matrix products and attention by torch's flop formulas (counted in one
+more step); GFLOP/s: those over the step time, how well a model's work fits the machine. The
+last column is each model's time per token over the fastest model's.
 
 The issue's target compares like with like: Hope (every level updating) within 3x of a
 Transformer *with the same parameter count*. ``--match specs/transformer.nl`` (the default) adds
@@ -112,6 +114,8 @@ def worker(args) -> dict:
         out["breakdown"] = _breakdown(model, step, clock, args.reps * cycle)
     if args.calls:
         out["calls"] = _calls(model, step, args.calls, device)
+    if not args.cuda_graph:  # (a replay dispatches no torch calls to count)
+        out["flops"] = _flops(step)
     if device.type == "cuda" and not args.cuda_graph:  # (a replay is one launch: nothing to count)
         out["gpu"] = _gpu_profile(step)
     return out
@@ -162,6 +166,41 @@ def _calls(model, step, top: int, device) -> dict:
         step()
     rows = sorted(((ms, n, op, at) for (at, op), (ms, n) in spent.items()), reverse=True)
     return {"total_ms": sum(r[0] for r in rows), "rows": rows[:top]}
+
+
+def _flops(step) -> float:
+    """The matrix-product and attention flops of one step (forward, backward, optimizer), by
+    torch's own formulas (``torch.utils.flop_counter``; attention counted whole, as there, causal
+    or not). A model's flops over its step time says how well it uses the machine: at equal
+    flops, a model of many tiny products (a deep memory's per-chunk steps) runs far slower than
+    one of a few large ones."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+    ops = torch.ops.aten
+    formulas = dict(flop_registry)
+    # the CPU attention kernels, which the registry lacks: the flash formulas on their shapes
+    cpu_attention = getattr(ops, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_attention is not None:
+        formulas.setdefault(cpu_attention, lambda q, k, v, *a, out_val=None, **kw: sdpa_flop_count(
+            q.shape, k.shape, v.shape))
+        formulas.setdefault(ops._scaled_dot_product_flash_attention_for_cpu_backward,
+                            lambda g, q, k, v, *a, out_val=None, **kw: sdpa_backward_flop_count(
+                                g.shape, q.shape, k.shape, v.shape))
+    total = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            formula = formulas.get(func.overloadpacket)
+            if formula is not None:
+                total[0] += formula(*args, **(kwargs or {}), out_val=out)
+            return out
+
+    with Count():
+        step()
+    return float(total[0])
 
 
 def _graphed(step):
@@ -413,12 +452,14 @@ def main(argv=None) -> int:
     vs = f"vs {matched['label']} x{matched['layers']}" if matched else ""
     w = max(16, 2 + max(len(r["label"]) for r in rows))
     print(f"\n{'model':<{w}}{'layers':>7}{'params':>10}{'step ms':>10}{'tokens/s':>11}{'peak MB':>9}"
-          f"{'vs fastest':>12}{vs:>22}")
-    print("-" * (w + (85 if matched else 63)))
+          f"{'GFLOP':>8}{'GFLOP/s':>9}{'vs fastest':>12}{vs:>22}")
+    print("-" * (w + (102 if matched else 80)))
     for r in rows:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        flops = r.get("flops")
+        rate = ("-", "-") if flops is None else (f"{flops / 1e9:.1f}", f"{flops / 1e9 / r['seconds']:.1f}")
         line = (f"{r['label']:<{w}}{r['layers']:>7}{r['params'] / 1e6:>9.2f}M{r['seconds'] * 1e3:>10.0f}"
-                f"{r['tokens_per_s']:>11,.0f}{peak:>9}{r['seconds'] / fastest:>11.1f}x")
+                f"{r['tokens_per_s']:>11,.0f}{peak:>9}{rate[0]:>8}{rate[1]:>9}{r['seconds'] / fastest:>11.1f}x")
         if matched:
             line += f"{r['seconds'] / matched['seconds']:>21.1f}x"
         print(line)

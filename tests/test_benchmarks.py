@@ -127,3 +127,21 @@ def test_gpu_checks_runs_every_step_in_its_order(tmp_path):
     words = [line.split() for line in calls.read_text().splitlines()]
     scripts = [w[0] for w in words if w and w[0].endswith(".py")]  # (-c and -m calls aside)
     assert scripts and all((ROOT / script).is_file() for script in scripts), scripts
+
+
+def test_flops_count_products_and_cpu_attention_by_hand():
+    """The GFLOP column: a matrix product is 2mkn, attention forward 2 products (4 b h s^2 d) and
+    its backward 5 (the scores recomputed, then the four gradients' products: 10 b h s^2 d),
+    the CPU attention kernels included (torch's own table lacks them)."""
+    import torch
+    import torch.nn.functional as F
+
+    bench = _bench_models()
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+
+    def step():
+        a @ b
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    assert bench._flops(step) == 2 * 3 * 4 * 5 + (4 + 10) * 1 * 2 * 8 * 8 * 16
