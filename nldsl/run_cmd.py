@@ -72,7 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--lr", type=float)
     o.add_argument("--warmup", type=int, help="warmup steps (default: min(100, steps/10))")
     o.add_argument("--schedule", choices=("cosine", "constant"))
-    o.add_argument("--weight-decay", type=float, default=0.01, dest="weight_decay")
+    o.add_argument("--weight-decay", type=float, dest="weight_decay",
+                   help="on the matrices (default 0.01, where the optimizer has weight decay)")
     o.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0: off)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", choices=DEVICES)

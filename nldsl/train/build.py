@@ -245,23 +245,26 @@ class WithAux:
         self.parts[1].load_state_dict(state["aux"])
 
 
-def make_optimizer(model, name: str | None, lr: float, weight_decay: float, spec: str | None = None):
+def make_optimizer(model, name: str | None, lr: float, weight_decay: float | None, spec: str | None = None):
     """``(optimizer, its name, a note or None)``: the spec's compiled optimizer when the spec
     names one (``spec``: the model's ``.nl`` file), else torch.optim's (AdamW by default); weight
-    decay only on matrices, and only for an optimizer that has it."""
+    decay only on matrices, and only for an optimizer that has it (None: the default,
+    :data:`~nldsl.train.config.DEFAULT_WEIGHT_DECAY`; a note says when a given one does not apply)."""
     import torch
 
     from nldsl.optim.base import CompiledOptimizer
+    from nldsl.train.config import DEFAULT_WEIGHT_DECAY
 
     found = spec_optimizer(spec, name)
     cls, exact = (found[0], True) if found else optimizer_class(name)
     notes = []
     params = [p for p in model.parameters() if p.requires_grad]
     takes_wd = not issubclass(cls, CompiledOptimizer) or "weight_decay" in cls.hyperparameters
+    decay = DEFAULT_WEIGHT_DECAY if weight_decay is None else weight_decay
 
     def groups(ps, decays: bool = takes_wd):
         """Weight decay on the matrices, none on the rest (no key at all for an optimizer without it)."""
-        split = [([p for p in ps if p.dim() >= 2], weight_decay), ([p for p in ps if p.dim() < 2], 0.0)]
+        split = [([p for p in ps if p.dim() >= 2], decay), ([p for p in ps if p.dim() < 2], 0.0)]
         return [{"params": g, "weight_decay": wd} if decays else {"params": g} for g, wd in split if g]
 
     kwargs: dict[str, Any] = {"lr": lr}
@@ -281,7 +284,8 @@ def make_optimizer(model, name: str | None, lr: float, weight_decay: float, spec
     if found:
         used = f"{name} (compiled from {Path(found[1]).name})"
         if weight_decay and not takes_wd:
-            notes.append(f"--weight-decay does not apply to {name}, which has no weight_decay")
+            beside = " (only to the AdamW beside it)" if cls.matrix_only else ""
+            notes.append(f"--weight-decay does not apply to {name}, which has no weight_decay{beside}")
     else:
         used = cls.__name__
         if not exact:

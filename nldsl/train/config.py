@@ -6,6 +6,7 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_WEIGHT_DECAY = 0.01  # on the matrices, for an optimizer with weight decay
 
 # What a preset sets. Explicit flags and key=value overrides always win over a preset.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -65,7 +66,7 @@ class RunConfig:
     warmup: int | None = None  # None: min(100, steps // 10)
     schedule: str | None = None  # cosine | constant; None: cosine (constant for continual)
     min_lr: float = 0.1  # the cosine schedule ends at min_lr * lr
-    weight_decay: float = 0.01
+    weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY, where the optimizer has weight decay
     clip: float = 1.0
     eval_every: int = 50
     eval_seqs: int = 256
@@ -97,6 +98,13 @@ class RunConfig:
     # settings that must be the same to resume a run (the data and the model depend on them)
     IDENTITY = ("model", "overrides", "task", "phases", "pairs", "needles", "data", "seq_len",
                 "batch", "lr", "warmup", "schedule", "min_lr", "weight_decay", "clip", "seed", "dtype")
+
+    def identity(self) -> dict:
+        """The IDENTITY settings, defaults resolved (a run that left --weight-decay out and one that
+        gave the default are the same run)."""
+        out = {k: getattr(self, k) for k in self.IDENTITY}
+        out["weight_decay"] = DEFAULT_WEIGHT_DECAY if self.weight_decay is None else self.weight_decay
+        return out
 
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else min(100, self.steps // 10)

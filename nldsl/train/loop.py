@@ -379,7 +379,8 @@ def _train(cfg: RunConfig, dist: D.Dist, callbacks, quiet) -> RunResult:
         weights, extra, resume_meta = ckpt.load_checkpoint(folder)
         old = RunConfig.from_dict(resume_meta.get("config", {}))
         same = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 (tuples read back as lists)
-        diff = [k for k in RunConfig.IDENTITY if same(getattr(old, k)) != same(getattr(cfg, k))]
+        before, now = old.identity(), cfg.identity()
+        diff = [k for k in RunConfig.IDENTITY if same(before[k]) != same(now[k])]
         changed = model_changed(resume_meta, info)
         if changed == "spec":
             diff.append("spec (the spec file changed)")

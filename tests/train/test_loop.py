@@ -401,6 +401,10 @@ def test_a_matrix_only_optimizer_trains_the_matrices_and_resumes(tiny_cfg, tmp_p
     outer = {id(p) for p in (model.embed.weight, model.head.weight)}
     assert outer <= aux and not outer & main and all(p.dim() >= 2 for p in model.parameters() if id(p) in main)
     assert main | aux == {id(p) for p in model.parameters()}
+    m3 = spec_with_optimizer(tmp_path, "m3.nl", "M3")
+    _, _, note = make_optimizer(model, "M3", 1e-3, 0.1, spec=m3)
+    assert "--weight-decay does not apply to M3, which has no weight_decay (only to the AdamW beside it)" in note
+    assert "weight" not in make_optimizer(model, "M3", 1e-3, None, spec=m3)[2]
 
 
 def test_an_optimizer_without_weight_decay_says_so(tmp_path):
@@ -413,6 +417,21 @@ def test_an_optimizer_without_weight_decay_says_so(tmp_path):
     assert "--weight-decay does not apply to DeepMomentum" in note
     assert all("weight_decay" not in g for g in opt.param_groups)
     assert make_optimizer(model, "DeepMomentum", 1e-3, 0.0, spec=spec)[2] is None
+    assert make_optimizer(model, "DeepMomentum", 1e-3, None, spec=spec)[2] is None  # none given: nothing to say
+
+
+def test_the_default_weight_decay_is_on_the_matrices_and_resumes_as_given():
+    """--weight-decay left out: 0.01 on the matrices (AdamW), and a run that gave 0.01 is the same
+    run for --resume (checkpoints from before the option's default became None hold 0.01)."""
+    from nldsl.train.build import make_optimizer
+    from nldsl.train.config import RunConfig
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    opt, used, note = make_optimizer(m, None, 1e-3, None)
+    assert used == "AdamW" and note is None
+    assert sorted((g["weight_decay"], len(g["params"])) for g in opt.param_groups) == [(0.0, 3), (0.01, 1)]
+    assert RunConfig("m.nl", weight_decay=None).identity() == RunConfig("m.nl", weight_decay=0.01).identity()
+    assert RunConfig("m.nl", weight_decay=None).identity() != RunConfig("m.nl", weight_decay=0.1).identity()
 
 
 def test_a_hand_written_models_optimizer_name_is_torchs():
