@@ -23,8 +23,9 @@ def _plan(model, ctx: SpecContext) -> dict:
     if plan.doc:
         lines += ["", plan.doc]
     lines += ["", "Levels, fastest first:"]
-    lines += [f"    {n}: {c} every {p}, read {r}" + (", carries across calls" if s == "carry" else "")
-              for n, c, p, s, r in plan.levels]
+    for n, c, p, s, r, holds in plan.levels:
+        what = ", ".join(holds) if holds else (f"read {r}" if c == "tokens" else "the parameters (the outer loop)")
+        lines.append(f"    {n}: {c} every {p}" + (", carries across calls" if s == "carry" else "") + f": {what}")
     lines += ["", "``model(input_ids, state=None) -> ModelOutput(logits, state)``; pass ``state`` back to",
               "continue the stream. Keyword arguments override the spec's values."]
     plan.extra = [(n, d) for n, d in plan.params if n not in STANDARD]

@@ -46,7 +46,7 @@ class ModelPlan:
     doc: str
     spec_file: str
     params: list[tuple[str, str]]  # (name, repr of default)
-    levels: list[tuple[str, str, int, str, str]]
+    levels: list[tuple[str, str, int, str, str, tuple[str, ...]]]  # name, clock, period, scope, read, holds
     block: BlockPlan
     origin: str
     optimizer: str | None = None
@@ -499,6 +499,22 @@ class Planner:
         bp.forward = lines
         return bp
 
+    def level_reads(self, lv) -> tuple[str, tuple[str, ...]]:
+        """How a level's memories read (the level's ``read`` is only their default, which each may
+        override: Hope's ``fast`` level defaults to anchor, its Titans memory reads running), and
+        what it holds, each with its read: ``(read, holds)``; read is "mixed" where they differ."""
+        holds, reads = [], []
+        for m in self.model.all_memories():
+            if m.level == lv.name:
+                reads.append(m.read or lv.read)
+                holds.append(f"{m.name} (read {reads[-1]})")
+        for m in self.model.memories:
+            if m.generators == lv.name:  # a self-modifying memory's generators read at their anchor
+                reads.append("anchor")
+                holds.append(f"the generating memories of {m.name} (read anchor)")
+        read = lv.read if not reads else reads[0] if len(set(reads)) == 1 else "mixed"
+        return read, tuple(holds)
+
     def plan(self) -> ModelPlan:
         block = self.block()
         if self.problems:
@@ -508,5 +524,5 @@ class Planner:
                   if isinstance(v, (bool, int, float)) or isinstance(v, tuple)]
         return ModelPlan(
             class_name=self.model.name, doc=self.model.doc, spec_file=self.display, params=params,
-            levels=[(lv.name, lv.clock, lv.period, lv.scope, lv.read) for lv in levels], block=block,
+            levels=[(lv.name, lv.clock, lv.period, lv.scope, *self.level_reads(lv)) for lv in levels], block=block,
             origin=self.origin(self.model.name), optimizer=self.model.optimizer)

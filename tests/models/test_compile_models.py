@@ -138,6 +138,19 @@ def test_extra_repr_shows_levels():
     assert "fast: tokens every 1" in text
 
 
+def test_levels_show_how_their_memories_read():
+    """A level's `read` is a default its memories may override: Hope's `fast` level leaves it at
+    anchor and its Titans memory reads running, which the docstring and repr show, not the default."""
+    cls = getattr(nldsl.compile(SPECS / "hope.nl"), "Hope")
+    doc = cls.__doc__
+    for line in ("gen: tokens every 8: the generating memories of titans (read anchor)",
+                 "fast: tokens every 32: titans (read running)",
+                 "cms3: tokens every 2048, carries across calls: chain_cms3 (read anchor)",
+                 "pretrain: steps every 1: the parameters (the outer loop)"):
+        assert line in doc, doc
+    assert {lv.name: lv.read for lv in cls.levels}["fast"] == "running"
+
+
 def test_unsupported_combination_is_a_diagnostic(tmp_path):
     spec = tmp_path / "l1.nl"
     spec.write_text(CODES["NL401"].wrong)
