@@ -482,7 +482,8 @@ def main(argv=None) -> int:
         for job, rs in runs.items():
             if job != match:
                 ratios = " ".join(f"{r['seconds'] / m['seconds']:.1f}x" for r, m in zip(rs, runs[match]))
-                print(f"{rs[0]['label']} / {matched['label']} x{matched['layers']}, round by round: {ratios}")
+                print(f"{rs[0]['label']} x{rs[0]['layers']} / {matched['label']} x{matched['layers']}, "
+                      f"round by round: {ratios}")
     return 0
 
 
