@@ -24,7 +24,7 @@ def _plan(model, ctx: SpecContext) -> dict:
         lines += ["", plan.doc]
     lines += ["", "Levels, fastest first:"]
     for n, c, p, s, r, holds in plan.levels:
-        what = ", ".join(holds) if holds else (f"read {r}" if c == "tokens" else "the parameters (the outer loop)")
+        what = ", ".join(holds) or ("no memory" + (" (the outer optimizer's clock)" if c == "steps" else ""))
         lines.append(f"    {n}: {c} every {p}" + (", carries across calls" if s == "carry" else "") + f": {what}")
     lines += ["", "``model(input_ids, state=None) -> ModelOutput(logits, state)``; pass ``state`` back to",
               "continue the stream. Keyword arguments override the spec's values."]

@@ -146,7 +146,7 @@ def test_levels_show_how_their_memories_read():
     for line in ("gen: tokens every 8: the generating memories of titans (read anchor)",
                  "fast: tokens every 32: titans (read running)",
                  "cms3: tokens every 2048, carries across calls: chain_cms3 (read anchor)",
-                 "pretrain: steps every 1: the parameters (the outer loop)"):
+                 "pretrain: steps every 1: no memory (the outer optimizer's clock)"):
         assert line in doc, doc
     assert {lv.name: lv.read for lv in cls.levels}["fast"] == "running"
 
