@@ -420,11 +420,17 @@ def test_an_optimizer_without_weight_decay_says_so(tmp_path):
     assert make_optimizer(model, "DeepMomentum", 1e-3, None, spec=spec)[2] is None  # none given: nothing to say
 
 
-def test_the_default_weight_decay_is_on_the_matrices_and_resumes_as_given():
+def test_the_default_weight_decay_is_on_the_matrices_and_resumes_as_given(tiny_cfg):
     """--weight-decay left out: 0.01 on the matrices (AdamW), and a run that gave 0.01 is the same
     run for --resume (checkpoints from before the option's default became None hold 0.01)."""
     from nldsl.train.build import make_optimizer
     from nldsl.train.config import RunConfig
+
+    first = train(tiny_cfg(weight_decay=0.01, eval_every=2), (_interrupt_at(3),), quiet=True)
+    rest = train(tiny_cfg(resume=True, eval_every=2), quiet=True)
+    assert first.exit_code == 130 and rest.exit_code == 0, rest.message
+    with pytest.raises(RunError, match=r"different settings \(weight_decay\)"):
+        train(tiny_cfg(resume=True, weight_decay=0.1, eval_every=2), quiet=True)
 
     m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
     opt, used, note = make_optimizer(m, None, 1e-3, None)
