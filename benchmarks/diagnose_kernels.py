@@ -15,8 +15,9 @@ tried (2, 4 and 8 warps for the output and gradient kernels) was right, so they 
 defaults again (benchmarks/README.md).
 
 A configuration is ``default`` or ``STAGE:OPTIONS[;STAGE:OPTIONS...]`` with STAGE a kernel's
-last name part (kkt, solve, wu, states, output, state_grads, chunk_grads) or ``*`` for all, and
-OPTIONS ``wN`` (num_warps) and ``sN`` (num_stages), comma-separated (``runtime._triton.launch_overrides``).
+last name part (kkt, solve, wu, states, output, state_grads, chunk_grads, wy_grads) or ``*`` for
+all, and OPTIONS ``wN`` (num_warps) and ``sN`` (num_stages), comma-separated
+(``runtime._triton.launch_overrides``).
 Each configuration runs in a process of its own (an illegal memory access ends the process's
 use of the GPU) and prints the largest difference of each tensor relative to its largest value;
 a kernel that is wrong shows as the first wrong column. Without a GPU it runs in Triton's

@@ -22,6 +22,8 @@ wanted=" $(echo ${*:-$all}) "  # one space between names
 mkdir -p "$logs"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# this checkout's nldsl, installed or not (a lent machine starts bare)
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, output to the log and the screen
     local name=$1 limit=$2
@@ -66,10 +68,10 @@ models() {  # models NAME ARGS...: the model benchmark on the GPU
 models graph --cuda-graph --state fresh   # Hope's step is launch-bound: what it costs without the launches
 models triton --impl triton
 step bench_triton_deep "${DEEP_LIMIT:-120}" "$py" benchmarks/bench_triton.py --deep-only   # the MLP kernel's rows
-# launch configurations to try against the shipped ones at 8k (the ones flash-linear-attention tunes over;
-# the gated gradient kernel took twice the plain one's time at 8 warps). Tried on an H200 at 32 state
-# columns: 'chunk_grads:w4' and 'states:w2;state_grads:w2' slower; '*:s2' an illegal memory access, which
-# ends the process and every row after it, so it is not in this list
+# launch configurations to try against the shipped ones at 8k (the ones flash-linear-attention tunes over).
+# Tried on an H200 at 32 state columns: 'chunk_grads:w4' and 'states:w2;state_grads:w2' slower; at 64,
+# 'wy_grads:w8' slower; '*:s2' an illegal memory access, which ends the process and every row after it,
+# so it is not in this list
 step bench_triton_launch "${LAUNCH_LIMIT:-150}" "$py" benchmarks/bench_triton.py --no-deep --no-sdpa --T 8192 \
     --launch 'solve:w1' 'states:w8' 'state_grads:w8' '*:s4'
 # which kernel this GPU's compiler gets wrong, if any, at the benchmark's tiles (K=V=128, chunks of

@@ -254,8 +254,8 @@ class KernelPart:
 
 
 #: Suffixes a linear part appends to its prefix (the prefix is chosen so that none collides).
-_LINEAR_NAMES = ("", "_kkt", "_solve", "_wu", "_states", "_output", "_state_grads", "_chunk_grads", "_recurrent",
-                 "_chunk", "_chunk_bwd", "_step", "_states_of", "_chunk_backward", "_setup", "_backward")
+_LINEAR_NAMES = ("", "_kkt", "_solve", "_wu", "_states", "_output", "_state_grads", "_chunk_grads", "_wy_grads",
+                 "_recurrent", "_chunk", "_chunk_bwd", "_step", "_states_of", "_chunk_backward", "_setup", "_backward")
 _FILE_NAMES = frozenset({"Optional", "torch", "triton", "tl", "launch", "LinearKernel", "MlpKernel", "acc_dtype",
                          "contiguous", "define_op", "dot_precision", "is_interpreted", "NAMESPACE", "SPEC_SHA256",
                          "KERNELS", "MISSING"})

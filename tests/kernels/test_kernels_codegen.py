@@ -72,7 +72,9 @@ def test_the_specialisation_is_baked_in():
     assert "MEM_K = tl.constexpr(32)" in src and "MEM_BT = tl.constexpr(64)" in src  # dim 128 / 4 heads
     assert "tl.sigmoid(lr_logit)" in src and "logsigmoid, fused" in src and "L2 normalisation, fused" in src
     hebbian = kernels_of("linear_attention").source
-    assert "def mem_kkt(" not in hebbian and "tl.sigmoid" not in hebbian  # no system, no gates to fuse
+    assert "def mem_wy_grads(" in src  # the gradients through the chunk's system: a kernel of their own
+    # no system, no gates to fuse
+    assert "def mem_kkt(" not in hebbian and "def mem_wy_grads(" not in hebbian and "tl.sigmoid" not in hebbian
 
 
 def test_specs_without_a_triton_path_get_no_kernels_file():
