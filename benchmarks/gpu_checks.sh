@@ -10,8 +10,10 @@
 # STEPs (all, in this order, when none is named): tests bench_triton models_graph models_triton
 # bench_triton_deep bench_triton_launch diagnose diagnose_k64 models_chunked; a lease too short for
 # all of them can take them in two calls. Seen on an H200 (Triton cache cold each time): tests
-# 118-135 s (pytest-xdist, 8 workers), a diagnosis of 6 configurations 143 s, bench_triton about
-# 200 s, models_graph 88 s, bench_triton_deep 51 s; a machine's start took 30 s to a minute.
+# 118-135 s (pytest-xdist, 8 workers; over 200 s for the 150 tests with the split gradient kernels),
+# a diagnosis of 6 configurations 143 s, bench_triton about 200 s (before it timed fla's gated rule
+# too, which autotunes on its first call), models_graph 88 s, bench_triton_deep 51 s; a machine's
+# start took 30 s to a minute.
 # Each step has a time limit, so a hang in one still leaves the others' numbers.
 set -u
 logs=${1:-gpu-checks}
@@ -54,11 +56,11 @@ parallel=()
 # replaces (tests/device_faults.py); in one process it ends the run
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)
 # (not the compile-for-a-GPU test: CPU work, which the CI does; here every kernel compiles for this GPU anyway;
-# no -q: pyproject's addopts has one, and a second drops the passed / failed count)
-TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -p no:cacheprovider --tb=short -rfEs \
+# -vv against pyproject's -q: a line per test, so that a step stopped at its limit says which ones ran)
+TAIL=40 step tests "${TEST_LIMIT:-300}" "$py" -m pytest tests/kernels -p no:cacheprovider --tb=short -rfEs -vv \
     -k "not compiles_for_a_gpu" "${parallel[@]}"
 # (--fla-unchecked: fla refuses its gated backward on Hopper with Triton 3.4 to 3.7.0; its time still compares)
-step bench_triton "${BENCH_LIMIT:-240}" "$py" benchmarks/bench_triton.py --no-deep --kernels 8 --fla-unchecked
+step bench_triton "${BENCH_LIMIT:-300}" "$py" benchmarks/bench_triton.py --no-deep --kernels 8 --fla-unchecked
 models() {  # models NAME ARGS...: the model benchmark on the GPU
     local name=$1
     shift
