@@ -22,8 +22,10 @@ with Triton 3.4 to 3.7.0) says why, and the others go on; ``--fla-unchecked`` tu
 fla's off, for its time alone (its gradients are then wrong by fla's own account, and the error
 column says by how much). ``--launch CONFIG...`` adds the nldsl
 rows again under other launch configurations (num_warps, num_stages per kernel), each checked
-like the others, and ``--block-v BV...`` with the kernels rendered for BV state columns per program;
-``--kernels N`` prints each row's N costliest GPU kernels under it.
+like the others, ``--block-v BV...`` with the kernels rendered for BV state columns per program,
+and ``--templates DIR...`` with them rendered from another copy of ``codegen_templates/`` (an
+earlier commit's, say), so that a kernel change is timed against what it changed in one process
+of one lease; ``--kernels N`` prints each row's N costliest GPU kernels under it.
 
 Deep memory (unless --no-deep; float32, Titans' memory M(x) = x + W_out silu(W_in x), K = V =
 --deep-head-dim, hidden 4x, chunks of 64 tokens, B = max(1, --tokens // T), H = --heads): the
@@ -69,6 +71,9 @@ def parse(argv=None):
     p.add_argument("--block-v", type=int, nargs="+", default=[], metavar="BV",
                    help="nldsl rows again with the kernels rendered for BV state columns per program "
                         "(LinearKernelSpec.block_v; the default is nldsl.codegen.kernels.DEFAULT_BLOCK_V)")
+    p.add_argument("--templates", nargs="+", default=[], metavar="DIR",
+                   help="nldsl rows again with the linear kernels rendered from DIR, another copy of "
+                        "codegen_templates/ (e.g. `git worktree add ../old HEAD~1`, then ../old/codegen_templates)")
     p.add_argument("--fla-unchecked", action="store_true",
                    help="time fla's gated rule where fla refuses it for a known miscompile (Hopper, Triton "
                         "3.4 to 3.7.0): its speed only, its gradients are wrong")
@@ -234,8 +239,11 @@ def gpu_bench(args) -> int:
             print(f"flash-linear-attention not importable ({e}); its rows are skipped")
     H, D = args.heads, args.head_dim
     print(f"{where}; torch {torch.__version__}, {args.dtype}, H={H}, K=V={D}, B = max(1, {args.tokens} // T)")
+    # the name column: as wide as the longest row's name (a variant's tag follows the kernel's)
+    tags = [*args.launch, *(f"BV {bv}" for bv in args.block_v), *args.templates]
+    width = max([34, *(len(f"nldsl gated delta (triton) [{tag}]") for tag in tags)])
     if not args.deep_only:
-        header = f"{'T':>6} {'B':>3}  {'kernel':34s} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9}  error"
+        header = f"{'T':>6} {'B':>3}  {'kernel':{width}s} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9}  error"
         print(header)
         print("-" * len(header))
     summary = []
@@ -268,6 +276,16 @@ def gpu_bench(args) -> int:
                 gated(q, k, v, beta.float(), g, initial_state=state, output_final_state=True).o
             launch_of.update({f"nldsl delta (triton) [BV {bv}]": "default",
                               f"nldsl gated delta (triton) [BV {bv}]": "default"})
+        for i, templates in enumerate(args.templates):
+            delta, gated = (_rendered_with(op, decay, D, templates=templates, variant=i)
+                            for op, decay in (("delta_rule", "none"), ("gated_delta_rule", "tensor")))
+            state = q.new_zeros(B, H, D, D, dtype=torch.float32)
+            rows[f"nldsl delta (triton) [{templates}]"] = lambda delta=delta, state=state: \
+                delta(q, k, v, beta.float(), initial_state=state, output_final_state=True).o
+            rows[f"nldsl gated delta (triton) [{templates}]"] = lambda gated=gated, state=state: \
+                gated(q, k, v, beta.float(), g, initial_state=state, output_final_state=True).o
+            launch_of.update({f"nldsl delta (triton) [{templates}]": "default",
+                              f"nldsl gated delta (triton) [{templates}]": "default"})
         if chunk_delta_rule is not None:
             rows["fla chunk_delta_rule"] = lambda: chunk_delta_rule(q, k, v, beta)[0]
             rows["fla chunk_gated_delta_rule"] = lambda: chunk_gated_delta_rule(q, k, v, g, beta)[0]
@@ -298,7 +316,7 @@ def gpu_bench(args) -> int:
                     out = forward()
                     grads = torch.autograd.grad(out, used, grad_out, allow_unused=True)
             except Exception as e:  # say why, time the others
-                print(f"{T:>6} {B:>3}  {name:34s} failed: {str(e).strip().splitlines()[0][:150]}")
+                print(f"{T:>6} {B:>3}  {name:{width}s} failed: {str(e).strip().splitlines()[0][:150]}")
                 continue
             if not name.startswith("torch"):
                 ref = refs["gated" if "gated" in name else "delta"]
@@ -318,7 +336,7 @@ def gpu_bench(args) -> int:
             # the check on the row itself, so a run cut short still says whether its timings count
             err, label = errors.get(name, (None, ""))
             check = "" if err is None else f"  {err:.0e} ({label})" + ("" if err <= tol else " EXCEEDS")
-            print(f"{T:>6} {B:>3}  {name:34s} {t_fwd:8.2f} {t_all:11.2f} {peak:9.0f}{check}")
+            print(f"{T:>6} {B:>3}  {name:{width}s} {t_fwd:8.2f} {t_all:11.2f} {peak:9.0f}{check}")
             if args.kernels:
                 print("\n".join(_kernel_breakdown(fwd_bwd, args.kernels)))
         if errors:
@@ -342,13 +360,31 @@ def gpu_bench(args) -> int:
     return 0
 
 
-def _rendered_with(op: str, decay: str, D: int, block_v: int):
-    """The kernels ``impl='triton'`` runs for ``op`` (chunks of 64), rendered for ``block_v``."""
+def _rendered_with(op: str, decay: str, D: int, block_v: int | None = None, templates: str | None = None,
+                   variant: int = 0):
+    """The kernels ``impl='triton'`` runs for ``op`` (chunks of 64), rendered for ``block_v`` state
+    columns, or from the templates in ``templates`` (a copy of ``codegen_templates/``; the kernels
+    get a name of their own, ``variant`` telling several copies apart)."""
+    from unittest import mock
+
+    import jinja2
+
+    from nldsl.codegen import kernels as codegen_kernels
     from nldsl.codegen.kernels import LinearKernelSpec, linear_kernel
     from nldsl.runtime._triton import runtime_kernel
 
-    kernel = runtime_kernel(op, "delta", lr="tensor", decay=decay, head_k=D, head_v=D, chunk_size=64)
-    return linear_kernel(LinearKernelSpec(**{**kernel.spec, "block_v": block_v}))
+    spec = runtime_kernel(op, "delta", lr="tensor", decay=decay, head_k=D, head_v=D, chunk_size=64).spec
+    if templates is None:
+        return linear_kernel(LinearKernelSpec(**{**spec, "block_v": block_v}))
+    shipped = codegen_kernels.environment
+
+    def environment():
+        env = shipped()
+        env.loader = jinja2.FileSystemLoader(templates)
+        return env
+
+    with mock.patch.object(codegen_kernels, "environment", environment):
+        return linear_kernel(LinearKernelSpec(**{**spec, "name": f"{spec['name']}_templates{variant}"}))
 
 
 def deep_bench(T_list, H, D, tokens, *, device, timer) -> list[str]:

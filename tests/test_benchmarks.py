@@ -3,6 +3,7 @@ scripts print them; this keeps them from rotting as the runtime changes)."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import shutil
 import subprocess
 import sys
@@ -31,11 +32,11 @@ RUNS = {
     # the GPU path's code, in the interpreter: a lent GPU's few minutes are not spent on a crash
     "bench_triton --rehearse": (["--rehearse", "--T", "40", "--tokens", "80", "--heads", "2", "--head-dim", "16",
                                  "--deep-T", "40", "--deep-head-dim", "8", "--dtype", "float32", "--kernels", "2",
-                                 "--launch", "solve:w2", "--block-v", "16"],
+                                 "--launch", "solve:w2", "--block-v", "16", "--templates", "codegen_templates"],
                                 ["output and gradients vs the float64 chunked path", "peak MiB  error",
                                  "nldsl gated delta (triton)",
                                  "mlp_memory impl='triton'", "GPU busy in all", "nldsl delta (triton) [solve:w2]",
-                                 "nldsl gated delta (triton) [BV 16]"]),
+                                 "nldsl gated delta (triton) [BV 16]", "nldsl gated delta (triton) [codegen_templates]"]),
     # the deep rows alone (gpu_checks.sh runs them as a step of their own)
     "bench_triton --rehearse --deep-only": (["--rehearse", "--deep-only", "--heads", "2", "--tokens", "80",
                                              "--deep-T", "40", "--deep-head-dim", "8", "--dtype", "float32"],
@@ -67,6 +68,26 @@ def _bench_models():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+def test_bench_triton_renders_rows_from_another_copy_of_the_templates(tmp_path):
+    """--templates DIR: the linear kernels rendered from DIR (a kernel change timed against the
+    copy it changed), under a name of their own beside the shipped ones."""
+    pytest.importorskip("triton")
+    shutil.copytree(ROOT / "codegen_templates", tmp_path / "before")
+    template = tmp_path / "before" / "kernels" / "linear_memory.py.j2"
+    template.write_text(template.read_text().replace("# ---- {{ title }}", "# the copy under test\n# ---- {{ title }}"))
+    spec = importlib.util.spec_from_file_location("bench_triton", ROOT / "benchmarks" / "bench_triton.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    variant = bench._rendered_with("delta_rule", "none", 16, templates=str(tmp_path / "before"), variant=7)
+    shipped = bench._rendered_with("delta_rule", "none", 16)
+    sources = {name: inspect.getsource(module) for name, module in sys.modules.items()
+               if name.startswith("nldsl_kernels_delta_rule")}
+    (copy,) = [src for name, src in sources.items() if name.startswith("nldsl_kernels_delta_rule_templates7_")]
+    assert "# the copy under test" in copy
+    assert variant is not shipped and variant.spec["name"] == "delta_rule_templates7"
+    assert not any("# the copy under test" in src for name, src in sources.items() if "templates7" not in name)
 
 
 def test_model_rows_of_one_class_carry_the_file_stem(tmp_path):
