@@ -365,17 +365,18 @@ def _rendered_with(op: str, decay: str, D: int, block_v: int | None = None, temp
     """The kernels ``impl='triton'`` runs for ``op`` (chunks of 64), rendered for ``block_v`` state
     columns, or from the templates in ``templates`` (a copy of ``codegen_templates/``; the kernels
     get a name of their own, ``variant`` telling several copies apart)."""
-    from unittest import mock
-
-    import jinja2
-
-    from nldsl.codegen import kernels as codegen_kernels
     from nldsl.codegen.kernels import LinearKernelSpec, linear_kernel
     from nldsl.runtime._triton import runtime_kernel
 
     spec = runtime_kernel(op, "delta", lr="tensor", decay=decay, head_k=D, head_v=D, chunk_size=64).spec
     if templates is None:
         return linear_kernel(LinearKernelSpec(**{**spec, "block_v": block_v}))
+    from unittest import mock
+
+    import jinja2
+
+    from nldsl.codegen import kernels as codegen_kernels
+
     shipped = codegen_kernels.environment
 
     def environment():
