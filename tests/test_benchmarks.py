@@ -36,7 +36,8 @@ RUNS = {
                                 ["output and gradients vs the float64 chunked path", "peak MiB  error",
                                  "nldsl gated delta (triton)",
                                  "mlp_memory impl='triton'", "GPU busy in all", "nldsl delta (triton) [solve:w2]",
-                                 "nldsl gated delta (triton) [BV 16]", "nldsl gated delta (triton) [codegen_templates]"]),
+                                 "nldsl gated delta (triton) [BV 16]",
+                                 "nldsl gated delta (triton) [codegen_templates]"]),
     # the deep rows alone (gpu_checks.sh runs them as a step of their own)
     "bench_triton --rehearse --deep-only": (["--rehearse", "--deep-only", "--heads", "2", "--tokens", "80",
                                              "--deep-T", "40", "--deep-head-dim", "8", "--dtype", "float32"],
