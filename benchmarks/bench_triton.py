@@ -266,26 +266,19 @@ def gpu_bench(args) -> int:
             rows[f"nldsl delta (triton){tag}"] = lambda: rt.delta_rule(q, k, v, beta, impl="triton").o
             rows[f"nldsl gated delta (triton){tag}"] = lambda: rt.gated_delta_rule(q, k, v, beta, g, impl="triton").o
             launch_of.update({f"nldsl delta (triton){tag}": config, f"nldsl gated delta (triton){tag}": config})
-        for bv in args.block_v:
-            delta, gated = (_rendered_with(op, decay, D, bv) for op, decay in (("delta_rule", "none"),
-                                                                             ("gated_delta_rule", "tensor")))
+        # the kernels rendered another way: for other state columns, or from another template copy
+        variants = [(f"BV {bv}", {"block_v": bv}) for bv in args.block_v]
+        variants += [(templates, {"templates": templates, "variant": i}) for i, templates in enumerate(args.templates)]
+        for tag, how in variants:
+            delta, gated = (_rendered_with(op, decay, D, **how) for op, decay in (("delta_rule", "none"),
+                                                                                ("gated_delta_rule", "tensor")))
             state = q.new_zeros(B, H, D, D, dtype=torch.float32)  # as the runtime op passes it
-            rows[f"nldsl delta (triton) [BV {bv}]"] = lambda delta=delta, state=state: \
+            rows[f"nldsl delta (triton) [{tag}]"] = lambda delta=delta, state=state: \
                 delta(q, k, v, beta.float(), initial_state=state, output_final_state=True).o
-            rows[f"nldsl gated delta (triton) [BV {bv}]"] = lambda gated=gated, state=state: \
+            rows[f"nldsl gated delta (triton) [{tag}]"] = lambda gated=gated, state=state: \
                 gated(q, k, v, beta.float(), g, initial_state=state, output_final_state=True).o
-            launch_of.update({f"nldsl delta (triton) [BV {bv}]": "default",
-                              f"nldsl gated delta (triton) [BV {bv}]": "default"})
-        for i, templates in enumerate(args.templates):
-            delta, gated = (_rendered_with(op, decay, D, templates=templates, variant=i)
-                            for op, decay in (("delta_rule", "none"), ("gated_delta_rule", "tensor")))
-            state = q.new_zeros(B, H, D, D, dtype=torch.float32)
-            rows[f"nldsl delta (triton) [{templates}]"] = lambda delta=delta, state=state: \
-                delta(q, k, v, beta.float(), initial_state=state, output_final_state=True).o
-            rows[f"nldsl gated delta (triton) [{templates}]"] = lambda gated=gated, state=state: \
-                gated(q, k, v, beta.float(), g, initial_state=state, output_final_state=True).o
-            launch_of.update({f"nldsl delta (triton) [{templates}]": "default",
-                              f"nldsl gated delta (triton) [{templates}]": "default"})
+            launch_of.update({f"nldsl delta (triton) [{tag}]": "default",
+                              f"nldsl gated delta (triton) [{tag}]": "default"})
         if chunk_delta_rule is not None:
             rows["fla chunk_delta_rule"] = lambda: chunk_delta_rule(q, k, v, beta)[0]
             rows["fla chunk_gated_delta_rule"] = lambda: chunk_gated_delta_rule(q, k, v, g, beta)[0]
