@@ -73,7 +73,8 @@ def parse(argv=None):
                         "(LinearKernelSpec.block_v; the default is nldsl.codegen.kernels.DEFAULT_BLOCK_V)")
     p.add_argument("--templates", nargs="+", default=[], metavar="DIR",
                    help="nldsl rows again with the linear kernels rendered from DIR, another copy of "
-                        "codegen_templates/ (e.g. `git worktree add ../old HEAD~1`, then ../old/codegen_templates)")
+                        "codegen_templates/ (e.g. `git archive HEAD~1 codegen_templates | tar -x -C old`, "
+                        "then old/codegen_templates)")
     p.add_argument("--fla-unchecked", action="store_true",
                    help="time fla's gated rule where fla refuses it for a known miscompile (Hopper, Triton "
                         "3.4 to 3.7.0): its speed only, its gradients are wrong")
