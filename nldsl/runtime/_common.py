@@ -62,6 +62,7 @@ class MemoryOutput(NamedTuple):
 # impl dispatch (no silent fallback)
 # --------------------------------------------------------------------------------------------
 
+@functools.cache  # one wrapper per implementation, not one per call of an op
 def without_autocast(fn: Callable) -> Callable:
     """``fn`` run with autocast off. The ops compute in the dtype they choose (:func:`compute_dtype`:
     the state's, float32 at least) and return outputs in their input's dtype; under a caller's
