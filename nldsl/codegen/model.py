@@ -23,7 +23,7 @@ def _plan(model, ctx: SpecContext) -> dict:
     if plan.doc:
         lines += ["", plan.doc]
     lines += ["", "Levels, fastest first:"]
-    for n, c, p, s, r, holds in plan.levels:
+    for n, c, p, s, _, holds in plan.levels:
         what = ", ".join(holds) or ("no memory" + (" (the outer optimizer's clock)" if c == "steps" else ""))
         lines.append(f"    {n}: {c} every {p}" + (", carries across calls" if s == "carry" else "") + f": {what}")
     lines += ["", "``model(input_ids, state=None) -> ModelOutput(logits, state)``; pass ``state`` back to",
