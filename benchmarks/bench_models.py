@@ -126,7 +126,8 @@ def _calls(model, step, top: int, device) -> dict:
     charged to the line that made it: the innermost frame in the nldsl package or the model's
     generated module, else autograd (the backward of built-in ops, which has no Python line) or
     the benchmark's own code (the loss, the optimizer). Returns the ``top`` costliest rows
-    ``(ms, calls, op, where)`` by line and op, and the total of all calls (ms). Under the mode,
+    ``(ms, calls, op, where)`` by line and op, and the total of all calls (ms); the native CPU
+    kernels' calls (ctypes, no torch calls) are rows of their own. Under the mode,
     autograd sums the gradients a tensor receives out of place (``add``); a plain step sums them
     in place (``add_``), so those rows overstate it."""
     import torch
@@ -162,8 +163,31 @@ def _calls(model, step, top: int, device) -> dict:
             spent[key] = (total + ms, n + 1)
             return out
 
-    with Timed():
-        step()
+    class TimedLibrary:  # the native kernels' calls (ctypes, no torch calls), by kernel
+        def __init__(self, lib, name):
+            self.lib, self.name = lib, name
+
+        def __getattr__(self, fn):
+            call = getattr(self.lib, fn)
+
+            def timed(*args):
+                t0 = time.perf_counter()
+                out = call(*args)
+                key = (f"(native: {self.name}.c)", fn)
+                total, n = spent.get(key, (0.0, 0))
+                spent[key] = (total + (time.perf_counter() - t0) * 1e3, n + 1)
+                return out
+            return timed
+
+    from nldsl.runtime import _mlp_write
+
+    library = _mlp_write._library
+    _mlp_write._library = lambda dt: None if library(dt) is None else TimedLibrary(library(dt), "_mlp_write")
+    try:
+        with Timed():
+            step()
+    finally:
+        _mlp_write._library = library
     rows = sorted(((ms, n, op, at) for (at, op), (ms, n) in spent.items()), reverse=True)
     return {"total_ms": sum(r[0] for r in rows), "rows": rows[:top]}
 
@@ -198,8 +222,18 @@ def _flops(step) -> float:
                 total[0] += formula(*args, **(kwargs or {}), out_val=out)
             return out
 
-    with Count():
-        step()
+    # the native CPU kernels' products are no torch calls: count the step as torch ops (the
+    # same products), so that GFLOP stays the model's work whichever implementation runs it
+    native = os.environ.get("NLDSL_NATIVE")
+    os.environ["NLDSL_NATIVE"] = "0"
+    try:
+        with Count():
+            step()
+    finally:
+        if native is None:
+            del os.environ["NLDSL_NATIVE"]
+        else:
+            os.environ["NLDSL_NATIVE"] = native
     return float(total[0])
 
 

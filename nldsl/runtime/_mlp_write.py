@@ -23,9 +23,16 @@ a handful of tensors per layer where autograd through the composed ops records a
 Returns the new weights (and momenta), plus what a running read of the piece needs: ``U_1``,
 ``U_2``, ``hs`` (DGD) and ``S_k``. First order only (``once_differentiable``): training needs
 no double backward through a write.
+
+On a CPU the write runs as C (``_mlp_write.c``, :class:`_NativeMlpWrite`: the same lines, one
+batch row at a time, so that a row's operands stay in cache through all of them; torch computes
+only the activation), built on first use by :mod:`nldsl.runtime._native`; the torch ops
+(:class:`_MlpWrite`) run on a GPU, without a C compiler, and with ``NLDSL_NATIVE=0``.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -33,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from nldsl.runtime import _native as native
 from nldsl.runtime._activations import L2, _NORM_EPS2, activation, activation_grad, activation_grad2
 from nldsl.runtime._common import segment_products
 
@@ -442,6 +450,113 @@ class _MlpWrite(torch.autograd.Function):
         return (None, dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, *dcoef)
 
 
+def _ptr(t: Optional[Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def _ptrs(ts) -> ctypes.Array:
+    return (ctypes.c_void_p * len(ts))(*map(_ptr, ts))
+
+
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _full_coefficients(coef, N: int, L: int) -> list:
+    """The coefficients broadcast to one row each (a piece's gates may be shared by all rows);
+    their gradients come back per row, and autograd sums them to the shared shape."""
+    shapes = [(N,), (N, L), (N,), (N,), (N, L), (N, L), (N, L), (N, L, L), (N, L, L), (N, L)]
+    return [None if c is None else c.expand(shape) for c, shape in zip(coef, shapes)]
+
+
+def _empty(like: Optional[Tensor]) -> Optional[Tensor]:
+    """A contiguous tensor of ``like``'s shape (one per row also where ``like`` broadcasts one)."""
+    return None if like is None else torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def _coef_strides(coef) -> ctypes.Array:
+    """Each coefficient's (row, i, j) strides, 0 past its dims (or for a missing one)."""
+    strides = []
+    for t in coef:
+        st = () if t is None else t.stride()
+        strides += [*st, *(0,) * (3 - len(st))]
+    return (ctypes.c_int64 * len(strides))(*strides)
+
+
+class _NativeMlpWrite(torch.autograd.Function):
+    """:class:`_MlpWrite` with everything but the activation in ``_mlp_write.c`` (float32 and
+    float64 CPU tensors; same inputs, outputs and gradients)."""
+
+    @staticmethod
+    def forward(ctx, lib, cfg, W1, W2, M1, M2, Wa1, Wa2, k, v, eta, *coef):
+        objective, self_signal, dgd, act, residual = cfg
+        same = Wa1 is None
+        W1, W2, M1, M2, Wa1, Wa2, k, v, eta = map(_contig, (W1, W2, M1, M2, Wa1, Wa2, k, v, eta))
+        N, L, D = k.shape
+        coef = _full_coefficients(coef, N, L)
+        Z = torch.cat([k, v], dim=1) if self_signal else k
+        H = torch.bmm(Z, _T(W1 if same else Wa1))
+        fa = _Act(H, act)
+        S, inv_r, g1 = fa.S.contiguous(), _contig(fa.inv_r), fa.g1.contiguous()
+        h, O = H.shape[-1], W2.shape[-2]
+        mom = M1 is not None
+        mask = residual if isinstance(residual, Tensor) else None
+        dims = (N, L, Z.shape[1], D, h, O, v.shape[-1], self_signal, objective == "l2", dgd, mom, same,
+                fa.l2, 2 if mask is not None else int(bool(residual)))
+        cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
+        W1n, W2n, M1n, M2n = _empty(W1), _empty(W2), _empty(M1), _empty(M2)
+        U1, U2 = k.new_empty(N, L, h), k.new_empty(N, L, O)
+        hs = k.new_empty(N, L, h) if dgd else None
+        work = k.new_empty(N, lib.work_size(cfg_c))
+        mask = None if mask is None else mask.to(k.dtype).contiguous()
+        ins = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, S, inv_r, g1)
+        outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work)
+        if lib.forward(cfg_c, _ptrs(ins), _ptrs(coef), _coef_strides(coef), _ptrs(outs)):
+            raise MemoryError("mlp_write: no memory for the C kernel's temporaries")
+        ctx.lib, ctx.act, ctx.cfg_c, ctx.dims = lib, fa.base, cfg_c, (same, dgd, mom)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*ins, U1, U2, hs, work, *coef)
+        Sk = S[:, :L]
+        return tuple([W1n, W2n] + ([M1n, M2n] if mom else []) + [U1, U2] + ([hs] if dgd else []) + [Sk])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        same, dgd, mom = ctx.dims
+        saved = ctx.saved_tensors
+        ins, (U1, U2, hs, work), coef = saved[:14], saved[14:18], saved[18:]
+        W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, S, inv_r, g1 = ins
+        L = k.shape[1]
+        grads = list(grads)
+        take = lambda on=True: _contig(grads.pop(0)) if on else None  # noqa: E731
+        G1, G2, F1, F2, gU1, gU2, ghs, gSk = take(), take(), take(mom), take(mom), take(), take(), take(dgd), take()
+        g2 = activation_grad2(H[:, :L], ctx.act).contiguous()
+        dW1, dW2, dM1, dM2 = _empty(W1), _empty(W2), _empty(M1), _empty(M2)
+        dWa1, dWa2 = (None, None) if same else (_empty(Wa1), _empty(Wa2))
+        dk, dv, deta = _empty(k), _empty(v), _empty(eta)
+        dcoef = [_empty(c) for c in coef]
+        if ctx.lib.backward(ctx.cfg_c, _ptrs((*ins, U1, U2, hs, work, g2)), _ptrs(coef), _coef_strides(coef),
+                            _ptrs((G1, G2, F1, F2, gU1, gU2, ghs, gSk)),
+                            _ptrs((dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, *dcoef))):
+            raise MemoryError("mlp_write: no memory for the C kernel's temporaries")
+        return (None, None, dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, *dcoef)
+
+
+def _native_write(k: Tensor):
+    """The C kernel's library where it runs this call (CPU float32 / float64 tensors), else None."""
+    if k.device.type != "cpu" or not native.enabled():
+        return None
+    return _library(k.dtype)
+
+
+@functools.cache
+def _library(dtype: torch.dtype):
+    lib = native.library("_mlp_write", dtype)
+    if lib is not None:
+        lib.work_size.restype = ctypes.c_int64
+    return lib
+
+
 def mlp_write(ws, ms, anchor, k, v, eta, coef: Coefficients, *, objective, signal, rule, act, residual):
     """One piece of writes (see the module docstring). ``ws``, ``anchor``: ``(W_1, W_2)``; ``ms``:
     ``(M_1, M_2)`` or None. Returns ``(ws_end, ms_end or None, U1, U2, hs or None, S_k)``."""
@@ -450,7 +565,11 @@ def mlp_write(ws, ms, anchor, k, v, eta, coef: Coefficients, *, objective, signa
     M1, M2 = ms if ms is not None else (None, None)
     Wa1, Wa2 = (None, None) if same else anchor
     cfg = (objective, signal == "self", dgd, act, residual)
-    out = list(_MlpWrite.apply(cfg, ws[0], ws[1], M1, M2, Wa1, Wa2, k, v, eta, *coef))
+    lib = _native_write(k)
+    if lib is not None:
+        out = list(_NativeMlpWrite.apply(lib, cfg, ws[0], ws[1], M1, M2, Wa1, Wa2, k, v, eta, *coef))
+    else:
+        out = list(_MlpWrite.apply(cfg, ws[0], ws[1], M1, M2, Wa1, Wa2, k, v, eta, *coef))
     ws_end = out[:2]
     ms_end = out[2:4] if ms is not None else None
     rest = out[4:] if ms is not None else out[2:]

@@ -1,6 +1,8 @@
 """The fused write of a two-layer memory (hand-written backward) against the same piece composed
 from torch ops and differentiated by autograd, in float64: every output and every input's
-gradient, over the configurations chunk_step runs it in; and gradcheck of the function alone."""
+gradient, over the configurations chunk_step runs it in; and gradcheck of the function alone.
+Both implementations of the fused write: the C kernel (``_mlp_write.c``, what a CPU runs) and the
+torch ops (``_MlpWrite``, what a GPU runs, and a CPU with ``NLDSL_NATIVE=0``)."""
 from __future__ import annotations
 
 import gc
@@ -11,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nldsl.runtime import _mlp_write, _native
 from nldsl.runtime._mlp_write import Coefficients, mlp_write, piece_coefficients
 from nldsl.runtime.deep_memory import composed_write, hidden_act, piece_gates
 from rtdeep_helpers import DT, assert_close, gen, rand, randn
@@ -18,7 +21,17 @@ from rtdeep_helpers import DT, assert_close, gen, rand, randn
 N, L, D, HID = 4, 5, 6, 7
 
 
-def piece(seed, *, momentum, retention, mid_chunk, signal):
+@pytest.fixture(params=["native", "torch"])
+def impl(request, monkeypatch):
+    """Which fused write runs: the C kernel or the torch ops."""
+    native = request.param == "native"
+    monkeypatch.setenv("NLDSL_NATIVE", "1" if native else "0")
+    if native:
+        assert _mlp_write._library(DT) is not None, "the C kernel did not build (is a C compiler installed?)"
+    return request.param
+
+
+def piece(seed, *, momentum, retention, mid_chunk, signal, N=N, L=L, D=D, HID=HID):
     g = gen(seed)
     w = [randn(g, N, HID, D, scale=0.4), randn(g, N, D, HID, scale=0.4)]
     x = dict(
@@ -73,7 +86,7 @@ CASES = list(itertools.product(
 
 
 @pytest.mark.parametrize("rule,momentum,retention,mid_chunk,signal,objective", CASES)
-def test_fused_write_equals_composed_with_gradients(rule, momentum, retention, mid_chunk, signal, objective):
+def test_fused_write_equals_composed_with_gradients(impl, rule, momentum, retention, mid_chunk, signal, objective):
     seed = CASES.index((rule, momentum, retention, mid_chunk, signal, objective))
     for act, norm, residual in (("gelu", "l2", True), ("silu", "none", False), ("tanh", "l2", "mask")):
         x = piece(seed, momentum=momentum, retention=retention, mid_chunk=mid_chunk, signal=signal)
@@ -99,7 +112,7 @@ def test_fused_write_equals_composed_with_gradients(rule, momentum, retention, m
 
 
 @pytest.mark.parametrize("norm", ["none", "l2"])
-def test_fused_write_gradcheck(norm):
+def test_fused_write_gradcheck(impl, norm):
     """Both hand-written backwards (the gate coefficients' and the write's) against finite
     differences (momentum, DGD, self-generated targets, a residual mask, a piece that starts
     after its anchor)."""
@@ -117,6 +130,45 @@ def test_fused_write_gradcheck(norm):
     leaves = [t.clone().requires_grad_() for t in leaves_of(x)]
     assert len(leaves) == 11
     assert torch.autograd.gradcheck(f, leaves)
+
+
+def _write(x, L, dtype, res, **cfg):
+    """mlp_write's outputs (flattened) for the piece ``x``, in ``dtype``."""
+    x = {n: None if t is None else ([w.to(dtype) for w in t] if isinstance(t, list) else t.to(dtype))
+         for n, t in x.items()}
+    coef, _ = piece_coefficients(x["alpha"], x["beta"], L, x["k"], dgd=cfg["rule"] == "dgd", read=False)
+    ws, ms, *rest = mlp_write(x["ws"], x["ms"], x["anchor"] if x["anchor"] is not None else x["ws"], x["k"],
+                              x["v"], x["eta"], coef, residual=res, **cfg)
+    return [*ws, *(ms or []), *(t for t in rest if t is not None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rule,momentum,mid_chunk,signal", list(itertools.product(
+    ("gd", "dgd"), (False, True), (False, True), ("values", "self"))))
+def test_native_write_equals_torch_ops_at_vector_widths(monkeypatch, dtype, rule, momentum, mid_chunk, signal):
+    """The C kernel against the torch ops at widths its products run in whole vectors and in
+    4-row blocks (the cases above run its scalar tails): float64 to 1e-10, and float32 at Hope's
+    sizes (32 wide, 8 tokens, a residual mask) to float32's precision; outputs and gradients."""
+    wide = dtype == torch.float64
+    n, l, d, hid = (6, 5, 16, 24) if wide else (10, 8, 32, 32)
+    x = piece(3, momentum=momentum, retention=True, mid_chunk=mid_chunk, signal=signal, N=n, L=l, D=d, HID=hid)
+    res = (torch.arange(n) % 3 != 2).to(DT)
+    cfg = dict(objective="l2", signal=signal, rule=rule, act=hidden_act("l2", "gelu"))
+    leaves = leaves_of(x)
+    for t in leaves:
+        t.requires_grad_(True)
+    results = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("NLDSL_NATIVE", native)
+        out = _write(x, l, dtype, res.to(dtype), **cfg)
+        ran = type(out[0].grad_fn).__name__
+        assert ran == ("_NativeMlpWriteBackward" if native == "1" else "_MlpWriteBackward"), ran
+        ws = [randn(gen(5 + i), *t.shape).to(dtype) for i, t in enumerate(out)]
+        grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, ws)), leaves)
+        results.append([t.double() for t in out] + list(grads))
+    tol = dict(atol=1e-10, rtol=1e-9) if wide else dict(atol=2e-5, rtol=1e-4)
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"result {i}: {m}")
 
 
 @pytest.mark.parametrize("dgd,read", [(True, True), (False, True), (True, False)])
@@ -161,7 +213,7 @@ def test_piece_coefficients_gradcheck():
 
 
 @pytest.mark.parametrize("backward", [False, True])
-def test_a_write_leaves_no_reference_cycle(backward):
+def test_a_write_leaves_no_reference_cycle(impl, backward):
     """Once the caller drops the outputs, reference counting frees them and the graph. A tensor
     kept on the function's ctx that is (or views) an output ties the node and the output in a
     cycle that only the cyclic collector frees, which seldom runs while a training step allocates

@@ -1,0 +1,477 @@
+/* The write of one piece to a two-layer MLP memory on a CPU, forward and backward: the lines of
+ * _MlpWrite in _mlp_write.py (same names, same order), run one batch row at a time. As torch ops
+ * every line is a call over all rows, and a piece's ~200 calls each stream their operands through
+ * memory; here a row's operands (a few KB) stay in the core's L1 from the first line to the last.
+ * The activation and its derivatives come from torch (its vectorised erf and exp); the rest is
+ * here. _native.py builds this file twice, for REAL=float and REAL=double.
+ *
+ * Per row, row-major and contiguous unless a stride is given: W1, Wa1, M1 [h, D]; W2, Wa2, M2
+ * [O, h]; k [L, D]; v [L, Dv]; Z = [k; v] (Lz = 2L rows, signal "self") or k (Lz = L); H, S, g1
+ * [Lz, h]; inv_r [Lz]; eta [L]; the gate coefficients by strides (A, mL, bL [1]; cl, bl, dl, p0,
+ * mp [L]; Pp, Cp [L, L]). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef REAL real;
+#define VBYTES 64
+#define VL ((int)(VBYTES / sizeof(real)))
+typedef real vreal __attribute__((vector_size(VBYTES)));
+
+static inline vreal vload(const real *p) { vreal v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(real *p, vreal v) { memcpy(p, &v, sizeof v); }
+
+/* C[m, n] (+)= A B with A(i, p) = A[i * ai + p * ap], B(p, j) = B[p * bi + j * bj]; C row-major, n
+ * wide. B is first copied to a contiguous [k, n] block when its rows are not contiguous (a
+ * transposed operand), so that the inner loop runs along C's and B's rows in vectors: blocks of
+ * 4 rows by 2 vectors, 8 accumulators in registers. */
+static void gemm(int m, int n, int k, const real *A, int ai, int ap, const real *B, int bi, int bj,
+                 int acc, real *C, real *pack)
+{
+    if (bj != 1) {
+        for (int p = 0; p < k; p++)
+            for (int j = 0; j < n; j++) pack[p * n + j] = B[p * bi + j * bj];
+        B = pack;
+        bi = n;
+    }
+    const int nv = n - n % VL, nw = n - n % (2 * VL);
+    int i = 0;
+    for (; i + 4 <= m; i += 4) {
+        const real *a0 = A + i * ai, *a1 = a0 + ai, *a2 = a1 + ai, *a3 = a2 + ai;
+        real *c = C + i * n;
+        for (int j = 0; j < nw; j += 2 * VL) {
+            vreal c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
+            for (int p = 0; p < k; p++) {
+                const vreal b = vload(B + p * bi + j), e = vload(B + p * bi + j + VL);
+                const real x0 = a0[p * ap], x1 = a1[p * ap], x2 = a2[p * ap], x3 = a3[p * ap];
+                c0 += x0 * b, d0 += x0 * e;
+                c1 += x1 * b, d1 += x1 * e;
+                c2 += x2 * b, d2 += x2 * e;
+                c3 += x3 * b, d3 += x3 * e;
+            }
+            if (acc) {
+                c0 += vload(c + j), d0 += vload(c + j + VL);
+                c1 += vload(c + n + j), d1 += vload(c + n + j + VL);
+                c2 += vload(c + 2 * n + j), d2 += vload(c + 2 * n + j + VL);
+                c3 += vload(c + 3 * n + j), d3 += vload(c + 3 * n + j + VL);
+            }
+            vstore(c + j, c0), vstore(c + j + VL, d0);
+            vstore(c + n + j, c1), vstore(c + n + j + VL, d1);
+            vstore(c + 2 * n + j, c2), vstore(c + 2 * n + j + VL, d2);
+            vstore(c + 3 * n + j, c3), vstore(c + 3 * n + j + VL, d3);
+        }
+        for (int j = nw; j < nv; j += VL) {
+            vreal c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+            for (int p = 0; p < k; p++) {
+                const vreal b = vload(B + p * bi + j);
+                c0 += a0[p * ap] * b, c1 += a1[p * ap] * b, c2 += a2[p * ap] * b, c3 += a3[p * ap] * b;
+            }
+            if (acc) c0 += vload(c + j), c1 += vload(c + n + j), c2 += vload(c + 2 * n + j), c3 += vload(c + 3 * n + j);
+            vstore(c + j, c0), vstore(c + n + j, c1), vstore(c + 2 * n + j, c2), vstore(c + 3 * n + j, c3);
+        }
+    }
+    for (; i < m; i++) {
+        const real *a = A + i * ai;
+        for (int j = 0; j < nv; j += VL) {
+            vreal c0 = {0};
+            for (int p = 0; p < k; p++) c0 += a[p * ap] * vload(B + p * bi + j);
+            real *c = C + i * n + j;
+            vstore(c, acc ? c0 + vload(c) : c0);
+        }
+    }
+    for (int r = 0; r < m; r++)  /* the columns past the last whole vector */
+        for (int j = nv; j < n; j++) {
+            real s = 0;
+            for (int p = 0; p < k; p++) s += A[r * ai + p * ap] * B[p * bi + j];
+            C[r * n + j] = acc ? C[r * n + j] + s : s;
+        }
+}
+
+/* x . y in vectors (two accumulators: a sum's chain of dependent adds is what bounds it) */
+static inline real dot(const real *x, const real *y, int n)
+{
+    vreal s0 = {0}, s1 = {0};
+    int j = 0;
+    for (; j + 2 * VL <= n; j += 2 * VL) {
+        s0 += vload(x + j) * vload(y + j);
+        s1 += vload(x + j + VL) * vload(y + j + VL);
+    }
+    for (; j + VL <= n; j += VL) s0 += vload(x + j) * vload(y + j);
+    s0 += s1;
+    real s = 0;
+    for (int i = 0; i < VL; i++) s += s0[i];
+    for (; j < n; j++) s += x[j] * y[j];
+    return s;
+}
+
+/* (d - n (n . d)) / r per row: the L2 norm's Jacobian applied to d (in place) */
+static void project(real *d, const real *nrm, const real *inv_r, int rows, int w)
+{
+    for (int t = 0; t < rows; t++) {
+        real *x = d + t * w;
+        const real *u = nrm + t * w;
+        real nd = dot(u, x, w);
+        for (int j = 0; j < w; j++) x[j] = (x[j] - u[j] * nd) * inv_r[t];
+    }
+}
+
+/* configuration: dims, flags (the order _native.py packs them in) */
+enum { N_, L_, LZ, D_, H_, O_, DV, SELF, L2OBJ, DGD, MOM, SAME, L2NORM, RESID, NCFG };
+/* coefficient pointers and their (row, i, j) strides */
+enum { CA, CCL, CML, CBL, CBLV, CDL, CP0, CPP, CCP, CMP, NCOEF };
+#define COEF(c, r, i, j) (coef[c][(r) * cs[3 * (c)] + (i) * cs[3 * (c) + 1] + (j) * cs[3 * (c) + 2]])
+
+/* what the forward keeps per row for the backward, in this order */
+static int64_t work_offsets(const int64_t *cfg, int64_t *off)
+{
+    const int64_t L = cfg[L_], h = cfg[H_], O = cfg[O_];
+    const int64_t sizes[] = {L * O, L * h, L * h, L * h, L * L, L * h, L * h, L * L, L * h, L * h, L * O};
+    int64_t at = 0;
+    for (int i = 0; i < 11; i++) {
+        off[i] = at;
+        at += sizes[i];
+    }
+    return at;
+}
+enum { W_EPS, W_D1, W_PD1, W_E1, W_KK, W_XK, W_R, W_TINV, W_KM1, W_LEFT1, W_LEFT2 };
+
+int64_t work_size(const int64_t *cfg)
+{
+    int64_t off[11];
+    return work_offsets(cfg, off);
+}
+
+/* A call's temporaries: one block per thread, kept and grown as needed (stack arrays of these
+ * sizes could overflow a thread's stack; a fresh block per call costs page faults), carved by
+ * TAKE; every temporary is at most [max(Lz, widths), widths]. */
+#define NTEMP 32
+#define TAKE(n) (at += (n), at - (n))
+static real *scratch(const int64_t *cfg, int64_t *each)
+{
+    static __thread real *block;
+    static __thread int64_t size;
+    int64_t w = cfg[H_] > cfg[D_] ? cfg[H_] : cfg[D_];
+    w = w > cfg[O_] ? w : cfg[O_];
+    *each = (w > cfg[LZ] ? w : cfg[LZ]) * w;
+    if (NTEMP * *each > size) {
+        real *grown = realloc(block, NTEMP * *each * sizeof(real));
+        if (!grown) return 0;
+        block = grown;
+        size = NTEMP * *each;
+    }
+    return block;
+}
+
+/* in: W1 W2 M1 M2 Wa1 Wa2 k v eta resid H S inv_r g1; coef: the 10 coefficients (NULL where the
+ * configuration has none), cs their strides; out: W1n W2n M1n M2n U1 U2 hs work */
+int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_t *cs, real *const *out)
+{
+    const int N = cfg[N_], L = cfg[L_], Lz = cfg[LZ], D = cfg[D_], h = cfg[H_], O = cfg[O_], Dv = cfg[DV];
+    const int self = cfg[SELF], l2obj = cfg[L2OBJ], dgd = cfg[DGD], mom = cfg[MOM], same = cfg[SAME];
+    const int l2n = cfg[L2NORM], resid = cfg[RESID];
+    int64_t off[11];
+    const int64_t ws = work_offsets(cfg, off);
+    int64_t each;
+    real *const base = scratch(cfg, &each), *at = base;
+    if (!base) return 1;
+    real *Y = TAKE(Lz * O), *CK = TAKE(L * L), *nR = TAKE(L * h), *bU = TAKE(each), *pack = TAKE(each);
+    for (int r = 0; r < N; r++) {
+        const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
+        const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;
+        const real *Wa2 = same ? W2 : in[5] + r * O * h;  /* W_a1 is in H */
+        const real *k = in[6] + r * L * D, *v = in[7] + r * L * Dv, *eta = in[8] + r * L;
+        const real rr = resid == 2 ? in[9][r] : resid;
+        const real *H = in[10] + r * Lz * h, *S = in[11] + r * Lz * h, *inv_r = l2n ? in[12] + r * Lz : 0;
+        const real *g1 = in[13] + r * Lz * h;
+        real *W1n = out[0] + r * h * D, *W2n = out[1] + r * O * h;
+        real *M1n = mom ? out[2] + r * h * D : 0, *M2n = mom ? out[3] + r * O * h : 0;
+        real *U1 = out[4] + r * L * h, *U2 = out[5] + r * L * O, *hs = dgd ? out[6] + r * L * h : 0;
+        real *w = out[7] + r * ws;
+        real *eps = w + off[W_EPS], *d1 = w + off[W_D1], *pd1 = w + off[W_PD1], *e1 = w + off[W_E1];
+        real *KK = w + off[W_KK], *Xk = w + off[W_XK], *R = w + off[W_R], *Tinv = w + off[W_TINV];
+        real *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1], *left2 = w + off[W_LEFT2];
+
+        /* Y = S W_a2^T + r Z; eps = y - target (l2) or -target (dot) */
+        gemm(Lz, O, h, S, h, 1, Wa2, 1, h, 0, Y, pack);
+        if (rr != 0)
+            for (int t = 0; t < Lz; t++)
+                for (int j = 0; j < O; j++) Y[t * O + j] += rr * (t < L ? k[t * D + j] : v[(t - L) * Dv + j]);
+        for (int t = 0; t < L; t++)
+            for (int j = 0; j < O; j++) {
+                real target = self ? Y[(L + t) * O + j] : v[t * Dv + j];
+                eps[t * O + j] = l2obj ? Y[t * O + j] - target : -target;
+            }
+        /* d1 = eps W_a2; e1 = J^T d1 */
+        gemm(L, h, O, eps, O, 1, Wa2, h, 1, 0, d1, pack);
+        memcpy(pd1, d1, sizeof(real) * L * h);
+        if (l2n) project(pd1, S, inv_r, L, h);
+        for (int t = 0; t < L; t++)
+            for (int j = 0; j < h; j++) {
+                e1[t * h + j] = g1[t * h + j] * pd1[t * h + j];
+                U1[t * h + j] = -eta[t] * e1[t * h + j];
+                left1[t * h + j] = COEF(CCL, r, t, 0) * U1[t * h + j];
+            }
+        for (int t = 0; t < L; t++)
+            for (int j = 0; j < O; j++) {
+                U2[t * O + j] = -eta[t] * eps[t * O + j];
+                left2[t * O + j] = COEF(CCL, r, t, 0) * U2[t * O + j];
+            }
+        if (dgd) {
+            gemm(L, L, D, k, D, 1, k, 1, D, 0, KK, pack);
+            if (same)
+                memcpy(Xk, H, sizeof(real) * L * h);
+            else
+                gemm(L, h, D, k, D, 1, W1, 1, D, 0, Xk, pack);
+            /* R = p0 Xk + (Cp * KK) U1 + mp k M1^T */
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < L; j++) CK[t * L + j] = COEF(CCP, r, t, j) * KK[t * L + j];
+            gemm(L, h, L, CK, L, 1, U1, h, 1, 0, R, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < h; j++) R[t * h + j] += COEF(CP0, r, t, 0) * Xk[t * h + j];
+            if (mom) {
+                gemm(L, h, D, k, D, 1, M1, 1, D, 0, kM1, pack);
+                for (int t = 0; t < L; t++)
+                    for (int j = 0; j < h; j++) R[t * h + j] += COEF(CMP, r, t, 0) * kM1[t * h + j];
+            }
+            /* Tinv = (I + strict_lower(eta Pp * KK))^-1, by forward substitution */
+            for (int i = 0; i < L; i++) {
+                for (int j = 0; j < L; j++) Tinv[i * L + j] = i == j;
+                for (int j = 0; j < i; j++) {
+                    real s = 0;
+                    for (int l = j; l < i; l++) s += eta[i] * COEF(CPP, r, i, l) * KK[i * L + l] * Tinv[l * L + j];
+                    Tinv[i * L + j] = -s;
+                }
+            }
+            /* hs = Tinv (-eta R) */
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < h; j++) nR[t * h + j] = -eta[t] * R[t * h + j];
+            gemm(L, h, L, Tinv, L, 1, nR, h, 1, 0, hs, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < h; j++) left1[t * h + j] += COEF(CDL, r, t, 0) * hs[t * h + j];
+        }
+        /* the end state: A W + mL M + left^T a (a = k for W1, S_k for W2), the momenta likewise */
+        const real A = COEF(CA, r, 0, 0), mL = mom ? COEF(CML, r, 0, 0) : 0;
+        gemm(h, D, L, left1, 1, h, k, D, 1, 0, W1n, pack);
+        gemm(O, h, L, left2, 1, O, S, h, 1, 0, W2n, pack);
+        for (int j = 0; j < h * D; j++) W1n[j] += A * W1[j] + (mom ? mL * M1[j] : 0);
+        for (int j = 0; j < O * h; j++) W2n[j] += A * W2[j] + (mom ? mL * M2[j] : 0);
+        if (mom) {
+            const real bL = COEF(CBL, r, 0, 0);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < h; j++) bU[t * h + j] = COEF(CBLV, r, t, 0) * U1[t * h + j];
+            gemm(h, D, L, bU, 1, h, k, D, 1, 0, M1n, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < O; j++) bU[t * O + j] = COEF(CBLV, r, t, 0) * U2[t * O + j];
+            gemm(O, h, L, bU, 1, O, S, h, 1, 0, M2n, pack);
+            for (int j = 0; j < h * D; j++) M1n[j] += bL * M1[j];
+            for (int j = 0; j < O * h; j++) M2n[j] += bL * M2[j];
+        }
+    }
+    return 0;
+}
+
+/* in: as forward, plus U1 U2 hs work g2 (act'' at H's first L rows);
+ * grad: G1 G2 F1 F2 gU1 gU2 ghs gSk (NULL = zero);
+ * out: dW1 dW2 dM1 dM2 dWa1 dWa2 dk dv deta, then the coefficients' gradients (contiguous; NULL
+ * where there is no coefficient): dA dcl dmL dbL dbl ddl dp0 dPp dCp dmp */
+int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64_t *cs, real *const *grad,
+              real *const *out)
+{
+    const int N = cfg[N_], L = cfg[L_], Lz = cfg[LZ], D = cfg[D_], h = cfg[H_], O = cfg[O_], Dv = cfg[DV];
+    const int self = cfg[SELF], l2obj = cfg[L2OBJ], dgd = cfg[DGD], mom = cfg[MOM], same = cfg[SAME];
+    const int l2n = cfg[L2NORM], resid = cfg[RESID];
+    int64_t off[11];
+    const int64_t ws = work_offsets(cfg, off);
+    int64_t each;
+    real *const base = scratch(cfg, &each), *at = base;
+    if (!base) return 1;
+    real *const zero = TAKE(each);  /* stands for a missing gradient */
+    memset(zero, 0, sizeof(real) * each);
+    real *P1 = TAKE(L * h), *P2 = TAKE(L * O), *dSk = TAKE(L * h), *dU1 = TAKE(L * h), *dU2 = TAKE(L * O);
+    real *Q1 = TAKE(L * h), *Q2 = TAKE(L * O), *bU = TAKE(each), *dhs = TAKE(L * h), *dRhs = TAKE(L * h);
+    real *dG = TAKE(L * L), *dR = TAKE(L * h), *dKK = TAKE(L * L), *dXk = TAKE(L * h), *dCK = TAKE(L * L);
+    real *CK = TAKE(L * L), *mdR = TAKE(L * h), *S2 = TAKE(L * L), *de1 = TAKE(L * h), *deps = TAKE(L * O);
+    real *dd1 = TAKE(L * h), *dHk = TAKE(L * h), *dY = TAKE(Lz * O), *dS = TAKE(Lz * h), *dZ = TAKE(Lz * D);
+    real *dH = TAKE(Lz * h), *pack = TAKE(each);
+    for (int r = 0; r < N; r++) {
+        const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
+        const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;
+        const real *Wa1 = same ? W1 : in[4] + r * h * D, *Wa2 = same ? W2 : in[5] + r * O * h;
+        const real *k = in[6] + r * L * D, *v = in[7] + r * L * Dv, *eta = in[8] + r * L;
+        const real rr = resid == 2 ? in[9][r] : resid;
+        const real *S = in[11] + r * Lz * h, *inv_r = l2n ? in[12] + r * Lz : 0;
+        const real *g1 = in[13] + r * Lz * h;
+        const real *U1 = in[14] + r * L * h, *U2 = in[15] + r * L * O, *hs = dgd ? in[16] + r * L * h : 0;
+        const real *w = in[17] + r * ws, *g2 = in[18] + r * L * h;
+        const real *eps = w + off[W_EPS], *d1 = w + off[W_D1], *pd1 = w + off[W_PD1], *e1 = w + off[W_E1];
+        const real *KK = w + off[W_KK], *Xk = w + off[W_XK], *R = w + off[W_R], *Tinv = w + off[W_TINV];
+        const real *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1], *left2 = w + off[W_LEFT2];
+        const real *G1 = grad[0] ? grad[0] + r * h * D : zero, *G2 = grad[1] ? grad[1] + r * O * h : zero;
+        const real *F1 = mom && grad[2] ? grad[2] + r * h * D : zero;
+        const real *F2 = mom && grad[3] ? grad[3] + r * O * h : zero;
+        const real *gU1 = grad[4] ? grad[4] + r * L * h : 0, *gU2 = grad[5] ? grad[5] + r * L * O : 0;
+        const real *ghs = dgd && grad[6] ? grad[6] + r * L * h : 0, *gSk = grad[7] ? grad[7] + r * L * h : 0;
+        real *dW1 = out[0] + r * h * D, *dW2 = out[1] + r * O * h;
+        real *dM1 = mom ? out[2] + r * h * D : 0, *dM2 = mom ? out[3] + r * O * h : 0;
+        real *dWa1 = same ? dW1 : out[4] + r * h * D, *dWa2 = same ? dW2 : out[5] + r * O * h;
+        real *dk = out[6] + r * L * D, *dv = out[7] + r * L * Dv, *deta = out[8] + r * L;
+        real *dA = out[9] + r, *dcl = out[10] + r * L;
+        real *dmL = mom ? out[11] + r : 0, *dbL = mom ? out[12] + r : 0, *dbl = mom ? out[13] + r * L : 0;
+        real *ddl = dgd ? out[14] + r * L : 0, *dp0 = dgd ? out[15] + r * L : 0;
+        real *dPp = dgd ? out[16] + r * L * L : 0, *dCp = dgd ? out[17] + r * L * L : 0;
+        real *dmp = dgd && mom ? out[18] + r * L : 0;
+        const real *Sk = S;
+
+        *dA = dot(G1, W1, h * D) + dot(G2, W2, O * h);
+        /* the end state's writes: W_1' += left1^T k, W_2' += left2^T S_k (and the momenta's) */
+        gemm(L, h, D, k, D, 1, G1, 1, D, 0, P1, pack);
+        gemm(L, O, h, Sk, h, 1, G2, 1, h, 0, P2, pack);
+        gemm(L, D, h, left1, h, 1, G1, D, 1, 0, dk, pack);
+        gemm(L, h, O, left2, O, 1, G2, h, 1, 0, dSk, pack);
+        if (gSk)
+            for (int j = 0; j < L * h; j++) dSk[j] += gSk[j];
+        for (int t = 0; t < L; t++) {
+            const real cl = COEF(CCL, r, t, 0);
+            for (int j = 0; j < h; j++) dU1[t * h + j] = cl * P1[t * h + j] + (gU1 ? gU1[t * h + j] : 0);
+            for (int j = 0; j < O; j++) dU2[t * O + j] = cl * P2[t * O + j] + (gU2 ? gU2[t * O + j] : 0);
+            dcl[t] = dot(U1 + t * h, P1 + t * h, h) + dot(U2 + t * O, P2 + t * O, O);
+        }
+        if (mom) {
+            *dmL = dot(G1, M1, h * D) + dot(G2, M2, O * h);
+            *dbL = dot(F1, M1, h * D) + dot(F2, M2, O * h);
+            gemm(L, h, D, k, D, 1, F1, 1, D, 0, Q1, pack);
+            gemm(L, O, h, Sk, h, 1, F2, 1, h, 0, Q2, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < h; j++) bU[t * h + j] = COEF(CBLV, r, t, 0) * U1[t * h + j];
+            gemm(L, D, h, bU, h, 1, F1, D, 1, 1, dk, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < O; j++) bU[t * O + j] = COEF(CBLV, r, t, 0) * U2[t * O + j];
+            gemm(L, h, O, bU, O, 1, F2, h, 1, 1, dSk, pack);
+            for (int t = 0; t < L; t++) {
+                const real bl = COEF(CBLV, r, t, 0);
+                for (int j = 0; j < h; j++) dU1[t * h + j] += bl * Q1[t * h + j];
+                for (int j = 0; j < O; j++) dU2[t * O + j] += bl * Q2[t * O + j];
+                dbl[t] = dot(U1 + t * h, Q1 + t * h, h) + dot(U2 + t * O, Q2 + t * O, O);
+            }
+        }
+        for (int t = 0; t < L; t++) deta[t] = 0;
+        if (dgd) {
+            for (int t = 0; t < L; t++) {
+                for (int j = 0; j < h; j++)
+                    dhs[t * h + j] = COEF(CDL, r, t, 0) * P1[t * h + j] + (ghs ? ghs[t * h + j] : 0);
+                ddl[t] = dot(hs + t * h, P1 + t * h, h);
+            }
+            /* hs = Tinv (-eta R): the UT transform's backward */
+            gemm(L, h, L, Tinv, 1, L, dhs, h, 1, 0, dRhs, pack);
+            gemm(L, L, h, dRhs, h, 1, hs, 1, h, 0, dG, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < L; j++) dG[t * L + j] = j < t ? -dG[t * L + j] : 0;
+            for (int t = 0; t < L; t++) {
+                for (int j = 0; j < h; j++) dR[t * h + j] = -eta[t] * dRhs[t * h + j];
+                deta[t] = -dot(R + t * h, dRhs + t * h, h);
+                /* G = eta (Pp * KK) */
+                for (int j = 0; j < L; j++) {
+                    const real dGK = dG[t * L + j] * KK[t * L + j], Pp = COEF(CPP, r, t, j);
+                    deta[t] += dGK * Pp;
+                    dPp[t * L + j] = eta[t] * dGK;
+                    dKK[t * L + j] = eta[t] * dG[t * L + j] * Pp;
+                }
+                /* R = p0 Xk + (Cp * KK) U1 + mp kM1 */
+                dp0[t] = dot(dR + t * h, Xk + t * h, h);
+                for (int j = 0; j < h; j++) dXk[t * h + j] = COEF(CP0, r, t, 0) * dR[t * h + j];
+            }
+            gemm(L, L, h, dR, h, 1, U1, 1, h, 0, dCK, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < L; j++) {
+                    const real Cp = COEF(CCP, r, t, j);
+                    dCp[t * L + j] = dCK[t * L + j] * KK[t * L + j];
+                    dKK[t * L + j] += dCK[t * L + j] * Cp;
+                    CK[t * L + j] = Cp * KK[t * L + j];
+                }
+            gemm(L, h, L, CK, 1, L, dR, h, 1, 1, dU1, pack);
+            if (mom) {
+                for (int t = 0; t < L; t++) {
+                    dmp[t] = dot(dR + t * h, kM1 + t * h, h);
+                    for (int j = 0; j < h; j++) mdR[t * h + j] = COEF(CMP, r, t, 0) * dR[t * h + j];
+                }
+                gemm(L, D, h, mdR, h, 1, M1, D, 1, 1, dk, pack);
+            }
+            gemm(L, D, h, dXk, h, 1, W1, D, 1, 1, dk, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < L; j++) S2[t * L + j] = dKK[t * L + j] + dKK[j * L + t];
+            gemm(L, D, L, S2, L, 1, k, D, 1, 1, dk, pack);
+        }
+        /* U_i = -eta e_i */
+        for (int t = 0; t < L; t++) {
+            deta[t] -= dot(dU1 + t * h, e1 + t * h, h) + dot(dU2 + t * O, eps + t * O, O);
+            for (int j = 0; j < h; j++) de1[t * h + j] = -eta[t] * dU1[t * h + j];
+            for (int j = 0; j < O; j++) deps[t * O + j] = -eta[t] * dU2[t * O + j];
+        }
+        /* e1 = J(H_k)^T d1, d1 = eps W_a2: dd1 = J de1, dHk = d/dH <de1, J^T d1> */
+        for (int j = 0; j < L * h; j++) dd1[j] = g1[j] * de1[j];
+        if (l2n) {
+            project(dd1, S, inv_r, L, h);
+            for (int t = 0; t < L; t++) {
+                const real *n = S + t * h, *a = d1 + t * h, *pa = pd1 + t * h, *b = de1 + t * h, *g = g1 + t * h;
+                real na = 0, nw = 0, aw = 0;
+                for (int j = 0; j < h; j++) {
+                    const real wj = g[j] * b[j];
+                    na += n[j] * a[j];
+                    nw += n[j] * wj;
+                    aw += a[j] * wj;
+                }
+                const real ir2 = inv_r[t] * inv_r[t], c = 3 * na * nw - aw;
+                for (int j = 0; j < h; j++) {
+                    const real wj = g[j] * b[j], du = c * n[j] - nw * a[j] - na * wj;
+                    dHk[t * h + j] = g2[t * h + j] * b[j] * pa[j] + g[j] * du * ir2;
+                }
+            }
+        } else {
+            for (int j = 0; j < L * h; j++) dHk[j] = g2[j] * d1[j] * de1[j];
+        }
+        gemm(L, O, h, dd1, h, 1, Wa2, 1, h, 1, deps, pack);
+        /* eps = y - target / -target; Y = S W_a2^T + r Z */
+        for (int t = 0; t < L; t++)
+            for (int j = 0; j < O; j++) {
+                dY[t * O + j] = l2obj ? deps[t * O + j] : 0;
+                if (self)
+                    dY[(L + t) * O + j] = -deps[t * O + j];
+                else
+                    dv[t * Dv + j] = -deps[t * O + j];
+            }
+        gemm(Lz, h, O, dY, O, 1, Wa2, h, 1, 0, dS, pack);
+        for (int j = 0; j < L * h; j++) dS[j] += dSk[j];
+        for (int j = 0; j < Lz * h; j++) dH[j] = dS[j];
+        if (l2n) project(dH, S, inv_r, Lz, h);
+        for (int j = 0; j < Lz * h; j++) dH[j] *= g1[j];
+        for (int j = 0; j < L * h; j++) dH[j] += dHk[j];
+        if (rr != 0)  /* a residual needs O == D */
+            for (int j = 0; j < Lz * D; j++) dZ[j] = rr * dY[j];
+        gemm(Lz, D, h, dH, h, 1, Wa1, D, 1, rr != 0, dZ, pack);
+        for (int j = 0; j < L * D; j++) dk[j] += dZ[j];
+        if (self) memcpy(dv, dZ + L * D, sizeof(real) * L * D);
+
+        /* the weights' gradients */
+        gemm(h, D, L, dH, 1, h, k, D, 1, 0, dWa1, pack);
+        if (self) gemm(h, D, L, dH + L * h, 1, h, v, D, 1, 1, dWa1, pack);
+        gemm(O, h, L, eps, 1, O, dd1, h, 1, 0, dWa2, pack);
+        gemm(O, h, Lz, dY, 1, O, S, h, 1, 1, dWa2, pack);
+        if (!same) {
+            memset(dW1, 0, sizeof(real) * h * D);
+            memset(dW2, 0, sizeof(real) * O * h);
+        }
+        if (dgd) {
+            gemm(h, D, L, dXk, 1, h, k, D, 1, 1, dW1, pack);
+            if (mom) gemm(h, D, L, mdR, 1, h, k, D, 1, 0, dM1, pack);
+        }
+        for (int j = 0; j < h * D; j++) dW1[j] += COEF(CA, r, 0, 0) * G1[j];
+        for (int j = 0; j < O * h; j++) dW2[j] += COEF(CA, r, 0, 0) * G2[j];
+        if (mom) {
+            const real mL = COEF(CML, r, 0, 0), bL = COEF(CBL, r, 0, 0);
+            if (!dgd) memset(dM1, 0, sizeof(real) * h * D);
+            for (int j = 0; j < h * D; j++) dM1[j] += mL * G1[j] + bL * F1[j];
+            for (int j = 0; j < O * h; j++) dM2[j] = mL * G2[j] + bL * F2[j];
+        }
+    }
+    return 0;
+}

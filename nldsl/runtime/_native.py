@@ -1,0 +1,93 @@
+"""Native CPU kernels: C files beside the Python they stand in for, built on first use by the
+system's C compiler (``$CC``, else ``cc``) into a per-user cache and loaded with ctypes.
+
+A kernel is built for the machine it runs on (``-march=native``), once per source, compiler and
+CPU: the cache key holds all three, so a home directory shared by different machines keeps one
+build per CPU. The build goes to a temporary file renamed into place, so an interrupted or
+concurrent build never leaves a half-written library behind. Without a compiler, or when the
+build fails, :func:`library` warns once and returns None, and the callers run their torch ops;
+``NLDSL_NATIVE=0`` turns the kernels off (the torch ops then run everywhere).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["library", "enabled", "cache_dir"]
+
+_HERE = Path(__file__).parent
+_FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared")
+_REALS = {torch.float32: "float", torch.float64: "double"}
+
+
+def enabled() -> bool:
+    return os.environ.get("NLDSL_NATIVE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    """``$NLDSL_CACHE``, else ``$XDG_CACHE_HOME/nldsl``, else ``~/.cache/nldsl``."""
+    root = os.environ.get("NLDSL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nldsl"
+
+
+def _cpu() -> str:
+    """What identifies this CPU's instruction set: its flags on Linux, else the platform's name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def library(name: str, dtype: torch.dtype) -> Optional[ctypes.CDLL]:
+    """The built ``<name>.c`` for ``dtype`` (float32 / float64), or None (see the module docstring)."""
+    real = _REALS.get(dtype)
+    if real is None or not enabled():
+        return None
+    return _build(name, real)
+
+
+@functools.cache
+def _build(name: str, real: str) -> Optional[ctypes.CDLL]:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        warnings.warn(f"nldsl: no C compiler (set CC): {name} runs as torch ops, slower on a CPU", stacklevel=3)
+        return None
+    source = _HERE / f"{name}.c"
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), repr((cc, _FLAGS, real)).encode(), _cpu().encode()]))
+    target = cache_dir() / f"{name}-{real}-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            try:
+                cmd = [cc, *_FLAGS, f"-DREAL={real}", str(source), "-o", tmp, "-lm"]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    err = done.stderr.strip()
+                    raise OSError(err.splitlines()[-1] if err else f"{Path(cc).name} exited with {done.returncode}")
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError as err:
+            warnings.warn(f"nldsl: building {source.name} failed ({err}): {name} runs as torch ops, slower on a "
+                          "CPU", stacklevel=3)
+            return None
+    return ctypes.CDLL(str(target))

@@ -1,0 +1,69 @@
+"""Building and loading the native CPU kernels (nldsl/runtime/_native.py): a build per source,
+compiler and CPU in the cache, no half-written files, and without a compiler a warning and the
+torch ops (their results are tested against the kernels in tests/runtime_deep/test_mlp_write.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nldsl.runtime import _mlp_write, _native
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty cache and no built library in this process (before and after the test)."""
+    monkeypatch.setenv("NLDSL_CACHE", str(tmp_path))
+    monkeypatch.delenv("NLDSL_NATIVE", raising=False)
+    caches = (_native._build, _mlp_write._library)
+    for c in caches:
+        c.cache_clear()
+    yield tmp_path
+    for c in caches:
+        c.cache_clear()
+
+
+def _write_runs(dtype=torch.float64) -> str:
+    """Which fused write a small piece runs: the name of its output's backward node."""
+    N, L, D = 2, 3, 4
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(N, D, D, generator=g, dtype=dtype, requires_grad=True) for _ in range(2)]
+    k, v = (torch.randn(N, L, D, generator=g, dtype=dtype) for _ in range(2))
+    eta = torch.full((N, L), 0.1, dtype=dtype)
+    coef, _ = _mlp_write.piece_coefficients(None, None, L, k, dgd=True, read=False)
+    ws, *_ = _mlp_write.mlp_write(w, None, w, k, v, eta, coef, objective="l2", signal="self", rule="dgd",
+                                  act="gelu", residual=True)
+    return type(ws[0].grad_fn).__name__
+
+
+def test_a_build_is_cached_and_leaves_no_temporary_files(fresh):
+    assert _write_runs() == "_NativeMlpWriteBackward"
+    built = sorted(p.name for p in fresh.iterdir())
+    assert len(built) == 1 and built[0].startswith("_mlp_write-double-") and built[0].endswith(".so"), built
+    stamp = (fresh / built[0]).stat().st_mtime_ns
+    _native._build.cache_clear()
+    _mlp_write._library.cache_clear()
+    assert _write_runs(torch.float32) == "_NativeMlpWriteBackward"
+    assert _write_runs() == "_NativeMlpWriteBackward"
+    names = sorted(p.name for p in fresh.iterdir())
+    assert len(names) == 2 and built[0] in names and (fresh / built[0]).stat().st_mtime_ns == stamp
+
+
+def test_without_a_compiler_the_write_warns_and_runs_the_torch_ops(fresh, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="runs as torch ops"):
+        assert _write_runs() == "_MlpWriteBackward"
+    assert list(fresh.iterdir()) == []
+
+
+def test_a_failed_build_names_the_error_and_leaves_nothing(fresh, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    with pytest.warns(UserWarning, match="building _mlp_write.c failed"):
+        assert _write_runs() == "_MlpWriteBackward"
+    assert list(fresh.iterdir()) == []
+
+
+def test_nldsl_native_0_turns_the_kernels_off(fresh, monkeypatch):
+    monkeypatch.setenv("NLDSL_NATIVE", "0")
+    assert _native.library("_mlp_write", torch.float64) is None
+    assert _write_runs() == "_MlpWriteBackward"
+    assert list(fresh.iterdir()) == []
