@@ -17,74 +17,90 @@ typedef REAL real;
 #define VBYTES 64
 #define VL ((int)(VBYTES / sizeof(real)))
 typedef real vreal __attribute__((vector_size(VBYTES)));
+typedef real vhalf __attribute__((vector_size(VBYTES / 2)));  /* for a product's last columns */
 
 static inline vreal vload(const real *p) { vreal v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(real *p, vreal v) { memcpy(p, &v, sizeof v); }
+static inline vhalf hload(const real *p) { vhalf v; memcpy(&v, p, sizeof v); return v; }
+static inline void hstore(real *p, vhalf v) { memcpy(p, &v, sizeof v); }
 
-/* C[m, n] (+)= A B with A(i, p) = A[i * ai + p * ap], B(p, j) = B[p * bi + j * bj]; C row-major, n
- * wide. B is first copied to a contiguous [k, n] block when its rows are not contiguous (a
- * transposed operand), so that the inner loop runs along C's and B's rows in vectors: blocks of
- * 4 rows by 2 vectors, 8 accumulators in registers. */
+#define INLINE static inline __attribute__((always_inline))
+
+/* A block of a product: rows r < R (4 or 1) of C (+)= A B over NV vectors of T (LANES each) of
+ * columns; the accumulators stay in registers (R and NV are constants once inlined). */
+#define PRODUCT_BLOCK(NAME, T, LOAD, STORE, LANES, NV)                                            \
+    INLINE void NAME(const int R, int k, const real *A, int ai, int ap, const real *B, int ldb,   \
+                     int acc, real *C, int ldc)                                                   \
+    {                                                                                            \
+        T c[4][NV];                                                                              \
+        for (int r = 0; r < 4; r++)                                                              \
+            for (int v = 0; v < NV; v++) c[r][v] = (T){0};                                       \
+        for (int p = 0; p < k; p++) {                                                            \
+            T b[NV];                                                                             \
+            for (int v = 0; v < NV; v++) b[v] = LOAD(B + p * ldb + v * (LANES));                 \
+            for (int r = 0; r < R; r++) {                                                        \
+                const real x = A[r * ai + p * ap];                                               \
+                for (int v = 0; v < NV; v++) c[r][v] += x * b[v];                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < R; r++)                                                              \
+            for (int v = 0; v < NV; v++) {                                                       \
+                real *o = C + r * ldc + v * (LANES);                                             \
+                STORE(o, acc ? c[r][v] + LOAD(o) : c[r][v]);                                     \
+            }                                                                                    \
+    }
+PRODUCT_BLOCK(block2, vreal, vload, vstore, VL, 2)
+PRODUCT_BLOCK(block1, vreal, vload, vstore, VL, 1)
+PRODUCT_BLOCK(block_half, vhalf, hload, hstore, VL / 2, 1)
+
+/* R rows (4 or 1) of C[., n] (+)= A B, B contiguous with rows ldb apart: the columns in blocks of
+ * two vectors, one vector, half a vector, then one at a time */
+INLINE void product_rows(const int R, int n, int k, const real *A, int ai, int ap, const real *B, int ldb,
+                         int acc, real *C, int ldc)
+{
+    int j = 0;
+    for (; j + 2 * VL <= n; j += 2 * VL) block2(R, k, A, ai, ap, B + j, ldb, acc, C + j, ldc);
+    if (j + VL <= n) block1(R, k, A, ai, ap, B + j, ldb, acc, C + j, ldc), j += VL;
+    if (j + VL / 2 <= n) block_half(R, k, A, ai, ap, B + j, ldb, acc, C + j, ldc), j += VL / 2;
+    for (int r = 0; r < R; r++) {
+        real *c = C + r * ldc;
+        if (!acc)
+            for (int jj = j; jj < n; jj++) c[jj] = 0;
+        for (int p = 0; p < k; p++)
+            for (int jj = j; jj < n; jj++) c[jj] += A[r * ai + p * ap] * B[p * ldb + jj];
+    }
+}
+
+/* C[m, n] (+)= A B, B contiguous with rows ldb apart, C's rows ldc apart */
+static void product(int m, int n, int k, const real *A, int ai, int ap, const real *B, int ldb, int acc,
+                    real *C, int ldc)
+{
+    int i = 0;
+    for (; i + 4 <= m; i += 4) product_rows(4, n, k, A + i * ai, ai, ap, B, ldb, acc, C + i * ldc, ldc);
+    for (; i < m; i++) product_rows(1, n, k, A + i * ai, ai, ap, B, ldb, acc, C + i * ldc, ldc);
+}
+
+/* C[m, n] (+)= A B with A(i, p) = A[i * ai + p * ap], B(p, j) = B[p * bi + j * bj]; C row-major.
+ * The inner loops run along rows of B and C in vectors, so a B whose rows are not contiguous (a
+ * transposed operand) is copied first into ``pack`` (2 max(m, n, k)^2 values at most), or, where
+ * copying A is cheaper, the product runs transposed, C^T = B^T A^T, and is copied into C. */
 static void gemm(int m, int n, int k, const real *A, int ai, int ap, const real *B, int bi, int bj,
                  int acc, real *C, real *pack)
 {
-    if (bj != 1) {
-        for (int p = 0; p < k; p++)
-            for (int j = 0; j < n; j++) pack[p * n + j] = B[p * bi + j * bj];
-        B = pack;
-        bi = n;
+    if (bj == 1) {
+        product(m, n, k, A, ai, ap, B, bi, acc, C, n);
+    } else if (m * k + m * n < n * k) {
+        real *At = pack, *Ct = pack + k * m;  /* A^T [k, m]; C^T [n, m] */
+        for (int i = 0; i < m; i++)
+            for (int p = 0; p < k; p++) At[p * m + i] = A[i * ai + p * ap];
+        product(n, m, k, B, bj, bi, At, m, 0, Ct, m);
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++) C[i * n + j] = acc ? C[i * n + j] + Ct[j * m + i] : Ct[j * m + i];
+    } else {
+        for (int j = 0; j < n; j++)
+            for (int p = 0; p < k; p++) pack[p * n + j] = B[p * bi + j * bj];
+        product(m, n, k, A, ai, ap, pack, n, acc, C, n);
     }
-    const int nv = n - n % VL, nw = n - n % (2 * VL);
-    int i = 0;
-    for (; i + 4 <= m; i += 4) {
-        const real *a0 = A + i * ai, *a1 = a0 + ai, *a2 = a1 + ai, *a3 = a2 + ai;
-        real *c = C + i * n;
-        for (int j = 0; j < nw; j += 2 * VL) {
-            vreal c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
-            for (int p = 0; p < k; p++) {
-                const vreal b = vload(B + p * bi + j), e = vload(B + p * bi + j + VL);
-                const real x0 = a0[p * ap], x1 = a1[p * ap], x2 = a2[p * ap], x3 = a3[p * ap];
-                c0 += x0 * b, d0 += x0 * e;
-                c1 += x1 * b, d1 += x1 * e;
-                c2 += x2 * b, d2 += x2 * e;
-                c3 += x3 * b, d3 += x3 * e;
-            }
-            if (acc) {
-                c0 += vload(c + j), d0 += vload(c + j + VL);
-                c1 += vload(c + n + j), d1 += vload(c + n + j + VL);
-                c2 += vload(c + 2 * n + j), d2 += vload(c + 2 * n + j + VL);
-                c3 += vload(c + 3 * n + j), d3 += vload(c + 3 * n + j + VL);
-            }
-            vstore(c + j, c0), vstore(c + j + VL, d0);
-            vstore(c + n + j, c1), vstore(c + n + j + VL, d1);
-            vstore(c + 2 * n + j, c2), vstore(c + 2 * n + j + VL, d2);
-            vstore(c + 3 * n + j, c3), vstore(c + 3 * n + j + VL, d3);
-        }
-        for (int j = nw; j < nv; j += VL) {
-            vreal c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
-            for (int p = 0; p < k; p++) {
-                const vreal b = vload(B + p * bi + j);
-                c0 += a0[p * ap] * b, c1 += a1[p * ap] * b, c2 += a2[p * ap] * b, c3 += a3[p * ap] * b;
-            }
-            if (acc) c0 += vload(c + j), c1 += vload(c + n + j), c2 += vload(c + 2 * n + j), c3 += vload(c + 3 * n + j);
-            vstore(c + j, c0), vstore(c + n + j, c1), vstore(c + 2 * n + j, c2), vstore(c + 3 * n + j, c3);
-        }
-    }
-    for (; i < m; i++) {
-        const real *a = A + i * ai;
-        for (int j = 0; j < nv; j += VL) {
-            vreal c0 = {0};
-            for (int p = 0; p < k; p++) c0 += a[p * ap] * vload(B + p * bi + j);
-            real *c = C + i * n + j;
-            vstore(c, acc ? c0 + vload(c) : c0);
-        }
-    }
-    for (int r = 0; r < m; r++)  /* the columns past the last whole vector */
-        for (int j = nv; j < n; j++) {
-            real s = 0;
-            for (int p = 0; p < k; p++) s += A[r * ai + p * ap] * B[p * bi + j];
-            C[r * n + j] = acc ? C[r * n + j] + s : s;
-        }
 }
 
 /* x . y in vectors (two accumulators: a sum's chain of dependent adds is what bounds it) */
@@ -174,7 +190,7 @@ int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_
     int64_t each;
     real *const base = scratch(cfg, &each), *at = base;
     if (!base) return 1;
-    real *Y = TAKE(Lz * O), *CK = TAKE(L * L), *nR = TAKE(L * h), *bU = TAKE(each), *pack = TAKE(each);
+    real *Y = TAKE(Lz * O), *CK = TAKE(L * L), *nR = TAKE(L * h), *bU = TAKE(each), *pack = TAKE(2 * each);
     for (int r = 0; r < N; r++) {
         const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
         const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;
@@ -292,7 +308,7 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
     real *dG = TAKE(L * L), *dR = TAKE(L * h), *dKK = TAKE(L * L), *dXk = TAKE(L * h), *dCK = TAKE(L * L);
     real *CK = TAKE(L * L), *mdR = TAKE(L * h), *S2 = TAKE(L * L), *de1 = TAKE(L * h), *deps = TAKE(L * O);
     real *dd1 = TAKE(L * h), *dHk = TAKE(L * h), *dY = TAKE(Lz * O), *dS = TAKE(Lz * h), *dZ = TAKE(Lz * D);
-    real *dH = TAKE(Lz * h), *pack = TAKE(each);
+    real *dH = TAKE(Lz * h), *pack = TAKE(2 * each);
     for (int r = 0; r < N; r++) {
         const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
         const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;

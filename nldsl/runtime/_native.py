@@ -27,7 +27,7 @@ import torch
 __all__ = ["library", "enabled", "cache_dir"]
 
 _HERE = Path(__file__).parent
-_FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared")
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-fPIC", "-shared")
 _REALS = {torch.float32: "float", torch.float64: "double"}
 
 
