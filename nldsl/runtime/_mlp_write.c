@@ -9,6 +9,7 @@
  * [O, h]; k [L, D]; v [L, Dv]; Z = [k; v] (Lz = 2L rows, signal "self") or k (Lz = L); H, S, g1
  * [Lz, h]; inv_r [Lz]; eta [L]; the gate coefficients by strides (A, mL, bL [1]; cl, bl, dl, p0,
  * mp [L]; Pp, Cp [L, L]). */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -178,9 +179,11 @@ static real *scratch(const int64_t *cfg, int64_t *each)
     return block;
 }
 
-/* in: W1 W2 M1 M2 Wa1 Wa2 k v eta resid H S inv_r g1; coef: the 10 coefficients (NULL where the
- * configuration has none), cs their strides; out: W1n W2n M1n M2n U1 U2 hs work */
-int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_t *cs, real *const *out)
+/* in: W1 W2 M1 M2 Wa1 Wa2 k v eta resid H S - g1 (with the L2 norm S is act(H), normalised here
+ * into S and inv_r, the outputs after work); coef: the 10 coefficients (NULL where the
+ * configuration has none), cs their strides; out: W1n W2n M1n M2n U1 U2 hs work (S inv_r) */
+int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_t *cs, real *const *out,
+            double eps2)
 {
     const int N = cfg[N_], L = cfg[L_], Lz = cfg[LZ], D = cfg[D_], h = cfg[H_], O = cfg[O_], Dv = cfg[DV];
     const int self = cfg[SELF], l2obj = cfg[L2OBJ], dgd = cfg[DGD], mom = cfg[MOM], same = cfg[SAME];
@@ -197,8 +200,17 @@ int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_
         const real *Wa2 = same ? W2 : in[5] + r * O * h;  /* W_a1 is in H */
         const real *k = in[6] + r * L * D, *v = in[7] + r * L * Dv, *eta = in[8] + r * L;
         const real rr = resid == 2 ? in[9][r] : resid;
-        const real *H = in[10] + r * Lz * h, *S = in[11] + r * Lz * h, *inv_r = l2n ? in[12] + r * Lz : 0;
-        const real *g1 = in[13] + r * Lz * h;
+        const real *H = in[10] + r * Lz * h, *S = in[11] + r * Lz * h, *g1 = in[13] + r * Lz * h;
+        real *inv_r = 0;
+        if (l2n) {  /* in[11] holds act(H): S = act(H) / r, r = sqrt(||act(H)||^2 + eps2) */
+            real *Sn = out[8] + r * Lz * h;
+            inv_r = out[9] + r * Lz;
+            for (int t = 0; t < Lz; t++) {
+                inv_r[t] = 1 / sqrt(dot(S + t * h, S + t * h, h) + eps2);
+                for (int j = 0; j < h; j++) Sn[t * h + j] = S[t * h + j] * inv_r[t];
+            }
+            S = Sn;
+        }
         real *W1n = out[0] + r * h * D, *W2n = out[1] + r * O * h;
         real *M1n = mom ? out[2] + r * h * D : 0, *M2n = mom ? out[3] + r * O * h : 0;
         real *U1 = out[4] + r * L * h, *U2 = out[5] + r * L * O, *hs = dgd ? out[6] + r * L * h : 0;

@@ -496,24 +496,27 @@ class _NativeMlpWrite(torch.autograd.Function):
         coef = _full_coefficients(coef, N, L)
         Z = torch.cat([k, v], dim=1) if self_signal else k
         H = torch.bmm(Z, _T(W1 if same else Wa1))
-        fa = _Act(H, act)
-        S, inv_r, g1 = fa.S.contiguous(), _contig(fa.inv_r), fa.g1.contiguous()
+        l2 = act.endswith(L2)
+        base = act[:-len(L2)] if l2 else act
+        u, g1 = activation(H, base).contiguous(), _act_grad(H, base).contiguous()
+        S, inv_r = (torch.empty_like(u), H.new_empty(H.shape[:-1])) if l2 else (u, None)  # the kernel normalises
         h, O = H.shape[-1], W2.shape[-2]
         mom = M1 is not None
         mask = residual if isinstance(residual, Tensor) else None
         dims = (N, L, Z.shape[1], D, h, O, v.shape[-1], self_signal, objective == "l2", dgd, mom, same,
-                fa.l2, 2 if mask is not None else int(bool(residual)))
+                l2, 2 if mask is not None else int(bool(residual)))
         cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
         W1n, W2n, M1n, M2n = _empty(W1), _empty(W2), _empty(M1), _empty(M2)
         U1, U2 = k.new_empty(N, L, h), k.new_empty(N, L, O)
         hs = k.new_empty(N, L, h) if dgd else None
         work = k.new_empty(N, lib.work_size(cfg_c))
         mask = None if mask is None else mask.to(k.dtype).contiguous()
-        ins = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, S, inv_r, g1)
-        outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work)
-        if lib.forward(cfg_c, _ptrs(ins), _ptrs(coef), _coef_strides(coef), _ptrs(outs)):
+        ins = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, u, None, g1)
+        outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work, S if l2 else None, inv_r)
+        if lib.forward(cfg_c, _ptrs(ins), _ptrs(coef), _coef_strides(coef), _ptrs(outs), ctypes.c_double(_NORM_EPS2)):
             raise MemoryError("mlp_write: no memory for the C kernel's temporaries")
-        ctx.lib, ctx.act, ctx.cfg_c, ctx.dims = lib, fa.base, cfg_c, (same, dgd, mom)
+        ins = ins[:11] + (S, inv_r, g1)
+        ctx.lib, ctx.act, ctx.cfg_c, ctx.dims = lib, base, cfg_c, (same, dgd, mom)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*ins, U1, U2, hs, work, *coef)
         Sk = S[:, :L]
