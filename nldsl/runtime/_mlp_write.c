@@ -2,8 +2,9 @@
  * _MlpWrite in _mlp_write.py (same names, same order), run one batch row at a time. As torch ops
  * every line is a call over all rows, and a piece's ~200 calls each stream their operands through
  * memory; here a row's operands (a few KB) stay in the core's L1 from the first line to the last.
- * The activation and its derivatives come from torch (its vectorised erf and exp); the rest is
- * here. _native.py builds this file twice, for REAL=float and REAL=double.
+ * The activation and its derivatives come from torch (its vectorised erf and exp); the rest,
+ * the hidden layer's L2 norm included, is here. _native.py builds this file twice, for
+ * REAL=float and REAL=double.
  *
  * Per row, row-major and contiguous unless a stride is given: W1, Wa1, M1 [h, D]; W2, Wa2, M2
  * [O, h]; k [L, D]; v [L, Dv]; Z = [k; v] (Lz = 2L rows, signal "self") or k (Lz = L); H, S, g1
@@ -132,10 +133,10 @@ static void project(real *d, const real *nrm, const real *inv_r, int rows, int w
     }
 }
 
-/* configuration: dims, flags (the order _native.py packs them in) */
-enum { N_, L_, LZ, D_, H_, O_, DV, SELF, L2OBJ, DGD, MOM, SAME, L2NORM, RESID, NCFG };
+/* configuration: dims, flags (the order _NativeMlpWrite packs them in) */
+enum { N_, L_, LZ, D_, H_, O_, DV, SELF, L2OBJ, DGD, MOM, SAME, L2NORM, RESID };
 /* coefficient pointers and their (row, i, j) strides */
-enum { CA, CCL, CML, CBL, CBLV, CDL, CP0, CPP, CCP, CMP, NCOEF };
+enum { CA, CCL, CML, CBL, CBLV, CDL, CP0, CPP, CCP, CMP };
 #define COEF(c, r, i, j) (coef[c][(r) * cs[3 * (c)] + (i) * cs[3 * (c) + 1] + (j) * cs[3 * (c) + 2]])
 
 /* what the forward keeps per row for the backward, in this order */
@@ -160,16 +161,18 @@ int64_t work_size(const int64_t *cfg)
 
 /* A call's temporaries: one block per thread, kept and grown as needed (stack arrays of these
  * sizes could overflow a thread's stack; a fresh block per call costs page faults), carved by
- * TAKE; every temporary is at most [max(Lz, widths), widths]. */
+ * TAKE: at most NTEMP of them, each at most ``each`` = m^2 values, m the largest of Lz and the
+ * widths (temporaries are [L or Lz, L or a width] or [width, width]). */
 #define NTEMP 32
 #define TAKE(n) (at += (n), at - (n))
 static real *scratch(const int64_t *cfg, int64_t *each)
 {
     static __thread real *block;
     static __thread int64_t size;
-    int64_t w = cfg[H_] > cfg[D_] ? cfg[H_] : cfg[D_];
-    w = w > cfg[O_] ? w : cfg[O_];
-    *each = (w > cfg[LZ] ? w : cfg[LZ]) * w;
+    int64_t m = cfg[H_] > cfg[D_] ? cfg[H_] : cfg[D_];
+    m = m > cfg[O_] ? m : cfg[O_];
+    m = m > cfg[LZ] ? m : cfg[LZ];
+    *each = m * m;
     if (NTEMP * *each > size) {
         real *grown = realloc(block, NTEMP * *each * sizeof(real));
         if (!grown) return 0;
@@ -194,7 +197,8 @@ int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_
     real *const base = scratch(cfg, &each), *at = base;
     if (!base) return 1;
     real *Y = TAKE(Lz * O), *CK = TAKE(L * L), *nR = TAKE(L * h), *bU = TAKE(each), *pack = TAKE(2 * each);
-    for (int r = 0; r < N; r++) {
+    if (at - base > NTEMP * each) return 2;  /* more temporaries than the block holds: a bug */
+    for (int64_t r = 0; r < N; r++) {  /* 64-bit: the offsets r * rows * cols */
         const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
         const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;
         const real *Wa2 = same ? W2 : in[5] + r * O * h;  /* W_a1 is in H */
@@ -314,14 +318,15 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
     real *const base = scratch(cfg, &each), *at = base;
     if (!base) return 1;
     real *const zero = TAKE(each);  /* stands for a missing gradient */
-    memset(zero, 0, sizeof(real) * each);
     real *P1 = TAKE(L * h), *P2 = TAKE(L * O), *dSk = TAKE(L * h), *dU1 = TAKE(L * h), *dU2 = TAKE(L * O);
     real *Q1 = TAKE(L * h), *Q2 = TAKE(L * O), *bU = TAKE(each), *dhs = TAKE(L * h), *dRhs = TAKE(L * h);
     real *dG = TAKE(L * L), *dR = TAKE(L * h), *dKK = TAKE(L * L), *dXk = TAKE(L * h), *dCK = TAKE(L * L);
     real *CK = TAKE(L * L), *mdR = TAKE(L * h), *S2 = TAKE(L * L), *de1 = TAKE(L * h), *deps = TAKE(L * O);
     real *dd1 = TAKE(L * h), *dHk = TAKE(L * h), *dY = TAKE(Lz * O), *dS = TAKE(Lz * h), *dZ = TAKE(Lz * D);
     real *dH = TAKE(Lz * h), *pack = TAKE(2 * each);
-    for (int r = 0; r < N; r++) {
+    if (at - base > NTEMP * each) return 2;
+    memset(zero, 0, sizeof(real) * each);
+    for (int64_t r = 0; r < N; r++) {  /* 64-bit: the offsets r * rows * cols */
         const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
         const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;
         const real *Wa1 = same ? W1 : in[4] + r * h * D, *Wa2 = same ? W2 : in[5] + r * O * h;

@@ -483,6 +483,14 @@ def _coef_strides(coef) -> ctypes.Array:
     return (ctypes.c_int64 * len(strides))(*strides)
 
 
+def _check(status: int) -> None:
+    """The C kernel's status: 0 done, 1 out of memory, 2 its temporaries overran their block."""
+    if status == 1:
+        raise MemoryError("mlp_write: no memory for the C kernel's temporaries")
+    if status:
+        raise RuntimeError("mlp_write: the C kernel's temporaries overran their block (a bug in _mlp_write.c)")
+
+
 class _NativeMlpWrite(torch.autograd.Function):
     """:class:`_MlpWrite` with everything but the activation in ``_mlp_write.c`` (float32 and
     float64 CPU tensors; same inputs, outputs and gradients)."""
@@ -513,8 +521,8 @@ class _NativeMlpWrite(torch.autograd.Function):
         mask = None if mask is None else mask.to(k.dtype).contiguous()
         ins = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, u, None, g1)
         outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work, S if l2 else None, inv_r)
-        if lib.forward(cfg_c, _ptrs(ins), _ptrs(coef), _coef_strides(coef), _ptrs(outs), ctypes.c_double(_NORM_EPS2)):
-            raise MemoryError("mlp_write: no memory for the C kernel's temporaries")
+        _check(lib.forward(cfg_c, _ptrs(ins), _ptrs(coef), _coef_strides(coef), _ptrs(outs),
+                           ctypes.c_double(_NORM_EPS2)))
         ins = ins[:11] + (S, inv_r, g1)
         ctx.lib, ctx.act, ctx.cfg_c, ctx.dims = lib, base, cfg_c, (same, dgd, mom)
         ctx.set_materialize_grads(False)
@@ -538,10 +546,9 @@ class _NativeMlpWrite(torch.autograd.Function):
         dWa1, dWa2 = (None, None) if same else (_empty(Wa1), _empty(Wa2))
         dk, dv, deta = _empty(k), _empty(v), _empty(eta)
         dcoef = [_empty(c) for c in coef]
-        if ctx.lib.backward(ctx.cfg_c, _ptrs((*ins, U1, U2, hs, work, g2)), _ptrs(coef), _coef_strides(coef),
-                            _ptrs((G1, G2, F1, F2, gU1, gU2, ghs, gSk)),
-                            _ptrs((dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, *dcoef))):
-            raise MemoryError("mlp_write: no memory for the C kernel's temporaries")
+        _check(ctx.lib.backward(ctx.cfg_c, _ptrs((*ins, U1, U2, hs, work, g2)), _ptrs(coef), _coef_strides(coef),
+                                _ptrs((G1, G2, F1, F2, gU1, gU2, ghs, gSk)),
+                                _ptrs((dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, *dcoef))))
         return (None, None, dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, *dcoef)
 
 

@@ -40,7 +40,11 @@ def cache_dir() -> Path:
     root = os.environ.get("NLDSL_CACHE")
     if root:
         return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nldsl"
+    try:
+        home = Path.home()
+    except RuntimeError:  # no home directory known: a per-user folder in the temporary directory
+        return Path(tempfile.gettempdir()) / f"nldsl-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    return Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "nldsl"
 
 
 def _cpu() -> str:

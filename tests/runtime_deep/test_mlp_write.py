@@ -148,9 +148,12 @@ def _write(x, L, dtype, res, **cfg):
 def test_native_write_equals_torch_ops_at_vector_widths(monkeypatch, dtype, rule, momentum, mid_chunk, signal):
     """The C kernel against the torch ops at widths its products run in whole vectors and in
     4-row blocks (the cases above run its scalar tails): float64 to 1e-10, and float32 at Hope's
-    sizes (32 wide, 8 tokens, a residual mask) to float32's precision; outputs and gradients."""
+    sizes (32 wide, 8 tokens, a residual mask) to float32's precision; outputs and gradients.
+    One case runs a piece longer than its widths (L x L temporaries larger than width x width)."""
     wide = dtype == torch.float64
     n, l, d, hid = (6, 5, 16, 24) if wide else (10, 8, 32, 32)
+    if rule == "dgd" and mid_chunk and momentum:  # and a piece longer than the widths (demo sizes)
+        n, l, d, hid = (3, 12, 4, 3) if wide else (3, 32, 4, 4)
     x = piece(3, momentum=momentum, retention=True, mid_chunk=mid_chunk, signal=signal, N=n, L=l, D=d, HID=hid)
     res = (torch.arange(n) % 3 != 2).to(DT)
     cfg = dict(objective="l2", signal=signal, rule=rule, act=hidden_act("l2", "gelu"))
