@@ -552,9 +552,10 @@ class _NativeMlpWrite(torch.autograd.Function):
         return (None, None, dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, *dcoef)
 
 
-def _native_write(k: Tensor):
-    """The C kernel's library where it runs this call (CPU float32 / float64 tensors), else None."""
-    if k.device.type != "cpu" or not native.enabled():
+def _native_write(k: Tensor, *others: Tensor):
+    """The C kernel's library where it runs this call (CPU tensors, float32 or float64, all of
+    k's dtype), else None."""
+    if k.device.type != "cpu" or not native.enabled() or any(t.dtype != k.dtype for t in others):
         return None
     return _library(k.dtype)
 
@@ -575,7 +576,7 @@ def mlp_write(ws, ms, anchor, k, v, eta, coef: Coefficients, *, objective, signa
     M1, M2 = ms if ms is not None else (None, None)
     Wa1, Wa2 = (None, None) if same else anchor
     cfg = (objective, signal == "self", dgd, act, residual)
-    lib = _native_write(k)
+    lib = _native_write(k, *ws, v, eta)
     if lib is not None:
         out = list(_NativeMlpWrite.apply(lib, cfg, ws[0], ws[1], M1, M2, Wa1, Wa2, k, v, eta, *coef))
     else:
