@@ -182,20 +182,25 @@ static real *scratch(const int64_t *cfg, int64_t *each)
     return block;
 }
 
+/* What both directions start with: the configuration as locals, the work buffer's layout, the
+ * temporaries' block (out of memory: return 1) */
+#define PROLOGUE(cfg)                                                                                      \
+    const int N = cfg[N_], L = cfg[L_], Lz = cfg[LZ], D = cfg[D_], h = cfg[H_], O = cfg[O_], Dv = cfg[DV]; \
+    const int self = cfg[SELF], l2obj = cfg[L2OBJ], dgd = cfg[DGD], mom = cfg[MOM], same = cfg[SAME];    \
+    const int l2n = cfg[L2NORM], resid = cfg[RESID];                                                       \
+    int64_t off[11];                                                                                       \
+    const int64_t ws = work_offsets(cfg, off);                                                             \
+    int64_t each;                                                                                          \
+    real *const base = scratch(cfg, &each), *at = base;                                                    \
+    if (!base) return 1
+
 /* in: W1 W2 M1 M2 Wa1 Wa2 k v eta resid H S - g1 (with the L2 norm S is act(H), normalised here
  * into S and inv_r, the outputs after work); coef: the 10 coefficients (NULL where the
  * configuration has none), cs their strides; out: W1n W2n M1n M2n U1 U2 hs work (S inv_r) */
 int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_t *cs, real *const *out,
             double eps2)
 {
-    const int N = cfg[N_], L = cfg[L_], Lz = cfg[LZ], D = cfg[D_], h = cfg[H_], O = cfg[O_], Dv = cfg[DV];
-    const int self = cfg[SELF], l2obj = cfg[L2OBJ], dgd = cfg[DGD], mom = cfg[MOM], same = cfg[SAME];
-    const int l2n = cfg[L2NORM], resid = cfg[RESID];
-    int64_t off[11];
-    const int64_t ws = work_offsets(cfg, off);
-    int64_t each;
-    real *const base = scratch(cfg, &each), *at = base;
-    if (!base) return 1;
+    PROLOGUE(cfg);
     real *Y = TAKE(Lz * O), *CK = TAKE(L * L), *nR = TAKE(L * h), *bU = TAKE(each), *pack = TAKE(2 * each);
     if (at - base > NTEMP * each) return 2;  /* more temporaries than the block holds: a bug */
     for (int64_t r = 0; r < N; r++) {  /* 64-bit: the offsets r * rows * cols */
@@ -309,14 +314,7 @@ int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_
 int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64_t *cs, real *const *grad,
               real *const *out)
 {
-    const int N = cfg[N_], L = cfg[L_], Lz = cfg[LZ], D = cfg[D_], h = cfg[H_], O = cfg[O_], Dv = cfg[DV];
-    const int self = cfg[SELF], l2obj = cfg[L2OBJ], dgd = cfg[DGD], mom = cfg[MOM], same = cfg[SAME];
-    const int l2n = cfg[L2NORM], resid = cfg[RESID];
-    int64_t off[11];
-    const int64_t ws = work_offsets(cfg, off);
-    int64_t each;
-    real *const base = scratch(cfg, &each), *at = base;
-    if (!base) return 1;
+    PROLOGUE(cfg);
     real *const zero = TAKE(each);  /* stands for a missing gradient */
     real *P1 = TAKE(L * h), *P2 = TAKE(L * O), *dSk = TAKE(L * h), *dU1 = TAKE(L * h), *dU2 = TAKE(L * O);
     real *Q1 = TAKE(L * h), *Q2 = TAKE(L * O), *bU = TAKE(each), *dhs = TAKE(L * h), *dRhs = TAKE(L * h);
