@@ -166,6 +166,11 @@ def check_state(op: str, name: str, x: Any, shape: Sequence[int], like: Tensor) 
     return x
 
 
+def contiguous(*tensors):
+    """The tensors made contiguous (None stays None): the kernels compute row offsets from shapes."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def compute_dtype(*xs: Any) -> torch.dtype:
     """The dtype the state is kept in: the promotion of the inputs' dtypes with float32."""
     dt = torch.float32

@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from nldsl.runtime import _native as native
 from nldsl.runtime._activations import L2, _NORM_EPS2, activation, activation_grad, activation_grad2
-from nldsl.runtime._common import segment_products
+from nldsl.runtime._common import contiguous, segment_products
 
 __all__ = ["Coefficients", "ReadCoefficients", "end_state", "mlp_write", "piece_coefficients"]
 
@@ -458,10 +458,6 @@ def _ptrs(ts) -> ctypes.Array:
     return (ctypes.c_void_p * len(ts))(*map(_ptr, ts))
 
 
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
-
-
 def _full_coefficients(coef, N: int, L: int) -> list:
     """The coefficients broadcast to one row each (a piece's gates may be shared by all rows);
     their gradients come back per row, and autograd sums them to the shared shape."""
@@ -499,7 +495,7 @@ class _NativeMlpWrite(torch.autograd.Function):
     def forward(ctx, lib, cfg, W1, W2, M1, M2, Wa1, Wa2, k, v, eta, *coef):
         objective, self_signal, dgd, act, residual = cfg
         same = Wa1 is None
-        W1, W2, M1, M2, Wa1, Wa2, k, v, eta = map(_contig, (W1, W2, M1, M2, Wa1, Wa2, k, v, eta))
+        W1, W2, M1, M2, Wa1, Wa2, k, v, eta = contiguous(W1, W2, M1, M2, Wa1, Wa2, k, v, eta)
         N, L, D = k.shape
         coef = _full_coefficients(coef, N, L)
         Z = torch.cat([k, v], dim=1) if self_signal else k
@@ -539,8 +535,9 @@ class _NativeMlpWrite(torch.autograd.Function):
         W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, S, inv_r, g1 = ins
         L = k.shape[1]
         grads = list(grads)
-        take = lambda on=True: _contig(grads.pop(0)) if on else None  # noqa: E731
-        G1, G2, F1, F2, gU1, gU2, ghs, gSk = take(), take(), take(mom), take(mom), take(), take(), take(dgd), take()
+        take = lambda on=True: grads.pop(0) if on else None  # noqa: E731
+        G1, G2, F1, F2, gU1, gU2, ghs, gSk = contiguous(take(), take(), take(mom), take(mom), take(), take(), take(dgd),
+                                                        take())
         g2 = activation_grad2(H[:, :L], ctx.act).contiguous()
         dW1, dW2, dM1, dM2 = _empty(W1), _empty(W2), _empty(M1), _empty(M2)
         dWa1, dWa2 = (None, None) if same else (_empty(Wa1), _empty(Wa2))

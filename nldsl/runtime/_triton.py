@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nldsl.runtime._common import MemoryOutput, check_gate, check_qkv, check_state, resolve_scale
+# contiguous: re-exported, the generated kernels import it from here
+from nldsl.runtime._common import MemoryOutput, check_gate, check_qkv, check_state, contiguous, resolve_scale
 
 __all__ = ["LinearKernel", "MlpGrads", "MlpKernel", "acc_dtype", "contiguous", "define_op", "dot_precision",
            "is_interpreted", "launch", "mlp_chunk_reference", "require_triton", "register_kernel_source",
@@ -68,11 +69,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
-
-
-def contiguous(*tensors):
-    """The tensors made contiguous (None stays None): the kernels compute row offsets from shapes."""
-    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def is_interpreted(kernel: Any) -> bool:
