@@ -21,6 +21,7 @@ __all__ = [
     "activation_grad2",
     "hidden_act",
     "hidden",
+    "split_hidden",
     "hidden_backward",
 ]
 
@@ -69,6 +70,11 @@ def hidden_act(hidden_norm: str, name: str) -> str:
     if hidden_norm not in ("none", "l2"):
         raise ValueError(f"hidden_norm must be 'none' or 'l2', got {hidden_norm!r}")
     return name + L2 if hidden_norm == "l2" else name
+
+
+def split_hidden(act: str) -> tuple[str, bool]:
+    """A hidden map's name as ``(activation, L2-normalised)``."""
+    return (act[:-len(L2)], True) if act.endswith(L2) else (act, False)
 
 
 def hidden(h: Tensor, act: str) -> Tensor:

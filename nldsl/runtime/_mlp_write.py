@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from nldsl.runtime import _native as native
-from nldsl.runtime._activations import L2, _NORM_EPS2, activation, activation_grad, activation_grad2
+from nldsl.runtime._activations import _NORM_EPS2, activation, activation_grad, activation_grad2, split_hidden
 from nldsl.runtime._common import contiguous, segment_products
 
 __all__ = ["Coefficients", "ReadCoefficients", "end_state", "mlp_write", "piece_coefficients"]
@@ -204,8 +204,8 @@ class _Act:
 
     def __init__(self, H: Tensor, act: str, S: Optional[Tensor] = None, inv_r: Optional[Tensor] = None,
                  g1: Optional[Tensor] = None):
-        self.l2 = act.endswith(L2)
-        self.act, self.base = act, (act[:-len(L2)] if self.l2 else act)
+        self.act = act
+        self.base, self.l2 = split_hidden(act)
         self.H = H
         if S is None:
             u = activation(H, self.base)
@@ -500,8 +500,7 @@ class _NativeMlpWrite(torch.autograd.Function):
         coef = _full_coefficients(coef, N, L)
         Z = torch.cat([k, v], dim=1) if self_signal else k
         H = torch.bmm(Z, _T(W1 if same else Wa1))
-        l2 = act.endswith(L2)
-        base = act[:-len(L2)] if l2 else act
+        base, l2 = split_hidden(act)
         u, g1 = activation(H, base).contiguous(), _act_grad(H, base).contiguous()
         S, inv_r = (torch.empty_like(u), H.new_empty(H.shape[:-1])) if l2 else (u, None)  # the kernel normalises
         h, O = H.shape[-1], W2.shape[-2]
