@@ -139,23 +139,25 @@ enum { N_, L_, LZ, D_, H_, O_, DV, SELF, L2OBJ, DGD, MOM, SAME, L2NORM, RESID };
 enum { CA, CCL, CML, CBL, CBLV, CDL, CP0, CPP, CCP, CMP };
 #define COEF(c, r, i, j) (coef[c][(r) * cs[3 * (c)] + (i) * cs[3 * (c) + 1] + (j) * cs[3 * (c) + 2]])
 
-/* what the forward keeps per row for the backward, in this order */
+/* what the forward keeps per row for the backward, in this order (Xk: only at a separate anchor;
+ * at the piece's anchor it is H's first L rows) */
+enum { W_EPS, W_D1, W_PD1, W_E1, W_KK, W_XK, W_R, W_TINV, W_KM1, W_LEFT1, W_LEFT2, W_COUNT };
 static int64_t work_offsets(const int64_t *cfg, int64_t *off)
 {
     const int64_t L = cfg[L_], h = cfg[H_], O = cfg[O_];
-    const int64_t sizes[] = {L * O, L * h, L * h, L * h, L * L, L * h, L * h, L * L, L * h, L * h, L * O};
+    const int64_t sizes[W_COUNT] = {L * O, L * h, L * h, L * h, L * L, cfg[SAME] ? 0 : L * h, L * h, L * L,
+                                    L * h, L * h, L * O};
     int64_t at = 0;
-    for (int i = 0; i < 11; i++) {
+    for (int i = 0; i < W_COUNT; i++) {
         off[i] = at;
         at += sizes[i];
     }
     return at;
 }
-enum { W_EPS, W_D1, W_PD1, W_E1, W_KK, W_XK, W_R, W_TINV, W_KM1, W_LEFT1, W_LEFT2 };
 
 int64_t work_size(const int64_t *cfg)
 {
-    int64_t off[11];
+    int64_t off[W_COUNT];
     return work_offsets(cfg, off);
 }
 
@@ -188,7 +190,7 @@ static real *scratch(const int64_t *cfg, int64_t *each)
     const int N = cfg[N_], L = cfg[L_], Lz = cfg[LZ], D = cfg[D_], h = cfg[H_], O = cfg[O_], Dv = cfg[DV]; \
     const int self = cfg[SELF], l2obj = cfg[L2OBJ], dgd = cfg[DGD], mom = cfg[MOM], same = cfg[SAME];    \
     const int l2n = cfg[L2NORM], resid = cfg[RESID];                                                       \
-    int64_t off[11];                                                                                       \
+    int64_t off[W_COUNT];                                                                                  \
     const int64_t ws = work_offsets(cfg, off);                                                             \
     int64_t each;                                                                                          \
     real *const base = scratch(cfg, &each), *at = base;                                                    \
@@ -225,8 +227,9 @@ int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_
         real *U1 = out[4] + r * L * h, *U2 = out[5] + r * L * O, *hs = dgd ? out[6] + r * L * h : 0;
         real *w = out[7] + r * ws;
         real *eps = w + off[W_EPS], *d1 = w + off[W_D1], *pd1 = w + off[W_PD1], *e1 = w + off[W_E1];
-        real *KK = w + off[W_KK], *Xk = w + off[W_XK], *R = w + off[W_R], *Tinv = w + off[W_TINV];
+        real *KK = w + off[W_KK], *R = w + off[W_R], *Tinv = w + off[W_TINV];
         real *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1], *left2 = w + off[W_LEFT2];
+        const real *Xk = same ? H : w + off[W_XK];  /* k W_1^T */
 
         /* Y = S W_a2^T + r Z; eps = y - target (l2) or -target (dot) */
         gemm(Lz, O, h, S, h, 1, Wa2, 1, h, 0, Y, pack);
@@ -255,10 +258,7 @@ int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_
             }
         if (dgd) {
             gemm(L, L, D, k, D, 1, k, 1, D, 0, KK, pack);
-            if (same)
-                memcpy(Xk, H, sizeof(real) * L * h);
-            else
-                gemm(L, h, D, k, D, 1, W1, 1, D, 0, Xk, pack);
+            if (!same) gemm(L, h, D, k, D, 1, W1, 1, D, 0, w + off[W_XK], pack);
             /* R = p0 Xk + (Cp * KK) U1 + mp k M1^T */
             for (int t = 0; t < L; t++)
                 for (int j = 0; j < L; j++) CK[t * L + j] = COEF(CCP, r, t, j) * KK[t * L + j];
@@ -307,7 +307,8 @@ int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_
     return 0;
 }
 
-/* in: as forward, plus U1 U2 hs work g2 (act'' at H's first L rows);
+/* in: as forward but with S normalised and inv_r in in[12] (the forward's outputs), plus U1 U2 hs
+ * work g2 (act'' at H's first L rows);
  * grad: G1 G2 F1 F2 gU1 gU2 ghs gSk (NULL = zero);
  * out: dW1 dW2 dM1 dM2 dWa1 dWa2 dk dv deta, then the coefficients' gradients (contiguous; NULL
  * where there is no coefficient): dA dcl dmL dbL dbl ddl dp0 dPp dCp dmp */
@@ -330,13 +331,14 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
         const real *Wa1 = same ? W1 : in[4] + r * h * D, *Wa2 = same ? W2 : in[5] + r * O * h;
         const real *k = in[6] + r * L * D, *v = in[7] + r * L * Dv, *eta = in[8] + r * L;
         const real rr = resid == 2 ? in[9][r] : resid;
-        const real *S = in[11] + r * Lz * h, *inv_r = l2n ? in[12] + r * Lz : 0;
+        const real *H = in[10] + r * Lz * h, *S = in[11] + r * Lz * h, *inv_r = l2n ? in[12] + r * Lz : 0;
         const real *g1 = in[13] + r * Lz * h;
         const real *U1 = in[14] + r * L * h, *U2 = in[15] + r * L * O, *hs = dgd ? in[16] + r * L * h : 0;
         const real *w = in[17] + r * ws, *g2 = in[18] + r * L * h;
         const real *eps = w + off[W_EPS], *d1 = w + off[W_D1], *pd1 = w + off[W_PD1], *e1 = w + off[W_E1];
-        const real *KK = w + off[W_KK], *Xk = w + off[W_XK], *R = w + off[W_R], *Tinv = w + off[W_TINV];
-        const real *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1], *left2 = w + off[W_LEFT2];
+        const real *KK = w + off[W_KK], *Xk = same ? H : w + off[W_XK], *R = w + off[W_R];
+        const real *Tinv = w + off[W_TINV], *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1];
+        const real *left2 = w + off[W_LEFT2];
         const real *G1 = grad[0] ? grad[0] + r * h * D : zero, *G2 = grad[1] ? grad[1] + r * O * h : zero;
         const real *F1 = mom && grad[2] ? grad[2] + r * h * D : zero;
         const real *F2 = mom && grad[3] ? grad[3] + r * O * h : zero;
