@@ -3,13 +3,12 @@
  * every line is a call over all rows, and a piece's ~200 calls each stream their operands through
  * memory; here a row's operands (a few KB) stay in the core's L1 from the first line to the last.
  * The activation and its derivatives come from torch (its vectorised erf and exp); the rest,
- * the hidden layer's L2 norm included, is here. _native.py builds this file twice, for
- * REAL=float and REAL=double.
+ * the hidden layer's L2 norm and the gate coefficients (_Gates) included, is here. _native.py
+ * builds this file twice, for REAL=float and REAL=double.
  *
- * Per row, row-major and contiguous unless a stride is given: W1, Wa1, M1 [h, D]; W2, Wa2, M2
- * [O, h]; k [L, D]; v [L, Dv]; Z = [k; v] (Lz = 2L rows, signal "self") or k (Lz = L); H, S, g1
- * [Lz, h]; inv_r [Lz]; eta [L]; the gate coefficients by strides (A, mL, bL [1]; cl, bl, dl, p0,
- * mp [L]; Pp, Cp [L, L]). */
+ * Per row, row-major and contiguous: W1, Wa1, M1 [h, D]; W2, Wa2, M2 [O, h]; k [L, D]; v [L, Dv];
+ * Z = [k; v] (Lz = 2L rows, signal "self") or k (Lz = L); H, S, g1 [Lz, h]; inv_r [Lz]; eta,
+ * alpha, beta [L]. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -134,10 +133,130 @@ static void project(real *d, const real *nrm, const real *inv_r, int rows, int w
 }
 
 /* configuration: dims, flags (the order _NativeMlpWrite packs them in) */
-enum { N_, L_, LZ, D_, H_, O_, DV, SELF, L2OBJ, DGD, MOM, SAME, L2NORM, RESID };
-/* coefficient pointers and their (row, i, j) strides */
-enum { CA, CCL, CML, CBL, CBLV, CDL, CP0, CPP, CCP, CMP };
-#define COEF(c, r, i, j) (coef[c][(r) * cs[3 * (c)] + (i) * cs[3 * (c) + 1] + (j) * cs[3 * (c) + 2]])
+enum { N_, L_, LZ, D_, H_, O_, DV, SELF, L2OBJ, DGD, MOM, SAME, L2NORM, RESID, READ };
+
+/* The gate coefficients of a piece: _Gates in _mlp_write.py, per row. From the gates a = alpha
+ * (retention; NULL: 1) and b = beta (momentum; NULL: none) of the piece's L tokens, the segment
+ * products Pa, Pb [L+1, L+1] (row and column 0: the piece's start), C = Pa Pb (with momentum,
+ * else Pa) and m[t] = sum_j Pa[1+t, 1+j] Pb[1+j, 0]; the coefficients are views of them (the
+ * names of Coefficients; p0, Pp and Cp by rows ld = L + 1 apart) but mp, m shifted by one. */
+typedef struct {
+    const real *Pa, *Pb, *C, *cl, *bl, *dl, *Cp;
+    real *mp, A, mL, bL;
+} Gates;
+
+/* P[t, j] = prod_{l=j+1}^{t} a_l for j <= t, 0 above (segment_products in _common.py, its
+ * cumulative product's order of multiplications); a NULL: gates of 1 */
+static void segment_products(const real *a, int L, real *P)
+{
+    const int ld = L + 1;
+    for (int t = 0; t <= L; t++)
+        for (int j = 0; j <= L; j++)
+            P[t * ld + j] = j > t ? 0 : j == t ? 1 : P[(t - 1) * ld + j] * (a ? a[t - 1] : 1);
+}
+
+/* a row's gates into Pa, Pb, C ([L+1]^2; Pb, C: with momentum only) and m, mp ([L]) */
+static Gates gates(const real *alpha, const real *beta, int L, real *Pa, real *Pb, real *C, real *m, real *mp)
+{
+    const int ld = L + 1;
+    Gates g = {.Pa = Pa, .C = Pa, .mp = mp};
+    segment_products(alpha, L, Pa);
+    if (beta) {
+        segment_products(beta, L, Pb);
+        for (int t = 0; t <= L; t++)  /* C = Pa Pb, both lower triangular */
+            for (int j = 0; j <= L; j++) {
+                real s = 0;
+                for (int l = j; l <= t; l++) s += Pa[t * ld + l] * Pb[l * ld + j];
+                C[t * ld + j] = s;
+            }
+        for (int t = 0; t < L; t++) {
+            real s = 0;
+            for (int j = 0; j < L; j++) s += Pa[(1 + t) * ld + 1 + j] * Pb[(1 + j) * ld];
+            m[t] = s;
+            mp[t] = t ? m[t - 1] : 0;
+        }
+        g.Pb = Pb, g.C = C;
+        g.mL = m[L - 1], g.bL = Pb[L * ld], g.bl = Pb + L * ld + 1;
+    }
+    g.A = Pa[L * ld], g.cl = g.C + L * ld + 1, g.dl = Pa + L * ld + 1, g.Cp = g.C + 1;
+    return g;
+}
+
+/* d/da_l of sum_{t,j} dP[t, j] P[t, j] (P = segment_products(a)), l = 1..L, into da[l - 1]:
+ * sum_j P[l-1, j] (P^T dP)[l, j] (_segment_products_backward in _mlp_write.py). The matrices are
+ * a few tokens wide and triangular: plain loops over their nonzero parts (j < l <= t; dP's
+ * entries on and above the diagonal drop out). */
+static void segment_products_backward(const real *P, const real *dP, int L, real *da, real *X)
+{
+    const int ld = L + 1;
+    memset(X, 0, sizeof(real) * ld * ld);  /* X = P^T dP at j < a (P[t, a] = 0 for t < a) */
+    for (int t = 1; t <= L; t++)
+        for (int a = 1; a <= t; a++) {
+            const real p = P[t * ld + a];
+            for (int j = 0; j < a; j++) X[a * ld + j] += p * dP[t * ld + j];
+        }
+    for (int l = 0; l < L; l++) da[l] = dot(P + l * ld, X + (l + 1) * ld, l + 1);
+}
+
+/* The coefficients' gradients (the names of Coefficients with a d; ddl, dp0, dPp, dCp with DGD,
+ * dmL, dbL, dbl and dmp with momentum; dPp, dCp [L, L]), plus those of a running read's views
+ * (gPa, gC [L+1]^2 and gm [L], or NULL), to the gates' (dalpha, dbeta: NULL where not wanted).
+ * dPa, dPb, dC, dm, X: temporaries. */
+typedef struct {
+    real dA, dmL, dbL, *dcl, *dbl, *ddl, *dp0, *dPp, *dCp, *dmp;
+} GatesGrad;
+
+static void gates_backward(const Gates *g, const GatesGrad *d, const real *gPa, const real *gC, const real *gm,
+                           int L, int dgd, real *dalpha, real *dbeta, real *dPa, real *dPb, real *dC, real *dm,
+                           real *X)
+{
+    const int ld = L + 1, mom = g->Pb != 0;
+    const size_t size = sizeof(real) * ld * ld;
+    if (gPa) memcpy(dPa, gPa, size); else memset(dPa, 0, size);
+    if (!mom) dC = dPa;
+    else if (gC) memcpy(dC, gC, size); else memset(dC, 0, size);
+    if (mom) memset(dPb, 0, size);
+    dPa[L * ld] += d->dA;
+    for (int j = 0; j < L; j++) dC[L * ld + 1 + j] += d->dcl[j];
+    if (dgd)
+        for (int t = 0; t < L; t++) {
+            dPa[L * ld + 1 + t] += d->ddl[t];
+            dPa[t * ld] += d->dp0[t];
+            for (int j = 0; j < L; j++) {
+                dPa[t * ld + 1 + j] += d->dPp[t * L + j];
+                dC[t * ld + 1 + j] += d->dCp[t * L + j];
+            }
+        }
+    if (mom) {
+        /* m = Da Bv, C = Pa Pb */
+        dPb[L * ld] += d->dbL;
+        for (int t = 0; t < L; t++) {
+            dPb[L * ld + 1 + t] += d->dbl[t];
+            dm[t] = (gm ? gm[t] : 0) + (t == L - 1 ? d->dmL : 0) + (dgd && t < L - 1 ? d->dmp[t + 1] : 0);
+        }
+        for (int t = 0; t < L; t++)
+            for (int j = 0; j < L; j++) {
+                dPa[(1 + t) * ld + 1 + j] += dm[t] * g->Pb[(1 + j) * ld];
+                dPb[(1 + j) * ld] += g->Pa[(1 + t) * ld + 1 + j] * dm[t];
+            }
+        /* dPa += dC Pb^T and dPb += Pa^T dC below the diagonal (the rest drops out), by rows;
+         * Pb^T in X (Pb[j, l] = 0 for l > j, Pa[u, t] = 0 for u < t) */
+        for (int i = 0; i < ld; i++)
+            for (int l = 0; l < ld; l++) X[l * ld + i] = g->Pb[i * ld + l];
+        for (int t = 1; t <= L; t++)
+            for (int l = 0; l < t; l++) {
+                const real c = dC[t * ld + l];
+                for (int j = l; j < t; j++) dPa[t * ld + j] += c * X[l * ld + j];
+            }
+        for (int u = 1; u <= L; u++)
+            for (int t = 1; t <= u; t++) {
+                const real p = g->Pa[u * ld + t];
+                for (int j = 0; j < t; j++) dPb[t * ld + j] += p * dC[u * ld + j];
+            }
+        if (dbeta) segment_products_backward(g->Pb, dPb, L, dbeta, X);
+    }
+    if (dalpha) segment_products_backward(g->Pa, dPa, L, dalpha, X);
+}
 
 /* what the forward keeps per row for the backward, in this order (Xk: only at a separate anchor;
  * at the piece's anchor it is H's first L rows) */
@@ -163,9 +282,9 @@ int64_t work_size(const int64_t *cfg)
 
 /* A call's temporaries: one block per thread, kept and grown as needed (stack arrays of these
  * sizes could overflow a thread's stack; a fresh block per call costs page faults), carved by
- * TAKE: at most NTEMP of them, each at most ``each`` = m^2 values, m the largest of Lz and the
- * widths (temporaries are [L or Lz, L or a width] or [width, width]). */
-#define NTEMP 32
+ * TAKE: at most NTEMP of them, each at most ``each`` = m^2 values, m the largest of Lz, L + 1 and
+ * the widths (temporaries are [L or Lz, L or a width], [width, width] or [L + 1, L + 1]). */
+#define NTEMP 48
 #define TAKE(n) (at += (n), at - (n))
 static real *scratch(const int64_t *cfg, int64_t *each)
 {
@@ -174,6 +293,7 @@ static real *scratch(const int64_t *cfg, int64_t *each)
     int64_t m = cfg[H_] > cfg[D_] ? cfg[H_] : cfg[D_];
     m = m > cfg[O_] ? m : cfg[O_];
     m = m > cfg[LZ] ? m : cfg[LZ];
+    m = m > cfg[L_] + 1 ? m : cfg[L_] + 1;
     *each = m * m;
     if (NTEMP * *each > size) {
         real *grown = realloc(block, NTEMP * *each * sizeof(real));
@@ -189,21 +309,22 @@ static real *scratch(const int64_t *cfg, int64_t *each)
 #define PROLOGUE(cfg)                                                                                      \
     const int N = cfg[N_], L = cfg[L_], Lz = cfg[LZ], D = cfg[D_], h = cfg[H_], O = cfg[O_], Dv = cfg[DV]; \
     const int self = cfg[SELF], l2obj = cfg[L2OBJ], dgd = cfg[DGD], mom = cfg[MOM], same = cfg[SAME];    \
-    const int l2n = cfg[L2NORM], resid = cfg[RESID];                                                       \
+    const int l2n = cfg[L2NORM], resid = cfg[RESID], read = cfg[READ], ld = L + 1;                         \
     int64_t off[W_COUNT];                                                                                  \
     const int64_t ws = work_offsets(cfg, off);                                                             \
     int64_t each;                                                                                          \
     real *const base = scratch(cfg, &each), *at = base;                                                    \
     if (!base) return 1
 
-/* in: W1 W2 M1 M2 Wa1 Wa2 k v eta resid H S - g1 (with the L2 norm S is act(H), normalised here
- * into S and inv_r, the outputs after work); coef: the 10 coefficients (NULL where the
- * configuration has none), cs their strides; out: W1n W2n M1n M2n U1 U2 hs work (S inv_r) */
-int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_t *cs, real *const *out,
-            double eps2)
+/* in: W1 W2 M1 M2 Wa1 Wa2 k v eta resid H S - g1 alpha beta (with the L2 norm S is act(H),
+ * normalised here into S and inv_r, the outputs after work; alpha [L], NULL: no retention; beta
+ * [L] with momentum); out: W1n W2n M1n M2n U1 U2 hs work (S inv_r), then for a running read the
+ * gates it reads: Pa and, with momentum, C [L+1, L+1] and m [L] */
+int forward(const int64_t *cfg, real *const *in, real *const *out, double eps2)
 {
     PROLOGUE(cfg);
     real *Y = TAKE(Lz * O), *CK = TAKE(L * L), *nR = TAKE(L * h), *bU = TAKE(each), *pack = TAKE(2 * each);
+    real *Pa = TAKE(ld * ld), *Pb = TAKE(ld * ld), *C = TAKE(ld * ld), *m = TAKE(L), *mp = TAKE(L);
     if (at - base > NTEMP * each) return 2;  /* more temporaries than the block holds: a bug */
     for (int64_t r = 0; r < N; r++) {  /* 64-bit: the offsets r * rows * cols */
         const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
@@ -230,6 +351,9 @@ int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_
         real *KK = w + off[W_KK], *R = w + off[W_R], *Tinv = w + off[W_TINV];
         real *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1], *left2 = w + off[W_LEFT2];
         const real *Xk = same ? H : w + off[W_XK];  /* k W_1^T */
+        const Gates g = gates(in[14] ? in[14] + r * L : 0, mom ? in[15] + r * L : 0, L,
+                              read ? out[10] + r * ld * ld : Pa, Pb, read && mom ? out[11] + r * ld * ld : C,
+                              read && mom ? out[12] + r * L : m, mp);
 
         /* Y = S W_a2^T + r Z; eps = y - target (l2) or -target (dot) */
         gemm(Lz, O, h, S, h, 1, Wa2, 1, h, 0, Y, pack);
@@ -249,33 +373,33 @@ int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_
             for (int j = 0; j < h; j++) {
                 e1[t * h + j] = g1[t * h + j] * pd1[t * h + j];
                 U1[t * h + j] = -eta[t] * e1[t * h + j];
-                left1[t * h + j] = COEF(CCL, r, t, 0) * U1[t * h + j];
+                left1[t * h + j] = g.cl[t] * U1[t * h + j];
             }
         for (int t = 0; t < L; t++)
             for (int j = 0; j < O; j++) {
                 U2[t * O + j] = -eta[t] * eps[t * O + j];
-                left2[t * O + j] = COEF(CCL, r, t, 0) * U2[t * O + j];
+                left2[t * O + j] = g.cl[t] * U2[t * O + j];
             }
         if (dgd) {
             gemm(L, L, D, k, D, 1, k, 1, D, 0, KK, pack);
             if (!same) gemm(L, h, D, k, D, 1, W1, 1, D, 0, w + off[W_XK], pack);
             /* R = p0 Xk + (Cp * KK) U1 + mp k M1^T */
             for (int t = 0; t < L; t++)
-                for (int j = 0; j < L; j++) CK[t * L + j] = COEF(CCP, r, t, j) * KK[t * L + j];
+                for (int j = 0; j < L; j++) CK[t * L + j] = g.Cp[t * ld + j] * KK[t * L + j];
             gemm(L, h, L, CK, L, 1, U1, h, 1, 0, R, pack);
             for (int t = 0; t < L; t++)
-                for (int j = 0; j < h; j++) R[t * h + j] += COEF(CP0, r, t, 0) * Xk[t * h + j];
+                for (int j = 0; j < h; j++) R[t * h + j] += g.Pa[t * ld] * Xk[t * h + j];
             if (mom) {
                 gemm(L, h, D, k, D, 1, M1, 1, D, 0, kM1, pack);
                 for (int t = 0; t < L; t++)
-                    for (int j = 0; j < h; j++) R[t * h + j] += COEF(CMP, r, t, 0) * kM1[t * h + j];
+                    for (int j = 0; j < h; j++) R[t * h + j] += g.mp[t] * kM1[t * h + j];
             }
             /* Tinv = (I + strict_lower(eta Pp * KK))^-1, by forward substitution */
             for (int i = 0; i < L; i++) {
                 for (int j = 0; j < L; j++) Tinv[i * L + j] = i == j;
                 for (int j = 0; j < i; j++) {
                     real s = 0;
-                    for (int l = j; l < i; l++) s += eta[i] * COEF(CPP, r, i, l) * KK[i * L + l] * Tinv[l * L + j];
+                    for (int l = j; l < i; l++) s += eta[i] * g.Pa[i * ld + 1 + l] * KK[i * L + l] * Tinv[l * L + j];
                     Tinv[i * L + j] = -s;
                 }
             }
@@ -284,21 +408,21 @@ int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_
                 for (int j = 0; j < h; j++) nR[t * h + j] = -eta[t] * R[t * h + j];
             gemm(L, h, L, Tinv, L, 1, nR, h, 1, 0, hs, pack);
             for (int t = 0; t < L; t++)
-                for (int j = 0; j < h; j++) left1[t * h + j] += COEF(CDL, r, t, 0) * hs[t * h + j];
+                for (int j = 0; j < h; j++) left1[t * h + j] += g.dl[t] * hs[t * h + j];
         }
         /* the end state: A W + mL M + left^T a (a = k for W1, S_k for W2), the momenta likewise */
-        const real A = COEF(CA, r, 0, 0), mL = mom ? COEF(CML, r, 0, 0) : 0;
+        const real A = g.A, mL = mom ? g.mL : 0;
         gemm(h, D, L, left1, 1, h, k, D, 1, 0, W1n, pack);
         gemm(O, h, L, left2, 1, O, S, h, 1, 0, W2n, pack);
         for (int j = 0; j < h * D; j++) W1n[j] += A * W1[j] + (mom ? mL * M1[j] : 0);
         for (int j = 0; j < O * h; j++) W2n[j] += A * W2[j] + (mom ? mL * M2[j] : 0);
         if (mom) {
-            const real bL = COEF(CBL, r, 0, 0);
+            const real bL = g.bL;
             for (int t = 0; t < L; t++)
-                for (int j = 0; j < h; j++) bU[t * h + j] = COEF(CBLV, r, t, 0) * U1[t * h + j];
+                for (int j = 0; j < h; j++) bU[t * h + j] = g.bl[t] * U1[t * h + j];
             gemm(h, D, L, bU, 1, h, k, D, 1, 0, M1n, pack);
             for (int t = 0; t < L; t++)
-                for (int j = 0; j < O; j++) bU[t * O + j] = COEF(CBLV, r, t, 0) * U2[t * O + j];
+                for (int j = 0; j < O; j++) bU[t * O + j] = g.bl[t] * U2[t * O + j];
             gemm(O, h, L, bU, 1, O, S, h, 1, 0, M2n, pack);
             for (int j = 0; j < h * D; j++) M1n[j] += bL * M1[j];
             for (int j = 0; j < O * h; j++) M2n[j] += bL * M2[j];
@@ -309,11 +433,9 @@ int forward(const int64_t *cfg, real *const *in, real *const *coef, const int64_
 
 /* in: as forward but with S normalised and inv_r in in[12] (the forward's outputs), plus U1 U2 hs
  * work g2 (act'' at H's first L rows);
- * grad: G1 G2 F1 F2 gU1 gU2 ghs gSk (NULL = zero);
- * out: dW1 dW2 dM1 dM2 dWa1 dWa2 dk dv deta, then the coefficients' gradients (contiguous; NULL
- * where there is no coefficient): dA dcl dmL dbL dbl ddl dp0 dPp dCp dmp */
-int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64_t *cs, real *const *grad,
-              real *const *out)
+ * grad: G1 G2 F1 F2 gU1 gU2 ghs gSk, then for a running read gPa gC gm (NULL = zero);
+ * out: dW1 dW2 dM1 dM2 dWa1 dWa2 dk dv deta dalpha dbeta (dalpha, dbeta: NULL = not wanted) */
+int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const *out)
 {
     PROLOGUE(cfg);
     real *const zero = TAKE(each);  /* stands for a missing gradient */
@@ -323,6 +445,10 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
     real *CK = TAKE(L * L), *mdR = TAKE(L * h), *S2 = TAKE(L * L), *de1 = TAKE(L * h), *deps = TAKE(L * O);
     real *dd1 = TAKE(L * h), *dHk = TAKE(L * h), *dY = TAKE(Lz * O), *dS = TAKE(Lz * h), *dZ = TAKE(Lz * D);
     real *dH = TAKE(Lz * h), *pack = TAKE(2 * each);
+    real *Pa = TAKE(ld * ld), *Pb = TAKE(ld * ld), *C = TAKE(ld * ld), *m = TAKE(L), *mp = TAKE(L);
+    real *dPa = TAKE(ld * ld), *dPb = TAKE(ld * ld), *dC = TAKE(ld * ld), *dm = TAKE(L), *X = TAKE(ld * ld);
+    GatesGrad d = {.dcl = TAKE(L), .dbl = TAKE(L), .ddl = TAKE(L), .dp0 = TAKE(L), .dPp = TAKE(L * L),
+                   .dCp = TAKE(L * L), .dmp = TAKE(L)};
     if (at - base > NTEMP * each) return 2;
     memset(zero, 0, sizeof(real) * each);
     for (int64_t r = 0; r < N; r++) {  /* 64-bit: the offsets r * rows * cols */
@@ -333,8 +459,9 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
         const real rr = resid == 2 ? in[9][r] : resid;
         const real *H = in[10] + r * Lz * h, *S = in[11] + r * Lz * h, *inv_r = l2n ? in[12] + r * Lz : 0;
         const real *g1 = in[13] + r * Lz * h;
-        const real *U1 = in[14] + r * L * h, *U2 = in[15] + r * L * O, *hs = dgd ? in[16] + r * L * h : 0;
-        const real *w = in[17] + r * ws, *g2 = in[18] + r * L * h;
+        const real *alpha = in[14] ? in[14] + r * L : 0, *beta = mom ? in[15] + r * L : 0;
+        const real *U1 = in[16] + r * L * h, *U2 = in[17] + r * L * O, *hs = dgd ? in[18] + r * L * h : 0;
+        const real *w = in[19] + r * ws, *g2 = in[20] + r * L * h;
         const real *eps = w + off[W_EPS], *d1 = w + off[W_D1], *pd1 = w + off[W_PD1], *e1 = w + off[W_E1];
         const real *KK = w + off[W_KK], *Xk = same ? H : w + off[W_XK], *R = w + off[W_R];
         const real *Tinv = w + off[W_TINV], *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1];
@@ -348,11 +475,9 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
         real *dM1 = mom ? out[2] + r * h * D : 0, *dM2 = mom ? out[3] + r * O * h : 0;
         real *dWa1 = same ? dW1 : out[4] + r * h * D, *dWa2 = same ? dW2 : out[5] + r * O * h;
         real *dk = out[6] + r * L * D, *dv = out[7] + r * L * Dv, *deta = out[8] + r * L;
-        real *dA = out[9] + r, *dcl = out[10] + r * L;
-        real *dmL = mom ? out[11] + r : 0, *dbL = mom ? out[12] + r : 0, *dbl = mom ? out[13] + r * L : 0;
-        real *ddl = dgd ? out[14] + r * L : 0, *dp0 = dgd ? out[15] + r * L : 0;
-        real *dPp = dgd ? out[16] + r * L * L : 0, *dCp = dgd ? out[17] + r * L * L : 0;
-        real *dmp = dgd && mom ? out[18] + r * L : 0;
+        const Gates g = gates(alpha, beta, L, Pa, Pb, C, m, mp);
+        real *dA = &d.dA, *dmL = &d.dmL, *dbL = &d.dbL, *dcl = d.dcl, *dbl = d.dbl, *ddl = d.ddl, *dp0 = d.dp0;
+        real *dPp = d.dPp, *dCp = d.dCp, *dmp = d.dmp;
         const real *Sk = S;
 
         *dA = dot(G1, W1, h * D) + dot(G2, W2, O * h);
@@ -364,7 +489,7 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
         if (gSk)
             for (int j = 0; j < L * h; j++) dSk[j] += gSk[j];
         for (int t = 0; t < L; t++) {
-            const real cl = COEF(CCL, r, t, 0);
+            const real cl = g.cl[t];
             for (int j = 0; j < h; j++) dU1[t * h + j] = cl * P1[t * h + j] + (gU1 ? gU1[t * h + j] : 0);
             for (int j = 0; j < O; j++) dU2[t * O + j] = cl * P2[t * O + j] + (gU2 ? gU2[t * O + j] : 0);
             dcl[t] = dot(U1 + t * h, P1 + t * h, h) + dot(U2 + t * O, P2 + t * O, O);
@@ -375,13 +500,13 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
             gemm(L, h, D, k, D, 1, F1, 1, D, 0, Q1, pack);
             gemm(L, O, h, Sk, h, 1, F2, 1, h, 0, Q2, pack);
             for (int t = 0; t < L; t++)
-                for (int j = 0; j < h; j++) bU[t * h + j] = COEF(CBLV, r, t, 0) * U1[t * h + j];
+                for (int j = 0; j < h; j++) bU[t * h + j] = g.bl[t] * U1[t * h + j];
             gemm(L, D, h, bU, h, 1, F1, D, 1, 1, dk, pack);
             for (int t = 0; t < L; t++)
-                for (int j = 0; j < O; j++) bU[t * O + j] = COEF(CBLV, r, t, 0) * U2[t * O + j];
+                for (int j = 0; j < O; j++) bU[t * O + j] = g.bl[t] * U2[t * O + j];
             gemm(L, h, O, bU, O, 1, F2, h, 1, 1, dSk, pack);
             for (int t = 0; t < L; t++) {
-                const real bl = COEF(CBLV, r, t, 0);
+                const real bl = g.bl[t];
                 for (int j = 0; j < h; j++) dU1[t * h + j] += bl * Q1[t * h + j];
                 for (int j = 0; j < O; j++) dU2[t * O + j] += bl * Q2[t * O + j];
                 dbl[t] = dot(U1 + t * h, Q1 + t * h, h) + dot(U2 + t * O, Q2 + t * O, O);
@@ -391,7 +516,7 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
         if (dgd) {
             for (int t = 0; t < L; t++) {
                 for (int j = 0; j < h; j++)
-                    dhs[t * h + j] = COEF(CDL, r, t, 0) * P1[t * h + j] + (ghs ? ghs[t * h + j] : 0);
+                    dhs[t * h + j] = g.dl[t] * P1[t * h + j] + (ghs ? ghs[t * h + j] : 0);
                 ddl[t] = dot(hs + t * h, P1 + t * h, h);
             }
             /* hs = Tinv (-eta R): the UT transform's backward */
@@ -404,19 +529,19 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
                 deta[t] = -dot(R + t * h, dRhs + t * h, h);
                 /* G = eta (Pp * KK) */
                 for (int j = 0; j < L; j++) {
-                    const real dGK = dG[t * L + j] * KK[t * L + j], Pp = COEF(CPP, r, t, j);
+                    const real dGK = dG[t * L + j] * KK[t * L + j], Pp = g.Pa[t * ld + 1 + j];
                     deta[t] += dGK * Pp;
                     dPp[t * L + j] = eta[t] * dGK;
                     dKK[t * L + j] = eta[t] * dG[t * L + j] * Pp;
                 }
                 /* R = p0 Xk + (Cp * KK) U1 + mp kM1 */
                 dp0[t] = dot(dR + t * h, Xk + t * h, h);
-                for (int j = 0; j < h; j++) dXk[t * h + j] = COEF(CP0, r, t, 0) * dR[t * h + j];
+                for (int j = 0; j < h; j++) dXk[t * h + j] = g.Pa[t * ld] * dR[t * h + j];
             }
             gemm(L, L, h, dR, h, 1, U1, 1, h, 0, dCK, pack);
             for (int t = 0; t < L; t++)
                 for (int j = 0; j < L; j++) {
-                    const real Cp = COEF(CCP, r, t, j);
+                    const real Cp = g.Cp[t * ld + j];
                     dCp[t * L + j] = dCK[t * L + j] * KK[t * L + j];
                     dKK[t * L + j] += dCK[t * L + j] * Cp;
                     CK[t * L + j] = Cp * KK[t * L + j];
@@ -425,7 +550,7 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
             if (mom) {
                 for (int t = 0; t < L; t++) {
                     dmp[t] = dot(dR + t * h, kM1 + t * h, h);
-                    for (int j = 0; j < h; j++) mdR[t * h + j] = COEF(CMP, r, t, 0) * dR[t * h + j];
+                    for (int j = 0; j < h; j++) mdR[t * h + j] = g.mp[t] * dR[t * h + j];
                 }
                 gemm(L, D, h, mdR, h, 1, M1, D, 1, 1, dk, pack);
             }
@@ -497,14 +622,20 @@ int backward(const int64_t *cfg, real *const *in, real *const *coef, const int64
             gemm(h, D, L, dXk, 1, h, k, D, 1, 1, dW1, pack);
             if (mom) gemm(h, D, L, mdR, 1, h, k, D, 1, 0, dM1, pack);
         }
-        for (int j = 0; j < h * D; j++) dW1[j] += COEF(CA, r, 0, 0) * G1[j];
-        for (int j = 0; j < O * h; j++) dW2[j] += COEF(CA, r, 0, 0) * G2[j];
+        for (int j = 0; j < h * D; j++) dW1[j] += g.A * G1[j];
+        for (int j = 0; j < O * h; j++) dW2[j] += g.A * G2[j];
         if (mom) {
-            const real mL = COEF(CML, r, 0, 0), bL = COEF(CBL, r, 0, 0);
+            const real mL = g.mL, bL = g.bL;
             if (!dgd) memset(dM1, 0, sizeof(real) * h * D);
             for (int j = 0; j < h * D; j++) dM1[j] += mL * G1[j] + bL * F1[j];
             for (int j = 0; j < O * h; j++) dM2[j] = mL * G2[j] + bL * F2[j];
         }
+        /* the coefficients are views of the gates' segment products */
+        const real *gPa = read && grad[8] ? grad[8] + r * ld * ld : 0;
+        const real *gC = read && mom && grad[9] ? grad[9] + r * ld * ld : 0;
+        const real *gm = read && mom && grad[10] ? grad[10] + r * L : 0;
+        gates_backward(&g, &d, gPa, gC, gm, L, dgd, out[9] ? out[9] + r * L : 0, out[10] ? out[10] + r * L : 0,
+                       dPa, dPb, dC, dm, X);
     }
     return 0;
 }

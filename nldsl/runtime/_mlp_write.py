@@ -24,10 +24,11 @@ Returns the new weights (and momenta), plus what a running read of the piece nee
 ``U_2``, ``hs`` (DGD) and ``S_k``. First order only (``once_differentiable``): training needs
 no double backward through a write.
 
-On a CPU the write runs as C (``_mlp_write.c``, :class:`_NativeMlpWrite`: the same lines, one
-batch row at a time, so that a row's operands stay in cache through all of them; torch computes
-only the activation), built on first use by :mod:`nldsl.runtime._native`; the torch ops
-(:class:`_MlpWrite`) run on a GPU, without a C compiler, and with ``NLDSL_NATIVE=0``.
+On a CPU the write and its gate coefficients run as C (``_mlp_write.c``,
+:class:`_NativeMlpWrite`: the same lines, one batch row at a time, so that a row's operands stay
+in cache through all of them; torch computes only the activation), built on first use by
+:mod:`nldsl.runtime._native`; the torch ops (:class:`_Gates`, :class:`_MlpWrite`) run on a GPU,
+without a C compiler, and with ``NLDSL_NATIVE=0``.
 """
 from __future__ import annotations
 
@@ -458,25 +459,9 @@ def _ptrs(ts) -> ctypes.Array:
     return (ctypes.c_void_p * len(ts))(*map(_ptr, ts))
 
 
-def _full_coefficients(coef, N: int, L: int) -> list:
-    """The coefficients broadcast to one row each (a piece's gates may be shared by all rows);
-    their gradients come back per row, and autograd sums them to the shared shape."""
-    shapes = [(N,), (N, L), (N,), (N,), (N, L), (N, L), (N, L), (N, L, L), (N, L, L), (N, L)]
-    return [None if c is None else c.expand(shape) for c, shape in zip(coef, shapes)]
-
-
 def _empty(like: Optional[Tensor]) -> Optional[Tensor]:
-    """A contiguous tensor of ``like``'s shape (one per row also where ``like`` broadcasts one)."""
+    """A contiguous tensor of ``like``'s shape."""
     return None if like is None else torch.empty_like(like, memory_format=torch.contiguous_format)
-
-
-def _coef_strides(coef) -> ctypes.Array:
-    """Each coefficient's (row, i, j) strides, 0 past its dims (or for a missing one)."""
-    strides = []
-    for t in coef:
-        st = () if t is None else t.stride()
-        strides += [*st, *(0,) * (3 - len(st))]
-    return (ctypes.c_int64 * len(strides))(*strides)
 
 
 def _check(status: int) -> None:
@@ -488,16 +473,17 @@ def _check(status: int) -> None:
 
 
 class _NativeMlpWrite(torch.autograd.Function):
-    """:class:`_MlpWrite` with everything but the activation in ``_mlp_write.c`` (float32 and
-    float64 CPU tensors; same inputs, outputs and gradients)."""
+    """:class:`_MlpWrite` and the gate coefficients (:class:`_Gates`) with everything but the
+    activation in ``_mlp_write.c`` (float32 and float64 CPU tensors): takes the gates alpha, beta
+    where :class:`_MlpWrite` takes their coefficients, and returns for a running read the segment
+    products it reads (``Pa`` and, with momentum, ``C`` and ``m``; see :func:`_read_coefficients`)."""
 
     @staticmethod
-    def forward(ctx, lib, cfg, W1, W2, M1, M2, Wa1, Wa2, k, v, eta, *coef):
-        objective, self_signal, dgd, act, residual = cfg
+    def forward(ctx, lib, cfg, W1, W2, M1, M2, Wa1, Wa2, k, v, eta, alpha, beta):
+        objective, self_signal, dgd, act, residual, read = cfg
         same = Wa1 is None
-        W1, W2, M1, M2, Wa1, Wa2, k, v, eta = contiguous(W1, W2, M1, M2, Wa1, Wa2, k, v, eta)
+        W1, W2, M1, M2, Wa1, Wa2, k, v, eta, alpha, beta = contiguous(W1, W2, M1, M2, Wa1, Wa2, k, v, eta, alpha, beta)
         N, L, D = k.shape
-        coef = _full_coefficients(coef, N, L)
         Z = torch.cat([k, v], dim=1) if self_signal else k
         H = torch.bmm(Z, _T(W1 if same else Wa1))
         base, l2 = split_hidden(act)
@@ -507,45 +493,55 @@ class _NativeMlpWrite(torch.autograd.Function):
         mom = M1 is not None
         mask = residual if isinstance(residual, Tensor) else None
         dims = (N, L, Z.shape[1], D, h, O, v.shape[-1], self_signal, objective == "l2", dgd, mom, same,
-                l2, 2 if mask is not None else int(bool(residual)))
+                l2, 2 if mask is not None else int(bool(residual)), read)
         cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
         W1n, W2n, M1n, M2n = _empty(W1), _empty(W2), _empty(M1), _empty(M2)
         U1, U2 = k.new_empty(N, L, h), k.new_empty(N, L, O)
         hs = k.new_empty(N, L, h) if dgd else None
         work = k.new_empty(N, lib.work_size(cfg_c))
+        Pa = k.new_empty(N, L + 1, L + 1) if read else None
+        C, m = (k.new_empty(N, L + 1, L + 1), k.new_empty(N, L)) if read and mom else (None, None)
         mask = None if mask is None else mask.to(k.dtype).contiguous()
-        ins = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, u, None, g1)
-        outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work, S if l2 else None, inv_r)
-        _check(lib.forward(cfg_c, _ptrs(ins), _ptrs(coef), _coef_strides(coef), _ptrs(outs),
-                           ctypes.c_double(_NORM_EPS2)))
-        ins = ins[:11] + (S, inv_r, g1)
-        ctx.lib, ctx.act, ctx.cfg_c, ctx.dims = lib, base, cfg_c, (same, dgd, mom)
+        ins = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, u, None, g1, alpha, beta)
+        outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work, S if l2 else None, inv_r, Pa, C, m)
+        _check(lib.forward(cfg_c, _ptrs(ins), _ptrs(outs), ctypes.c_double(_NORM_EPS2)))
+        ins = ins[:11] + (S, inv_r, g1, alpha, beta)
+        ctx.lib, ctx.act, ctx.cfg_c, ctx.dims = lib, base, cfg_c, (same, dgd, mom, read)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*ins, U1, U2, hs, work, *coef)
+        ctx.save_for_backward(*ins, U1, U2, hs, work)
         Sk = S[:, :L]
-        return tuple([W1n, W2n] + ([M1n, M2n] if mom else []) + [U1, U2] + ([hs] if dgd else []) + [Sk])
+        return tuple(t for t in (W1n, W2n, M1n, M2n, U1, U2, hs, Sk, Pa, C, m) if t is not None)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        same, dgd, mom = ctx.dims
+        same, dgd, mom, read = ctx.dims
         saved = ctx.saved_tensors
-        ins, (U1, U2, hs, work), coef = saved[:14], saved[14:18], saved[18:]
-        W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, S, inv_r, g1 = ins
+        ins, (U1, U2, hs, work) = saved[:16], saved[16:]
+        W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, S, inv_r, g1, alpha, beta = ins
         L = k.shape[1]
         grads = list(grads)
         take = lambda on=True: grads.pop(0) if on else None  # noqa: E731
         G1, G2, F1, F2, gU1, gU2, ghs, gSk = contiguous(take(), take(), take(mom), take(mom), take(), take(), take(dgd),
                                                         take())
+        gPa, gC, gm = contiguous(take(read), take(read and mom), take(read and mom))
         g2 = activation_grad2(H[:, :L], ctx.act).contiguous()
         dW1, dW2, dM1, dM2 = _empty(W1), _empty(W2), _empty(M1), _empty(M2)
         dWa1, dWa2 = (None, None) if same else (_empty(Wa1), _empty(Wa2))
         dk, dv, deta = _empty(k), _empty(v), _empty(eta)
-        dcoef = [_empty(c) for c in coef]
-        _check(ctx.lib.backward(ctx.cfg_c, _ptrs((*ins, U1, U2, hs, work, g2)), _ptrs(coef), _coef_strides(coef),
-                                _ptrs((G1, G2, F1, F2, gU1, gU2, ghs, gSk)),
-                                _ptrs((dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, *dcoef))))
-        return (None, None, dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, *dcoef)
+        need = ctx.needs_input_grad
+        dalpha, dbeta = _empty(alpha) if need[11] else None, _empty(beta) if need[12] else None
+        _check(ctx.lib.backward(ctx.cfg_c, _ptrs((*ins, U1, U2, hs, work, g2)),
+                                _ptrs((G1, G2, F1, F2, gU1, gU2, ghs, gSk, gPa, gC, gm)),
+                                _ptrs((dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, dalpha, dbeta))))
+        return (None, None, dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, dalpha, dbeta)
+
+
+def _read_coefficients(Pa: Tensor, C: Optional[Tensor], m: Optional[Tensor]) -> ReadCoefficients:
+    """A running read's coefficients as views of the gates' segment products (as :class:`_Gates`
+    makes them; ``C`` is ``Pa`` without momentum)."""
+    C = Pa if C is None else C
+    return ReadCoefficients(Pa[:, 1:, 0], Pa[:, 1:, 1:], C[:, 1:, 1:], m)
 
 
 def _native_write(k: Tensor, *others: Tensor):
@@ -564,22 +560,28 @@ def _library(dtype: torch.dtype):
     return lib
 
 
-def mlp_write(ws, ms, anchor, k, v, eta, coef: Coefficients, *, objective, signal, rule, act, residual):
+def mlp_write(ws, ms, anchor, k, v, eta, alpha, beta, *, objective, signal, rule, act, residual, read=False):
     """One piece of writes (see the module docstring). ``ws``, ``anchor``: ``(W_1, W_2)``; ``ms``:
-    ``(M_1, M_2)`` or None. Returns ``(ws_end, ms_end or None, U1, U2, hs or None, S_k)``."""
+    ``(M_1, M_2)`` or None; ``alpha``, ``beta``: the piece's gates ``[N, L]`` (alpha None: no
+    retention; beta None without momentum). ``read``: the piece is also read running. Returns
+    ``(ws_end, ms_end or None, U1, U2, hs or None, S_k, the read's coefficients or None)``."""
     dgd = rule == "dgd"
     same = ws[0] is anchor[0] and ws[1] is anchor[1]
     M1, M2 = ms if ms is not None else (None, None)
     Wa1, Wa2 = (None, None) if same else anchor
     cfg = (objective, signal == "self", dgd, act, residual)
-    lib = _native_write(k, *ws, v, eta)
+    lib = _native_write(k, *ws, v, eta, *(t for t in (alpha, beta) if t is not None))
+    mom = ms is not None
     if lib is not None:
-        out = list(_NativeMlpWrite.apply(lib, cfg, ws[0], ws[1], M1, M2, Wa1, Wa2, k, v, eta, *coef))
+        out = list(_NativeMlpWrite.apply(lib, cfg + (read,), ws[0], ws[1], M1, M2, Wa1, Wa2, k, v, eta, alpha, beta))
+        rc = _read_coefficients(*out[-3:] if mom else (out[-1], None, None)) if read else None
+        out = out[:len(out) - (3 if mom else 1)] if read else out
     else:
+        coef, rc = piece_coefficients(alpha, beta, k.shape[1], k, dgd=dgd, read=read)
         out = list(_MlpWrite.apply(cfg, ws[0], ws[1], M1, M2, Wa1, Wa2, k, v, eta, *coef))
     ws_end = out[:2]
-    ms_end = out[2:4] if ms is not None else None
-    rest = out[4:] if ms is not None else out[2:]
+    ms_end = out[2:4] if mom else None
+    rest = out[4:] if mom else out[2:]
     U1, U2 = rest[0], rest[1]
     hs = rest[2] if dgd else None
-    return ws_end, ms_end, U1, U2, hs, rest[-1]
+    return ws_end, ms_end, U1, U2, hs, rest[-1], rc

@@ -139,7 +139,7 @@ from nldsl.runtime._common import (
     segment_products,
     ut_apply,
 )
-from nldsl.runtime._mlp_write import end_state, mlp_write, piece_coefficients
+from nldsl.runtime._mlp_write import end_state, mlp_write
 from nldsl.runtime._preconditioned import orthogonalize_batch, preconditioned_step
 from nldsl.runtime._running_read import running_read
 
@@ -424,10 +424,9 @@ def chunk_step(
     # the writes. Per layer i the write terms of the piece are (coefficient [.., L, L], left
     # vectors [N, L, do]) pairs, all with right vectors ins[i]: a running read needs them.
     if kernel is None and len(ws) == 2 and objective in ("l2", "dot") and preceding is None:  # backward written out
-        coef, rc = piece_coefficients(alpha, beta if ms is not None else None, L, k, dgd=rule == "dgd",
-                                      read=running)
-        ws_end, ms_end, U1, U2, hs, Sk = mlp_write(ws, ms, anchor, k, v, eta, coef, objective=objective,
-                                                   signal=signal, rule=rule, act=act, residual=residual)
+        ws_end, ms_end, U1, U2, hs, Sk, rc = mlp_write(
+            ws, ms, anchor, k, v, eta, alpha, beta if ms is not None else None, objective=objective, signal=signal,
+            rule=rule, act=act, residual=residual, read=running)
         if running and st is None:  # the read as one function too
             return running_read(q, ws, ms, k, Sk, U1, U2, hs, rc, act=act, residual=residual), ws_end, ms_end
         ins = [k, Sk]

@@ -29,8 +29,7 @@ def _write_runs(dtype=torch.float64) -> str:
     w = [torch.randn(N, D, D, generator=g, dtype=dtype, requires_grad=True) for _ in range(2)]
     k, v = (torch.randn(N, L, D, generator=g, dtype=dtype) for _ in range(2))
     eta = torch.full((N, L), 0.1, dtype=dtype)
-    coef, _ = _mlp_write.piece_coefficients(None, None, L, k, dgd=True, read=False)
-    ws, *_ = _mlp_write.mlp_write(w, None, w, k, v, eta, coef, objective="l2", signal="self", rule="dgd",
+    ws, *_ = _mlp_write.mlp_write(w, None, w, k, v, eta, None, None, objective="l2", signal="self", rule="dgd",
                                   act="gelu", residual=True)
     return type(ws[0].grad_fn).__name__
 

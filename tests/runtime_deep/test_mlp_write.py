@@ -64,20 +64,24 @@ def leaves_of(x):
 
 
 def both(x, residual, **cfg):
-    """(fused, composed) results: the end state and what a running read takes from the piece."""
+    """(fused, composed) results: the end state and what a running read takes from the piece (its
+    gate coefficients included; the fused write makes them from alpha and beta, the composed
+    write takes them from ``piece_gates``)."""
     results = []
+    g = piece_gates(x["alpha"], x["beta"], L, x["k"], momentum=x["ms"] is not None)
+    read_ref = [g.A, g.Da, g.c] + ([g.m] if x["ms"] is not None else [])
     for fused in (True, False):
-        g = piece_gates(x["alpha"], x["beta"], L, x["k"], momentum=x["ms"] is not None)
         args = (x["ws"], x["ms"], x["anchor"], x["k"], x["v"], x["eta"])
         if fused:
-            coef = composed_coefficients(g, cfg["rule"] == "dgd")
-            ws, ms, U1, U2, hs, Sk = mlp_write(*args, coef, residual=residual, **cfg)
+            ws, ms, U1, U2, hs, Sk, rc = mlp_write(*args, x["alpha"], x["beta"], residual=residual, read=True, **cfg)
             lefts = [U1, U2] + ([hs] if hs is not None else [])
+            read = [t for t in rc if t is not None]
         else:
             ins, pairs, ws, ms = composed_write(*args, g, residual=residual, kernel=None, **cfg)
             Sk = ins[1]
             lefts = [pairs[0][0][1], pairs[1][0][1]] + ([pairs[0][1][1]] if len(pairs[0]) > 1 else [])
-        results.append(list(ws) + list(ms or []) + lefts + [Sk])
+            read = [t.expand_as(f) for t, f in zip(read_ref, results[0][-len(read_ref):])]
+        results.append(list(ws) + list(ms or []) + lefts + [Sk] + read)
     return results
 
 
@@ -122,10 +126,9 @@ def test_fused_write_gradcheck(impl, norm):
     def f(*leaves):
         ws, anchor, ms = list(leaves[0:2]), list(leaves[2:4]), list(leaves[4:6])
         k, v, eta, alpha, beta = leaves[6:]
-        coef, _ = piece_coefficients(alpha, beta, L, k, dgd=True, read=False)
-        out = mlp_write(ws, ms, anchor, k, v, eta, coef, objective="l2", signal="self",
-                        rule="dgd", act=hidden_act(norm, "gelu"), residual=res)
-        return (*out[0], *out[1], *out[2:])
+        out = mlp_write(ws, ms, anchor, k, v, eta, alpha, beta, objective="l2", signal="self",
+                        rule="dgd", act=hidden_act(norm, "gelu"), residual=res, read=True)
+        return (*out[0], *out[1], *out[2:6], *out[6])
 
     leaves = [t.clone().requires_grad_() for t in leaves_of(x)]
     assert len(leaves) == 11
@@ -136,10 +139,9 @@ def _write(x, L, dtype, res, **cfg):
     """mlp_write's outputs (flattened) for the piece ``x``, in ``dtype``."""
     x = {n: None if t is None else ([w.to(dtype) for w in t] if isinstance(t, list) else t.to(dtype))
          for n, t in x.items()}
-    coef, _ = piece_coefficients(x["alpha"], x["beta"], L, x["k"], dgd=cfg["rule"] == "dgd", read=False)
-    ws, ms, *rest = mlp_write(x["ws"], x["ms"], x["anchor"] if x["anchor"] is not None else x["ws"], x["k"],
-                              x["v"], x["eta"], coef, residual=res, **cfg)
-    return [*ws, *(ms or []), *(t for t in rest if t is not None)]
+    ws, ms, *rest, rc = mlp_write(x["ws"], x["ms"], x["anchor"] if x["anchor"] is not None else x["ws"], x["k"],
+                                  x["v"], x["eta"], x["alpha"], x["beta"], residual=res, read=True, **cfg)
+    return [*ws, *(ms or []), *(t for t in rest if t is not None), *(t for t in rc if t is not None)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -227,13 +229,14 @@ def test_a_write_leaves_no_reference_cycle(impl, backward):
     gc.collect()
     gc.disable()
     try:
-        coef, _ = piece_coefficients(x["alpha"], x["beta"], L, x["k"], dgd=True, read=False)
-        out = mlp_write(x["ws"], x["ms"], x["anchor"], x["k"], x["v"], x["eta"], coef, objective="l2",
-                        signal="self", rule="dgd", act=hidden_act("l2", "gelu"), residual=True)
-        probes = [weakref.ref(t) for t in (*coef, *out[0], *out[1], *out[2:]) if t is not None]
+        ws, ms, *rest, rc = mlp_write(x["ws"], x["ms"], x["anchor"], x["k"], x["v"], x["eta"], x["alpha"], x["beta"],
+                                      objective="l2", signal="self", rule="dgd", act=hidden_act("l2", "gelu"),
+                                      residual=True, read=True)
+        out = [*ws, *ms, *rest, *rc]
+        probes = [weakref.ref(t) for t in out]
         if backward:
-            sum(t.sum() for t in (*out[0], *out[1], *out[2:])).backward()
-        del out, coef
+            sum(t.sum() for t in out).backward()
+        del out, ws, ms, rest, rc
         assert all(p() is None for p in probes)
     finally:
         gc.enable()
