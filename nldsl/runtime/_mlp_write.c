@@ -9,128 +9,7 @@
  * Per row, row-major and contiguous: W1, Wa1, M1 [h, D]; W2, Wa2, M2 [O, h]; k [L, D]; v [L, Dv];
  * Z = [k; v] (Lz = 2L rows, signal "self") or k (Lz = L); H, S, g1 [Lz, h]; inv_r [Lz]; eta,
  * alpha, beta [L]. */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-typedef REAL real;
-#define VBYTES 64
-#define VL ((int)(VBYTES / sizeof(real)))
-typedef real vreal __attribute__((vector_size(VBYTES)));
-typedef real vhalf __attribute__((vector_size(VBYTES / 2)));  /* for a product's last columns */
-
-static inline vreal vload(const real *p) { vreal v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(real *p, vreal v) { memcpy(p, &v, sizeof v); }
-static inline vhalf hload(const real *p) { vhalf v; memcpy(&v, p, sizeof v); return v; }
-static inline void hstore(real *p, vhalf v) { memcpy(p, &v, sizeof v); }
-
-#define INLINE static inline __attribute__((always_inline))
-
-/* A block of a product: rows r < R (4 or 1) of C (+)= A B over NV vectors of T (LANES each) of
- * columns; the accumulators stay in registers (R and NV are constants once inlined). */
-#define PRODUCT_BLOCK(NAME, T, LOAD, STORE, LANES, NV)                                            \
-    INLINE void NAME(const int R, int k, const real *A, int ai, int ap, const real *B, int ldb,   \
-                     int acc, real *C, int ldc)                                                   \
-    {                                                                                            \
-        T c[4][NV];                                                                              \
-        for (int r = 0; r < 4; r++)                                                              \
-            for (int v = 0; v < NV; v++) c[r][v] = (T){0};                                       \
-        for (int p = 0; p < k; p++) {                                                            \
-            T b[NV];                                                                             \
-            for (int v = 0; v < NV; v++) b[v] = LOAD(B + p * ldb + v * (LANES));                 \
-            for (int r = 0; r < R; r++) {                                                        \
-                const real x = A[r * ai + p * ap];                                               \
-                for (int v = 0; v < NV; v++) c[r][v] += x * b[v];                                \
-            }                                                                                    \
-        }                                                                                        \
-        for (int r = 0; r < R; r++)                                                              \
-            for (int v = 0; v < NV; v++) {                                                       \
-                real *o = C + r * ldc + v * (LANES);                                             \
-                STORE(o, acc ? c[r][v] + LOAD(o) : c[r][v]);                                     \
-            }                                                                                    \
-    }
-PRODUCT_BLOCK(block2, vreal, vload, vstore, VL, 2)
-PRODUCT_BLOCK(block1, vreal, vload, vstore, VL, 1)
-PRODUCT_BLOCK(block_half, vhalf, hload, hstore, VL / 2, 1)
-
-/* R rows (4 or 1) of C[., n] (+)= A B, B contiguous with rows ldb apart: the columns in blocks of
- * two vectors, one vector, half a vector, then one at a time */
-INLINE void product_rows(const int R, int n, int k, const real *A, int ai, int ap, const real *B, int ldb,
-                         int acc, real *C, int ldc)
-{
-    int j = 0;
-    for (; j + 2 * VL <= n; j += 2 * VL) block2(R, k, A, ai, ap, B + j, ldb, acc, C + j, ldc);
-    if (j + VL <= n) block1(R, k, A, ai, ap, B + j, ldb, acc, C + j, ldc), j += VL;
-    if (j + VL / 2 <= n) block_half(R, k, A, ai, ap, B + j, ldb, acc, C + j, ldc), j += VL / 2;
-    for (int r = 0; r < R; r++) {
-        real *c = C + r * ldc;
-        if (!acc)
-            for (int jj = j; jj < n; jj++) c[jj] = 0;
-        for (int p = 0; p < k; p++)
-            for (int jj = j; jj < n; jj++) c[jj] += A[r * ai + p * ap] * B[p * ldb + jj];
-    }
-}
-
-/* C[m, n] (+)= A B, B contiguous with rows ldb apart, C's rows ldc apart */
-static void product(int m, int n, int k, const real *A, int ai, int ap, const real *B, int ldb, int acc,
-                    real *C, int ldc)
-{
-    int i = 0;
-    for (; i + 4 <= m; i += 4) product_rows(4, n, k, A + i * ai, ai, ap, B, ldb, acc, C + i * ldc, ldc);
-    for (; i < m; i++) product_rows(1, n, k, A + i * ai, ai, ap, B, ldb, acc, C + i * ldc, ldc);
-}
-
-/* C[m, n] (+)= A B with A(i, p) = A[i * ai + p * ap], B(p, j) = B[p * bi + j * bj]; C row-major.
- * The inner loops run along rows of B and C in vectors, so a B whose rows are not contiguous (a
- * transposed operand) is copied first into ``pack`` (2 max(m, n, k)^2 values at most), or, where
- * copying A is cheaper, the product runs transposed, C^T = B^T A^T, and is copied into C. */
-static void gemm(int m, int n, int k, const real *A, int ai, int ap, const real *B, int bi, int bj,
-                 int acc, real *C, real *pack)
-{
-    if (bj == 1) {
-        product(m, n, k, A, ai, ap, B, bi, acc, C, n);
-    } else if (m * k + m * n < n * k) {
-        real *At = pack, *Ct = pack + k * m;  /* A^T [k, m]; C^T [n, m] */
-        for (int i = 0; i < m; i++)
-            for (int p = 0; p < k; p++) At[p * m + i] = A[i * ai + p * ap];
-        product(n, m, k, B, bj, bi, At, m, 0, Ct, m);
-        for (int i = 0; i < m; i++)
-            for (int j = 0; j < n; j++) C[i * n + j] = acc ? C[i * n + j] + Ct[j * m + i] : Ct[j * m + i];
-    } else {
-        for (int j = 0; j < n; j++)
-            for (int p = 0; p < k; p++) pack[p * n + j] = B[p * bi + j * bj];
-        product(m, n, k, A, ai, ap, pack, n, acc, C, n);
-    }
-}
-
-/* x . y in vectors (two accumulators: a sum's chain of dependent adds is what bounds it) */
-static inline real dot(const real *x, const real *y, int n)
-{
-    vreal s0 = {0}, s1 = {0};
-    int j = 0;
-    for (; j + 2 * VL <= n; j += 2 * VL) {
-        s0 += vload(x + j) * vload(y + j);
-        s1 += vload(x + j + VL) * vload(y + j + VL);
-    }
-    for (; j + VL <= n; j += VL) s0 += vload(x + j) * vload(y + j);
-    s0 += s1;
-    real s = 0;
-    for (int i = 0; i < VL; i++) s += s0[i];
-    for (; j < n; j++) s += x[j] * y[j];
-    return s;
-}
-
-/* (d - n (n . d)) / r per row: the L2 norm's Jacobian applied to d (in place) */
-static void project(real *d, const real *nrm, const real *inv_r, int rows, int w)
-{
-    for (int t = 0; t < rows; t++) {
-        real *x = d + t * w;
-        const real *u = nrm + t * w;
-        real nd = dot(u, x, w);
-        for (int j = 0; j < w; j++) x[j] = (x[j] - u[j] * nd) * inv_r[t];
-    }
-}
+#include "_native.h"
 
 /* configuration: dims, flags (the order _NativeMlpWrite packs them in) */
 enum { N_, L_, LZ, D_, H_, O_, DV, SELF, L2OBJ, DGD, MOM, SAME, L2NORM, RESID, READ };
@@ -280,28 +159,18 @@ int64_t work_size(const int64_t *cfg)
     return work_offsets(cfg, off);
 }
 
-/* A call's temporaries: one block per thread, kept and grown as needed (stack arrays of these
- * sizes could overflow a thread's stack; a fresh block per call costs page faults), carved by
- * TAKE: at most NTEMP of them, each at most ``each`` = m^2 values, m the largest of Lz, L + 1 and
+/* A call's temporaries, carved from the thread's scratch block by TAKE: at most NTEMP of them, each at most ``each`` = m^2 values, m the largest of Lz, L + 1 and
  * the widths (temporaries are [L or Lz, L or a width], [width, width] or [L + 1, L + 1]). */
 #define NTEMP 48
 #define TAKE(n) (at += (n), at - (n))
 static real *scratch(const int64_t *cfg, int64_t *each)
 {
-    static __thread real *block;
-    static __thread int64_t size;
     int64_t m = cfg[H_] > cfg[D_] ? cfg[H_] : cfg[D_];
     m = m > cfg[O_] ? m : cfg[O_];
     m = m > cfg[LZ] ? m : cfg[LZ];
     m = m > cfg[L_] + 1 ? m : cfg[L_] + 1;
     *each = m * m;
-    if (NTEMP * *each > size) {
-        real *grown = realloc(block, NTEMP * *each * sizeof(real));
-        if (!grown) return 0;
-        block = grown;
-        size = NTEMP * *each;
-    }
-    return block;
+    return scratch_block(NTEMP * *each);
 }
 
 /* What both directions start with: the configuration as locals, the work buffer's layout, the

@@ -1,12 +1,13 @@
 """Native CPU kernels: C files beside the Python they stand in for, built on first use by the
 system's C compiler (``$CC``, else ``cc``) into a per-user cache and loaded with ctypes.
 
-A kernel is built for the machine it runs on (``-march=native``), once per source, compiler and
-CPU: the cache key holds all three, so a home directory shared by different machines keeps one
-build per CPU. The build goes to a temporary file renamed into place, so an interrupted or
-concurrent build never leaves a half-written library behind. Without a compiler, or when the
-build fails, :func:`library` warns once and returns None, and the callers run their torch ops;
-``NLDSL_NATIVE=0`` turns the kernels off (the torch ops then run everywhere).
+A kernel is built for the machine it runs on (``-march=native``), once per source (with the
+headers beside it), compiler and CPU: the cache key holds all three, so a home directory shared
+by different machines keeps one build per CPU. The build goes to a temporary file renamed into
+place, so an interrupted or concurrent build never leaves a half-written library behind. Without
+a compiler, or when the build fails, :func:`library` warns once and returns None, and the
+callers run their torch ops; ``NLDSL_NATIVE=0`` turns the kernels off (the torch ops then run
+everywhere).
 """
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ def _build(name: str, real: str) -> Optional[ctypes.CDLL]:
         warnings.warn(f"nldsl: no C compiler (set CC): {name} runs as torch ops, slower on a CPU", stacklevel=3)
         return None
     source = _HERE / f"{name}.c"
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), repr((cc, _FLAGS, real)).encode(), _cpu().encode()]))
+    headers = [h.read_bytes() for h in sorted(_HERE.glob("*.h"))]  # what the sources include
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, repr((cc, _FLAGS, real)).encode(),
+                                      _cpu().encode()]))
     target = cache_dir() / f"{name}-{real}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
