@@ -179,15 +179,21 @@ def _calls(model, step, top: int, device) -> dict:
                 return out
             return timed
 
-    from nldsl.runtime import _mlp_write
+    from nldsl.runtime import _group_read, _mlp_write
 
-    library = _mlp_write._library
-    _mlp_write._library = lambda dt: None if library(dt) is None else TimedLibrary(library(dt), "_mlp_write")
+    kernels = {module: module._library for module in (_mlp_write, _group_read)}
+
+    def timed_library(library, name):
+        return lambda dt: None if library(dt) is None else TimedLibrary(library(dt), name)
+
+    for module, library in kernels.items():
+        module._library = timed_library(library, module.__name__.rsplit(".", 1)[-1])
     try:
         with Timed():
             step()
     finally:
-        _mlp_write._library = library
+        for module, library in kernels.items():
+            module._library = library
     rows = sorted(((ms, n, op, at) for (at, op), (ms, n) in spent.items()), reverse=True)
     return {"total_ms": sum(r[0] for r in rows), "rows": rows[:top]}
 

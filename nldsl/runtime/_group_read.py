@@ -12,16 +12,26 @@ stacked along the batch axis (``G`` memories times ``N`` sequence-heads, see
 rate, if any; M_eta / M_alpha's output matrix is zero-padded to D rows). Autograd through the
 composed ops records some 35 nodes per piece (products, the norms, slices, selects, sigmoids);
 this function records one, with the backward written out, on the same formulas.
+
+On a CPU it runs as C (``_group_read.c``, :class:`_NativeGroupRead`: one row at a time; torch
+computes only the hidden layer's product and activation), as the memories' write does (see
+:mod:`nldsl.runtime._mlp_write`); the torch ops run on a GPU, without a C compiler, and with
+``NLDSL_NATIVE=0``.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nldsl.runtime._mlp_write import _Act, _T, _residual
+from nldsl.runtime import _native as native
+from nldsl.runtime._activations import _NORM_EPS2, activation, split_hidden
+from nldsl.runtime._common import contiguous
+from nldsl.runtime._mlp_write import _Act, _act_grad, _T, _residual
 
 __all__ = ["group_read"]
 
@@ -112,6 +122,96 @@ class _GroupRead(torch.autograd.Function):
                 *(d if n else None for d, n in zip(dlogits, need[8:])))
 
 
+_KINDS = {"plain": 0, "unit": 1, "scalar": 2}
+
+
+class _NativeGroupRead(torch.autograd.Function):
+    """:class:`_GroupRead` in ``_group_read.c`` (float32 and float64 CPU tensors). ``cfg``: the
+    activation, each memory's kind (plain, unit or scalar), the rows per memory, and each
+    memory's shift and scale (a scalar memory's output is ``scale * sigmoid(Y[..., 0] + shift +
+    z)``); ``addends``: each memory's ``z`` ``[N, L]`` or None. Returns the memories' outputs."""
+
+    @staticmethod
+    def forward(ctx, lib, cfg, W1, W2, x, residual, *addends):
+        act, kinds, Ng, params = cfg
+        W1, W2, x = contiguous(W1, W2, x)
+        addends = contiguous(*addends)
+        N, L, D = x.shape
+        H = torch.bmm(x, _T(W1))
+        base, l2 = split_hidden(act)
+        u, g1 = activation(H, base).contiguous(), _act_grad(H, base).contiguous()
+        S, inv_r = (torch.empty_like(u), H.new_empty(H.shape[:-1])) if l2 else (u, None)  # the kernel normalises
+        h, O = H.shape[-1], W2.shape[-2]
+        mask = residual.to(x.dtype).contiguous() if isinstance(residual, Tensor) else None
+        dims = (N, Ng, len(kinds), L, D, h, O, l2, 2 if mask is not None else int(bool(residual)))
+        ctx.cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
+        ctx.kinds = (ctypes.c_int64 * len(kinds))(*(_KINDS[k] for k in kinds))
+        ctx.params = (ctypes.c_double * len(params))(*params)
+        Y, kept = x.new_empty(N, L, O), x.new_empty(N, L)
+        outs = [x.new_empty(Ng, L) if k == "scalar" else x.new_empty(Ng, L, O) for k in kinds]
+        native.check("_group_read", lib.forward(
+            ctx.cfg_c, ctx.kinds, ctx.params, native.pointers((W1, W2, x, mask, u)), native.pointers(addends),
+            native.pointers(outs), native.pointers((S if l2 else None, inv_r, Y, kept)), ctypes.c_double(_NORM_EPS2)))
+        ctx.lib = lib
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, not zeros
+        ctx.save_for_backward(W1, W2, x, mask, S, inv_r, g1, Y, kept)
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        W1, W2, x, mask, S, inv_r, g1, Y, kept = ctx.saved_tensors
+        grads = contiguous(*grads)
+        dW1, dW2, dx = native.empty(W1), native.empty(W2), native.empty(x)
+        Ng, L = x.shape[0] // len(grads), x.shape[1]
+        dz = [x.new_empty(Ng, L) if need and kind == _KINDS["scalar"] else None
+              for kind, need in zip(ctx.kinds, ctx.needs_input_grad[6:])]
+        native.check("_group_read", ctx.lib.backward(
+            ctx.cfg_c, ctx.kinds, ctx.params, native.pointers((W1, W2, x, mask, S, inv_r, g1, Y, kept)),
+            native.pointers(grads), native.pointers((dW1, dW2, dx)), native.pointers(dz)))
+        return (None, None, dW1, dW2, dx, None, *dz)
+
+
+@functools.cache
+def _library(dtype: torch.dtype):
+    return native.library("_group_read", dtype)
+
+
+def _native_read(x: Tensor, *others):
+    """The C kernel's library where it runs this call (CPU tensors of x's dtype, float32 or
+    float64), else None."""
+    if x.device.type != "cpu" or not native.enabled() or any(t.dtype != x.dtype for t in others):
+        return None
+    return _library(x.dtype)
+
+
+def _native_group_read(lib, weights, x, *, act, residual, names, units, logits, eta_max, eta_bias,
+                       alpha_bias) -> list[Tensor]:
+    """:func:`group_read` by :class:`_NativeGroupRead`: number gates go into the kernel as its
+    shift and scale; tensor ones are applied around it (added to the addend, multiplied after),
+    so autograd carries their gradients."""
+    N = x.shape[0] // len(names)
+    kinds, params, addends, scaled = [], [], [], []
+    for n, unit, z in zip(names, units, logits):
+        if n not in _SCALARS:
+            kinds.append("unit" if unit else "plain")
+            params += [0.0, 1.0]
+            addends.append(None)
+            scaled.append(None)
+            continue
+        bias = eta_bias if n == "eta" else alpha_bias
+        scale = eta_max if n == "eta" else 1.0
+        if isinstance(bias, Tensor):
+            z = bias.expand(N, x.shape[1]) if z is None else z + bias
+        kinds.append("scalar")
+        params += [0.0 if isinstance(bias, Tensor) else float(bias), 1.0 if isinstance(scale, Tensor) else float(scale)]
+        addends.append(z)
+        scaled.append(scale if isinstance(scale, Tensor) else None)
+    cfg = (act, tuple(kinds), N, tuple(params))
+    outs = _NativeGroupRead.apply(lib, cfg, weights[0], weights[1], x, residual, *addends)
+    return [o if s is None else s * o for o, s in zip(outs, scaled)]
+
+
 def group_read(weights: Sequence[Tensor], x: Tensor, *, act: str, residual, names: Sequence[str],
                units: Sequence[bool], logits: Sequence[Optional[Tensor]], eta_max, eta_bias,
                alpha_bias) -> list[Tensor]:
@@ -120,6 +220,11 @@ def group_read(weights: Sequence[Tensor], x: Tensor, *, act: str, residual, name
     ``[N, L, D]`` for k, v, q (L2-normalised where ``units`` says), ``[N, L]`` for eta, alpha
     (squashed, with ``logits`` added before; None entries for the others). ``residual``: a bool
     or a per-row 0/1 mask."""
+    gates = [t for t in (*logits, eta_max, eta_bias, alpha_bias) if isinstance(t, Tensor)]
+    lib = _native_read(x, *weights, *gates)
+    if lib is not None:
+        return _native_group_read(lib, weights, x, act=act, residual=residual, names=names, units=units,
+                                  logits=logits, eta_max=eta_max, eta_bias=eta_bias, alpha_bias=alpha_bias)
     N = x.shape[0] // len(names)
     cfg = (act, tuple(names), tuple(bool(u) for u in units), N)
     return list(_GroupRead.apply(cfg, weights[0], weights[1], x, residual, eta_max, eta_bias, alpha_bias,

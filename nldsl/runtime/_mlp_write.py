@@ -451,27 +451,6 @@ class _MlpWrite(torch.autograd.Function):
         return (None, dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, *dcoef)
 
 
-def _ptr(t: Optional[Tensor]):
-    return None if t is None else t.data_ptr()
-
-
-def _ptrs(ts) -> ctypes.Array:
-    return (ctypes.c_void_p * len(ts))(*map(_ptr, ts))
-
-
-def _empty(like: Optional[Tensor]) -> Optional[Tensor]:
-    """A contiguous tensor of ``like``'s shape."""
-    return None if like is None else torch.empty_like(like, memory_format=torch.contiguous_format)
-
-
-def _check(status: int) -> None:
-    """The C kernel's status: 0 done, 1 out of memory, 2 its temporaries overran their block."""
-    if status == 1:
-        raise MemoryError("mlp_write: no memory for the C kernel's temporaries")
-    if status:
-        raise RuntimeError("mlp_write: the C kernel's temporaries overran their block (a bug in _mlp_write.c)")
-
-
 class _NativeMlpWrite(torch.autograd.Function):
     """:class:`_MlpWrite` and the gate coefficients (:class:`_Gates`) with everything but the
     activation in ``_mlp_write.c`` (float32 and float64 CPU tensors): takes the gates alpha, beta
@@ -495,7 +474,7 @@ class _NativeMlpWrite(torch.autograd.Function):
         dims = (N, L, Z.shape[1], D, h, O, v.shape[-1], self_signal, objective == "l2", dgd, mom, same,
                 l2, 2 if mask is not None else int(bool(residual)), read)
         cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
-        W1n, W2n, M1n, M2n = _empty(W1), _empty(W2), _empty(M1), _empty(M2)
+        W1n, W2n, M1n, M2n = native.empty(W1), native.empty(W2), native.empty(M1), native.empty(M2)
         U1, U2 = k.new_empty(N, L, h), k.new_empty(N, L, O)
         hs = k.new_empty(N, L, h) if dgd else None
         work = k.new_empty(N, lib.work_size(cfg_c))
@@ -504,7 +483,8 @@ class _NativeMlpWrite(torch.autograd.Function):
         mask = None if mask is None else mask.to(k.dtype).contiguous()
         ins = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, u, None, g1, alpha, beta)
         outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work, S if l2 else None, inv_r, Pa, C, m)
-        _check(lib.forward(cfg_c, _ptrs(ins), _ptrs(outs), ctypes.c_double(_NORM_EPS2)))
+        native.check("_mlp_write", lib.forward(cfg_c, native.pointers(ins), native.pointers(outs),
+                                               ctypes.c_double(_NORM_EPS2)))
         ins = ins[:11] + (S, inv_r, g1, alpha, beta)
         ctx.lib, ctx.act, ctx.cfg_c, ctx.dims = lib, base, cfg_c, (same, dgd, mom, read)
         ctx.set_materialize_grads(False)
@@ -526,14 +506,15 @@ class _NativeMlpWrite(torch.autograd.Function):
                                                         take())
         gPa, gC, gm = contiguous(take(read), take(read and mom), take(read and mom))
         g2 = activation_grad2(H[:, :L], ctx.act).contiguous()
-        dW1, dW2, dM1, dM2 = _empty(W1), _empty(W2), _empty(M1), _empty(M2)
-        dWa1, dWa2 = (None, None) if same else (_empty(Wa1), _empty(Wa2))
-        dk, dv, deta = _empty(k), _empty(v), _empty(eta)
+        dW1, dW2, dM1, dM2 = native.empty(W1), native.empty(W2), native.empty(M1), native.empty(M2)
+        dWa1, dWa2 = (None, None) if same else (native.empty(Wa1), native.empty(Wa2))
+        dk, dv, deta = native.empty(k), native.empty(v), native.empty(eta)
         need = ctx.needs_input_grad
-        dalpha, dbeta = _empty(alpha) if need[11] else None, _empty(beta) if need[12] else None
-        _check(ctx.lib.backward(ctx.cfg_c, _ptrs((*ins, U1, U2, hs, work, g2)),
-                                _ptrs((G1, G2, F1, F2, gU1, gU2, ghs, gSk, gPa, gC, gm)),
-                                _ptrs((dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, dalpha, dbeta))))
+        dalpha, dbeta = native.empty(alpha) if need[11] else None, native.empty(beta) if need[12] else None
+        native.check("_mlp_write", ctx.lib.backward(
+            ctx.cfg_c, native.pointers((*ins, U1, U2, hs, work, g2)),
+            native.pointers((G1, G2, F1, F2, gU1, gU2, ghs, gSk, gPa, gC, gm)),
+            native.pointers((dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, dalpha, dbeta))))
         return (None, None, dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, dalpha, dbeta)
 
 

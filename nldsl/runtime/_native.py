@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["library", "enabled", "cache_dir"]
+__all__ = ["library", "enabled", "cache_dir", "check", "empty", "pointers"]
 
 _HERE = Path(__file__).parent
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-fPIC", "-shared")
@@ -98,3 +98,21 @@ def _build(name: str, real: str) -> Optional[ctypes.CDLL]:
                           "CPU", stacklevel=3)
             return None
     return ctypes.CDLL(str(target))
+
+
+def pointers(tensors) -> ctypes.Array:
+    """The tensors' data pointers as a C array (NULL for None)."""
+    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+
+
+def empty(like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A contiguous tensor of ``like``'s shape (None for None): a kernel's output."""
+    return None if like is None else torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def check(kernel: str, status: int) -> None:
+    """A kernel's status: 0 done, 1 out of memory, 2 its temporaries overran their block."""
+    if status == 1:
+        raise MemoryError(f"{kernel}: no memory for the C kernel's temporaries")
+    if status:
+        raise RuntimeError(f"{kernel}: the C kernel's temporaries overran their block (a bug in {kernel}.c)")

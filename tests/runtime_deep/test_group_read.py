@@ -1,5 +1,6 @@
 """group_read (the anchor read of stacked generating memories, one autograd function) equals
-the composed ops it replaces, values and every input's gradient, in float64."""
+the composed ops it replaces, values and every input's gradient, in float64; both
+implementations, the C kernel and the torch ops (the ``impl`` fixture)."""
 from __future__ import annotations
 
 import itertools
@@ -50,7 +51,7 @@ def case(seed, names, *, act, mask, tensor_gates, logits_on, zero_row=False):
 
 @pytest.mark.parametrize("act,mask,tensor_gates,logits_on",
                          list(itertools.product(("gelu+l2", "silu"), (True, False), (True, False), (True, False))))
-def test_group_read_equals_composed_with_gradients(act, mask, tensor_gates, logits_on):
+def test_group_read_equals_composed_with_gradients(impl, act, mask, tensor_gates, logits_on):
     names = ("k", "v", "q", "eta", "alpha") if mask else ("k", "v", "q")
     ws, x, kw = case(0, names, act=act, mask=mask, tensor_gates=tensor_gates, logits_on=logits_on,
                      zero_row=not tensor_gates)
@@ -60,6 +61,7 @@ def test_group_read_equals_composed_with_gradients(act, mask, tensor_gates, logi
     for t in leaves:
         t.requires_grad_(True)
     got, want = group_read(ws, x, **kw), composed(ws, x, **kw)
+    assert type(got[0].grad_fn).__name__ == ("_NativeGroupReadBackward" if impl == "native" else "_GroupReadBackward")
     probes = [torch.randn_like(t) for t in want]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
@@ -76,7 +78,7 @@ def test_group_read_equals_composed_with_gradients(act, mask, tensor_gates, logi
                 torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
 
 
-def test_group_read_gradcheck():
+def test_group_read_gradcheck(impl):
     ws, x, kw = case(1, ("k", "eta", "v", "alpha"), act="gelu+l2", mask=True, tensor_gates=True, logits_on=True)
     kw["residual"] = kw["residual"].detach()
     leaves = ws + [x, kw["eta_bias"], kw["alpha_bias"]]

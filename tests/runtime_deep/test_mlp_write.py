@@ -21,16 +21,6 @@ from rtdeep_helpers import DT, assert_close, gen, rand, randn
 N, L, D, HID = 4, 5, 6, 7
 
 
-@pytest.fixture(params=["native", "torch"])
-def impl(request, monkeypatch):
-    """Which fused write runs: the C kernel or the torch ops."""
-    native = request.param == "native"
-    monkeypatch.setenv("NLDSL_NATIVE", "1" if native else "0")
-    if native:
-        assert _mlp_write._library(DT) is not None, "the C kernel did not build (is a C compiler installed?)"
-    return request.param
-
-
 def piece(seed, *, momentum, retention, mid_chunk, signal, N=N, L=L, D=D, HID=HID):
     g = gen(seed)
     w = [randn(g, N, HID, D, scale=0.4), randn(g, N, D, HID, scale=0.4)]

@@ -1,0 +1,134 @@
+/* The anchor read of a stack of two-layer generating memories on a CPU, forward and backward:
+ * _GroupRead in _group_read.py (same names), one batch row at a time. Rows r of memory j = r / Ng
+ * (row i = r % Ng of its outputs); per row, on the piece's L inputs x:
+ *
+ *     Y = S W2^T + r x,   S = phi(x W1^T) (torch computes the activation; the L2 norm is here)
+ *     kind 0 (plain): Y;   kind 1 (unit): Y / max(||Y||, 1e-12)   (F.normalize)
+ *     kind 2 (scalar): scale * sigmoid(Y[., 0] + shift + z)        (eta, alpha; z [L] or none)
+ *
+ * Row-major and contiguous: W1 [h, D], W2 [O, h], x [L, D] (O = D with a residual), S, g1 [L, h],
+ * inv_r [L], Y [L, O], kept [L] (||Y|| of a unit row, the sigmoid of a scalar one). _native.py
+ * builds this file twice, for REAL=float and REAL=double. */
+#include "_native.h"
+
+/* configuration: dims, flags (the order _NativeGroupRead packs them in) */
+enum { N_, NG, G_, L_, D_, H_, O_, L2NORM, RESID };
+enum { PLAIN, UNIT, SCALAR };
+#define UNIT_EPS 1e-12
+
+/* the temporaries: a product's packing (2 m^2, m the largest of L and the widths), dY, dS */
+static real *temporaries(const int64_t *cfg, real **pack, real **dY, real **dS)
+{
+    int64_t m = cfg[H_] > cfg[D_] ? cfg[H_] : cfg[D_];
+    m = m > cfg[O_] ? m : cfg[O_];
+    m = m > cfg[L_] ? m : cfg[L_];
+    real *base = scratch_block(2 * m * m + cfg[L_] * (cfg[O_] + cfg[H_]));
+    if (base) *pack = base, *dY = base + 2 * m * m, *dS = *dY + cfg[L_] * cfg[O_];
+    return base;
+}
+
+/* in: W1 W2 x mask u (act(x W1^T)); kinds [G]; params: shift, scale per memory; z: each scalar
+ * memory's addend [Ng, L] or NULL; out: the memories' outputs ([Ng, L, O], scalar: [Ng, L]); keep:
+ * S inv_r (with the L2 norm; else S is u) Y kept */
+int forward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in, real *const *z,
+            real *const *out, real *const *keep, double eps2)
+{
+    const int64_t N = cfg[N_], Ng = cfg[NG];
+    const int L = cfg[L_], D = cfg[D_], h = cfg[H_], O = cfg[O_], l2n = cfg[L2NORM], resid = cfg[RESID];
+    real *pack, *dY, *dS;
+    if (!temporaries(cfg, &pack, &dY, &dS)) return 1;
+    for (int64_t r = 0; r < N; r++) {
+        const int64_t j = r / Ng, i = r % Ng;
+        const real *W2 = in[1] + r * O * h, *x = in[2] + r * L * D;
+        const real rr = resid == 2 ? in[3][r] : resid;
+        const real *S = in[4] + r * L * h;
+        real *Y = keep[2] + r * L * O, *kept = keep[3] + r * L;
+        if (l2n) {  /* S = u / sqrt(||u||^2 + eps2) */
+            real *Sn = keep[0] + r * L * h, *inv_r = keep[1] + r * L;
+            for (int t = 0; t < L; t++) {
+                inv_r[t] = 1 / sqrt(dot(S + t * h, S + t * h, h) + eps2);
+                for (int c = 0; c < h; c++) Sn[t * h + c] = S[t * h + c] * inv_r[t];
+            }
+            S = Sn;
+        }
+        gemm(L, O, h, S, h, 1, W2, 1, h, 0, Y, pack);
+        if (rr != 0)
+            for (int c = 0; c < L * O; c++) Y[c] += rr * x[c];
+        if (kinds[j] == SCALAR) {
+            const real shift = params[2 * j], scale = params[2 * j + 1];
+            const real *zi = z[j] ? z[j] + i * L : 0;
+            real *o = out[j] + i * L;
+            for (int t = 0; t < L; t++) {
+                const real p = Y[t * O] + shift + (zi ? zi[t] : 0), s = 1 / (1 + exp(-p));
+                kept[t] = s;
+                o[t] = scale * s;
+            }
+        } else {
+            real *o = out[j] + i * L * O;
+            for (int t = 0; t < L; t++) {
+                real f = 1;
+                kept[t] = 0;
+                if (kinds[j] == UNIT) {
+                    kept[t] = sqrt(dot(Y + t * O, Y + t * O, O));
+                    f = 1 / (kept[t] > UNIT_EPS ? kept[t] : UNIT_EPS);
+                }
+                for (int c = 0; c < O; c++) o[t * O + c] = f * Y[t * O + c];
+            }
+        }
+    }
+    return 0;
+}
+
+/* in: W1 W2 x mask S inv_r g1 Y kept (the forward's); grad: each memory's output gradient (NULL:
+ * zero); out: dW1 dW2 dx; dz: each scalar memory's gradient at its sigmoid's input [Ng, L] (NULL:
+ * not wanted) */
+int backward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
+             real *const *grad, real *const *out, real *const *dz)
+{
+    const int64_t N = cfg[N_], Ng = cfg[NG];
+    const int L = cfg[L_], D = cfg[D_], h = cfg[H_], O = cfg[O_], l2n = cfg[L2NORM], resid = cfg[RESID];
+    real *pack, *dY, *dS;
+    if (!temporaries(cfg, &pack, &dY, &dS)) return 1;
+    for (int64_t r = 0; r < N; r++) {
+        const int64_t j = r / Ng, i = r % Ng;
+        const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h, *x = in[2] + r * L * D;
+        const real rr = resid == 2 ? in[3][r] : resid;
+        const real *S = in[4] + r * L * h, *inv_r = l2n ? in[5] + r * L : 0, *g1 = in[6] + r * L * h;
+        const real *Y = in[7] + r * L * O, *kept = in[8] + r * L;
+        real *dW1 = out[0] + r * h * D, *dW2 = out[1] + r * O * h, *dx = out[2] + r * L * D;
+        memset(dY, 0, sizeof(real) * L * O);
+        if (grad[j] && kinds[j] == SCALAR) {  /* o = scale sigmoid(p) */
+            const real scale = params[2 * j + 1], *g = grad[j] + i * L;
+            for (int t = 0; t < L; t++) {
+                const real d = g[t] * scale * kept[t] * (1 - kept[t]);
+                dY[t * O] = d;
+                if (dz[j]) dz[j][i * L + t] = d;
+            }
+        } else if (grad[j]) {
+            const real *g = grad[j] + i * L * O;
+            for (int t = 0; t < L; t++) {
+                const real *gt = g + t * O;
+                if (kinds[j] == PLAIN) {
+                    memcpy(dY + t * O, gt, sizeof(real) * O);
+                    continue;
+                }
+                /* y = Y / n, n = max(||Y||, eps): dY = (g - y (y . g) [||Y|| >= eps]) / n */
+                const real n = kept[t] > UNIT_EPS ? kept[t] : UNIT_EPS, f = 1 / n;
+                const real yg = kept[t] >= UNIT_EPS ? f * dot(Y + t * O, gt, O) : 0;
+                for (int c = 0; c < O; c++) dY[t * O + c] = (gt[c] - f * Y[t * O + c] * yg) * f;
+            }
+        } else if (kinds[j] == SCALAR && dz[j]) {
+            memset(dz[j] + i * L, 0, sizeof(real) * L);
+        }
+        /* dH = J^T (dY W2), J the hidden map's Jacobian */
+        gemm(L, h, O, dY, O, 1, W2, h, 1, 0, dS, pack);
+        if (l2n) project(dS, S, inv_r, L, h);
+        for (int c = 0; c < L * h; c++) dS[c] *= g1[c];
+        gemm(h, D, L, dS, 1, h, x, D, 1, 0, dW1, pack);
+        gemm(O, h, L, dY, 1, O, S, h, 1, 0, dW2, pack);
+        if (rr != 0)  /* a residual needs O == D */
+            for (int c = 0; c < L * D; c++) dx[c] = rr * dY[c];
+        gemm(L, D, h, dS, h, 1, W1, D, 1, rr != 0, dx, pack);
+    }
+    return 0;
+}
