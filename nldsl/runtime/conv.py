@@ -39,14 +39,24 @@ class _CausalConv(torch.autograd.Function):
         full, weight = ctx.saved_tensors
         W, T = weight.shape[-1], gy.shape[1]
         taps = weight.unbind(-1)
+        twice = torch.is_grad_enabled()  # a double backward records these ops: no out= or buffers
         d_full = d_weight = None
         if ctx.needs_input_grad[0]:
             # the last tap covers rows W-1.. ; the front rows start at zero (the pad)
-            d_full = F.pad(gy * taps[W - 1], (0, 0) * (gy.dim() - 2) + (W - 1, 0))
+            if twice:
+                d_full = F.pad(gy * taps[W - 1], (0, 0) * (gy.dim() - 2) + (W - 1, 0))
+            else:
+                d_full = torch.empty_like(full)
+                d_full[:, :W - 1].zero_()
+                torch.mul(gy, taps[W - 1], out=d_full[:, W - 1:])
             for j in range(W - 1):
                 d_full[:, j:j + T].addcmul_(gy, taps[j])
         if ctx.needs_input_grad[1]:
-            d_weight = torch.stack([(gy * full[:, j:j + T]).sum((0, 1)) for j in range(W)], dim=-1)
+            # each tap's products in one buffer (a fresh input-sized tensor per tap costs as much
+            # in page faults as the products themselves)
+            prod = None if twice else torch.empty_like(gy)
+            d_weight = torch.stack([(gy * full[:, j:j + T] if twice else torch.mul(gy, full[:, j:j + T], out=prod))
+                                    .sum((0, 1)) for j in range(W)], dim=-1)
         return d_full, d_weight
 
 
