@@ -2,7 +2,7 @@
  * _GroupRead in _group_read.py (same names), one batch row at a time. Rows r of memory j = r / Ng
  * (row i = r % Ng of its outputs); per row, on the piece's L inputs x:
  *
- *     Y = S W2^T + r x,   S = phi(x W1^T) (torch computes the activation; the L2 norm is here)
+ *     Y = S W2^T + r x,   S = phi(x W1^T) (the activation, L2-normalised or not)
  *     kind 0 (plain): Y;   kind 1 (unit): Y / max(||Y||, 1e-12)   (F.normalize)
  *     kind 2 (scalar): scale * sigmoid(Y[., 0] + shift + z)        (eta, alpha; z [L] or none)
  *
@@ -12,11 +12,12 @@
 #include "_native.h"
 
 /* configuration: dims, flags (the order _NativeGroupRead packs them in) */
-enum { N_, NG, G_, L_, D_, H_, O_, L2NORM, RESID };
+enum { N_, NG, G_, L_, D_, H_, O_, L2NORM, RESID, ACT };
 enum { PLAIN, UNIT, SCALAR };
 #define UNIT_EPS 1e-12
 
-/* the temporaries: a product's packing (2 m^2, m the largest of L and the widths), dY, dS */
+/* the temporaries: a product's packing (2 m^2, m the largest of L and the widths), dY, dS (the
+ * forward's H) */
 static real *temporaries(const int64_t *cfg, real **pack, real **dY, real **dS)
 {
     int64_t m = cfg[H_] > cfg[D_] ? cfg[H_] : cfg[D_];
@@ -27,9 +28,9 @@ static real *temporaries(const int64_t *cfg, real **pack, real **dY, real **dS)
     return base;
 }
 
-/* in: W1 W2 x mask u (act(x W1^T)); kinds [G]; params: shift, scale per memory; z: each scalar
- * memory's addend [Ng, L] or NULL; out: the memories' outputs ([Ng, L, O], scalar: [Ng, L]); keep:
- * S inv_r (with the L2 norm; else S is u) Y kept */
+/* in: W1 W2 x mask; kinds [G]; params: shift, scale per memory; z: each scalar memory's addend
+ * [Ng, L] or NULL; out: the memories' outputs ([Ng, L, O], scalar: [Ng, L]); keep: S inv_r (with
+ * the L2 norm) g1 (act'(x W1^T)) Y kept */
 int forward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in, real *const *z,
             real *const *out, real *const *keep, double eps2)
 {
@@ -39,17 +40,19 @@ int forward(const int64_t *cfg, const int64_t *kinds, const double *params, real
     if (!temporaries(cfg, &pack, &dY, &dS)) return 1;
     for (int64_t r = 0; r < N; r++) {
         const int64_t j = r / Ng, i = r % Ng;
-        const real *W2 = in[1] + r * O * h, *x = in[2] + r * L * D;
+        const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h, *x = in[2] + r * L * D;
         const real rr = resid == 2 ? in[3][r] : resid;
-        const real *S = in[4] + r * L * h;
-        real *Y = keep[2] + r * L * O, *kept = keep[3] + r * L;
-        if (l2n) {  /* S = u / sqrt(||u||^2 + eps2) */
-            real *Sn = keep[0] + r * L * h, *inv_r = keep[1] + r * L;
+        real *S = keep[0] + r * L * h, *g1 = keep[2] + r * L * h, *H = dS;
+        real *Y = keep[3] + r * L * O, *kept = keep[4] + r * L;
+        /* S = act(H) / sqrt(||act(H)||^2 + eps2) (or act(H)), H = x W1^T */
+        gemm(L, h, D, x, D, 1, W1, 1, D, 0, H, pack);
+        activate(cfg[ACT], H, L * h, S, g1, 0);
+        if (l2n) {
+            real *inv_r = keep[1] + r * L;
             for (int t = 0; t < L; t++) {
                 inv_r[t] = 1 / sqrt(dot(S + t * h, S + t * h, h) + eps2);
-                for (int c = 0; c < h; c++) Sn[t * h + c] = S[t * h + c] * inv_r[t];
+                for (int c = 0; c < h; c++) S[t * h + c] *= inv_r[t];
             }
-            S = Sn;
         }
         gemm(L, O, h, S, h, 1, W2, 1, h, 0, Y, pack);
         if (rr != 0)
@@ -79,7 +82,7 @@ int forward(const int64_t *cfg, const int64_t *kinds, const double *params, real
     return 0;
 }
 
-/* in: W1 W2 x mask S inv_r g1 Y kept (the forward's); grad: each memory's output gradient (NULL:
+/* in: W1 W2 x mask, then what the forward kept: S inv_r g1 Y kept; grad: each memory's output gradient (NULL:
  * zero); out: dW1 dW2 dx; dz: each scalar memory's gradient at its sigmoid's input [Ng, L] (NULL:
  * not wanted) */
 int backward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,

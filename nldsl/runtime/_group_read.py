@@ -13,10 +13,9 @@ rate, if any; M_eta / M_alpha's output matrix is zero-padded to D rows). Autogra
 composed ops records some 35 nodes per piece (products, the norms, slices, selects, sigmoids);
 this function records one, with the backward written out, on the same formulas.
 
-On a CPU it runs as C (``_group_read.c``, :class:`_NativeGroupRead`: one row at a time; torch
-computes only the hidden layer's product and activation), as the memories' write does (see
-:mod:`nldsl.runtime._mlp_write`); the torch ops run on a GPU, without a C compiler, and with
-``NLDSL_NATIVE=0``.
+On a CPU it runs as C (``_group_read.c``, :class:`_NativeGroupRead`: one row at a time), as the
+memories' write does (see :mod:`nldsl.runtime._mlp_write`); the torch ops run on a GPU, without a
+C compiler, and with ``NLDSL_NATIVE=0``.
 """
 from __future__ import annotations
 
@@ -29,9 +28,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from nldsl.runtime import _native as native
-from nldsl.runtime._activations import _NORM_EPS2, activation, split_hidden
+from nldsl.runtime._activations import _NORM_EPS2, split_hidden
 from nldsl.runtime._common import contiguous
-from nldsl.runtime._mlp_write import _Act, _act_grad, _T, _residual
+from nldsl.runtime._mlp_write import _Act, _T, _residual
 
 __all__ = ["group_read"]
 
@@ -137,21 +136,21 @@ class _NativeGroupRead(torch.autograd.Function):
         W1, W2, x = contiguous(W1, W2, x)
         addends = contiguous(*addends)
         N, L, D = x.shape
-        H = torch.bmm(x, _T(W1))
         base, l2 = split_hidden(act)
-        u, g1 = activation(H, base).contiguous(), _act_grad(H, base).contiguous()
-        S, inv_r = (torch.empty_like(u), H.new_empty(H.shape[:-1])) if l2 else (u, None)  # the kernel normalises
-        h, O = H.shape[-1], W2.shape[-2]
+        h, O = W1.shape[-2], W2.shape[-2]
+        S, g1 = x.new_empty(N, L, h), x.new_empty(N, L, h)
+        inv_r = x.new_empty(N, L) if l2 else None
         mask = residual.to(x.dtype).contiguous() if isinstance(residual, Tensor) else None
-        dims = (N, Ng, len(kinds), L, D, h, O, l2, 2 if mask is not None else int(bool(residual)))
+        dims = (N, Ng, len(kinds), L, D, h, O, l2, 2 if mask is not None else int(bool(residual)),
+                native.ACTIVATIONS.index(base))
         ctx.cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
         ctx.kinds = (ctypes.c_int64 * len(kinds))(*(_KINDS[k] for k in kinds))
         ctx.params = (ctypes.c_double * len(params))(*params)
         Y, kept = x.new_empty(N, L, O), x.new_empty(N, L)
         outs = [x.new_empty(Ng, L) if k == "scalar" else x.new_empty(Ng, L, O) for k in kinds]
         native.check("_group_read", lib.forward(
-            ctx.cfg_c, ctx.kinds, ctx.params, native.pointers((W1, W2, x, mask, u)), native.pointers(addends),
-            native.pointers(outs), native.pointers((S if l2 else None, inv_r, Y, kept)), ctypes.c_double(_NORM_EPS2)))
+            ctx.cfg_c, ctx.kinds, ctx.params, native.pointers((W1, W2, x, mask)), native.pointers(addends),
+            native.pointers(outs), native.pointers((S, inv_r, g1, Y, kept)), ctypes.c_double(_NORM_EPS2)))
         ctx.lib = lib
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, not zeros
         ctx.save_for_backward(W1, W2, x, mask, S, inv_r, g1, Y, kept)

@@ -2,9 +2,8 @@
  * _MlpWrite in _mlp_write.py (same names, same order), run one batch row at a time. As torch ops
  * every line is a call over all rows, and a piece's ~200 calls each stream their operands through
  * memory; here a row's operands (a few KB) stay in the core's L1 from the first line to the last.
- * The activation and its derivatives come from torch (its vectorised erf and exp); the rest,
- * the hidden layer's L2 norm and the gate coefficients (_Gates) included, is here. _native.py
- * builds this file twice, for REAL=float and REAL=double.
+ * The hidden layer (its product, activation and L2 norm) and the gate coefficients (_Gates)
+ * included. _native.py builds this file twice, for REAL=float and REAL=double.
  *
  * Per row, row-major and contiguous: W1, Wa1, M1 [h, D]; W2, Wa2, M2 [O, h]; k [L, D]; v [L, Dv];
  * Z = [k; v] (Lz = 2L rows, signal "self") or k (Lz = L); H, S, g1 [Lz, h]; inv_r [Lz]; eta,
@@ -12,7 +11,7 @@
 #include "_native.h"
 
 /* configuration: dims, flags (the order _NativeMlpWrite packs them in) */
-enum { N_, L_, LZ, D_, H_, O_, DV, SELF, L2OBJ, DGD, MOM, SAME, L2NORM, RESID, READ };
+enum { N_, L_, LZ, D_, H_, O_, DV, SELF, L2OBJ, DGD, MOM, SAME, L2NORM, RESID, READ, ACT };
 
 /* The gate coefficients of a piece: _Gates in _mlp_write.py, per row. From the gates a = alpha
  * (retention; NULL: 1) and b = beta (momentum; NULL: none) of the piece's L tokens, the segment
@@ -178,17 +177,17 @@ static real *scratch(const int64_t *cfg, int64_t *each)
 #define PROLOGUE(cfg)                                                                                      \
     const int N = cfg[N_], L = cfg[L_], Lz = cfg[LZ], D = cfg[D_], h = cfg[H_], O = cfg[O_], Dv = cfg[DV]; \
     const int self = cfg[SELF], l2obj = cfg[L2OBJ], dgd = cfg[DGD], mom = cfg[MOM], same = cfg[SAME];    \
-    const int l2n = cfg[L2NORM], resid = cfg[RESID], read = cfg[READ], ld = L + 1;                         \
+    const int l2n = cfg[L2NORM], resid = cfg[RESID], read = cfg[READ], act = cfg[ACT], ld = L + 1;         \
     int64_t off[W_COUNT];                                                                                  \
     const int64_t ws = work_offsets(cfg, off);                                                             \
     int64_t each;                                                                                          \
     real *const base = scratch(cfg, &each), *at = base;                                                    \
     if (!base) return 1
 
-/* in: W1 W2 M1 M2 Wa1 Wa2 k v eta resid H S - g1 alpha beta (with the L2 norm S is act(H),
- * normalised here into S and inv_r, the outputs after work; alpha [L], NULL: no retention; beta
- * [L] with momentum); out: W1n W2n M1n M2n U1 U2 hs work (S inv_r), then for a running read the
- * gates it reads: Pa and, with momentum, C [L+1, L+1] and m [L] */
+/* in: W1 W2 M1 M2 Wa1 Wa2 k v eta mask alpha beta (mask: the residual's, per row; alpha [L],
+ * NULL: no retention; beta [L] with momentum); out: W1n W2n M1n M2n U1 U2 hs work, the hidden
+ * layer H S g1 inv_r (S = act(H), L2-normalised by 1 / inv_r; g1 = act'(H)), then for a running
+ * read the gates it reads: Pa and, with momentum, C [L+1, L+1] and m [L] */
 int forward(const int64_t *cfg, real *const *in, real *const *out, double eps2)
 {
     PROLOGUE(cfg);
@@ -198,20 +197,20 @@ int forward(const int64_t *cfg, real *const *in, real *const *out, double eps2)
     for (int64_t r = 0; r < N; r++) {  /* 64-bit: the offsets r * rows * cols */
         const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
         const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;
-        const real *Wa2 = same ? W2 : in[5] + r * O * h;  /* W_a1 is in H */
+        const real *Wa1 = same ? W1 : in[4] + r * h * D, *Wa2 = same ? W2 : in[5] + r * O * h;
         const real *k = in[6] + r * L * D, *v = in[7] + r * L * Dv, *eta = in[8] + r * L;
         const real rr = resid == 2 ? in[9][r] : resid;
-        const real *H = in[10] + r * Lz * h, *S = in[11] + r * Lz * h, *g1 = in[13] + r * Lz * h;
-        real *inv_r = 0;
-        if (l2n) {  /* in[11] holds act(H): S = act(H) / r, r = sqrt(||act(H)||^2 + eps2) */
-            real *Sn = out[8] + r * Lz * h;
-            inv_r = out[9] + r * Lz;
+        real *H = out[8] + r * Lz * h, *S = out[9] + r * Lz * h, *g1 = out[10] + r * Lz * h;
+        real *inv_r = l2n ? out[11] + r * Lz : 0;
+        /* H = Z W_a1^T (k's rows, then v's); S = act(H) / r, r = sqrt(||act(H)||^2 + eps2) */
+        gemm(L, h, D, k, D, 1, Wa1, 1, D, 0, H, pack);
+        if (self) gemm(L, h, D, v, Dv, 1, Wa1, 1, D, 0, H + L * h, pack);
+        activate(act, H, Lz * h, S, g1, 0);
+        if (l2n)
             for (int t = 0; t < Lz; t++) {
                 inv_r[t] = 1 / sqrt(dot(S + t * h, S + t * h, h) + eps2);
-                for (int j = 0; j < h; j++) Sn[t * h + j] = S[t * h + j] * inv_r[t];
+                for (int j = 0; j < h; j++) S[t * h + j] *= inv_r[t];
             }
-            S = Sn;
-        }
         real *W1n = out[0] + r * h * D, *W2n = out[1] + r * O * h;
         real *M1n = mom ? out[2] + r * h * D : 0, *M2n = mom ? out[3] + r * O * h : 0;
         real *U1 = out[4] + r * L * h, *U2 = out[5] + r * L * O, *hs = dgd ? out[6] + r * L * h : 0;
@@ -220,9 +219,9 @@ int forward(const int64_t *cfg, real *const *in, real *const *out, double eps2)
         real *KK = w + off[W_KK], *R = w + off[W_R], *Tinv = w + off[W_TINV];
         real *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1], *left2 = w + off[W_LEFT2];
         const real *Xk = same ? H : w + off[W_XK];  /* k W_1^T */
-        const Gates g = gates(in[14] ? in[14] + r * L : 0, mom ? in[15] + r * L : 0, L,
-                              read ? out[10] + r * ld * ld : Pa, Pb, read && mom ? out[11] + r * ld * ld : C,
-                              read && mom ? out[12] + r * L : m, mp);
+        const Gates g = gates(in[10] ? in[10] + r * L : 0, mom ? in[11] + r * L : 0, L,
+                              read ? out[12] + r * ld * ld : Pa, Pb, read && mom ? out[13] + r * ld * ld : C,
+                              read && mom ? out[14] + r * L : m, mp);
 
         /* Y = S W_a2^T + r Z; eps = y - target (l2) or -target (dot) */
         gemm(Lz, O, h, S, h, 1, Wa2, 1, h, 0, Y, pack);
@@ -300,8 +299,7 @@ int forward(const int64_t *cfg, real *const *in, real *const *out, double eps2)
     return 0;
 }
 
-/* in: as forward but with S normalised and inv_r in in[12] (the forward's outputs), plus U1 U2 hs
- * work g2 (act'' at H's first L rows);
+/* in: the forward's, then its outputs H S g1 inv_r U1 U2 hs work;
  * grad: G1 G2 F1 F2 gU1 gU2 ghs gSk, then for a running read gPa gC gm (NULL = zero);
  * out: dW1 dW2 dM1 dM2 dWa1 dWa2 dk dv deta dalpha dbeta (dalpha, dbeta: NULL = not wanted) */
 int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const *out)
@@ -313,7 +311,7 @@ int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const
     real *dG = TAKE(L * L), *dR = TAKE(L * h), *dKK = TAKE(L * L), *dXk = TAKE(L * h), *dCK = TAKE(L * L);
     real *CK = TAKE(L * L), *mdR = TAKE(L * h), *S2 = TAKE(L * L), *de1 = TAKE(L * h), *deps = TAKE(L * O);
     real *dd1 = TAKE(L * h), *dHk = TAKE(L * h), *dY = TAKE(Lz * O), *dS = TAKE(Lz * h), *dZ = TAKE(Lz * D);
-    real *dH = TAKE(Lz * h), *pack = TAKE(2 * each);
+    real *dH = TAKE(Lz * h), *pack = TAKE(2 * each), *g2 = TAKE(L * h);
     real *Pa = TAKE(ld * ld), *Pb = TAKE(ld * ld), *C = TAKE(ld * ld), *m = TAKE(L), *mp = TAKE(L);
     real *dPa = TAKE(ld * ld), *dPb = TAKE(ld * ld), *dC = TAKE(ld * ld), *dm = TAKE(L), *X = TAKE(ld * ld);
     GatesGrad d = {.dcl = TAKE(L), .dbl = TAKE(L), .ddl = TAKE(L), .dp0 = TAKE(L), .dPp = TAKE(L * L),
@@ -326,11 +324,11 @@ int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const
         const real *Wa1 = same ? W1 : in[4] + r * h * D, *Wa2 = same ? W2 : in[5] + r * O * h;
         const real *k = in[6] + r * L * D, *v = in[7] + r * L * Dv, *eta = in[8] + r * L;
         const real rr = resid == 2 ? in[9][r] : resid;
-        const real *H = in[10] + r * Lz * h, *S = in[11] + r * Lz * h, *inv_r = l2n ? in[12] + r * Lz : 0;
-        const real *g1 = in[13] + r * Lz * h;
-        const real *alpha = in[14] ? in[14] + r * L : 0, *beta = mom ? in[15] + r * L : 0;
+        const real *alpha = in[10] ? in[10] + r * L : 0, *beta = mom ? in[11] + r * L : 0;
+        const real *H = in[12] + r * Lz * h, *S = in[13] + r * Lz * h, *g1 = in[14] + r * Lz * h;
+        const real *inv_r = l2n ? in[15] + r * Lz : 0;
         const real *U1 = in[16] + r * L * h, *U2 = in[17] + r * L * O, *hs = dgd ? in[18] + r * L * h : 0;
-        const real *w = in[19] + r * ws, *g2 = in[20] + r * L * h;
+        const real *w = in[19] + r * ws;
         const real *eps = w + off[W_EPS], *d1 = w + off[W_D1], *pd1 = w + off[W_PD1], *e1 = w + off[W_E1];
         const real *KK = w + off[W_KK], *Xk = same ? H : w + off[W_XK], *R = w + off[W_R];
         const real *Tinv = w + off[W_TINV], *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1];
@@ -348,6 +346,7 @@ int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const
         real *dA = &d.dA, *dmL = &d.dmL, *dbL = &d.dbL, *dcl = d.dcl, *dbl = d.dbl, *ddl = d.ddl, *dp0 = d.dp0;
         real *dPp = d.dPp, *dCp = d.dCp, *dmp = d.dmp;
         const real *Sk = S;
+        activate(act, H, L * h, 0, 0, g2);  /* act'' at k's rows */
 
         *dA = dot(G1, W1, h * D) + dot(G2, W2, O * h);
         /* the end state's writes: W_1' += left1^T k, W_2' += left2^T S_k (and the momenta's) */
@@ -507,4 +506,10 @@ int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const
                        dPa, dPb, dC, dm, X);
     }
     return 0;
+}
+
+/* the kernels' activations alone (_native.h), for the tests: a, d1, d2 = act, act', act'' at h */
+void activations(int64_t act, const real *h, int64_t n, real *a, real *d1, real *d2)
+{
+    activate(act, h, n, a, d1, d2);
 }

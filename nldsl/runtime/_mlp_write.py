@@ -452,10 +452,10 @@ class _MlpWrite(torch.autograd.Function):
 
 
 class _NativeMlpWrite(torch.autograd.Function):
-    """:class:`_MlpWrite` and the gate coefficients (:class:`_Gates`) with everything but the
-    activation in ``_mlp_write.c`` (float32 and float64 CPU tensors): takes the gates alpha, beta
-    where :class:`_MlpWrite` takes their coefficients, and returns for a running read the segment
-    products it reads (``Pa`` and, with momentum, ``C`` and ``m``; see :func:`_read_coefficients`)."""
+    """:class:`_MlpWrite` and the gate coefficients (:class:`_Gates`) in ``_mlp_write.c`` (float32
+    and float64 CPU tensors): takes the gates alpha, beta where :class:`_MlpWrite` takes their
+    coefficients, and returns for a running read the segment products it reads (``Pa`` and, with
+    momentum, ``C`` and ``m``; see :func:`_read_coefficients`)."""
 
     @staticmethod
     def forward(ctx, lib, cfg, W1, W2, M1, M2, Wa1, Wa2, k, v, eta, alpha, beta):
@@ -463,32 +463,29 @@ class _NativeMlpWrite(torch.autograd.Function):
         same = Wa1 is None
         W1, W2, M1, M2, Wa1, Wa2, k, v, eta, alpha, beta = contiguous(W1, W2, M1, M2, Wa1, Wa2, k, v, eta, alpha, beta)
         N, L, D = k.shape
-        Z = torch.cat([k, v], dim=1) if self_signal else k
-        H = torch.bmm(Z, _T(W1 if same else Wa1))
+        Lz, h, O = 2 * L if self_signal else L, W1.shape[-2], W2.shape[-2]
         base, l2 = split_hidden(act)
-        u, g1 = activation(H, base).contiguous(), _act_grad(H, base).contiguous()
-        S, inv_r = (torch.empty_like(u), H.new_empty(H.shape[:-1])) if l2 else (u, None)  # the kernel normalises
-        h, O = H.shape[-1], W2.shape[-2]
         mom = M1 is not None
         mask = residual if isinstance(residual, Tensor) else None
-        dims = (N, L, Z.shape[1], D, h, O, v.shape[-1], self_signal, objective == "l2", dgd, mom, same,
-                l2, 2 if mask is not None else int(bool(residual)), read)
+        dims = (N, L, Lz, D, h, O, v.shape[-1], self_signal, objective == "l2", dgd, mom, same,
+                l2, 2 if mask is not None else int(bool(residual)), read, native.ACTIVATIONS.index(base))
         cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
         W1n, W2n, M1n, M2n = native.empty(W1), native.empty(W2), native.empty(M1), native.empty(M2)
         U1, U2 = k.new_empty(N, L, h), k.new_empty(N, L, O)
         hs = k.new_empty(N, L, h) if dgd else None
         work = k.new_empty(N, lib.work_size(cfg_c))
+        H, S, g1 = (k.new_empty(N, Lz, h) for _ in range(3))
+        inv_r = k.new_empty(N, Lz) if l2 else None
         Pa = k.new_empty(N, L + 1, L + 1) if read else None
         C, m = (k.new_empty(N, L + 1, L + 1), k.new_empty(N, L)) if read and mom else (None, None)
         mask = None if mask is None else mask.to(k.dtype).contiguous()
-        ins = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, u, None, g1, alpha, beta)
-        outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work, S if l2 else None, inv_r, Pa, C, m)
+        ins = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, alpha, beta)
+        outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work, H, S, g1, inv_r, Pa, C, m)
         native.check("_mlp_write", lib.forward(cfg_c, native.pointers(ins), native.pointers(outs),
                                                ctypes.c_double(_NORM_EPS2)))
-        ins = ins[:11] + (S, inv_r, g1, alpha, beta)
-        ctx.lib, ctx.act, ctx.cfg_c, ctx.dims = lib, base, cfg_c, (same, dgd, mom, read)
+        ctx.lib, ctx.cfg_c, ctx.dims = lib, cfg_c, (same, dgd, mom, read)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*ins, U1, U2, hs, work)
+        ctx.save_for_backward(*ins, H, S, g1, inv_r, U1, U2, hs, work)
         Sk = S[:, :L]
         return tuple(t for t in (W1n, W2n, M1n, M2n, U1, U2, hs, Sk, Pa, C, m) if t is not None)
 
@@ -497,22 +494,19 @@ class _NativeMlpWrite(torch.autograd.Function):
     def backward(ctx, *grads):
         same, dgd, mom, read = ctx.dims
         saved = ctx.saved_tensors
-        ins, (U1, U2, hs, work) = saved[:16], saved[16:]
-        W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, H, S, inv_r, g1, alpha, beta = ins
-        L = k.shape[1]
+        W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, alpha, beta = saved[:12]
         grads = list(grads)
         take = lambda on=True: grads.pop(0) if on else None  # noqa: E731
         G1, G2, F1, F2, gU1, gU2, ghs, gSk = contiguous(take(), take(), take(mom), take(mom), take(), take(), take(dgd),
                                                         take())
         gPa, gC, gm = contiguous(take(read), take(read and mom), take(read and mom))
-        g2 = activation_grad2(H[:, :L], ctx.act).contiguous()
         dW1, dW2, dM1, dM2 = native.empty(W1), native.empty(W2), native.empty(M1), native.empty(M2)
         dWa1, dWa2 = (None, None) if same else (native.empty(Wa1), native.empty(Wa2))
         dk, dv, deta = native.empty(k), native.empty(v), native.empty(eta)
         need = ctx.needs_input_grad
         dalpha, dbeta = native.empty(alpha) if need[11] else None, native.empty(beta) if need[12] else None
         native.check("_mlp_write", ctx.lib.backward(
-            ctx.cfg_c, native.pointers((*ins, U1, U2, hs, work, g2)),
+            ctx.cfg_c, native.pointers(saved),
             native.pointers((G1, G2, F1, F2, gU1, gU2, ghs, gSk, gPa, gC, gm)),
             native.pointers((dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, dalpha, dbeta))))
         return (None, None, dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, dalpha, dbeta)

@@ -25,11 +25,13 @@ from typing import Optional
 
 import torch
 
-__all__ = ["library", "enabled", "cache_dir", "check", "empty", "pointers"]
+__all__ = ["ACTIVATIONS", "library", "enabled", "cache_dir", "check", "empty", "pointers"]
 
 _HERE = Path(__file__).parent
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-fPIC", "-shared")
 _REALS = {torch.float32: "float", torch.float64: "double"}
+#: the activations the kernels compute, by their index there (``_native.h``)
+ACTIVATIONS = ("identity", "gelu", "silu", "relu", "tanh")
 
 
 def enabled() -> bool:

@@ -3,10 +3,13 @@ compiler and CPU in the cache, no half-written files, and without a compiler a w
 torch ops (their results are tested against the kernels in tests/runtime_deep/test_mlp_write.py)."""
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
-from nldsl.runtime import _mlp_write, _native
+from nldsl.runtime import _group_read, _mlp_write, _native
+from nldsl.runtime._activations import activation, activation_grad, activation_grad2
 
 
 @pytest.fixture
@@ -14,7 +17,7 @@ def fresh(monkeypatch, tmp_path):
     """An empty cache and no built library in this process (before and after the test)."""
     monkeypatch.setenv("NLDSL_CACHE", str(tmp_path))
     monkeypatch.delenv("NLDSL_NATIVE", raising=False)
-    caches = (_native._build, _mlp_write._library)
+    caches = (_native._build, _mlp_write._library, _group_read._library)
     for c in caches:
         c.cache_clear()
     yield tmp_path
@@ -66,3 +69,29 @@ def test_nldsl_native_0_turns_the_kernels_off(fresh, monkeypatch):
     assert _native.library("_mlp_write", torch.float64) is None
     assert _write_runs() == "_MlpWriteBackward"
     assert list(fresh.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", _native.ACTIVATIONS)
+def test_the_kernels_activations_equal_the_torch_formulas(dtype, name):
+    """The kernels compute the hidden layer's activation and its first two derivatives themselves:
+    against the torch formulas of _activations in float64, over [-30, 30], tiny values of both
+    signs and far out (no overflow, no NaN). float64 (libm) to 1e-13; float32 (exp by a polynomial,
+    erfc by a rational approximation) to 2e-6 of max(1, |x|): torch's own float32 ops are no
+    closer."""
+    lib = _mlp_write._library(dtype)
+    assert lib is not None, "the C kernel did not build (is a C compiler installed?)"
+    tiny = torch.logspace(-30, 0, 301, dtype=torch.float64)
+    x = torch.cat([torch.linspace(-30, 30, 60001, dtype=torch.float64), tiny, -tiny,
+                   torch.tensor([0.0, 90.0, -90.0, 1e4, -1e4], dtype=torch.float64)]).to(dtype)
+    got = [torch.full_like(x, float("nan")) for _ in range(3)]
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    lib.activations(ctypes.c_int64(_native.ACTIVATIONS.index(name)), ptr(x), ctypes.c_int64(x.numel()),
+                    *map(ptr, got))
+    xd = x.double()
+    bound = (2e-6 if dtype == torch.float32 else 1e-13) * xd.abs().clamp_min(1.0)
+    for what, a, ref in zip(("value", "first derivative", "second derivative"), got,
+                            (activation(xd, name), activation_grad(xd, name), activation_grad2(xd, name))):
+        err = (a.double() - ref).abs()
+        assert torch.isfinite(a).all() and (err <= bound).all(), \
+            f"{name} {what}: off by {err.max():.2e} at x = {xd[(err - bound).argmax()].item():.6g}"

@@ -88,3 +88,31 @@ def test_group_read_gradcheck(impl):
     def f(W1, W2, x, eb, ab):
         return tuple(group_read([W1, W2], x, **{**kw, "eta_bias": eb, "alpha_bias": ab}))
     assert torch.autograd.gradcheck(f, tuple(leaves))
+
+
+def test_the_c_kernel_equals_the_torch_ops_in_float32_at_hopes_sizes(monkeypatch):
+    """At Hope's sizes (five memories of 16 rows, 32 wide, 8 tokens, an L2-normalised GELU, a
+    residual mask), where the kernel's products run in whole vectors and its float32 activation is
+    its own: outputs and every gradient against the torch ops to float32's precision."""
+    g = gen(3)
+    names = ("k", "v", "q", "eta", "alpha")
+    n, length, width = 16, 8, 32
+    W1, W2 = randn(g, 5 * n, width, width, scale=0.3), randn(g, 5 * n, width, width, scale=0.3)
+    W2[3 * n:, 1:] = 0  # the scalar memories' output rows
+    x = randn(g, 5 * n, length, width)
+    logits = [None, None, None, randn(g, n, length), randn(g, n, length)]
+    kw = dict(act="gelu+l2", residual=torch.tensor([1.0, 1, 1, 0, 0]).repeat_interleave(n), names=names,
+              units=[True, False, True, False, False], eta_max=0.125, eta_bias=0.0,
+              alpha_bias=torch.tensor(2.0))
+    probes = [randn(g, n, length, width) if i < 3 else randn(g, n, length) for i in range(5)]
+    results = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("NLDSL_NATIVE", native)
+        leaves = [t.float().requires_grad_() for t in (W1, W2, x, logits[3], logits[4], kw["alpha_bias"])]
+        outs = group_read(leaves[:2], leaves[2], **{**kw, "logits": [None, None, None, *leaves[3:5]],
+                                                    "residual": kw["residual"].float(), "alpha_bias": leaves[5]})
+        assert type(outs[0].grad_fn).__name__ == ("_NativeGroupReadBackward" if native == "1" else "_GroupReadBackward")
+        grads = torch.autograd.grad(sum((o * p.float()).sum() for o, p in zip(outs, probes)), leaves)
+        results.append([t.double() for t in (*outs, *grads)])
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"result {i}: {m}")
