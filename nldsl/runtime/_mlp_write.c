@@ -11,7 +11,7 @@
 #include "_native.h"
 
 /* configuration: dims, flags (the order _NativeMlpWrite packs them in) */
-enum { N_, L_, LZ, D_, H_, O_, DV, SELF, L2OBJ, DGD, MOM, SAME, L2NORM, RESID, READ, ACT };
+enum { N_, L_, LZ, D_, H_, O_, DV, SELF, L2OBJ, DGD, MOM, SAME, L2NORM, RESID, READ, ACT, NK };
 
 /* The gate coefficients of a piece: _Gates in _mlp_write.py, per row. From the gates a = alpha
  * (retention; NULL: 1) and b = beta (momentum; NULL: none) of the piece's L tokens, the segment
@@ -160,7 +160,7 @@ int64_t work_size(const int64_t *cfg)
 
 /* A call's temporaries, carved from the thread's scratch block by TAKE: at most NTEMP of them, each at most ``each`` = m^2 values, m the largest of Lz, L + 1 and
  * the widths (temporaries are [L or Lz, L or a width], [width, width] or [L + 1, L + 1]). */
-#define NTEMP 48
+#define NTEMP 56
 #define TAKE(n) (at += (n), at - (n))
 static real *scratch(const int64_t *cfg, int64_t *each)
 {
@@ -176,6 +176,7 @@ static real *scratch(const int64_t *cfg, int64_t *each)
  * temporaries' block (out of memory: return 1) */
 #define PROLOGUE(cfg)                                                                                      \
     const int N = cfg[N_], L = cfg[L_], Lz = cfg[LZ], D = cfg[D_], h = cfg[H_], O = cfg[O_], Dv = cfg[DV]; \
+    const int64_t Nk = cfg[NK]; /* the rows of k, v, eta, alpha, beta: row r reads row r % Nk */          \
     const int self = cfg[SELF], l2obj = cfg[L2OBJ], dgd = cfg[DGD], mom = cfg[MOM], same = cfg[SAME];    \
     const int l2n = cfg[L2NORM], resid = cfg[RESID], read = cfg[READ], act = cfg[ACT], ld = L + 1;         \
     int64_t off[W_COUNT];                                                                                  \
@@ -198,7 +199,8 @@ int forward(const int64_t *cfg, real *const *in, real *const *out, double eps2)
         const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
         const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;
         const real *Wa1 = same ? W1 : in[4] + r * h * D, *Wa2 = same ? W2 : in[5] + r * O * h;
-        const real *k = in[6] + r * L * D, *v = in[7] + r * L * Dv, *eta = in[8] + r * L;
+        const int64_t rk = r % Nk;
+        const real *k = in[6] + rk * L * D, *v = in[7] + rk * L * Dv, *eta = in[8] + rk * L;
         const real rr = resid == 2 ? in[9][r] : resid;
         real *H = out[8] + r * Lz * h, *S = out[9] + r * Lz * h, *g1 = out[10] + r * Lz * h;
         real *inv_r = l2n ? out[11] + r * Lz : 0;
@@ -219,7 +221,7 @@ int forward(const int64_t *cfg, real *const *in, real *const *out, double eps2)
         real *KK = w + off[W_KK], *R = w + off[W_R], *Tinv = w + off[W_TINV];
         real *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1], *left2 = w + off[W_LEFT2];
         const real *Xk = same ? H : w + off[W_XK];  /* k W_1^T */
-        const Gates g = gates(in[10] ? in[10] + r * L : 0, mom ? in[11] + r * L : 0, L,
+        const Gates g = gates(in[10] ? in[10] + rk * L : 0, mom ? in[11] + rk * L : 0, L,
                               read ? out[12] + r * ld * ld : Pa, Pb, read && mom ? out[13] + r * ld * ld : C,
                               read && mom ? out[14] + r * L : m, mp);
 
@@ -301,7 +303,8 @@ int forward(const int64_t *cfg, real *const *in, real *const *out, double eps2)
 
 /* in: the forward's, then its outputs H S g1 inv_r U1 U2 hs work;
  * grad: G1 G2 F1 F2 gU1 gU2 ghs gSk, then for a running read gPa gC gm (NULL = zero);
- * out: dW1 dW2 dM1 dM2 dWa1 dWa2 dk dv deta dalpha dbeta (dalpha, dbeta: NULL = not wanted) */
+ * out: dW1 dW2 dM1 dM2 dWa1 dWa2 dk dv deta dalpha dbeta (dalpha, dbeta: NULL = not wanted; the
+ * rows shared by several, Nk < N, sum theirs) */
 int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const *out)
 {
     PROLOGUE(cfg);
@@ -316,15 +319,23 @@ int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const
     real *dPa = TAKE(ld * ld), *dPb = TAKE(ld * ld), *dC = TAKE(ld * ld), *dm = TAKE(L), *X = TAKE(ld * ld);
     GatesGrad d = {.dcl = TAKE(L), .dbl = TAKE(L), .ddl = TAKE(L), .dp0 = TAKE(L), .dPp = TAKE(L * L),
                    .dCp = TAKE(L * L), .dmp = TAKE(L)};
+    /* a row's gradients of shared inputs, before they are summed: dk dv deta dalpha dbeta */
+    const int shared = Nk < N;
+    real *own[5] = {TAKE(L * D), TAKE(L * Dv), TAKE(L), TAKE(L), TAKE(L)};
+    const int64_t size[5] = {L * D, L * Dv, L, L, L};
     if (at - base > NTEMP * each) return 2;
     memset(zero, 0, sizeof(real) * each);
+    if (shared)
+        for (int i = 0; i < 5; i++)
+            if (out[6 + i]) memset(out[6 + i], 0, sizeof(real) * Nk * size[i]);
     for (int64_t r = 0; r < N; r++) {  /* 64-bit: the offsets r * rows * cols */
         const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
         const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;
         const real *Wa1 = same ? W1 : in[4] + r * h * D, *Wa2 = same ? W2 : in[5] + r * O * h;
-        const real *k = in[6] + r * L * D, *v = in[7] + r * L * Dv, *eta = in[8] + r * L;
+        const int64_t rk = r % Nk;
+        const real *k = in[6] + rk * L * D, *v = in[7] + rk * L * Dv, *eta = in[8] + rk * L;
         const real rr = resid == 2 ? in[9][r] : resid;
-        const real *alpha = in[10] ? in[10] + r * L : 0, *beta = mom ? in[11] + r * L : 0;
+        const real *alpha = in[10] ? in[10] + rk * L : 0, *beta = mom ? in[11] + rk * L : 0;
         const real *H = in[12] + r * Lz * h, *S = in[13] + r * Lz * h, *g1 = in[14] + r * Lz * h;
         const real *inv_r = l2n ? in[15] + r * Lz : 0;
         const real *U1 = in[16] + r * L * h, *U2 = in[17] + r * L * O, *hs = dgd ? in[18] + r * L * h : 0;
@@ -341,7 +352,10 @@ int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const
         real *dW1 = out[0] + r * h * D, *dW2 = out[1] + r * O * h;
         real *dM1 = mom ? out[2] + r * h * D : 0, *dM2 = mom ? out[3] + r * O * h : 0;
         real *dWa1 = same ? dW1 : out[4] + r * h * D, *dWa2 = same ? dW2 : out[5] + r * O * h;
-        real *dk = out[6] + r * L * D, *dv = out[7] + r * L * Dv, *deta = out[8] + r * L;
+        real *dk = shared ? own[0] : out[6] + r * L * D, *dv = shared ? own[1] : out[7] + r * L * Dv;
+        real *deta = shared ? own[2] : out[8] + r * L;
+        real *dalpha = !out[9] ? 0 : shared ? own[3] : out[9] + r * L;
+        real *dbeta = !out[10] ? 0 : shared ? own[4] : out[10] + r * L;
         const Gates g = gates(alpha, beta, L, Pa, Pb, C, m, mp);
         real *dA = &d.dA, *dmL = &d.dmL, *dbL = &d.dbL, *dcl = d.dcl, *dbl = d.dbl, *ddl = d.ddl, *dp0 = d.dp0;
         real *dPp = d.dPp, *dCp = d.dCp, *dmp = d.dmp;
@@ -502,8 +516,11 @@ int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const
         const real *gPa = read && grad[8] ? grad[8] + r * ld * ld : 0;
         const real *gC = read && mom && grad[9] ? grad[9] + r * ld * ld : 0;
         const real *gm = read && mom && grad[10] ? grad[10] + r * L : 0;
-        gates_backward(&g, &d, gPa, gC, gm, L, dgd, out[9] ? out[9] + r * L : 0, out[10] ? out[10] + r * L : 0,
-                       dPa, dPb, dC, dm, X);
+        gates_backward(&g, &d, gPa, gC, gm, L, dgd, dalpha, dbeta, dPa, dPb, dC, dm, X);
+        if (shared)
+            for (int i = 0; i < 5; i++)
+                if (out[6 + i])
+                    for (int64_t j = 0; j < size[i]; j++) out[6 + i][rk * size[i] + j] += own[i][j];
     }
     return 0;
 }

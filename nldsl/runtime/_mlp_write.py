@@ -45,7 +45,7 @@ from nldsl.runtime import _native as native
 from nldsl.runtime._activations import _NORM_EPS2, activation, activation_grad, activation_grad2, split_hidden
 from nldsl.runtime._common import contiguous, segment_products
 
-__all__ = ["Coefficients", "ReadCoefficients", "end_state", "mlp_write", "piece_coefficients"]
+__all__ = ["Coefficients", "ReadCoefficients", "end_state", "mlp_write", "per_row", "piece_coefficients"]
 
 
 class Coefficients(NamedTuple):
@@ -462,13 +462,13 @@ class _NativeMlpWrite(torch.autograd.Function):
         objective, self_signal, dgd, act, residual, read = cfg
         same = Wa1 is None
         W1, W2, M1, M2, Wa1, Wa2, k, v, eta, alpha, beta = contiguous(W1, W2, M1, M2, Wa1, Wa2, k, v, eta, alpha, beta)
-        N, L, D = k.shape
+        N, (Nk, L, D) = W1.shape[0], k.shape
         Lz, h, O = 2 * L if self_signal else L, W1.shape[-2], W2.shape[-2]
         base, l2 = split_hidden(act)
         mom = M1 is not None
         mask = residual if isinstance(residual, Tensor) else None
         dims = (N, L, Lz, D, h, O, v.shape[-1], self_signal, objective == "l2", dgd, mom, same,
-                l2, 2 if mask is not None else int(bool(residual)), read, native.ACTIVATIONS.index(base))
+                l2, 2 if mask is not None else int(bool(residual)), read, native.ACTIVATIONS.index(base), Nk)
         cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
         W1n, W2n, M1n, M2n = native.empty(W1), native.empty(W2), native.empty(M1), native.empty(M2)
         U1, U2 = k.new_empty(N, L, h), k.new_empty(N, L, O)
@@ -535,11 +535,20 @@ def _library(dtype: torch.dtype):
     return lib
 
 
+def per_row(t: Optional[Tensor], N: int) -> Optional[Tensor]:
+    """``t`` with a row for each of N memory rows: the rows of a ``t`` shared by G groups of rows
+    (N / G of them; memory row r reads row r mod N / G, as stacked memories read their common
+    inputs) repeated G times."""
+    return t if t is None or t.shape[0] == N else t.repeat(N // t.shape[0], *([1] * (t.dim() - 1)))
+
+
 def mlp_write(ws, ms, anchor, k, v, eta, alpha, beta, *, objective, signal, rule, act, residual, read=False):
     """One piece of writes (see the module docstring). ``ws``, ``anchor``: ``(W_1, W_2)``; ``ms``:
     ``(M_1, M_2)`` or None; ``alpha``, ``beta``: the piece's gates ``[N, L]`` (alpha None: no
-    retention; beta None without momentum). ``read``: the piece is also read running. Returns
-    ``(ws_end, ms_end or None, U1, U2, hs or None, S_k, the read's coefficients or None)``."""
+    retention; beta None without momentum). ``k``, ``v``, ``eta``, ``alpha``, ``beta`` may have
+    N / G rows, shared by G groups of the memory rows (:func:`per_row`); the C kernel reads them
+    so, without the copies. ``read``: the piece is also read running. Returns ``(ws_end, ms_end or
+    None, U1, U2, hs or None, S_k, the read's coefficients or None)``."""
     dgd = rule == "dgd"
     same = ws[0] is anchor[0] and ws[1] is anchor[1]
     M1, M2 = ms if ms is not None else (None, None)
@@ -552,6 +561,8 @@ def mlp_write(ws, ms, anchor, k, v, eta, alpha, beta, *, objective, signal, rule
         rc = _read_coefficients(*out[-3:] if mom else (out[-1], None, None)) if read else None
         out = out[:len(out) - (3 if mom else 1)] if read else out
     else:
+        N = ws[0].shape[0]
+        k, v, eta, alpha, beta = (per_row(t, N) for t in (k, v, eta, alpha, beta))
         coef, rc = piece_coefficients(alpha, beta, k.shape[1], k, dgd=dgd, read=read)
         out = list(_MlpWrite.apply(cfg, ws[0], ws[1], M1, M2, Wa1, Wa2, k, v, eta, *coef))
     ws_end = out[:2]

@@ -139,7 +139,7 @@ from nldsl.runtime._common import (
     segment_products,
     ut_apply,
 )
-from nldsl.runtime._mlp_write import end_state, mlp_write
+from nldsl.runtime._mlp_write import end_state, mlp_write, per_row
 from nldsl.runtime._preconditioned import orthogonalize_batch, preconditioned_step
 from nldsl.runtime._running_read import running_read
 
@@ -406,8 +406,9 @@ def chunk_step(
     """Run L <= C consecutive tokens that share one anchor.
 
     ws/ms: running weights/momentum entering the piece (``[N, do, di]``); anchor: the anchor
-    weights; k ``[N, L, K]``, v ``[N, L, *]``, eta/alpha/beta ``[N, L]`` (alpha/beta may be None),
-    q ``[N, L, K]`` or None (no read). ``residual``: a bool or a per-row ``[N]`` mask. ``st``:
+    weights; k ``[N, L, K]``, v ``[N, L, *]``, eta/alpha/beta ``[N, L]`` (alpha/beta may be None;
+    the five may have N / G rows, shared by G groups of rows: see ``_mlp_write.per_row``), q
+    ``[N, L, K]`` or None (no read). ``residual``: a bool or a per-row ``[N]`` mask. ``st``:
     straight-through terms added to the read weights (detach mode). ``kernel``: an
     :class:`~nldsl.runtime._triton.MlpKernel` that computes the gradients below in one launch
     (impl='triton'). ``p``, ``delta``: the lp / huber objective's parameter. ``preceding``: the
@@ -415,6 +416,10 @@ def chunk_step(
     ``(steps, (a, b, c))``, steps orthogonalised by Newton-Schulz (:mod:`._preconditioned`; rule
     gd or omega). Returns ``(o or None, ws_end, ms_end)``.
     """
+    fused = kernel is None and precondition is None and len(ws) == 2 and objective in ("l2", "dot") and \
+        preceding is None
+    if not fused or q is not None:  # only mlp_write reads inputs shared by groups of rows as they are
+        k, v, eta, alpha, beta = (per_row(t, ws[0].shape[0]) for t in (k, v, eta, alpha, beta))
     if precondition is not None:
         return preconditioned_step(ws, ms, anchor, k, v, eta, alpha, beta, q, objective=objective, signal=signal,
                                    act=act, residual=residual, read=read, st=st, p=p, delta=delta,
@@ -423,7 +428,7 @@ def chunk_step(
     running = q is not None and read == "running"
     # the writes. Per layer i the write terms of the piece are (coefficient [.., L, L], left
     # vectors [N, L, do]) pairs, all with right vectors ins[i]: a running read needs them.
-    if kernel is None and len(ws) == 2 and objective in ("l2", "dot") and preceding is None:  # backward written out
+    if fused:  # backward written out
         ws_end, ms_end, U1, U2, hs, Sk, rc = mlp_write(
             ws, ms, anchor, k, v, eta, alpha, beta if ms is not None else None, objective=objective, signal=signal,
             rule=rule, act=act, residual=residual, read=running)

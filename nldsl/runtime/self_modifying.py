@@ -517,8 +517,7 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
         beta_all = beta_all.detach()
     for g in groups:
         g["x"] = split_time(g["x"], lens)
-        # the momentum gate is given: repeated for the group's memories once, not once a piece
-        g["beta"] = split_time(None if beta_all is None else beta_all.repeat(len(g["names"]), 1), lens)
+        g["beta"] = split_time(beta_all, lens)  # the group's memories share it, as k, v, eta, alpha
     made = []  # per piece: k, v, q, eta, alpha
     for j, L in enumerate(lens):
         got = {n: p[j] for n, p in parts.items()}  # raw values
@@ -542,11 +541,9 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
         if detach:
             k_, v_, eta = k_.detach(), v_.detach(), eta.detach()
             alpha = None if alpha is None else alpha.detach()
-        for g in groups:
-            r = len(g["names"])
-            rep = lambda z: None if z is None else z.repeat(r, *([1] * (z.dim() - 1)))  # noqa: E731
+        for g in groups:  # the inputs are shared by the group's memories (N rows each of its G * N)
             _, g["ws"], g["ms"] = chunk_step(
-                g["ws"], g["ms"], g["anchor"], rep(k_), rep(v_), rep(eta), rep(alpha), g["beta"][j], None,
+                g["ws"], g["ms"], g["anchor"], k_, v_, eta, alpha, g["beta"][j], None,
                 objective=cfg["objective"], p=cfg["p"], delta=cfg["delta"], signal=cfg["signal"], rule=cfg["rule"],
                 act=act, residual=g["residual"], read="anchor", kernel=kernel(g["ws"][0]))
         made.append((k_, v_, q_, eta, alpha))

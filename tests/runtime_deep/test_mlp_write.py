@@ -230,3 +230,28 @@ def test_a_write_leaves_no_reference_cycle(impl, backward):
         assert all(p() is None for p in probes)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("momentum,signal", [(True, "self"), (False, "values")])
+def test_inputs_shared_by_groups_of_rows_equal_their_copies(impl, momentum, signal):
+    """Stacked memories (self-modifying Titans' generating memories) write on common inputs: k,
+    v, eta, alpha, beta with N / G rows, row r of the memories reading row r mod N / G. The same
+    as the inputs repeated G times, outputs and gradients (the shared rows' summed over the
+    groups; the C kernel reads and sums them in place, the torch ops repeat them)."""
+    G, n = 3, 2
+    x = piece(41, momentum=momentum, retention=True, mid_chunk=True, signal=signal, N=G * n)
+    shared = {name: (None if x[name] is None else x[name][:n].clone()) for name in ("k", "v", "eta", "alpha", "beta")}
+    results = []
+    for repeat in (False, True):
+        ins = {name: None if t is None else t.clone().requires_grad_() for name, t in shared.items()}
+        given = {name: None if t is None else (t.repeat(G, *([1] * (t.dim() - 1))) if repeat else t)
+                 for name, t in ins.items()}
+        out = mlp_write(x["ws"], x["ms"], x["anchor"], given["k"], given["v"], given["eta"], given["alpha"],
+                        given["beta"], objective="l2", signal=signal, rule="dgd", act=hidden_act("l2", "gelu"),
+                        residual=True)
+        flat = [*out[0], *(out[1] or []), *(t for t in out[2:6] if t is not None)]
+        probes = [randn(gen(7 + i), *t.shape) for i, t in enumerate(flat)]
+        leaves = [t for t in ins.values() if t is not None]
+        grads = torch.autograd.grad(sum((o * p).sum() for o, p in zip(flat, probes)), leaves)
+        results.append(flat + list(grads))
+    assert_close(results[0], results[1])
