@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ACTIVATIONS", "library", "enabled", "cache_dir", "check", "empty", "pointers"]
+__all__ = ["ACTIVATIONS", "library", "enabled", "cache_dir", "check", "empty", "pointer", "pointers"]
 
 _HERE = Path(__file__).parent
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-fPIC", "-shared")
@@ -105,6 +105,11 @@ def _build(name: str, real: str) -> Optional[ctypes.CDLL]:
 def pointers(tensors) -> ctypes.Array:
     """The tensors' data pointers as a C array (NULL for None)."""
     return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+
+
+def pointer(tensor: Optional[torch.Tensor]) -> ctypes.c_void_p:
+    """A tensor's data pointer as one argument (NULL for None; a bare int would pass as a C int)."""
+    return ctypes.c_void_p(None if tensor is None else tensor.data_ptr())
 
 
 def empty(like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -3,35 +3,47 @@ r"""The short causal depthwise convolution over time that the memories' inputs p
     y_t = sum_{j=0}^{W-1} w_j * x_{t - W + 1 + j}          (per channel; x_{<0} from the state)
 
 One op for both users: :class:`nldsl.nn.layers.ShortConv` (q, k, v of the linear memories,
-``[B, T, C]``) and self-modifying Titans (``[B, T, H, D]`` or ``[B, T, G, H, D]``).
+``[B, T, C]``) and self-modifying Titans (``[B, T, H, D]`` or ``[B, T, G, H, D]``). On a CPU it
+runs as C (``_conv.c``: one pass over the data per direction; see :mod:`nldsl.runtime._native`),
+elsewhere, without a C compiler, with ``NLDSL_NATIVE=0`` and in a double backward as torch ops.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nldsl.runtime import _native as native
+
 __all__ = ["causal_conv1d"]
 
 
 class _CausalConv(torch.autograd.Function):
     """``y`` from the padded input ``full = [state; x]`` ``[B, W-1+T, *C]`` and ``weight [*C, W]``,
-    as W shifted multiply-adds in the ``[B, T, *C]`` layout (torch's depthwise F.conv1d on the same
-    memory, seen channels first, is slower on a CPU forward and backward). The backward is written
-    out: autograd through the shifted slices would build one zero-filled, input-sized gradient per
-    tap and add them up. Its ops are differentiable, so a double backward still works."""
+    in the ``[B, T, *C]`` layout: on a CPU by the C kernel, else as W shifted multiply-adds
+    (torch's depthwise F.conv1d on the same memory, seen channels first, is slower on a CPU
+    forward and backward). The backward is written out: autograd through the shifted slices would
+    build one zero-filled, input-sized gradient per tap and add them up. Its torch ops are
+    differentiable, so a double backward still works."""
 
     @staticmethod
     def forward(ctx, full: Tensor, weight: Tensor) -> Tensor:
         W = weight.shape[-1]
         T = full.shape[1] - (W - 1)
+        ctx.save_for_backward(full, weight)
+        lib = _native_conv(full, weight)
+        if lib is not None:
+            y = full.new_empty(full.shape[0], T, *full.shape[2:])
+            native.check("_conv", lib.forward(_dims(full, weight), *map(native.pointer, (full, weight, y))))
+            return y
         taps = weight.unbind(-1)
         y = full[:, W - 1:] * taps[W - 1]
         for j in range(W - 1):
             y.addcmul_(full[:, j:j + T], taps[j])
-        ctx.save_for_backward(full, weight)
         return y
 
     @staticmethod
@@ -39,25 +51,45 @@ class _CausalConv(torch.autograd.Function):
         full, weight = ctx.saved_tensors
         W, T = weight.shape[-1], gy.shape[1]
         taps = weight.unbind(-1)
-        twice = torch.is_grad_enabled()  # a double backward records these ops: no out= or buffers
         d_full = d_weight = None
+        # a double backward records the torch ops below; the C kernel's are first order only
+        lib = None if torch.is_grad_enabled() else _native_conv(full, weight, gy)
+        if lib is not None:
+            gy = gy.contiguous()
+            d_full = torch.empty_like(full) if ctx.needs_input_grad[0] else None
+            d_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+            native.check("_conv", lib.backward(_dims(full, weight),
+                                               *map(native.pointer, (full, weight, gy, d_full, d_weight))))
+            return d_full, d_weight
         if ctx.needs_input_grad[0]:
             # the last tap covers rows W-1.. ; the front rows start at zero (the pad)
-            if twice:
-                d_full = F.pad(gy * taps[W - 1], (0, 0) * (gy.dim() - 2) + (W - 1, 0))
-            else:
-                d_full = torch.empty_like(full)
-                d_full[:, :W - 1].zero_()
-                torch.mul(gy, taps[W - 1], out=d_full[:, W - 1:])
+            d_full = F.pad(gy * taps[W - 1], (0, 0) * (gy.dim() - 2) + (W - 1, 0))
             for j in range(W - 1):
                 d_full[:, j:j + T].addcmul_(gy, taps[j])
         if ctx.needs_input_grad[1]:
-            # each tap's products in one buffer (a fresh input-sized tensor per tap costs as much
-            # in page faults as the products themselves)
-            prod = None if twice else torch.empty_like(gy)
-            d_weight = torch.stack([(gy * full[:, j:j + T] if twice else torch.mul(gy, full[:, j:j + T], out=prod))
-                                    .sum((0, 1)) for j in range(W)], dim=-1)
+            d_weight = torch.stack([(gy * full[:, j:j + T]).sum((0, 1)) for j in range(W)], dim=-1)
         return d_full, d_weight
+
+
+@functools.cache
+def _library(dtype: torch.dtype):
+    return native.library("_conv", dtype)
+
+
+def _native_conv(full: Tensor, *others: Tensor):
+    """The C kernel's library where it runs this call (contiguous CPU tensors of one dtype, float32
+    or float64), else None."""
+    if full.device.type != "cpu" or not native.enabled() or any(t.dtype != full.dtype for t in others):
+        return None
+    if not (full.is_contiguous() and others[0].is_contiguous()):
+        return None
+    return _library(full.dtype)
+
+
+def _dims(full: Tensor, weight: Tensor) -> ctypes.Array:
+    """(B, T, channels, W) for the kernel."""
+    W = weight.shape[-1]
+    return (ctypes.c_int64 * 4)(full.shape[0], full.shape[1] - (W - 1), weight.numel() // W, W)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,6 @@
 """causal_conv1d against torch's depthwise F.conv1d (an independent reference), in float64 with
-gradients for the input, the weights and the carried state; streaming; ShortConv runs it."""
+gradients for the input, the weights and the carried state; streaming; ShortConv runs it. Both
+implementations: the C kernel (a CPU's) and the torch ops (the ``impl`` fixture)."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from nldsl.nn.layers import ShortConv
+from nldsl.runtime import conv
 from nldsl.runtime.conv import causal_conv1d
 
 DT = torch.float64
+
+
+@pytest.fixture(params=["native", "torch"], autouse=True)
+def impl(request, monkeypatch):
+    """Which implementation runs: the C kernel or the torch ops."""
+    monkeypatch.setenv("NLDSL_NATIVE", "1" if request.param == "native" else "0")
+    if request.param == "native":
+        assert conv._library(DT) is not None, "the C kernel did not build (is a C compiler installed?)"
+    return request.param
 
 
 def _rand(*shape, seed=0):
@@ -35,7 +46,14 @@ def test_matches_conv1d_with_gradients(chans, W, T):
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(new_state, torch.cat([s, x], 1)[:, T:])
     g = torch.randn_like(y)
-    torch.testing.assert_close(torch.autograd.grad(y, (x, w, s), g), torch.autograd.grad(ref, (x, w, s), g))
+    want = torch.autograd.grad(ref, (x, w, s), g)
+    torch.testing.assert_close(torch.autograd.grad(y, (x, w, s), g), want)
+    # float32 (the kernel's other build) to float32's precision
+    x32, w32, s32 = (t.detach().float().requires_grad_() for t in (x, w, s))
+    y32, _ = causal_conv1d(x32, w32, s32)
+    torch.testing.assert_close(y32.double(), ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(y32, (x32, w32, s32), g.float()), want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
 
 
 def test_zero_state_and_double_backward():

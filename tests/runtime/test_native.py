@@ -85,9 +85,8 @@ def test_the_kernels_activations_equal_the_torch_formulas(dtype, name):
     x = torch.cat([torch.linspace(-30, 30, 60001, dtype=torch.float64), tiny, -tiny,
                    torch.tensor([0.0, 90.0, -90.0, 1e4, -1e4], dtype=torch.float64)]).to(dtype)
     got = [torch.full_like(x, float("nan")) for _ in range(3)]
-    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    lib.activations(ctypes.c_int64(_native.ACTIVATIONS.index(name)), ptr(x), ctypes.c_int64(x.numel()),
-                    *map(ptr, got))
+    lib.activations(ctypes.c_int64(_native.ACTIVATIONS.index(name)), _native.pointer(x), ctypes.c_int64(x.numel()),
+                    *map(_native.pointer, got))
     xd = x.double()
     bound = (2e-6 if dtype == torch.float32 else 1e-13) * xd.abs().clamp_min(1.0)
     for what, a, ref in zip(("value", "first derivative", "second derivative"), got,
