@@ -103,7 +103,8 @@ def _build(name: str, real: str) -> Optional[ctypes.CDLL]:
 
 
 def pointers(tensors) -> ctypes.Array:
-    """The tensors' data pointers as a C array (NULL for None)."""
+    """The tensors' data pointers as a C array (NULL for None). A pointer keeps no tensor alive:
+    the caller holds every tensor until the kernel returns (no ``t.contiguous()`` made inline)."""
     return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
 
 
