@@ -28,20 +28,27 @@ static real *temporaries(const int64_t *cfg, real **pack, real **dY, real **dS)
     return base;
 }
 
+/* What both directions start with: the configuration as locals, the temporaries (out of memory:
+ * return 1); and per row r: its memory j, its row i among that memory's outputs, its inputs */
+#define PROLOGUE(cfg)                                                                                         \
+    const int64_t N = cfg[N_], Ng = cfg[NG];                                                                  \
+    const int L = cfg[L_], D = cfg[D_], h = cfg[H_], O = cfg[O_], l2n = cfg[L2NORM], resid = cfg[RESID];    \
+    real *pack, *dY, *dS;                                                                                     \
+    if (!temporaries(cfg, &pack, &dY, &dS)) return 1
+#define ROW(r)                                                                                                \
+    const int64_t j = r / Ng, i = r % Ng;                                                                     \
+    const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h, *x = in[2] + r * L * D;                     \
+    const real rr = resid == 2 ? in[3][r] : resid
+
 /* in: W1 W2 x mask; kinds [G]; params: shift, scale per memory; z: each scalar memory's addend
  * [Ng, L] or NULL; out: the memories' outputs ([Ng, L, O], scalar: [Ng, L]); keep: S inv_r (with
  * the L2 norm) g1 (act'(x W1^T)) Y kept */
 int forward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in, real *const *z,
             real *const *out, real *const *keep, double eps2)
 {
-    const int64_t N = cfg[N_], Ng = cfg[NG];
-    const int L = cfg[L_], D = cfg[D_], h = cfg[H_], O = cfg[O_], l2n = cfg[L2NORM], resid = cfg[RESID];
-    real *pack, *dY, *dS;
-    if (!temporaries(cfg, &pack, &dY, &dS)) return 1;
+    PROLOGUE(cfg);
     for (int64_t r = 0; r < N; r++) {
-        const int64_t j = r / Ng, i = r % Ng;
-        const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h, *x = in[2] + r * L * D;
-        const real rr = resid == 2 ? in[3][r] : resid;
+        ROW(r);
         real *S = keep[0] + r * L * h, *g1 = keep[2] + r * L * h, *H = dS;
         real *Y = keep[3] + r * L * O, *kept = keep[4] + r * L;
         /* S = act(H) / sqrt(||act(H)||^2 + eps2) (or act(H)), H = x W1^T */
@@ -88,14 +95,9 @@ int forward(const int64_t *cfg, const int64_t *kinds, const double *params, real
 int backward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
              real *const *grad, real *const *out, real *const *dz)
 {
-    const int64_t N = cfg[N_], Ng = cfg[NG];
-    const int L = cfg[L_], D = cfg[D_], h = cfg[H_], O = cfg[O_], l2n = cfg[L2NORM], resid = cfg[RESID];
-    real *pack, *dY, *dS;
-    if (!temporaries(cfg, &pack, &dY, &dS)) return 1;
+    PROLOGUE(cfg);
     for (int64_t r = 0; r < N; r++) {
-        const int64_t j = r / Ng, i = r % Ng;
-        const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h, *x = in[2] + r * L * D;
-        const real rr = resid == 2 ? in[3][r] : resid;
+        ROW(r);
         const real *S = in[4] + r * L * h, *inv_r = l2n ? in[5] + r * L : 0, *g1 = in[6] + r * L * h;
         const real *Y = in[7] + r * L * O, *kept = in[8] + r * L;
         real *dW1 = out[0] + r * h * D, *dW2 = out[1] + r * O * h, *dx = out[2] + r * L * D;

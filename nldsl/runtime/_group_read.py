@@ -176,14 +176,6 @@ def _library(dtype: torch.dtype):
     return native.library("_group_read", dtype)
 
 
-def _native_read(x: Tensor, *others):
-    """The C kernel's library where it runs this call (CPU tensors of x's dtype, float32 or
-    float64), else None."""
-    if x.device.type != "cpu" or not native.enabled() or any(t.dtype != x.dtype for t in others):
-        return None
-    return _library(x.dtype)
-
-
 def _native_group_read(lib, weights, x, *, act, residual, names, units, logits, eta_max, eta_bias,
                        alpha_bias) -> list[Tensor]:
     """:func:`group_read` by :class:`_NativeGroupRead`: number gates go into the kernel as its
@@ -220,7 +212,7 @@ def group_read(weights: Sequence[Tensor], x: Tensor, *, act: str, residual, name
     (squashed, with ``logits`` added before; None entries for the others). ``residual``: a bool
     or a per-row 0/1 mask."""
     gates = [t for t in (*logits, eta_max, eta_bias, alpha_bias) if isinstance(t, Tensor)]
-    lib = _native_read(x, *weights, *gates)
+    lib = _library(x.dtype) if native.runs(x, *weights, *gates) else None
     if lib is not None:
         return _native_group_read(lib, weights, x, act=act, residual=residual, names=names, units=units,
                                   logits=logits, eta_max=eta_max, eta_bias=eta_bias, alpha_bias=alpha_bias)

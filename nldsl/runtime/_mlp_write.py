@@ -519,14 +519,6 @@ def _read_coefficients(Pa: Tensor, C: Optional[Tensor], m: Optional[Tensor]) -> 
     return ReadCoefficients(Pa[:, 1:, 0], Pa[:, 1:, 1:], C[:, 1:, 1:], m)
 
 
-def _native_write(k: Tensor, *others: Tensor):
-    """The C kernel's library where it runs this call (CPU tensors, float32 or float64, all of
-    k's dtype), else None."""
-    if k.device.type != "cpu" or not native.enabled() or any(t.dtype != k.dtype for t in others):
-        return None
-    return _library(k.dtype)
-
-
 @functools.cache
 def _library(dtype: torch.dtype):
     lib = native.library("_mlp_write", dtype)
@@ -554,7 +546,7 @@ def mlp_write(ws, ms, anchor, k, v, eta, alpha, beta, *, objective, signal, rule
     M1, M2 = ms if ms is not None else (None, None)
     Wa1, Wa2 = (None, None) if same else anchor
     cfg = (objective, signal == "self", dgd, act, residual)
-    lib = _native_write(k, *ws, v, eta, *(t for t in (alpha, beta) if t is not None))
+    lib = _library(k.dtype) if native.runs(k, *ws, v, eta, alpha, beta) else None
     mom = ms is not None
     if lib is not None:
         out = list(_NativeMlpWrite.apply(lib, cfg + (read,), ws[0], ws[1], M1, M2, Wa1, Wa2, k, v, eta, alpha, beta))

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ACTIVATIONS", "library", "enabled", "cache_dir", "check", "empty", "pointer", "pointers"]
+__all__ = ["ACTIVATIONS", "library", "enabled", "runs", "cache_dir", "check", "empty", "pointer", "pointers"]
 
 _HERE = Path(__file__).parent
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-fPIC", "-shared")
@@ -36,6 +36,13 @@ ACTIVATIONS = ("identity", "gelu", "silu", "relu", "tanh")
 
 def enabled() -> bool:
     return os.environ.get("NLDSL_NATIVE", "1") != "0"
+
+
+def runs(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Whether a kernel runs a call on these tensors: not turned off, CPU tensors, float32 or
+    float64, all of x's dtype (None entries skipped)."""
+    return (enabled() and x.device.type == "cpu" and x.dtype in _REALS
+            and all(t is None or t.dtype == x.dtype for t in others))
 
 
 def cache_dir() -> Path:

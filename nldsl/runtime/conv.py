@@ -76,12 +76,10 @@ def _library(dtype: torch.dtype):
     return native.library("_conv", dtype)
 
 
-def _native_conv(full: Tensor, *others: Tensor):
-    """The C kernel's library where it runs this call (contiguous CPU tensors of one dtype, float32
-    or float64), else None."""
-    if full.device.type != "cpu" or not native.enabled() or any(t.dtype != full.dtype for t in others):
-        return None
-    if not (full.is_contiguous() and others[0].is_contiguous()):
+def _native_conv(full: Tensor, weight: Tensor, *others: Tensor):
+    """The C kernel's library where it runs this call (contiguous inputs, see ``native.runs``),
+    else None."""
+    if not (native.runs(full, weight, *others) and full.is_contiguous() and weight.is_contiguous()):
         return None
     return _library(full.dtype)
 

@@ -8,7 +8,7 @@ import ctypes
 import pytest
 import torch
 
-from nldsl.runtime import _group_read, _mlp_write, _native
+from nldsl.runtime import _group_read, _mlp_write, _native, conv
 from nldsl.runtime._activations import activation, activation_grad, activation_grad2
 
 
@@ -17,7 +17,7 @@ def fresh(monkeypatch, tmp_path):
     """An empty cache and no built library in this process (before and after the test)."""
     monkeypatch.setenv("NLDSL_CACHE", str(tmp_path))
     monkeypatch.delenv("NLDSL_NATIVE", raising=False)
-    caches = (_native._build, _mlp_write._library, _group_read._library)
+    caches = (_native._build, _mlp_write._library, _group_read._library, conv._library)
     for c in caches:
         c.cache_clear()
     yield tmp_path

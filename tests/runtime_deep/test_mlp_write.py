@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nldsl.runtime import _mlp_write, _native
 from nldsl.runtime._mlp_write import Coefficients, mlp_write, piece_coefficients
 from nldsl.runtime.deep_memory import composed_write, hidden_act, piece_gates
 from rtdeep_helpers import DT, assert_close, gen, rand, randn
