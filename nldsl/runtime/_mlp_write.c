@@ -158,8 +158,9 @@ int64_t work_size(const int64_t *cfg)
     return work_offsets(cfg, off);
 }
 
-/* A call's temporaries, carved from the thread's scratch block by TAKE: at most NTEMP of them, each at most ``each`` = m^2 values, m the largest of Lz, L + 1 and
- * the widths (temporaries are [L or Lz, L or a width], [width, width] or [L + 1, L + 1]). */
+/* A call's temporaries, carved from the thread's scratch block by TAKE: at most NTEMP of them,
+ * each at most ``each`` = m^2 values, m the largest of Lz, L + 1 and the widths (temporaries are
+ * [L or Lz, L or a width], [width, width] or [L + 1, L + 1]). */
 #define NTEMP 56
 #define TAKE(n) (at += (n), at - (n))
 static real *scratch(const int64_t *cfg, int64_t *each)
