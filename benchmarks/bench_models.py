@@ -179,20 +179,21 @@ def _calls(model, step, top: int, device) -> dict:
                 return out
             return timed
 
-    from nldsl.runtime import _group_read, _mlp_write
+    from nldsl.runtime import _group_read, _mlp_write, conv
 
-    kernels = {module: module._library for module in (_mlp_write, _group_read)}
+    kernels = {_mlp_write: "_mlp_write", _group_read: "_group_read", conv: "_conv"}  # module: its C file
+    libraries = {module: module._library for module in kernels}
 
     def timed_library(library, name):
         return lambda dt: None if library(dt) is None else TimedLibrary(library(dt), name)
 
-    for module, library in kernels.items():
-        module._library = timed_library(library, module.__name__.rsplit(".", 1)[-1])
+    for module, name in kernels.items():
+        module._library = timed_library(libraries[module], name)
     try:
         with Timed():
             step()
     finally:
-        for module, library in kernels.items():
+        for module, library in libraries.items():
             module._library = library
     rows = sorted(((ms, n, op, at) for (at, op), (ms, n) in spent.items()), reverse=True)
     return {"total_ms": sum(r[0] for r in rows), "rows": rows[:top]}
