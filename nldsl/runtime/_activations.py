@@ -80,17 +80,18 @@ def split_hidden(act: str) -> tuple[str, bool]:
 def hidden(h: Tensor, act: str) -> Tensor:
     """A hidden layer's output from its pre-activation: ``act(h)``, or ``act(h) / ||act(h)||``
     (a smooth norm, ``sqrt(||u||^2 + 1e-12)``) when ``act`` ends in ``+l2``."""
-    if not act.endswith(L2):
-        return activation(h, act)
-    u = activation(h, act[:-len(L2)])
+    base, l2 = split_hidden(act)
+    u = activation(h, base)
+    if not l2:
+        return u
     return u * torch.rsqrt((u * u).sum(-1, keepdim=True) + _NORM_EPS2)
 
 
 def hidden_backward(d: Tensor, h: Tensor, act: str) -> Tensor:
     """dL/dh from dL/d(hidden(h)) ``d``, written out (differentiable: second-order outer grads)."""
-    if not act.endswith(L2):
-        return _times_act_grad(d, h, act)
-    base = act[:-len(L2)]
+    base, l2 = split_hidden(act)
+    if not l2:
+        return _times_act_grad(d, h, base)
     u = activation(h, base)
     inv_r = torch.rsqrt((u * u).sum(-1, keepdim=True) + _NORM_EPS2)
     n = u * inv_r

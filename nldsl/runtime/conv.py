@@ -49,9 +49,6 @@ class _CausalConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: Tensor):
         full, weight = ctx.saved_tensors
-        W, T = weight.shape[-1], gy.shape[1]
-        taps = weight.unbind(-1)
-        d_full = d_weight = None
         # a double backward records the torch ops below; the C kernel's are first order only
         lib = None if torch.is_grad_enabled() else _native_conv(full, weight, gy)
         if lib is not None:
@@ -61,6 +58,9 @@ class _CausalConv(torch.autograd.Function):
             native.check("_conv", lib.backward(_dims(full, weight),
                                                *map(native.pointer, (full, weight, gy, d_full, d_weight))))
             return d_full, d_weight
+        W, T = weight.shape[-1], gy.shape[1]
+        taps = weight.unbind(-1)
+        d_full = d_weight = None
         if ctx.needs_input_grad[0]:
             # the last tap covers rows W-1.. ; the front rows start at zero (the pad)
             d_full = F.pad(gy * taps[W - 1], (0, 0) * (gy.dim() - 2) + (W - 1, 0))
