@@ -24,11 +24,11 @@ Returns the new weights (and momenta), plus what a running read of the piece nee
 ``U_2``, ``hs`` (DGD) and ``S_k``. First order only (``once_differentiable``): training needs
 no double backward through a write.
 
-On a CPU the write and its gate coefficients run as C (``_mlp_write.c``,
+On a CPU the write, its gate coefficients and its hidden layer run as C (``_mlp_write.c``,
 :class:`_NativeMlpWrite`: the same lines, one batch row at a time, so that a row's operands stay
-in cache through all of them; torch computes only the activation), built on first use by
-:mod:`nldsl.runtime._native`; the torch ops (:class:`_Gates`, :class:`_MlpWrite`) run on a GPU,
-without a C compiler, and with ``NLDSL_NATIVE=0``.
+in cache through all of them), built on first use by :mod:`nldsl.runtime._native`; the torch ops
+(:class:`_Gates`, :class:`_MlpWrite`) run on a GPU, without a C compiler, and with
+``NLDSL_NATIVE=0``.
 """
 from __future__ import annotations
 
