@@ -1,6 +1,7 @@
 /* The anchor read of a stack of two-layer generating memories on a CPU, forward and backward:
- * _GroupRead in _group_read.py (same names), one batch row at a time. Rows r of memory j = r / Ng
- * (row i = r % Ng of its outputs); per row, on the piece's L inputs x:
+ * _GroupRead in _group_read.py (same names), one batch row at a time (the rows split over torch's
+ * threads, _native.h). Rows r of memory j = r / Ng (row i = r % Ng of its outputs); per row, on
+ * the piece's L inputs x:
  *
  *     Y = S W2^T + r x,   S = phi(x W1^T) (the activation, L2-normalised or not)
  *     kind 0 (plain): Y;   kind 1 (unit): Y / max(||Y||, 1e-12)   (F.normalize)
@@ -29,12 +30,15 @@ static real *temporaries(const int64_t *cfg, real **pack, real **dY, real **dS)
 }
 
 /* What both directions start with: the configuration as locals, the temporaries (out of memory:
- * return 1); and per row r: its memory j, its row i among that memory's outputs, its inputs */
+ * return 1), the thread's rows [lo, hi); and per row r: its memory j, its row i among that
+ * memory's outputs, its inputs */
 #define PROLOGUE(cfg)                                                                                         \
     const int64_t N = cfg[N_], Ng = cfg[NG];                                                                  \
     const int L = cfg[L_], D = cfg[D_], h = cfg[H_], O = cfg[O_], l2n = cfg[L2NORM], resid = cfg[RESID];    \
     real *pack, *dY, *dS;                                                                                     \
-    if (!temporaries(cfg, &pack, &dY, &dS)) return 1
+    if (!temporaries(cfg, &pack, &dY, &dS)) return 1;                                                         \
+    int64_t lo, hi;                                                                                           \
+    rows(N, &lo, &hi)
 #define ROW(r)                                                                                                \
     const int64_t j = r / Ng, i = r % Ng;                                                                     \
     const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h, *x = in[2] + r * L * D;                     \
@@ -43,11 +47,11 @@ static real *temporaries(const int64_t *cfg, real **pack, real **dY, real **dS)
 /* in: W1 W2 x mask; kinds [G]; params: shift, scale per memory; z: each scalar memory's addend
  * [Ng, L] or NULL; out: the memories' outputs ([Ng, L, O], scalar: [Ng, L]); keep: S inv_r (with
  * the L2 norm) g1 (act'(x W1^T)) Y kept */
-int forward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in, real *const *z,
-            real *const *out, real *const *keep, double eps2)
+static int forward_rows(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
+                        real *const *z, real *const *out, real *const *keep, double eps2)
 {
     PROLOGUE(cfg);
-    for (int64_t r = 0; r < N; r++) {
+    for (int64_t r = lo; r < hi; r++) {
         ROW(r);
         real *S = keep[0] + r * L * h, *g1 = keep[2] + r * L * h, *H = dS;
         real *Y = keep[3] + r * L * O, *kept = keep[4] + r * L;
@@ -92,11 +96,11 @@ int forward(const int64_t *cfg, const int64_t *kinds, const double *params, real
 /* in: W1 W2 x mask, then what the forward kept: S inv_r g1 Y kept; grad: each memory's output gradient (NULL:
  * zero); out: dW1 dW2 dx; dz: each scalar memory's gradient at its sigmoid's input [Ng, L] (NULL:
  * not wanted) */
-int backward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
-             real *const *grad, real *const *out, real *const *dz)
+static int backward_rows(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
+                         real *const *grad, real *const *out, real *const *dz)
 {
     PROLOGUE(cfg);
-    for (int64_t r = 0; r < N; r++) {
+    for (int64_t r = lo; r < hi; r++) {
         ROW(r);
         const real *S = in[4] + r * L * h, *inv_r = l2n ? in[5] + r * L : 0, *g1 = in[6] + r * L * h;
         const real *Y = in[7] + r * L * O, *kept = in[8] + r * L;
@@ -136,4 +140,16 @@ int backward(const int64_t *cfg, const int64_t *kinds, const double *params, rea
         gemm(L, D, h, dS, h, 1, W1, D, 1, rr != 0, dx, pack);
     }
     return 0;
+}
+
+int forward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in, real *const *z,
+            real *const *out, real *const *keep, double eps2)
+{
+    IN_PARALLEL(forward_rows(cfg, kinds, params, in, z, out, keep, eps2));
+}
+
+int backward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
+             real *const *grad, real *const *out, real *const *dz)
+{
+    IN_PARALLEL(backward_rows(cfg, kinds, params, in, grad, out, dz));
 }

@@ -1,8 +1,8 @@
 /* What the native CPU kernels share (_mlp_write.c, _group_read.c, _conv.c): the real type (REAL,
- * set by _native.py's build: float or double), register-blocked matrix products in GCC vector
- * extensions (no intrinsics: they ask for no particular instruction set), dot products, the L2
- * norm's Jacobian, a per-thread block for a call's temporaries, and the hidden layer's
- * activations. */
+ * set by _native.py's build: float or double), the split of a call's rows over threads,
+ * register-blocked matrix products in GCC vector extensions (no intrinsics: they ask for no
+ * particular instruction set), dot products, the L2 norm's Jacobian, a per-thread block for a
+ * call's temporaries, and the hidden layer's activations. */
 #ifndef NLDSL_NATIVE_H
 #define NLDSL_NATIVE_H
 
@@ -10,8 +10,50 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef REAL real;
+
+/* A kernel's rows are independent: IN_PARALLEL(call) runs ``call`` (an int status, 0 = done) on
+ * every thread of an OpenMP team and returns a failure's status (else 0), and rows() gives the calling
+ * thread its share of n rows. _native.py builds with OpenMP only where it links torch's own
+ * runtime (libgomp), so the team is torch's intra-op pool, as many threads as
+ * torch.get_num_threads(); elsewhere the pragma is ignored and one thread takes every row. A row's
+ * arithmetic does not depend on the thread that runs it: results are the same for any count. */
+#define IN_PARALLEL(call)                                                                           \
+    do {                                                                                           \
+        int status_ = 0;                                                                           \
+        _Pragma("omp parallel")                                                                    \
+        {                                                                                          \
+            const int s_ = (call);                                                                 \
+            if (s_) __atomic_store_n(&status_, s_, __ATOMIC_RELAXED);                              \
+        }                                                                                          \
+        return status_;                                                                            \
+    } while (0)
+
+static inline void rows(int64_t n, int64_t *lo, int64_t *hi)
+{
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), k = omp_get_num_threads();
+#else
+    const int64_t t = 0, k = 1;
+#endif
+    *lo = n * t / k;
+    *hi = n * (t + 1) / k;
+}
+
+/* the threads a kernel called now would split its rows over (for the tests; each kernel file is
+ * its own library, so each defines it once) */
+int64_t threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
 #define VBYTES 64
 #define VL ((int)(VBYTES / sizeof(real)))
 typedef real vreal __attribute__((vector_size(VBYTES)));

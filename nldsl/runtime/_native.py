@@ -2,12 +2,18 @@
 system's C compiler (``$CC``, else ``cc``) into a per-user cache and loaded with ctypes.
 
 A kernel is built for the machine it runs on (``-march=native``), once per source (with the
-headers beside it), compiler and CPU: the cache key holds all three, so a home directory shared
-by different machines keeps one build per CPU. The build goes to a temporary file renamed into
-place, so an interrupted or concurrent build never leaves a half-written library behind. Without
-a compiler, or when the build fails, :func:`library` warns once and returns None, and the
-callers run their torch ops; ``NLDSL_NATIVE=0`` turns the kernels off (the torch ops then run
-everywhere).
+headers beside it), compiler, CPU and OpenMP runtime: the cache key holds all four, so a home
+directory shared by different machines keeps one build per CPU. The build goes to a temporary
+file renamed into place, so an interrupted or concurrent build never leaves a half-written
+library behind. Without a compiler, or when the build fails, :func:`library` warns once and
+returns None, and the callers run their torch ops; ``NLDSL_NATIVE=0`` turns the kernels off (the
+torch ops then run everywhere).
+
+Threads: a kernel splits its rows over threads where torch runs on GNU OpenMP (libgomp, torch's
+Linux builds). The build links the very runtime torch loaded, so a kernel's threads are torch's
+intra-op pool, as many as ``torch.set_num_threads`` gives it, not a second pool competing with
+it for the cores (threads of Python's own, tried before, lost to torch's spinning workers).
+Elsewhere, or where the compiler has no OpenMP, a kernel runs on one thread.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import torch
 __all__ = ["ACTIVATIONS", "library", "enabled", "runs", "cache_dir", "check", "empty", "pointer", "pointers"]
 
 _HERE = Path(__file__).parent
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-fPIC", "-shared")
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-fPIC")
 _REALS = {torch.float32: "float", torch.float64: "double"}
 #: the activations the kernels compute, by their index there (``_native.h``)
 ACTIVATIONS = ("identity", "gelu", "silu", "relu", "tanh")
@@ -77,6 +83,20 @@ def library(name: str, dtype: torch.dtype) -> Optional[ctypes.CDLL]:
 
 
 @functools.cache
+def _openmp() -> Optional[str]:
+    """The GNU OpenMP runtime torch loaded (its path), or None (another runtime, none, not Linux)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split(maxsplit=5)[-1]
+        if Path(path).name.startswith("libgomp"):
+            return path
+    return None
+
+
+@functools.cache
 def _build(name: str, real: str) -> Optional[ctypes.CDLL]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
@@ -84,29 +104,51 @@ def _build(name: str, real: str) -> Optional[ctypes.CDLL]:
         return None
     source = _HERE / f"{name}.c"
     headers = [h.read_bytes() for h in sorted(_HERE.glob("*.h"))]  # what the sources include
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, repr((cc, _FLAGS, real)).encode(),
+    gomp = _openmp()
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, repr((cc, _FLAGS, real, gomp)).encode(),
                                       _cpu().encode()]))
     target = cache_dir() / f"{name}-{real}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                cmd = [cc, *_FLAGS, f"-DREAL={real}", str(source), "-o", tmp, "-lm"]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    err = done.stderr.strip()
-                    raise OSError(err.splitlines()[-1] if err else f"{Path(cc).name} exited with {done.returncode}")
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            # with OpenMP if it builds (a compiler without omp.h: on one thread)
+            if not (gomp and _compile(cc, source, real, target, gomp)):
+                _compile(cc, source, real, target, None, check=True)
         except OSError as err:
             warnings.warn(f"nldsl: building {source.name} failed ({err}): {name} runs as torch ops, slower on a "
                           "CPU", stacklevel=3)
             return None
     return ctypes.CDLL(str(target))
+
+
+def _compile(cc: str, source: Path, real: str, target: Path, gomp: Optional[str], check: bool = False) -> bool:
+    """Build ``source`` into ``target`` (through a temporary file renamed into place); with ``gomp``,
+    compiled for OpenMP and linked against that runtime file, not the compiler's own (``-fopenmp``
+    at the link would add it: two runtimes, two thread pools). Whether it built; ``check``: an
+    OSError with the compiler's last line when it did not."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    obj = tmp[:-3] + ".o"
+    try:
+        define = f"-DREAL={real}"
+        if gomp:
+            steps = [[cc, *_FLAGS, "-fopenmp", define, "-c", str(source), "-o", obj],
+                     [cc, "-shared", obj, gomp, f"-Wl,-rpath,{Path(gomp).parent}", "-o", tmp, "-lm"]]
+        else:
+            steps = [[cc, *_FLAGS, "-shared", define, str(source), "-o", tmp, "-lm"]]
+        for cmd in steps:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                if not check:
+                    return False
+                err = done.stderr.strip()
+                raise OSError(err.splitlines()[-1] if err else f"{Path(cc).name} exited with {done.returncode}")
+        os.replace(tmp, target)
+        return True
+    finally:
+        for path in (tmp, obj):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 def pointers(tensors) -> ctypes.Array:

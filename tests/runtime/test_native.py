@@ -4,6 +4,7 @@ torch ops (their results are tested against the kernels in tests/runtime_deep/te
 from __future__ import annotations
 
 import ctypes
+import warnings
 
 import pytest
 import torch
@@ -94,3 +95,36 @@ def test_the_kernels_activations_equal_the_torch_formulas(dtype, name):
         err = (a.double() - ref).abs()
         assert torch.isfinite(a).all() and (err <= bound).all(), \
             f"{name} {what}: off by {err.max():.2e} at x = {xd[(err - bound).argmax()].item():.6g}"
+
+
+@pytest.mark.parametrize("name", ["_mlp_write", "_group_read"])
+def test_the_kernels_split_their_rows_over_torchs_threads(name):
+    """Where torch runs on GNU OpenMP the kernels link that very runtime: their rows go to torch's
+    intra-op pool, as many threads as torch.set_num_threads gives it (a runtime of their own
+    would ignore it, and its pool would compete with torch's for the cores); elsewhere one thread."""
+    lib = _native.library(name, torch.float64)
+    assert lib is not None, "the C kernel did not build (is a C compiler installed?)"
+    lib.threads.restype = ctypes.c_int64
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert lib.threads() == (n if _native._openmp() else 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_compiler_without_openmp_builds_a_kernel_for_one_thread(fresh, monkeypatch):
+    """Where the OpenMP build fails (a compiler without omp.h), the kernel still builds, for one
+    thread, without a warning."""
+    cc = fresh / "cc-without-openmp"
+    cc.write_text('#!/bin/sh\ncase "$*" in *-fopenmp*) exit 1;; esac\nexec cc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lib = _native.library("_mlp_write", torch.float64)
+    assert lib is not None and _write_runs() == "_NativeMlpWriteBackward"
+    lib.threads.restype = ctypes.c_int64
+    assert lib.threads() == 1
+    assert [p.suffix for p in fresh.iterdir() if p != cc] == [".so"]

@@ -116,3 +116,29 @@ def test_the_c_kernel_equals_the_torch_ops_in_float32_at_hopes_sizes(monkeypatch
         results.append([t.double() for t in (*outs, *grads)])
     for i, (a, b) in enumerate(zip(*results)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"result {i}: {m}")
+
+
+def test_the_c_kernel_gives_the_same_bits_on_any_thread_count(monkeypatch):
+    """The C kernel splits its rows over torch's threads: outputs and gradients are bit for bit
+    the same on 1, 2 and 3 threads (an odd split of the rows included)."""
+    monkeypatch.setenv("NLDSL_NATIVE", "1")
+    g = gen(5)
+    names = ("k", "v", "q", "eta", "alpha")
+    n, length, width = 7, 5, 6
+    W1, W2 = randn(g, 5 * n, width, width, scale=0.3), randn(g, 5 * n, width, width, scale=0.3)
+    x = randn(g, 5 * n, length, width)
+    logits = [randn(g, n, length), randn(g, n, length)]
+    probes = [randn(g, n, length, width) if i < 3 else randn(g, n, length) for i in range(5)]
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        leaves = [t.clone().requires_grad_() for t in (W1, W2, x, *logits)]
+        mask = torch.tensor([1.0, 1, 1, 0, 0], dtype=x.dtype).repeat_interleave(n)
+        outs = group_read(leaves[:2], leaves[2], act="gelu+l2", residual=mask, names=names,
+                          units=[True, False, True, False, False], logits=[None, None, None, *leaves[3:]],
+                          eta_max=0.125, eta_bias=0.0, alpha_bias=1.0)
+        assert type(outs[0].grad_fn).__name__ == "_NativeGroupReadBackward"
+        grads = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outs, probes)), leaves)
+        results.append([*outs, *grads])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))

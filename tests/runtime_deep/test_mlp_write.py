@@ -254,3 +254,26 @@ def test_inputs_shared_by_groups_of_rows_equal_their_copies(impl, momentum, sign
         grads = torch.autograd.grad(sum((o * p).sum() for o, p in zip(flat, probes)), leaves)
         results.append(flat + list(grads))
     assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, DT], ids=["float32", "float64"])
+def test_the_c_kernel_gives_the_same_bits_on_any_thread_count(monkeypatch, dtype):
+    """The C kernel splits its rows over torch's threads, and every row whose k, v, ... are shared
+    runs on the thread that sums their gradients: outputs and gradients are bit for bit the same
+    on 1, 2 and 3 threads (an odd split of the rows included)."""
+    monkeypatch.setenv("NLDSL_NATIVE", "1")
+    G, n = 3, 5
+    x = piece(43, momentum=True, retention=True, mid_chunk=True, signal="self", N=G * n)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        ws, ms, anchor = ([t.to(dtype).detach().requires_grad_() for t in x[name]] for name in ("ws", "ms", "anchor"))
+        shared = [x[name][:n].to(dtype).detach().requires_grad_() for name in ("k", "v", "eta", "alpha", "beta")]
+        out = mlp_write(ws, ms, anchor, *shared, objective="l2", signal="self", rule="dgd",
+                        act=hidden_act("l2", "gelu"), residual=True, read=True)
+        assert type(out[0][0].grad_fn).__name__ == "_NativeMlpWriteBackward"
+        flat = [*out[0], *out[1], *(t for t in out[2:6] if t is not None), *(t for t in out[6] if t is not None)]
+        loss = sum((o * randn(gen(7 + i), *o.shape).to(dtype)).sum() for i, o in enumerate(flat))
+        results.append(flat + list(torch.autograd.grad(loss, [*ws, *ms, *anchor, *shared])))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
