@@ -329,208 +329,208 @@ static int backward_rows(const int64_t *cfg, real *const *in, real *const *grad,
     const int64_t size[5] = {L * D, L * Dv, L, L, L};
     if (at - base > NTEMP * each) return 2;
     memset(zero, 0, sizeof(real) * each);
-    /* a thread takes rows of k, v, ... and every row that reads them, so it alone sums theirs,
-     * in the order of the rows (the sums are the same for any thread count) */
+    /* a thread takes rows of k, v, ... and, in order, every row that reads them (rows q, q + Nk,
+     * ...), so it alone sums their gradients, in the same order for any thread count */
     int64_t lo, hi;
     rows(Nk, &lo, &hi);
     if (shared)
         for (int i = 0; i < 5; i++)
             if (out[6 + i]) memset(out[6 + i] + lo * size[i], 0, sizeof(real) * (hi - lo) * size[i]);
-    for (int64_t q = lo; q < hi; q++) {
-        for (int64_t r = q; r < N; r += Nk) {  /* 64-bit: the offsets r * rows * cols */
-            const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
-            const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;
-            const real *Wa1 = same ? W1 : in[4] + r * h * D, *Wa2 = same ? W2 : in[5] + r * O * h;
-            const int64_t rk = r % Nk;
-            const real *k = in[6] + rk * L * D, *v = in[7] + rk * L * Dv, *eta = in[8] + rk * L;
-            const real rr = resid == 2 ? in[9][r] : resid;
-            const real *alpha = in[10] ? in[10] + rk * L : 0, *beta = mom ? in[11] + rk * L : 0;
-            const real *H = in[12] + r * Lz * h, *S = in[13] + r * Lz * h, *g1 = in[14] + r * Lz * h;
-            const real *inv_r = l2n ? in[15] + r * Lz : 0;
-            const real *U1 = in[16] + r * L * h, *U2 = in[17] + r * L * O, *hs = dgd ? in[18] + r * L * h : 0;
-            const real *w = in[19] + r * ws;
-            const real *eps = w + off[W_EPS], *d1 = w + off[W_D1], *pd1 = w + off[W_PD1], *e1 = w + off[W_E1];
-            const real *KK = w + off[W_KK], *Xk = same ? H : w + off[W_XK], *R = w + off[W_R];
-            const real *Tinv = w + off[W_TINV], *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1];
-            const real *left2 = w + off[W_LEFT2];
-            const real *G1 = grad[0] ? grad[0] + r * h * D : zero, *G2 = grad[1] ? grad[1] + r * O * h : zero;
-            const real *F1 = mom && grad[2] ? grad[2] + r * h * D : zero;
-            const real *F2 = mom && grad[3] ? grad[3] + r * O * h : zero;
-            const real *gU1 = grad[4] ? grad[4] + r * L * h : 0, *gU2 = grad[5] ? grad[5] + r * L * O : 0;
-            const real *ghs = dgd && grad[6] ? grad[6] + r * L * h : 0, *gSk = grad[7] ? grad[7] + r * L * h : 0;
-            real *dW1 = out[0] + r * h * D, *dW2 = out[1] + r * O * h;
-            real *dM1 = mom ? out[2] + r * h * D : 0, *dM2 = mom ? out[3] + r * O * h : 0;
-            real *dWa1 = same ? dW1 : out[4] + r * h * D, *dWa2 = same ? dW2 : out[5] + r * O * h;
-            real *dk = shared ? own[0] : out[6] + r * L * D, *dv = shared ? own[1] : out[7] + r * L * Dv;
-            real *deta = shared ? own[2] : out[8] + r * L;
-            real *dalpha = !out[9] ? 0 : shared ? own[3] : out[9] + r * L;
-            real *dbeta = !out[10] ? 0 : shared ? own[4] : out[10] + r * L;
-            const Gates g = gates(alpha, beta, L, Pa, Pb, C, m, mp);
-            real *dA = &d.dA, *dmL = &d.dmL, *dbL = &d.dbL, *dcl = d.dcl, *dbl = d.dbl, *ddl = d.ddl, *dp0 = d.dp0;
-            real *dPp = d.dPp, *dCp = d.dCp, *dmp = d.dmp;
-            const real *Sk = S;
-            activate(act, H, L * h, 0, 0, g2);  /* act'' at k's rows */
+    const int64_t G = N / Nk;
+    for (int64_t slot = lo * G; slot < hi * G; slot++) {
+        const int64_t r = slot % G * Nk + slot / G;  /* 64-bit: the offsets r * rows * cols */
+        const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
+        const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;
+        const real *Wa1 = same ? W1 : in[4] + r * h * D, *Wa2 = same ? W2 : in[5] + r * O * h;
+        const int64_t rk = r % Nk;
+        const real *k = in[6] + rk * L * D, *v = in[7] + rk * L * Dv, *eta = in[8] + rk * L;
+        const real rr = resid == 2 ? in[9][r] : resid;
+        const real *alpha = in[10] ? in[10] + rk * L : 0, *beta = mom ? in[11] + rk * L : 0;
+        const real *H = in[12] + r * Lz * h, *S = in[13] + r * Lz * h, *g1 = in[14] + r * Lz * h;
+        const real *inv_r = l2n ? in[15] + r * Lz : 0;
+        const real *U1 = in[16] + r * L * h, *U2 = in[17] + r * L * O, *hs = dgd ? in[18] + r * L * h : 0;
+        const real *w = in[19] + r * ws;
+        const real *eps = w + off[W_EPS], *d1 = w + off[W_D1], *pd1 = w + off[W_PD1], *e1 = w + off[W_E1];
+        const real *KK = w + off[W_KK], *Xk = same ? H : w + off[W_XK], *R = w + off[W_R];
+        const real *Tinv = w + off[W_TINV], *kM1 = w + off[W_KM1], *left1 = w + off[W_LEFT1];
+        const real *left2 = w + off[W_LEFT2];
+        const real *G1 = grad[0] ? grad[0] + r * h * D : zero, *G2 = grad[1] ? grad[1] + r * O * h : zero;
+        const real *F1 = mom && grad[2] ? grad[2] + r * h * D : zero;
+        const real *F2 = mom && grad[3] ? grad[3] + r * O * h : zero;
+        const real *gU1 = grad[4] ? grad[4] + r * L * h : 0, *gU2 = grad[5] ? grad[5] + r * L * O : 0;
+        const real *ghs = dgd && grad[6] ? grad[6] + r * L * h : 0, *gSk = grad[7] ? grad[7] + r * L * h : 0;
+        real *dW1 = out[0] + r * h * D, *dW2 = out[1] + r * O * h;
+        real *dM1 = mom ? out[2] + r * h * D : 0, *dM2 = mom ? out[3] + r * O * h : 0;
+        real *dWa1 = same ? dW1 : out[4] + r * h * D, *dWa2 = same ? dW2 : out[5] + r * O * h;
+        real *dk = shared ? own[0] : out[6] + r * L * D, *dv = shared ? own[1] : out[7] + r * L * Dv;
+        real *deta = shared ? own[2] : out[8] + r * L;
+        real *dalpha = !out[9] ? 0 : shared ? own[3] : out[9] + r * L;
+        real *dbeta = !out[10] ? 0 : shared ? own[4] : out[10] + r * L;
+        const Gates g = gates(alpha, beta, L, Pa, Pb, C, m, mp);
+        real *dA = &d.dA, *dmL = &d.dmL, *dbL = &d.dbL, *dcl = d.dcl, *dbl = d.dbl, *ddl = d.ddl, *dp0 = d.dp0;
+        real *dPp = d.dPp, *dCp = d.dCp, *dmp = d.dmp;
+        const real *Sk = S;
+        activate(act, H, L * h, 0, 0, g2);  /* act'' at k's rows */
 
-            *dA = dot(G1, W1, h * D) + dot(G2, W2, O * h);
-            /* the end state's writes: W_1' += left1^T k, W_2' += left2^T S_k (and the momenta's) */
-            gemm(L, h, D, k, D, 1, G1, 1, D, 0, P1, pack);
-            gemm(L, O, h, Sk, h, 1, G2, 1, h, 0, P2, pack);
-            gemm(L, D, h, left1, h, 1, G1, D, 1, 0, dk, pack);
-            gemm(L, h, O, left2, O, 1, G2, h, 1, 0, dSk, pack);
-            if (gSk)
-                for (int j = 0; j < L * h; j++) dSk[j] += gSk[j];
-            for (int t = 0; t < L; t++) {
-                const real cl = g.cl[t];
-                for (int j = 0; j < h; j++) dU1[t * h + j] = cl * P1[t * h + j] + (gU1 ? gU1[t * h + j] : 0);
-                for (int j = 0; j < O; j++) dU2[t * O + j] = cl * P2[t * O + j] + (gU2 ? gU2[t * O + j] : 0);
-                dcl[t] = dot(U1 + t * h, P1 + t * h, h) + dot(U2 + t * O, P2 + t * O, O);
-            }
-            if (mom) {
-                *dmL = dot(G1, M1, h * D) + dot(G2, M2, O * h);
-                *dbL = dot(F1, M1, h * D) + dot(F2, M2, O * h);
-                gemm(L, h, D, k, D, 1, F1, 1, D, 0, Q1, pack);
-                gemm(L, O, h, Sk, h, 1, F2, 1, h, 0, Q2, pack);
-                for (int t = 0; t < L; t++)
-                    for (int j = 0; j < h; j++) bU[t * h + j] = g.bl[t] * U1[t * h + j];
-                gemm(L, D, h, bU, h, 1, F1, D, 1, 1, dk, pack);
-                for (int t = 0; t < L; t++)
-                    for (int j = 0; j < O; j++) bU[t * O + j] = g.bl[t] * U2[t * O + j];
-                gemm(L, h, O, bU, O, 1, F2, h, 1, 1, dSk, pack);
-                for (int t = 0; t < L; t++) {
-                    const real bl = g.bl[t];
-                    for (int j = 0; j < h; j++) dU1[t * h + j] += bl * Q1[t * h + j];
-                    for (int j = 0; j < O; j++) dU2[t * O + j] += bl * Q2[t * O + j];
-                    dbl[t] = dot(U1 + t * h, Q1 + t * h, h) + dot(U2 + t * O, Q2 + t * O, O);
-                }
-            }
-            for (int t = 0; t < L; t++) deta[t] = 0;
-            if (dgd) {
-                for (int t = 0; t < L; t++) {
-                    for (int j = 0; j < h; j++)
-                        dhs[t * h + j] = g.dl[t] * P1[t * h + j] + (ghs ? ghs[t * h + j] : 0);
-                    ddl[t] = dot(hs + t * h, P1 + t * h, h);
-                }
-                /* hs = Tinv (-eta R): the UT transform's backward */
-                gemm(L, h, L, Tinv, 1, L, dhs, h, 1, 0, dRhs, pack);
-                gemm(L, L, h, dRhs, h, 1, hs, 1, h, 0, dG, pack);
-                for (int t = 0; t < L; t++)
-                    for (int j = 0; j < L; j++) dG[t * L + j] = j < t ? -dG[t * L + j] : 0;
-                for (int t = 0; t < L; t++) {
-                    for (int j = 0; j < h; j++) dR[t * h + j] = -eta[t] * dRhs[t * h + j];
-                    deta[t] = -dot(R + t * h, dRhs + t * h, h);
-                    /* G = eta (Pp * KK) */
-                    for (int j = 0; j < L; j++) {
-                        const real dGK = dG[t * L + j] * KK[t * L + j], Pp = g.Pa[t * ld + 1 + j];
-                        deta[t] += dGK * Pp;
-                        dPp[t * L + j] = eta[t] * dGK;
-                        dKK[t * L + j] = eta[t] * dG[t * L + j] * Pp;
-                    }
-                    /* R = p0 Xk + (Cp * KK) U1 + mp kM1 */
-                    dp0[t] = dot(dR + t * h, Xk + t * h, h);
-                    for (int j = 0; j < h; j++) dXk[t * h + j] = g.Pa[t * ld] * dR[t * h + j];
-                }
-                gemm(L, L, h, dR, h, 1, U1, 1, h, 0, dCK, pack);
-                for (int t = 0; t < L; t++)
-                    for (int j = 0; j < L; j++) {
-                        const real Cp = g.Cp[t * ld + j];
-                        dCp[t * L + j] = dCK[t * L + j] * KK[t * L + j];
-                        dKK[t * L + j] += dCK[t * L + j] * Cp;
-                        CK[t * L + j] = Cp * KK[t * L + j];
-                    }
-                gemm(L, h, L, CK, 1, L, dR, h, 1, 1, dU1, pack);
-                if (mom) {
-                    for (int t = 0; t < L; t++) {
-                        dmp[t] = dot(dR + t * h, kM1 + t * h, h);
-                        for (int j = 0; j < h; j++) mdR[t * h + j] = g.mp[t] * dR[t * h + j];
-                    }
-                    gemm(L, D, h, mdR, h, 1, M1, D, 1, 1, dk, pack);
-                }
-                gemm(L, D, h, dXk, h, 1, W1, D, 1, 1, dk, pack);
-                for (int t = 0; t < L; t++)
-                    for (int j = 0; j < L; j++) S2[t * L + j] = dKK[t * L + j] + dKK[j * L + t];
-                gemm(L, D, L, S2, L, 1, k, D, 1, 1, dk, pack);
-            }
-            /* U_i = -eta e_i */
-            for (int t = 0; t < L; t++) {
-                deta[t] -= dot(dU1 + t * h, e1 + t * h, h) + dot(dU2 + t * O, eps + t * O, O);
-                for (int j = 0; j < h; j++) de1[t * h + j] = -eta[t] * dU1[t * h + j];
-                for (int j = 0; j < O; j++) deps[t * O + j] = -eta[t] * dU2[t * O + j];
-            }
-            /* e1 = J(H_k)^T d1, d1 = eps W_a2: dd1 = J de1, dHk = d/dH <de1, J^T d1> */
-            for (int j = 0; j < L * h; j++) dd1[j] = g1[j] * de1[j];
-            if (l2n) {
-                project(dd1, S, inv_r, L, h);
-                for (int t = 0; t < L; t++) {
-                    const real *n = S + t * h, *a = d1 + t * h, *pa = pd1 + t * h, *b = de1 + t * h, *g = g1 + t * h;
-                    real na = 0, nw = 0, aw = 0;
-                    for (int j = 0; j < h; j++) {
-                        const real wj = g[j] * b[j];
-                        na += n[j] * a[j];
-                        nw += n[j] * wj;
-                        aw += a[j] * wj;
-                    }
-                    const real ir2 = inv_r[t] * inv_r[t], c = 3 * na * nw - aw;
-                    for (int j = 0; j < h; j++) {
-                        const real wj = g[j] * b[j], du = c * n[j] - nw * a[j] - na * wj;
-                        dHk[t * h + j] = g2[t * h + j] * b[j] * pa[j] + g[j] * du * ir2;
-                    }
-                }
-            } else {
-                for (int j = 0; j < L * h; j++) dHk[j] = g2[j] * d1[j] * de1[j];
-            }
-            gemm(L, O, h, dd1, h, 1, Wa2, 1, h, 1, deps, pack);
-            /* eps = y - target / -target; Y = S W_a2^T + r Z */
-            for (int t = 0; t < L; t++)
-                for (int j = 0; j < O; j++) {
-                    dY[t * O + j] = l2obj ? deps[t * O + j] : 0;
-                    if (self)
-                        dY[(L + t) * O + j] = -deps[t * O + j];
-                    else
-                        dv[t * Dv + j] = -deps[t * O + j];
-                }
-            gemm(Lz, h, O, dY, O, 1, Wa2, h, 1, 0, dS, pack);
-            for (int j = 0; j < L * h; j++) dS[j] += dSk[j];
-            for (int j = 0; j < Lz * h; j++) dH[j] = dS[j];
-            if (l2n) project(dH, S, inv_r, Lz, h);
-            for (int j = 0; j < Lz * h; j++) dH[j] *= g1[j];
-            for (int j = 0; j < L * h; j++) dH[j] += dHk[j];
-            if (rr != 0)  /* a residual needs O == D */
-                for (int j = 0; j < Lz * D; j++) dZ[j] = rr * dY[j];
-            gemm(Lz, D, h, dH, h, 1, Wa1, D, 1, rr != 0, dZ, pack);
-            for (int j = 0; j < L * D; j++) dk[j] += dZ[j];
-            if (self) memcpy(dv, dZ + L * D, sizeof(real) * L * D);
-
-            /* the weights' gradients */
-            gemm(h, D, L, dH, 1, h, k, D, 1, 0, dWa1, pack);
-            if (self) gemm(h, D, L, dH + L * h, 1, h, v, D, 1, 1, dWa1, pack);
-            gemm(O, h, L, eps, 1, O, dd1, h, 1, 0, dWa2, pack);
-            gemm(O, h, Lz, dY, 1, O, S, h, 1, 1, dWa2, pack);
-            if (!same) {
-                memset(dW1, 0, sizeof(real) * h * D);
-                memset(dW2, 0, sizeof(real) * O * h);
-            }
-            if (dgd) {
-                gemm(h, D, L, dXk, 1, h, k, D, 1, 1, dW1, pack);
-                if (mom) gemm(h, D, L, mdR, 1, h, k, D, 1, 0, dM1, pack);
-            }
-            for (int j = 0; j < h * D; j++) dW1[j] += g.A * G1[j];
-            for (int j = 0; j < O * h; j++) dW2[j] += g.A * G2[j];
-            if (mom) {
-                const real mL = g.mL, bL = g.bL;
-                if (!dgd) memset(dM1, 0, sizeof(real) * h * D);
-                for (int j = 0; j < h * D; j++) dM1[j] += mL * G1[j] + bL * F1[j];
-                for (int j = 0; j < O * h; j++) dM2[j] = mL * G2[j] + bL * F2[j];
-            }
-            /* the coefficients are views of the gates' segment products */
-            const real *gPa = read && grad[8] ? grad[8] + r * ld * ld : 0;
-            const real *gC = read && mom && grad[9] ? grad[9] + r * ld * ld : 0;
-            const real *gm = read && mom && grad[10] ? grad[10] + r * L : 0;
-            gates_backward(&g, &d, gPa, gC, gm, L, dgd, dalpha, dbeta, dPa, dPb, dC, dm, X);
-            if (shared)
-                for (int i = 0; i < 5; i++)
-                    if (out[6 + i])
-                        for (int64_t j = 0; j < size[i]; j++) out[6 + i][rk * size[i] + j] += own[i][j];
+        *dA = dot(G1, W1, h * D) + dot(G2, W2, O * h);
+        /* the end state's writes: W_1' += left1^T k, W_2' += left2^T S_k (and the momenta's) */
+        gemm(L, h, D, k, D, 1, G1, 1, D, 0, P1, pack);
+        gemm(L, O, h, Sk, h, 1, G2, 1, h, 0, P2, pack);
+        gemm(L, D, h, left1, h, 1, G1, D, 1, 0, dk, pack);
+        gemm(L, h, O, left2, O, 1, G2, h, 1, 0, dSk, pack);
+        if (gSk)
+            for (int j = 0; j < L * h; j++) dSk[j] += gSk[j];
+        for (int t = 0; t < L; t++) {
+            const real cl = g.cl[t];
+            for (int j = 0; j < h; j++) dU1[t * h + j] = cl * P1[t * h + j] + (gU1 ? gU1[t * h + j] : 0);
+            for (int j = 0; j < O; j++) dU2[t * O + j] = cl * P2[t * O + j] + (gU2 ? gU2[t * O + j] : 0);
+            dcl[t] = dot(U1 + t * h, P1 + t * h, h) + dot(U2 + t * O, P2 + t * O, O);
         }
+        if (mom) {
+            *dmL = dot(G1, M1, h * D) + dot(G2, M2, O * h);
+            *dbL = dot(F1, M1, h * D) + dot(F2, M2, O * h);
+            gemm(L, h, D, k, D, 1, F1, 1, D, 0, Q1, pack);
+            gemm(L, O, h, Sk, h, 1, F2, 1, h, 0, Q2, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < h; j++) bU[t * h + j] = g.bl[t] * U1[t * h + j];
+            gemm(L, D, h, bU, h, 1, F1, D, 1, 1, dk, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < O; j++) bU[t * O + j] = g.bl[t] * U2[t * O + j];
+            gemm(L, h, O, bU, O, 1, F2, h, 1, 1, dSk, pack);
+            for (int t = 0; t < L; t++) {
+                const real bl = g.bl[t];
+                for (int j = 0; j < h; j++) dU1[t * h + j] += bl * Q1[t * h + j];
+                for (int j = 0; j < O; j++) dU2[t * O + j] += bl * Q2[t * O + j];
+                dbl[t] = dot(U1 + t * h, Q1 + t * h, h) + dot(U2 + t * O, Q2 + t * O, O);
+            }
+        }
+        for (int t = 0; t < L; t++) deta[t] = 0;
+        if (dgd) {
+            for (int t = 0; t < L; t++) {
+                for (int j = 0; j < h; j++)
+                    dhs[t * h + j] = g.dl[t] * P1[t * h + j] + (ghs ? ghs[t * h + j] : 0);
+                ddl[t] = dot(hs + t * h, P1 + t * h, h);
+            }
+            /* hs = Tinv (-eta R): the UT transform's backward */
+            gemm(L, h, L, Tinv, 1, L, dhs, h, 1, 0, dRhs, pack);
+            gemm(L, L, h, dRhs, h, 1, hs, 1, h, 0, dG, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < L; j++) dG[t * L + j] = j < t ? -dG[t * L + j] : 0;
+            for (int t = 0; t < L; t++) {
+                for (int j = 0; j < h; j++) dR[t * h + j] = -eta[t] * dRhs[t * h + j];
+                deta[t] = -dot(R + t * h, dRhs + t * h, h);
+                /* G = eta (Pp * KK) */
+                for (int j = 0; j < L; j++) {
+                    const real dGK = dG[t * L + j] * KK[t * L + j], Pp = g.Pa[t * ld + 1 + j];
+                    deta[t] += dGK * Pp;
+                    dPp[t * L + j] = eta[t] * dGK;
+                    dKK[t * L + j] = eta[t] * dG[t * L + j] * Pp;
+                }
+                /* R = p0 Xk + (Cp * KK) U1 + mp kM1 */
+                dp0[t] = dot(dR + t * h, Xk + t * h, h);
+                for (int j = 0; j < h; j++) dXk[t * h + j] = g.Pa[t * ld] * dR[t * h + j];
+            }
+            gemm(L, L, h, dR, h, 1, U1, 1, h, 0, dCK, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < L; j++) {
+                    const real Cp = g.Cp[t * ld + j];
+                    dCp[t * L + j] = dCK[t * L + j] * KK[t * L + j];
+                    dKK[t * L + j] += dCK[t * L + j] * Cp;
+                    CK[t * L + j] = Cp * KK[t * L + j];
+                }
+            gemm(L, h, L, CK, 1, L, dR, h, 1, 1, dU1, pack);
+            if (mom) {
+                for (int t = 0; t < L; t++) {
+                    dmp[t] = dot(dR + t * h, kM1 + t * h, h);
+                    for (int j = 0; j < h; j++) mdR[t * h + j] = g.mp[t] * dR[t * h + j];
+                }
+                gemm(L, D, h, mdR, h, 1, M1, D, 1, 1, dk, pack);
+            }
+            gemm(L, D, h, dXk, h, 1, W1, D, 1, 1, dk, pack);
+            for (int t = 0; t < L; t++)
+                for (int j = 0; j < L; j++) S2[t * L + j] = dKK[t * L + j] + dKK[j * L + t];
+            gemm(L, D, L, S2, L, 1, k, D, 1, 1, dk, pack);
+        }
+        /* U_i = -eta e_i */
+        for (int t = 0; t < L; t++) {
+            deta[t] -= dot(dU1 + t * h, e1 + t * h, h) + dot(dU2 + t * O, eps + t * O, O);
+            for (int j = 0; j < h; j++) de1[t * h + j] = -eta[t] * dU1[t * h + j];
+            for (int j = 0; j < O; j++) deps[t * O + j] = -eta[t] * dU2[t * O + j];
+        }
+        /* e1 = J(H_k)^T d1, d1 = eps W_a2: dd1 = J de1, dHk = d/dH <de1, J^T d1> */
+        for (int j = 0; j < L * h; j++) dd1[j] = g1[j] * de1[j];
+        if (l2n) {
+            project(dd1, S, inv_r, L, h);
+            for (int t = 0; t < L; t++) {
+                const real *n = S + t * h, *a = d1 + t * h, *pa = pd1 + t * h, *b = de1 + t * h, *g = g1 + t * h;
+                real na = 0, nw = 0, aw = 0;
+                for (int j = 0; j < h; j++) {
+                    const real wj = g[j] * b[j];
+                    na += n[j] * a[j];
+                    nw += n[j] * wj;
+                    aw += a[j] * wj;
+                }
+                const real ir2 = inv_r[t] * inv_r[t], c = 3 * na * nw - aw;
+                for (int j = 0; j < h; j++) {
+                    const real wj = g[j] * b[j], du = c * n[j] - nw * a[j] - na * wj;
+                    dHk[t * h + j] = g2[t * h + j] * b[j] * pa[j] + g[j] * du * ir2;
+                }
+            }
+        } else {
+            for (int j = 0; j < L * h; j++) dHk[j] = g2[j] * d1[j] * de1[j];
+        }
+        gemm(L, O, h, dd1, h, 1, Wa2, 1, h, 1, deps, pack);
+        /* eps = y - target / -target; Y = S W_a2^T + r Z */
+        for (int t = 0; t < L; t++)
+            for (int j = 0; j < O; j++) {
+                dY[t * O + j] = l2obj ? deps[t * O + j] : 0;
+                if (self)
+                    dY[(L + t) * O + j] = -deps[t * O + j];
+                else
+                    dv[t * Dv + j] = -deps[t * O + j];
+            }
+        gemm(Lz, h, O, dY, O, 1, Wa2, h, 1, 0, dS, pack);
+        for (int j = 0; j < L * h; j++) dS[j] += dSk[j];
+        for (int j = 0; j < Lz * h; j++) dH[j] = dS[j];
+        if (l2n) project(dH, S, inv_r, Lz, h);
+        for (int j = 0; j < Lz * h; j++) dH[j] *= g1[j];
+        for (int j = 0; j < L * h; j++) dH[j] += dHk[j];
+        if (rr != 0)  /* a residual needs O == D */
+            for (int j = 0; j < Lz * D; j++) dZ[j] = rr * dY[j];
+        gemm(Lz, D, h, dH, h, 1, Wa1, D, 1, rr != 0, dZ, pack);
+        for (int j = 0; j < L * D; j++) dk[j] += dZ[j];
+        if (self) memcpy(dv, dZ + L * D, sizeof(real) * L * D);
+
+        /* the weights' gradients */
+        gemm(h, D, L, dH, 1, h, k, D, 1, 0, dWa1, pack);
+        if (self) gemm(h, D, L, dH + L * h, 1, h, v, D, 1, 1, dWa1, pack);
+        gemm(O, h, L, eps, 1, O, dd1, h, 1, 0, dWa2, pack);
+        gemm(O, h, Lz, dY, 1, O, S, h, 1, 1, dWa2, pack);
+        if (!same) {
+            memset(dW1, 0, sizeof(real) * h * D);
+            memset(dW2, 0, sizeof(real) * O * h);
+        }
+        if (dgd) {
+            gemm(h, D, L, dXk, 1, h, k, D, 1, 1, dW1, pack);
+            if (mom) gemm(h, D, L, mdR, 1, h, k, D, 1, 0, dM1, pack);
+        }
+        for (int j = 0; j < h * D; j++) dW1[j] += g.A * G1[j];
+        for (int j = 0; j < O * h; j++) dW2[j] += g.A * G2[j];
+        if (mom) {
+            const real mL = g.mL, bL = g.bL;
+            if (!dgd) memset(dM1, 0, sizeof(real) * h * D);
+            for (int j = 0; j < h * D; j++) dM1[j] += mL * G1[j] + bL * F1[j];
+            for (int j = 0; j < O * h; j++) dM2[j] = mL * G2[j] + bL * F2[j];
+        }
+        /* the coefficients are views of the gates' segment products */
+        const real *gPa = read && grad[8] ? grad[8] + r * ld * ld : 0;
+        const real *gC = read && mom && grad[9] ? grad[9] + r * ld * ld : 0;
+        const real *gm = read && mom && grad[10] ? grad[10] + r * L : 0;
+        gates_backward(&g, &d, gPa, gC, gm, L, dgd, dalpha, dbeta, dPa, dPb, dC, dm, X);
+        if (shared)
+            for (int i = 0; i < 5; i++)
+                if (out[6 + i])
+                    for (int64_t j = 0; j < size[i]; j++) out[6 + i][rk * size[i] + j] += own[i][j];
     }
     return 0;
 }

@@ -541,6 +541,8 @@ def mlp_write(ws, ms, anchor, k, v, eta, alpha, beta, *, objective, signal, rule
     N / G rows, shared by G groups of the memory rows (:func:`per_row`); the C kernel reads them
     so, without the copies. ``read``: the piece is also read running. Returns ``(ws_end, ms_end or
     None, U1, U2, hs or None, S_k, the read's coefficients or None)``."""
+    if ws[0].shape[0] % k.shape[0]:
+        raise ValueError(f"mlp_write: {k.shape[0]} rows of inputs cannot be shared by {ws[0].shape[0]} memory rows")
     dgd = rule == "dgd"
     same = ws[0] is anchor[0] and ws[1] is anchor[1]
     M1, M2 = ms if ms is not None else (None, None)

@@ -256,6 +256,13 @@ def test_inputs_shared_by_groups_of_rows_equal_their_copies(impl, momentum, sign
     assert_close(results[0], results[1])
 
 
+def test_inputs_shared_by_rows_must_divide_them(impl):
+    x = piece(42, momentum=False, retention=False, mid_chunk=False, signal="self", N=5)
+    with pytest.raises(ValueError, match="2 rows of inputs cannot be shared by 5 memory rows"):
+        mlp_write(x["ws"], None, x["ws"], x["k"][:2], x["v"][:2], x["eta"][:2], None, None, objective="l2",
+                  signal="self", rule="dgd", act="gelu", residual=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, DT], ids=["float32", "float64"])
 def test_the_c_kernel_gives_the_same_bits_on_any_thread_count(monkeypatch, dtype):
     """The C kernel splits its rows over torch's threads, and every row whose k, v, ... are shared
