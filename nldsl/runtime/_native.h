@@ -17,11 +17,11 @@
 typedef REAL real;
 
 /* A kernel's rows are independent: IN_PARALLEL(call) runs ``call`` (an int status, 0 = done) on
- * every thread of an OpenMP team and returns a failure's status (else 0), and rows() gives the calling
- * thread its share of n rows. _native.py builds with OpenMP only where it links torch's own
- * runtime (libgomp), so the team is torch's intra-op pool, as many threads as
- * torch.get_num_threads(); elsewhere the pragma is ignored and one thread takes every row. A row's
- * arithmetic does not depend on the thread that runs it: results are the same for any count. */
+ * every thread of an OpenMP team and returns a failure's status (else 0); rows() gives the
+ * calling thread its share of n rows. _native.py builds with OpenMP only where it links torch's
+ * own runtime (libgomp), so the team is torch's intra-op pool, torch.get_num_threads() threads;
+ * elsewhere the pragma is ignored and one thread takes every row. A row's arithmetic does not
+ * depend on the thread that runs it: the results are the same for any thread count. */
 #define IN_PARALLEL(call)                                                                           \
     do {                                                                                           \
         int status_ = 0;                                                                           \
@@ -54,6 +54,7 @@ int64_t threads(void)
     return 1;
 #endif
 }
+
 #define VBYTES 64
 #define VL ((int)(VBYTES / sizeof(real)))
 typedef real vreal __attribute__((vector_size(VBYTES)));
