@@ -179,9 +179,10 @@ def _calls(model, step, top: int, device) -> dict:
                 return out
             return timed
 
-    from nldsl.runtime import _group_read, _mlp_write, conv
+    from nldsl.runtime import _group_read, _mlp_write, _running_read, conv
 
-    kernels = {_mlp_write: "_mlp_write", _group_read: "_group_read", conv: "_conv"}  # module: its C file
+    kernels = {_mlp_write: "_mlp_write", _group_read: "_group_read", _running_read: "_running_read",
+               conv: "_conv"}  # module: its C file
     libraries = {module: module._library for module in kernels}
 
     def timed_library(library, name):

@@ -67,12 +67,16 @@ class Coefficients(NamedTuple):
 class ReadCoefficients(NamedTuple):
     """What a running read of the piece takes: ``A[t] = P_a[t, 0]``, ``Da[t, j] = P_a[t, j]``,
     ``c[t, j]`` (token j's step in W_t; Da without momentum), ``m[t]`` (the entering momentum's
-    weight in W_t; None without momentum)."""
+    weight in W_t; None without momentum); ``Pa``, ``C``: the segment products ``[N, L+1, L+1]``
+    the C kernel made, of which the others are views (None otherwise; ``C`` without momentum),
+    which the running read's C kernel reads in place."""
 
     A: Tensor
     Da: Tensor
     c: Tensor
     m: Optional[Tensor]
+    Pa: Optional[Tensor] = None
+    C: Optional[Tensor] = None
 
 
 def _col(x: Tensor) -> Tensor:
@@ -515,8 +519,8 @@ class _NativeMlpWrite(torch.autograd.Function):
 def _read_coefficients(Pa: Tensor, C: Optional[Tensor], m: Optional[Tensor]) -> ReadCoefficients:
     """A running read's coefficients as views of the gates' segment products (as :class:`_Gates`
     makes them; ``C`` is ``Pa`` without momentum)."""
-    C = Pa if C is None else C
-    return ReadCoefficients(Pa[:, 1:, 0], Pa[:, 1:, 1:], C[:, 1:, 1:], m)
+    views = Pa if C is None else C
+    return ReadCoefficients(Pa[:, 1:, 0], Pa[:, 1:, 1:], views[:, 1:, 1:], m, Pa, C)
 
 
 @functools.cache

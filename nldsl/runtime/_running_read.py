@@ -14,16 +14,23 @@ the read of the queries ``q`` is
 write terms from :func:`~nldsl.runtime._mlp_write.mlp_write`; ``hs`` only for DGD, ``M`` only
 with momentum; ``A``, ``m`` scale rows ``t``, ``c``, ``Da`` are ``[t, j]`` matrices). Autograd
 through the composed ops records about 30 nodes per piece; this function records one, with the
-backward written out on the same formulas. First order only, like the write.
+backward written out on the same formulas. First order only, like the write. On a CPU, after a
+write by the C kernel, it runs as C too (``_running_read.c``: a row's read and its backward in
+one pass each, the rows split over torch's threads; see :mod:`nldsl.runtime._native`).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from nldsl.runtime import _native as native
+from nldsl.runtime._activations import _NORM_EPS2, split_hidden
+from nldsl.runtime._common import contiguous
 from nldsl.runtime._mlp_write import ReadCoefficients, _Act, _residual, _rowdot, _scaled, _T
 
 __all__ = ["running_read"]
@@ -105,6 +112,46 @@ class _RunningRead(torch.autograd.Function):
         return (None, None, dq, dW1, dW2, dM1, dM2, dk, dSk, dU1, dU2, dhs, dA, dc, dDa, dm)
 
 
+class _NativeRunningRead(torch.autograd.Function):
+    """:class:`_RunningRead` in ``_running_read.c`` (float32 and float64 CPU tensors), on the
+    write's segment products ``Pa``, ``C`` (None without momentum) and ``m``, whose gradients it
+    returns in their places (``dPa`` gets ``A``'s, ``Da``'s and, without momentum, ``c``'s)."""
+
+    @staticmethod
+    def forward(ctx, lib, act, residual, q, W1, W2, M1, M2, k, Sk, U1, U2, hs, Pa, C, m):
+        ins = contiguous(q, W1, W2, M1, M2, k, Sk, U1, U2, hs, Pa, C, m)
+        q = ins[0]
+        N, L, D = q.shape
+        h, O = W1.shape[-2], W2.shape[-2]
+        base, l2 = split_hidden(act)
+        mask = residual.to(q.dtype).contiguous() if isinstance(residual, Tensor) else None
+        dims = (N, L, D, h, O, M1 is not None, hs is not None, l2, 2 if mask is not None else int(bool(residual)),
+                native.ACTIVATIONS.index(base))
+        ctx.cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
+        o, work = q.new_empty(N, L, O), q.new_empty(N, lib.work_size(ctx.cfg_c))
+        ins += (mask,)
+        native.check("_running_read", lib.forward(ctx.cfg_c, native.pointers(ins), native.pointers((o, work)),
+                                                  ctypes.c_double(_NORM_EPS2)))
+        ctx.lib = lib
+        ctx.save_for_backward(*ins, work)
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        saved = ctx.saved_tensors
+        do = do.contiguous()
+        grads = tuple(native.empty(t) for t in saved[:13])  # dq dW1 dW2 dM1 dM2 dk dSk dU1 dU2 dhs dPa dC dm
+        native.check("_running_read", ctx.lib.backward(ctx.cfg_c, native.pointers(saved), native.pointer(do),
+                                                       native.pointers(grads)))
+        return (None, None, None, *grads)
+
+
+@functools.cache
+def _library(dtype: torch.dtype):
+    return native.library("_running_read", dtype)
+
+
 def running_read(q: Tensor, ws, ms, k: Tensor, Sk: Tensor, U1: Tensor, U2: Tensor, hs: Optional[Tensor],
                  rc: ReadCoefficients, *, act: str, residual) -> Tensor:
     """The running read ``o [N, L, O]`` of the queries ``q [N, L, D]`` of a piece of a two-layer
@@ -112,4 +159,8 @@ def running_read(q: Tensor, ws, ms, k: Tensor, Sk: Tensor, U1: Tensor, U2: Tenso
     the piece; ``k``, ``S_k``, ``U1``, ``U2``, ``hs`` (None for rule "gd"): the write terms of
     :func:`~nldsl.runtime._mlp_write.mlp_write`; ``rc``: the piece's read coefficients."""
     M1, M2 = ms if ms is not None else (None, None)
+    tensors = (q, *ws, M1, M2, k, Sk, U1, U2, hs, rc.Pa, rc.C, rc.m)
+    lib = _library(q.dtype) if rc.Pa is not None and native.runs(*tensors) else None
+    if lib is not None:
+        return _NativeRunningRead.apply(lib, act, residual, *tensors)
     return _RunningRead.apply(act, residual, q, ws[0], ws[1], M1, M2, k, Sk, U1, U2, hs, rc.A, rc.c, rc.Da, rc.m)

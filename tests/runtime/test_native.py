@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from nldsl.runtime import _group_read, _mlp_write, _native, conv
+from nldsl.runtime import _group_read, _mlp_write, _native, _running_read, conv
 from nldsl.runtime._activations import activation, activation_grad, activation_grad2
 
 
@@ -18,7 +18,7 @@ def fresh(monkeypatch, tmp_path):
     """An empty cache and no built library in this process (before and after the test)."""
     monkeypatch.setenv("NLDSL_CACHE", str(tmp_path))
     monkeypatch.delenv("NLDSL_NATIVE", raising=False)
-    caches = (_native._build, _mlp_write._library, _group_read._library, conv._library)
+    caches = (_native._build, _mlp_write._library, _group_read._library, _running_read._library, conv._library)
     for c in caches:
         c.cache_clear()
     yield tmp_path
@@ -97,7 +97,7 @@ def test_the_kernels_activations_equal_the_torch_formulas(dtype, name):
             f"{name} {what}: off by {err.max():.2e} at x = {xd[(err - bound).argmax()].item():.6g}"
 
 
-@pytest.mark.parametrize("name", ["_mlp_write", "_group_read"])
+@pytest.mark.parametrize("name", ["_mlp_write", "_group_read", "_running_read"])
 def test_the_kernels_split_their_rows_over_torchs_threads(name):
     """Where torch runs on GNU OpenMP the kernels link that very runtime: their rows go to torch's
     intra-op pool, as many threads as torch.set_num_threads gives it (a runtime of their own

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nldsl.runtime import _group_read, _mlp_write
+from nldsl.runtime import _group_read, _mlp_write, _running_read
 from rtdeep_helpers import DT
 
 
@@ -24,6 +24,6 @@ def impl(request, monkeypatch):
     native = request.param == "native"
     monkeypatch.setenv("NLDSL_NATIVE", "1" if native else "0")
     if native:
-        for module in (_mlp_write, _group_read):
+        for module in (_mlp_write, _group_read, _running_read):
             assert module._library(DT) is not None, "a C kernel did not build (is a C compiler installed?)"
     return request.param

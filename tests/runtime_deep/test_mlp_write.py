@@ -52,6 +52,11 @@ def leaves_of(x):
     return out + [t for t in (x["alpha"], x["beta"]) if t is not None]
 
 
+def coefficients(rc) -> list:
+    """A running read's coefficients (not the segment products the C kernel's are views of)."""
+    return [t for t in (rc.A, rc.Da, rc.c, rc.m) if t is not None]
+
+
 def both(x, residual, **cfg):
     """(fused, composed) results: the end state and what a running read takes from the piece (its
     gate coefficients included; the fused write makes them from alpha and beta, the composed
@@ -64,7 +69,7 @@ def both(x, residual, **cfg):
         if fused:
             ws, ms, U1, U2, hs, Sk, rc = mlp_write(*args, x["alpha"], x["beta"], residual=residual, read=True, **cfg)
             lefts = [U1, U2] + ([hs] if hs is not None else [])
-            read = [t for t in rc if t is not None]
+            read = coefficients(rc)
         else:
             ins, pairs, ws, ms = composed_write(*args, g, residual=residual, kernel=None, **cfg)
             Sk = ins[1]
@@ -117,7 +122,7 @@ def test_fused_write_gradcheck(impl, norm):
         k, v, eta, alpha, beta = leaves[6:]
         out = mlp_write(ws, ms, anchor, k, v, eta, alpha, beta, objective="l2", signal="self",
                         rule="dgd", act=hidden_act(norm, "gelu"), residual=res, read=True)
-        return (*out[0], *out[1], *out[2:6], *out[6])
+        return (*out[0], *out[1], *out[2:6], *coefficients(out[6]))
 
     leaves = [t.clone().requires_grad_() for t in leaves_of(x)]
     assert len(leaves) == 11
@@ -130,7 +135,7 @@ def _write(x, L, dtype, res, **cfg):
          for n, t in x.items()}
     ws, ms, *rest, rc = mlp_write(x["ws"], x["ms"], x["anchor"] if x["anchor"] is not None else x["ws"], x["k"],
                                   x["v"], x["eta"], x["alpha"], x["beta"], residual=res, read=True, **cfg)
-    return [*ws, *(ms or []), *(t for t in rest if t is not None), *(t for t in rc if t is not None)]
+    return [*ws, *(ms or []), *(t for t in rest if t is not None), *coefficients(rc)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -202,7 +207,8 @@ def test_piece_coefficients_gradcheck():
     beta = rand(g, 3, 4, lo=0.1, hi=0.9).requires_grad_()
     like = torch.zeros(3, 4, 2, dtype=DT)
     assert torch.autograd.gradcheck(
-        lambda a, b: tuple(t for part in piece_coefficients(a, b, 4, like, dgd=True, read=True) for t in part),
+        lambda a, b: tuple(t for part in piece_coefficients(a, b, 4, like, dgd=True, read=True) for t in part
+                           if t is not None),
         (alpha, beta))
 
 
@@ -221,7 +227,7 @@ def test_a_write_leaves_no_reference_cycle(impl, backward):
         ws, ms, *rest, rc = mlp_write(x["ws"], x["ms"], x["anchor"], x["k"], x["v"], x["eta"], x["alpha"], x["beta"],
                                       objective="l2", signal="self", rule="dgd", act=hidden_act("l2", "gelu"),
                                       residual=True, read=True)
-        out = [*ws, *ms, *rest, *rc]
+        out = [*ws, *ms, *rest, *coefficients(rc)]
         probes = [weakref.ref(t) for t in out]
         if backward:
             sum(t.sum() for t in out).backward()
