@@ -122,13 +122,13 @@ static int forward_rows(const int64_t *cfg, real *const *in, real *const *out, d
     return 0;
 }
 
-/* One layer's backward for g = dL/dP (the reverse of a layer above): dz (+)= (g A) W + (ds * c) a
+/* One layer's backward for g = dL/dP (the reverse of a layer above): dz = (g A) W + (ds * c) a
  * + (g m) M, dW = (g A)^T z, dM = (g m)^T z, dU = (c * za)^T g, da = (ds * c)^T z and the
- * coefficient gradients dA[t] += <g_t, zW_t>, dc += ds * za, dm[t] += <g_t, zM_t>, ds = g U^T.
- * gA, gm, ds, dza: temporaries [L, width], [L, width], [L, L], [L, L]. */
+ * coefficient gradients dA[t] += <g_t, zW_t>, dc += ds * za, dm[t] += <g_t, zM_t>, ds = g U^T
+ * (M NULL: no momentum). gA, gm, ds, dza: temporaries [L, width], [L, width], [L, L], [L, L]. */
 static void layer_backward(int L, int di, int dout, const real *g, const real *z, const real *W, const real *M,
                            const real *a, const real *U, const real *Pa, const real *C, const real *m, int ld,
-                           const real *zW, const real *za, const real *zM, int acc_dz, real *dz, real *dW, real *dM,
+                           const real *zW, const real *za, const real *zM, real *dz, real *dW, real *dM,
                            real *da, real *dU, real *dA, real *dc, real *dm, real *gA, real *gm, real *ds, real *dza,
                            real *pack)
 {
@@ -137,7 +137,7 @@ static void layer_backward(int L, int di, int dout, const real *g, const real *z
         for (int j = 0; j < dout; j++) gA[t * dout + j] = At * g[t * dout + j];
         dA[t] += dot(g + t * dout, zW + t * dout, dout);
     }
-    gemm(L, di, dout, gA, dout, 1, W, di, 1, acc_dz, dz, pack);
+    gemm(L, di, dout, gA, dout, 1, W, di, 1, 0, dz, pack);
     gemm(dout, di, L, gA, 1, dout, z, di, 1, 0, dW, pack);
     /* the write terms: ds = g U^T, dc += ds * za, dU = (c * za)^T g, dza = ds * c */
     gemm(L, L, dout, g, dout, 1, U, 1, dout, 0, ds, pack);
@@ -150,7 +150,7 @@ static void layer_backward(int L, int di, int dout, const real *g, const real *z
     times_coef(C, ld, za, L, gm);  /* (c * za), in gm's room for now */
     gemm(L, dout, L, gm, 1, L, g, dout, 1, 0, dU, pack);
     gemm(L, di, L, dza, L, 1, a, di, 1, 1, dz, pack);
-    if (da) gemm(L, di, L, dza, 1, L, z, di, 1, 0, da, pack);
+    gemm(L, di, L, dza, 1, L, z, di, 1, 0, da, pack);
     if (M) {
         for (int t = 0; t < L; t++) {
             for (int j = 0; j < dout; j++) gm[t * dout + j] = m[t] * g[t * dout + j];
@@ -189,19 +189,17 @@ static int backward_rows(const int64_t *cfg, real *const *in, const real *grad, 
         memset(dA, 0, sizeof(real) * 2 * L);
 
         /* the second layer, then the hidden map (dP1 = J^T dS, into dS), then the first */
-        layer_backward(L, h, O, g, S, W2, M2, Sk, U2, Pa, C, m, ld, zW2, zs, zM2, 0, dS, dW2, dM2, dSk, dU2, dA,
+        layer_backward(L, h, O, g, S, W2, M2, Sk, U2, Pa, C, m, ld, zW2, zs, zM2, dS, dW2, dM2, dSk, dU2, dA,
                        dc, dmv, gA, gm, ds, dza, pack);
         if (l2n) project(dS, S, inv_r, L, h);
         for (int j = 0; j < L * h; j++) dS[j] *= g1[j];
-        layer_backward(L, D, h, dS, q, W1, M1, k, U1, Pa, C, m, ld, zW1, zk, zM1, 0, dq, dW1, dM1, dk, dU1, dA,
+        layer_backward(L, D, h, dS, q, W1, M1, k, U1, Pa, C, m, ld, zW1, zk, zM1, dq, dW1, dM1, dk, dU1, dA,
                        dc, dmv, gA, gm, ds, dza, pack);
         if (dgd) {  /* DGD's erase term (Da * zk) hs, as layer_backward's write term with U = hs */
             gemm(L, L, h, dS, h, 1, hs, 1, h, 0, ds, pack);
             times_coef(Pa, ld, zk, L, gm);
             gemm(L, h, L, gm, 1, L, dS, h, 1, 0, dhs, pack);
-            for (int j = 0; j < L * L; j++) dza[j] = ds[j];
-            for (int t = 0; t < L; t++)
-                for (int j = 0; j < L; j++) dza[t * L + j] *= Pa[(1 + t) * ld + 1 + j];
+            times_coef(Pa, ld, ds, L, dza);
             gemm(L, D, L, dza, L, 1, k, D, 1, 1, dq, pack);
             gemm(L, D, L, dza, 1, L, q, D, 1, 1, dk, pack);
         }
