@@ -145,12 +145,7 @@ static int64_t work_offsets(const int64_t *cfg, int64_t *off)
     const int64_t L = cfg[L_], h = cfg[H_], O = cfg[O_];
     const int64_t sizes[W_COUNT] = {L * O, L * h, L * h, L * h, L * L, cfg[SAME] ? 0 : L * h, L * h, L * L,
                                     L * h, L * h, L * O};
-    int64_t at = 0;
-    for (int i = 0; i < W_COUNT; i++) {
-        off[i] = at;
-        at += sizes[i];
-    }
-    return at;
+    return block_offsets(sizes, W_COUNT, off);
 }
 
 int64_t work_size(const int64_t *cfg)

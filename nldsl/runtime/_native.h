@@ -44,6 +44,18 @@ static inline void rows(int64_t n, int64_t *lo, int64_t *hi)
     *hi = n * (t + 1) / k;
 }
 
+/* The offsets of n consecutive blocks of the given sizes in one buffer (a kernel's per-row work
+ * buffer), into off; returns their total size */
+static inline int64_t block_offsets(const int64_t *sizes, int n, int64_t *off)
+{
+    int64_t at = 0;
+    for (int i = 0; i < n; i++) {
+        off[i] = at;
+        at += sizes[i];
+    }
+    return at;
+}
+
 /* the threads a kernel called now would split its rows over (for the tests; each kernel file is
  * its own library, so each defines it once) */
 int64_t threads(void)

@@ -24,12 +24,7 @@ static int64_t work_offsets(const int64_t *cfg, int64_t *off)
     const int64_t L = cfg[L_], h = cfg[H_], O = cfg[O_], mom = cfg[MOM];
     const int64_t sizes[W_COUNT] = {L * h, L * L, mom ? L * h : 0, L * h, L * h, L * h, L, L * O, L * L,
                                     mom ? L * O : 0};
-    int64_t at = 0;
-    for (int i = 0; i < W_COUNT; i++) {
-        off[i] = at;
-        at += sizes[i];
-    }
-    return at;
+    return block_offsets(sizes, W_COUNT, off);
 }
 
 int64_t work_size(const int64_t *cfg)
