@@ -59,6 +59,25 @@ static void times_coef(const real *coef, int ld, const real *z, int L, real *X)
         for (int j = 0; j < L; j++) X[t * L + j] = coef[(1 + t) * ld + 1 + j] * z[t * L + j];
 }
 
+/* One layer of the read: P = A (z W^T) + (c * z a^T) U + m (z M^T) (M NULL: no momentum), with
+ * zW = z W^T, za = z a^T, zM = z M^T kept for the backward; X: a temporary [L, L] */
+static void layer_forward(int L, int di, int dout, const real *z, const real *W, const real *M, const real *a,
+                          const real *U, const real *Pa, const real *C, const real *m, int ld, real *zW, real *za,
+                          real *zM, real *P, real *X, real *pack)
+{
+    gemm(L, dout, di, z, di, 1, W, 1, di, 0, zW, pack);
+    gemm(L, L, di, z, di, 1, a, 1, di, 0, za, pack);
+    for (int t = 0; t < L; t++)
+        for (int j = 0; j < dout; j++) P[t * dout + j] = Pa[(1 + t) * ld] * zW[t * dout + j];
+    times_coef(C, ld, za, L, X);
+    gemm(L, dout, L, X, L, 1, U, dout, 1, 1, P, pack);
+    if (M) {
+        gemm(L, dout, di, z, di, 1, M, 1, di, 0, zM, pack);
+        for (int t = 0; t < L; t++)
+            for (int j = 0; j < dout; j++) P[t * dout + j] += m[t] * zM[t * dout + j];
+    }
+}
+
 /* in: q W1 W2 M1 M2 k Sk U1 U2 hs Pa C m mask (M1, M2, C, m: NULL without momentum; hs: NULL
  * without DGD; mask: the residual's, per row, or NULL); out: o, work */
 static int forward_rows(const int64_t *cfg, real *const *in, real *const *out, double eps2)
@@ -77,20 +96,10 @@ static int forward_rows(const int64_t *cfg, real *const *in, real *const *out, d
         real *zs = wk + off[W_ZS], *zM2 = wk + off[W_ZM2], *X = T0;
 
         /* P1 = A zW1 + (c * zk) U1 + (Da * zk) hs + m zM1 */
-        gemm(L, h, D, q, D, 1, W1, 1, D, 0, zW1, pack);
-        gemm(L, L, D, q, D, 1, k, 1, D, 0, zk, pack);
-        for (int t = 0; t < L; t++)
-            for (int j = 0; j < h; j++) P1[t * h + j] = Pa[(1 + t) * ld] * zW1[t * h + j];
-        times_coef(C, ld, zk, L, X);
-        gemm(L, h, L, X, L, 1, U1, h, 1, 1, P1, pack);
+        layer_forward(L, D, h, q, W1, M1, k, U1, Pa, C, m, ld, zW1, zk, zM1, P1, X, pack);
         if (dgd) {
             times_coef(Pa, ld, zk, L, X);
             gemm(L, h, L, X, L, 1, hs, h, 1, 1, P1, pack);
-        }
-        if (mom) {
-            gemm(L, h, D, q, D, 1, M1, 1, D, 0, zM1, pack);
-            for (int t = 0; t < L; t++)
-                for (int j = 0; j < h; j++) P1[t * h + j] += m[t] * zM1[t * h + j];
         }
         /* S = act(P1) / sqrt(||act(P1)||^2 + eps2) (or act(P1)) */
         activate(act, P1, L * h, S, g1, 0);
@@ -100,17 +109,7 @@ static int forward_rows(const int64_t *cfg, real *const *in, real *const *out, d
                 for (int j = 0; j < h; j++) S[t * h + j] *= inv_r[t];
             }
         /* o = A zW2 + (c * zs) U2 + m zM2 + r q */
-        gemm(L, O, h, S, h, 1, W2, 1, h, 0, zW2, pack);
-        gemm(L, L, h, S, h, 1, Sk, 1, h, 0, zs, pack);
-        for (int t = 0; t < L; t++)
-            for (int j = 0; j < O; j++) o[t * O + j] = Pa[(1 + t) * ld] * zW2[t * O + j];
-        times_coef(C, ld, zs, L, X);
-        gemm(L, O, L, X, L, 1, U2, O, 1, 1, o, pack);
-        if (mom) {
-            gemm(L, O, h, S, h, 1, M2, 1, h, 0, zM2, pack);
-            for (int t = 0; t < L; t++)
-                for (int j = 0; j < O; j++) o[t * O + j] += m[t] * zM2[t * O + j];
-        }
+        layer_forward(L, h, O, S, W2, M2, Sk, U2, Pa, C, m, ld, zW2, zs, zM2, o, X, pack);
         if (rr != 0)  /* a residual needs O == D */
             for (int j = 0; j < L * O; j++) o[j] += rr * q[j];
     }
