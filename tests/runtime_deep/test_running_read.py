@@ -20,20 +20,25 @@ from rtdeep_helpers import DT, assert_close, gen, rand, randn
 N, L, D, HID = 3, 5, 6, 7
 
 
+def terms(g, *, momentum, dgd, n=N, length=L, d=D, hid=HID) -> dict:
+    """A piece's queries, weights and write terms (everything a read takes but its coefficients)."""
+    return dict(
+        q=F.normalize(randn(g, n, length, d), dim=-1),
+        ws=[randn(g, n, hid, d, scale=0.4), randn(g, n, d, hid, scale=0.4)],
+        ms=[randn(g, n, hid, d, scale=0.1), randn(g, n, d, hid, scale=0.1)] if momentum else None,
+        k=F.normalize(randn(g, n, length, d), dim=-1),
+        Sk=randn(g, n, length, hid, scale=0.5),
+        U1=randn(g, n, length, hid, scale=0.3), U2=randn(g, n, length, d, scale=0.3),
+        hs=randn(g, n, length, hid, scale=0.3) if dgd else None,
+    )
+
+
 def piece(seed, *, momentum, dgd):
     g = gen(seed)
-    x = dict(
-        q=F.normalize(randn(g, N, L, D), dim=-1),
-        ws=[randn(g, N, HID, D, scale=0.4), randn(g, N, D, HID, scale=0.4)],
-        ms=[randn(g, N, HID, D, scale=0.1), randn(g, N, D, HID, scale=0.1)] if momentum else None,
-        k=F.normalize(randn(g, N, L, D), dim=-1),
-        Sk=randn(g, N, L, HID, scale=0.5),
-        U1=randn(g, N, L, HID, scale=0.3), U2=randn(g, N, L, D, scale=0.3),
-        hs=randn(g, N, L, HID, scale=0.3) if dgd else None,
-        rc=ReadCoefficients(A=rand(g, N, L, lo=0.5, hi=1.0), Da=rand(g, N, L, L, lo=0.0, hi=1.0).tril(),
-                            c=rand(g, N, L, L, lo=-0.5, hi=0.5).tril(),
-                            m=rand(g, N, L, lo=0.0, hi=0.6) if momentum else None),
-    )
+    x = terms(g, momentum=momentum, dgd=dgd)
+    x["rc"] = ReadCoefficients(A=rand(g, N, L, lo=0.5, hi=1.0), Da=rand(g, N, L, L, lo=0.0, hi=1.0).tril(),
+                               c=rand(g, N, L, L, lo=-0.5, hi=0.5).tril(),
+                               m=rand(g, N, L, lo=0.0, hi=0.6) if momentum else None)
     return x
 
 
@@ -119,19 +124,12 @@ def segment_piece(seed, *, momentum, dgd, n=N, length=L, d=D, hid=HID):
     L+1]``, as the write's C kernel returns them; C only with momentum, else c is Da): what the
     read's C kernel takes."""
     g = gen(seed)
+    x = terms(g, momentum=momentum, dgd=dgd, n=n, length=length, d=d, hid=hid)
     Pa = rand(g, n, length + 1, length + 1, lo=0.0, hi=1.0)
     C = rand(g, n, length + 1, length + 1, lo=-0.5, hi=0.5) if momentum else None
     m = rand(g, n, length, lo=0.0, hi=0.6) if momentum else None
-    return dict(
-        q=F.normalize(randn(g, n, length, d), dim=-1),
-        ws=[randn(g, n, hid, d, scale=0.4), randn(g, n, d, hid, scale=0.4)],
-        ms=[randn(g, n, hid, d, scale=0.1), randn(g, n, d, hid, scale=0.1)] if momentum else None,
-        k=F.normalize(randn(g, n, length, d), dim=-1),
-        Sk=randn(g, n, length, hid, scale=0.5),
-        U1=randn(g, n, length, hid, scale=0.3), U2=randn(g, n, length, d, scale=0.3),
-        hs=randn(g, n, length, hid, scale=0.3) if dgd else None,
-        segments=(Pa, C, m),
-    )
+    x["segments"] = (Pa, C, m)
+    return x
 
 
 def read_of(x, leaves, act, residual):
