@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -124,6 +124,61 @@ class _GroupRead(torch.autograd.Function):
 _KINDS = {"plain": 0, "unit": 1, "scalar": 2}
 
 
+class ReadKernel(NamedTuple):
+    """A configured call of ``_group_read.c``: the library and its ctypes arguments (the dims of
+    one piece length, the memories' kinds, their shifts and scales), with ``h``, ``O`` and the
+    hidden L2 norm for the buffers."""
+
+    lib: ctypes.CDLL
+    cfg_c: ctypes.Array
+    kinds: ctypes.Array
+    params: ctypes.Array
+    h: int
+    O: int
+    l2: bool
+
+
+def read_kernel(lib, cfg, x_shape, h: int, O: int, mask: Optional[Tensor], residual) -> ReadKernel:
+    """The :class:`ReadKernel` for inputs of ``x_shape`` ``[G*N, L, D]`` (``cfg``: see
+    :class:`_NativeGroupRead`; ``mask``: the residual's per-row mask or None)."""
+    act, kinds, Ng, params = cfg
+    N, L, D = x_shape
+    base, l2 = split_hidden(act)
+    dims = (N, Ng, len(kinds), L, D, h, O, l2, 2 if mask is not None else int(bool(residual)),
+            native.ACTIVATIONS.index(base))
+    return ReadKernel(lib, (ctypes.c_int64 * len(dims))(*map(int, dims)),
+                      (ctypes.c_int64 * len(kinds))(*(_KINDS[k] for k in kinds)),
+                      (ctypes.c_double * len(params))(*params), h, O, l2)
+
+
+def read_forward(kernel: ReadKernel, W1, W2, x, mask, addends):
+    """The memories' outputs (``[Ng, L, O]``, a scalar one's ``[Ng, L]``) and what the backward
+    reads ``(S, inv_r, g1, Y, kept)``; contiguous inputs."""
+    N, L, _ = x.shape
+    S, g1 = x.new_empty(N, L, kernel.h), x.new_empty(N, L, kernel.h)
+    inv_r = x.new_empty(N, L) if kernel.l2 else None
+    Y, kept = x.new_empty(N, L, kernel.O), x.new_empty(N, L)
+    Ng = kernel.cfg_c[1]
+    outs = [x.new_empty(Ng, L) if k == _KINDS["scalar"] else x.new_empty(Ng, L, kernel.O) for k in kernel.kinds]
+    native.check("_group_read", kernel.lib.forward(
+        kernel.cfg_c, kernel.kinds, kernel.params, native.pointers((W1, W2, x, mask)), native.pointers(addends),
+        native.pointers(outs), native.pointers((S, inv_r, g1, Y, kept)), ctypes.c_double(_NORM_EPS2)))
+    return outs, (S, inv_r, g1, Y, kept)
+
+
+def read_backward(kernel: ReadKernel, W1, W2, x, mask, keep, grads, want_dz):
+    """``(dW1, dW2, dx, dz)`` from each memory's output gradient (contiguous, or None: zero);
+    ``dz``: a scalar memory's gradient at its sigmoid's input where ``want_dz`` says, else None."""
+    dW1, dW2, dx = native.empty(W1), native.empty(W2), native.empty(x)
+    Ng, L = kernel.cfg_c[1], x.shape[1]
+    dz = [x.new_empty(Ng, L) if want and kind == _KINDS["scalar"] else None
+          for kind, want in zip(kernel.kinds, want_dz)]
+    native.check("_group_read", kernel.lib.backward(
+        kernel.cfg_c, kernel.kinds, kernel.params, native.pointers((W1, W2, x, mask, *keep)),
+        native.pointers(grads), native.pointers((dW1, dW2, dx)), native.pointers(dz)))
+    return dW1, dW2, dx, dz
+
+
 class _NativeGroupRead(torch.autograd.Function):
     """:class:`_GroupRead` in ``_group_read.c`` (float32 and float64 CPU tensors). ``cfg``: the
     activation, each memory's kind (plain, unit or scalar), the rows per memory, and each
@@ -132,42 +187,21 @@ class _NativeGroupRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lib, cfg, W1, W2, x, residual, *addends):
-        act, kinds, Ng, params = cfg
         W1, W2, x = contiguous(W1, W2, x)
         addends = contiguous(*addends)
-        N, L, D = x.shape
-        base, l2 = split_hidden(act)
-        h, O = W1.shape[-2], W2.shape[-2]
-        S, g1 = x.new_empty(N, L, h), x.new_empty(N, L, h)
-        inv_r = x.new_empty(N, L) if l2 else None
         mask = residual.to(x.dtype).contiguous() if isinstance(residual, Tensor) else None
-        dims = (N, Ng, len(kinds), L, D, h, O, l2, 2 if mask is not None else int(bool(residual)),
-                native.ACTIVATIONS.index(base))
-        ctx.cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
-        ctx.kinds = (ctypes.c_int64 * len(kinds))(*(_KINDS[k] for k in kinds))
-        ctx.params = (ctypes.c_double * len(params))(*params)
-        Y, kept = x.new_empty(N, L, O), x.new_empty(N, L)
-        outs = [x.new_empty(Ng, L) if k == "scalar" else x.new_empty(Ng, L, O) for k in kinds]
-        native.check("_group_read", lib.forward(
-            ctx.cfg_c, ctx.kinds, ctx.params, native.pointers((W1, W2, x, mask)), native.pointers(addends),
-            native.pointers(outs), native.pointers((S, inv_r, g1, Y, kept)), ctypes.c_double(_NORM_EPS2)))
-        ctx.lib = lib
+        ctx.kernel = read_kernel(lib, cfg, x.shape, W1.shape[-2], W2.shape[-2], mask, residual)
+        outs, keep = read_forward(ctx.kernel, W1, W2, x, mask, addends)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, not zeros
-        ctx.save_for_backward(W1, W2, x, mask, S, inv_r, g1, Y, kept)
+        ctx.save_for_backward(W1, W2, x, mask, *keep)
         return tuple(outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        W1, W2, x, mask, S, inv_r, g1, Y, kept = ctx.saved_tensors
-        grads = contiguous(*grads)
-        dW1, dW2, dx = native.empty(W1), native.empty(W2), native.empty(x)
-        Ng, L = x.shape[0] // len(grads), x.shape[1]
-        dz = [x.new_empty(Ng, L) if need and kind == _KINDS["scalar"] else None
-              for kind, need in zip(ctx.kinds, ctx.needs_input_grad[6:])]
-        native.check("_group_read", ctx.lib.backward(
-            ctx.cfg_c, ctx.kinds, ctx.params, native.pointers((W1, W2, x, mask, S, inv_r, g1, Y, kept)),
-            native.pointers(grads), native.pointers((dW1, dW2, dx)), native.pointers(dz)))
+        W1, W2, x, mask, *keep = ctx.saved_tensors
+        dW1, dW2, dx, dz = read_backward(ctx.kernel, W1, W2, x, mask, keep, contiguous(*grads),
+                                         ctx.needs_input_grad[6:])
         return (None, None, dW1, dW2, dx, None, *dz)
 
 
@@ -176,12 +210,11 @@ def _library(dtype: torch.dtype):
     return native.library("_group_read", dtype)
 
 
-def _native_group_read(lib, weights, x, *, act, residual, names, units, logits, eta_max, eta_bias,
-                       alpha_bias) -> list[Tensor]:
-    """:func:`group_read` by :class:`_NativeGroupRead`: number gates go into the kernel as its
-    shift and scale; tensor ones are applied around it (added to the addend, multiplied after),
-    so autograd carries their gradients."""
-    N = x.shape[0] // len(names)
+def read_gates(names, units, logits, eta_max, eta_bias, alpha_bias, N: int, L: int):
+    """Each memory's kind, the kernel's ``params`` (shift, scale per memory), its addends ``z``
+    (``[N, L]`` or None) and the scale to apply after (a tensor eta_max, else None): number gates
+    go into the kernel as its shift and scale; tensor ones are applied around it (added to the
+    addend, multiplied after), so autograd carries their gradients."""
     kinds, params, addends, scaled = [], [], [], []
     for n, unit, z in zip(names, units, logits):
         if n not in _SCALARS:
@@ -193,13 +226,20 @@ def _native_group_read(lib, weights, x, *, act, residual, names, units, logits, 
         bias = eta_bias if n == "eta" else alpha_bias
         scale = eta_max if n == "eta" else 1.0
         if isinstance(bias, Tensor):
-            z = bias.expand(N, x.shape[1]) if z is None else z + bias
+            z = bias.expand(N, L) if z is None else z + bias
         kinds.append("scalar")
         params += [0.0 if isinstance(bias, Tensor) else float(bias), 1.0 if isinstance(scale, Tensor) else float(scale)]
         addends.append(z)
         scaled.append(scale if isinstance(scale, Tensor) else None)
-    cfg = (act, tuple(kinds), N, tuple(params))
-    outs = _NativeGroupRead.apply(lib, cfg, weights[0], weights[1], x, residual, *addends)
+    return tuple(kinds), tuple(params), addends, scaled
+
+
+def _native_group_read(lib, weights, x, *, act, residual, names, units, logits, eta_max, eta_bias,
+                       alpha_bias) -> list[Tensor]:
+    """:func:`group_read` by :class:`_NativeGroupRead` (the gates as :func:`read_gates` says)."""
+    N = x.shape[0] // len(names)
+    kinds, params, addends, scaled = read_gates(names, units, logits, eta_max, eta_bias, alpha_bias, N, x.shape[1])
+    outs = _NativeGroupRead.apply(lib, (act, kinds, N, params), weights[0], weights[1], x, residual, *addends)
     return [o if s is None else s * o for o, s in zip(outs, scaled)]
 
 

@@ -455,6 +455,67 @@ class _MlpWrite(torch.autograd.Function):
         return (None, dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, *dcoef)
 
 
+class WriteKernel(NamedTuple):
+    """A configured call of ``_mlp_write.c``: the library, its dims as ctypes, and the flags the
+    buffers follow."""
+
+    lib: ctypes.CDLL
+    cfg_c: ctypes.Array
+    dgd: bool
+    mom: bool
+    read: bool
+    self_signal: bool
+    l2: bool
+
+
+def write_kernel(lib, cfg, W1, W2, M1, same: bool, k, v, mask) -> WriteKernel:
+    """The :class:`WriteKernel` of a piece (``cfg``: see :class:`_NativeMlpWrite`)."""
+    objective, self_signal, dgd, act, residual, read = cfg
+    N, (Nk, L, D) = W1.shape[0], k.shape
+    Lz, h, O = 2 * L if self_signal else L, W1.shape[-2], W2.shape[-2]
+    base, l2 = split_hidden(act)
+    dims = (N, L, Lz, D, h, O, v.shape[-1], self_signal, objective == "l2", dgd, M1 is not None, same,
+            l2, 2 if mask is not None else int(bool(residual)), read, native.ACTIVATIONS.index(base), Nk)
+    return WriteKernel(lib, (ctypes.c_int64 * len(dims))(*map(int, dims)), dgd, M1 is not None, read, self_signal,
+                       l2)
+
+
+def write_forward(kernel: WriteKernel, ins):
+    """The piece's writes on contiguous ``ins`` = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask,
+    alpha, beta): ``(W1n, W2n, M1n, M2n, U1, U2, hs, Sk, Pa, C, m)`` (None where not made) and
+    what the backward reads after ``ins`` ``(H, S, g1, inv_r, U1, U2, hs, work)``."""
+    W1, W2, k = ins[0], ins[1], ins[6]
+    N, L, h, O = W1.shape[0], k.shape[1], W1.shape[-2], W2.shape[-2]
+    Lz = 2 * L if kernel.self_signal else L
+    W1n, W2n, M1n, M2n = native.empty(W1), native.empty(W2), native.empty(ins[2]), native.empty(ins[3])
+    U1, U2 = k.new_empty(N, L, h), k.new_empty(N, L, O)
+    hs = k.new_empty(N, L, h) if kernel.dgd else None
+    work = k.new_empty(N, kernel.lib.work_size(kernel.cfg_c))
+    H, S, g1 = (k.new_empty(N, Lz, h) for _ in range(3))
+    inv_r = k.new_empty(N, Lz) if kernel.l2 else None
+    Pa = k.new_empty(N, L + 1, L + 1) if kernel.read else None
+    C, m = (k.new_empty(N, L + 1, L + 1), k.new_empty(N, L)) if kernel.read and kernel.mom else (None, None)
+    outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work, H, S, g1, inv_r, Pa, C, m)
+    native.check("_mlp_write", kernel.lib.forward(kernel.cfg_c, native.pointers(ins), native.pointers(outs),
+                                                  ctypes.c_double(_NORM_EPS2)))
+    return (W1n, W2n, M1n, M2n, U1, U2, hs, S[:, :L], Pa, C, m), (H, S, g1, inv_r, U1, U2, hs, work)
+
+
+def write_backward(kernel: WriteKernel, saved, grads, want_alpha: bool, want_beta: bool):
+    """``(dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, dalpha, dbeta)`` (None where not made)
+    from what the forward kept (``ins`` then its tensors) and the gradients (contiguous, None:
+    zero) of ``(W1n, W2n, M1n, M2n, U1, U2, hs, Sk, Pa, C, m)``."""
+    W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, alpha, beta = saved[:12]
+    dW1, dW2, dM1, dM2 = native.empty(W1), native.empty(W2), native.empty(M1), native.empty(M2)
+    dWa1, dWa2 = native.empty(Wa1), native.empty(Wa2)
+    dk, dv, deta = native.empty(k), native.empty(v), native.empty(eta)
+    dalpha, dbeta = native.empty(alpha) if want_alpha else None, native.empty(beta) if want_beta else None
+    out = (dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, dalpha, dbeta)
+    native.check("_mlp_write", kernel.lib.backward(kernel.cfg_c, native.pointers(saved), native.pointers(grads),
+                                                   native.pointers(out)))
+    return out
+
+
 class _NativeMlpWrite(torch.autograd.Function):
     """:class:`_MlpWrite` and the gate coefficients (:class:`_Gates`) in ``_mlp_write.c`` (float32
     and float64 CPU tensors): takes the gates alpha, beta where :class:`_MlpWrite` takes their
@@ -463,57 +524,28 @@ class _NativeMlpWrite(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lib, cfg, W1, W2, M1, M2, Wa1, Wa2, k, v, eta, alpha, beta):
-        objective, self_signal, dgd, act, residual, read = cfg
-        same = Wa1 is None
+        residual = cfg[4]
         W1, W2, M1, M2, Wa1, Wa2, k, v, eta, alpha, beta = contiguous(W1, W2, M1, M2, Wa1, Wa2, k, v, eta, alpha, beta)
-        N, (Nk, L, D) = W1.shape[0], k.shape
-        Lz, h, O = 2 * L if self_signal else L, W1.shape[-2], W2.shape[-2]
-        base, l2 = split_hidden(act)
-        mom = M1 is not None
-        mask = residual if isinstance(residual, Tensor) else None
-        dims = (N, L, Lz, D, h, O, v.shape[-1], self_signal, objective == "l2", dgd, mom, same,
-                l2, 2 if mask is not None else int(bool(residual)), read, native.ACTIVATIONS.index(base), Nk)
-        cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
-        W1n, W2n, M1n, M2n = native.empty(W1), native.empty(W2), native.empty(M1), native.empty(M2)
-        U1, U2 = k.new_empty(N, L, h), k.new_empty(N, L, O)
-        hs = k.new_empty(N, L, h) if dgd else None
-        work = k.new_empty(N, lib.work_size(cfg_c))
-        H, S, g1 = (k.new_empty(N, Lz, h) for _ in range(3))
-        inv_r = k.new_empty(N, Lz) if l2 else None
-        Pa = k.new_empty(N, L + 1, L + 1) if read else None
-        C, m = (k.new_empty(N, L + 1, L + 1), k.new_empty(N, L)) if read and mom else (None, None)
-        mask = None if mask is None else mask.to(k.dtype).contiguous()
+        mask = residual.to(k.dtype).contiguous() if isinstance(residual, Tensor) else None
+        ctx.kernel = write_kernel(lib, cfg, W1, W2, M1, Wa1 is None, k, v, mask)
         ins = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, alpha, beta)
-        outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work, H, S, g1, inv_r, Pa, C, m)
-        native.check("_mlp_write", lib.forward(cfg_c, native.pointers(ins), native.pointers(outs),
-                                               ctypes.c_double(_NORM_EPS2)))
-        ctx.lib, ctx.cfg_c, ctx.dims = lib, cfg_c, (same, dgd, mom, read)
+        outs, keep = write_forward(ctx.kernel, ins)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*ins, H, S, g1, inv_r, U1, U2, hs, work)
-        Sk = S[:, :L]
-        return tuple(t for t in (W1n, W2n, M1n, M2n, U1, U2, hs, Sk, Pa, C, m) if t is not None)
+        ctx.save_for_backward(*ins, *keep)
+        return tuple(t for t in outs if t is not None)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        same, dgd, mom, read = ctx.dims
-        saved = ctx.saved_tensors
-        W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask, alpha, beta = saved[:12]
+        kernel = ctx.kernel
         grads = list(grads)
         take = lambda on=True: grads.pop(0) if on else None  # noqa: E731
-        G1, G2, F1, F2, gU1, gU2, ghs, gSk = contiguous(take(), take(), take(mom), take(mom), take(), take(), take(dgd),
-                                                        take())
-        gPa, gC, gm = contiguous(take(read), take(read and mom), take(read and mom))
-        dW1, dW2, dM1, dM2 = native.empty(W1), native.empty(W2), native.empty(M1), native.empty(M2)
-        dWa1, dWa2 = (None, None) if same else (native.empty(Wa1), native.empty(Wa2))
-        dk, dv, deta = native.empty(k), native.empty(v), native.empty(eta)
+        mom, dgd, read = kernel.mom, kernel.dgd, kernel.read
+        ordered = contiguous(take(), take(), take(mom), take(mom), take(), take(), take(dgd), take(),
+                             take(read), take(read and mom), take(read and mom))
         need = ctx.needs_input_grad
-        dalpha, dbeta = native.empty(alpha) if need[11] else None, native.empty(beta) if need[12] else None
-        native.check("_mlp_write", ctx.lib.backward(
-            ctx.cfg_c, native.pointers(saved),
-            native.pointers((G1, G2, F1, F2, gU1, gU2, ghs, gSk, gPa, gC, gm)),
-            native.pointers((dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, dalpha, dbeta))))
-        return (None, None, dW1, dW2, dM1, dM2, dWa1, dWa2, dk, dv, deta, dalpha, dbeta)
+        out = write_backward(kernel, ctx.saved_tensors, ordered, need[11], need[12])
+        return (None, None, *out)
 
 
 def _read_coefficients(Pa: Tensor, C: Optional[Tensor], m: Optional[Tensor]) -> ReadCoefficients:
