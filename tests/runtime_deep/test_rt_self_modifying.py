@@ -491,3 +491,71 @@ def test_values_signal_matches_reference_with_gradients(read, rule):
     assert_close(torch.cat([first.o, second.o], 1), fast.o, what="split")
     with pytest.raises(ValueError, match="M_eta and M_alpha"):
         run(inputs(T=5), "chunked", signal="values")
+
+
+def _graph_nodes(t):
+    """The names of the autograd nodes behind ``t``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return {type(n).__name__ for n in seen}
+
+
+@pytest.mark.parametrize("case", [
+    dict(),                                                       # Hope's: every input generated, momentum
+    dict(momentum=False, rule="gd", objective="dot"),
+    dict(retention=False, generated=("k", "v", "q", "eta")),
+    dict(alpha=0.9, generated=("k", "v", "eta"), read="anchor"),  # a constant alpha, a static q
+    dict(logits=True),                                            # static logits added to M_eta, M_alpha
+    dict(per_memory=True),
+])
+def test_native_generation_equals_the_pieces(case, monkeypatch):
+    """Pass 1 as one autograd function over the C kernels (:class:`_NativeGeneration`) computes
+    what the per-piece autograd functions do, gradients included: calls starting and ending inside
+    a generating chunk, a single piece inside one, the state's gradients through a split stream."""
+    from nldsl.runtime import self_modifying
+
+    case = dict(case)
+    generated = case.pop("generated", GEN)
+    if case.pop("per_memory", False):
+        x = per_memory_inputs(T=23, seed=21, generated=generated)
+    else:
+        x = inputs(T=23, seed=21, generated=generated)
+    x["params"] = {n: w for n, w in x["params"].items() if n in generated or n == "memory"}
+    if case.pop("logits", False):
+        case.update(eta_logits=x["static"]["eta_logits"], alpha_logits=x["static"]["alpha_logits"])
+    eta_bias = torch.tensor(0.2, dtype=torch.float64)
+    requires_grad([x["x"], x["params"], x["beta"], x["conv"], x["static"], eta_bias])
+    wrt = [x["x"], x["params"], x["beta"], x["conv"], eta_bias] + [case[k] for k in ("eta_logits",) if k in case]
+
+    def stream(splits):
+        outs, state, t = [], None, 0
+        for n in splits:
+            sl = slice(t, t + n)
+            static = {k: (v[:, sl] if isinstance(v, torch.Tensor) else v) for k, v in case.items()
+                      if k not in ("momentum",)}
+            if "q" not in generated:
+                static["q"] = x["static"]["q"][:, sl]
+            o, state = self_modifying_titans(
+                x["x"][:, sl], params=x["params"], chunk_size=6, gen_chunk_size=4,
+                beta_momentum=x["beta"][:, sl] if case.get("momentum", True) else None, eta_max=0.05,
+                eta_bias=eta_bias, alpha_bias=3.0, conv_weight=x["conv"], initial_state=state,
+                output_final_state=True, **static)
+            outs.append(o)
+            t += n
+        o = torch.cat(outs, 1)
+        loss = (o * torch.linspace(-1, 1, o.shape[1], dtype=o.dtype)[None, :, None, None]).sum()
+        loss = loss + sum(W.sum() for W in state.weights["k"]) + sum(W.sum() for W in state.anchor["v"])
+        return o, state, grads(loss, wrt)
+
+    for splits in ([23], [9, 14], [5, 2, 1, 15], [2, 21]):  # 9: ends two pieces into a chunk; 2, 1: inside one
+        fused = stream(splits)
+        assert "_NativeGenerationBackward" in _graph_nodes(fused[0])
+        with monkeypatch.context() as m:
+            m.setattr(self_modifying, "_native_generation", lambda *a, **k: None)
+            pieces = stream(splits)
+            assert "_NativeGenerationBackward" not in _graph_nodes(pieces[0])
+        assert_close(fused, pieces, atol=1e-12, rtol=1e-11, what=f"{case} {splits}")
