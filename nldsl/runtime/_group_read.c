@@ -94,10 +94,10 @@ static int forward_rows(const int64_t *cfg, const int64_t *kinds, const double *
 }
 
 /* in: W1 W2 x mask, then what the forward kept: S inv_r g1 Y kept; grad: each memory's output gradient (NULL:
- * zero); out: dW1 dW2 dx; dz: each scalar memory's gradient at its sigmoid's input [Ng, L] (NULL:
- * not wanted) */
+ * zero); out: dW1 dW2 dx (acc: dW1 and dW2 hold gradients the weights' are added to); dz: each scalar
+ * memory's gradient at its sigmoid's input [Ng, L] (NULL: not wanted) */
 static int backward_rows(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
-                         real *const *grad, real *const *out, real *const *dz)
+                         real *const *grad, real *const *out, real *const *dz, int acc)
 {
     PROLOGUE(cfg);
     for (int64_t r = lo; r < hi; r++) {
@@ -133,8 +133,8 @@ static int backward_rows(const int64_t *cfg, const int64_t *kinds, const double 
         gemm(L, h, O, dY, O, 1, W2, h, 1, 0, dS, pack);
         if (l2n) project(dS, S, inv_r, L, h);
         for (int c = 0; c < L * h; c++) dS[c] *= g1[c];
-        gemm(h, D, L, dS, 1, h, x, D, 1, 0, dW1, pack);
-        gemm(O, h, L, dY, 1, O, S, h, 1, 0, dW2, pack);
+        gemm(h, D, L, dS, 1, h, x, D, 1, acc, dW1, pack);
+        gemm(O, h, L, dY, 1, O, S, h, 1, acc, dW2, pack);
         if (rr != 0)  /* a residual needs O == D */
             for (int c = 0; c < L * D; c++) dx[c] = rr * dY[c];
         gemm(L, D, h, dS, h, 1, W1, D, 1, rr != 0, dx, pack);
@@ -149,7 +149,7 @@ int forward(const int64_t *cfg, const int64_t *kinds, const double *params, real
 }
 
 int backward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
-             real *const *grad, real *const *out, real *const *dz)
+             real *const *grad, real *const *out, real *const *dz, int64_t acc)
 {
-    IN_PARALLEL(backward_rows(cfg, kinds, params, in, grad, out, dz));
+    IN_PARALLEL(backward_rows(cfg, kinds, params, in, grad, out, dz, (int)acc));
 }

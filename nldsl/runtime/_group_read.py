@@ -166,16 +166,19 @@ def read_forward(kernel: ReadKernel, W1, W2, x, mask, addends):
     return outs, (S, inv_r, g1, Y, kept)
 
 
-def read_backward(kernel: ReadKernel, W1, W2, x, mask, keep, grads, want_dz):
+def read_backward(kernel: ReadKernel, W1, W2, x, mask, keep, grads, want_dz, into=None):
     """``(dW1, dW2, dx, dz)`` from each memory's output gradient (contiguous, or None: zero);
-    ``dz``: a scalar memory's gradient at its sigmoid's input where ``want_dz`` says, else None."""
-    dW1, dW2, dx = native.empty(W1), native.empty(W2), native.empty(x)
+    ``dz``: a scalar memory's gradient at its sigmoid's input where ``want_dz`` says, else None.
+    ``into``: contiguous weight gradients ``(dW1, dW2)`` to add the read's to, in place."""
+    dW1, dW2 = (native.empty(W1), native.empty(W2)) if into is None else into
+    dx = native.empty(x)
     Ng, L = kernel.cfg_c[1], x.shape[1]
     dz = [x.new_empty(Ng, L) if want and kind == _KINDS["scalar"] else None
           for kind, want in zip(kernel.kinds, want_dz)]
     native.check("_group_read", kernel.lib.backward(
         kernel.cfg_c, kernel.kinds, kernel.params, native.pointers((W1, W2, x, mask, *keep)),
-        native.pointers(grads), native.pointers((dW1, dW2, dx)), native.pointers(dz)))
+        native.pointers(grads), native.pointers((dW1, dW2, dx)), native.pointers(dz),
+        ctypes.c_int64(into is not None)))
     return dW1, dW2, dx, dz
 
 

@@ -590,21 +590,20 @@ class _NativeGeneration(torch.autograd.Function):
                 piece = None if g is None else g[:, t0:t1]
                 own = written.get(i)
                 read_grads.append(own if piece is None else piece.contiguous() if own is None else own.add_(piece))
+            # the anchor's gradient: the read's, added by the kernel to the write's (the kernels'
+            # outputs are fresh: the sums go in place); at a chunk boundary the anchor is the weights
+            if g_anchor is not None and j == len(pieces) - 1:
+                target = dW if same else dWa
+                for a, b in zip(target, g_anchor):
+                    if b is not None:
+                        a.add_(b)
             dR1, dR2, dx, dz = _group_read.read_backward(rk, anchor[0], anchor[1], xj, saved[9], read_keep,
-                                                         read_grads, want_dz)
+                                                         read_grads, want_dz, into=dW if same else dWa)
             dxs.append(dx)
             dzs.append(dz)
             dbetas.append(out[10])
-            # (the kernels' outputs are fresh: the sums go in place)
-            d_anchor = [dR1, dR2]
             if not same:
-                d_anchor = [a.add_(b) for a, b in zip(d_anchor, dWa)]
-            if g_anchor is not None and j == len(pieces) - 1:
-                d_anchor = [a if b is None else a.add_(b) for a, b in zip(d_anchor, g_anchor)]
-            if same:
-                dW = [a.add_(b) for a, b in zip(dW, d_anchor)]
-            else:
-                dA = d_anchor
+                dA = [dR1, dR2]
             G, F = dW, list(dM)
             t1 = t0
 
