@@ -347,11 +347,12 @@ def self_modifying_titans(
             raise ValueError(f"{_OP}: conv_weight must be [{want}, W], got {tuple(conv_weight.shape)}")
         xc, new_conv = causal_conv1d(xc, conv_weight.to(dt), conv_state)
     # inputs of the generating memories: "x" read by all, or "x_<name>" one each
+    stacked_inputs = None
     if xc.dim() == 4:
         inputs = {"x": seq(xc)}
-    else:  # one copy to [G, B*H, T, D], then views (a select per memory would each backward a full zero fill)
-        per = xc.permute(2, 0, 3, 1, 4).reshape(len(gen), B * H, T, D).unbind(0)
-        inputs = {f"x_{n}": t for n, t in zip(gen, per)}
+    else:  # one copy to [G*B*H, T, D], then views (a select per memory would each backward a full zero fill)
+        stacked_inputs = xc.permute(2, 0, 3, 1, 4).reshape(len(gen) * B * H, T, D)
+        inputs = {f"x_{n}": t for n, t in zip(gen, stacked_inputs.split(B * H))}
     for n in GENERATED:
         if static[n] is not None:
             inputs[n] = seq(static[n])
@@ -371,7 +372,8 @@ def self_modifying_titans(
                residual=residual, read=read, signal=signal,
                qk_norm=qk_norm, v_norm=v_norm, eta_max=eta_max, eta_bias=eta_bias, alpha_bias=alpha_bias,
                constant=frozenset(constant), retention=retention, detach=detach, Cg=Cg, Cm=Cm, kernel=None,
-               stacked=_valid_stacks(initial_state, gen, dt, B * H) if not detach else None)
+               stacked=_valid_stacks(initial_state, gen, dt, B * H) if not detach else None,
+               stacked_inputs=stacked_inputs)
     if impl == "triton":
         from nldsl.runtime._triton import runtime_mlp_kernel
 
@@ -736,7 +738,9 @@ def _chunked(inputs, ws, anchor, ms, offs, st, cfg):
         groups.append(dict(
             names=names, residual=residual, ws=g_ws, anchor=g_anchor, ms=g_ms,
             st=None if st is None else _stack(st, names, D),
-            x=torch.cat([_memory_input(inputs, n) for n in names]),  # the group's inputs, stacked once
+            # the group's inputs, stacked once (as they come where the group is every generating memory)
+            x=(cfg["stacked_inputs"] if names == gen and cfg["stacked_inputs"] is not None
+               else torch.cat([_memory_input(inputs, n) for n in names])),
         ))
 
     # pass 1: the generating memories, read at their anchor, written on the shared k, v, eta, alpha
