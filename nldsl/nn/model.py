@@ -195,7 +195,7 @@ class NSAMModel(nn.Module):
             finally:
                 for m in learners:
                     m.tape = None
-            delta = self.surprise(hidden, labels[:, a:b], seg_logits)
+            delta = self.surprise(hidden, labels[:, a:b])
             # after the first segment every learner's state is one its learn made in this call
             written = {id(module): module.learn(x, before, delta, donate=a > 0) for module, x, _, before in tape}
             layers = []
@@ -240,19 +240,14 @@ class NSAMModel(nn.Module):
             raise ValueError(f"impl={impl!r}: {type(self).__name__} has no in-context memory to run with it "
                              "(attention runs through torch's SDPA)")
 
-    def surprise(self, hidden: Tensor, labels: Tensor, logits: Tensor | None = None) -> Tensor:
-        """``dl_t/dh_t`` for each token's next-token loss, at the top of the residual stream.
-        ``logits``: the head's output on ``hidden`` as the forward computed it; where the forward
-        recorded them (training), the loss is differentiated back through that record (kept for
-        the outer backward) instead of a second pass of the norm and the head."""
+    def surprise(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """``dl_t/dh_t`` for each token's next-token loss, at the top of the residual stream."""
         with torch.enable_grad():
-            recorded = logits is not None and logits.requires_grad and hidden.requires_grad
-            h = hidden if recorded else hidden.detach().requires_grad_(True)
-            if not recorded:
-                logits = self.head(self.norm(h))
+            h = hidden.detach().requires_grad_(True)
+            logits = self.head(self.norm(h))
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum")
-            (delta,) = torch.autograd.grad(loss, h, retain_graph=recorded)
+            (delta,) = torch.autograd.grad(loss, h)
         return delta.detach()
 
     def _forward(self, input_ids: Tensor, state: ModelState | None, prefix: tuple | None = None):
