@@ -529,7 +529,8 @@ def test_native_generation_equals_the_pieces(case, monkeypatch):
         case.update(eta_logits=x["static"]["eta_logits"], alpha_logits=x["static"]["alpha_logits"])
     eta_bias = torch.tensor(0.2, dtype=torch.float64)
     requires_grad([x["x"], x["params"], x["beta"], x["conv"], x["static"], eta_bias])
-    wrt = [x["x"], x["params"], x["beta"], x["conv"], eta_bias] + [case[k] for k in ("eta_logits",) if k in case]
+    wrt = [x["x"], x["params"], x["beta"], x["conv"], eta_bias] + [case[k] for k in ("eta_logits", "alpha_logits")
+                                                                    if k in case]
 
     def stream(splits):
         outs, state, t = [], None, 0
@@ -551,7 +552,8 @@ def test_native_generation_equals_the_pieces(case, monkeypatch):
         loss = loss + sum(W.sum() for W in state.weights["k"]) + sum(W.sum() for W in state.anchor["v"])
         return o, state, grads(loss, wrt)
 
-    for splits in ([23], [9, 14], [5, 2, 1, 15], [2, 21]):  # 9: ends two pieces into a chunk; 2, 1: inside one
+    # 9: three pieces, the last ending inside a chunk (the anchor an output); 2, 1: inside one chunk
+    for splits in ([23], [9, 14], [5, 2, 1, 15], [2, 21]):
         fused = stream(splits)
         assert "_NativeGenerationBackward" in _graph_nodes(fused[0])
         with monkeypatch.context() as m:
