@@ -528,11 +528,14 @@ class _NativeGeneration(torch.autograd.Function):
         ws, ms = (W1, W2), (M1, M2)
         read_kernels, write_kernels, pieces = {}, {}, []
         outs_all = [[] for _ in addends]
-        t0 = 0
+
+        def split(t):  # contiguous pieces (the kernels read rows by their shapes)
+            return [None if p is None else p.contiguous() for p in split_time(t, plan.lens)]
+
+        xs, zs, alphas, betas = split(x), [split(z) for z in addends], split(alpha_given), split(beta)
         for j, L in enumerate(plan.lens):
             anchor = (A1, A2) if j == 0 and not plan.aligned else ws
-            xj = x[:, t0:t0 + L].contiguous()
-            zj = [None if z is None else z[:, t0:t0 + L].contiguous() for z in addends]
+            xj, zj = xs[j], [z[j] for z in zs]
             rk = read_kernels.get(L)
             if rk is None:
                 rk = read_kernels[L] = _group_read.read_kernel(plan.read_lib, read_cfg, xj.shape, W1.shape[-2],
@@ -542,19 +545,16 @@ class _NativeGeneration(torch.autograd.Function):
                 acc.append(o)
             k, v, eta = (outs[sources[i]] for i in range(3))
             alpha = sources[3]
-            alpha = (None if alpha is None else alpha_given[:, t0:t0 + L].contiguous() if alpha == "given"
-                     else outs[alpha])
-            bj = None if beta is None else beta[:, t0:t0 + L].contiguous()
+            alpha = None if alpha is None else alphas[j] if alpha == "given" else outs[alpha]
             same = anchor is ws
             wk = write_kernels.get((L, same))
             if wk is None:
                 wk = write_kernels[(L, same)] = _mlp_write.write_kernel(plan.write_lib, plan.write_cfg, W1, W2, M1,
                                                                         same, k, v, mask)
-            ins = (*ws, *ms, *((None, None) if same else anchor), k, v, eta, mask, alpha, bj)
+            ins = (*ws, *ms, *((None, None) if same else anchor), k, v, eta, mask, alpha, betas[j])
             end, write_keep = _mlp_write.write_forward(wk, ins)
             pieces.append((rk, xj, read_keep, wk, ins + write_keep, same, anchor))
             ws, ms = end[:2], end[2:4]
-            t0 += L
         ctx.plan, ctx.pieces, ctx.outputs, ctx.mom = plan, pieces, len(addends), M1 is not None
         ctx.set_materialize_grads(False)
         # fresh tensors only: an output the pieces also hold would tie the graph in a cycle
@@ -578,19 +578,16 @@ class _NativeGeneration(torch.autograd.Function):
         need = ctx.needs_input_grad  # (plan, W1, W2, M1, M2, A1, A2, x, mask, beta, alpha_given, *addends)
         want_dz = need[11:]
         dA, dxs, dzs, dbetas = None, [], [], []
-        t1 = sum(plan.lens)
+        g_pieces = [split_time(g, plan.lens) for g in g_out]
         for j in range(len(pieces) - 1, -1, -1):
             rk, xj, read_keep, wk, saved, same, anchor = pieces[j]
-            L = plan.lens[j]
-            t0 = t1 - L
             out = _mlp_write.write_backward(wk, saved, (*contiguous(*G, *F), None, None, None, None, None, None, None),
                                             sources[3] not in (None, "given"), need[9])
             dW, dM, dWa = list(out[0:2]), out[2:4], out[4:6]
             written = dict(zip(sources, out[6:10]))  # the write's gradients of k, v, eta, alpha by source
             read_grads = []
-            for i, g in enumerate(g_out):
-                piece = None if g is None else g[:, t0:t1]
-                own = written.get(i)
+            for i, g in enumerate(g_pieces):
+                piece, own = g[j], written.get(i)
                 read_grads.append(own if piece is None else piece.contiguous() if own is None else own.add_(piece))
             # the anchor's gradient: the read's, added by the kernel to the write's (the kernels'
             # outputs are fresh: the sums go in place); at a chunk boundary the anchor is the weights
@@ -607,7 +604,6 @@ class _NativeGeneration(torch.autograd.Function):
             if not same:
                 dA = [dR1, dR2]
             G, F = dW, list(dM)
-            t1 = t0
 
         def joined(parts):
             parts = parts[::-1]
