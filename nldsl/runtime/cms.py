@@ -106,6 +106,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from nldsl.runtime._common import check_kernel_objective, check_objective, compute_dtype, dispatch, objective_loss
 from nldsl.runtime.deep_memory import (
     ACTIVATIONS,
+    _bmm,
     check_layers,
     hidden,
     hidden_act,
@@ -413,21 +414,41 @@ def zero_sum(W: Tensor, B: int) -> Tensor:
 
 class _StraightThrough:
     """The straight-through link of a detached call: a read of the weights ``W`` a block reached
-    has the value of ``W`` and sends its gradient to the call's starting weights ``W_0`` (the
-    value and gradient of ``W + (W_0 - W_0.detach())``), without the weight-sized ops of that sum.
+    has the value of ``W`` and sends its gradient to the weights the stream started from (the
+    root: this call's starting weights, or, where they are the state of an earlier detached call,
+    that call's root; the value and gradient of ``W + (root - root.detach())``), without the
+    weight-sized ops of that sum and without a chain of links through the states between calls.
     Weights that need no gradient get no link at all."""
 
-    __slots__ = ("start", "detached")
+    __slots__ = ("given", "root", "detached")
 
     def __init__(self, W: Tensor):
-        self.start, self.detached = W, W.detach()
+        self.given, self.root, self.detached = W, _ROOTS.get(W, W), W.detach()
 
     def read(self, W: Tensor) -> Tensor:
+        """``W`` as a tensor (the state, the reference and Triton reads)."""
         if W is self.detached:
-            return self.start
-        if W.dim() < self.start.dim():  # shared weights (a nested reset) for per-sequence ones:
-            W = W.expand_as(self.start)  # read per sequence, so each sends its own gradient
-        return _Through.apply(W, self.start)
+            return self.given
+        if W.dim() < self.root.dim():  # shared weights (a nested reset) for per-sequence ones:
+            W = W.expand_as(self.root)  # read per sequence, so each sends its own gradient
+        linked = _Through.apply(W, self.root)
+        _ROOTS[linked] = self.root
+        return linked
+
+    def link(self, W: Tensor) -> "_Link":
+        """``W`` for the chunked reads' products (:class:`_LinkedProduct`)."""
+        return _Link(W, self.root)
+
+
+#: the weights a detached call's state links straight through to, by the state's tensors
+_ROOTS = WeakTensorKeyDictionary()
+
+
+class _Link(NamedTuple):
+    """A detached weight ``value`` whose reads send their gradient to ``root``."""
+
+    value: Tensor
+    root: Tensor
 
 
 class _Through(torch.autograd.Function):
@@ -443,10 +464,48 @@ class _Through(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), grad.sum_to_size(ctx.shape)
 
 
+class _LinkedProduct(torch.autograd.Function):
+    """``a @ W^T`` for a detached weight ``W`` whose gradient goes to ``root``. With a root shared
+    by the batch (``[d_out, d_in]``, the meta-learned weights) that gradient is one product over
+    every sequence's tokens, where autograd would take one weight-sized product per sequence (a
+    fresh ``[B, d_out, d_in]`` tensor a read) and sum them."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, W: Tensor, root: Tensor) -> Tensor:
+        ctx.save_for_backward(a, W)
+        ctx.shared = root.dim() == 2
+        return _bmm(a, W.transpose(-1, -2))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, W = ctx.saved_tensors
+        da = _bmm(g, W) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[2]:
+            droot = None
+        elif ctx.shared:
+            droot = g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+        else:
+            droot = torch.bmm(g.transpose(-1, -2), a)
+        return da, None, droot
+
+
+def _linked_product(a: Tensor, W) -> Tensor:
+    """A block layer's ``a @ W^T`` for a weight or a :class:`_Link`."""
+    if isinstance(W, _Link):
+        return _LinkedProduct.apply(a, W.value, W.root)
+    return _bmm(a, W.transpose(-1, -2))
+
+
 def _read_weights(ws, st):
     if st is None:
         return ws
     return [[W if S is None else S.read(W) for W, S in zip(lw, ls)] for lw, ls in zip(ws, st)]
+
+
+def _read_links(ws, st):
+    if st is None:
+        return ws
+    return [[W if S is None else S.link(W) for W, S in zip(lw, ls)] for lw, ls in zip(ws, st)]
 
 
 def _add(G, S):
@@ -495,11 +554,12 @@ def _rms_backward(xn, r, g):
 
 
 def _block_forward(ws, x, cfg):
-    """One block on ``x``: ``(y, hidden pre-activations, layer inputs, 1 / rms(x) or None)``."""
+    """One block on ``x``: ``(y, hidden pre-activations, layer inputs, 1 / rms(x) or None)``;
+    ``ws``: weights or :class:`_Link` reads."""
     if not cfg["prenorm"]:
-        return (*mlp_forward(ws, x, cfg["act"], cfg["residual"]), None)
+        return (*mlp_forward(ws, x, cfg["act"], cfg["residual"], _linked_product), None)
     xn, r = _rms(x)
-    y, hs, ins = mlp_forward(ws, xn, cfg["act"], False)
+    y, hs, ins = mlp_forward(ws, xn, cfg["act"], False, _linked_product)
     return (y + x if cfg["residual"] else y), hs, ins, r
 
 
@@ -565,8 +625,8 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
     given = [[] for _ in gs] if cfg["donate"] else [list(lg) for lg in gs]
     t = 0
     for j, L in enumerate(lens):
-        rws = _read_weights(ws, st)
         if cfg["kernels"] is not None:  # impl='triton'
+            rws = _read_weights(ws, st)
             out, level_outs, sums = _kernel_piece(
                 cfg["kernels"], ws, rws, xp[j], [e[j] for e in ep], None if dp is None else [d[j] for d in dp],
                 None if tp is None else [tg[j] for tg in tp], agg, cfg)
@@ -583,7 +643,7 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
             for l in range(n):
                 outs[l].append(fw[l][0])
         else:
-            inp, fw = xp[j], []
+            rws, inp, fw = _read_links(ws, st), xp[j], []
             for l in range(n):
                 fw.append(_block_forward(rws[l], inp, cfg))
                 outs[l].append(fw[l][0])

@@ -231,15 +231,20 @@ def _add_residual(y: Tensor, x: Tensor, residual) -> Tensor:
     return y + x if residual else y
 
 
-def mlp_forward(ws: Sequence[Tensor], x: Tensor, act: str, residual):
+def _times_transposed(a: Tensor, W: Tensor) -> Tensor:
+    return _bmm(a, W.transpose(-1, -2))
+
+
+def mlp_forward(ws: Sequence, x: Tensor, act: str, residual, product=_times_transposed):
     """``(y, hidden pre-activations, per-layer inputs)`` of the MLP on ``x [N, L, d_in]``;
-    ``residual``: a bool or a per-row ``[N]`` mask."""
+    ``residual``: a bool or a per-row ``[N]`` mask; ``product(a, W)``: a layer's ``a @ W^T``
+    (a caller's own, for weights it reads in its own way)."""
     hs, ins = [], []
     a = x
     y = x
     for i, W in enumerate(ws):
         ins.append(a)
-        h = _bmm(a, W.transpose(-1, -2))
+        h = product(a, W)
         if i < len(ws) - 1:
             hs.append(h)
             a = hidden(h, act)

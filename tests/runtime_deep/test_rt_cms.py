@@ -9,7 +9,7 @@ import torch
 
 from nldsl.runtime.cms import _SHARED, _ZEROS, CmsState, cms_chain
 from nldsl.runtime.deep_memory import mlp_apply
-from rtdeep_helpers import assert_close, cms_inputs, grads, requires_grad
+from rtdeep_helpers import B, assert_close, cms_inputs, grads, requires_grad
 
 PERIODS = (2, 6, 12)
 LRS = (0.03, 0.02, 0.01)
@@ -237,17 +237,31 @@ def test_detach(impl):
     assert grads(live.o, [x["delta"]])[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_detach_split_stream_gradients_equal_one_pass(variant):
+@pytest.mark.parametrize("variant,per_sequence", list(itertools.product(VARIANTS, (False, True))))
+def test_detach_split_stream_gradients_equal_one_pass(variant, per_sequence):
     """Detached writes: every read still sends its gradient straight through to the initial
-    weights, however the stream is split into calls (the state keeps the link)."""
+    weights (shared by the batch, or per sequence), however the stream is split into calls, and
+    as the reference's token loop does. The state keeps the link: a continuing call links its
+    reads to the weights the stream started from, and no gradient passes the states between."""
     x = requires_grad(cms_inputs(T=23))
+    if per_sequence:
+        x["params"] = [[W.detach().expand(B, *W.shape).clone().requires_grad_() for W in ws] for ws in x["params"]]
     w = torch.randn_like(x["x"])
     full = run(x, "chunked", variant, detach=True)
     g_full = grads((full.o * w).sum(), x["params"])
-    split, _ = run_split(x, (5, 9, 9), variant, detach=True)
+    ref = run(x, "reference", variant, detach=True)
+    assert_close(grads((ref.o * w).sum(), x["params"]), g_full)
+    first, state = run_split(x, (5,), variant, detach=True)
+    rest = {k: (v[:, 5:] if k in ("x", "delta") else v) for k, v in x.items()}
+    second, _ = run_split(rest, (9, 9), variant, detach=True, initial_state=state)
+    split = torch.cat([first, second], 1)
     assert_close(split, full.o)
     assert_close(grads((split * w).sum(), x["params"]), g_full)
+    starts = [P for ws in x["params"] for P in ws]
+    between = [W for lw in state.weights for W in lw if not any(W is P for P in starts)]  # (blocks that stepped)
+    assert between
+    unused = torch.autograd.grad((second * w[:, 5:]).sum(), between, allow_unused=True)
+    assert all(g is None for g in unused)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
