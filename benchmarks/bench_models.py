@@ -12,9 +12,11 @@ Every spec is compiled with ``nldsl.compile`` and built at vocab 256, d=128, 2 l
 (the issue's sizes; ``--dim`` etc. change them), then trained with torch AdamW on random tokens
 at T=512, B=4, float32: one measured step = forward with labels (so surprise-driven levels such
 as Hope's CMS write, as in training), cross-entropy, backward, optimizer step. Each spec runs in
-a fresh subprocess with ``--threads`` intra-op threads; after ``--warmup`` steps the best of
-``--reps`` steps is kept (``--clock cpu``: the worker's CPU time, least disturbed by other
-processes on a shared machine; ``wall``); ``--rounds N`` measures every model N times, in turn,
+a fresh subprocess with ``--threads`` intra-op threads; after ``--warmup`` steps it takes
+``--reps`` means of ``--window`` consecutive steps (4; the same for every model, so that no
+model's best is picked from more noise than another's) and keeps the best (``--clock cpu``: the
+worker's CPU time, least disturbed by other processes on a shared machine; ``wall``);
+``--rounds N`` measures every model N times, in turn,
 and keeps each one's best (a shared machine's speed drifts over minutes). Peak memory: on CUDA
 ``max_memory_allocated``; on CPU the highest resident set size sampled every millisecond during
 the first step minus the resident size before it.
@@ -23,9 +25,9 @@ The steps form a stream (``--state stream``, the default): each continues the st
 ``carry`` levels the step before left (detached; the other levels start each step afresh, as
 ``NSAMModel.new_sequence`` does in training), so that a level slower than one call still
 updates: Hope's slowest CMS level, every 2048 tokens, steps once every 4 calls of 512, and its
-weights differ per sequence from then on. A measured step is then the mean of a cycle of
-consecutive steps in which every carry level updates at least once (after a warm-up cycle);
-``--state fresh`` measures single steps from no state (the slow level never updates).
+weights differ per sequence from then on. A window then spans whole cycles of consecutive
+steps in which every carry level updates at least once (it is rounded up to one; the warm-up
+takes a cycle); ``--state fresh`` measures steps from no state (the slow level never updates).
 
 On CUDA each model also gets a line with the kernels and copies one step launches and the GPU's
 busy time (torch.profiler): a step much longer than that is bound by launching work, not by the
@@ -102,14 +104,18 @@ def worker(args) -> dict:
     # measured cycles start where every carry level has updated once (its steady state)
     for _ in range(max(args.warmup, cycle) - 1):
         step()
+    # every model's rep is the mean of the same number of steps (a whole number of its cycles):
+    # a best of single steps would pick from more noise than a best of a cycle's means
+    window = cycle * -(-args.window // cycle)
     best = float("inf")
     for _ in range(args.reps):
         t0 = clock()
-        for _ in range(cycle):
+        for _ in range(window):
             step()
-        best = min(best, (clock() - t0) / cycle)
+        best = min(best, (clock() - t0) / window)
     out = {"spec": args.spec, "layers": args.layers, "params": _count(model),
-           "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak, "cycle": cycle}
+           "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak, "cycle": cycle,
+           "window": window}
     if args.breakdown:
         out["breakdown"] = _breakdown(model, step, clock, args.reps * cycle)
     if args.calls:
@@ -410,6 +416,9 @@ def main(argv=None) -> int:
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--window", type=int, default=4,
+                   help="a rep is the mean of this many consecutive steps (rounded up to a whole cycle, "
+                        "the same for every model: Hope's cycle is 4)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every model this many times, in turn; the table shows each one's best")
     p.add_argument("--breakdown", action="store_true",
@@ -425,6 +434,8 @@ def main(argv=None) -> int:
     if args.spec:
         print(json.dumps(worker(args)))
         return 0
+    if args.window < 1:
+        p.error("--window must be at least 1")
     if args.cuda_graph and (args.device != "cuda" or args.state != "fresh" or args.compile != "none"):
         p.error("--cuda-graph replays one captured step: it needs --device cuda and --state fresh (a replay reads "
                 "the tensors the capture read, not the last step's state), and no --compile")
@@ -441,14 +452,15 @@ def main(argv=None) -> int:
             print("no GPU available: run without --device cuda")
             return 1
     common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "dim", "heads", "T", "B", "device", "impl", "compile",
-                                                       "state", "threads", "clock", "warmup", "reps")]
+                                                       "state", "threads", "clock", "warmup", "reps",
+                                                       "window")]
     common += ["--breakdown"] if args.breakdown else []
     common += [f"--calls={args.calls}"] if args.calls else []
     common += ["--cuda-graph"] if args.cuda_graph else []
     print(f"compiled models, one AdamW training step (forward with labels + backward + step), "
           f"vocab {args.vocab}, d={args.dim}, {args.layers} layers, {args.heads} heads, T={args.T}, B={args.B}, "
           f"float32, {args.device}, impl {args.impl!r}, compile {args.compile!r}, {args.threads} thread(s), "
-          f"best of {args.reps} by {args.clock} clock, "
+          f"best of {args.reps} means of {args.window} steps by {args.clock} clock, "
           + ("a stream (carry levels continue from step to step)" if args.state == "stream" else "fresh state")
           + (", replays of a CUDA graph" if args.cuda_graph else "")
           + (f", best of {args.rounds} rounds" if args.rounds > 1 else ""))
@@ -462,8 +474,9 @@ def main(argv=None) -> int:
             return None
         result = json.loads(r.stdout.strip().splitlines()[-1])
         result["label"] = labels[spec]
-        cycle = f" (mean of a cycle of {result['cycle']} steps)" if result["cycle"] > 1 else ""
-        print(f"  {result['label']} x{layers}: {result['seconds'] * 1e3:.0f} ms{cycle}", flush=True)
+        cycle = f", a cycle of {result['cycle']}" if result["cycle"] > 1 else ""
+        print(f"  {result['label']} x{layers}: {result['seconds'] * 1e3:.0f} ms (mean of {result['window']} steps"
+              f"{cycle})", flush=True)
         return result
 
     # rounds: every model once per round, in turn, so that a drift of the machine's speed over

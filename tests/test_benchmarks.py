@@ -20,8 +20,8 @@ RUNS = {
                       "surprise", "backward", "the 3 costliest torch calls of a step"]),
     # a stream: Hope's slowest level (every 2048 tokens, carried) updates once in 2 calls of 1024
     "bench_models hope": (["--specs", "specs/hope.nl", "--match", "none", "--T", "1024", "--B", "1", "--dim", "16",
-                           "--heads", "2", "--reps", "1"],
-                          ["Hope x2", "(mean of a cycle of 2 steps)", "a stream (carry levels continue"]),
+                           "--heads", "2", "--reps", "1", "--window", "1"],
+                          ["Hope x2", "(mean of 2 steps, a cycle of 2)", "a stream (carry levels continue"]),
     "bench_deep": (["--ops", "cms", "selfmod", "--T", "24", "--reps", "1"],
                    ["cms          chunked", "selfmod      chunked", "target: chunked >= 5x its reference"]),
     "bench_ops": (["--T", "64", "--ops", "delta_rule", "titans_linear", "--reps", "1", "--budget", "5"],
