@@ -16,10 +16,10 @@ a fresh subprocess with ``--threads`` intra-op threads; after ``--warmup`` steps
 ``--reps`` means of ``--window`` consecutive steps (4; the same for every model, so that no
 model's best is picked from more noise than another's) and keeps the best (``--clock cpu``: the
 worker's CPU time, least disturbed by other processes on a shared machine; ``wall``);
-``--rounds N`` measures every model N times, in turn,
-and keeps each one's best (a shared machine's speed drifts over minutes). Peak memory: on CUDA
-``max_memory_allocated``; on CPU the highest resident set size sampled every millisecond during
-the first step minus the resident size before it.
+``--rounds N`` measures every model N times, in turn, and keeps each one's best (a shared
+machine's speed drifts over minutes). Peak memory: on CUDA ``max_memory_allocated``; on CPU the
+highest resident set size sampled every millisecond during the first step minus the resident
+size before it.
 
 The steps form a stream (``--state stream``, the default): each continues the state of the
 ``carry`` levels the step before left (detached; the other levels start each step afresh, as

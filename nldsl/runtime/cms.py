@@ -82,7 +82,8 @@ output and the positions at which each block updated / was reset (probing the pe
 
 Differentiability as in :mod:`nldsl.runtime.deep_memory`: writes are differentiable by default;
 ``detach=True`` makes them constants (first-order "meta + delta": gradients still reach x, the
-aggregation weights and, straight through, the starting weights).
+aggregation weights and, straight through, the starting weights: a call continuing a detached
+call's state sends them to the weights that stream started from, not to the state between).
 
 Implementations: ``"reference"`` (token loop, inner gradients by ``torch.func.grad`` of the
 per-token objective, the chain-output surprise by differentiating ``<y, delta>`` through the
