@@ -108,6 +108,7 @@ from nldsl.runtime._common import check_kernel_objective, check_objective, compu
 from nldsl.runtime.deep_memory import (
     ACTIVATIONS,
     _bmm,
+    _times_transposed,
     check_layers,
     hidden,
     hidden_act,
@@ -475,7 +476,7 @@ class _LinkedProduct(torch.autograd.Function):
     def forward(ctx, a: Tensor, W: Tensor, root: Tensor) -> Tensor:
         ctx.save_for_backward(a, W)
         ctx.shared = root.dim() == 2
-        return _bmm(a, W.transpose(-1, -2))
+        return _times_transposed(a, W)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -494,19 +495,16 @@ def _linked_product(a: Tensor, W) -> Tensor:
     """A block layer's ``a @ W^T`` for a weight or a :class:`_Link`."""
     if isinstance(W, _Link):
         return _LinkedProduct.apply(a, W.value, W.root)
-    return _bmm(a, W.transpose(-1, -2))
+    return _times_transposed(a, W)
 
 
-def _read_weights(ws, st):
+def _read_weights(ws, st, links: bool = False):
+    """The weights ``ws`` as a detached call reads them: tensors (:meth:`_StraightThrough.read`)
+    or, with ``links``, :class:`_Link` reads for the chunked products."""
     if st is None:
         return ws
-    return [[W if S is None else S.read(W) for W, S in zip(lw, ls)] for lw, ls in zip(ws, st)]
-
-
-def _read_links(ws, st):
-    if st is None:
-        return ws
-    return [[W if S is None else S.link(W) for W, S in zip(lw, ls)] for lw, ls in zip(ws, st)]
+    return [[W if S is None else S.link(W) if links else S.read(W) for W, S in zip(lw, ls)]
+            for lw, ls in zip(ws, st)]
 
 
 def _add(G, S):
@@ -644,7 +642,7 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
             for l in range(n):
                 outs[l].append(fw[l][0])
         else:
-            rws, inp, fw = _read_links(ws, st), xp[j], []
+            rws, inp, fw = _read_weights(ws, st, links=True), xp[j], []
             for l in range(n):
                 fw.append(_block_forward(rws[l], inp, cfg))
                 outs[l].append(fw[l][0])
