@@ -97,7 +97,7 @@ def test_the_kernels_activations_equal_the_torch_formulas(dtype, name):
             f"{name} {what}: off by {err.max():.2e} at x = {xd[(err - bound).argmax()].item():.6g}"
 
 
-@pytest.mark.parametrize("name", ["_mlp_write", "_group_read", "_running_read"])
+@pytest.mark.parametrize("name", ["_mlp_write", "_group_read", "_running_read", "_conv"])
 def test_the_kernels_split_their_rows_over_torchs_threads(name):
     """Where torch runs on GNU OpenMP the kernels link that very runtime: their rows go to torch's
     intra-op pool, as many threads as torch.set_num_threads gives it (a runtime of their own
