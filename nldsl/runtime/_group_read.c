@@ -30,15 +30,15 @@ static real *temporaries(const int64_t *cfg, real **pack, real **dY, real **dS)
 }
 
 /* What both directions start with: the configuration as locals, the temporaries (out of memory:
- * return 1), the thread's rows [lo, hi); and per row r: its memory j, its row i among that
- * memory's outputs, its inputs */
-#define PROLOGUE(cfg)                                                                                         \
+ * return 1), the thread's rows (its share, or those of the sequence-heads [s0, s1): row_set in
+ * _native.h); and per row r: its memory j, its row i among that memory's outputs, its inputs */
+#define PROLOGUE(cfg, s0, s1)                                                                                 \
     const int64_t N = cfg[N_], Ng = cfg[NG];                                                                  \
     const int L = cfg[L_], D = cfg[D_], h = cfg[H_], O = cfg[O_], l2n = cfg[L2NORM], resid = cfg[RESID];    \
     real *pack, *dY, *dS;                                                                                     \
     if (!temporaries(cfg, &pack, &dY, &dS)) return 1;                                                         \
-    int64_t lo, hi;                                                                                           \
-    rows(N, &lo, &hi)
+    int64_t count;                                                                                            \
+    const RowSet rs = row_set(N, Ng, s0, s1, &count)
 #define ROW(r)                                                                                                \
     const int64_t j = r / Ng, i = r % Ng;                                                                     \
     const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h, *x = in[2] + r * L * D;                     \
@@ -48,10 +48,11 @@ static real *temporaries(const int64_t *cfg, real **pack, real **dY, real **dS)
  * [Ng, L] or NULL; out: the memories' outputs ([Ng, L, O], scalar: [Ng, L]); keep: S inv_r (with
  * the L2 norm) g1 (act'(x W1^T)) Y kept */
 static int forward_rows(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
-                        real *const *z, real *const *out, real *const *keep, double eps2)
+                        real *const *z, real *const *out, real *const *keep, double eps2, int64_t s0, int64_t s1)
 {
-    PROLOGUE(cfg);
-    for (int64_t r = lo; r < hi; r++) {
+    PROLOGUE(cfg, s0, s1);
+    for (int64_t q = 0; q < count; q++) {
+        const int64_t r = row_at(&rs, q);
         ROW(r);
         real *S = keep[0] + r * L * h, *g1 = keep[2] + r * L * h, *H = dS;
         real *Y = keep[3] + r * L * O, *kept = keep[4] + r * L;
@@ -99,8 +100,9 @@ static int forward_rows(const int64_t *cfg, const int64_t *kinds, const double *
 static int backward_rows(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
                          real *const *grad, real *const *out, real *const *dz, int acc)
 {
-    PROLOGUE(cfg);
-    for (int64_t r = lo; r < hi; r++) {
+    PROLOGUE(cfg, -1, -1);
+    for (int64_t q = 0; q < count; q++) {
+        const int64_t r = row_at(&rs, q);
         ROW(r);
         const real *S = in[4] + r * L * h, *inv_r = l2n ? in[5] + r * L : 0, *g1 = in[6] + r * L * h;
         const real *Y = in[7] + r * L * O, *kept = in[8] + r * L;
@@ -145,7 +147,15 @@ static int backward_rows(const int64_t *cfg, const int64_t *kinds, const double 
 int forward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in, real *const *z,
             real *const *out, real *const *keep, double eps2)
 {
-    IN_PARALLEL(forward_rows(cfg, kinds, params, in, z, out, keep, eps2));
+    IN_PARALLEL(forward_rows(cfg, kinds, params, in, z, out, keep, eps2, -1, -1));
+}
+
+/* the forward of the sequence-heads [s0, s1) on the calling thread alone (_mlp_write.c's
+ * generation_forward runs a pass's pieces so) */
+int forward_heads(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in, real *const *z,
+                  real *const *out, real *const *keep, double eps2, int64_t s0, int64_t s1)
+{
+    return forward_rows(cfg, kinds, params, in, z, out, keep, eps2, s0, s1);
 }
 
 int backward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,

@@ -151,19 +151,26 @@ def read_kernel(lib, cfg, x_shape, h: int, O: int, mask: Optional[Tensor], resid
                       (ctypes.c_double * len(params))(*params), h, O, l2)
 
 
+def read_outputs(kernel: ReadKernel, N: int, L: int, empty):
+    """The forward's outputs for N rows of L tokens, each ``empty(*shape)``: the memories'
+    (``[Ng, L, O]``, a scalar one's ``[Ng, L]``) and what the backward reads ``(S, inv_r, g1, Y,
+    kept)``."""
+    S, g1 = empty(N, L, kernel.h), empty(N, L, kernel.h)
+    inv_r = empty(N, L) if kernel.l2 else None
+    Y, kept = empty(N, L, kernel.O), empty(N, L)
+    Ng = kernel.cfg_c[1]
+    outs = [empty(Ng, L) if k == _KINDS["scalar"] else empty(Ng, L, kernel.O) for k in kernel.kinds]
+    return outs, (S, inv_r, g1, Y, kept)
+
+
 def read_forward(kernel: ReadKernel, W1, W2, x, mask, addends):
     """The memories' outputs (``[Ng, L, O]``, a scalar one's ``[Ng, L]``) and what the backward
     reads ``(S, inv_r, g1, Y, kept)``; contiguous inputs."""
-    N, L, _ = x.shape
-    S, g1 = x.new_empty(N, L, kernel.h), x.new_empty(N, L, kernel.h)
-    inv_r = x.new_empty(N, L) if kernel.l2 else None
-    Y, kept = x.new_empty(N, L, kernel.O), x.new_empty(N, L)
-    Ng = kernel.cfg_c[1]
-    outs = [x.new_empty(Ng, L) if k == _KINDS["scalar"] else x.new_empty(Ng, L, kernel.O) for k in kernel.kinds]
+    outs, keep = read_outputs(kernel, x.shape[0], x.shape[1], x.new_empty)
     native.check("_group_read", kernel.lib.forward(
         kernel.cfg_c, kernel.kinds, kernel.params, native.pointers((W1, W2, x, mask)), native.pointers(addends),
-        native.pointers(outs), native.pointers((S, inv_r, g1, Y, kept)), ctypes.c_double(_NORM_EPS2)))
-    return outs, (S, inv_r, g1, Y, kept)
+        native.pointers(outs), native.pointers(keep), ctypes.c_double(_NORM_EPS2)))
+    return outs, keep
 
 
 def read_backward(kernel: ReadKernel, W1, W2, x, mask, keep, grads, want_dz, into=None):

@@ -185,16 +185,19 @@ static real *scratch(const int64_t *cfg, int64_t *each)
 /* in: W1 W2 M1 M2 Wa1 Wa2 k v eta mask alpha beta (mask: the residual's, per row; alpha [L],
  * NULL: no retention; beta [L] with momentum); out: W1n W2n M1n M2n U1 U2 hs work, the hidden
  * layer H S g1 inv_r (S = act(H), L2-normalised by 1 / inv_r; g1 = act'(H)), then for a running
- * read the gates it reads: Pa and, with momentum, C [L+1, L+1] and m [L] */
-static int forward_rows(const int64_t *cfg, real *const *in, real *const *out, double eps2)
+ * read the gates it reads: Pa and, with momentum, C [L+1, L+1] and m [L]. The rows: this thread's
+ * share (s0 < 0), or those of the sequence-heads [s0, s1) (row_set, _native.h) */
+static int forward_rows(const int64_t *cfg, real *const *in, real *const *out, double eps2, int64_t s0,
+                        int64_t s1)
 {
     PROLOGUE(cfg);
     real *Y = TAKE(Lz * O), *CK = TAKE(L * L), *nR = TAKE(L * h), *bU = TAKE(each), *pack = TAKE(2 * each);
     real *Pa = TAKE(ld * ld), *Pb = TAKE(ld * ld), *C = TAKE(ld * ld), *m = TAKE(L), *mp = TAKE(L);
     if (at - base > NTEMP * each) return 2;  /* more temporaries than the block holds: a bug */
-    int64_t lo, hi;
-    rows(N, &lo, &hi);
-    for (int64_t r = lo; r < hi; r++) {  /* 64-bit: the offsets r * rows * cols */
+    int64_t count;
+    const RowSet rs = row_set(N, Nk, s0, s1, &count);
+    for (int64_t q = 0; q < count; q++) {
+        const int64_t r = row_at(&rs, q);  /* 64-bit: the offsets r * rows * cols */
         const real *W1 = in[0] + r * h * D, *W2 = in[1] + r * O * h;
         const real *M1 = mom ? in[2] + r * h * D : 0, *M2 = mom ? in[3] + r * O * h : 0;
         const real *Wa1 = same ? W1 : in[4] + r * h * D, *Wa2 = same ? W2 : in[5] + r * O * h;
@@ -532,7 +535,64 @@ static int backward_rows(const int64_t *cfg, real *const *in, real *const *grad,
 
 int forward(const int64_t *cfg, real *const *in, real *const *out, double eps2)
 {
-    IN_PARALLEL(forward_rows(cfg, in, out, eps2));
+    IN_PARALLEL(forward_rows(cfg, in, out, eps2, -1, -1));
+}
+
+/* _group_read.c's forward_heads: the anchor read of the sequence-heads [s0, s1) */
+typedef int (*ReadHeads)(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
+                         real *const *z, real *const *out, real *const *keep, double eps2, int64_t s0, int64_t s1);
+
+enum { R_IN = 4, R_KEEP = 5, W_IN = 12, W_OUT = 15 };
+
+/* Pass 1 of self-modifying Titans' generating memories (_NativeGeneration in self_modifying.py)
+ * over P pieces that each start a chunk (so each reads and writes at the weights it starts
+ * from): per piece the stack's anchor read (``read``) and the write on the k, v, eta, alpha it
+ * read. A thread takes its sequence-heads through every piece: a head's rows read only that
+ * head's outputs, so the pieces need no barrier between them, and a head's weights stay in the
+ * thread's cache from one piece to the next. The results are those of the pieces one call at a
+ * time (the same rows, the same arithmetic).
+ *
+ * Piece j's tensors are ``base + j * stride`` (values; stride 0: one tensor for every piece):
+ * ``rbase`` the read's W1 W2 x mask (its W1, W2 ignored: the piece's weights), then each
+ * memory's addend z, output and the five it keeps (S inv_r g1 Y kept), G each in between;
+ * ``wbase`` the write's 12 inputs (W1 W2 M1 M2 for piece 0, the rest ignored where the read or
+ * the previous piece gives them) and 15 outputs, whose four weights the last piece writes to
+ * ``last`` instead. ``sources``: the read outputs taken as k, v, eta, alpha (alpha -1: none, -2:
+ * the write's own input). */
+int generation_forward(int64_t P, const int64_t *rcfg, const int64_t *kinds, const double *params, void *read,
+                       const int64_t *wcfg, real *const *rbase, const int64_t *rstride, real *const *wbase,
+                       const int64_t *wstride, real *const *last, const int64_t *sources, double eps2)
+{
+    const int64_t G = rcfg[2], heads = wcfg[NK];
+    const ReadHeads read_heads = (ReadHeads)read;
+    int status = 0;
+#pragma omp parallel
+    {
+        int64_t s0, s1;
+        rows(heads, &s0, &s1);
+        real *rp[R_IN + 2 * 8 + R_KEEP], *win[W_IN], *wout[W_OUT];  /* at most 8 memories in a stack */
+        const int nr = R_IN + 2 * (int)G + R_KEEP;
+        for (int64_t j = 0; j < P && !__atomic_load_n(&status, __ATOMIC_RELAXED); j++) {
+            for (int i = 0; i < nr; i++) rp[i] = rbase[i] ? rbase[i] + j * rstride[i] : 0;
+            for (int i = 0; i < W_IN; i++) win[i] = wbase[i] ? wbase[i] + j * wstride[i] : 0;
+            for (int i = 0; i < W_OUT; i++) wout[i] = wbase[W_IN + i] ? wbase[W_IN + i] + j * wstride[W_IN + i] : 0;
+            for (int i = 0; i < 4; i++) {
+                if (j) win[i] = wbase[W_IN + i] ? wbase[W_IN + i] + (j - 1) * wstride[W_IN + i] : 0;
+                if (j == P - 1) wout[i] = last[i];
+            }
+            rp[0] = win[0], rp[1] = win[1];
+            real **z = rp + R_IN, **outs = z + G, **keep = outs + G;
+            int s = read_heads(rcfg, kinds, params, rp, z, outs, keep, eps2, s0, s1);
+            if (!s) {
+                win[6] = outs[sources[0]], win[7] = outs[sources[1]], win[8] = outs[sources[2]];
+                if (sources[3] >= 0) win[10] = outs[sources[3]];
+                else if (sources[3] == -1) win[10] = 0;
+                s = forward_rows(wcfg, win, wout, eps2, s0, s1);
+            }
+            if (s) __atomic_store_n(&status, s, __ATOMIC_RELAXED);
+        }
+    }
+    return status;
 }
 
 int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const *out)

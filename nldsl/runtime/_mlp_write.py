@@ -480,22 +480,30 @@ def write_kernel(lib, cfg, W1, W2, M1, same: bool, k, v, mask) -> WriteKernel:
                        l2)
 
 
+def write_outputs(kernel: WriteKernel, N: int, L: int, h: int, O: int, D: int, empty):
+    """The forward's 15 outputs ``(W1n, W2n, M1n, M2n, U1, U2, hs, work, H, S, g1, inv_r, Pa, C,
+    m)`` for N rows of L tokens (None where not made), each ``empty(*shape)``."""
+    Lz = 2 * L if kernel.self_signal else L
+    W1n, W2n = empty(N, h, D), empty(N, O, h)
+    M1n, M2n = (empty(N, h, D), empty(N, O, h)) if kernel.mom else (None, None)
+    U1, U2 = empty(N, L, h), empty(N, L, O)
+    hs = empty(N, L, h) if kernel.dgd else None
+    work = empty(N, kernel.lib.work_size(kernel.cfg_c))
+    H, S, g1 = (empty(N, Lz, h) for _ in range(3))
+    inv_r = empty(N, Lz) if kernel.l2 else None
+    Pa = empty(N, L + 1, L + 1) if kernel.read else None
+    C, m = (empty(N, L + 1, L + 1), empty(N, L)) if kernel.read and kernel.mom else (None, None)
+    return W1n, W2n, M1n, M2n, U1, U2, hs, work, H, S, g1, inv_r, Pa, C, m
+
+
 def write_forward(kernel: WriteKernel, ins):
     """The piece's writes on contiguous ``ins`` = (W1, W2, M1, M2, Wa1, Wa2, k, v, eta, mask,
     alpha, beta): ``(W1n, W2n, M1n, M2n, U1, U2, hs, Sk, Pa, C, m)`` (None where not made) and
     what the backward reads after ``ins`` ``(H, S, g1, inv_r, U1, U2, hs, work)``."""
     W1, W2, k = ins[0], ins[1], ins[6]
-    N, L, h, O = W1.shape[0], k.shape[1], W1.shape[-2], W2.shape[-2]
-    Lz = 2 * L if kernel.self_signal else L
-    W1n, W2n, M1n, M2n = native.empty(W1), native.empty(W2), native.empty(ins[2]), native.empty(ins[3])
-    U1, U2 = k.new_empty(N, L, h), k.new_empty(N, L, O)
-    hs = k.new_empty(N, L, h) if kernel.dgd else None
-    work = k.new_empty(N, kernel.lib.work_size(kernel.cfg_c))
-    H, S, g1 = (k.new_empty(N, Lz, h) for _ in range(3))
-    inv_r = k.new_empty(N, Lz) if kernel.l2 else None
-    Pa = k.new_empty(N, L + 1, L + 1) if kernel.read else None
-    C, m = (k.new_empty(N, L + 1, L + 1), k.new_empty(N, L)) if kernel.read and kernel.mom else (None, None)
-    outs = (W1n, W2n, M1n, M2n, U1, U2, hs, work, H, S, g1, inv_r, Pa, C, m)
+    L = k.shape[1]
+    outs = write_outputs(kernel, W1.shape[0], L, W1.shape[-2], W2.shape[-2], W1.shape[-1], k.new_empty)
+    W1n, W2n, M1n, M2n, U1, U2, hs, work, H, S, g1, inv_r, Pa, C, m = outs
     native.check("_mlp_write", kernel.lib.forward(kernel.cfg_c, native.pointers(ins), native.pointers(outs),
                                                   ctypes.c_double(_NORM_EPS2)))
     return (W1n, W2n, M1n, M2n, U1, U2, hs, S[:, :L], Pa, C, m), (H, S, g1, inv_r, U1, U2, hs, work)

@@ -44,6 +44,35 @@ static inline void rows(int64_t n, int64_t *lo, int64_t *hi)
     *hi = n * (t + 1) / k;
 }
 
+/* The rows a kernel call runs on this thread, as a count and the q-th of them: its share of all
+ * n rows (rows()), or, given a range [s0, s1) of sequence-heads (s0 >= 0), those heads' rows of
+ * every memory in a stack of n / heads memories (row m * heads + s: memory m, head s). A pass
+ * over several pieces gives each thread the same heads in every piece, so a head's read and
+ * write (which read each other's outputs) run on one thread without a barrier between them. */
+typedef struct {
+    int64_t lo, heads, s0, s1;
+} RowSet;
+
+static inline RowSet row_set(int64_t n, int64_t heads, int64_t s0, int64_t s1, int64_t *count)
+{
+    RowSet rs = {0, heads, s0, s1};
+    if (s0 < 0) {
+        int64_t hi;
+        rows(n, &rs.lo, &hi);
+        *count = hi - rs.lo;
+    } else {
+        *count = n / heads * (s1 - s0);
+    }
+    return rs;
+}
+
+static inline int64_t row_at(const RowSet *rs, int64_t q)
+{
+    if (rs->s0 < 0) return rs->lo + q;
+    const int64_t w = rs->s1 - rs->s0;
+    return q / w * rs->heads + rs->s0 + q % w;
+}
+
 /* The offsets of n consecutive blocks of the given sizes in one buffer (a kernel's per-row work
  * buffer), into off; returns their total size */
 static inline int64_t block_offsets(const int64_t *sizes, int n, int64_t *off)

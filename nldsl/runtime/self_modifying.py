@@ -79,6 +79,7 @@ memories that generate k, v and eta runs as one autograd function (:class:`_Nati
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import weakref
@@ -92,6 +93,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from nldsl.runtime import _group_read, _mlp_write
 from nldsl.runtime import _native as native
+from nldsl.runtime._activations import _NORM_EPS2
 from nldsl.runtime._common import (MemoryOutput, check_chunk_size, check_kernel_objective, check_objective,
                                    check_read, compute_dtype, contiguous, dispatch)
 from nldsl.runtime._group_read import group_read
@@ -524,6 +526,12 @@ class _NativeGeneration(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, W1, W2, M1, M2, A1, A2, x, mask, beta, alpha_given, *addends):
+        ctx.plan, ctx.outputs, ctx.mom = plan, len(addends), M1 is not None
+        ctx.set_materialize_grads(False)
+        if _one_call_fits(plan):
+            ctx.pieces, results, ws, ms = _one_call(plan, W1, W2, M1, M2, x, mask, beta, alpha_given, addends)
+            ctx.anchor_out = False
+            return (*results, *ws, *(ms if ctx.mom else ()))
         read_cfg, sources = plan.read_cfg, plan.sources
         ws, ms = (W1, W2), (M1, M2)
         read_kernels, write_kernels, pieces = {}, {}, []
@@ -555,8 +563,7 @@ class _NativeGeneration(torch.autograd.Function):
             end, write_keep = _mlp_write.write_forward(wk, ins)
             pieces.append((rk, xj, read_keep, wk, ins + write_keep, same, anchor))
             ws, ms = end[:2], end[2:4]
-        ctx.plan, ctx.pieces, ctx.outputs, ctx.mom = plan, pieces, len(addends), M1 is not None
-        ctx.set_materialize_grads(False)
+        ctx.pieces = pieces
         # fresh tensors only: an output the pieces also hold would tie the graph in a cycle
         results = [torch.cat(o, dim=1) for o in outs_all]
         ends = list(ws) + (list(ms) if ctx.mom else [])
@@ -612,6 +619,67 @@ class _NativeGeneration(torch.autograd.Function):
         dz = [joined([d[i] for d in dzs]) for i in range(len(want_dz))]
         dA = (None, None) if dA is None else dA
         return (None, G[0], G[1], F[0], F[1], dA[0], dA[1], joined(dxs), None, joined(dbetas), None, *dz)
+
+
+def _one_call_fits(plan: _Generation) -> bool:
+    """Whether :func:`_one_call` runs a pass: more than one piece, all of one length, the first
+    starting a chunk and the last ending one (so every piece reads and writes at its own start)."""
+    return plan.aligned and plan.ends_aligned and len(plan.lens) > 1 and len(set(plan.lens)) == 1
+
+
+def _one_call(plan, W1, W2, M1, M2, x, mask, beta, alpha_given, addends):
+    """:class:`_NativeGeneration`'s pieces in one C call (``generation_forward`` in
+    ``_mlp_write.c``: a thread takes its sequence-heads through every piece) for P > 1 pieces of
+    equal length that each start a chunk: ``(the pieces as the loop keeps them for the backward,
+    each memory's output over the call, the end weights, the end momenta)``. Every per-piece
+    tensor is one piece of a ``[P, ...]`` buffer (the inputs laid out so first: one copy each),
+    so the pass makes a few dozen allocations instead of ~25 a piece; the last piece writes its
+    weights to tensors of their own (this function's outputs must not be views)."""
+    P, L = len(plan.lens), plan.lens[0]
+    GN = x.shape[0]
+
+    def by_piece(t):  # [R, T, *] -> [P, R, L, *], contiguous
+        return None if t is None else t.reshape(t.shape[0], P, L, *t.shape[2:]).transpose(0, 1).contiguous()
+
+    xp, zs, alphas, betas = by_piece(x), [by_piece(z) for z in addends], by_piece(alpha_given), by_piece(beta)
+    rk = _group_read.read_kernel(plan.read_lib, plan.read_cfg, xp.shape[1:], W1.shape[-2], W2.shape[-2], mask,
+                                 plan.residual)
+    outs, rkeep = _group_read.read_outputs(rk, GN, L, lambda *shape: x.new_empty(P, *shape))
+    k0, v0 = (outs[plan.sources[i]][0] for i in range(2))  # (their shapes)
+    wk = _mlp_write.write_kernel(plan.write_lib, plan.write_cfg, W1, W2, M1, True, k0, v0, mask)
+    h, O, D = W1.shape[-2], W2.shape[-2], W1.shape[-1]
+    wouts = _mlp_write.write_outputs(wk, GN, L, h, O, D, lambda *shape: x.new_empty(P, *shape))
+    # the weights every piece but the last writes; the last writes the outputs
+    wouts = tuple(t[:-1] if i < 4 and t is not None else t for i, t in enumerate(wouts))
+    last = _mlp_write.write_outputs(wk, GN, L, h, O, D, x.new_empty)[:4]
+    alpha = plan.sources[3]
+    sources = (*plan.sources[:3], -1 if alpha is None else -2 if alpha == "given" else alpha)
+    stride = lambda t: 0 if t is None else t[0].numel()  # noqa: E731
+    rbase = (None, None, xp, mask, *zs, *outs, *rkeep)
+    wbase = (W1, W2, M1, M2, None, None, None, None, None, mask, alphas, betas, *wouts)
+    rstride = [0, 0, stride(xp), 0, *map(stride, zs), *map(stride, outs), *map(stride, rkeep)]
+    wstride = [0] * 10 + [stride(alphas), stride(betas)] + [stride(t) for t in wouts]
+    native.check("_mlp_write", plan.write_lib.generation_forward(
+        ctypes.c_int64(P), rk.cfg_c, rk.kinds, rk.params, ctypes.cast(plan.read_lib.forward_heads, ctypes.c_void_p),
+        wk.cfg_c, native.pointers(rbase), (ctypes.c_int64 * len(rstride))(*rstride), native.pointers(wbase),
+        (ctypes.c_int64 * len(wstride))(*wstride), native.pointers(last), (ctypes.c_int64 * 4)(*sources),
+        ctypes.c_double(_NORM_EPS2)))
+    # the pieces as the loop keeps them: views, one unbind per buffer
+    each = lambda t: [None] * P if t is None else list(t.unbind(0))  # noqa: E731
+    xs, outs_p, rkeep_p, wouts_p = each(xp), [each(o) for o in outs], [each(t) for t in rkeep], [each(t) for t in wouts]
+    alphas_p, betas_p = each(alphas), each(betas)
+    for i in range(4):  # the weights: the call's, every piece's but the last, the last's
+        wouts_p[i] = [(W1, W2, M1, M2)[i], *wouts_p[i][:P - 1], last[i]]
+    pieces = []
+    for j in range(P):
+        k, v, eta = (outs_p[plan.sources[i]][j] for i in range(3))
+        a = None if alpha is None else alphas_p[j] if alpha == "given" else outs_p[alpha][j]
+        ws_j = (wouts_p[0][j], wouts_p[1][j])
+        ins = (*ws_j, wouts_p[2][j], wouts_p[3][j], None, None, k, v, eta, mask, a, betas_p[j])
+        write_keep = tuple(wouts_p[i][j] for i in (8, 9, 10, 11, 4, 5, 6, 7))  # H S g1 inv_r U1 U2 hs work
+        pieces.append((rk, xs[j], tuple(t[j] for t in rkeep_p), wk, ins + write_keep, True, ws_j))
+    results = [o.transpose(0, 1).reshape(o.shape[1], P * L, *o.shape[3:]) for o in outs]
+    return pieces, results, last[:2], last[2:4]
 
 
 def _generation(groups, inputs, beta_all, cfg, lens, off_g, kernel):

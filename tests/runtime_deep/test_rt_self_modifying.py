@@ -552,8 +552,9 @@ def test_native_generation_equals_the_pieces(case, monkeypatch):
         loss = loss + sum(W.sum() for W in state.weights["k"]) + sum(W.sum() for W in state.anchor["v"])
         return o, state, grads(loss, wrt)
 
-    # 9: three pieces, the last ending inside a chunk (the anchor an output); 2, 1: inside one chunk
-    for splits in ([23], [9, 14], [5, 2, 1, 15], [2, 21]):
+    # 9: three pieces, the last ending inside a chunk (the anchor an output); 2, 1: inside one chunk;
+    # 8, 12: whole chunks only (the pieces in one C call, _one_call)
+    for splits in ([23], [9, 14], [5, 2, 1, 15], [2, 21], [8, 12, 3]):
         fused = stream(splits)
         assert "_NativeGenerationBackward" in _graph_nodes(fused[0])
         with monkeypatch.context() as m:
@@ -561,3 +562,42 @@ def test_native_generation_equals_the_pieces(case, monkeypatch):
             pieces = stream(splits)
             assert "_NativeGenerationBackward" not in _graph_nodes(pieces[0])
         assert_close(fused, pieces, atol=1e-12, rtol=1e-11, what=f"{case} {splits}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_one_call_pass_gives_the_same_bits_on_any_thread_count(dtype, monkeypatch):
+    """A call of whole generating chunks runs its pieces in one C call, a thread taking its
+    sequence-heads through every piece (``_one_call``): outputs, state and gradients are bit for
+    bit those of the same call on 1, 2 and 3 threads (an uneven split of the heads included), and
+    those of the piece-by-piece loop over the same kernels."""
+    from nldsl.runtime import self_modifying
+
+    x = inputs(T=12, seed=31)
+    x = {k: ({n: [w.to(dtype) for w in v] for n, v in x[k].items()} if k == "params" else
+             {n: t.to(dtype) for n, t in x[k].items()} if isinstance(x[k], dict) else x[k].to(dtype)) for k in x}
+    requires_grad([x["x"], x["params"], x["beta"], x["conv"]])
+    wrt = [x["x"], *x["params"]["k"], *x["params"]["alpha"], x["beta"], x["conv"]]
+
+    def call():
+        o = run(x, "chunked", gen_chunk_size=4, chunk_size=6)
+        loss = (o.o * torch.linspace(-1, 1, 12, dtype=dtype)[None, :, None, None]).sum()
+        loss = loss + sum(W.sum() for W in o.final_state.weights["v"])
+        return [o.o, *o.final_state.weights["q"], *grads(loss, wrt)]
+
+    used = []
+    one_call = self_modifying._one_call
+    monkeypatch.setattr(self_modifying, "_one_call", lambda *a: used.append(1) or one_call(*a))
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(call())
+    finally:
+        torch.set_num_threads(before)
+    assert used, "the call did not take the one-call pass"
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    # the loop over the pieces: the same kernels, one piece at a time
+    monkeypatch.setattr(self_modifying, "_one_call_fits", lambda plan: False)
+    used.clear()
+    assert all(torch.equal(a, b) for a, b in zip(results[0], call())) and not used
