@@ -98,9 +98,9 @@ static int forward_rows(const int64_t *cfg, const int64_t *kinds, const double *
  * zero); out: dW1 dW2 dx (acc: dW1 and dW2 hold gradients the weights' are added to); dz: each scalar
  * memory's gradient at its sigmoid's input [Ng, L] (NULL: not wanted) */
 static int backward_rows(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
-                         real *const *grad, real *const *out, real *const *dz, int acc)
+                         real *const *grad, real *const *out, real *const *dz, int acc, int64_t s0, int64_t s1)
 {
-    PROLOGUE(cfg, -1, -1);
+    PROLOGUE(cfg, s0, s1);
     for (int64_t q = 0; q < count; q++) {
         const int64_t r = row_at(&rs, q);
         ROW(r);
@@ -161,5 +161,13 @@ int forward_heads(const int64_t *cfg, const int64_t *kinds, const double *params
 int backward(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
              real *const *grad, real *const *out, real *const *dz, int64_t acc)
 {
-    IN_PARALLEL(backward_rows(cfg, kinds, params, in, grad, out, dz, (int)acc));
+    IN_PARALLEL(backward_rows(cfg, kinds, params, in, grad, out, dz, (int)acc, -1, -1));
+}
+
+/* the backward of the sequence-heads [s0, s1) on the calling thread alone (_mlp_write.c's
+ * generation_backward) */
+int backward_heads(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
+                   real *const *grad, real *const *out, real *const *dz, int64_t acc, int64_t s0, int64_t s1)
+{
+    return backward_rows(cfg, kinds, params, in, grad, out, dz, (int)acc, s0, s1);
 }

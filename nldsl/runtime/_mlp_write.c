@@ -307,7 +307,8 @@ static int forward_rows(const int64_t *cfg, real *const *in, real *const *out, d
  * grad: G1 G2 F1 F2 gU1 gU2 ghs gSk, then for a running read gPa gC gm (NULL = zero);
  * out: dW1 dW2 dM1 dM2 dWa1 dWa2 dk dv deta dalpha dbeta (dalpha, dbeta: NULL = not wanted; the
  * rows shared by several, Nk < N, sum theirs) */
-static int backward_rows(const int64_t *cfg, real *const *in, real *const *grad, real *const *out)
+static int backward_rows(const int64_t *cfg, real *const *in, real *const *grad, real *const *out, int64_t s0,
+                         int64_t s1)
 {
     PROLOGUE(cfg);
     real *const zero = TAKE(each);  /* stands for a missing gradient */
@@ -329,8 +330,8 @@ static int backward_rows(const int64_t *cfg, real *const *in, real *const *grad,
     memset(zero, 0, sizeof(real) * each);
     /* a thread takes rows of k, v, ... and, in order, every row that reads them (rows q, q + Nk,
      * ...), so it alone sums their gradients, in the same order for any thread count */
-    int64_t lo, hi;
-    rows(Nk, &lo, &hi);
+    int64_t lo = s0, hi = s1;  /* the sequence-heads [s0, s1), or (s0 < 0) this thread's share */
+    if (s0 < 0) rows(Nk, &lo, &hi);
     if (shared)
         for (int i = 0; i < 5; i++)
             if (out[6 + i]) memset(out[6 + i] + lo * size[i], 0, sizeof(real) * (hi - lo) * size[i]);
@@ -595,9 +596,84 @@ int generation_forward(int64_t P, const int64_t *rcfg, const int64_t *kinds, con
     return status;
 }
 
+/* _group_read.c's backward_heads */
+typedef int (*ReadBackHeads)(const int64_t *cfg, const int64_t *kinds, const double *params, real *const *in,
+                             real *const *grad, real *const *out, real *const *dz, int64_t acc, int64_t s0,
+                             int64_t s1);
+
+/* The backward of generation_forward, the pieces in reverse, a thread again taking its
+ * sequence-heads: per piece the write's backward, then the read's on its outputs' gradients (the
+ * write's of k, v, eta, alpha plus the call's own, ``g``), its weights' gradients added to the
+ * write's: the previous piece's. ``rbase``, ``wbase``, ``sources``: generation_forward's (the
+ * tensors it kept); ``g``: the gradients of its outputs, the end weights' and momenta's
+ * (G1 G2 F1 F2, NULL: zero), then each memory's over the piece (``gstride`` per piece; NULL:
+ * zero); ``work``: two sets of dW1 dW2 dM1 dM2 (a piece's gradients, the previous piece's: piece
+ * 0 writes the first), then dk dv deta dalpha for one piece; ``obase``: dx, dbeta, then each
+ * memory's dz (NULL: not wanted), ``ostride`` per piece. */
+int generation_backward(int64_t P, const int64_t *rcfg, const int64_t *kinds, const double *params,
+                        void *read_back, const int64_t *wcfg, real *const *rbase, const int64_t *rstride,
+                        real *const *wbase, const int64_t *wstride, const int64_t *sources, real *const *g,
+                        const int64_t *gstride, real *const *work, real *const *obase, const int64_t *ostride)
+{
+    const int64_t G = rcfg[2], L = rcfg[3], O = rcfg[6], heads = wcfg[NK];
+    const ReadBackHeads back = (ReadBackHeads)read_back;
+    int status = 0;
+#pragma omp parallel
+    {
+        int64_t s0, s1;
+        rows(heads, &s0, &s1);
+        real *rp[R_IN + 2 * 8 + R_KEEP], *win[W_IN + 8], *wgrad[11] = {0}, *wout[11] = {0};
+        real *rin[R_IN + R_KEEP], *rgrad[8], *rout[3], *rdz[8];
+        const int nr = R_IN + 2 * (int)G + R_KEEP;
+        static const int keep[8] = {8, 9, 10, 11, 4, 5, 6, 7};  /* H S g1 inv_r U1 U2 hs work */
+        for (int64_t j = P - 1; j >= 0 && !__atomic_load_n(&status, __ATOMIC_RELAXED); j--) {
+            for (int i = 0; i < nr; i++) rp[i] = rbase[i] ? rbase[i] + j * rstride[i] : 0;
+            real **outs = rp + R_IN + G, **rkeep = outs + G;
+            for (int i = 0; i < W_IN; i++) win[i] = wbase[i] ? wbase[i] + j * wstride[i] : 0;
+            for (int i = 0; i < 4; i++)
+                if (j) win[i] = wbase[W_IN + i] ? wbase[W_IN + i] + (j - 1) * wstride[W_IN + i] : 0;
+            win[6] = outs[sources[0]], win[7] = outs[sources[1]], win[8] = outs[sources[2]];
+            if (sources[3] >= 0) win[10] = outs[sources[3]];
+            else if (sources[3] == -1) win[10] = 0;
+            for (int i = 0; i < 8; i++) {
+                const int o = W_IN + keep[i];
+                win[W_IN + i] = wbase[o] ? wbase[o] + j * wstride[o] : 0;
+            }
+            real *const *mine = work + 4 * (j % 2), *const *later = work + 4 * ((j + 1) % 2);
+            for (int i = 0; i < 4; i++) {
+                wgrad[i] = j == P - 1 ? g[i] : later[i];
+                wout[i] = mine[i];
+            }
+            for (int i = 0; i < 4; i++) wout[6 + i] = i < 3 || sources[3] >= 0 ? work[8 + i] : 0;
+            wout[10] = obase[1] ? obase[1] + j * ostride[1] : 0;
+            int s = backward_rows(wcfg, win, wgrad, wout, s0, s1);
+            /* the read's gradients: a memory's output feeds the write (its gradient there, plus the
+             * call's) or not (the call's alone) */
+            for (int m = 0; m < G; m++) {
+                real *own = 0;
+                for (int i = 0; i < 4; i++)
+                    if (sources[i] == m) own = wout[6 + i];
+                real *gm = g[4 + m] ? g[4 + m] + j * gstride[4 + m] : 0;
+                if (own && gm) {
+                    const int64_t row = kinds[m] == 2 ? L : L * O;  /* a scalar memory's rows are L long */
+                    for (int64_t c = s0 * row; c < s1 * row; c++) own[c] += gm[c];
+                }
+                rgrad[m] = own ? own : gm;
+                rdz[m] = obase[2 + m] ? obase[2 + m] + j * ostride[2 + m] : 0;
+            }
+            rin[0] = win[0], rin[1] = win[1], rin[2] = rp[2], rin[3] = rp[3];
+            for (int i = 0; i < R_KEEP; i++) rin[R_IN + i] = rkeep[i];
+            rout[0] = mine[0], rout[1] = mine[1], rout[2] = obase[0] + j * ostride[0];
+            if (!s) s = back(rcfg, kinds, params, rin, rgrad, rout, rdz, 1, s0, s1);
+            if (s) __atomic_store_n(&status, s, __ATOMIC_RELAXED);
+        }
+    }
+    return status;
+}
+
 int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const *out)
 {
-    IN_PARALLEL(backward_rows(cfg, in, grad, out));
+    IN_PARALLEL(backward_rows(cfg, in, grad, out, -1, -1));
 }
 
 /* the kernels' activations alone (_native.h), for the tests: a, d1, d2 = act, act', act'' at h */

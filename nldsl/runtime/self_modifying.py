@@ -528,8 +528,9 @@ class _NativeGeneration(torch.autograd.Function):
     def forward(ctx, plan, W1, W2, M1, M2, A1, A2, x, mask, beta, alpha_given, *addends):
         ctx.plan, ctx.outputs, ctx.mom = plan, len(addends), M1 is not None
         ctx.set_materialize_grads(False)
+        ctx.one_call = None
         if _one_call_fits(plan):
-            ctx.pieces, results, ws, ms = _one_call(plan, W1, W2, M1, M2, x, mask, beta, alpha_given, addends)
+            ctx.one_call, results, ws, ms = _one_call(plan, W1, W2, M1, M2, x, mask, beta, alpha_given, addends)
             ctx.anchor_out = False
             return (*results, *ws, *(ms if ctx.mom else ()))
         read_cfg, sources = plan.read_cfg, plan.sources
@@ -577,12 +578,15 @@ class _NativeGeneration(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        plan, pieces, sources = ctx.plan, ctx.pieces, ctx.plan.sources
         g_out, rest = grads[:ctx.outputs], list(grads[ctx.outputs:])
         G = rest[:2]
         F = rest[2:4] if ctx.mom else [None, None]
-        g_anchor = rest[-2:] if ctx.anchor_out else None
         need = ctx.needs_input_grad  # (plan, W1, W2, M1, M2, A1, A2, x, mask, beta, alpha_given, *addends)
+        if ctx.one_call is not None:
+            dW1, dW2, dM1, dM2, dx, dbeta, dz = _one_call_backward(ctx.plan, ctx.one_call, g_out, G, F, need)
+            return (None, dW1, dW2, dM1, dM2, None, None, dx, None, dbeta, None, *dz)
+        plan, pieces, sources = ctx.plan, ctx.pieces, ctx.plan.sources
+        g_anchor = rest[-2:] if ctx.anchor_out else None
         want_dz = need[11:]
         dA, dxs, dzs, dbetas = None, [], [], []
         g_pieces = [split_time(g, plan.lens) for g in g_out]
@@ -627,21 +631,48 @@ def _one_call_fits(plan: _Generation) -> bool:
     return plan.aligned and plan.ends_aligned and len(plan.lens) > 1 and len(set(plan.lens)) == 1
 
 
+class _OneCall(NamedTuple):
+    """What :func:`_one_call` ran, for its backward: the pieces' count and length, the kernels, the
+    sources in the C form, and the tensors behind the forward's pointers (the buffers the pieces
+    live in) with their strides per piece."""
+
+    P: int
+    L: int
+    read: object
+    write: object
+    sources: tuple
+    rbase: tuple
+    rstride: tuple
+    wbase: tuple
+    wstride: tuple
+
+
+def _by_piece(t: Optional[Tensor], P: int, L: int) -> Optional[Tensor]:
+    """``[R, P*L, *]`` as ``[P, R, L, *]``, contiguous (piece j: a contiguous ``[R, L, *]``)."""
+    return None if t is None else t.reshape(t.shape[0], P, L, *t.shape[2:]).transpose(0, 1).contiguous()
+
+
+def _by_time(t: Optional[Tensor]) -> Optional[Tensor]:
+    """:func:`_by_piece`'s inverse: ``[P, R, L, *]`` as ``[R, P*L, *]`` (a fresh tensor)."""
+    return None if t is None else t.transpose(0, 1).reshape(t.shape[1], t.shape[0] * t.shape[2], *t.shape[3:])
+
+
+def _longs(values) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
 def _one_call(plan, W1, W2, M1, M2, x, mask, beta, alpha_given, addends):
     """:class:`_NativeGeneration`'s pieces in one C call (``generation_forward`` in
     ``_mlp_write.c``: a thread takes its sequence-heads through every piece) for P > 1 pieces of
-    equal length that each start a chunk: ``(the pieces as the loop keeps them for the backward,
-    each memory's output over the call, the end weights, the end momenta)``. Every per-piece
-    tensor is one piece of a ``[P, ...]`` buffer (the inputs laid out so first: one copy each),
-    so the pass makes a few dozen allocations instead of ~25 a piece; the last piece writes its
-    weights to tensors of their own (this function's outputs must not be views)."""
+    equal length that each start a chunk: ``(a _OneCall for the backward, each memory's output
+    over the call, the end weights, the end momenta)``. Every per-piece tensor is one piece of a
+    ``[P, ...]`` buffer (the inputs laid out so first: one copy each), so the pass makes a few
+    dozen allocations instead of ~25 a piece; the last piece writes its weights to tensors of
+    their own (this function's outputs must not be views)."""
     P, L = len(plan.lens), plan.lens[0]
     GN = x.shape[0]
-
-    def by_piece(t):  # [R, T, *] -> [P, R, L, *], contiguous
-        return None if t is None else t.reshape(t.shape[0], P, L, *t.shape[2:]).transpose(0, 1).contiguous()
-
-    xp, zs, alphas, betas = by_piece(x), [by_piece(z) for z in addends], by_piece(alpha_given), by_piece(beta)
+    xp, zs = _by_piece(x, P, L), [_by_piece(z, P, L) for z in addends]
+    alphas, betas = _by_piece(alpha_given, P, L), _by_piece(beta, P, L)
     rk = _group_read.read_kernel(plan.read_lib, plan.read_cfg, xp.shape[1:], W1.shape[-2], W2.shape[-2], mask,
                                  plan.residual)
     outs, rkeep = _group_read.read_outputs(rk, GN, L, lambda *shape: x.new_empty(P, *shape))
@@ -649,37 +680,50 @@ def _one_call(plan, W1, W2, M1, M2, x, mask, beta, alpha_given, addends):
     wk = _mlp_write.write_kernel(plan.write_lib, plan.write_cfg, W1, W2, M1, True, k0, v0, mask)
     h, O, D = W1.shape[-2], W2.shape[-2], W1.shape[-1]
     wouts = _mlp_write.write_outputs(wk, GN, L, h, O, D, lambda *shape: x.new_empty(P, *shape))
-    # the weights every piece but the last writes; the last writes the outputs
+    # the weights every piece but the last writes (piece j's inputs: piece j - 1's); the last's
+    # are the outputs
     wouts = tuple(t[:-1] if i < 4 and t is not None else t for i, t in enumerate(wouts))
     last = _mlp_write.write_outputs(wk, GN, L, h, O, D, x.new_empty)[:4]
     alpha = plan.sources[3]
     sources = (*plan.sources[:3], -1 if alpha is None else -2 if alpha == "given" else alpha)
     stride = lambda t: 0 if t is None else t[0].numel()  # noqa: E731
-    rbase = (None, None, xp, mask, *zs, *outs, *rkeep)
-    wbase = (W1, W2, M1, M2, None, None, None, None, None, mask, alphas, betas, *wouts)
-    rstride = [0, 0, stride(xp), 0, *map(stride, zs), *map(stride, outs), *map(stride, rkeep)]
-    wstride = [0] * 10 + [stride(alphas), stride(betas)] + [stride(t) for t in wouts]
+    run = _OneCall(P, L, rk, wk, sources,
+                   (None, None, xp, mask, *zs, *outs, *rkeep),
+                   (0, 0, stride(xp), 0, *map(stride, zs), *map(stride, outs), *map(stride, rkeep)),
+                   (W1, W2, M1, M2, None, None, None, None, None, mask, alphas, betas, *wouts),
+                   (0,) * 10 + (stride(alphas), stride(betas)) + tuple(map(stride, wouts)))
     native.check("_mlp_write", plan.write_lib.generation_forward(
         ctypes.c_int64(P), rk.cfg_c, rk.kinds, rk.params, ctypes.cast(plan.read_lib.forward_heads, ctypes.c_void_p),
-        wk.cfg_c, native.pointers(rbase), (ctypes.c_int64 * len(rstride))(*rstride), native.pointers(wbase),
-        (ctypes.c_int64 * len(wstride))(*wstride), native.pointers(last), (ctypes.c_int64 * 4)(*sources),
-        ctypes.c_double(_NORM_EPS2)))
-    # the pieces as the loop keeps them: views, one unbind per buffer
-    each = lambda t: [None] * P if t is None else list(t.unbind(0))  # noqa: E731
-    xs, outs_p, rkeep_p, wouts_p = each(xp), [each(o) for o in outs], [each(t) for t in rkeep], [each(t) for t in wouts]
-    alphas_p, betas_p = each(alphas), each(betas)
-    for i in range(4):  # the weights: the call's, every piece's but the last, the last's
-        wouts_p[i] = [(W1, W2, M1, M2)[i], *wouts_p[i][:P - 1], last[i]]
-    pieces = []
-    for j in range(P):
-        k, v, eta = (outs_p[plan.sources[i]][j] for i in range(3))
-        a = None if alpha is None else alphas_p[j] if alpha == "given" else outs_p[alpha][j]
-        ws_j = (wouts_p[0][j], wouts_p[1][j])
-        ins = (*ws_j, wouts_p[2][j], wouts_p[3][j], None, None, k, v, eta, mask, a, betas_p[j])
-        write_keep = tuple(wouts_p[i][j] for i in (8, 9, 10, 11, 4, 5, 6, 7))  # H S g1 inv_r U1 U2 hs work
-        pieces.append((rk, xs[j], tuple(t[j] for t in rkeep_p), wk, ins + write_keep, True, ws_j))
-    results = [o.transpose(0, 1).reshape(o.shape[1], P * L, *o.shape[3:]) for o in outs]
-    return pieces, results, last[:2], last[2:4]
+        wk.cfg_c, native.pointers(run.rbase), _longs(run.rstride), native.pointers(run.wbase), _longs(run.wstride),
+        native.pointers(last), _longs(sources), ctypes.c_double(_NORM_EPS2)))
+    return run, [_by_time(o) for o in outs], last[:2], last[2:4]
+
+
+def _one_call_backward(plan, run: _OneCall, g_out, G, F, need):
+    """The backward of :func:`_one_call` (``generation_backward``): the gradients
+    :meth:`_NativeGeneration.backward` returns for W1, W2, M1, M2, x, beta and the addends."""
+    P, L, rk, wk = run.P, run.L, run.read, run.write
+    W1, W2, M1, M2, x0 = run.wbase[0], run.wbase[1], run.wbase[2], run.wbase[3], run.rbase[2]
+    G_ = len(rk.kinds)
+    outs = run.rbase[4 + G_:4 + 2 * G_]
+    g = [_by_piece(t, P, L) for t in g_out]
+    # a piece's weight gradients, and the previous piece's: piece 0 writes the first set
+    sets = [[native.empty(W1), native.empty(W2), native.empty(M1), native.empty(M2)] for _ in range(2)]
+    made = [native.empty(outs[s][0]) if s >= 0 else None for s in run.sources]  # dk dv deta dalpha
+    dx = native.empty(x0)
+    dbeta = native.empty(run.wbase[11]) if need[9] and run.wbase[11] is not None else None
+    dz = [native.empty(o) if want and kind == _group_read._KINDS["scalar"] else None
+          for o, kind, want in zip(outs, rk.kinds, need[11:])]
+    stride = lambda t: 0 if t is None else t[0].numel()  # noqa: E731
+    grads = (*contiguous(*G, *F), *g)
+    native.check("_mlp_write", plan.write_lib.generation_backward(
+        ctypes.c_int64(P), rk.cfg_c, rk.kinds, rk.params, ctypes.cast(plan.read_lib.backward_heads, ctypes.c_void_p),
+        wk.cfg_c, native.pointers(run.rbase), _longs(run.rstride), native.pointers(run.wbase), _longs(run.wstride),
+        _longs(run.sources), native.pointers(grads), _longs([0] * 4 + [stride(t) for t in g]),
+        native.pointers((*sets[0], *sets[1], *made)), native.pointers((dx, dbeta, *dz)),
+        _longs([stride(t) for t in (dx, dbeta, *dz)])))
+    dW1, dW2, dM1, dM2 = sets[0]
+    return dW1, dW2, dM1, dM2, _by_time(dx), _by_time(dbeta), [_by_time(t) for t in dz]
 
 
 def _generation(groups, inputs, beta_all, cfg, lens, off_g, kernel):
