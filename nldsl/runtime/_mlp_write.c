@@ -566,6 +566,7 @@ int generation_forward(int64_t P, const int64_t *rcfg, const int64_t *kinds, con
 {
     const int64_t G = rcfg[2], heads = wcfg[NK];
     const ReadHeads read_heads = (ReadHeads)read;
+    if (G > 8) return 2;  /* (the pointer arrays below hold 8 memories) */
     int status = 0;
 #pragma omp parallel
     {
@@ -617,6 +618,7 @@ int generation_backward(int64_t P, const int64_t *rcfg, const int64_t *kinds, co
 {
     const int64_t G = rcfg[2], L = rcfg[3], O = rcfg[6], heads = wcfg[NK];
     const ReadBackHeads back = (ReadBackHeads)read_back;
+    if (G > 8) return 2;
     int status = 0;
 #pragma omp parallel
     {

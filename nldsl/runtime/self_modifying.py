@@ -514,7 +514,9 @@ class _NativeGeneration(torch.autograd.Function):
     as the composed path's two autograd functions per piece (the same results); what it saves
     is the graph between them, a piece's splits, concatenations and gradient sums: small ops that
     run on one thread (Hope's training step, 128 pieces, is about 3% faster on two threads and
-    unchanged on one).
+    unchanged on one). A call of whole chunks (every call of a training step) runs all its
+    pieces in one C call per direction instead (:func:`_one_call`): no Python or allocation per
+    piece, and a thread keeps its sequence-heads from one piece to the next.
 
     Inputs: the group's stacked weights W1, W2, momenta M1, M2 (None without momentum), anchor A1,
     A2 (None: the weights, the call starting on a chunk boundary), inputs ``x [G*N, T, D]``, the
