@@ -572,9 +572,12 @@ def test_one_call_pass_gives_the_same_bits_on_any_thread_count(dtype, monkeypatc
     those of the piece-by-piece loop over the same kernels."""
     from nldsl.runtime import self_modifying
 
-    x = inputs(T=12, seed=31)
-    x = {k: ({n: [w.to(dtype) for w in v] for n, v in x[k].items()} if k == "params" else
-             {n: t.to(dtype) for n, t in x[k].items()} if isinstance(x[k], dict) else x[k].to(dtype)) for k in x}
+    def cast(v):
+        if isinstance(v, dict):
+            return {n: cast(t) for n, t in v.items()}
+        return [cast(t) for t in v] if isinstance(v, (list, tuple)) else v.to(dtype)
+
+    x = cast(inputs(T=12, seed=31))
     requires_grad([x["x"], x["params"], x["beta"], x["conv"]])
     wrt = [x["x"], *x["params"]["k"], *x["params"]["alpha"], x["beta"], x["conv"]]
 
