@@ -545,6 +545,23 @@ typedef int (*ReadHeads)(const int64_t *cfg, const int64_t *kinds, const double 
 
 enum { R_IN = 4, R_KEEP = 5, W_IN = 12, W_OUT = 15 };
 
+/* Piece j's read pointers rp (W1 W2 x mask, then the G memories' z, outputs and the five kept)
+ * and write inputs win (12) from generation_forward's bases and strides: the weights the piece
+ * starts from (the call's for piece 0, else piece j - 1's outputs) for both, and the read's
+ * outputs as the write's k, v, eta, alpha (``sources``) */
+static void piece_inputs(int64_t j, int64_t G, real *const *rbase, const int64_t *rstride, real *const *wbase,
+                         const int64_t *wstride, const int64_t *sources, real **rp, real **win)
+{
+    for (int i = 0; i < R_IN + 2 * G + R_KEEP; i++) rp[i] = rbase[i] ? rbase[i] + j * rstride[i] : 0;
+    for (int i = 0; i < W_IN; i++) win[i] = wbase[i] ? wbase[i] + j * wstride[i] : 0;
+    for (int i = 0; i < 4 && j; i++) win[i] = wbase[W_IN + i] ? wbase[W_IN + i] + (j - 1) * wstride[W_IN + i] : 0;
+    rp[0] = win[0], rp[1] = win[1];
+    real *const *outs = rp + R_IN + G;
+    win[6] = outs[sources[0]], win[7] = outs[sources[1]], win[8] = outs[sources[2]];
+    if (sources[3] >= 0) win[10] = outs[sources[3]];
+    else if (sources[3] == -1) win[10] = 0;
+}
+
 /* Pass 1 of self-modifying Titans' generating memories (_NativeGeneration in self_modifying.py)
  * over P pieces that each start a chunk (so each reads and writes at the weights it starts
  * from): per piece the stack's anchor read (``read``) and the write on the k, v, eta, alpha it
@@ -573,24 +590,14 @@ int generation_forward(int64_t P, const int64_t *rcfg, const int64_t *kinds, con
         int64_t s0, s1;
         rows(heads, &s0, &s1);
         real *rp[R_IN + 2 * 8 + R_KEEP], *win[W_IN], *wout[W_OUT];  /* at most 8 memories in a stack */
-        const int nr = R_IN + 2 * (int)G + R_KEEP;
         for (int64_t j = 0; j < P && !__atomic_load_n(&status, __ATOMIC_RELAXED); j++) {
-            for (int i = 0; i < nr; i++) rp[i] = rbase[i] ? rbase[i] + j * rstride[i] : 0;
-            for (int i = 0; i < W_IN; i++) win[i] = wbase[i] ? wbase[i] + j * wstride[i] : 0;
+            piece_inputs(j, G, rbase, rstride, wbase, wstride, sources, rp, win);
             for (int i = 0; i < W_OUT; i++) wout[i] = wbase[W_IN + i] ? wbase[W_IN + i] + j * wstride[W_IN + i] : 0;
-            for (int i = 0; i < 4; i++) {
-                if (j) win[i] = wbase[W_IN + i] ? wbase[W_IN + i] + (j - 1) * wstride[W_IN + i] : 0;
-                if (j == P - 1) wout[i] = last[i];
-            }
-            rp[0] = win[0], rp[1] = win[1];
+            for (int i = 0; i < 4 && j == P - 1; i++) wout[i] = last[i];
             real **z = rp + R_IN, **outs = z + G, **keep = outs + G;
+            /* (the write's k, v, eta, alpha point at the outputs the read fills first) */
             int s = read_heads(rcfg, kinds, params, rp, z, outs, keep, eps2, s0, s1);
-            if (!s) {
-                win[6] = outs[sources[0]], win[7] = outs[sources[1]], win[8] = outs[sources[2]];
-                if (sources[3] >= 0) win[10] = outs[sources[3]];
-                else if (sources[3] == -1) win[10] = 0;
-                s = forward_rows(wcfg, win, wout, eps2, s0, s1);
-            }
+            if (!s) s = forward_rows(wcfg, win, wout, eps2, s0, s1);
             if (s) __atomic_store_n(&status, s, __ATOMIC_RELAXED);
         }
     }
@@ -626,17 +633,10 @@ int generation_backward(int64_t P, const int64_t *rcfg, const int64_t *kinds, co
         rows(heads, &s0, &s1);
         real *rp[R_IN + 2 * 8 + R_KEEP], *win[W_IN + 8], *wgrad[11] = {0}, *wout[11] = {0};
         real *rin[R_IN + R_KEEP], *rgrad[8], *rout[3], *rdz[8];
-        const int nr = R_IN + 2 * (int)G + R_KEEP;
         static const int keep[8] = {8, 9, 10, 11, 4, 5, 6, 7};  /* H S g1 inv_r U1 U2 hs work */
         for (int64_t j = P - 1; j >= 0 && !__atomic_load_n(&status, __ATOMIC_RELAXED); j--) {
-            for (int i = 0; i < nr; i++) rp[i] = rbase[i] ? rbase[i] + j * rstride[i] : 0;
-            real **outs = rp + R_IN + G, **rkeep = outs + G;
-            for (int i = 0; i < W_IN; i++) win[i] = wbase[i] ? wbase[i] + j * wstride[i] : 0;
-            for (int i = 0; i < 4; i++)
-                if (j) win[i] = wbase[W_IN + i] ? wbase[W_IN + i] + (j - 1) * wstride[W_IN + i] : 0;
-            win[6] = outs[sources[0]], win[7] = outs[sources[1]], win[8] = outs[sources[2]];
-            if (sources[3] >= 0) win[10] = outs[sources[3]];
-            else if (sources[3] == -1) win[10] = 0;
+            piece_inputs(j, G, rbase, rstride, wbase, wstride, sources, rp, win);
+            real *const *rkeep = rp + R_IN + 2 * G;
             for (int i = 0; i < 8; i++) {
                 const int o = W_IN + keep[i];
                 win[W_IN + i] = wbase[o] ? wbase[o] + j * wstride[o] : 0;
@@ -663,7 +663,7 @@ int generation_backward(int64_t P, const int64_t *rcfg, const int64_t *kinds, co
                 rgrad[m] = own ? own : gm;
                 rdz[m] = obase[2 + m] ? obase[2 + m] + j * ostride[2 + m] : 0;
             }
-            rin[0] = win[0], rin[1] = win[1], rin[2] = rp[2], rin[3] = rp[3];
+            for (int i = 0; i < R_IN; i++) rin[i] = rp[i];
             for (int i = 0; i < R_KEEP; i++) rin[R_IN + i] = rkeep[i];
             rout[0] = mine[0], rout[1] = mine[1], rout[2] = obase[0] + j * ostride[0];
             if (!s) s = back(rcfg, kinds, params, rin, rgrad, rout, rdz, 1, s0, s1);

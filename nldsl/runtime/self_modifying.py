@@ -663,6 +663,11 @@ def _longs(values) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
 
+def _piece_size(t: Optional[Tensor]) -> int:
+    """The values of one piece of a ``[P, ...]`` buffer (0 for None: the C passes' stride)."""
+    return 0 if t is None else t[0].numel()
+
+
 def _one_call(plan, W1, W2, M1, M2, x, mask, beta, alpha_given, addends):
     """:class:`_NativeGeneration`'s pieces in one C call (``generation_forward`` in
     ``_mlp_write.c``: a thread takes its sequence-heads through every piece) for P > 1 pieces of
@@ -688,12 +693,12 @@ def _one_call(plan, W1, W2, M1, M2, x, mask, beta, alpha_given, addends):
     last = _mlp_write.write_outputs(wk, GN, L, h, O, D, x.new_empty)[:4]
     alpha = plan.sources[3]
     sources = (*plan.sources[:3], -1 if alpha is None else -2 if alpha == "given" else alpha)
-    stride = lambda t: 0 if t is None else t[0].numel()  # noqa: E731
+    per_piece = (*zs, *outs, *rkeep)
     run = _OneCall(P, L, rk, wk, sources,
-                   (None, None, xp, mask, *zs, *outs, *rkeep),
-                   (0, 0, stride(xp), 0, *map(stride, zs), *map(stride, outs), *map(stride, rkeep)),
+                   (None, None, xp, mask, *per_piece),
+                   (0, 0, _piece_size(xp), 0, *map(_piece_size, per_piece)),
                    (W1, W2, M1, M2, None, None, None, None, None, mask, alphas, betas, *wouts),
-                   (0,) * 10 + (stride(alphas), stride(betas)) + tuple(map(stride, wouts)))
+                   (0,) * 10 + tuple(map(_piece_size, (alphas, betas, *wouts))))
     native.check("_mlp_write", plan.write_lib.generation_forward(
         ctypes.c_int64(P), rk.cfg_c, rk.kinds, rk.params, ctypes.cast(plan.read_lib.forward_heads, ctypes.c_void_p),
         wk.cfg_c, native.pointers(run.rbase), _longs(run.rstride), native.pointers(run.wbase), _longs(run.wstride),
@@ -716,14 +721,13 @@ def _one_call_backward(plan, run: _OneCall, g_out, G, F, need):
     dbeta = native.empty(run.wbase[11]) if need[9] and run.wbase[11] is not None else None
     dz = [native.empty(o) if want and kind == _group_read._KINDS["scalar"] else None
           for o, kind, want in zip(outs, rk.kinds, need[11:])]
-    stride = lambda t: 0 if t is None else t[0].numel()  # noqa: E731
     grads = (*contiguous(*G, *F), *g)
     native.check("_mlp_write", plan.write_lib.generation_backward(
         ctypes.c_int64(P), rk.cfg_c, rk.kinds, rk.params, ctypes.cast(plan.read_lib.backward_heads, ctypes.c_void_p),
         wk.cfg_c, native.pointers(run.rbase), _longs(run.rstride), native.pointers(run.wbase), _longs(run.wstride),
-        _longs(run.sources), native.pointers(grads), _longs([0] * 4 + [stride(t) for t in g]),
+        _longs(run.sources), native.pointers(grads), _longs([0] * 4 + [_piece_size(t) for t in g]),
         native.pointers((*sets[0], *sets[1], *made)), native.pointers((dx, dbeta, *dz)),
-        _longs([stride(t) for t in (dx, dbeta, *dz)])))
+        _longs([_piece_size(t) for t in (dx, dbeta, *dz)])))
     dW1, dW2, dM1, dM2 = sets[0]
     return dW1, dW2, dM1, dM2, _by_time(dx), _by_time(dbeta), [_by_time(t) for t in dz]
 
