@@ -12,12 +12,15 @@ Every spec is compiled with ``nldsl.compile`` and built at vocab 256, d=128, 2 l
 (the issue's sizes; ``--dim`` etc. change them), then trained with torch AdamW on random tokens
 at T=512, B=4, float32: one measured step = forward with labels (so surprise-driven levels such
 as Hope's CMS write, as in training), cross-entropy, backward, optimizer step. Each spec runs in
-a fresh subprocess with ``--threads`` intra-op threads; after ``--warmup`` steps it takes
-``--reps`` means of ``--window`` consecutive steps (4; the same for every model, so that no
-model's best is picked from more noise than another's) and keeps the best (``--clock cpu``: the
-worker's CPU time, least disturbed by other processes on a shared machine; ``wall``);
-``--rounds N`` measures every model N times, in turn, and keeps each one's best (a shared
-machine's speed drifts over minutes). Peak memory: on CUDA ``max_memory_allocated``; on CPU the
+a subprocess of its own with ``--threads`` intra-op threads, built and warmed up (``--warmup``
+steps) before any model is timed; a measurement takes ``--reps`` means of ``--window``
+consecutive steps (4; the same for every model, so that no model's best is picked from more
+noise than another's) and keeps the best (``--clock cpu``: the worker's CPU time, least
+disturbed by other processes on a shared machine; ``wall``). ``--rounds N`` measures every model
+N times, in turn, the workers waiting between their turns, and keeps each one's best; the ratio
+to the matched Transformer is printed round by round with its median (a shared machine's speed
+drifts over minutes and swings for seconds: neighbours in a round are seconds apart, so their
+ratio is steadier than either time). Peak memory: on CUDA ``max_memory_allocated``; on CPU the
 highest resident set size sampled every millisecond during the first step minus the resident
 size before it.
 
@@ -45,8 +48,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -107,15 +112,20 @@ def worker(args) -> dict:
     # every model's rep is the mean of the same number of steps (a whole number of its cycles):
     # a best of single steps would pick from more noise than a best of a cycle's means
     window = cycle * -(-args.window // cycle)
-    best = float("inf")
-    for _ in range(args.reps):
-        t0 = clock()
-        for _ in range(window):
-            step()
-        best = min(best, (clock() - t0) / window)
-    out = {"spec": args.spec, "layers": args.layers, "params": _count(model),
-           "seconds": best, "tokens_per_s": args.B * args.T / best, "peak_mb": peak, "cycle": cycle,
-           "window": window}
+    _say({"params": _count(model), "peak_mb": peak, "cycle": cycle, "window": window})
+    # the parent's commands: "measure" (the best of --reps windows; the parent interleaves the
+    # models' measurements) until "finish" (the extras, then exit)
+    for command in sys.stdin:
+        if command.strip() != "measure":
+            break
+        best = float("inf")
+        for _ in range(args.reps):
+            t0 = clock()
+            for _ in range(window):
+                step()
+            best = min(best, (clock() - t0) / window)
+        _say({"seconds": best})
+    out = {}
     if args.breakdown:
         out["breakdown"] = _breakdown(model, step, clock, args.reps * cycle)
     if args.calls:
@@ -125,6 +135,13 @@ def worker(args) -> dict:
     if device.type == "cuda" and not args.cuda_graph:  # (a replay is one launch: nothing to count)
         out["gpu"] = _gpu_profile(step)
     return out
+
+
+PROTOCOL = "@bench "  # marks the worker's lines to the parent (anything else it prints is ignored)
+
+
+def _say(message: dict) -> None:
+    print(PROTOCOL + json.dumps(message), flush=True)
 
 
 def _calls(model, step, top: int, device) -> dict:
@@ -420,7 +437,8 @@ def main(argv=None) -> int:
                    help="a rep is the mean of this many consecutive steps (rounded up to a whole cycle, "
                         "the same for every model: Hope's cycle is 4)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="measure every model this many times, in turn; the table shows each one's best")
+                   help="measure every model this many times, in turn (live workers); the table shows each one's "
+                        "best, and the ratio to the matched model is printed round by round with its median")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each model's forward by layer and submodule, its backward and optimizer step")
     p.add_argument("--calls", type=int, default=0, metavar="N",
@@ -432,7 +450,7 @@ def main(argv=None) -> int:
     p.add_argument("--spec", help=argparse.SUPPRESS)  # worker mode
     args = p.parse_args(argv)
     if args.spec:
-        print(json.dumps(worker(args)))
+        _say(worker(args))
         return 0
     if args.window < 1:
         p.error("--window must be at least 1")
@@ -466,41 +484,49 @@ def main(argv=None) -> int:
           + (f", best of {args.rounds} rounds" if args.rounds > 1 else ""))
     labels = _labels(args.specs + ([] if args.match == "none" else [args.match]))
 
-    def measure(spec, layers):
-        r = subprocess.run([sys.executable, __file__, f"--spec={spec}", f"--layers={layers}", *common],
-                           capture_output=True, text=True)
-        if r.returncode:
-            print(f"{spec}: failed\n{r.stderr.strip()[-2000:]}")
-            return None
-        result = json.loads(r.stdout.strip().splitlines()[-1])
-        result["label"] = labels[spec]
-        cycle = f", a cycle of {result['cycle']}" if result["cycle"] > 1 else ""
-        print(f"  {result['label']} x{layers}: {result['seconds'] * 1e3:.0f} ms (mean of {result['window']} steps"
-              f"{cycle})", flush=True)
-        return result
+    workers: dict = {}  # (spec, layers): its live worker, built and warmed up
 
-    # rounds: every model once per round, in turn, so that a drift of the machine's speed over
-    # minutes (seen: 10-30% on a shared machine) meets every model alike
+    def start(job):
+        spec, layers = job
+        w = _Worker([sys.executable, __file__, f"--spec={spec}", f"--layers={layers}", *common])
+        if w.ready is None:
+            print(f"{spec}: failed\n{w.error()}")
+        else:
+            w.ready.update(spec=spec, layers=layers, label=labels[spec])
+            workers[job] = w
+
     jobs = [(spec, args.layers) for spec in args.specs]
-    runs: dict = {}
-
-    def run_round(todo):
-        for job in todo:
-            r = measure(*job)
-            if r:
-                runs.setdefault(job, []).append(r)
-
-    run_round(jobs)
-    if not runs:
+    for job in jobs:
+        start(job)
+    if not workers:
         return 1
     match = None
     if args.match != "none":
-        match = (args.match, _matching_layers(args.match, args, max(rs[0]["params"] for rs in runs.values())))
+        match = (args.match, _matching_layers(args.match, args, max(w.ready["params"] for w in workers.values())))
         if match not in jobs:
             jobs.append(match)
-            run_round([match])
-    for _ in range(args.rounds - 1):
-        run_round(jobs)
+            start(match)
+    # rounds: every model's measurement in turn, the workers staying alive between them, so that
+    # a drift of the machine's speed (seen: 10-30% over minutes on a shared machine, more for a
+    # few seconds) meets every model alike, and a round's neighbours are seconds apart
+    runs: dict = {}
+    for _ in range(args.rounds):
+        for job in jobs:
+            w = workers.get(job)
+            seconds = None if w is None else w.measure()
+            if seconds is None:
+                if workers.pop(job, None) is not None:
+                    print(f"{job[0]}: failed\n{w.error()}")
+                continue
+            r = dict(w.ready, seconds=seconds, tokens_per_s=args.B * args.T / seconds)
+            runs.setdefault(job, []).append(r)
+            cycle = f", a cycle of {r['cycle']}" if r["cycle"] > 1 else ""
+            print(f"  {r['label']} x{r['layers']}: {seconds * 1e3:.0f} ms (mean of {r['window']} steps{cycle})",
+                  flush=True)
+    extras = {job: w.finish() for job, w in workers.items()}
+    runs = {job: [dict(r, **(extras.get(job) or {})) for r in rs] for job, rs in runs.items()}
+    if not runs:
+        return 1
     rows = [min(rs, key=lambda r: r["seconds"]) for rs in runs.values()]
     matched = min(runs[match], key=lambda r: r["seconds"]) if match in runs else None
     fastest = min(r["seconds"] for r in rows)
@@ -536,10 +562,51 @@ def main(argv=None) -> int:
     if matched and args.rounds > 1:
         for job, rs in runs.items():
             if job != match:
-                ratios = " ".join(f"{r['seconds'] / m['seconds']:.1f}x" for r, m in zip(rs, runs[match]))
-                print(f"{rs[0]['label']} x{rs[0]['layers']} / {matched['label']} x{matched['layers']}, "
-                      f"round by round: {ratios}")
+                ratios = [r["seconds"] / m["seconds"] for r, m in zip(rs, runs[match])]
+                print(f"{rs[0]['label']} x{rs[0]['layers']} / {matched['label']} x{matched['layers']}, round by round: "
+                      f"{' '.join(f'{x:.1f}x' for x in ratios)} (median {statistics.median(ratios):.2f}x)")
     return 0
+
+
+class _Worker:
+    """A model's worker process: built and warmed up on start (``ready``: its size, peak memory,
+    cycle and window), then ``measure`` (seconds, None if it died) as often as the parent asks,
+    and ``finish`` (the extras: breakdown, calls, flops). Its stderr goes to a file, read on
+    failure (a pipe nobody reads could fill and stall it)."""
+
+    def __init__(self, cmd):
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.ready = self._read()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL):])
+        return None
+
+    def _ask(self, command):
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return None
+        return self._read()
+
+    def measure(self):
+        got = self._ask("measure")
+        return None if got is None else got["seconds"]
+
+    def finish(self):
+        out = self._ask("finish")
+        self.proc.wait()
+        return out
+
+    def error(self) -> str:
+        self.proc.kill()
+        self.proc.wait()
+        self.log.seek(0)
+        return self.log.read().strip()[-2000:]
 
 
 if __name__ == "__main__":

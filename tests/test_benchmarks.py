@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = {
     "bench_models": (["--specs", "specs/cms.nl", "specs/transformer.nl", "--T", "64", "--B", "1", "--dim", "32",
-                      "--heads", "2", "--reps", "1", "--breakdown", "--calls", "3"],
+                      "--heads", "2", "--reps", "1", "--rounds", "2", "--breakdown", "--calls", "3"],
                      ["HopeAttention", "Transformer           5", "vs Transformer x5", "layer 1 chain.learn",
-                      "surprise", "backward", "the 3 costliest torch calls of a step"]),
+                      "surprise", "backward", "the 3 costliest torch calls of a step",
+                      "HopeAttention x2 / Transformer x5, round by round: ", "x (median "]),
     # a stream: Hope's slowest level (every 2048 tokens, carried) updates once in 2 calls of 1024
     "bench_models hope": (["--specs", "specs/hope.nl", "--match", "none", "--T", "1024", "--B", "1", "--dim", "16",
                            "--heads", "2", "--reps", "1", "--window", "1"],
