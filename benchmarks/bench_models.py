@@ -200,6 +200,7 @@ def _calls(model, step, top: int, device) -> dict:
                 total, n = spent.get(key, (0.0, 0))
                 spent[key] = (total + (time.perf_counter() - t0) * 1e3, n + 1)
                 return out
+            timed._as_parameter_ = call  # a kernel passed to another as a pointer (ctypes.cast) runs untimed
             return timed
 
     from nldsl.runtime import _group_read, _mlp_write, _running_read, conv
@@ -523,7 +524,11 @@ def main(argv=None) -> int:
             cycle = f", a cycle of {r['cycle']}" if r["cycle"] > 1 else ""
             print(f"  {r['label']} x{r['layers']}: {seconds * 1e3:.0f} ms (mean of {r['window']} steps{cycle})",
                   flush=True)
-    extras = {job: w.finish() for job, w in workers.items()}
+    extras = {}
+    for job, w in workers.items():
+        extras[job] = w.finish()
+        if extras[job] is None:
+            print(f"{job[0]}: failed after its measurements\n{w.error()}")
     runs = {job: [dict(r, **(extras.get(job) or {})) for r in rs] for job, rs in runs.items()}
     if not runs:
         return 1
