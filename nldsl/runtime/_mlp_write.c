@@ -678,8 +678,21 @@ int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const
     IN_PARALLEL(backward_rows(cfg, in, grad, out, -1, -1));
 }
 
-/* the kernels' activations alone (_native.h), for the tests: a, d1, d2 = act, act', act'' at h */
-void activations(int64_t act, const real *h, int64_t n, real *a, real *d1, real *d2)
+/* this thread's share of activations(), in whole vectors */
+static int activations_part(int64_t act, const real *h, int64_t n, real *a, real *d1, real *d2)
 {
-    activate(act, h, n, a, d1, d2);
+    int64_t lo, hi;
+    rows((n + VL - 1) / VL, &lo, &hi);
+    lo *= VL;
+    hi = hi * VL < n ? hi * VL : n;
+    if (lo < hi) activate(act, h + lo, hi - lo, a ? a + lo : 0, d1 ? d1 + lo : 0, d2 ? d2 + lo : 0);
+    return 0;
+}
+
+/* The kernels' activations alone (_native.h), elementwise over torch's threads: a, d1, d2 = act,
+ * act', act'' at h (NULL: not wanted). The CMS blocks' hidden layer (cms.py: the value and the
+ * derivative in one pass) and the tests. */
+int activations(int64_t act, const real *h, int64_t n, real *a, real *d1, real *d2)
+{
+    IN_PARALLEL(activations_part(act, h, n, a, d1, d2));
 }

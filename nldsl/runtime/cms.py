@@ -95,6 +95,7 @@ blocks).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from typing import NamedTuple, Optional, Sequence
@@ -102,8 +103,11 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from nldsl.runtime import _mlp_write
+from nldsl.runtime import _native as native
 from nldsl.runtime._common import check_kernel_objective, check_objective, compute_dtype, dispatch, objective_loss
 from nldsl.runtime.deep_memory import (
     ACTIVATIONS,
@@ -355,9 +359,10 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     writes = any(not isinstance(e, (int, float)) or e != 0 for e in lrs)
     if reuse is not None and not (detach and impl != "triton"):
         raise ValueError(f"{_OP}: reuse needs detach=True and the chunked implementation")
+    act = hidden_act(hidden_norm, activation)
     cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective, p=p,
-               huber_delta=huber_delta, writes=writes,
-               act=hidden_act(hidden_norm, activation), residual=residual, prenorm=prenorm == "rms",
+               huber_delta=huber_delta, writes=writes, kept=_kept_derivative(xs, act, detach, impl),
+               act=act, residual=residual, prenorm=prenorm == "rms",
                detach=detach, periods=periods, betas=betas, alphas=alphas, kernels=None, info=return_info,
                record=record if impl != "triton" else None, reuse=reuse, donate=donate)
     if impl == "triton":
@@ -552,13 +557,49 @@ def _rms_backward(xn, r, g):
     return r * (g - xn * (g * xn).mean(-1, keepdim=True))
 
 
+class _KeptDerivative(torch.autograd.Function):
+    """``(act(h), act'(h))`` by the C kernels in one pass (``activations``, _mlp_write.c): the
+    outer backward multiplies by the kept derivative and a detached write's errors reuse it, where
+    torch would evaluate act' twice more (gelu's: ~5% of a Hope step on a CPU). Once
+    differentiable: only detached writes use it (their errors take no outer gradient)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, lib, code: int):
+        h = h.contiguous()
+        a, d = torch.empty_like(h), torch.empty_like(h)
+        native.check("_mlp_write", lib.activations(ctypes.c_int64(code), native.pointer(h),
+                                                   ctypes.c_int64(h.numel()), native.pointer(a), native.pointer(d),
+                                                   None))
+        ctx.mark_non_differentiable(d)
+        ctx.save_for_backward(d)
+        return a, d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ga: Tensor, _):
+        (d,) = ctx.saved_tensors
+        return ga * d, None, None
+
+
+def _kept_derivative(x: Tensor, act: str, detach: bool, impl: str):
+    """The chunked blocks' hidden map ``h -> (act(h), act'(h))`` (:class:`_KeptDerivative`), or None
+    (torch's ops): detached writes on tensors the C kernels take, an activation without a norm."""
+    if not detach or impl != "chunked" or act not in native.ACTIVATIONS or not native.runs(x):
+        return None
+    lib = _mlp_write._library(x.dtype)
+    if lib is None:
+        return None
+    code = native.ACTIVATIONS.index(act)
+    return lambda h: _KeptDerivative.apply(h, lib, code)
+
+
 def _block_forward(ws, x, cfg):
-    """One block on ``x``: ``(y, hidden pre-activations, layer inputs, 1 / rms(x) or None)``;
-    ``ws``: weights or :class:`_Link` reads."""
+    """One block on ``x``: ``(y, hidden pre-activations (or with cfg["kept"] their act'), layer
+    inputs, 1 / rms(x) or None)``; ``ws``: weights or :class:`_Link` reads."""
     if not cfg["prenorm"]:
-        return (*mlp_forward(ws, x, cfg["act"], cfg["residual"], _linked_product), None)
+        return (*mlp_forward(ws, x, cfg["act"], cfg["residual"], _linked_product, cfg["kept"]), None)
     xn, r = _rms(x)
-    y, hs, ins = mlp_forward(ws, xn, cfg["act"], False, _linked_product)
+    y, hs, ins = mlp_forward(ws, xn, cfg["act"], False, _linked_product, cfg["kept"])
     return (y + x if cfg["residual"] else y), hs, ins, r
 
 
@@ -609,7 +650,7 @@ def _boundaries(L, t, ws, gs, ms, offs, init, cfg, updates, resets):
 
 
 def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
-    periods, act = cfg["periods"], cfg["act"]
+    periods, act, kept = cfg["periods"], cfg["act"], cfg["kept"] is not None
     variant, signal = cfg["variant"], cfg["signal"]
     n = len(ws)
     B, T, _ = x.shape
@@ -668,10 +709,10 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
             if variant == "independent":
                 for l in range(n):
                     e = d if agg is None else agg[l] * d
-                    errs[l] = mlp_backward(ws[l], fw[l][1], e, act)
+                    errs[l] = mlp_backward(ws[l], fw[l][1], e, act, kept)
             else:
                 for l in range(n - 1, -1, -1):
-                    errs[l] = mlp_backward(ws[l], fw[l][1], d, act)
+                    errs[l] = mlp_backward(ws[l], fw[l][1], d, act, kept)
                     if l:
                         d = _input_error(ws[l], fw[l], errs[l], d, cfg)
         else:
@@ -683,7 +724,7 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
                     if signal == "self":
                         tgt = _block_forward(ws[l], tgt, cfg)[0]
                     eps = output_error(fw[l][0], tgt, cfg["objective"], cfg["p"], cfg["huber_delta"])
-                errs[l] = mlp_backward(ws[l], fw[l][1], eps, act)
+                errs[l] = mlp_backward(ws[l], fw[l][1], eps, act, kept)
         # accumulate sum_t eta_t e_t a_t^T (one matmul per layer); a block whose chunk this piece
         # ends takes its step here (the boundary below then finds its sum at zero)
         for l in range(n):

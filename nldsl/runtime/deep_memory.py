@@ -235,10 +235,12 @@ def _times_transposed(a: Tensor, W: Tensor) -> Tensor:
     return _bmm(a, W.transpose(-1, -2))
 
 
-def mlp_forward(ws: Sequence, x: Tensor, act: str, residual, product=_times_transposed):
+def mlp_forward(ws: Sequence, x: Tensor, act: str, residual, product=_times_transposed, kept=None):
     """``(y, hidden pre-activations, per-layer inputs)`` of the MLP on ``x [N, L, d_in]``;
     ``residual``: a bool or a per-row ``[N]`` mask; ``product(a, W)``: a layer's ``a @ W^T``
-    (a caller's own, for weights it reads in its own way)."""
+    (a caller's own, for weights it reads in its own way). ``kept``: a function ``h -> (act(h),
+    act'(h))`` for the hidden layers; the hidden entries are then the derivatives act'(h) (for
+    :func:`mlp_backward` with ``kept=True``)."""
     hs, ins = [], []
     a = x
     y = x
@@ -246,8 +248,12 @@ def mlp_forward(ws: Sequence, x: Tensor, act: str, residual, product=_times_tran
         ins.append(a)
         h = product(a, W)
         if i < len(ws) - 1:
-            hs.append(h)
-            a = hidden(h, act)
+            if kept is None:
+                hs.append(h)
+                a = hidden(h, act)
+            else:
+                a, d = kept(h)
+                hs.append(d)
         else:
             y = h
     return _add_residual(y, x, residual), hs, ins
@@ -258,15 +264,18 @@ def mlp_apply(ws: Sequence[Tensor], x: Tensor, act: str = "gelu", residual: bool
     return mlp_forward(ws, x, act, residual)[0]
 
 
-def mlp_backward(ws: Sequence[Tensor], hs: Sequence[Tensor], eps: Tensor, act: str) -> list[Tensor]:
+def mlp_backward(ws: Sequence[Tensor], hs: Sequence[Tensor], eps: Tensor, act: str,
+                 kept: bool = False) -> list[Tensor]:
     """Errors ``e_i = dL/d(pre-activation of layer i)`` for an output gradient ``eps``; the weight
-    gradient of layer i for one token is ``e_i a_i^T`` (``a_i`` = the layer's input)."""
+    gradient of layer i for one token is ``e_i a_i^T`` (``a_i`` = the layer's input). ``kept``:
+    ``hs`` are the derivatives ``mlp_forward(kept=...)`` kept, not pre-activations."""
     n = len(ws)
     es: list = [None] * n
     d = eps
     es[n - 1] = d
     for i in range(n - 1, 0, -1):
-        d = hidden_backward(_bmm(d, ws[i]), hs[i - 1], act)
+        d = _bmm(d, ws[i])
+        d = d * hs[i - 1] if kept else hidden_backward(d, hs[i - 1], act)
         es[i - 1] = d
     return es
 

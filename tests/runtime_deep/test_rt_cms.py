@@ -237,6 +237,40 @@ def test_detach(impl):
     assert grads(live.o, [x["delta"]])[0].abs().sum() > 0
 
 
+def _backward_nodes(t: torch.Tensor) -> set:
+    """The names of the autograd nodes behind ``t``."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [n for n, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "tanh", "relu", "identity"])
+def test_detached_blocks_keep_the_derivative_of_one_c_pass(activation, monkeypatch):
+    """Detached chunked writes on a CPU take act(h) and act'(h) from one pass of the C kernels
+    (_KeptDerivative) and multiply by act' in their errors and in the outer backward: the same
+    outputs, states and gradients (float64) as the torch ops' path (NLDSL_NATIVE=0)."""
+    x = requires_grad(cms_inputs(T=19))
+
+    def chain():
+        out = run(x, "chunked", detach=True, activation=activation, prenorm="rms")
+        return out, grads(out.o, [x["x"], x["params"]])
+
+    kept, g_kept = chain()
+    assert "_KeptDerivativeBackward" in _backward_nodes(kept.o)
+    monkeypatch.setenv("NLDSL_NATIVE", "0")
+    plain, g_plain = chain()
+    assert "_KeptDerivativeBackward" not in _backward_nodes(plain.o)
+    assert_close(kept.o, plain.o)
+    assert_close(kept.final_state, plain.final_state)
+    assert_close(g_kept, g_plain)
+
+
 @pytest.mark.parametrize("variant,per_sequence", list(itertools.product(VARIANTS, (False, True))))
 def test_detach_split_stream_gradients_equal_one_pass(variant, per_sequence):
     """Detached writes: every read still sends its gradient straight through to the initial
