@@ -572,13 +572,14 @@ class _KeptDerivative(torch.autograd.Function):
                                                    None))
         ctx.mark_non_differentiable(d)
         ctx.save_for_backward(d)
+        ctx.set_materialize_grads(False)  # (no zeros made for d's gradient, which is never used)
         return a, d
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, ga: Tensor, _):
+    def backward(ctx, ga: Optional[Tensor], _):
         (d,) = ctx.saved_tensors
-        return ga * d, None, None
+        return None if ga is None else ga * d, None, None
 
 
 def _kept_derivative(x: Tensor, act: str, detach: bool, impl: str):
