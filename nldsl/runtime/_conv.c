@@ -5,21 +5,12 @@
  *     y[t, c] = sum_j w[c, j] full[t + j, c]
  *
  * one pass over the data per direction, where the torch ops make one per tap. The channels are
- * split over torch's threads (_native.h), each thread's a range of whole vectors: a channel's sums
+ * split over torch's threads (vector_rows, _native.h), each thread's a range of whole vectors: a channel's sums
  * run on one thread, in the same order for any thread count. _native.py builds this file twice,
  * for REAL=float and REAL=double. */
 #include "_native.h"
 
 enum { B_, T_, C_, W_ };
-
-/* the calling thread's channels [c0, c1) of C, in whole vectors but the last */
-static void channels(int64_t C, int64_t *c0, int64_t *c1)
-{
-    int64_t lo, hi;
-    rows((C + VL - 1) / VL, &lo, &hi);
-    *c0 = lo * VL;
-    *c1 = hi * VL < C ? hi * VL : C;
-}
 
 /* w [C, W] as wt [W, C] (a tap's weights contiguous over the channels), channels [c0, c1) */
 static void taps(const real *w, int64_t C, int W, int64_t c0, int64_t c1, real *wt)
@@ -35,7 +26,7 @@ static int forward_channels(const int64_t *cfg, const real *full, const real *w,
     real *wt = scratch_block(W * C);
     if (!wt) return 1;
     int64_t c0, c1;
-    channels(C, &c0, &c1);
+    vector_rows(C, &c0, &c1);  /* this thread's channels */
     taps(w, C, W, c0, c1, wt);
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++) {
@@ -59,7 +50,7 @@ static int backward_channels(const int64_t *cfg, const real *full, const real *w
     if (!wt) return 1;
     real *dwt = wt + W * C;
     int64_t c0, c1;
-    channels(C, &c0, &c1);
+    vector_rows(C, &c0, &c1);  /* this thread's channels */
     const int64_t n = c1 - c0;
     taps(w, C, W, c0, c1, wt);
     for (int j = 0; j < W; j++) memset(dwt + j * C + c0, 0, sizeof(real) * n);

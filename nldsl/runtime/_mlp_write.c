@@ -545,6 +545,12 @@ typedef int (*ReadHeads)(const int64_t *cfg, const int64_t *kinds, const double 
 
 enum { R_IN = 4, R_KEEP = 5, W_IN = 12, W_OUT = 15 };
 
+/* piece j's part of the i-th of a pass's buffers: base[i] + j * stride[i] (NULL stays NULL) */
+static inline real *piece(real *const *base, const int64_t *stride, int i, int64_t j)
+{
+    return base[i] ? base[i] + j * stride[i] : 0;
+}
+
 /* Piece j's read pointers rp (W1 W2 x mask, then the G memories' z, outputs and the five kept)
  * and write inputs win (12) from generation_forward's bases and strides: the weights the piece
  * starts from (the call's for piece 0, else piece j - 1's outputs) for both, and the read's
@@ -552,9 +558,9 @@ enum { R_IN = 4, R_KEEP = 5, W_IN = 12, W_OUT = 15 };
 static void piece_inputs(int64_t j, int64_t G, real *const *rbase, const int64_t *rstride, real *const *wbase,
                          const int64_t *wstride, const int64_t *sources, real **rp, real **win)
 {
-    for (int i = 0; i < R_IN + 2 * G + R_KEEP; i++) rp[i] = rbase[i] ? rbase[i] + j * rstride[i] : 0;
-    for (int i = 0; i < W_IN; i++) win[i] = wbase[i] ? wbase[i] + j * wstride[i] : 0;
-    for (int i = 0; i < 4 && j; i++) win[i] = wbase[W_IN + i] ? wbase[W_IN + i] + (j - 1) * wstride[W_IN + i] : 0;
+    for (int i = 0; i < R_IN + 2 * G + R_KEEP; i++) rp[i] = piece(rbase, rstride, i, j);
+    for (int i = 0; i < W_IN; i++) win[i] = piece(wbase, wstride, i, j);
+    for (int i = 0; i < 4 && j; i++) win[i] = piece(wbase, wstride, W_IN + i, j - 1);
     rp[0] = win[0], rp[1] = win[1];
     real *const *outs = rp + R_IN + G;
     win[6] = outs[sources[0]], win[7] = outs[sources[1]], win[8] = outs[sources[2]];
@@ -592,7 +598,7 @@ int generation_forward(int64_t P, const int64_t *rcfg, const int64_t *kinds, con
         real *rp[R_IN + 2 * 8 + R_KEEP], *win[W_IN], *wout[W_OUT];  /* at most 8 memories in a stack */
         for (int64_t j = 0; j < P && !__atomic_load_n(&status, __ATOMIC_RELAXED); j++) {
             piece_inputs(j, G, rbase, rstride, wbase, wstride, sources, rp, win);
-            for (int i = 0; i < W_OUT; i++) wout[i] = wbase[W_IN + i] ? wbase[W_IN + i] + j * wstride[W_IN + i] : 0;
+            for (int i = 0; i < W_OUT; i++) wout[i] = piece(wbase, wstride, W_IN + i, j);
             for (int i = 0; i < 4 && j == P - 1; i++) wout[i] = last[i];
             real **z = rp + R_IN, **outs = z + G, **keep = outs + G;
             /* (the write's k, v, eta, alpha point at the outputs the read fills first) */
@@ -637,17 +643,14 @@ int generation_backward(int64_t P, const int64_t *rcfg, const int64_t *kinds, co
         for (int64_t j = P - 1; j >= 0 && !__atomic_load_n(&status, __ATOMIC_RELAXED); j--) {
             piece_inputs(j, G, rbase, rstride, wbase, wstride, sources, rp, win);
             real *const *rkeep = rp + R_IN + 2 * G;
-            for (int i = 0; i < 8; i++) {
-                const int o = W_IN + keep[i];
-                win[W_IN + i] = wbase[o] ? wbase[o] + j * wstride[o] : 0;
-            }
+            for (int i = 0; i < 8; i++) win[W_IN + i] = piece(wbase, wstride, W_IN + keep[i], j);
             real *const *mine = work + 4 * (j % 2), *const *later = work + 4 * ((j + 1) % 2);
             for (int i = 0; i < 4; i++) {
                 wgrad[i] = j == P - 1 ? g[i] : later[i];
                 wout[i] = mine[i];
             }
             for (int i = 0; i < 4; i++) wout[6 + i] = i < 3 || sources[3] >= 0 ? work[8 + i] : 0;
-            wout[10] = obase[1] ? obase[1] + j * ostride[1] : 0;
+            wout[10] = piece(obase, ostride, 1, j);
             int s = backward_rows(wcfg, win, wgrad, wout, s0, s1);
             /* the read's gradients: a memory's output feeds the write (its gradient there, plus the
              * call's) or not (the call's alone) */
@@ -655,13 +658,13 @@ int generation_backward(int64_t P, const int64_t *rcfg, const int64_t *kinds, co
                 real *own = 0;
                 for (int i = 0; i < 4; i++)
                     if (sources[i] == m) own = wout[6 + i];
-                real *gm = g[4 + m] ? g[4 + m] + j * gstride[4 + m] : 0;
+                real *gm = piece(g, gstride, 4 + m, j);
                 if (own && gm) {
                     const int64_t row = kinds[m] == 2 ? L : L * O;  /* a scalar memory's rows are L long */
                     for (int64_t c = s0 * row; c < s1 * row; c++) own[c] += gm[c];
                 }
                 rgrad[m] = own ? own : gm;
-                rdz[m] = obase[2 + m] ? obase[2 + m] + j * ostride[2 + m] : 0;
+                rdz[m] = piece(obase, ostride, 2 + m, j);
             }
             for (int i = 0; i < R_IN; i++) rin[i] = rp[i];
             for (int i = 0; i < R_KEEP; i++) rin[R_IN + i] = rkeep[i];
@@ -682,9 +685,7 @@ int backward(const int64_t *cfg, real *const *in, real *const *grad, real *const
 static int activations_part(int64_t act, const real *h, int64_t n, real *a, real *d1, real *d2)
 {
     int64_t lo, hi;
-    rows((n + VL - 1) / VL, &lo, &hi);
-    lo *= VL;
-    hi = hi * VL < n ? hi * VL : n;
+    vector_rows(n, &lo, &hi);
     if (lo < hi) activate(act, h + lo, hi - lo, a ? a + lo : 0, d1 ? d1 + lo : 0, d2 ? d2 + lo : 0);
     return 0;
 }

@@ -98,6 +98,16 @@ int64_t threads(void)
 
 #define VBYTES 64
 #define VL ((int)(VBYTES / sizeof(real)))
+
+/* the calling thread's share [lo, hi) of n values in whole vectors but the last (an elementwise
+ * kernel's split: each value on one thread, whatever the thread count) */
+static inline void vector_rows(int64_t n, int64_t *lo, int64_t *hi)
+{
+    rows((n + VL - 1) / VL, lo, hi);
+    *lo *= VL;
+    *hi = *hi * VL < n ? *hi * VL : n;
+}
+
 typedef real vreal __attribute__((vector_size(VBYTES)));
 typedef real vhalf __attribute__((vector_size(VBYTES / 2)));  /* for a product's last columns */
 
