@@ -146,8 +146,8 @@ def read_kernel(lib, cfg, x_shape, h: int, O: int, mask: Optional[Tensor], resid
     base, l2 = split_hidden(act)
     dims = (N, Ng, len(kinds), L, D, h, O, l2, 2 if mask is not None else int(bool(residual)),
             native.ACTIVATIONS.index(base))
-    return ReadKernel(lib, (ctypes.c_int64 * len(dims))(*map(int, dims)),
-                      (ctypes.c_int64 * len(kinds))(*(_KINDS[k] for k in kinds)),
+    return ReadKernel(lib, native.longs(dims),
+                      native.longs(_KINDS[k] for k in kinds),
                       (ctypes.c_double * len(params))(*params), h, O, l2)
 
 

@@ -476,7 +476,7 @@ def write_kernel(lib, cfg, W1, W2, M1, same: bool, k, v, mask) -> WriteKernel:
     base, l2 = split_hidden(act)
     dims = (N, L, Lz, D, h, O, v.shape[-1], self_signal, objective == "l2", dgd, M1 is not None, same,
             l2, 2 if mask is not None else int(bool(residual)), read, native.ACTIVATIONS.index(base), Nk)
-    return WriteKernel(lib, (ctypes.c_int64 * len(dims))(*map(int, dims)), dgd, M1 is not None, read, self_signal,
+    return WriteKernel(lib, native.longs(dims), dgd, M1 is not None, read, self_signal,
                        l2)
 
 

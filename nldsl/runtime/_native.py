@@ -157,6 +157,12 @@ def pointers(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
 
 
+def longs(values) -> ctypes.Array:
+    """Integers as a C ``int64_t`` array (a kernel's dimensions, strides, codes)."""
+    values = [int(v) for v in values]
+    return (ctypes.c_int64 * len(values))(*values)
+
+
 def pointer(tensor: Optional[torch.Tensor]) -> ctypes.c_void_p:
     """A tensor's data pointer as one argument (NULL for None; a bare int would pass as a C int)."""
     return ctypes.c_void_p(None if tensor is None else tensor.data_ptr())

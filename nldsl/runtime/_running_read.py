@@ -127,7 +127,7 @@ class _NativeRunningRead(torch.autograd.Function):
         mask = residual.to(q.dtype).contiguous() if isinstance(residual, Tensor) else None
         dims = (N, L, D, h, O, M1 is not None, hs is not None, l2, 2 if mask is not None else int(bool(residual)),
                 native.ACTIVATIONS.index(base))
-        ctx.cfg_c = (ctypes.c_int64 * len(dims))(*map(int, dims))
+        ctx.cfg_c = native.longs(dims)
         o, work = q.new_empty(N, L, O), q.new_empty(N, lib.work_size(ctx.cfg_c))
         ins += (mask,)
         native.check("_running_read", lib.forward(ctx.cfg_c, native.pointers(ins), native.pointers((o, work)),

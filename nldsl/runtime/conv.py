@@ -87,7 +87,7 @@ def _native_conv(full: Tensor, weight: Tensor, *others: Tensor):
 def _dims(full: Tensor, weight: Tensor) -> ctypes.Array:
     """(B, T, channels, W) for the kernel."""
     W = weight.shape[-1]
-    return (ctypes.c_int64 * 4)(full.shape[0], full.shape[1] - (W - 1), weight.numel() // W, W)
+    return native.longs((full.shape[0], full.shape[1] - (W - 1), weight.numel() // W, W))
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

@@ -659,10 +659,6 @@ def _by_time(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.transpose(0, 1).reshape(t.shape[1], t.shape[0] * t.shape[2], *t.shape[3:])
 
 
-def _longs(values) -> ctypes.Array:
-    return (ctypes.c_int64 * len(values))(*values)
-
-
 def _piece_size(t: Optional[Tensor]) -> int:
     """The values of one piece of a ``[P, ...]`` buffer (0 for None: the C passes' stride)."""
     return 0 if t is None else t[0].numel()
@@ -701,8 +697,8 @@ def _one_call(plan, W1, W2, M1, M2, x, mask, beta, alpha_given, addends):
                    (0,) * 10 + tuple(map(_piece_size, (alphas, betas, *wouts))))
     native.check("_mlp_write", plan.write_lib.generation_forward(
         ctypes.c_int64(P), rk.cfg_c, rk.kinds, rk.params, ctypes.cast(plan.read_lib.forward_heads, ctypes.c_void_p),
-        wk.cfg_c, native.pointers(run.rbase), _longs(run.rstride), native.pointers(run.wbase), _longs(run.wstride),
-        native.pointers(last), _longs(sources), ctypes.c_double(_NORM_EPS2)))
+        wk.cfg_c, native.pointers(run.rbase), native.longs(run.rstride), native.pointers(run.wbase), native.longs(run.wstride),
+        native.pointers(last), native.longs(sources), ctypes.c_double(_NORM_EPS2)))
     return run, [_by_time(o) for o in outs], last[:2], last[2:4]
 
 
@@ -724,10 +720,10 @@ def _one_call_backward(plan, run: _OneCall, g_out, G, F, need):
     grads = (*contiguous(*G, *F), *g)
     native.check("_mlp_write", plan.write_lib.generation_backward(
         ctypes.c_int64(P), rk.cfg_c, rk.kinds, rk.params, ctypes.cast(plan.read_lib.backward_heads, ctypes.c_void_p),
-        wk.cfg_c, native.pointers(run.rbase), _longs(run.rstride), native.pointers(run.wbase), _longs(run.wstride),
-        _longs(run.sources), native.pointers(grads), _longs([0] * 4 + [_piece_size(t) for t in g]),
+        wk.cfg_c, native.pointers(run.rbase), native.longs(run.rstride), native.pointers(run.wbase), native.longs(run.wstride),
+        native.longs(run.sources), native.pointers(grads), native.longs([0] * 4 + [_piece_size(t) for t in g]),
         native.pointers((*sets[0], *sets[1], *made)), native.pointers((dx, dbeta, *dz)),
-        _longs([_piece_size(t) for t in (dx, dbeta, *dz)])))
+        native.longs([_piece_size(t) for t in (dx, dbeta, *dz)])))
     dW1, dW2, dM1, dM2 = sets[0]
     return dW1, dW2, dM1, dM2, _by_time(dx), _by_time(dbeta), [_by_time(t) for t in dz]
 
