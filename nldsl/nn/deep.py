@@ -356,7 +356,7 @@ class CmsChain(nn.Module):
     def _params(self):
         return [[w[0] for w in ws] for ws in self.blocks]
 
-    def _run(self, x, state, delta, target=None, lr=None, record=None, reuse=None, donate=False):
+    def _run(self, x, state, delta, target=None, lr=None, record=None, reuse=None, donate=False, final=True):
         return _cms_chain(x, self._params(), periods=self.periods, lr=self.lr if lr is None else lr,
                           variant=self.variant, signal=self.signal, delta=delta, target=target,
                           objective=self.objective, p=self.p, huber_delta=self.huber_delta,
@@ -364,18 +364,19 @@ class CmsChain(nn.Module):
                           activation=self.activation,
                           hidden_norm=self.hidden_norm, prenorm=self.prenorm, residual=self.residual,
                           detach=self.detach,
-                          initial_state=state, output_final_state=True, impl=self.impl, kernel=self.kernel,
+                          initial_state=state, output_final_state=final, impl=self.impl, kernel=self.kernel,
                           record=record, reuse=reuse, donate=donate)
 
     def forward(self, x: Tensor, state=None):
         """Reads with the blocks' chunk-start weights. A surprise-driven chain writes nothing
         here (zero surprise: the chunk grid still advances); the model calls :meth:`learn`
-        with the surprise of the segment when it has labels."""
+        with the surprise of the segment when it has labels, and the state learn returns takes
+        the place of this read's (None while the model collects surprise)."""
         if self.signal == "surprise":  # lr 0: the same result as zero surprise, without the errors
             # while the model collects surprise, keep this read's forward (detached writes: values
             # only) so that learn, which starts from the same state and input, need not redo it
             record = [] if self.tape is not None and self.detach and self.impl != "triton" else None
-            y, new, _ = self._run(x, state, torch.zeros_like(x), lr=0.0, record=record)
+            y, new, _ = self._run(x, state, torch.zeros_like(x), lr=0.0, record=record, final=self.tape is None)
             if self.tape is not None:
                 self.tape.append((self, x, y, state))
                 self._read_pass = None if record is None else (x, state, record)

@@ -297,10 +297,10 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
 
     dt = compute_dtype(x, *(w for ws in params for w in ws), *(d for d in deltas or [] if isinstance(d, Tensor)),
                        *(t for t in targets or [] if isinstance(t, Tensor)), agg_weights)
-    etas = []
+    etas = []  # per block a [B, T] tensor, or a number (the chunked path scales by it as it is)
     for l, e in enumerate(lrs):
         if isinstance(e, (int, float)) and not isinstance(e, bool):
-            etas.append(torch.full((B, T), float(e), dtype=dt, device=x.device))
+            etas.append(float(e) if impl == "chunked" else torch.full((B, T), float(e), dtype=dt, device=x.device))
         elif isinstance(e, Tensor):
             e = e.to(dt)
             if e.dim() == 3 and e.shape[-1] == 1:
@@ -351,7 +351,7 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
         gs = [[None if G is None else G.detach() for G in lg] for lg in gs]
         ms = [None if lm is None else [None if M is None else M.detach() for M in lm] for lm in ms]
         init = [[W.detach() for W in lw] for lw in init]
-        etas = [e.detach() for e in etas]
+        etas = [e.detach() if isinstance(e, Tensor) else e for e in etas]
         deltas = None if deltas is None else [d.detach() for d in deltas]
         targets = None if targets is None else [t.detach() for t in targets]
 
@@ -364,7 +364,8 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
                huber_delta=huber_delta, writes=writes, kept=_kept_derivative(xs, act, detach, impl),
                act=act, residual=residual, prenorm=prenorm == "rms",
                detach=detach, periods=periods, betas=betas, alphas=alphas, kernels=None, info=return_info,
-               record=record if impl != "triton" else None, reuse=reuse, donate=donate)
+               record=record if impl != "triton" else None, reuse=reuse, donate=donate,
+               discard=not (output_final_state or return_info))
     if impl == "triton":
         from nldsl.codegen.kernels import kernel_residual
         from nldsl.runtime._triton import runtime_mlp_kernel
@@ -659,7 +660,7 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
     updates, resets = [[] for _ in range(n)], [[] for _ in range(n)]
     lens = segment_lengths(T, list(zip(offs, periods)))
     xp = split_time(x, lens)
-    ep = [split_time(e, lens) for e in etas]
+    ep = [split_time(e, lens) if isinstance(e, Tensor) else [e] * len(lens) for e in etas]
     dp = None if deltas is None else [split_time(d, lens) for d in deltas]
     tp = None if targets is None else [split_time(tg, lens) for tg in targets]
     # the caller's gradient sums are never written in place, unless it handed the state over
@@ -698,7 +699,8 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
             out = fw[-1][0]
         ys.append(out)
         if not cfg["writes"]:
-            _boundaries(L, t, ws, gs, ms, offs, init, cfg, updates, resets)
+            if j < len(lens) - 1 or not cfg["discard"]:  # (no state is returned after the last piece)
+                _boundaries(L, t, ws, gs, ms, offs, init, cfg, updates, resets)
             t += L
             continue
         if cfg["detach"]:
@@ -729,7 +731,7 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
         # accumulate sum_t eta_t e_t a_t^T (one matmul per layer); a block whose chunk this piece
         # ends takes its step here (the boundary below then finds its sum at zero)
         for l in range(n):
-            e_t = ep[l][j].unsqueeze(-1)
+            e_t = ep[l][j].unsqueeze(-1) if isinstance(ep[l][j], Tensor) else ep[l][j]
             own = [G is not None and not any(G is S for S in given[l]) for G in gs[l]]
             terms = zip(ws[l], gs[l], errs[l], fw[l][2], own)
             plain = ms[l] is None and cfg["alphas"][l] is None
