@@ -660,9 +660,7 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
     updates, resets = [[] for _ in range(n)], [[] for _ in range(n)]
     lens = segment_lengths(T, list(zip(offs, periods)))
     xp = split_time(x, lens)
-    # per block and piece the rates as a [B, L, 1] tensor, or the block's constant rate as it is
-    ep = [[p.unsqueeze(-1) for p in split_time(e, lens)] if isinstance(e, Tensor) else [e] * len(lens)
-          for e in etas]
+    ep = [split_time(e, lens) if isinstance(e, Tensor) else [e] * len(lens) for e in etas]
     dp = None if deltas is None else [split_time(d, lens) for d in deltas]
     tp = None if targets is None else [split_time(tg, lens) for tg in targets]
     # the caller's gradient sums are never written in place, unless it handed the state over
@@ -734,7 +732,7 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
         # accumulate sum_t eta_t e_t a_t^T (one matmul per layer); a block whose chunk this piece
         # ends takes its step here (the boundary below then finds its sum at zero)
         for l in range(n):
-            e_t = ep[l][j]
+            e_t = ep[l][j].unsqueeze(-1) if isinstance(ep[l][j], Tensor) else ep[l][j]
             own = [G is not None and not any(G is S for S in given[l]) for G in gs[l]]
             terms = zip(ws[l], gs[l], errs[l], fw[l][2], own)
             plain = ms[l] is None and cfg["alphas"][l] is None
