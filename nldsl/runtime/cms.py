@@ -89,9 +89,10 @@ Implementations: ``"reference"`` (token loop, inner gradients by ``torch.func.gr
 per-token objective, the chain-output surprise by differentiating ``<y, delta>`` through the
 whole chain), ``"chunked"`` (a loop over the pieces between consecutive level boundaries;
 every piece is a static MLP chain batched over its tokens, with a closed-form backward whose
-rank-1 per-token gradients are summed by one matmul per layer) and ``"triton"`` (``"chunked"``
-with each block's forward, errors and chunk sums from the fused Triton MLP kernel: two-layer
-blocks).
+rank-1 per-token gradients are summed by one matmul per layer; on a CPU, detached two-layer
+blocks read, backpropagate and write as C calls over torch's BLAS, :mod:`._cms_block`) and
+``"triton"`` (``"chunked"`` with each block's forward, errors and chunk sums from the fused Triton
+MLP kernel: two-layer blocks).
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from nldsl.runtime import _mlp_write
+from nldsl.runtime import _cms_block, _mlp_write
 from nldsl.runtime import _native as native
 from nldsl.runtime._common import check_kernel_objective, check_objective, compute_dtype, dispatch, objective_loss
 from nldsl.runtime.deep_memory import (
@@ -360,8 +361,9 @@ def _cms_chain(x, params, *, periods, lr, variant="sequential", signal="surprise
     if reuse is not None and not (detach and impl != "triton"):
         raise ValueError(f"{_OP}: reuse needs detach=True and the chunked implementation")
     act = hidden_act(hidden_norm, activation)
+    kept = _kept_derivative(xs, act, detach, impl)
     cfg = dict(variant=variant, signal=signal, single_delta=single_delta, objective=objective, p=p,
-               huber_delta=huber_delta, writes=writes, kept=_kept_derivative(xs, act, detach, impl),
+               huber_delta=huber_delta, writes=writes, kept=kept, blocks=_native_blocks(xs, params, kept, impl),
                act=act, residual=residual, prenorm=prenorm == "rms",
                detach=detach, periods=periods, betas=betas, alphas=alphas, kernels=None, info=return_info,
                record=record if impl != "triton" else None, reuse=reuse, donate=donate,
@@ -595,9 +597,23 @@ def _kept_derivative(x: Tensor, act: str, detach: bool, impl: str):
     return lambda h: _KeptDerivative.apply(h, lib, code)
 
 
+def _native_blocks(x: Tensor, params, kept, impl: str):
+    """The C blocks (:mod:`._cms_block`) for a chain whose blocks all take them, or None: the
+    chunked path with the kept derivative (detached writes, an activation the C kernels have),
+    two-layer blocks that keep the width of ``x``."""
+    D = x.shape[-1]
+    if kept is None or impl != "chunked" or any(len(ws) != 2 or ws[0].shape[-1] != D or ws[1].shape[-2] != D
+                                                for ws in params):
+        return None
+    return _cms_block.library(x)
+
+
 def _block_forward(ws, x, cfg):
     """One block on ``x``: ``(y, hidden pre-activations (or with cfg["kept"] their act'), layer
     inputs, 1 / rms(x) or None)``; ``ws``: weights or :class:`_Link` reads."""
+    if cfg["blocks"] is not None:
+        return _cms_block.read(cfg["blocks"], ws, x, cfg["prenorm"], cfg["residual"],
+                               native.ACTIVATIONS.index(cfg["act"]))
     if not cfg["prenorm"]:
         return (*mlp_forward(ws, x, cfg["act"], cfg["residual"], _linked_product, cfg["kept"]), None)
     xn, r = _rms(x)
@@ -706,6 +722,12 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
             continue
         if cfg["detach"]:
             fw = [_detached(f) for f in fw]
+        if (cfg["blocks"] is not None and signal == "surprise" and cfg["single_delta"] and variant != "independent"
+                and not any(isinstance(e[j], Tensor) for e in ep)):  # every block's writes in one C call
+            _native_learn(ws, gs, ms, offs, fw, dp[0][j], [e[j] for e in ep], given, cfg)
+            _boundaries(L, t, ws, gs, ms, offs, init, cfg, updates, resets)
+            t += L
+            continue
         # errors at every block output, then per-layer errors
         errs = [None] * n
         if signal == "surprise" and cfg["single_delta"]:
@@ -745,6 +767,33 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
         t += L
     outputs = [_cat_time(o) for o in outs] if cfg["info"] else None
     return _cat_time(ys), ws, gs, offs, outputs, updates, resets
+
+
+def _native_learn(ws, gs, ms, offs, fw, delta, etas, given, cfg):
+    """A piece's writes by :func:`._cms_block.learn`: each block's sum added to its gradient sum (in
+    place where this call made it, or the caller handed it over), a block whose chunk the piece
+    ends stepping with it (the boundary then finds its sum at zero); ``fw``: the detached reads."""
+    B, L = delta.shape[:2]
+    targets, adds = [], []
+    for l in range(len(ws)):
+        pair, add = [], []
+        for W, G in zip(ws[l], gs[l]):
+            if G is None:
+                pair.append(W.new_empty(B, *W.shape[-2:]))
+            elif G.is_contiguous() and not any(G is S for S in given[l]):
+                pair.append(G)
+            else:
+                pair.append(torch.empty(B, *W.shape[-2:], dtype=W.dtype, device=W.device).copy_(G))
+            add.append(G is not None)
+        targets.append(pair)
+        adds.append(add)
+    _cms_block.learn(cfg["blocks"], ws, fw, delta, etas, targets, adds, cfg["prenorm"], cfg["residual"])
+    for l in range(len(ws)):
+        if offs[l] + L == cfg["periods"][l] and ms[l] is None and cfg["alphas"][l] is None:
+            ws[l] = [W - T for W, T in zip(ws[l], targets[l])]
+            gs[l] = [None] * len(gs[l])
+        else:
+            gs[l] = targets[l]
 
 
 def _cat_time(xs):

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from nldsl.runtime import _group_read, _mlp_write, _native, _running_read, conv
+from nldsl.runtime import _cms_block, _group_read, _mlp_write, _native, _running_read, conv
 from nldsl.runtime._activations import activation, activation_grad, activation_grad2
 
 
@@ -97,7 +97,7 @@ def test_the_kernels_activations_equal_the_torch_formulas(dtype, name):
             f"{name} {what}: off by {err.max():.2e} at x = {xd[(err - bound).argmax()].item():.6g}"
 
 
-@pytest.mark.parametrize("name", ["_mlp_write", "_group_read", "_running_read", "_conv"])
+@pytest.mark.parametrize("name", ["_mlp_write", "_group_read", "_running_read", "_conv", "_cms_block"])
 def test_the_kernels_split_their_rows_over_torchs_threads(name):
     """Where torch runs on GNU OpenMP the kernels link that very runtime: their rows go to torch's
     intra-op pool, as many threads as torch.set_num_threads gives it (a runtime of their own
@@ -128,3 +128,20 @@ def test_a_compiler_without_openmp_builds_a_kernel_for_one_thread(fresh, monkeyp
     lib.threads.restype = ctypes.c_int64
     assert lib.threads() == 1
     assert [p.suffix for p in fresh.iterdir() if p != cc] == [".so"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_the_cms_blocks_run_on_torchs_blas_or_not_at_all(dtype, monkeypatch):
+    """The CMS's C blocks call the gemm of torch's own BLAS (found in its library, its calling
+    convention checked on one product); without it (another build of torch, NLDSL_NATIVE=0)
+    they are not used, and the CMS runs its torch ops."""
+    x = torch.zeros(2, 3, 4, dtype=dtype)
+    assert _cms_block.library(x) is not None, "torch's BLAS gemm was not found (or the C kernel did not build)"
+    monkeypatch.setattr(_cms_block, "_symbol", lambda name: None)
+    _cms_block._loaded.cache_clear()
+    try:
+        assert _cms_block.library(x) is None
+    finally:
+        _cms_block._loaded.cache_clear()
+    monkeypatch.setenv("NLDSL_NATIVE", "0")
+    assert _cms_block.library(x) is None

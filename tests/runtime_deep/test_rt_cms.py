@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from nldsl.runtime.cms import _SHARED, _ZEROS, CmsState, cms_chain
+from nldsl.runtime import _cms_block
+from nldsl.runtime.cms import _SHARED, _ZEROS, CmsState, _cms_chain, cms_chain
 from nldsl.runtime.deep_memory import mlp_apply
 from rtdeep_helpers import B, assert_close, cms_inputs, grads, requires_grad
 
@@ -252,10 +253,12 @@ def _backward_nodes(t: torch.Tensor) -> set:
 
 @pytest.mark.parametrize("activation", ["gelu", "silu", "tanh", "relu", "identity"])
 def test_detached_blocks_keep_the_derivative_of_one_c_pass(activation, monkeypatch):
-    """Detached chunked writes on a CPU take act(h) and act'(h) from one pass of the C kernels
-    (_KeptDerivative) and multiply by act' in their errors and in the outer backward: the same
-    outputs, states and gradients (float64) as the torch ops' path (NLDSL_NATIVE=0)."""
+    """Detached chunked writes on a CPU whose blocks the C blocks do not take (here: turned off)
+    take act(h) and act'(h) from one pass of the C kernels (_KeptDerivative) and multiply by act'
+    in their errors and in the outer backward: the same outputs, states and gradients (float64)
+    as the torch ops' path (NLDSL_NATIVE=0)."""
     x = requires_grad(cms_inputs(T=19))
+    monkeypatch.setattr(_cms_block, "library", lambda x: None)
 
     def chain():
         out = run(x, "chunked", detach=True, activation=activation, prenorm="rms")
@@ -269,6 +272,54 @@ def test_detached_blocks_keep_the_derivative_of_one_c_pass(activation, monkeypat
     assert_close(kept.o, plain.o)
     assert_close(kept.final_state, plain.final_state)
     assert_close(g_kept, g_plain)
+
+
+def _read_then_learn(x, splits, variant, **kw):
+    """A surprise-driven chain as a model drives it (nldsl.nn.deep.CmsChain): per piece a read
+    at lr 0 that records its forward, then the writes from the same state reusing it, the state
+    handed over (``donate``): ``(outputs, final state)``."""
+    outs, state, t = [], None, 0
+    common = dict(periods=PERIODS, variant=variant, signal="surprise", detach=True,
+                  agg_weights=x["agg"] if variant == "independent" else None, **kw)
+    for n in splits:
+        sl, record = slice(t, t + n), []
+        outs.append(_cms_chain(x["x"][:, sl], x["params"], lr=0.0, delta=torch.zeros_like(x["x"][:, sl]),
+                               initial_state=state, record=record, **common).o)
+        state = _cms_chain(x["x"][:, sl], x["params"], lr=LRS, delta=x["delta"][:, sl], initial_state=state,
+                           output_final_state=True, reuse=record, donate=t > 0, **common).final_state
+        t += n
+    return torch.cat(outs, 1), state
+
+
+@pytest.mark.parametrize("variant,per_sequence", list(itertools.product(VARIANTS, (False, True))))
+@pytest.mark.parametrize("prenorm,residual", [("rms", True), ("none", True), ("rms", False)])
+def test_detached_two_layer_blocks_are_c_calls(variant, per_sequence, prenorm, residual, monkeypatch):
+    """Detached two-layer blocks on a CPU read and backpropagate as C calls over torch's BLAS
+    gemm, and a chain's writes from its output's surprise (sequential, nested) are one C call a
+    piece (_cms_block): the same outputs, probes, states and gradients (float64) as the torch
+    ops' path, in one call and over a stream read and written piece by piece as a model does,
+    from weights shared by the batch or per sequence, with constant and per-token rates."""
+    x = requires_grad(cms_inputs(T=21))
+    if per_sequence:
+        x["params"] = [[W.detach().expand(B, *W.shape).clone().requires_grad_() for W in ws] for ws in x["params"]]
+    w = torch.randn_like(x["x"])
+    rates = [torch.rand(B, 21, dtype=x["x"].dtype) * r for r in LRS]
+
+    def runs():
+        one = run(x, "chunked", variant, detach=True, prenorm=prenorm, residual=residual)
+        per_token = run(x, "chunked", variant, detach=True, prenorm=prenorm, residual=residual, lr=rates)
+        stream, state = _read_then_learn(x, (5, 7, 9), variant, prenorm=prenorm, residual=residual)
+        outs = [one.o, per_token.o, stream]
+        return outs + [one.final_state, one.info, per_token.final_state, state], grads(
+            sum((o * w).sum() for o in outs), [x["x"], x["params"]])
+
+    c_calls, g_c = runs()
+    assert "_ReadBackward" in _backward_nodes(c_calls[0]) and "_ReadBackward" in _backward_nodes(c_calls[2])
+    monkeypatch.setenv("NLDSL_NATIVE", "0")
+    torch_ops, g_torch = runs()
+    assert "_ReadBackward" not in _backward_nodes(torch_ops[0])
+    assert_close(c_calls, torch_ops)
+    assert_close(g_c, g_torch)
 
 
 @pytest.mark.parametrize("variant,per_sequence", list(itertools.product(VARIANTS, (False, True))))
