@@ -144,13 +144,16 @@ int block_backward(const int64_t *cfg, real *const *in, real *const *out)
 
 /* A detached sequential chain's writes of one piece, from the surprise delta [B, L, D] at its
  * output, backwards through the blocks at the weights they were read with: per block l (last
- * first) its output error e, the hidden layer's e_h = (e W_out) * d, the sums
- *     T_out = eta e^T a + beta T_out,   T_in = eta e_h^T s + beta T_in,
+ * first) its output error e, the hidden layer's e_h = (e W_out) * d, its gradient sums
+ *     T_out = F_out + c_out e^T a,   T_in = F_in + c_in e_h^T s
  * and (l > 0) the error at its input, the block before's output error: e_h W_in through the
- * pre-norm, plus e through the residual. cfg: n, B, L, D, prenorm, residual, then per block H,
- * sWi, sWo, beta_in, beta_out (0: the sums are written, 1: added to). eta: per block. in: delta,
- * then per block s, r, a, d, W_in, W_out. out: per block T_in [B, H, D], T_out [B, D, H]. */
-int chain_learn(const int64_t *cfg, const double *eta, real *const *in, real *const *out)
+ * pre-norm, plus e through the residual. F (from): NULL (zero), T itself (a sum accumulated in
+ * place), or another tensor (a sum to continue, or the weights to step from, c = -eta), copied
+ * into T in cache right before its gemm adds to it. cfg: n, B, L, D, prenorm, residual, then per
+ * block H, sWi, sWo and the batch strides of F_in, F_out (0: shared). c: per block c_in, c_out.
+ * in: delta, then per block s, r, a, d, W_in, W_out, F_in, F_out. out: per block T_in [B, H, D],
+ * T_out [B, D, H]. */
+int chain_learn(const int64_t *cfg, const double *c, real *const *in, real *const *out)
 {
     const int64_t n = cfg[0], B = cfg[1];
     const int L = cfg[2], D = cfg[3], prenorm = cfg[4], residual = cfg[5];
@@ -167,15 +170,19 @@ int chain_learn(const int64_t *cfg, const double *eta, real *const *in, real *co
         real *gh = work, *e = work + L * Hmax, *ein = e + L * D;
         memcpy(e, in[0] + b * L * D, sizeof(real) * L * D);
         for (int64_t l = n - 1; l >= 0; l--) {
-            const int64_t *c = block + 5 * l;
-            const int H = c[0];
-            real *const *bin = in + 1 + 6 * l;
+            const int64_t *k = block + 5 * l;
+            const int H = k[0];
+            real *const *bin = in + 1 + 8 * l;
             const real *sb = bin[0] + b * L * D, *ab = bin[2] + b * L * H, *db = bin[3] + b * L * H;
-            const real *Wi = bin[4] + b * c[1], *Wo = bin[5] + b * c[2];
+            const real *Wi = bin[4] + b * k[1], *Wo = bin[5] + b * k[2];
+            real *Ti = out[2 * l] + b * H * D, *To = out[2 * l + 1] + b * D * H;
+            const real *Fi = bin[6] ? bin[6] + b * k[3] : NULL, *Fo = bin[7] ? bin[7] + b * k[4] : NULL;
+            if (Fi && Fi != Ti) memcpy(Ti, Fi, sizeof(real) * H * D);
+            if (Fo && Fo != To) memcpy(To, Fo, sizeof(real) * D * H);
             mm('N', 'N', L, H, D, 1, e, D, Wo, H, 0, gh, H);
             for (int64_t i = 0; i < (int64_t)L * H; i++) gh[i] *= db[i];
-            mm('T', 'N', D, H, L, eta[l], e, D, ab, H, c[4], out[2 * l + 1] + b * D * H, H);
-            mm('T', 'N', H, D, L, eta[l], gh, H, sb, D, c[3], out[2 * l] + b * H * D, D);
+            mm('T', 'N', D, H, L, c[2 * l + 1], e, D, ab, H, Fo ? 1 : 0, To, H);
+            mm('T', 'N', H, D, L, c[2 * l], gh, H, sb, D, Fi ? 1 : 0, Ti, D);
             if (l == 0) break;
             mm('N', 'N', L, D, H, 1, gh, H, Wi, D, 0, ein, D);
             if (prenorm) {

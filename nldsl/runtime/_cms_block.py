@@ -124,19 +124,20 @@ def read(lib, ws, x: Tensor, prenorm: bool, residual: bool, act: int):
     return y, [d], [x if s is None else s, a], r
 
 
-def learn(lib, ws, fw, delta: Tensor, etas, targets, adds, prenorm: bool, residual: bool):
-    """A detached sequential chain's writes of a piece (``_cms_block.c``'s ``chain_learn``): into
-    ``targets[l] = [T_in, T_out]`` (``[B, H, D]``, ``[B, D, H]``, contiguous), ``eta_l`` times block
-    l's summed gradient, added to what they hold where ``adds[l][i]``. ``fw``: the blocks'
-    forwards (:func:`read`'s), ``ws``: the weights they were read with, ``delta``: the surprise at
-    the chain's output."""
+def learn(lib, ws, fw, delta: Tensor, coefs, starts, targets, prenorm: bool, residual: bool):
+    """A detached sequential chain's writes of a piece (``_cms_block.c``'s ``chain_learn``): block
+    l's summed gradient (``[B, H, D]``, ``[B, D, H]``) times ``coefs[l][i]`` added to
+    ``starts[l][i]`` (None: zero) into ``targets[l][i]`` (contiguous; a start may be its target).
+    ``fw``: the blocks' forwards (:func:`read`'s), ``ws``: the weights they were read with,
+    ``delta``: the surprise at the chain's output."""
     x = fw[0][2][0]
     B, L, D = x.shape
-    weights = [[_weight(W) for W in lw] for lw in ws]
     cfg, inputs = [len(ws), B, L, D, prenorm, residual], [delta.contiguous()]
-    for (Wi, Wo), (_, hs, ins, r), add in zip(weights, fw, adds):
-        cfg += _dims(x, Wi, Wo)[3:] + [int(add[0]), int(add[1])]
-        inputs += [ins[0].contiguous(), r, ins[1], hs[0], Wi, Wo]
-    eta = (ctypes.c_double * len(etas))(*etas)
-    native.check("_cms_block", lib.chain_learn(native.longs(cfg), eta, native.pointers(inputs),
+    for lw, (_, hs, ins, r), start in zip(ws, fw, starts):
+        Wi, Wo = (_weight(W) for W in lw)
+        start = [None if F is None else _weight(F) for F in start]
+        cfg += _dims(x, Wi, Wo)[3:] + [0 if F is None or F.dim() == 2 else F.stride(0) for F in start]
+        inputs += [ins[0].contiguous(), r, ins[1], hs[0], Wi, Wo, *start]
+    c = (ctypes.c_double * (2 * len(ws)))(*(float(v) for pair in coefs for v in pair))
+    native.check("_cms_block", lib.chain_learn(native.longs(cfg), c, native.pointers(inputs),
                                                native.pointers([T for pair in targets for T in pair])))

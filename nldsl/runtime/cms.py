@@ -771,27 +771,28 @@ def _chunked(x, ws, gs, ms, offs, init, etas, deltas, targets, agg, st, cfg):
 
 def _native_learn(ws, gs, ms, offs, fw, delta, etas, given, cfg):
     """A piece's writes by :func:`._cms_block.learn`: each block's sum added to its gradient sum (in
-    place where this call made it, or the caller handed it over), a block whose chunk the piece
-    ends stepping with it (the boundary then finds its sum at zero); ``fw``: the detached reads."""
+    place where this call made it, or the caller handed it over), or, for a block whose chunk the
+    piece ends, its step taken from the weights (the boundary then finds its sum at zero);
+    ``fw``: the detached reads."""
     B, L = delta.shape[:2]
-    targets, adds = [], []
-    for l in range(len(ws)):
-        pair, add = [], []
+    coefs, starts, targets, steps = [], [], [], []
+    for l, eta in enumerate(etas):
+        steps.append(offs[l] + L == cfg["periods"][l] and ms[l] is None and cfg["alphas"][l] is None)
+        start, target = [], []
         for W, G in zip(ws[l], gs[l]):
-            if G is None:
-                pair.append(W.new_empty(B, *W.shape[-2:]))
-            elif G.is_contiguous() and not any(G is S for S in given[l]):
-                pair.append(G)
-            else:
-                pair.append(torch.empty(B, *W.shape[-2:], dtype=W.dtype, device=W.device).copy_(G))
-            add.append(G is not None)
-        targets.append(pair)
-        adds.append(add)
-    _cms_block.learn(cfg["blocks"], ws, fw, delta, etas, targets, adds, cfg["prenorm"], cfg["residual"])
-    for l in range(len(ws)):
-        if offs[l] + L == cfg["periods"][l] and ms[l] is None and cfg["alphas"][l] is None:
-            ws[l] = [W - T for W, T in zip(ws[l], targets[l])]
-            gs[l] = [None] * len(gs[l])
+            if steps[l]:  # W - (G + eta sum): from the weights (less the pending sum)
+                start.append(W if G is None else W - G)
+            else:  # G + eta sum: in place where nothing else holds G
+                start.append(G)
+            own = G is not None and not steps[l] and G.is_contiguous() and not any(G is S for S in given[l])
+            target.append(G if own else W.new_empty(B, *W.shape[-2:]))
+        coefs.append([-eta if steps[l] else eta] * len(start))
+        starts.append(start)
+        targets.append(target)
+    _cms_block.learn(cfg["blocks"], ws, fw, delta, coefs, starts, targets, cfg["prenorm"], cfg["residual"])
+    for l, step in enumerate(steps):
+        if step:
+            ws[l], gs[l] = targets[l], [None] * len(gs[l])
         else:
             gs[l] = targets[l]
 
