@@ -66,9 +66,19 @@ static void rms_backward_rows(real *g, const real *s, const real *r, const real 
     }
 }
 
+/* the threads of the calling parallel region (1 outside one, or without OpenMP) */
+static inline int team(void)
+{
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 /* The threads' shares of B sequences: on torch's threads when there are several sequences (the
- * gemms then run single-threaded inside the parallel region); one sequence runs here, its gemms
- * threaded by the BLAS itself. */
+ * gemms then run single-threaded inside the parallel region: torch turns MKL's own check for
+ * nesting off); one sequence runs here, its gemms threaded by the BLAS itself. */
 #define FOR_SEQUENCES(B, ...)                                                                       \
     do {                                                                                             \
         const int64_t seqs_ = (B);                                                                   \
@@ -76,7 +86,7 @@ static void rms_backward_rows(real *g, const real *s, const real *r, const real 
         {                                                                                            \
             int64_t lo_, hi_;                                                                        \
             rows(seqs_, &lo_, &hi_);                                                                 \
-            const int one_ = seqs_ > 1 && local_threads;                                             \
+            const int one_ = local_threads && team() > 1;                                            \
             const int was_ = one_ ? local_threads(1) : 0;                                            \
             for (int64_t b = lo_; b < hi_; b++) __VA_ARGS__                                          \
             if (one_) local_threads(was_);                                                           \

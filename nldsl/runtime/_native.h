@@ -1,8 +1,8 @@
-/* What the native CPU kernels share (_mlp_write.c, _group_read.c, _running_read.c, _conv.c): the
- * real type (REAL, set by _native.py's build: float or double), the split of a call's rows over
- * threads, register-blocked matrix products in GCC vector extensions (no intrinsics: they ask for
- * no particular instruction set), dot products, the L2 norm's Jacobian, a per-thread block for a
- * call's temporaries, and the hidden layer's activations. */
+/* What the native CPU kernels share (_mlp_write.c, _group_read.c, _running_read.c, _conv.c,
+ * _cms_block.c): the real type (REAL, set by _native.py's build: float or double), the split of a
+ * call's rows over threads, register-blocked matrix products in GCC vector extensions (no
+ * intrinsics: they ask for no particular instruction set), dot products, the L2 norm's Jacobian,
+ * a per-thread block for a call's temporaries, and the hidden layer's activations. */
 #ifndef NLDSL_NATIVE_H
 #define NLDSL_NATIVE_H
 
