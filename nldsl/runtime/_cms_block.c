@@ -66,6 +66,17 @@ static void rms_backward_rows(real *g, const real *s, const real *r, const real 
     }
 }
 
+/* g <- the gradient at a block's input from the one at its (pre-normed) input s, in place: through
+ * the pre-norm (prenorm), plus the output's gradient ``out`` through the residual (NULL: none) */
+static void input_gradient(real *g, const real *s, const real *r, const real *out, int prenorm, int L, int D)
+{
+    if (prenorm) {
+        rms_backward_rows(g, s, r, out, L, D);
+    } else if (out) {
+        for (int64_t i = 0; i < (int64_t)L * D; i++) g[i] += out[i];
+    }
+}
+
 /* the threads of the calling parallel region (1 outside one, or without OpenMP) */
 static inline int team(void)
 {
@@ -137,11 +148,7 @@ int block_backward(const int64_t *cfg, real *const *in, real *const *out)
         if (dx) {
             real *dxb = dx + b * L * D;
             mm('N', 'N', L, D, H, 1, ghb, H, Wi + b * sWi, D, 0, dxb, D);
-            if (prenorm) {
-                rms_backward_rows(dxb, sb, r + b * L, residual ? gb : NULL, L, D);
-            } else if (residual) {
-                for (int64_t i = 0; i < (int64_t)L * D; i++) dxb[i] += gb[i];
-            }
+            input_gradient(dxb, sb, r + b * L, residual ? gb : NULL, prenorm, L, D);
         }
         if (wout == 1) mm('T', 'N', D, H, L, 1, gb, D, a + b * L * H, H, 0, dWo + b * D * H, H);
         if (win == 1) mm('T', 'N', H, D, L, 1, ghb, H, sb, D, 0, dWi + b * H * D, D);
@@ -195,12 +202,10 @@ int chain_learn(const int64_t *cfg, const double *c, real *const *in, real *cons
             mm('T', 'N', H, D, L, c[2 * l], gh, H, sb, D, Fi ? 1 : 0, Ti, D);
             if (l == 0) break;
             mm('N', 'N', L, D, H, 1, gh, H, Wi, D, 0, ein, D);
-            if (prenorm) {
-                rms_backward_rows(ein, sb, bin[1] + b * L, residual ? e : NULL, L, D);
-            } else if (residual) {
-                for (int64_t i = 0; i < (int64_t)L * D; i++) ein[i] += e[i];
-            }
-            memcpy(e, ein, sizeof(real) * L * D);
+            input_gradient(ein, sb, bin[1] + b * L, residual ? e : NULL, prenorm, L, D);
+            real *next = ein;  /* the block before's output error: the two buffers swap roles */
+            ein = e;
+            e = next;
         }
     });
     return status;
